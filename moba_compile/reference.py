@@ -1,0 +1,323 @@
+"""The MoBA reference: readable eager PyTorch, the spec (moba-spec.md section 1) in code and the oracle of every test.
+
+Layout is SDPA's: ``query [B, Hq, Lq, D]``, ``key [B, Hkv, Lk, D]``, ``value [B, Hkv, Lk, Dv]``, ``Hq % Hkv == 0``.
+Query row ``i`` sits at absolute position ``p = Lk - Lq + i`` (causal, bottom-right aligned). Key chunks are
+``[c*C, min(Lk, (c+1)*C))``. A query attends causally to its own chunk ``p // C`` plus the ``topk - 1`` strictly earlier
+chunks whose fp32 gate score ``q_p . mean(key[c])`` is highest (ties to the later chunk), intersected with an optional
+boolean ``attn_mask``. Softmax is exact over that union, accumulated in fp32 (fp64 for fp64 inputs).
+
+Memory: queries are processed in blocks of rows, so the largest temporary is ``[B, Hq, rows, Lk]`` rather than
+``[B, Hq, Lq, Lk]``; GQA folds the query heads of a group into the row dimension, so key/value are never repeated.
+
+This module is deliberately plain. Kernels never import it; tests always do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .validation import check_moba_inputs
+
+__all__ = [
+    "chunk_means",
+    "select_chunks",
+    "moba_attention",
+    "moba_attention_forward",
+    "moba_attention_backward",
+]
+
+# Rows per query block: keep the [B, Hq, rows, Lk] temporaries near 2**24 elements (64 MiB in fp32).
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_rows(batch: int, heads_q: int, len_q: int, len_k: int) -> int:
+    return max(1, min(len_q, _BLOCK_ELEMENTS // max(1, batch * heads_q * len_k)))
+
+
+def chunk_means(key: Tensor, chunk_size: int) -> Tensor:
+    """Mean key of every chunk, accumulated in fp32 (fp64 for fp64 keys).
+
+    Args:
+        key: ``[B, Hkv, Lk, D]``, any floating dtype and device.
+        chunk_size: ``C >= 1``; the last chunk may be partial and is averaged over its real keys only.
+
+    Returns:
+        ``[B, Hkv, ceil(Lk / C), D]`` in fp32 (fp64 for fp64 input), on ``key``'s device.
+
+    Example:
+        >>> chunk_means(torch.ones(1, 1, 5, 2), 2).shape
+        torch.Size([1, 1, 3, 2])
+    """
+    b, h, lk, d = key.shape
+    n = -(-lk // chunk_size)
+    acc = _acc_dtype(key.dtype)
+    padded = torch.nn.functional.pad(key.to(acc), (0, 0, 0, n * chunk_size - lk))
+    sums = padded.view(b, h, n, chunk_size, d).sum(dim=3)
+    starts = torch.arange(n, device=key.device) * chunk_size
+    counts = (lk - starts).clamp(max=chunk_size).to(acc)
+    return sums / counts[:, None]
+
+
+def _fold_heads(x: Tensor, heads_kv: int) -> Tensor:
+    """``[B, Hq, rows, X] -> [B, Hkv, G * rows, X]``: a group's query heads become extra rows of its key head."""
+    b, hq, rows, last = x.shape
+    return x.reshape(b, heads_kv, (hq // heads_kv) * rows, last)
+
+
+def _unfold_heads(x: Tensor, heads_q: int) -> Tensor:
+    b, _, grows, last = x.shape
+    return x.reshape(b, heads_q, grows * x.shape[1] // heads_q, last)
+
+
+def _select_block(query_blk: Tensor, means: Tensor, positions: Tensor, chunk_size: int, topk: int) -> Tensor:
+    """Top-(K-1) earlier chunks for one block of query rows; ``-1`` marks an unused slot. ``[B, Hq, rows, K-1]``."""
+    b, hq, rows, _ = query_blk.shape
+    heads_kv, n = means.shape[1], means.shape[2]
+    want = topk - 1
+    out = torch.full((b, hq, rows, want), -1, dtype=torch.long, device=query_blk.device)
+    take = min(want, n)
+    if take == 0:
+        return out
+    scores = _fold_heads(query_blk.to(means.dtype), heads_kv) @ means.transpose(-1, -2)
+    scores = _unfold_heads(scores, hq)  # [B, Hq, rows, n]
+    own = positions // chunk_size  # [rows]
+    chunk_ids = torch.arange(n, device=query_blk.device)
+    earlier = chunk_ids[None, :] < own[:, None]  # [rows, n]
+    scores = scores.masked_fill(~earlier, -math.inf)
+    # Ties go to the later chunk: reverse the chunk order, then a stable descending sort keeps later chunks first.
+    order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :take]
+    chosen = (n - 1) - order
+    valid = chosen < own[None, None, :, None]
+    out[..., :take] = torch.where(valid, chosen, torch.full_like(chosen, -1))
+    return out
+
+
+def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int) -> Tensor:
+    """The MoBA gate: the earlier chunks each query row attends to besides its own.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``Lq <= Lk``.
+        chunk_size, topk: MoBA parameters (``topk`` counts the own chunk).
+
+    Returns:
+        ``int64 [B, Hq, Lq, topk - 1]``: chunk indices in descending score order (ties: later chunk first), ``-1``
+        where the row has fewer than ``topk - 1`` earlier chunks. No gradient flows through the gate.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
+        >>> select_chunks(q, k, chunk_size=2, topk=3)[0, 0, -1].tolist()  # row at position 7, own chunk 3
+        ... # doctest: +SKIP
+        [0, 2]
+    """
+    shapes = check_moba_inputs(query, key, key, chunk_size, topk)
+    with torch.no_grad():
+        means = chunk_means(key, chunk_size)
+        rows = _block_rows(shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
+        blocks = []
+        for r0 in range(0, shapes.len_q, rows):
+            r1 = min(shapes.len_q, r0 + rows)
+            pos = torch.arange(r0, r1, device=query.device) + (shapes.len_k - shapes.len_q)
+            blocks.append(_select_block(query[:, :, r0:r1], means, pos, chunk_size, topk))
+        if not blocks:
+            return torch.empty(shapes.batch, shapes.heads_q, 0, topk - 1, dtype=torch.long, device=query.device)
+        return torch.cat(blocks, dim=2)
+
+
+def _allowed_block(
+    selected: Tensor, positions: Tensor, len_k: int, chunk_size: int, mask_blk: Tensor | None
+) -> Tensor:
+    """Boolean ``[B, Hq, rows, Lk]``: own chunk causally, plus the selected chunks, AND the user's mask."""
+    b, hq, rows, _ = selected.shape
+    n = -(-len_k // chunk_size)
+    device = selected.device
+    chosen = torch.zeros(b, hq, rows, n + 1, dtype=torch.bool, device=device)
+    # Slot n soaks up the -1 placeholders.
+    chosen.scatter_(-1, torch.where(selected < 0, n, selected), True)
+    key_chunk = torch.arange(len_k, device=device) // chunk_size
+    allowed = chosen[..., :n].gather(-1, key_chunk.expand(b, hq, rows, len_k))
+    own = (key_chunk[None, :] == (positions // chunk_size)[:, None]) & (
+        torch.arange(len_k, device=device)[None, :] <= positions[:, None]
+    )
+    allowed = allowed | own
+    if mask_blk is not None:
+        allowed = allowed & mask_blk
+    return allowed
+
+
+def _mask_rows(attn_mask: Tensor | None, shape: tuple[int, int, int, int], r0: int, r1: int) -> Tensor | None:
+    if attn_mask is None:
+        return None
+    return attn_mask.expand(shape)[:, :, r0:r1]
+
+
+def _blocks(query: Tensor, key: Tensor):
+    b, hq, lq, _ = query.shape
+    lk = key.shape[2]
+    rows = _block_rows(b, hq, lq, lk)
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        yield r0, r1, torch.arange(r0, r1, device=query.device) + (lk - lq)
+
+
+def moba_attention_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MoBA attention and its log-sum-exp, differentiable by PyTorch autograd (the gate excepted).
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``; one floating dtype and
+            device; ``Hq % Hkv == 0``; ``Lq <= Lk``.
+        chunk_size, topk: MoBA parameters, both ``>= 1``; ``topk`` counts the own chunk.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), intersected with
+            the MoBA selection; the gate ignores it.
+
+    Returns:
+        ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` in the query's dtype; ``lse [B, Hq, Lq]`` in fp32 (fp64 for fp64
+        inputs), the natural log-sum-exp of the scaled scores over the attended keys. A row with no attended key gives
+        ``out = 0`` and ``lse = -inf``.
+
+    Raises:
+        ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 16, 8)
+        >>> out, lse = moba_attention_forward(q, k, v, chunk_size=4, topk=2)
+        >>> out.shape, lse.shape
+        (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16]))
+    """
+    shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+    acc = _acc_dtype(query.dtype)
+    full = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
+    with torch.no_grad():
+        means = chunk_means(key, chunk_size)
+    k32, v32 = key.to(acc), value.to(acc)
+    outs, lses = [], []
+    for r0, r1, pos in _blocks(query, key):
+        q_blk = query[:, :, r0:r1]
+        with torch.no_grad():
+            sel = _select_block(q_blk, means, pos, chunk_size, topk)
+            allowed = _allowed_block(sel, pos, shapes.len_k, chunk_size, _mask_rows(attn_mask, full, r0, r1))
+        allowed = _fold_heads(allowed, shapes.heads_kv)
+        s = (_fold_heads(q_blk.to(acc), shapes.heads_kv) @ k32.transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, -math.inf)
+        row_max = s.amax(dim=-1, keepdim=True).detach()
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(s - row_max)  # exp(-inf) = 0 on masked keys, also in the gradient
+        denom = p.sum(dim=-1, keepdim=True)
+        out = (p @ v32) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        lse = (row_max + torch.log(denom)).squeeze(-1)
+        outs.append(_unfold_heads(out, shapes.heads_q))
+        lses.append(_unfold_heads(lse.unsqueeze(-1), shapes.heads_q).squeeze(-1))
+    if not outs:
+        empty = query.new_zeros(shapes.batch, shapes.heads_q, 0, shapes.head_dim_v)
+        return empty, torch.zeros(shapes.batch, shapes.heads_q, 0, dtype=acc, device=query.device)
+    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+
+
+def moba_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """MoBA attention output only; see :func:`moba_attention_forward` for shapes, dtypes and errors.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 16, 8)
+        >>> moba_attention(q, k, v, chunk_size=4, topk=2).shape
+        torch.Size([1, 2, 16, 8])
+    """
+    out, _ = moba_attention_forward(
+        query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=attn_mask
+    )
+    return out
+
+
+def moba_attention_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Hand-written gradients of :func:`moba_attention_forward` (the formulas the kernels implement).
+
+    With ``P = exp(scale * q k^T - lse)`` on attended keys and 0 elsewhere, ``Delta = rowsum(dO * O)``:
+    ``dV = P^T dO``, ``dS = P * (dO V^T - Delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``; GQA sums over the
+    query heads of a group. Rows with no attended key (``lse = -inf``) contribute nothing.
+
+    Args:
+        grad_out: ``[B, Hq, Lq, Dv]``, the gradient of ``out``.
+        query, key, value, chunk_size, topk, scale, attn_mask: as given to the forward.
+        out, lse: the forward's results.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped and typed like ``query``, ``key`` and ``value``.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1, 8, 4)
+        >>> o, lse = moba_attention_forward(q, k, v, chunk_size=2, topk=2)
+        >>> [g.shape for g in moba_attention_backward(torch.ones_like(o), q, k, v, o, lse, chunk_size=2, topk=2)]
+        [torch.Size([1, 1, 8, 4]), torch.Size([1, 1, 8, 4]), torch.Size([1, 1, 8, 4])]
+    """
+    shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+    acc = _acc_dtype(query.dtype)
+    full = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
+    hkv = shapes.heads_kv
+    with torch.no_grad():
+        means = chunk_means(key, chunk_size)
+        k32, v32 = key.to(acc), value.to(acc)
+        dk = torch.zeros_like(k32)
+        dv = torch.zeros_like(v32)
+        dq_blocks = []
+        for r0, r1, pos in _blocks(query, key):
+            q_blk = query[:, :, r0:r1]
+            sel = _select_block(q_blk, means, pos, chunk_size, topk)
+            allowed = _fold_heads(
+                _allowed_block(sel, pos, shapes.len_k, chunk_size, _mask_rows(attn_mask, full, r0, r1)), hkv
+            )
+            q32 = _fold_heads(q_blk.to(acc), hkv)
+            do = _fold_heads(grad_out[:, :, r0:r1].to(acc), hkv)
+            o = _fold_heads(out[:, :, r0:r1].to(acc), hkv)
+            row_lse = _fold_heads(lse[:, :, r0:r1].to(acc).unsqueeze(-1), hkv)
+            finite = torch.isfinite(row_lse)
+            s = (q32 @ k32.transpose(-1, -2)) * scale
+            p = torch.exp(s - torch.where(finite, row_lse, torch.zeros_like(row_lse)))
+            p = torch.where(allowed & finite, p, torch.zeros_like(p))
+            dv += p.transpose(-1, -2) @ do
+            delta = (do * o).sum(dim=-1, keepdim=True)
+            ds = p * (do @ v32.transpose(-1, -2) - delta)
+            dq_blocks.append(_unfold_heads((ds @ k32) * scale, shapes.heads_q))
+            dk += (ds.transpose(-1, -2) @ q32) * scale
+        if dq_blocks:
+            dq = torch.cat(dq_blocks, dim=2)
+        else:
+            dq = torch.zeros(query.shape, dtype=acc, device=query.device)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
