@@ -1,0 +1,64 @@
+"""The public functional entry point."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["moba_attention"]
+
+
+def moba_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """MoBA (Mixture of Block Attention) in the layout of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Each query row ``i`` sits at position ``p = Lk - Lq + i`` (causal, bottom-right aligned, so prefill, decode and
+    chunked prefill all work). Keys are split into chunks of ``chunk_size`` from position 0. The row attends causally to
+    its own chunk plus the ``topk - 1`` earlier chunks whose mean key scores highest against it (fp32 gate, ties to the
+    later chunk), with exact softmax over that union. With ``topk >= ceil(Lk / chunk_size)`` it equals dense causal
+    attention.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``.
+        key: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (MHA, GQA, MQA; key/value are never repeated in memory)
+            and ``Lq <= Lk``.
+        value: ``[B, Hkv, Lk, Dv]``.
+        chunk_size: keys per chunk, ``>= 1``; the last chunk may be partial.
+        topk: chunks per query including its own, ``>= 1`` (``1`` = own chunk only).
+        scale: softmax scale; default ``1 / sqrt(D)``.
+        attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend). The attended set is
+            the MoBA selection AND the mask; the gate ignores the mask. A row left with no key returns zeros (and
+            zero gradients). Float (additive) masks are rejected: they are not MoBA.
+        impl: ``"auto"`` (Triton kernels on CUDA where they support the inputs, else the reference), ``"triton"``
+            (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"reference"``. An explicit ``impl`` that cannot run
+            raises; it never falls back silently.
+
+    Returns:
+        ``[B, Hq, Lq, Dv]`` in the query's dtype, on its device. Differentiable with respect to query, key and value
+        (there is no gradient through the gate).
+
+    Raises:
+        TypeError, ValueError: malformed inputs, naming the argument (shapes, dtypes, devices, mask kind, parameters).
+        RuntimeError: ``impl="triton"`` on inputs the kernels cannot run, with the reason.
+
+    Example:
+        >>> import torch
+        >>> from moba_compile import moba_attention
+        >>> q = torch.randn(1, 8, 1024, 64)
+        >>> k = v = torch.randn(1, 2, 1024, 64)  # GQA: 4 query heads per key head
+        >>> moba_attention(q, k, v, chunk_size=128, topk=3).shape
+        torch.Size([1, 8, 1024, 64])
+    """
+    return ops.attention(
+        query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=attn_mask, impl=impl
+    )

@@ -1,0 +1,68 @@
+"""``explain``: compile a model with the ``moba`` backend, run it once, and return what was decided where."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from . import ops
+from .backend import collect_reports, make_backend
+from .policy import Policy, load_policy
+from .report import Report
+
+__all__ = ["explain"]
+
+
+def explain(
+    model: torch.nn.Module | Any,
+    *args: Any,
+    policy: str | dict | Policy | None = None,
+    impl: str = "auto",
+    compiler: str = "aot_eager",
+    **kwargs: Any,
+) -> Report:
+    """Compile ``model`` with the ``moba`` backend, run ``model(*args, **kwargs)`` once, and report every SDPA site.
+
+    Args:
+        model: an ``nn.Module`` or any callable torch.compile accepts.
+        *args, **kwargs: the inputs of one call (e.g. ``input_ids``).
+        policy: policy file path, dict, :class:`moba_compile.Policy`, or None for the default policy.
+        impl: implementation the converted sites ask for (see :func:`moba_compile.moba_attention`).
+        compiler: what compiles the rewritten graph; ``"aot_eager"`` (default) skips Inductor's code generation,
+            which does not change any decision.
+
+    Returns:
+        :class:`moba_compile.Report` merged over all graphs (graph breaks give several): ``report.sites`` has one record
+        per SDPA call (``module``, ``layer``, ``decision``, ``chunk_size``, ``topk``, ``reason``, ...), sites whose
+        boolean mask proved non-causal during the run are reported dense, and ``report.unmatched_rules`` lists the
+        policy rules that matched no site. ``print(report)`` shows a table.
+
+    Raises:
+        moba_compile.PolicyError: malformed policy. ValueError: bad ``impl``/``compiler``.
+
+    Example:
+        >>> report = explain(model, input_ids, policy="policy.toml")  # doctest: +SKIP
+        >>> [(s.layer, s.decision) for s in report.sites]  # doctest: +SKIP
+    """
+    loaded = load_policy(policy)
+    backend = make_backend({"policy": loaded, "impl": impl, "compiler": compiler})
+    compiled = torch.compile(model, backend=backend)
+    before = dict(ops.MASK_OBSERVATIONS)
+    ops.MASK_OBSERVATIONS.clear()
+    try:
+        with collect_reports() as reports, torch.no_grad():
+            compiled(*args, **kwargs)
+        observed = dict(ops.MASK_OBSERVATIONS)
+    finally:
+        ops.MASK_OBSERVATIONS.clear()
+        ops.MASK_OBSERVATIONS.update(before)
+    merged = Report(policy_source=loaded.source)
+    for number, report in enumerate(reports):  # number graphs from 0 within this call
+        report = Report([replace(s, graph=number) for s in report.sites], report.unmatched_rules, report.policy_source)
+        merged = merged.merge(report)
+    if not reports:
+        merged.unmatched_rules = []
+    return merged.with_mask_observations(observed, ops.MASK_NOT_CAUSAL)
+

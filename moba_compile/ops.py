@@ -1,0 +1,316 @@
+"""The ``moba::`` torch.library ops: schemas, fake kernels, autograd, and dispatch to the Triton kernels or the reference.
+
+Ops (all functional, no mutation):
+
+- ``moba::attention(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl)
+  -> (out, lse)``: MoBA attention in the SDPA layout. ``mask_kind`` is an optional result of ``moba::analyse_mask``
+  (the compile pass shares one per mask node): ``MASK_CAUSAL`` drops the mask (MoBA is already causal), ``MASK_APPLY``
+  intersects it with the selection, ``MASK_NOT_CAUSAL`` runs dense SDPA with the mask instead (not MoBA).
+  ``min_seq_len``: key sequences shorter than this run dense causal attention.
+- ``moba::attention_backward(...) -> (dq, dk, dv)``: the registered backward of ``moba::attention``.
+- ``moba::analyse_mask(attn_mask, query, key, tag) -> int64 scalar on the CPU``: one read of a boolean mask per
+  forward, classified against the bottom-right causality of ``query``/``key`` lengths.
+
+The fake kernels return contiguous tensors, as the real kernels do, so Inductor's stride checks hold.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .validation import check_moba_inputs
+
+__all__ = [
+    "MASK_APPLY",
+    "MASK_CAUSAL",
+    "MASK_NOT_CAUSAL",
+    "IMPLS",
+    "attention",
+    "analyse_mask",
+    "resolve_impl",
+]
+
+# Values of moba::analyse_mask.
+MASK_CAUSAL = 0  # exactly the bottom-right causal mask: MoBA ignores it
+MASK_APPLY = 1  # causal, with more keys masked (padding): intersect with the MoBA selection
+MASK_NOT_CAUSAL = 2  # lets some query see a later key: not MoBA, dense SDPA with the mask
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def _triton_unavailable_reason(
+    query: Tensor, key: Tensor, value: Tensor, chunk_size: int, topk: int, attn_mask: Tensor | None
+) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None when they can."""
+    try:
+        from .kernels import triton_unsupported_reason
+    except ImportError as exc:  # triton missing, or the kernels not built for this platform
+        return f"Triton kernels unavailable ({exc})"
+    return triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
+
+
+def resolve_impl(
+    impl: str,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_size: int,
+    topk: int,
+    attn_mask: Tensor | None = None,
+) -> tuple[str, str]:
+    """Choose the implementation that will run a MoBA call, and say why.
+
+    Args:
+        impl: ``"auto"`` (Triton on CUDA when it supports the inputs, else the reference), ``"triton"`` (also on CPU
+            tensors under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        query, key, value, chunk_size, topk, attn_mask: the call (real or fake tensors; only metadata is read).
+
+    Returns:
+        ``(chosen, why)`` with ``chosen`` in ``{"triton", "reference"}``.
+
+    Raises:
+        ValueError: ``impl`` is not one of :data:`IMPLS`.
+        RuntimeError: ``impl="triton"`` cannot run these inputs; the message gives the reason.
+
+    Example:
+        >>> q = torch.randn(1, 2, 8, 16)
+        >>> resolve_impl("auto", q, q, q, 4, 2)[0]
+        'reference'
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if impl == "reference":
+        return "reference", "impl='reference' requested"
+    reason = _triton_unavailable_reason(query, key, value, chunk_size, topk, attn_mask)
+    if impl == "triton":
+        if reason is not None:
+            raise RuntimeError(f"impl='triton' cannot run this call: {reason}")
+        return "triton", "impl='triton' requested"
+    if query.device.type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
+        return "reference", "CPU tensors"
+    if reason is not None:
+        return "reference", reason
+    return "triton", "Triton kernels"
+
+
+def _scale(query: Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+
+def _lse_dtype(query: Tensor) -> torch.dtype:
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+def _effective_topk(key: Tensor, chunk_size: int, topk: int, min_seq_len: int) -> int:
+    # Below min_seq_len the call is dense causal attention, which is MoBA with every earlier chunk selected.
+    if key.shape[2] < min_seq_len:
+        return max(topk, -(-key.shape[2] // chunk_size))
+    return topk
+
+
+def _dense_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+
+
+def _mask_for_moba(attn_mask: Tensor | None, mask_kind: Tensor | None) -> tuple[Tensor | None, int]:
+    kind = MASK_APPLY if mask_kind is None else int(mask_kind.item())
+    if attn_mask is None or kind == MASK_CAUSAL:
+        return None, kind
+    return attn_mask, kind
+
+
+@torch.library.custom_op("moba::attention", mutates_args=())
+def _attention_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    mask_kind: Tensor | None,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    min_seq_len: int,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    mask, kind = _mask_for_moba(attn_mask, mask_kind)
+    if kind == MASK_NOT_CAUSAL:
+        out = _dense_sdpa(query, key, value, attn_mask, scale).contiguous()
+        # The log-sum-exp is only consumed by the MoBA backward, which this path does not use.
+        lse = torch.full(query.shape[:3], math.nan, dtype=_lse_dtype(query), device=query.device)
+        return out, lse
+    topk = _effective_topk(key, chunk_size, topk, min_seq_len)
+    chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
+    if chosen == "triton":
+        from .kernels import moba_forward_triton
+
+        out, lse = moba_forward_triton(query, key, value, chunk_size, topk, scale, mask)
+    else:
+        out, lse = reference.moba_attention_forward(
+            query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask
+        )
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention_op.register_fake
+def _attention_fake(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl):
+    b, hq, lq, _ = query.shape
+    out = query.new_empty((b, hq, lq, value.shape[-1]))
+    lse = query.new_empty((b, hq, lq), dtype=_lse_dtype(query))
+    return out, lse
+
+
+@torch.library.custom_op("moba::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    mask_kind: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    min_seq_len: int,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    mask, kind = _mask_for_moba(attn_mask, mask_kind)
+    if kind == MASK_NOT_CAUSAL:
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+            dense = _dense_sdpa(q, k, v, attn_mask, scale)
+            dq, dk, dv = torch.autograd.grad(dense, (q, k, v), grad_out)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    topk = _effective_topk(key, chunk_size, topk, min_seq_len)
+    chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
+    backward_triton = None
+    if chosen == "triton":
+        try:
+            from .kernels import moba_backward_triton as backward_triton
+        except ImportError:
+            backward_triton = None
+    if backward_triton is not None:
+        dq, dk, dv = backward_triton(grad_out, query, key, value, out, lse, chunk_size, topk, scale, mask)
+    else:
+        # No Triton backward kernel yet: the reference's hand-written gradient formulas (plain PyTorch ops).
+        dq, dk, dv = reference.moba_attention_backward(
+            grad_out, query, key, value, out, lse, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask
+        )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(
+    grad_out, query, key, value, attn_mask, mask_kind, out, lse, chunk_size, topk, scale, min_seq_len, impl
+):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, attn_mask, mask_kind, out, lse)
+    ctx.params = (chunk_size, topk, scale, min_seq_len, impl)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, attn_mask, mask_kind, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.moba.attention_backward(
+        grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Run-time results of moba::analyse_mask by tag (the compile pass tags each shared mask check), read by explain().
+MASK_OBSERVATIONS: dict[str, int] = {}
+
+
+def _classify_mask(attn_mask: Tensor, lq: int, lk: int) -> int:
+    mask = attn_mask.expand(*attn_mask.shape[:-2], lq, lk)
+    rows = torch.arange(lq, device=mask.device)[:, None] + (lk - lq)
+    future = torch.arange(lk, device=mask.device)[None, :] > rows  # keys after each query's position
+    if bool((mask & future).any()):
+        kind = MASK_NOT_CAUSAL
+    elif bool(mask[..., ~future].all()):
+        kind = MASK_CAUSAL
+    else:
+        kind = MASK_APPLY
+    return kind
+
+
+@torch.library.custom_op("moba::analyse_mask", mutates_args=())
+def _analyse_mask_op(attn_mask: Tensor, query: Tensor, key: Tensor, tag: str) -> Tensor:
+    # query/key are read for their lengths only; passing the tensors keeps symbolic lengths out of the schema.
+    kind = _classify_mask(attn_mask, query.shape[2], key.shape[2])
+    if tag:
+        MASK_OBSERVATIONS[tag] = max(kind, MASK_OBSERVATIONS.get(tag, MASK_CAUSAL))
+    # On the CPU, so that each layer's moba::attention reads it without a device synchronisation.
+    return torch.tensor(kind, dtype=torch.int64)
+
+
+@_analyse_mask_op.register_fake
+def _analyse_mask_fake(attn_mask, query, key, tag):
+    return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def analyse_mask(attn_mask: Tensor, len_q: int, len_k: int) -> int:
+    """Classify a boolean attention mask against MoBA's bottom-right causality (one read of the mask).
+
+    Args:
+        attn_mask: bool, broadcastable to ``[..., len_q, len_k]``, any device.
+        len_q, len_k: query and key lengths; query row ``i`` sits at position ``len_k - len_q + i``.
+
+    Returns:
+        :data:`MASK_CAUSAL` (exactly causal: MoBA can ignore it), :data:`MASK_APPLY` (causal with extra keys masked,
+        e.g. padding: intersect with the selection) or :data:`MASK_NOT_CAUSAL` (some query may see a later key).
+
+    Example:
+        >>> analyse_mask(torch.ones(4, 4, dtype=torch.bool).tril(), 4, 4) == MASK_CAUSAL
+        True
+    """
+    if attn_mask.dtype != torch.bool:
+        raise ValueError(f"attn_mask must be boolean, got {attn_mask.dtype}")
+    return _classify_mask(attn_mask, len_q, len_k)
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    mask_kind: Tensor | None = None,
+    min_seq_len: int = 0,
+    impl: str = "auto",
+) -> Tensor:
+    """Validate a MoBA call and run ``moba::attention``; differentiable; returns only the output.
+
+    See :func:`moba_compile.moba_attention` for shapes, dtypes and errors. ``mask_kind`` and ``min_seq_len`` are the
+    compile pass's knobs (see the module docstring).
+
+    Example:
+        >>> q = torch.randn(1, 2, 16, 8)
+        >>> attention(q, q, q, chunk_size=4, topk=2).shape
+        torch.Size([1, 2, 16, 8])
+    """
+    check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)  # raises early for an impossible impl
+    out, _ = torch.ops.moba.attention(
+        query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl
+    )
+    return out

@@ -1,0 +1,244 @@
+"""Find the SDPA calls of a Dynamo FX graph, normalise their arguments, and classify each one.
+
+A site is classified without specialising symbolic sizes: equalities are asked of the shape environment with
+``statically_known_true``, never by ``int()`` on a SymInt, so one compile under ``mark_dynamic`` serves every length.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+__all__ = ["SdpaSite", "find_sdpa_sites", "module_path", "layer_from_path", "SDPA_TARGETS"]
+
+SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+# Forms a convertible site can take (spec section 3).
+FORM_CAUSAL = "is_causal"  # is_causal=True with Lq == Lk
+FORM_MASK = "mask"  # boolean mask, analysed once per forward at run time
+FORM_DECODE = "kv-cache"  # Lq <= Lk, keys are the layer's cached sequence (torch.cat of cache and new keys)
+
+
+@dataclass
+class SdpaSite:
+    """One SDPA call: its normalised arguments and whether (and in which form) it can become MoBA."""
+
+    node: fx.Node
+    index: int  # order among the graph's SDPA calls
+    module: str  # normalised module path, "" when the graph carries none
+    query: fx.Node
+    key: fx.Node  # seen through repeat_kv where possible
+    value: fx.Node
+    attn_mask: fx.Node | None
+    scale: float | None
+    form: str | None  # FORM_* when convertible
+    blocker: str | None  # why it cannot be MoBA (None when convertible)
+    saw_through_repeat: bool = False
+    static_len_k: int | None = None  # Lk when it is a plain int
+    decode: bool = False  # Lq may be shorter than Lk (KV cache)
+
+
+def _meta(node: object):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted module path of a node (``model.layers.7.self_attn``), from ``nn_module_stack``; "" if none.
+
+    Dynamo writes paths such as ``L['self'].model.layers[7].self_attn`` or ``L['self']._modules['layers']``; the root
+    reference is dropped and indexing is written with dots.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    path = re.sub(r"^L\[['\"][^'\"]*['\"]\]\.?", "", raw)
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"^_modules\[['\"]([^'\"]+)['\"]\]", r"\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    return path.strip(".")
+
+
+def layer_from_path(path: str) -> int | None:
+    """The layer index in a module path: its last integer component (``model.layers.7.self_attn`` -> 7)."""
+    ints = [int(part) for part in path.split(".") if part.isdigit()]
+    return ints[-1] if ints else None
+
+
+def _normalise(node: fx.Node) -> dict[str, object]:
+    bound = dict(_SDPA_DEFAULTS)
+    for name, arg in zip(_SDPA_PARAMS, node.args):
+        bound[name] = arg
+    bound.update(node.kwargs)
+    return bound
+
+
+def _is_repeat_kv(node: fx.Node) -> fx.Node | None:
+    """The unrepeated key/value behind ``x[:, :, None].expand(B, H, n, L, D).reshape(B, H * n, L, D)`` or
+    ``x.repeat_interleave(n, dim=1)``; None when ``node`` is neither."""
+    if node.op == "call_method" and node.target in ("reshape", "view") or (
+        node.op == "call_function" and node.target is torch.reshape
+    ):
+        expand = node.args[0]
+        if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
+            return None
+        unsq = expand.args[0]
+        if not isinstance(unsq, fx.Node):
+            return None
+        src = None
+        if unsq.op == "call_function" and unsq.target is operator.getitem:
+            idx = unsq.args[1]
+            if (
+                isinstance(idx, tuple)
+                and len(idx) >= 3
+                and idx[2] is None
+                and all(isinstance(i, slice) and i == slice(None) for i in idx[:2])
+                and all(isinstance(i, slice) and i == slice(None) for i in idx[3:])
+            ):
+                src = unsq.args[0]
+        elif unsq.op == "call_method" and unsq.target == "unsqueeze" and unsq.args[1:] == (2,):
+            src = unsq.args[0]
+        if not isinstance(src, fx.Node):
+            return None
+        s, e, r = _meta(src), _meta(expand), _meta(node)
+        if s is None or e is None or r is None or s.dim() != 4 or e.dim() != 5 or r.dim() != 4:
+            return None
+        same = [
+            statically_known_true(e.shape[0] == s.shape[0]),
+            statically_known_true(e.shape[1] == s.shape[1]),
+            statically_known_true(e.shape[3] == s.shape[2]),
+            statically_known_true(e.shape[4] == s.shape[3]),
+            statically_known_true(r.shape[1] == s.shape[1] * e.shape[2]),
+            statically_known_true(r.shape[2] == s.shape[2]),
+        ]
+        return src if all(same) else None
+    if node.target in ("repeat_interleave", torch.repeat_interleave):
+        src = node.args[0]
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+        reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        if isinstance(src, fx.Node) and dim in (1, -3) and isinstance(reps, int):
+            return src
+    return None
+
+
+def _cached_keys_of_layer(key: fx.Node, module: str) -> bool:
+    """True when ``key`` is ``torch.cat([cache, new], dim=-2)`` and ``new`` was computed in the same module."""
+    if not (key.op == "call_function" and key.target is torch.cat):
+        return False
+    parts = key.args[0]
+    dim = key.kwargs.get("dim", key.args[1] if len(key.args) > 1 else 0)
+    if not isinstance(parts, (list, tuple)) or len(parts) < 2 or dim not in (2, -2):
+        return False
+    new = parts[-1]
+    return isinstance(new, fx.Node) and bool(module) and module_path(new).startswith(module)
+
+
+def _classify(
+    bound: dict[str, object], module: str, q, k, v, mask_meta, key_source: object
+) -> tuple[str | None, str | None, bool]:
+    """(form, blocker, decode) for normalised SDPA arguments, their fake tensors, and the unrepeated key node."""
+    dropout = bound["dropout_p"]
+    if not (isinstance(dropout, (int, float)) and dropout == 0):
+        return None, f"dropout_p={dropout} (dropout is not MoBA)", False
+    if not isinstance(bound["is_causal"], bool):
+        return None, "is_causal is not a constant", False
+    if bound["scale"] is not None and not isinstance(bound["scale"], (int, float)):
+        return None, "scale is not a constant", False
+    if q is None or k is None or v is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None, "inputs are not 4-D [B, H, L, D] tensors", False
+    if not isinstance(q.shape[-1], int):
+        return None, "head dim is symbolic", False
+    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+        return None, f"dtypes {q.dtype}/{k.dtype}/{v.dtype} are not one floating dtype", False
+    hq, hkv = q.shape[1], k.shape[1]
+    if not statically_known_true(hq % hkv == 0):
+        return None, f"query heads {hq} are not a multiple of key heads {hkv}", False
+    if not statically_known_true(hq == hkv) and not bound["enable_gqa"]:
+        return None, f"query heads {hq} != key heads {hkv} without enable_gqa", False
+    same_len = statically_known_true(q.shape[2] == k.shape[2])
+    cached = isinstance(key_source, fx.Node) and _cached_keys_of_layer(key_source, module)
+    mask = bound["attn_mask"]
+    if mask is not None:
+        if mask_meta is None or mask_meta.dtype != torch.bool:
+            dtype = None if mask_meta is None else mask_meta.dtype
+            return None, f"attn_mask is a float (additive) mask ({dtype}), not MoBA", False
+        if bound["is_causal"]:
+            return None, "both attn_mask and is_causal given", False
+        if same_len:
+            return FORM_MASK, None, False
+        if cached:
+            return FORM_MASK, None, True
+        return None, "mask with Lq != Lk and keys not from this layer's KV cache (cross-attention)", False
+    if bound["is_causal"]:
+        if same_len:
+            return FORM_CAUSAL, None, False
+        return None, "is_causal=True with Lq != Lk is top-left aligned, not MoBA's causality", False
+    if cached:
+        return FORM_DECODE, None, not same_len
+    if same_len:
+        return None, "non-causal attention (no mask, is_causal=False): encoder-style", False
+    return None, "non-causal attention with Lq != Lk and keys not from a KV cache (cross-attention)", False
+
+
+def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
+    """Every ``scaled_dot_product_attention`` call in a Dynamo graph, in graph order, normalised and classified.
+
+    Args:
+        gm: a Dynamo-level ``GraphModule`` (nodes carry ``example_value`` fake tensors and ``nn_module_stack``).
+
+    Returns:
+        One :class:`SdpaSite` per call. ``form`` is set for convertible calls (causal self-attention, a boolean mask to
+        be checked at run time, or attention over this layer's KV cache); otherwise ``blocker`` says why not.
+
+    Example:
+        >>> sites = find_sdpa_sites(gm)  # doctest: +SKIP
+        >>> [(s.module, s.form or s.blocker) for s in sites]  # doctest: +SKIP
+    """
+    sites: list[SdpaSite] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+            continue
+        bound = _normalise(node)
+        module = module_path(node)
+        query, key, value = bound["query"], bound["key"], bound["value"]
+        q, k, v = _meta(query), _meta(key), _meta(value)
+        mask = bound["attn_mask"] if isinstance(bound["attn_mask"], fx.Node) else None
+        mask_meta = _meta(mask)
+        src_k = _is_repeat_kv(key) if isinstance(key, fx.Node) else None
+        src_v = _is_repeat_kv(value) if isinstance(value, fx.Node) else None
+        saw = src_k is not None and src_v is not None
+        if bound["attn_mask"] is not None and mask is None:
+            form, blocker, decode = None, "attn_mask is not a tensor", False
+        else:
+            form, blocker, decode = _classify(bound, module, q, k, v, mask_meta, src_k if saw else key)
+        scale = bound["scale"]
+        if form is not None and scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        len_k = k.shape[2] if k is not None else None
+        sites.append(
+            SdpaSite(
+                node=node,
+                index=len(sites),
+                module=module,
+                query=query,
+                key=src_k if saw else key,
+                value=src_v if saw else value,
+                attn_mask=mask,
+                scale=None if scale is None else float(scale),
+                form=form,
+                blocker=blocker,
+                saw_through_repeat=saw,
+                static_len_k=len_k if isinstance(len_k, int) else None,
+                decode=decode,
+            )
+        )
+    return sites

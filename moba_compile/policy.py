@@ -1,0 +1,598 @@
+"""The per-layer MoBA policy: which attention sites run MoBA, with which chunk size and top-k.
+
+A policy is a frozen :class:`Policy` (top-level defaults plus ordered :class:`Rule` objects). It can be written in code,
+or loaded from a TOML or JSON file (same schema, ``version = 1``) or a plain dict by :func:`load_policy`. Every
+validation error is a :class:`PolicyError` whose message names the source (file path or ``"<dict>"``), the key path
+(e.g. ``rules[1].mode``), the bad value and the allowed values. See ``docs/policy.md`` for the schema.
+
+Example:
+    >>> policy = load_policy({"chunk_size": 2048, "topk": 3, "rules": [{"layers": [0], "mode": "dense"}]})
+    >>> policy.decide("model.layers.0.self_attn", 0, 32).mode
+    'dense'
+    >>> policy.decide("model.layers.7.self_attn", 7, 32)
+    Decision(mode='moba', chunk_size=2048, topk=3, reason='default policy', rule_index=None)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["DEFAULT_POLICY", "MODES", "Decision", "Policy", "PolicyError", "Rule", "load_policy"]
+
+#: The two decisions a site can get.
+MODES: tuple[str, ...] = ("moba", "dense")
+
+_REGEX_PREFIX = "re:"
+_SUFFIXES: tuple[str, ...] = (".toml", ".json")
+_TOP_KEYS: tuple[str, ...] = (
+    "chunk_size",
+    "decode",
+    "dense_last",
+    "min_seq_len",
+    "num_layers",
+    "rules",
+    "topk",
+    "version",
+)
+_RULE_KEYS: tuple[str, ...] = ("chunk_size", "layers", "mode", "module", "topk")
+_RULE_SELECTORS: tuple[str, ...] = ("layers", "module")
+_RULE_SETTINGS: tuple[str, ...] = ("mode", "chunk_size", "topk")
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used: a bad value, an unknown key, or a file that cannot be read or parsed.
+
+    The message always names the source (file path, ``"<dict>"``, or ``"<Policy>"``/``"<Rule>"`` for objects built in
+    code), the key path and, for bad values, the allowed values.
+
+    Args:
+        message: The full, human-readable explanation.
+
+    Example:
+        >>> try:
+        ...     load_policy({"decode": "sparse"})
+        ... except PolicyError as err:
+        ...     print(err)
+        <dict>: decode = 'sparse' is not valid; allowed: 'moba', 'dense'
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation helpers (shared by the constructors and the loader, so both give the same messages)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _fail(where: str, path: str, value: object, allowed: str) -> NoReturn:
+    raise PolicyError(f"{where}: {path} = {value!r} is not valid; allowed: {allowed}")
+
+
+def _check_int(where: str, path: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(where, path, value, f"an integer >= {minimum}")
+    return value
+
+
+def _check_choice(where: str, path: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        _fail(where, path, value, ", ".join(repr(c) for c in choices))
+    return value
+
+
+def _check_keys(where: str, table: Mapping[Any, Any], valid: tuple[str, ...], place: str) -> None:
+    for key in table:
+        if key not in valid:
+            message = f"{where}: unknown key {key!r} {place}; valid keys: {', '.join(valid)}"
+            if isinstance(key, str):
+                close = difflib.get_close_matches(key, valid, n=1)
+                if close:
+                    message += f" (did you mean {close[0]!r}?)"
+            raise PolicyError(message)
+
+
+def _check_layers(where: str, path: str, value: object) -> tuple[int, ...]:
+    allowed = "a non-empty list of integer layer indices (negative counts from the end)"
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)) or not value:
+        _fail(where, path, value, allowed)
+    for i, idx in enumerate(value):
+        if isinstance(idx, bool) or not isinstance(idx, int):
+            _fail(where, f"{path}[{i}]", idx, "an integer layer index (negative counts from the end)")
+    return tuple(value)
+
+
+def _check_module(where: str, path: str, value: object) -> str:
+    allowed = "a non-empty exact module path, or 're:' followed by a regex that must match the whole path"
+    if not isinstance(value, str) or not value:
+        _fail(where, path, value, allowed)
+    if value.startswith(_REGEX_PREFIX):
+        pattern = value[len(_REGEX_PREFIX) :]
+        if not pattern:
+            _fail(where, path, value, allowed)
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise PolicyError(f"{where}: {path} = {value!r} is not a valid regex: {err}") from None
+    return value
+
+
+def _check_rule(
+    where: str,
+    path: str,
+    layers: object,
+    module: object,
+    mode: object,
+    chunk_size: object,
+    topk: object,
+) -> tuple[tuple[int, ...] | None, str | None, str | None, int | None, int | None]:
+    """Validate one rule's fields; return them normalised (``layers`` as a tuple)."""
+    name = path or "rule"
+    if layers is None and module is None:
+        raise PolicyError(
+            f"{where}: {name} sets neither 'layers' nor 'module'; a rule needs at least one selector "
+            "(layers = [...] and/or module = '...')"
+        )
+    if mode is None and chunk_size is None and topk is None:
+        raise PolicyError(
+            f"{where}: {name} sets none of 'mode', 'chunk_size', 'topk'; a rule must change at least one setting"
+        )
+    return (
+        None if layers is None else _check_layers(where, _join(path, "layers"), layers),
+        None if module is None else _check_module(where, _join(path, "module"), module),
+        None if mode is None else _check_choice(where, _join(path, "mode"), mode, MODES),
+        None if chunk_size is None else _check_int(where, _join(path, "chunk_size"), chunk_size, 1),
+        None if topk is None else _check_int(where, _join(path, "topk"), topk, 1),
+    )
+
+
+def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
+    path = f"rules[{index}]"
+    if not isinstance(table, Mapping):
+        _fail(where, path, table, f"a table with the keys {', '.join(_RULE_KEYS)}")
+    _check_keys(where, table, _RULE_KEYS, f"in {path}")
+    layers, module, mode, chunk_size, topk = _check_rule(
+        where,
+        path,
+        table.get("layers"),
+        table.get("module"),
+        table.get("mode"),
+        table.get("chunk_size"),
+        table.get("topk"),
+    )
+    return Rule(layers=layers, module=module, mode=mode, chunk_size=chunk_size, topk=topk)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The policy objects
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule: a selector (layer indices and/or a module path) and the settings it overrides.
+
+    A rule must set at least one selector (``layers``, ``module``) and at least one setting (``mode``, ``chunk_size``,
+    ``topk``). When both selectors are set, both must hold. Unset settings inherit the policy's default decision for
+    the site. ``layers`` given as a list is stored as a tuple.
+
+    Args:
+        layers: Layer indices (0-based); a negative index counts from the end (``-1`` is the last layer) and needs
+            the number of layers, else it matches nothing.
+        module: An exact module path (``"model.layers.3.self_attn"``), or ``"re:"`` followed by a regex that must
+            match the whole path (``re.fullmatch``).
+        mode: ``"moba"``, ``"dense"``, or None to keep the default decision's mode.
+        chunk_size: MoBA chunk size (>= 1), or None to keep the default.
+        topk: MoBA top-k (>= 1, counts the query's own chunk), or None to keep the default.
+
+    Raises:
+        PolicyError: A field has a bad type or value, or the rule has no selector or no setting.
+
+    Example:
+        >>> rule = Rule(layers=(0, -1), mode="dense")
+        >>> rule.matches("model.layers.31.self_attn", 31, 32)
+        True
+        >>> Rule(module="re:.*layers\\\\.(4|5)\\\\.self_attn", topk=3).matches("model.layers.5.self_attn", 5, 32)
+        True
+    """
+
+    layers: tuple[int, ...] | None = None
+    module: str | None = None
+    mode: str | None = None
+    chunk_size: int | None = None
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        layers, _, _, _, _ = _check_rule("<Rule>", "", self.layers, self.module, self.mode, self.chunk_size, self.topk)
+        object.__setattr__(self, "layers", layers)
+
+    def matches(self, module: str, layer: int | None, num_layers: int | None) -> bool:
+        """Whether this rule selects an attention site.
+
+        Args:
+            module: The site's module path (e.g. ``"model.layers.7.self_attn"``).
+            layer: The site's 0-based layer index, or None if unknown (then no ``layers`` rule matches).
+            num_layers: The number of layers, used to resolve negative indices (``n + idx``); None if unknown
+                (then negative indices match nothing).
+
+        Returns:
+            True if every selector the rule sets holds for the site.
+
+        Raises:
+            Nothing: a validated rule always answers.
+
+        Example:
+            >>> Rule(layers=(-1,), mode="dense").matches("m", 31, 32)
+            True
+            >>> Rule(layers=(-1,), mode="dense").matches("m", 31, None)
+            False
+        """
+        if self.layers is not None:
+            if layer is None:
+                return False
+            resolved = set()
+            for idx in self.layers:
+                if idx >= 0:
+                    resolved.add(idx)
+                elif num_layers is not None:
+                    resolved.add(num_layers + idx)
+            if layer not in resolved:
+                return False
+        if self.module is not None:
+            if self.module.startswith(_REGEX_PREFIX):
+                if re.fullmatch(self.module[len(_REGEX_PREFIX) :], module) is None:
+                    return False
+            elif module != self.module:
+                return False
+        return True
+
+    def describe(self) -> str:
+        """A short description of the rule's selectors, e.g. ``"layers=[0]"`` or ``"module='re:...'"``.
+
+        Returns:
+            The selectors, comma separated, as they would be written in a policy.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> Rule(layers=[0, -1], module="model.x", mode="dense").describe()
+            "layers=[0, -1], module='model.x'"
+        """
+        parts = []
+        if self.layers is not None:
+            parts.append(f"layers={list(self.layers)}")
+        if self.module is not None:
+            parts.append(f"module={self.module!r}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rule as a plain dict holding only the fields it sets (``layers`` as a list).
+
+        Returns:
+            A dict that :func:`load_policy` accepts as an entry of ``rules``.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> Rule(layers=(0,), mode="dense").to_dict()
+            {'layers': [0], 'mode': 'dense'}
+        """
+        out: dict[str, Any] = {}
+        if self.layers is not None:
+            out["layers"] = list(self.layers)
+        for key in ("module", "mode", "chunk_size", "topk"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy decided for one attention site.
+
+    Args:
+        mode: ``"moba"`` or ``"dense"``.
+        chunk_size: The MoBA chunk size (meaningful when ``mode == "moba"``, always >= 1).
+        topk: The MoBA top-k (meaningful when ``mode == "moba"``, always >= 1).
+        reason: Why, in words: ``"default policy"``, ``"dense_last=3: layer 30 of 32 is among the last 3"``,
+            ``"rule 0 (layers=[0])"``, ...
+        rule_index: The index of the rule that matched, or None if no rule matched.
+
+    Example:
+        >>> DEFAULT_POLICY.decide("model.layers.31.self_attn", 31, 32).reason
+        'dense_last=3: layer 31 of 32 is among the last 3'
+    """
+
+    mode: str
+    chunk_size: int
+    topk: int
+    reason: str
+    rule_index: int | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Top-level defaults plus ordered rules; the first matching rule wins.
+
+    Every field is validated on construction (also when built in code); ``rules`` may be given as a list and may hold
+    dicts (validated like a policy file's ``[[rules]]`` tables); it is stored as a tuple of :class:`Rule`. ``source``
+    is used in messages only and takes no part in equality.
+
+    Args:
+        version: Schema version; must be 1.
+        chunk_size: Default MoBA chunk size (>= 1).
+        topk: Default MoBA top-k (>= 1, counts the query's own chunk).
+        dense_last: The last ``dense_last`` layers run dense attention (>= 0; needs a known number of layers).
+        num_layers: The model's number of attention layers, overriding the count the graph shows (needed where
+            graph breaks hide layers); None to use the graph's count.
+        min_seq_len: Key sequences shorter than this run dense (>= 0; applied at run time by the backend).
+        decode: ``"moba"`` or ``"dense"``: how decode steps (``Lq < Lk`` on a cache) of converted sites run.
+        rules: Ordered rules.
+        source: Where the policy came from (file path, ``"<dict>"``, ``"<default>"``), for messages.
+
+    Raises:
+        PolicyError: Any field has a bad type or value.
+
+    Example:
+        >>> policy = Policy(chunk_size=512, topk=3, dense_last=0, rules=[Rule(layers=(0,), mode="dense")])
+        >>> [policy.decide(f"layers.{i}", i, 4).mode for i in range(4)]
+        ['dense', 'moba', 'moba', 'moba']
+    """
+
+    version: int = 1
+    chunk_size: int = 4096
+    topk: int = 12
+    dense_last: int = 3
+    num_layers: int | None = None
+    min_seq_len: int = 0
+    decode: str = "moba"
+    rules: tuple[Rule, ...] = ()
+    source: str = field(default="<default>", compare=False)
+
+    def __post_init__(self) -> None:
+        where = "<Policy>" if self.source == "<default>" else str(self.source)
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != 1:
+            _fail(where, "version", self.version, "1")
+        _check_int(where, "chunk_size", self.chunk_size, 1)
+        _check_int(where, "topk", self.topk, 1)
+        _check_int(where, "dense_last", self.dense_last, 0)
+        if self.num_layers is not None:
+            _check_int(where, "num_layers", self.num_layers, 1)
+        _check_int(where, "min_seq_len", self.min_seq_len, 0)
+        _check_choice(where, "decode", self.decode, MODES)
+        rules = self.rules
+        if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, (list, tuple)):
+            _fail(where, "rules", rules, "a list of tables ([[rules]] in TOML)")
+        converted = []
+        for i, rule in enumerate(rules):
+            if isinstance(rule, Rule):
+                converted.append(rule)
+            else:
+                converted.append(_rule_from_mapping(where, i, rule))
+        object.__setattr__(self, "rules", tuple(converted))
+
+    def default_decision(self, layer: int | None, num_layers: int | None) -> Decision:
+        """The decision before any rule: MoBA with the top-level settings, dense for the last ``dense_last`` layers.
+
+        Args:
+            layer: The site's 0-based layer index, or None if unknown.
+            num_layers: The number of layers the graph shows; ``self.num_layers`` takes precedence when set.
+
+        Returns:
+            The default :class:`Decision` (``rule_index`` None).
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> DEFAULT_POLICY.default_decision(29, 32).mode, DEFAULT_POLICY.default_decision(28, 32).mode
+            ('dense', 'moba')
+        """
+        n = self.num_layers if self.num_layers is not None else num_layers
+        if self.dense_last > 0:
+            if layer is not None and n is not None and layer >= n - self.dense_last:
+                reason = f"dense_last={self.dense_last}: layer {layer} of {n} is among the last {self.dense_last}"
+                return Decision("dense", self.chunk_size, self.topk, reason, None)
+            if layer is None:
+                reason = f"default policy (dense_last={self.dense_last} not applied: layer unknown)"
+                return Decision("moba", self.chunk_size, self.topk, reason, None)
+            if n is None:
+                reason = f"default policy (dense_last={self.dense_last} not applied: number of layers unknown)"
+                return Decision("moba", self.chunk_size, self.topk, reason, None)
+        return Decision("moba", self.chunk_size, self.topk, "default policy", None)
+
+    def decide(self, module: str, layer: int | None, num_layers: int | None) -> Decision:
+        """Decide one attention site: the default decision, then the first matching rule's overrides.
+
+        The number of layers is ``self.num_layers`` if set, else ``num_layers``. The default decision is MoBA with
+        the top-level ``chunk_size``/``topk``, except the last ``dense_last`` layers, which run dense. The first rule
+        that matches overrides the settings it sets; the others keep the default decision's values (so a rule that
+        sets only ``chunk_size`` on one of the last ``dense_last`` layers leaves it dense).
+
+        Args:
+            module: The site's module path (``""`` if none).
+            layer: The site's 0-based layer index, or None if unknown.
+            num_layers: The number of layers the graph shows, or None if unknown.
+
+        Returns:
+            The :class:`Decision`: mode, chunk size, top-k, reason, and the matching rule's index (or None).
+
+        Raises:
+            Nothing: a validated policy always decides.
+
+        Example:
+            >>> policy = load_policy({"rules": [{"module": "re:.*layers\\\\.(4|5)\\\\.self_attn", "topk": 3}]})
+            >>> policy.decide("model.layers.5.self_attn", 5, 32)
+            Decision(mode='moba', chunk_size=4096, topk=3, reason="rule 0 (module='re:.*layers\\\\\\\\.(4|5)\\\\\\\\.self_attn')", rule_index=0)
+        """  # noqa: E501
+        n = self.num_layers if self.num_layers is not None else num_layers
+        base = self.default_decision(layer, n)
+        for i, rule in enumerate(self.rules):
+            if not rule.matches(module, layer, n):
+                continue
+            reason = self.describe_rule(i)
+            if rule.mode is None and base.mode == "dense":
+                reason += f"; mode kept from {base.reason}"
+            return Decision(
+                mode=rule.mode if rule.mode is not None else base.mode,
+                chunk_size=rule.chunk_size if rule.chunk_size is not None else base.chunk_size,
+                topk=rule.topk if rule.topk is not None else base.topk,
+                reason=reason,
+                rule_index=i,
+            )
+        return base
+
+    def describe_rule(self, index: int) -> str:
+        """A short readable description of rule ``index``, for reports (e.g. of rules that matched no site).
+
+        Args:
+            index: The rule's index in ``rules`` (negative indices count from the end, as for a tuple).
+
+        Returns:
+            ``"rule <index> (<selectors>)"``, e.g. ``"rule 1 (module='re:.*layers\\\\.(4|5)\\\\.self_attn')"``.
+
+        Raises:
+            IndexError: There is no rule ``index``.
+
+        Example:
+            >>> Policy(rules=[{"layers": [0], "mode": "dense"}]).describe_rule(0)
+            'rule 0 (layers=[0])'
+        """
+        rule = self.rules[index]
+        if index < 0:
+            index += len(self.rules)
+        return f"rule {index} ({rule.describe()})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as a plain dict in the file schema; ``load_policy(policy.to_dict()) == policy``.
+
+        Every top-level key is written (``num_layers`` only when set, since TOML has no null); each rule holds only
+        the fields it sets. The result is JSON-serialisable. ``source`` is not part of the schema and is left out.
+
+        Returns:
+            A new dict: ``version``, ``chunk_size``, ``topk``, ``dense_last``, [``num_layers``], ``min_seq_len``,
+            ``decode``, ``rules``.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> DEFAULT_POLICY.to_dict()
+            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'rules': []}
+        """  # noqa: E501
+        out: dict[str, Any] = {
+            "version": self.version,
+            "chunk_size": self.chunk_size,
+            "topk": self.topk,
+            "dense_last": self.dense_last,
+        }
+        if self.num_layers is not None:
+            out["num_layers"] = self.num_layers
+        out["min_seq_len"] = self.min_seq_len
+        out["decode"] = self.decode
+        out["rules"] = [rule.to_dict() for rule in self.rules]
+        return out
+
+
+#: The policy used when none is given: chunk 4096, top-k 12, last 3 layers dense (the MoBA paper's Llama-8B-1M setting).
+DEFAULT_POLICY = Policy()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _from_mapping(table: Mapping[Any, Any], where: str) -> Policy:
+    _check_keys(where, table, _TOP_KEYS, "at top level")
+    return Policy(**dict(table), source=where)
+
+
+def _read_file(path: str) -> Policy:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in _SUFFIXES:
+        raise PolicyError(
+            f"{path}: unsupported policy file suffix {suffix or '(none)'!r}; allowed suffixes: {', '.join(_SUFFIXES)}"
+        )
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        where = "" if os.path.isabs(path) else f" (resolved to {os.path.abspath(path)})"
+        raise PolicyError(f"{path}: policy file not found{where}") from None
+    except OSError as err:
+        raise PolicyError(f"{path}: cannot read policy file: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PolicyError(f"{path}: policy file is not valid UTF-8: {err}") from None
+    if suffix == ".toml":
+        try:
+            data: object = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise PolicyError(f"{path}: invalid TOML: {err}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PolicyError(f"{path}: invalid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise PolicyError(f"{path}: the top level must be a JSON object, got {type(data).__name__}")
+    return _from_mapping(data, path)  # type: ignore[arg-type]
+
+
+def load_policy(spec: str | os.PathLike[str] | Mapping[str, Any] | Policy | None) -> Policy:
+    """Load and validate a policy from a file, a dict, or an existing policy.
+
+    Args:
+        spec: None (the default policy); a :class:`Policy` (returned as is); a mapping in the file schema (source
+            ``"<dict>"``); or a path to a ``.toml`` or ``.json`` file (format chosen by suffix).
+
+    Returns:
+        The validated, frozen :class:`Policy`.
+
+    Raises:
+        PolicyError: The file has another suffix, is missing or unreadable, is not valid TOML/JSON (the message
+            carries the parser's), or the content breaks the schema (unknown key, bad value, bad regex, rule
+            without selector or setting); also for a ``spec`` of any other type.
+
+    Example:
+        >>> load_policy(None) is DEFAULT_POLICY
+        True
+        >>> load_policy({"chunk_size": 512, "topk": 3, "dense_last": 0}).to_dict()["chunk_size"]
+        512
+        >>> load_policy({"chunk": 512})
+        Traceback (most recent call last):
+        ...
+        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, min_seq_len, num_layers, rules, topk, version (did you mean 'chunk_size'?)
+    """  # noqa: E501
+    if spec is None:
+        return DEFAULT_POLICY
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, Mapping):
+        return _from_mapping(spec, "<dict>")
+    if isinstance(spec, (str, os.PathLike)):
+        path = os.fspath(spec)
+        if isinstance(path, str):
+            return _read_file(path)
+    raise PolicyError(
+        f"cannot load a policy from {spec!r} ({type(spec).__name__}); "
+        "allowed: None, a Policy, a dict, or a path to a .toml or .json file"
+    )
