@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from . import reference
 from .validation import check_moba_inputs
 
 __all__ = [
+    "CALLS",
     "MASK_APPLY",
     "MASK_CAUSAL",
     "MASK_NOT_CAUSAL",
@@ -42,6 +44,10 @@ MASK_APPLY = 1  # causal, with more keys masked (padding): intersect with the Mo
 MASK_NOT_CAUSAL = 2  # lets some query see a later key: not MoBA, dense SDPA with the mask
 
 IMPLS = ("auto", "triton", "reference")
+
+# Real (non-fake) executions per op and implementation, e.g. CALLS["attention:reference"]. Tests read it to prove the
+# MoBA path ran (Dynamo silently runs eagerly after its recompile limit); users can read it to check a deployment.
+CALLS: Counter[str] = Counter()
 
 
 def _triton_unavailable_reason(
@@ -119,6 +125,29 @@ def _dense_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
 
 
+def _dense_masked_backward(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of dense SDPA with a boolean mask (the non-causal fallback), from the softmax formulas.
+
+    A custom op's body runs below the autograd dispatch key, so SDPA's own backward cannot be asked for here.
+    """
+    acc = _lse_dtype(query)
+    group = query.shape[1] // key.shape[1]
+    k = key.to(acc).repeat_interleave(group, dim=1)
+    v = value.to(acc).repeat_interleave(group, dim=1)
+    q, do = query.to(acc), grad_out.to(acc)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~attn_mask, -math.inf)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows: no gradient
+    dp = do @ v.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq = (ds @ k) * scale
+    dk = ((ds.transpose(-1, -2) @ q) * scale).unflatten(1, (key.shape[1], group)).sum(2)
+    dv = (p.transpose(-1, -2) @ do).unflatten(1, (key.shape[1], group)).sum(2)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+
+
 def _mask_for_moba(attn_mask: Tensor | None, mask_kind: Tensor | None) -> tuple[Tensor | None, int]:
     kind = MASK_APPLY if mask_kind is None else int(mask_kind.item())
     if attn_mask is None or kind == MASK_CAUSAL:
@@ -141,12 +170,14 @@ def _attention_op(
 ) -> tuple[Tensor, Tensor]:
     mask, kind = _mask_for_moba(attn_mask, mask_kind)
     if kind == MASK_NOT_CAUSAL:
+        CALLS["attention:dense-sdpa"] += 1
         out = _dense_sdpa(query, key, value, attn_mask, scale).contiguous()
         # The log-sum-exp is only consumed by the MoBA backward, which this path does not use.
         lse = torch.full(query.shape[:3], math.nan, dtype=_lse_dtype(query), device=query.device)
         return out, lse
     topk = _effective_topk(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
+    CALLS[f"attention:{chosen}"] += 1
     if chosen == "triton":
         from .kernels import moba_forward_triton
 
@@ -184,11 +215,8 @@ def _attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     mask, kind = _mask_for_moba(attn_mask, mask_kind)
     if kind == MASK_NOT_CAUSAL:
-        with torch.enable_grad():
-            q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
-            dense = _dense_sdpa(q, k, v, attn_mask, scale)
-            dq, dk, dv = torch.autograd.grad(dense, (q, k, v), grad_out)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        CALLS["attention_backward:dense-sdpa"] += 1
+        return _dense_masked_backward(grad_out, query, key, value, attn_mask, scale)
     topk = _effective_topk(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
     backward_triton = None
@@ -197,6 +225,7 @@ def _attention_backward_op(
             from .kernels import moba_backward_triton as backward_triton
         except ImportError:
             backward_triton = None
+    CALLS[f"attention_backward:{'triton' if backward_triton is not None else 'reference'}"] += 1
     if backward_triton is not None:
         dq, dk, dv = backward_triton(grad_out, query, key, value, out, lse, chunk_size, topk, scale, mask)
     else:
@@ -254,6 +283,7 @@ def _classify_mask(attn_mask: Tensor, lq: int, lk: int) -> int:
 def _analyse_mask_op(attn_mask: Tensor, query: Tensor, key: Tensor, tag: str) -> Tensor:
     # query/key are read for their lengths only; passing the tensors keeps symbolic lengths out of the schema.
     kind = _classify_mask(attn_mask, query.shape[2], key.shape[2])
+    CALLS["analyse_mask"] += 1
     if tag:
         MASK_OBSERVATIONS[tag] = max(kind, MASK_OBSERVATIONS.get(tag, MASK_CAUSAL))
     # On the CPU, so that each layer's moba::attention reads it without a device synchronisation.

@@ -94,11 +94,15 @@ def _check_choice(where: str, path: str, value: object, choices: tuple[str, ...]
     return value
 
 
-def _check_keys(where: str, table: Mapping[Any, Any], valid: tuple[str, ...], place: str) -> None:
+def _check_keys(
+    where: str, table: Mapping[Any, Any], valid: tuple[str, ...], place: str, misplaced: tuple[str, ...], hint: str
+) -> None:
     for key in table:
         if key not in valid:
             message = f"{where}: unknown key {key!r} {place}; valid keys: {', '.join(valid)}"
-            if isinstance(key, str):
+            if key in misplaced:
+                message += f" ({key!r} {hint})"
+            elif isinstance(key, str):
                 close = difflib.get_close_matches(key, valid, n=1)
                 if close:
                     message += f" (did you mean {close[0]!r}?)"
@@ -163,7 +167,8 @@ def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
     path = f"rules[{index}]"
     if not isinstance(table, Mapping):
         _fail(where, path, table, f"a table with the keys {', '.join(_RULE_KEYS)}")
-    _check_keys(where, table, _RULE_KEYS, f"in {path}")
+    misplaced = tuple(k for k in _TOP_KEYS if k not in _RULE_KEYS)
+    _check_keys(where, table, _RULE_KEYS, f"in {path}", misplaced, "is a top-level key, not a rule key")
     layers, module, mode, chunk_size, topk = _check_rule(
         where,
         path,
@@ -520,7 +525,8 @@ DEFAULT_POLICY = Policy()
 
 
 def _from_mapping(table: Mapping[Any, Any], where: str) -> Policy:
-    _check_keys(where, table, _TOP_KEYS, "at top level")
+    misplaced = tuple(k for k in _RULE_KEYS if k not in _TOP_KEYS)
+    _check_keys(where, table, _TOP_KEYS, "at top level", misplaced, "belongs in a [[rules]] table")
     return Policy(**dict(table), source=where)
 
 

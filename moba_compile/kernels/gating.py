@@ -1,0 +1,417 @@
+"""MoBA gating in Triton: chunk means, the fused top-(K-1) gate, and the index flip that feeds the key-major forward.
+
+Pipeline (one forward):
+
+1. :func:`chunk_means_triton`: ``[B, Hkv, N, D]`` fp32 means of the key chunks (``N = ceil(Lk / C)``).
+2. :func:`select_chunks_triton`: per query tile, the scores against the mean tiles of strictly earlier chunks, packed
+   with the chunk index into one int64 key and reduced to a running top-(K-1) in registers. Never materialises
+   ``[B, H, Lq, N]``.
+3. :func:`flip_selection`: per (batch, key head, chunk) the list of (query head, row, slot) entries that chose that
+   chunk (count with atomics, prefix sum, scatter), plus the list of row tiles the key-major forward launches.
+
+Key packing (why the order is total and matches the reference): a score's fp32 bits ``b`` become the order-preserving
+int32 ``b ^ ((b >> 31) & 0x7FFFFFFF)`` (negative floats have their magnitude bits flipped), ``-0.0`` is first turned
+into ``+0.0`` (the reference treats them as equal), and the key is ``(ordered_bits << 32) | chunk``. Larger key =
+higher score, and on equal scores the later chunk, exactly the spec's tie rule. Non-earlier chunks get ``INT64_MIN``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .support import interpreting, next_pow2
+
+__all__ = ["FlipResult", "chunk_means_triton", "select_chunks_triton", "flip_selection"]
+
+# Below every packed (score, chunk) key: marks an empty top-k slot and every chunk a row may not choose.
+_SENTINEL = tl.constexpr(-(2**63))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chunk means
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_means_kernel(
+    k_ptr,
+    means_ptr,
+    Hkv,
+    Lk,
+    N,
+    C,
+    skb,
+    skh,
+    skn,
+    skd,
+    HEAD_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    plane = tl.program_id(1).to(tl.int64)
+    b = plane // Hkv
+    h = plane % Hkv
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    base = k_ptr + b * skb + h * skh
+    start = c * C
+    # A [BLOCK_N, D] accumulator summed once at the end: the same data gives bitwise the same mean in every chunk,
+    # which keeps exact gate ties (duplicated chunks) exact.
+    acc = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = start + n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        k = tl.load(base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=offs_n[:, None] < Lk, other=0.0)
+        acc += k.to(tl.float32)
+    count = tl.minimum(Lk - start, C).to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(acc, axis=0), count + tl.zeros([HEAD_D], dtype=tl.float32))
+    tl.store(means_ptr + (plane * N + c) * HEAD_D + offs_d, mean)
+
+
+def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
+    """Mean key of every chunk, accumulated in fp32 (the Triton counterpart of ``reference.chunk_means``).
+
+    Args:
+        key: ``[B, Hkv, Lk, D]``, fp16/bf16/fp32, any strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``);
+            ``D`` a power of two >= 16.
+        chunk_size: ``C >= 1``; the last chunk may be partial and is averaged over its real keys only.
+
+    Returns:
+        ``[B, Hkv, ceil(Lk / C), D]`` fp32, contiguous, on ``key``'s device. Summation order differs from the
+        reference, so values agree to fp32 rounding, not bitwise; identical chunks give bitwise identical means.
+
+    Raises:
+        ValueError: ``key`` is not 4-D, ``Lk == 0`` or ``D`` is not a power of two >= 16.
+
+    Example:
+        >>> means = chunk_means_triton(torch.ones(1, 1, 40, 16), 16)  # doctest: +SKIP
+        >>> means.shape
+        torch.Size([1, 1, 3, 16])
+    """
+    if key.dim() != 4 or key.shape[2] == 0:
+        raise ValueError(f"key must be [B, Hkv, Lk>0, D], got {tuple(key.shape)}")
+    b, hkv, lk, d = key.shape
+    if d < 16 or d != next_pow2(d):
+        raise ValueError(f"head dim {d} must be a power of two >= 16")
+    n = -(-lk // chunk_size)
+    means = torch.empty(b, hkv, n, d, dtype=torch.float32, device=key.device)
+    if means.numel() == 0:
+        return means
+    block_n = min(16 if interpreting() else 64, next_pow2(chunk_size))
+    block_n = max(block_n, 1)
+    _chunk_means_kernel[(n, b * hkv)](
+        key, means, hkv, lk, n, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4
+    )
+    return means
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fused gate: scores against the mean tiles + running top-(K-1)
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gate_kernel(
+    q_ptr,
+    means_ptr,
+    sel_ptr,
+    Hq,
+    G,
+    Lq,
+    Lk,
+    N,
+    C,
+    KM1,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    HEAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TOP: tl.constexpr,
+    SPLIT_BF16: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    hq = pid_bh % Hq
+    hkv = hq // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Lq
+    own = (Lk - Lq + offs_m) // C
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    q = tl.load(
+        q_ptr + b * sqb + hq * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    if SPLIT_BF16:
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; bf16 -> fp32 is exact
+            q = q.to(tl.float32)
+    else:
+        q = q.to(tl.float32)
+    m_base = means_ptr + (b * (Hq // G) + hkv) * N * HEAD_D
+    # The running top keeps TOP keys per row in ascending order (bitonic_merge below needs one ascending input).
+    top = tl.full([BLOCK_M, TOP], _SENTINEL, tl.int64)
+    last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1
+    n_hi = (Lk - Lq + last_row) // C  # chunks [0, n_hi) are strictly earlier for at least the tile's last row
+    for c0 in range(0, n_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mt = tl.load(m_base + offs_c.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], mask=(offs_c < N)[:, None], other=0.0)
+        if SPLIT_BF16:
+            # fp32 mean = hi + mid + lo exactly (8 + 8 + 8 significant bits); each bf16 x bf16 product is exact in
+            # fp32, so three bf16 tensor-core dots give an fp32-accurate score at 3 MMAs (tf32x3 would cost ~6).
+            hi = mt.to(tl.bfloat16)
+            r1 = mt - hi.to(tl.float32)
+            mid = r1.to(tl.bfloat16)
+            lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+            if UPCAST:
+                sc = tl.dot(q, tl.trans(lo.to(tl.float32)))
+                sc = tl.dot(q, tl.trans(mid.to(tl.float32)), sc)
+                sc = tl.dot(q, tl.trans(hi.to(tl.float32)), sc)
+            else:
+                sc = tl.dot(q, tl.trans(lo))
+                sc = tl.dot(q, tl.trans(mid), sc)
+                sc = tl.dot(q, tl.trans(hi), sc)
+        else:
+            sc = tl.dot(q, tl.trans(mt), input_precision=DOT_PREC)
+        sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 == +0.0 for the reference's sort: make them one key
+        bits = sc.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        packed = (ordered.to(tl.int64) << 32) | offs_c.to(tl.int64)[None, :]
+        packed = tl.where(offs_c[None, :] < own[:, None], packed, _SENTINEL)
+        best = tl.topk(packed, TOP, dim=1)  # descending
+        # max(ascending, descending) holds the top TOP of the union as a bitonic sequence; one merge re-sorts it.
+        top = tl.bitonic_merge(tl.maximum(top, best), dim=1, descending=False)
+    slot = TOP - 1 - tl.arange(0, TOP)  # descending score order, like the reference
+    idx = tl.where(top == _SENTINEL, -1, (top & 0x7FFFFFFF).to(tl.int32))
+    out_rows = ((b * Hq + hq) * Lq + offs_m.to(tl.int64)) * KM1
+    tl.store(sel_ptr + out_rows[:, None] + slot[None, :], idx, mask=row_ok[:, None] & (slot[None, :] < KM1))
+
+
+@dataclass(frozen=True)
+class _GateConfig:
+    block_m: int
+    block_c: int
+    top: int
+    num_warps: int
+    num_stages: int
+
+
+def _gate_config(head_dim: int, n_chunks: int, km1: int) -> _GateConfig:
+    top = max(2, next_pow2(km1))  # tl.topk / bitonic_merge want powers of two; 1 degenerates to a plain max
+    if interpreting():
+        return _GateConfig(16, max(16, top, min(32, next_pow2(n_chunks))), top, 4, 1)
+    # H100: a 64-row tile keeps the bf16 query tile (16 KB at D=128) and the [64, BLOCK_C] fp32 score/int64 key tiles
+    # in registers over 4 warps; BLOCK_C = 64 chunks per step amortises the top-k merge (its cost grows with log^2 of
+    # TOP, not of BLOCK_C), but is cut to the chunk count so short sequences do not sort padding. Two stages overlap
+    # the next mean tile's load (L2-resident: the means are tiny) with the current dot + top-k.
+    block_m = 64 if head_dim <= 128 else 32
+    block_c = max(16, top, min(64, next_pow2(n_chunks)))
+    return _GateConfig(block_m, block_c, top, 4, 2)
+
+
+def _gate_dot_precision(dtype: torch.dtype) -> str:
+    # fp16/fp32 scores: 3 tf32 passes approximate an fp32 dot (fp16 queries are exact in tf32). The interpreter does
+    # an fp32 numpy matmul whatever is asked.
+    return "ieee" if interpreting() else "tf32x3"
+
+
+def _launch_gate(query: Tensor, means: Tensor, chunk_size: int, km1: int, len_k: int) -> Tensor:
+    b, hq, lq, d = query.shape
+    hkv, n = means.shape[1], means.shape[2]
+    sel = torch.empty(b, hq, lq, km1, dtype=torch.int32, device=query.device)
+    if sel.numel() == 0:
+        return sel
+    cfg = _gate_config(d, n, km1)
+    grid = (triton.cdiv(lq, cfg.block_m), b * hq)
+    _gate_kernel[grid](
+        query,
+        means,
+        sel,
+        hq,
+        hq // hkv,
+        lq,
+        len_k,
+        n,
+        chunk_size,
+        km1,
+        *query.stride(),
+        HEAD_D=d,
+        BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_c,
+        TOP=cfg.top,
+        SPLIT_BF16=query.dtype == torch.bfloat16,
+        UPCAST=interpreting(),
+        DOT_PREC=_gate_dot_precision(query.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return sel
+
+
+def select_chunks_triton(
+    query: Tensor, key: Tensor, chunk_size: int, topk: int, *, means: Tensor | None = None
+) -> Tensor:
+    """The MoBA gate in Triton: for every query row, the ``topk - 1`` strictly earlier chunks with the best score.
+
+    Scores are ``q . mean(key[c])`` in fp32 (bf16 queries: three exact bf16 tensor-core passes over the split fp32
+    mean; fp16/fp32: tf32x3 on CUDA; fp32 numpy in the interpreter). Query row ``i`` sits at position
+    ``Lk - Lq + i``; its own chunk is never listed; GQA query head ``h`` uses key head ``h // (Hq // Hkv)``.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; fp16/bf16/fp32, any strides, on CUDA (or CPU under
+            ``TRITON_INTERPRET=1``); ``D`` a power of two >= 16; ``Lq <= Lk``; ``Hq % Hkv == 0``.
+        chunk_size: ``C >= 1``; topk: ``1 <= topk <= 64`` (counts the own chunk).
+        means: optional precomputed :func:`chunk_means_triton` result.
+
+    Returns:
+        ``int32 [B, Hq, Lq, topk - 1]``, contiguous: chunk indices in descending score order (ties: the later chunk
+        first, as the reference), ``-1`` in unused slots. It equals ``reference.select_chunks`` except where two
+        scores differ by less than fp32 rounding of the (differently ordered) sums.
+
+    Raises:
+        ValueError: bad shapes, or ``topk`` outside ``[1, 64]``.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16)
+        >>> select_chunks_triton(q, k, 16, 3)[0, 0, -1].tolist()  # doctest: +SKIP
+        [0, 2]
+    """
+    if query.dim() != 4 or key.dim() != 4 or query.shape[-1] != key.shape[-1] or query.shape[0] != key.shape[0]:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} are not [B, H, L, D] pairs")
+    if not 1 <= topk <= 64:
+        raise ValueError(f"topk must be in [1, 64], got {topk}")
+    b, hq, lq, _ = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    if hkv == 0 or hq % hkv or lq > lk:
+        raise ValueError(f"need Hq % Hkv == 0 and Lq <= Lk, got Hq={hq}, Hkv={hkv}, Lq={lq}, Lk={lk}")
+    km1 = topk - 1
+    # No row has more than (Lk - 1) // C earlier chunks: gate only that many slots, pad the rest with -1.
+    km1_eff = min(km1, (lk - 1) // chunk_size)
+    sel = torch.full((b, hq, lq, km1), -1, dtype=torch.int32, device=query.device)
+    if km1_eff == 0 or sel.numel() == 0:
+        return sel
+    if means is None:
+        means = chunk_means_triton(key, chunk_size)
+    sel[..., :km1_eff] = _launch_gate(query, means, chunk_size, km1_eff, lk)
+    return sel
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Index flip: per (batch, key head, chunk) lists of the entries that chose the chunk
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _flip_count_kernel(sel_ptr, rank_ptr, counts_ptr, n_entries, plane_size, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.load(sel_ptr + offs, mask=offs < n_entries, other=-1)
+    valid = c >= 0
+    seg = (offs // plane_size) * N + c
+    # The returned old count is the entry's rank in its chunk's list (order between programs is arbitrary; the
+    # forward's per-row results do not depend on it).
+    rank = tl.atomic_add(counts_ptr + seg, tl.full([BLOCK], 1, tl.int32), mask=valid, sem="relaxed")
+    tl.store(rank_ptr + offs, rank, mask=valid)
+
+
+@triton.jit
+def _flip_scatter_kernel(sel_ptr, rank_ptr, seg_start_ptr, lists_ptr, n_entries, plane_size, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.load(sel_ptr + offs, mask=offs < n_entries, other=-1)
+    valid = c >= 0
+    plane = offs // plane_size
+    seg = plane * N + c
+    pos = tl.load(seg_start_ptr + seg, mask=valid, other=0) + tl.load(rank_ptr + offs, mask=valid, other=0)
+    tl.store(lists_ptr + pos, (offs - plane * plane_size).to(tl.int32), mask=valid)
+
+
+@dataclass(frozen=True)
+class FlipResult:
+    """Per-chunk query lists and the key-major work tiles (see :func:`flip_selection`).
+
+    Attributes:
+        lists: int32 ``[E]``: entry ids local to their (batch, key head) plane, grouped by segment.
+        seg_start: int64 ``[S]``: first position of each segment in ``lists``.
+        counts: int32 ``[S]``: entries per segment.
+        tile_seg: int32 ``[T]``: segment of each work tile; ``S`` marks a padding tile (nothing to do).
+        tile_row0: int32 ``[T]``: the tile's first position inside its segment (a multiple of ``block_m``).
+        n_segments: ``S = B * Hkv * N``.
+    """
+
+    lists: Tensor
+    seg_start: Tensor
+    counts: Tensor
+    tile_seg: Tensor
+    tile_row0: Tensor
+    n_segments: int
+
+
+def flip_selection(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int) -> FlipResult:
+    """Invert the gate: for every (batch, key head, chunk) segment, the entries ``(g, i, j)`` that chose the chunk.
+
+    An entry is query head ``hq = hkv * G + g`` (``G = Hq // Hkv``), row ``i``, slot ``j``; its id local to the
+    (batch, key head) plane is ``(g * Lq + i) * (K-1) + j``, so ``plane * G * Lq * (K-1) + id`` is its flat index in
+    ``sel``. GQA heads of one group share their key head's segments, so their rows fill the same key-major tiles.
+    Segment ``s = (b * Hkv + hkv) * N + c``. Entries are counted with atomics (the returned old count is the rank),
+    prefix-summed, and scattered; the order inside a list is unspecified (per-row results do not depend on it).
+    Work tiles: each segment's list is cut into tiles of ``block_m`` entries. There is no host synchronisation on
+    CUDA: the tile arrays have a static upper bound ``E // block_m + S`` and padding tiles carry ``tile_seg == S``.
+
+    Args:
+        sel: int32 ``[B, Hq, Lq, K-1]`` contiguous gate output (``-1`` = unused slot), CUDA or interpreted CPU.
+        heads_kv: ``Hkv``, dividing ``Hq``.
+        n_chunks: ``N``, greater than every index in ``sel``.
+        block_m: entries per key-major tile.
+
+    Returns:
+        :class:`FlipResult` on ``sel``'s device.
+
+    Raises:
+        ValueError: ``sel`` is not a contiguous int32 4-D tensor, or ``Hq % heads_kv != 0``.
+
+    Example:
+        >>> sel = torch.tensor([[[[-1], [0], [0], [1]]]], dtype=torch.int32)  # B=1, Hq=1, Lq=4, K-1=1
+        >>> flip = flip_selection(sel, 1, 3, 16)  # doctest: +SKIP
+        >>> flip.counts.tolist(), sorted(flip.lists[:2].tolist())  # doctest: +SKIP
+        ([2, 1, 0], [1, 2])
+    """
+    if sel.dim() != 4 or sel.dtype != torch.int32 or not sel.is_contiguous():
+        raise ValueError("sel must be a contiguous int32 [B, Hq, Lq, K-1] tensor")
+    b, hq, lq, km1 = sel.shape
+    if heads_kv <= 0 or hq % heads_kv:
+        raise ValueError(f"Hq={hq} is not a multiple of heads_kv={heads_kv}")
+    dev = sel.device
+    n_entries = sel.numel()
+    plane_size = (hq // heads_kv) * lq * km1
+    n_seg = b * heads_kv * n_chunks
+    counts = torch.zeros(n_seg, dtype=torch.int32, device=dev)
+    rank = torch.empty(n_entries, dtype=torch.int32, device=dev)
+    lists = torch.empty(max(n_entries, 1), dtype=torch.int32, device=dev)
+    block = 1024 if not interpreting() else 4096  # memory-bound elementwise passes
+    grid = (triton.cdiv(n_entries, block),)
+    if n_entries:
+        _flip_count_kernel[grid](sel, rank, counts, n_entries, plane_size, n_chunks, BLOCK=block, num_warps=4)
+    counts64 = counts.to(torch.int64)
+    ends = torch.cumsum(counts64, 0)
+    seg_start = ends - counts64
+    if n_entries:
+        _flip_scatter_kernel[grid](
+            sel, rank, seg_start, lists, n_entries, plane_size, n_chunks, BLOCK=block, num_warps=4
+        )
+    tiles_per = (counts64 + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per, 0)
+    if interpreting() or dev.type == "cpu":
+        n_tiles = int(tile_end[-1]) if n_seg else 0  # a host sync costs nothing here and saves empty programs
+    else:
+        n_tiles = n_entries // block_m + n_seg  # static bound: sum ceil(count / bm) <= E / bm + S
+    t = torch.arange(n_tiles, device=dev, dtype=torch.int64)
+    tile_seg = torch.searchsorted(tile_end, t, right=True)
+    seg_c = tile_seg.clamp(max=max(n_seg - 1, 0))
+    tile_row0 = (t - (tile_end[seg_c] - tiles_per[seg_c])) * block_m
+    return FlipResult(
+        lists=lists,
+        seg_start=seg_start,
+        counts=counts,
+        tile_seg=tile_seg.to(torch.int32),
+        tile_row0=tile_row0.to(torch.int32),
+        n_segments=n_seg,
+    )

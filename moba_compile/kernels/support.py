@@ -1,0 +1,164 @@
+"""What the Triton MoBA kernels can run, and the small helpers their launchers share.
+
+This module imports ``triton`` lazily and never fails to import: ``moba_compile.kernels`` must be importable on a
+machine without Triton (the ops layer then routes to the reference and says why).
+"""
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HEAD_DIMS",
+    "MAX_CHUNK",
+    "MAX_TOPK",
+    "interpreting",
+    "next_pow2",
+    "require_triton",
+    "triton_available",
+    "triton_unsupported_reason",
+]
+
+# Head dims the kernels are compiled for: tl.arange needs powers of two and tl.dot needs >= 16.
+HEAD_DIMS = (16, 32, 64, 128, 256)
+# Chunk sizes: multiples of 16 so a chunk is a whole number of key blocks (block_n is a power of two >= 16 that
+# divides it); the upper bound keeps the per-chunk loops and the launch arithmetic in the range that was reasoned about.
+MIN_CHUNK, MAX_CHUNK = 16, 8192
+# The running top-(K-1) lives in registers as a [BLOCK_M, next_pow2(K-1)] int64 tile: 64 keeps it at <= 64 columns.
+MAX_TOPK = 64
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` can succeed (checked without importing it).
+
+    Returns:
+        ``True`` when a ``triton`` package is importable.
+
+    Example:
+        >>> isinstance(triton_available(), bool)
+        True
+    """
+    return importlib.util.find_spec("triton") is not None
+
+
+def require_triton() -> None:
+    """Raise a clear error when Triton is missing; a no-op otherwise.
+
+    Raises:
+        RuntimeError: ``triton`` is not installed (``pip install triton``; Linux only).
+
+    Example:
+        >>> require_triton() if triton_available() else None
+    """
+    if not triton_available():
+        raise RuntimeError(
+            "the MoBA Triton kernels need the 'triton' package (pip install triton); "
+            "use impl='reference' on machines without it"
+        )
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in interpreter mode (``TRITON_INTERPRET`` set to a true value).
+
+    Returns:
+        ``True`` when kernels execute on the CPU through the Triton interpreter.
+
+    Example:
+        >>> isinstance(interpreting(), bool)
+        True
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (1 for ``n <= 1``).
+
+    Example:
+        >>> next_pow2(5), next_pow2(16), next_pow2(0)
+        (8, 16, 1)
+    """
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def triton_unsupported_reason(
+    query: Tensor, key: Tensor, value: Tensor, chunk_size: int, topk: int, attn_mask: Tensor | None
+) -> str | None:
+    """Why the Triton MoBA forward cannot run these inputs, or ``None`` when it can.
+
+    Only metadata is read (dtype, device, shapes), so fake/meta tensors work. Shape errors that the public API
+    rejects anyway (ranks, ``Hq % Hkv``, ``Lq > Lk``) are reported too, so a caller never launches on them.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``.
+        chunk_size: MoBA chunk size ``C``; supported: a multiple of 16 in ``[16, 8192]``.
+        topk: chunks per query including its own; supported: ``1 <= topk <= 64``.
+        attn_mask: ``None`` or a boolean tensor broadcastable to ``[B, Hq, Lq, Lk]`` on the query's device.
+
+    Returns:
+        ``None`` if :func:`moba_compile.kernels.moba_forward_triton` supports the call, else a short reason such as
+        ``"head dim 72 not in (16, 32, 64, 128, 256)"``, ``"dtype float64 routed to the reference"``,
+        ``"chunk_size 100 is not a multiple of 16"``, ``"topk 65 > 64"``, ``"CPU tensors need TRITON_INTERPRET=1"``
+        or ``"triton is not installed"``.
+
+    Example:
+        >>> q = torch.randn(1, 2, 8, 72)
+        >>> triton_unsupported_reason(q, q, q, 16, 3, None)
+        'head dim 72 not in (16, 32, 64, 128, 256)'
+    """
+    if not triton_available():
+        return "triton is not installed"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            return f"{name} must be a 4-D tensor"
+    if not (query.dtype == key.dtype == value.dtype):
+        return f"mixed dtypes {query.dtype}, {key.dtype}, {value.dtype}"
+    if query.dtype not in _DTYPES:
+        return f"dtype {str(query.dtype).removeprefix('torch.')} routed to the reference"
+    dev = query.device
+    if not (dev == key.device == value.device):
+        return "query, key and value are on different devices"
+    if dev.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+    elif dev.type != "cuda":
+        return f"device type {dev.type!r} is not supported by the Triton kernels"
+    b, hq, lq, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    if key.shape[0] != b or value.shape[0] != b or key.shape[3] != d or value.shape[1] != hkv or value.shape[2] != lk:
+        return "query, key and value shapes do not match"
+    if hkv == 0 or hq % hkv != 0:
+        return f"query heads ({hq}) are not a multiple of key heads ({hkv})"
+    if lq > lk:
+        return f"Lq={lq} > Lk={lk}"
+    if d not in HEAD_DIMS:
+        return f"head dim {d} not in {HEAD_DIMS}"
+    if dv not in HEAD_DIMS:
+        return f"value head dim {dv} not in {HEAD_DIMS}"
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        return f"chunk_size {chunk_size!r} is not an int"
+    if chunk_size % 16 != 0:
+        return f"chunk_size {chunk_size} is not a multiple of 16"
+    if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+        return f"chunk_size {chunk_size} not in [{MIN_CHUNK}, {MAX_CHUNK}]"
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        return f"topk {topk!r} is not an int >= 1"
+    if topk > MAX_TOPK:
+        return f"topk {topk} > {MAX_TOPK}"
+    # Entry ids inside one (batch, key head) plane are int32: G * Lq * (K - 1) must fit.
+    if (hq // hkv) * lq * max(topk - 1, 1) >= 2**31:
+        return f"{hq // hkv} query heads per key head x Lq={lq} x (topk-1)={topk - 1} entries overflow int32 ids"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
+            return "attn_mask is not a boolean tensor"
+        if attn_mask.device != dev:
+            return f"attn_mask is on {attn_mask.device}, query on {dev}"
+        try:
+            fits = tuple(torch.broadcast_shapes(attn_mask.shape, (b, hq, lq, lk))) == (b, hq, lq, lk)
+        except RuntimeError:
+            fits = False
+        if attn_mask.dim() > 4 or not fits:
+            return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {[b, hq, lq, lk]}"
+    return None
