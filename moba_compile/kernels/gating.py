@@ -201,7 +201,7 @@ class _GateConfig:
 def _gate_config(head_dim: int, n_chunks: int, km1: int) -> _GateConfig:
     top = max(2, next_pow2(km1))  # tl.topk / bitonic_merge want powers of two; 1 degenerates to a plain max
     if interpreting():
-        return _GateConfig(16, max(16, top, min(32, next_pow2(n_chunks))), top, 4, 1)
+        return _GateConfig(64, max(16, top, min(32, next_pow2(n_chunks))), top, 4, 1)
     # H100: a 64-row tile keeps the bf16 query tile (16 KB at D=128) and the [64, BLOCK_C] fp32 score/int64 key tiles
     # in registers over 4 warps; BLOCK_C = 64 chunks per step amortises the top-k merge (its cost grows with log^2 of
     # TOP, not of BLOCK_C), but is cut to the chunk count so short sequences do not sort padding. Two stages overlap

@@ -1,0 +1,475 @@
+"""The ``moba-compile`` console command (also ``python -m moba_compile``).
+
+``moba-compile explain`` builds a model, runs :func:`moba_compile.explain` on random inputs and prints the report: for
+every ``scaled_dot_product_attention`` call, its layer, module path, decision (``moba`` or ``dense``), chunk size, top-k
+and the reason.
+
+    moba-compile explain --hf-config tiny-llama --policy examples/policies/hybrid.toml --seq-len 512
+    moba-compile explain --hf-config path/to/model_dir --mask-form
+    moba-compile explain --factory mypkg.models:build --input-shape 2,1024
+
+Errors a user can fix (a missing file, a bad ``--factory`` string, a malformed policy, transformers not installed) are
+printed as one line on stderr and the command exits with status 2.
+
+The Hugging Face helpers here (:func:`load_hf_config`, :func:`build_hf_model`, :func:`hf_example_inputs`) are shared
+with ``examples/convert_hf.py``. transformers is imported lazily: it is an optional extra (``moba-compile[hf]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from .ops import IMPLS
+from .policy import PolicyError, load_policy
+
+__all__ = [
+    "CliError",
+    "PRESETS",
+    "build_hf_model",
+    "build_factory_model",
+    "hf_example_inputs",
+    "load_factory",
+    "load_hf_config",
+    "main",
+    "parse_shape",
+]
+
+PROG = "moba-compile"
+
+#: Built-in tiny configurations (random weights, no files needed): 4 layers, hidden size 64, 4 query heads over
+#: 2 key/value heads (GQA), vocabulary 512.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": ("llama", {}),
+    "tiny-qwen2": ("qwen2", {}),
+    "tiny-mistral": ("mistral", {"sliding_window": 4096}),
+}
+_PRESET_COMMON: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 8192,
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COMPILERS = ("aot_eager", "inductor", "eager")
+
+
+class CliError(Exception):
+    """An error the user can fix; the command prints its message as one line and exits with status 2.
+
+    Example:
+        >>> str(CliError("policy file not found"))
+        'policy file not found'
+    """
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise CliError(
+            f"transformers is not installed ({_first_line(err)}); it is needed for Hugging Face models: "
+            "pip install 'moba-compile[hf]'"
+        ) from None
+    return transformers
+
+
+def load_hf_config(spec: str) -> Any:
+    """Load a transformers config from a built-in preset name, a ``config.json`` file, or a model directory.
+
+    Args:
+        spec: ``"tiny-llama"``, ``"tiny-qwen2"`` or ``"tiny-mistral"`` (see :data:`PRESETS`); a path to a
+            ``config.json`` (any file name; it must hold ``model_type``); or a local directory holding ``config.json``.
+            Nothing is downloaded.
+
+    Returns:
+        A ``transformers.PretrainedConfig``.
+
+    Raises:
+        CliError: transformers is not installed, the path does not exist, has no ``config.json``, is not valid JSON,
+            or transformers cannot read it (unknown ``model_type``, ...).
+
+    Example:
+        >>> load_hf_config("tiny-llama").num_hidden_layers  # doctest: +SKIP
+        4
+    """
+    transformers = _transformers()
+    if spec in PRESETS:
+        model_type, extra = PRESETS[spec]
+        return transformers.AutoConfig.for_model(model_type, **{**_PRESET_COMMON, **extra})
+    path = Path(spec)
+    if not path.exists():
+        presets = ", ".join(PRESETS)
+        raise CliError(f"{spec}: no such file or directory (and not a preset; presets: {presets})")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CliError(f"{spec}: directory has no config.json")
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CliError(f"{spec}: cannot read the config as JSON: {_first_line(err)}") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise CliError(f"{spec}: not a transformers config (no 'model_type' key)")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise CliError(f"{spec}: transformers cannot load this config: {_first_line(err)}") from None
+
+
+def _has_weights(spec: str) -> bool:
+    return os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, name)) for name in _WEIGHT_FILES)
+
+
+def build_hf_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, load_weights: bool = False
+) -> tuple[torch.nn.Module, str]:
+    """Build a transformers causal LM with SDPA attention, in eval mode, on the CPU.
+
+    Args:
+        spec: as for :func:`load_hf_config` (preset name, ``config.json`` path, or model directory).
+        dtype: parameter dtype (``torch.float32``, ``torch.bfloat16``, ``torch.float16``).
+        load_weights: when True and ``spec`` is a directory holding weights (``model.safetensors``,
+            ``pytorch_model.bin`` or their sharded indices), load them with ``from_pretrained``; otherwise the
+            weights are random (seeded with 0, so runs repeat).
+
+    Returns:
+        ``(model, description)``: the model (``attn_implementation="sdpa"``, ``eval()``) and a one-line description
+        such as ``"LlamaForCausalLM from tiny-llama (random weights, torch.float32)"``.
+
+    Raises:
+        CliError: as :func:`load_hf_config`, or the config is not a causal LM that transformers can build.
+
+    Example:
+        >>> model, what = build_hf_model("tiny-llama")  # doctest: +SKIP
+        >>> what  # doctest: +SKIP
+        'LlamaForCausalLM from tiny-llama (random weights, torch.float32)'
+    """
+    transformers = _transformers()
+    auto = transformers.AutoModelForCausalLM
+    try:
+        if load_weights and _has_weights(spec):
+            model = auto.from_pretrained(spec, attn_implementation="sdpa", dtype=dtype, local_files_only=True)
+            origin = "weights loaded"
+        else:
+            config = load_hf_config(spec)
+            torch.manual_seed(0)
+            model = auto.from_config(config, attn_implementation="sdpa", dtype=dtype)
+            origin = "random weights"
+    except (OSError, ValueError) as err:
+        raise CliError(f"{spec}: transformers cannot build a causal LM from it: {_first_line(err)}") from None
+    model.eval()
+    return model, f"{type(model).__name__} from {spec} ({origin}, {dtype})"
+
+
+def hf_example_inputs(
+    model: torch.nn.Module, *, seq_len: int, batch: int = 1, mask_form: bool = False
+) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Random ``input_ids`` for a transformers causal LM, as ``(args, kwargs)`` for ``model(*args, **kwargs)``.
+
+    Args:
+        model: the model (its ``config.vocab_size`` bounds the token ids).
+        seq_len: tokens per sequence (``>= 1``).
+        batch: sequences (``>= 1``).
+        mask_form: also pass ``use_cache=False`` and an all-ones ``attention_mask``. transformers then calls SDPA with
+            a boolean ``[B, 1, L, L]`` mask and key/value repeated by ``repeat_kv`` (the form torch 2.11 always gets),
+            instead of ``is_causal=True`` with unrepeated key/value.
+
+    Returns:
+        ``((input_ids,), kwargs)``; ``input_ids`` is ``int64 [batch, seq_len]`` drawn from a generator seeded with 0.
+
+    Example:
+        >>> args, kwargs = hf_example_inputs(model, seq_len=128, mask_form=True)  # doctest: +SKIP
+        >>> sorted(kwargs)  # doctest: +SKIP
+        ['attention_mask', 'use_cache']
+    """
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    kwargs: dict[str, Any] = {}
+    if mask_form:
+        kwargs = {"use_cache": False, "attention_mask": torch.ones_like(input_ids)}
+    return (input_ids,), kwargs
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve a ``module:function`` (or ``path/to/file.py:function``) string to the function.
+
+    The current directory is searched first for the module, as ``python -m`` would.
+
+    Args:
+        spec: ``"package.module:function"`` or ``"path/to/file.py:function"``.
+
+    Returns:
+        The callable (it is not called).
+
+    Raises:
+        CliError: the string is malformed, the module cannot be imported, the file does not exist, or the attribute is
+            missing or not callable. (Other exceptions raised while importing the module propagate.)
+
+    Example:
+        >>> load_factory("collections:OrderedDict").__name__
+        'OrderedDict'
+    """
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise CliError(f"bad --factory {spec!r}: expected module:function (e.g. mypkg.models:build_model)")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise CliError(f"--factory {spec!r}: {module_name}: no such file")
+        name = "_moba_factory_" + Path(module_name).stem
+        file_spec = importlib.util.spec_from_file_location(name, module_name)
+        if file_spec is None or file_spec.loader is None:
+            raise CliError(f"--factory {spec!r}: cannot import {module_name}")
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        file_spec.loader.exec_module(module)
+    else:
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise CliError(f"--factory {spec!r}: cannot import {module_name!r}: {_first_line(err)}") from None
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise CliError(f"--factory {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise CliError(f"--factory {spec!r}: {attr!r} is not callable ({type(target).__name__})")
+    return target
+
+
+def _random_input(model: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """Token ids below the first ``nn.Embedding``'s size when the model has one, else standard normal floats."""
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(model, torch.nn.Module):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                return torch.randint(0, module.num_embeddings, shape, generator=generator)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    else:
+        dtype = torch.float32
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+def build_factory_model(spec: str, input_shape: tuple[int, ...] | None) -> tuple[Any, tuple[Any, ...], str]:
+    """Call a ``--factory`` function and settle the example inputs.
+
+    Args:
+        spec: as for :func:`load_factory`. The function takes no arguments and returns a model (an ``nn.Module`` or
+            any callable torch.compile accepts) or a ``(model, example_args)`` pair (``example_args`` a tuple, or a
+            single tensor).
+        input_shape: when given, one random input of this shape replaces any example arguments: int64 token ids below
+            ``num_embeddings`` of the model's first ``nn.Embedding`` if it has one, else standard normal floats in the
+            dtype of its first floating parameter.
+
+    Returns:
+        ``(model, args, description)``; an ``nn.Module`` is switched to ``eval()`` (dropout off, as in inference).
+
+    Raises:
+        CliError: as :func:`load_factory`; the function returned something else; or it returned a bare model and no
+            ``input_shape`` was given.
+
+    Example:
+        >>> model, args, what = build_factory_model("mypkg.models:build", (2, 128))  # doctest: +SKIP
+    """
+    produced = load_factory(spec)()
+    args: tuple[Any, ...] | None = None
+    if isinstance(produced, tuple):
+        if len(produced) != 2:
+            raise CliError(f"--factory {spec!r} returned a tuple of {len(produced)}; expected (model, example_args)")
+        model, example = produced
+        args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    else:
+        model = produced
+    if not callable(model):
+        raise CliError(
+            f"--factory {spec!r} returned {type(model).__name__}; expected an nn.Module (or a callable) or a "
+            "(model, example_args) pair"
+        )
+    if input_shape is not None:
+        args = (_random_input(model, input_shape),)
+    if args is None:
+        raise CliError(f"--factory {spec!r} returned a model without example inputs; pass --input-shape B,L,...")
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    return model, args, f"{type(model).__name__} from {spec}"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Parse ``"B,L,..."`` into a tuple of positive ints (the ``--input-shape`` argument).
+
+    Raises:
+        argparse.ArgumentTypeError: empty, non-integer or non-positive entries.
+
+    Example:
+        >>> parse_shape("2,128")
+        (2, 128)
+    """
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 2,128") from None
+    if any(size < 1 for size in shape):
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be >= 1")
+    return shape
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+class _UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of exiting, so that :func:`main` returns the status."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="MoBA (Mixture of Block Attention) through torch.compile: see what a policy does to a model.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    explain = commands.add_parser(
+        "explain",
+        help="compile a model with backend='moba', run it once on random inputs, print every attention decision",
+        description="Compile a model with the moba backend, run it once on random inputs, and print the decision "
+        "(moba or dense, chunk size, top-k, reason) for every scaled_dot_product_attention call.",
+    )
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--hf-config",
+        metavar="CONFIG",
+        help="transformers config.json, model directory, or a preset: " + ", ".join(PRESETS) + " (random weights)",
+    )
+    source.add_argument(
+        "--factory",
+        metavar="MODULE:FUNCTION",
+        help="function returning a model or a (model, example_args) pair; MODULE may be a dotted name or a .py path",
+    )
+    explain.add_argument("--policy", metavar="FILE", help="policy file (.toml or .json); default: the default policy")
+    hf = explain.add_argument_group("with --hf-config")
+    hf.add_argument("--seq-len", type=_positive_int, default=256, metavar="N", help="tokens per sequence (256)")
+    hf.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="sequences (1)")
+    hf.add_argument(
+        "--mask-form",
+        action="store_true",
+        help="pass use_cache=False and an all-ones attention_mask (transformers then uses the boolean-mask SDPA form)",
+    )
+    hf.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="parameter dtype (float32)")
+    fac = explain.add_argument_group("with --factory")
+    fac.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        metavar="B,L,...",
+        help="one random input of this shape (token ids if the model has an nn.Embedding, else floats); "
+        "replaces the factory's example args",
+    )
+    explain.add_argument("--impl", choices=IMPLS, default="auto", help="MoBA implementation (auto)")
+    explain.add_argument(
+        "--compiler", choices=_COMPILERS, default="aot_eager", help="compiler after the rewrite (aot_eager)"
+    )
+    return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as err:
+        raise CliError(str(err)) from None
+    kwargs: dict[str, Any] = {}
+    if args.hf_config is not None:
+        if args.input_shape is not None:
+            raise CliError("--input-shape goes with --factory; with --hf-config use --seq-len and --batch")
+        model, what = build_hf_model(args.hf_config, dtype=_DTYPES[args.dtype])
+        inputs, kwargs = hf_example_inputs(model, seq_len=args.seq_len, batch=args.batch, mask_form=args.mask_form)
+        shown = f"input_ids {list(inputs[0].shape)}"
+        if args.mask_form:
+            shown += ", attention_mask all ones, use_cache=False"
+    else:
+        model, inputs, what = build_factory_model(args.factory, args.input_shape)
+        shown = ", ".join(
+            f"{arg.dtype} {list(arg.shape)}".replace("torch.", "") if isinstance(arg, torch.Tensor) else repr(arg)
+            for arg in inputs
+        )
+    report = explain(model, *inputs, policy=policy, impl=args.impl, compiler=args.compiler, **kwargs)
+    print(f"model: {what}")
+    print(f"inputs: {shown}")
+    print(report)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``moba-compile`` command.
+
+    Args:
+        argv: the arguments after the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success; 2 for a usage error or a user-fixable problem (missing file, bad
+        ``--factory``, policy error, transformers missing), reported as one line on stderr without a traceback.
+        Errors raised by the model itself propagate.
+
+    Example:
+        >>> main(["explain", "--hf-config", "tiny-llama", "--seq-len", "64"])  # doctest: +SKIP
+        model: LlamaForCausalLM from tiny-llama (random weights, torch.float32)
+        ...
+        0
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        err.parser.print_usage(sys.stderr)
+        print(f"{err.parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _explain(args)
+    except CliError as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2

@@ -1,0 +1,458 @@
+"""MoBA forward in Triton: key-major attention over the selected earlier chunks, then the own-chunk pass and merge.
+
+Order of launches (all on the query's device, no host synchronisation on CUDA):
+
+1. chunk means + fused gate (:mod:`.gating`), only when some row has an earlier chunk and ``topk > 1``;
+2. index flip (:func:`.gating.flip_selection`): per (batch, key head, chunk) lists of the (head, row, slot) entries;
+3. ``_sparse_fwd_kernel``, key-major: one program per tile of up to ``BLOCK_M`` entries of one segment; it gathers
+   their query rows into a dense tile, streams that chunk's keys/values once, and writes each entry's normalised
+   partial output (fp32) and log-sum-exp to a ``[B*Hq*Lq*(K-1)]`` slot buffer;
+4. ``_own_fwd_kernel``, query-major: causal attention to each row's own chunk (the block diagonal) with an online
+   softmax, then the row's partials are folded in as extra "keys" of score ``lse_j`` and value ``o_j`` (an exact
+   log-sum-exp merge; the key sets are disjoint), and ``out``/``lse`` are written once.
+
+Softmax runs in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores); ``lse`` is returned in
+natural log. Rows with no attended key get ``out = 0`` and ``lse = -inf``.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .gating import _launch_gate, chunk_means_triton, flip_selection
+from .support import interpreting, next_pow2, require_triton, triton_unsupported_reason
+
+__all__ = ["moba_forward_triton"]
+
+_LOG2E = math.log2(math.e)
+_LN2 = tl.constexpr(math.log(2.0))
+_LOG2E_C = tl.constexpr(_LOG2E)
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _attend_block(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    skn,
+    skd,
+    svn,
+    svd,
+    start_n,
+    qk_scale,
+    row_ok,
+    pos,
+    own_start,
+    Lk,
+    mask_rows,
+    smn,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] step of the online softmax (log2 domain). BOUNDARY adds the causal/own-chunk mask."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    k_ptrs = k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = v_base + offs_n64[:, None] * svn + offs_dv[None, :] * svd
+    if BOUNDARY:
+        in_k = offs_n < Lk
+        k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if UPCAST:  # interpreter: its bf16 tl.dot is wrong; the upcast is exact
+        s = tl.dot(q, tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = s * qk_scale
+    if BOUNDARY:
+        keep = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] >= own_start[:, None])
+        s = tl.where(keep, s, _NEG_INF)
+    if HAS_MASK:
+        allowed = tl.load(mask_rows[:, None] + offs_n64[None, :] * smn, mask=row_ok[:, None] & (offs_n < Lk)[None, :])
+        s = tl.where(allowed != 0, s, _NEG_INF)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row whose keys are all masked so far keeps m = -inf: shift by 0 instead, so exp2(-inf - -inf) never appears.
+    m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p_lo = p.to(v.dtype)  # the P operand is rounded to the value dtype, as on the GPU's tensor cores
+    if UPCAST:
+        pv = tl.dot(p_lo.to(tl.float32), v.to(tl.float32))
+    else:
+        pv = tl.dot(p_lo, v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    po_ptr,
+    plse_ptr,
+    lists_ptr,
+    seg_start_ptr,
+    counts_ptr,
+    tile_seg_ptr,
+    tile_row0_ptr,
+    n_segments,
+    Hq,
+    Hkv,
+    G,
+    Lq,
+    Lk,
+    N,
+    C,
+    KM1,
+    qk_scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smh,
+    smm,
+    smn,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    seg = tl.load(tile_seg_ptr + t)
+    if seg >= n_segments:  # padding tile of the static-size tile list
+        return
+    seg = seg.to(tl.int64)
+    row0 = tl.load(tile_row0_ptr + t)
+    start = tl.load(seg_start_ptr + seg) + row0
+    n_rows = tl.minimum(tl.load(counts_ptr + seg) - row0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_rows
+    local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
+    plane = seg // N
+    c = seg % N
+    b = plane // Hkv
+    hkv = plane % Hkv
+    per_head = Lq * KM1
+    g = local // per_head
+    i = (local % per_head) // KM1
+    hq = hkv * G + g
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    q = tl.load(q_ptr + (b * sqb + hq * sqh + i * sqm)[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * skb + hkv * skh
+    v_base = v_ptr + b * svb + hkv * svh
+    mask_rows = mask_ptr + b * smb + hq * smh + i * smm
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
+    lo = (c * C).to(tl.int32)
+    # An earlier chunk is always complete (the last chunk is nobody's earlier chunk) and lies before every row's
+    # position: no bounds or causal masks, only the user's mask.
+    for start_n in range(lo, lo + C, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
+            row_ok, offs_m, offs_m, Lk, mask_rows, smn,
+            HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
+        )  # fmt: skip
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * _LN2, _NEG_INF)
+    e = plane * G * per_head + local  # flat (b, hq, i, j) index
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    tl.store(po_ptr + e[:, None] * HEAD_DV + offs_dv[None, :], o, mask=row_ok[:, None])
+    tl.store(plse_ptr + e, lse, mask=row_ok)
+
+
+@triton.jit
+def _own_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    sel_ptr,
+    po_ptr,
+    plse_ptr,
+    out_ptr,
+    lse_ptr,
+    Hq,
+    G,
+    Lq,
+    Lk,
+    C,
+    KM1,
+    qk_scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smh,
+    smm,
+    smn,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    hq = pid_bh % Hq
+    hkv = hq // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Lq
+    offs_m64 = offs_m.to(tl.int64)
+    pos = Lk - Lq + offs_m
+    own_start = (pos // C) * C
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    q = tl.load(
+        q_ptr + b * sqb + hq * sqh + offs_m64[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * skb + hkv * skh
+    v_base = v_ptr + b * svb + hkv * svh
+    mask_rows = mask_ptr + b * smb + hq * smh + offs_m64 * smm
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
+
+    p_first = Lk - Lq + m0
+    p_last = tl.minimum(p_first + BLOCK_M, Lk) - 1
+    lo = (p_first // C) * C
+    # Keys [lo, full_end) are visible to every row of the tile (same chunk, at or before the first row): no causal
+    # mask there. The rest up to the last row's position is masked per (row, key).
+    n_full = (p_first + 1 - lo) // BLOCK_N
+    n_full = tl.where(p_first // C == p_last // C, n_full, 0)
+    full_end = lo + n_full * BLOCK_N
+    for start_n in range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
+            row_ok, pos, own_start, Lk, mask_rows, smn,
+            HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
+        )  # fmt: skip
+    for start_n in range(full_end, p_last + 1, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
+            row_ok, pos, own_start, Lk, mask_rows, smn,
+            HEAD_D, HEAD_DV, BLOCK_N, True, HAS_MASK, UPCAST, DOT_PREC,
+        )  # fmt: skip
+
+    # Merge the key-major partials: each is one more "key" with log2-score lse_j * log2(e) and value o_j.
+    rows = ((b * Hq + hq) * Lq + offs_m64) * KM1
+    for j in range(0, KM1):
+        chosen = tl.load(sel_ptr + rows + j, mask=row_ok, other=-1)
+        has = chosen >= 0
+        lse_j = tl.load(plse_ptr + rows + j, mask=has, other=_NEG_INF) * _LOG2E_C
+        o_j = tl.load(po_ptr + (rows + j)[:, None] * HEAD_DV + offs_dv[None, :], mask=has[:, None], other=0.0)
+        m_new = tl.maximum(m_i, lse_j)
+        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        w = tl.math.exp2(lse_j - m_use)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_j
+        m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * _LN2, _NEG_INF)
+    out_rows = (b * Hq + hq) * Lq + offs_m64
+    tl.store(out_ptr + out_rows[:, None] * HEAD_DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+
+
+@dataclass(frozen=True)
+class _FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> _FwdConfig:
+    if interpreting():
+        # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
+        return _FwdConfig(32, 32, 4, 1)
+    d = max(head_dim, head_dim_v)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on CUDA cores: a correctness path, half-size tiles to stay in registers.
+        return _FwdConfig(64, 32, 4, 2)
+    if d <= 64:
+        # [128, 64] fp32 accumulator over 4 warps = 64 regs/thread; K/V stages are 16 KB each.
+        return _FwdConfig(128, 64, 4, 3)
+    if d <= 128:
+        # H100, D=128 (the FlashAttention-2 Triton setting): the [128, 128] fp32 accumulator is 64 regs/thread over
+        # 8 warps; 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) plus the 32 KB Q tile fit in shared memory
+        # (228 KB) with room for the pipeline, and hide the gathered K/V loads behind two wgmma steps.
+        return _FwdConfig(128, 64, 8, 3)
+    # D=256: halve the rows so the [64, 256] accumulator stays at 64 regs/thread; K+V stages are 64 KB each.
+    return _FwdConfig(64, 64, 8, 2)
+
+
+def _largest_pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE dots, so the result matches an fp32 reference (tf32 would lose 13 mantissa bits).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def moba_forward_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    attn_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MoBA attention forward with the Triton kernels: ``(out, lse)`` exactly as ``reference.moba_attention_forward``.
+
+    Query row ``i`` (position ``p = Lk - Lq + i``) attends causally to its own chunk ``p // C`` and fully to the
+    ``topk - 1`` strictly earlier chunks of highest gate score ``q . mean(key[c])`` (fp32; ties to the later chunk),
+    intersected with ``attn_mask``. GQA/MQA query head ``h`` reads key/value head ``h // (Hq // Hkv)``; key/value are
+    never repeated. Inputs may have any strides.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``; one dtype among fp16, bf16
+            and fp32 (fp32 uses IEEE fp32 dots: correct but slow); on one CUDA device, or on the CPU under
+            ``TRITON_INTERPRET=1``; ``D, Dv in (16, 32, 64, 128, 256)``; ``Hq % Hkv == 0``; ``Lq <= Lk``.
+        chunk_size: ``C``, a multiple of 16 in ``[16, 8192]``.
+        topk: ``1 <= K <= 64`` chunks per query, its own included (``K = 1``: own chunk only).
+        scale: softmax scale (the caller resolves ``None`` to ``1 / sqrt(D)``).
+        attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), on the same device;
+            the gate ignores it.
+
+    Returns:
+        ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` contiguous in the query's dtype; ``lse [B, Hq, Lq]`` contiguous fp32,
+        the natural log-sum-exp of the scaled scores over the attended keys. Rows with no attended key (all masked)
+        give ``out = 0`` and ``lse = -inf``. Extra memory: ``4 * B*Hq*Lq*(K'-1) * (Dv + 1)`` bytes of fp32 partials,
+        ``K' = min(K, ceil(Lk / C))``, plus int32 index arrays of the same entry count.
+
+    Raises:
+        RuntimeError: Triton is not installed.
+        ValueError: :func:`triton_unsupported_reason` gives a reason (the message contains it).
+
+    Example:
+        >>> q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> k = v = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> out, lse = moba_forward_triton(q, k, v, 32, 2, 0.125)  # doctest: +SKIP
+        >>> out.shape, lse.dtype  # doctest: +SKIP
+        (torch.Size([1, 4, 128, 64]), torch.float32)
+    """
+    require_triton()
+    reason = triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
+    if reason is not None:
+        raise ValueError(f"moba_forward_triton cannot run this call: {reason}")
+    b, hq, lq, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    dev = query.device
+    out = torch.empty(b, hq, lq, dv, dtype=query.dtype, device=dev)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
+    if out.numel() == 0:
+        return out.zero_(), lse
+    g = hq // hkv
+    n_chunks = -(-lk // chunk_size)
+    # Rows have at most (Lk - 1) // C earlier chunks: slots beyond that would always be empty.
+    km1 = min(topk - 1, (lk - 1) // chunk_size)
+    cfg = _fwd_config(d, dv, query.dtype)
+    block_n = min(cfg.block_n, _largest_pow2_divisor(chunk_size))
+    qk_scale = float(scale) * _LOG2E
+    upcast = interpreting()
+    prec = _dot_precision(query.dtype)
+    has_mask = attn_mask is not None
+    if has_mask:
+        # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte per entry read where attended.
+        mask = attn_mask.expand(b, hq, lq, lk).view(torch.uint8)
+        mstrides = mask.stride()
+    else:
+        mask, mstrides = query, (0, 0, 0, 0)  # never read (HAS_MASK=False)
+    qs, ks, vs = query.stride(), key.stride(), value.stride()
+
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        sel = po = plse = query  # placeholders when there is no sparse part (never read: KM1 = 0)
+        if km1 > 0:
+            means = chunk_means_triton(key, chunk_size)
+            sel = _launch_gate(query, means, chunk_size, km1, lk)
+            block_m_sp = _sparse_block_m(cfg.block_m, g * lq * km1, (lk - 1) // chunk_size)
+            flip = flip_selection(sel, hkv, n_chunks, block_m_sp)
+            n_entries = sel.numel()
+            po = torch.empty(n_entries, dv, dtype=torch.float32, device=dev)
+            plse = torch.empty(n_entries, dtype=torch.float32, device=dev)
+            n_tiles = flip.tile_seg.numel()
+            if n_tiles:
+                _sparse_fwd_kernel[(n_tiles,)](
+                    query, key, value, mask, po, plse,
+                    flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0,
+                    flip.n_segments, hq, hkv, g, lq, lk, n_chunks, chunk_size, km1, qk_scale,
+                    *qs, *ks, *vs, *mstrides,
+                    HEAD_D=d, HEAD_DV=dv, BLOCK_M=block_m_sp, BLOCK_N=block_n,
+                    HAS_MASK=has_mask, UPCAST=upcast, DOT_PREC=prec,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )  # fmt: skip
+        grid = (triton.cdiv(lq, cfg.block_m), b * hq)
+        _own_fwd_kernel[grid](
+            query, key, value, mask, sel, po, plse, out, lse,
+            hq, g, lq, lk, chunk_size, km1, qk_scale,
+            *qs, *ks, *vs, *mstrides,
+            HEAD_D=d, HEAD_DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+            HAS_MASK=has_mask, UPCAST=upcast, DOT_PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return out, lse
+
+
+def _sparse_block_m(block_m: int, entries_per_plane: int, n_past_chunks: int) -> int:
+    # Tiles are cut per chunk: when few rows choose each chunk (decode, short Lq), a full 128-row tile would be mostly
+    # padding. Size it to the mean list length, between 16 (tl.dot minimum) and the configured tile.
+    mean_rows = -(-entries_per_plane // max(1, n_past_chunks))
+    return max(16, min(block_m, next_pow2(mean_rows)))
