@@ -65,4 +65,3 @@ def explain(
     if not reports:
         merged.unmatched_rules = []
     return merged.with_mask_observations(observed, ops.MASK_NOT_CAUSAL)
-

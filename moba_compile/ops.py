@@ -1,4 +1,4 @@
-"""The ``moba::`` torch.library ops: schemas, fake kernels, autograd, and dispatch to the Triton kernels or the reference.
+"""The ``moba::`` torch.library ops: schemas, fake kernels, autograd, dispatch to the Triton kernels or the reference.
 
 Ops (all functional, no mutation):
 

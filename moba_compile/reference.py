@@ -130,9 +130,7 @@ def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int) -> 
         return torch.cat(blocks, dim=2)
 
 
-def _allowed_block(
-    selected: Tensor, positions: Tensor, len_k: int, chunk_size: int, mask_blk: Tensor | None
-) -> Tensor:
+def _allowed_block(selected: Tensor, positions: Tensor, len_k: int, chunk_size: int, mask_blk: Tensor | None) -> Tensor:
     """Boolean ``[B, Hq, rows, Lk]``: own chunk causally, plus the selected chunks, AND the user's mask."""
     b, hq, rows, _ = selected.shape
     n = -(-len_k // chunk_size)

@@ -108,7 +108,6 @@ def check_moba_inputs(
             fits = False
         if not fits:
             raise ValueError(
-                f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = "
-                f"{[b, hq, lq, lk]}"
+                f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = {[b, hq, lq, lk]}"
             )
     return MobaShapes(query, key, value)

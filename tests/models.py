@@ -57,7 +57,13 @@ class TinyLM(nn.Module):
     """Embedding, ``n_layers`` blocks at ``layers.N.attn``, head. ``form`` as in :class:`CausalSelfAttention`."""
 
     def __init__(
-        self, vocab: int = 50, dim: int = 32, heads: int = 4, kv_heads: int = 4, n_layers: int = 3, form: str = "is_causal"
+        self,
+        vocab: int = 50,
+        dim: int = 32,
+        heads: int = 4,
+        kv_heads: int = 4,
+        n_layers: int = 3,
+        form: str = "is_causal",
     ) -> None:
         super().__init__()
         self.form = form

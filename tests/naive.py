@@ -50,7 +50,9 @@ def naive_moba(
     """MoBA output in float64 on CPU from the explicit mask; rows with no key give zeros."""
     hq, hkv = query.shape[1], key.shape[1]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    allowed = naive_moba_mask(query.detach().cpu(), key.detach().cpu(), chunk_size, topk, None if attn_mask is None else attn_mask.cpu())
+    allowed = naive_moba_mask(
+        query.detach().cpu(), key.detach().cpu(), chunk_size, topk, None if attn_mask is None else attn_mask.cpu()
+    )
     k = key.cpu().double().repeat_interleave(hq // hkv, dim=1)
     v = value.cpu().double().repeat_interleave(hq // hkv, dim=1)
     s = (query.cpu().double() @ k.transpose(-1, -2)) * scale

@@ -130,15 +130,21 @@ def test_functional_code_uses_call_order_for_layers():
     with collect_reports() as reports:
         out = compile_moba(functional_attention_stack, policy)(x, weights, 4)
     [report] = reports
-    assert [(s.layer, s.decision, s.module) for s in report.sites] == [(0, "dense", ""), (1, "moba", ""), (2, "moba", "")]
+    assert [(s.layer, s.decision, s.module) for s in report.sites] == [
+        (0, "dense", ""),
+        (1, "moba", ""),
+        (2, "moba", ""),
+    ]
     assert all("order of SDPA calls" in s.reason for s in report.moba_sites)
 
     def oracle(x):
         b, L, d = x.shape
         for i, w in enumerate(weights):
             q, k, v = (x @ w).view(b, L, 3, 4, d // 4).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True) if i == 0 else oracle_sdpa(
-                q, k, v, chunk_size=4, topk=1
+            a = (
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                if i == 0
+                else oracle_sdpa(q, k, v, chunk_size=4, topk=1)
             )
             x = x + a.transpose(1, 2).reshape(b, L, d)
         return x
@@ -247,7 +253,7 @@ def test_training_step_through_inductor():
     opt_ref = torch.optim.SGD(oracle.parameters(), lr=0.1)
     before = ops.CALLS["attention_backward:reference"]
     for _ in range(2):
-        for m, o, fn in ((model, opt, compiled), (oracle, opt_ref, oracle)):
+        for o, fn in ((opt, compiled), (opt_ref, oracle)):
             o.zero_grad()
             loss = F.cross_entropy(fn(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()

@@ -170,6 +170,7 @@ def test_greedy_generation_matches_oracle(decode, tmp_path):
     model = tiny_model("llama").eval()
     oracle = oracle_of(model)
     if decode == "dense":  # the oracle decodes densely too: prefill MoBA, decode steps dense causal
+
         def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
             if query.shape[2] == 1:
                 out = naive_moba(query, key, value, CHUNK, 10**6, scale=scaling, attn_mask=attention_mask)

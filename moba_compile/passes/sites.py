@@ -85,8 +85,10 @@ def _normalise(node: fx.Node) -> dict[str, object]:
 def _is_repeat_kv(node: fx.Node) -> fx.Node | None:
     """The unrepeated key/value behind ``x[:, :, None].expand(B, H, n, L, D).reshape(B, H * n, L, D)`` or
     ``x.repeat_interleave(n, dim=1)``; None when ``node`` is neither."""
-    if node.op == "call_method" and node.target in ("reshape", "view") or (
-        node.op == "call_function" and node.target is torch.reshape
+    if (
+        node.op == "call_method"
+        and node.target in ("reshape", "view")
+        or (node.op == "call_function" and node.target is torch.reshape)
     ):
         expand = node.args[0]
         if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
