@@ -64,4 +64,4 @@ def explain(
         merged = merged.merge(report)
     if not reports:
         merged.unmatched_rules = []
-    return merged.with_mask_observations(observed, ops.MASK_NOT_CAUSAL)
+    return merged.with_mask_observations(observed, ops.MASK_KIND_REASONS)

@@ -49,15 +49,13 @@ class MobaAttention:
     _mask_cache: tuple[tuple, Tensor] | None = None
 
     def report(self) -> Report:
-        """One record per (layer, kind of call) seen so far: prefill/training and decode are listed separately."""
+        """One record per (layer, kind of call), the latest call's: prefill/training and decode are listed apart."""
         return Report(sites=list(self._records.values()), policy_source=self.policy.source)
 
     def _record(self, module: torch.nn.Module, layer: int | None, decode: bool, **fields: Any) -> None:
         form = "decode" if decode else "prefill"
-        key = (layer, form)
-        if key not in self._records or self._records[key].decision != fields["decision"]:
-            path = getattr(module, "_moba_path", type(module).__name__)
-            self._records[key] = SiteRecord(module=path, layer=layer, form=form, **fields)
+        path = getattr(module, "_moba_path", type(module).__name__)
+        self._records[(layer, form)] = SiteRecord(module=path, layer=layer, form=form, **fields)
 
     def _dense_reason(self, module: torch.nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: dict):
         if kw.get("softcap") is not None:
@@ -142,6 +140,10 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs) 
     needs_eager = kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None
     eager: Callable | None = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if needs_eager and eager is not None:
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # Eager attention functions add the mask to the scores: they take the additive form.
+            low = torch.finfo(query.dtype).min
+            attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, low)
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

@@ -5,7 +5,8 @@ Ops (all functional, no mutation):
 - ``moba::attention(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl)
   -> (out, lse)``: MoBA attention in the SDPA layout. ``mask_kind`` is an optional result of ``moba::analyse_mask``
   (the compile pass shares one per mask node): ``MASK_CAUSAL`` drops the mask (MoBA is already causal), ``MASK_APPLY``
-  intersects it with the selection, ``MASK_NOT_CAUSAL`` runs dense SDPA with the mask instead (not MoBA).
+  intersects it with the selection (padding), ``MASK_NOT_CAUSAL`` and ``MASK_PER_ROW`` (sliding windows, packed
+  documents) run dense SDPA with the mask instead: not MoBA.
   ``min_seq_len``: key sequences shorter than this run dense causal attention.
 - ``moba::attention_backward(...) -> (dq, dk, dv)``: the registered backward of ``moba::attention``.
 - ``moba::analyse_mask(attn_mask, query, key, tag) -> int64 scalar on the CPU``: one read of a boolean mask per
@@ -32,6 +33,7 @@ __all__ = [
     "MASK_APPLY",
     "MASK_CAUSAL",
     "MASK_NOT_CAUSAL",
+    "MASK_PER_ROW",
     "IMPLS",
     "attention",
     "analyse_mask",
@@ -42,6 +44,15 @@ __all__ = [
 MASK_CAUSAL = 0  # exactly the bottom-right causal mask: MoBA ignores it
 MASK_APPLY = 1  # causal, with more keys masked (padding): intersect with the MoBA selection
 MASK_NOT_CAUSAL = 2  # lets some query see a later key: not MoBA, dense SDPA with the mask
+# Causal, but hides past keys from some rows that later rows see (sliding window, packed documents): such layers are
+# not MoBA layers (they bound attention their own way), so they run dense SDPA with the mask.
+MASK_PER_ROW = 3
+DENSE_MASK_KINDS = (MASK_NOT_CAUSAL, MASK_PER_ROW)
+MASK_KIND_REASONS = {
+    MASK_NOT_CAUSAL: "boolean mask lets a query see later keys (checked at run time): dense SDPA with the mask",
+    MASK_PER_ROW: "boolean mask hides past keys per query row, e.g. a sliding window (checked at run time): "
+    "dense SDPA with the mask",
+}
 
 IMPLS = ("auto", "triton", "reference")
 
@@ -125,6 +136,19 @@ def _dense_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
 
 
+def _dense_masked_scores(query: Tensor, key: Tensor, attn_mask: Tensor, scale: float) -> Tensor:
+    """Scaled scores of dense attention with a boolean mask, ``-inf`` where masked; ``[B, Hq, Lq, Lk]``."""
+    group = query.shape[1] // key.shape[1]
+    acc = _lse_dtype(query)
+    k = key.to(acc).repeat_interleave(group, dim=1)
+    s = (query.to(acc) @ k.transpose(-1, -2)) * scale
+    return s.masked_fill(~attn_mask, -math.inf)
+
+
+def _dense_masked_lse(query: Tensor, key: Tensor, attn_mask: Tensor, scale: float) -> Tensor:
+    return torch.logsumexp(_dense_masked_scores(query, key, attn_mask, scale), dim=-1).contiguous()
+
+
 def _dense_masked_backward(
     grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -137,9 +161,8 @@ def _dense_masked_backward(
     k = key.to(acc).repeat_interleave(group, dim=1)
     v = value.to(acc).repeat_interleave(group, dim=1)
     q, do = query.to(acc), grad_out.to(acc)
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~attn_mask, -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows: no gradient
+    # Fully masked rows softmax to NaN: they get no gradient.
+    p = torch.softmax(_dense_masked_scores(query, key, attn_mask, scale), dim=-1).nan_to_num(0.0)
     dp = do @ v.transpose(-1, -2)
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     dq = (ds @ k) * scale
@@ -169,11 +192,10 @@ def _attention_op(
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     mask, kind = _mask_for_moba(attn_mask, mask_kind)
-    if kind == MASK_NOT_CAUSAL:
+    if kind in DENSE_MASK_KINDS:
         CALLS["attention:dense-sdpa"] += 1
         out = _dense_sdpa(query, key, value, attn_mask, scale).contiguous()
-        # The log-sum-exp is only consumed by the MoBA backward, which this path does not use.
-        lse = torch.full(query.shape[:3], math.nan, dtype=_lse_dtype(query), device=query.device)
+        lse = _dense_masked_lse(query, key, attn_mask, scale)
         return out, lse
     topk = _effective_topk(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
@@ -214,7 +236,7 @@ def _attention_backward_op(
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     mask, kind = _mask_for_moba(attn_mask, mask_kind)
-    if kind == MASK_NOT_CAUSAL:
+    if kind in DENSE_MASK_KINDS:
         CALLS["attention_backward:dense-sdpa"] += 1
         return _dense_masked_backward(grad_out, query, key, value, attn_mask, scale)
     topk = _effective_topk(key, chunk_size, topk, min_seq_len)
@@ -274,6 +296,9 @@ def _classify_mask(attn_mask: Tensor, lq: int, lk: int) -> int:
         kind = MASK_NOT_CAUSAL
     elif bool(mask[..., ~future].all()):
         kind = MASK_CAUSAL
+    elif bool(((mask != mask[..., -1:, :]) & ~future).any()):
+        # Padding masks the same keys for every row; the last row (position Lk - 1) sees every key it may.
+        kind = MASK_PER_ROW
     else:
         kind = MASK_APPLY
     return kind
@@ -303,8 +328,10 @@ def analyse_mask(attn_mask: Tensor, len_q: int, len_k: int) -> int:
         len_q, len_k: query and key lengths; query row ``i`` sits at position ``len_k - len_q + i``.
 
     Returns:
-        :data:`MASK_CAUSAL` (exactly causal: MoBA can ignore it), :data:`MASK_APPLY` (causal with extra keys masked,
-        e.g. padding: intersect with the selection) or :data:`MASK_NOT_CAUSAL` (some query may see a later key).
+        :data:`MASK_CAUSAL` (exactly causal: MoBA can ignore it), :data:`MASK_APPLY` (causal with the same extra keys
+        masked for every row, e.g. padding: intersect with the selection), :data:`MASK_PER_ROW` (causal, but some row
+        loses past keys a later row sees: a sliding window or packed documents) or :data:`MASK_NOT_CAUSAL` (some query
+        may see a later key).
 
     Example:
         >>> analyse_mask(torch.ones(4, 4, dtype=torch.bool).tril(), 4, 4) == MASK_CAUSAL

@@ -55,18 +55,16 @@ class Report:
     def dense_sites(self) -> list[SiteRecord]:
         return [s for s in self.sites if s.decision == "dense"]
 
-    def with_mask_observations(self, observed: dict[str, int], not_causal_value: int) -> Report:
-        """A copy in which sites whose shared mask was found non-causal at run time are reported dense."""
+    def with_mask_observations(self, observed: dict[str, int], dense_reasons: dict[int, str]) -> Report:
+        """A copy in which sites whose shared mask was found unfit for MoBA at run time are reported dense.
+
+        ``observed`` maps mask-check tags to the kind seen; ``dense_reasons`` maps the kinds that run dense to why.
+        """
         sites = []
         for s in self.sites:
-            if s.decision == "moba" and s.mask_tag is not None and observed.get(s.mask_tag) == not_causal_value:
-                s = replace(
-                    s,
-                    decision="dense",
-                    chunk_size=None,
-                    topk=None,
-                    reason="boolean mask lets a query see later keys (checked at run time): dense SDPA with the mask",
-                )
+            kind = observed.get(s.mask_tag) if s.mask_tag is not None else None
+            if s.decision == "moba" and kind in dense_reasons:
+                s = replace(s, decision="dense", chunk_size=None, topk=None, reason=dense_reasons[kind])
             sites.append(s)
         return Report(sites=sites, unmatched_rules=list(self.unmatched_rules), policy_source=self.policy_source)
 

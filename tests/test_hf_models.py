@@ -1,0 +1,161 @@
+"""Model coverage: tiny configs of six transformers architectures, through the compile backend (where the model uses
+SDPA) and through ``attn_implementation="moba"`` (``moba_compile.hf.register``), against an independent MoBA oracle,
+including greedy generation of left-padded batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from naive import naive_moba
+
+import moba_compile.hf
+from moba_compile.backend import collect_reports
+
+transformers = pytest.importorskip("transformers", reason="the 'test' extra installs transformers")
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+CHUNK, TOPK, LAYERS = 8, 2, 3
+POLICY = {"chunk_size": CHUNK, "topk": TOPK, "dense_last": 1}
+ATOL = 3e-5  # float32 model vs the float64 oracle cast to float32
+
+
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Oracle MoBA by layer, dense (all chunks) on the last layer and on sliding-window layers (mask applied)."""
+    dense = module.layer_idx >= module.config.num_hidden_layers - 1 or kwargs.get("sliding_window") is not None
+    out = naive_moba(query, key, value, CHUNK, 10**6 if dense else TOPK, scale=scaling, attn_mask=attention_mask)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("moba_oracle", oracle_attention)
+AttentionMaskInterface.register("moba_oracle", sdpa_mask)
+MOBA = moba_compile.hf.register(POLICY, name="moba_test")
+
+
+def build(arch: str, attn: str = "sdpa", **overrides) -> torch.nn.Module:
+    llama_like = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**llama_like),
+        "qwen2": lambda: transformers.Qwen2Config(**llama_like, use_sliding_window=False),
+        "mistral": lambda: transformers.MistralConfig(**llama_like, sliding_window=None),
+        "phi3": lambda: transformers.Phi3Config(**llama_like),
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=LAYERS,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        "gemma2": lambda: transformers.Gemma2Config(
+            **{**llama_like, "num_hidden_layers": 4}, head_dim=8, sliding_window=12, attn_logit_softcapping=None
+        ),
+    }
+    cfg = configs[arch]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def twin(model: torch.nn.Module, attn: str) -> torch.nn.Module:
+    other = copy.deepcopy(model)
+    other.set_attn_implementation(attn)
+    return other
+
+
+def left_padded_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 64, (2, 37), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    ids[1, :7] = 0
+    return ids, mask
+
+
+GEN = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gpt2"])
+def test_compile_path_prefill_matches_oracle(arch):
+    model = build(arch)
+    oracle = twin(model, "moba_oracle")
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moba", options={"policy": POLICY, "compiler": "aot_eager"})
+    with collect_reports() as reports, torch.no_grad():
+        logits = compiled(ids).logits
+        expected = oracle(ids).logits
+    assert [s.decision for s in reports[0].sites] == ["moba", "moba", "dense"]
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gpt2", "gemma2"])
+def test_moba_attention_implementation_generates_like_oracle(arch):
+    model = build(arch, attn="moba_test")
+    oracle = twin(model, "moba_oracle")
+    ids, mask = left_padded_batch(6)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, **GEN)
+        ref = oracle.generate(ids, attention_mask=mask, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    if arch == "gemma2":  # alternating sliding-window layers (0, 2) stay dense with the reason
+        report = {(s.layer, s.form): s for s in MOBA.report().sites}
+        assert report[(0, "prefill")].decision == "dense" and "sliding-window" in report[(0, "prefill")].reason
+        assert report[(1, "prefill")].decision == "moba" and report[(1, "decode")].decision == "moba"
+
+
+def test_gemma2_soft_capping_stays_dense_and_exact():
+    model = build("gemma2", attn="eager", attn_logit_softcapping=50.0)
+    moba = twin(model, "moba_test")
+    ids, mask = left_padded_batch(7)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        got = moba(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert all("soft-capped" in s.reason for s in MOBA.report().sites if s.form == "prefill")
+
+
+def test_training_through_attention_implementation_matches_oracle():
+    model = build("llama", attn="moba_test").train()
+    oracle = twin(model, "moba_oracle")
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(8))
+    for m in (model, oracle):
+        m(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_compiled_sliding_window_mask_runs_dense_with_reason():
+    """Through the compile backend a sliding window is only a boolean mask: the run-time check must route it dense."""
+    model = build("mistral", sliding_window=12)
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(9))
+    report = moba_compile.explain(
+        model, ids, policy={**POLICY, "dense_last": 0}, use_cache=False, attention_mask=torch.ones_like(ids)
+    )
+    assert all(s.decision == "dense" and "sliding window" in s.reason for s in report.sites), str(report)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moba", options={"policy": POLICY, "compiler": "aot_eager"})
+    with torch.no_grad():
+        got = compiled(ids, use_cache=False, attention_mask=torch.ones_like(ids)).logits
+        expected = model(ids, use_cache=False, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
