@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import dense_fallback, reference
 from .validation import check_moba_inputs
 
 __all__ = [
@@ -136,46 +136,11 @@ def _dense_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
 
 
-def _dense_masked_scores(query: Tensor, key: Tensor, attn_mask: Tensor, scale: float) -> Tensor:
-    """Scaled scores of dense attention with a boolean mask, ``-inf`` where masked; ``[B, Hq, Lq, Lk]``."""
-    group = query.shape[1] // key.shape[1]
-    acc = _lse_dtype(query)
-    k = key.to(acc).repeat_interleave(group, dim=1)
-    s = (query.to(acc) @ k.transpose(-1, -2)) * scale
-    return s.masked_fill(~attn_mask, -math.inf)
-
-
-def _dense_masked_lse(query: Tensor, key: Tensor, attn_mask: Tensor, scale: float) -> Tensor:
-    return torch.logsumexp(_dense_masked_scores(query, key, attn_mask, scale), dim=-1).contiguous()
-
-
-def _dense_masked_backward(
-    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of dense SDPA with a boolean mask (the non-causal fallback), from the softmax formulas.
-
-    A custom op's body runs below the autograd dispatch key, so SDPA's own backward cannot be asked for here.
-    """
-    acc = _lse_dtype(query)
-    group = query.shape[1] // key.shape[1]
-    k = key.to(acc).repeat_interleave(group, dim=1)
-    v = value.to(acc).repeat_interleave(group, dim=1)
-    q, do = query.to(acc), grad_out.to(acc)
-    # Fully masked rows softmax to NaN: they get no gradient.
-    p = torch.softmax(_dense_masked_scores(query, key, attn_mask, scale), dim=-1).nan_to_num(0.0)
-    dp = do @ v.transpose(-1, -2)
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
-    dq = (ds @ k) * scale
-    dk = ((ds.transpose(-1, -2) @ q) * scale).unflatten(1, (key.shape[1], group)).sum(2)
-    dv = (p.transpose(-1, -2) @ do).unflatten(1, (key.shape[1], group)).sum(2)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
-
-
 def _mask_for_moba(attn_mask: Tensor | None, mask_kind: Tensor | None) -> tuple[Tensor | None, int]:
+    if attn_mask is None:  # a mask_kind without a mask has nothing to describe
+        return None, MASK_CAUSAL
     kind = MASK_APPLY if mask_kind is None else int(mask_kind.item())
-    if attn_mask is None or kind == MASK_CAUSAL:
-        return None, kind
-    return attn_mask, kind
+    return (None if kind == MASK_CAUSAL else attn_mask), kind
 
 
 @torch.library.custom_op("moba::attention", mutates_args=())
@@ -195,7 +160,7 @@ def _attention_op(
     if kind in DENSE_MASK_KINDS:
         CALLS["attention:dense-sdpa"] += 1
         out = _dense_sdpa(query, key, value, attn_mask, scale).contiguous()
-        lse = _dense_masked_lse(query, key, attn_mask, scale)
+        lse = dense_fallback.masked_lse(query, key, attn_mask, scale)
         return out, lse
     topk = _effective_topk(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
@@ -238,7 +203,7 @@ def _attention_backward_op(
     mask, kind = _mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
         CALLS["attention_backward:dense-sdpa"] += 1
-        return _dense_masked_backward(grad_out, query, key, value, attn_mask, scale)
+        return dense_fallback.masked_backward(grad_out, query, key, value, attn_mask, scale)
     topk = _effective_topk(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
     backward_triton = None

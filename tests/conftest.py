@@ -25,7 +25,7 @@ def low_precision_atol(dtype: torch.dtype, reference: Tensor) -> float:
     rounding: at most half an ulp, i.e. ``eps / 2 * |x| <= eps / 2 * max|ref|``. fp32 accumulation adds ~``Lk * 2**-24``
     relative, far below ``eps / 2`` for the short test sequences. Budget: ``eps * max|ref|``, twice the rounding bound.
     """
-    return torch.finfo(dtype).eps * float(reference.abs().max())
+    return torch.finfo(dtype).eps * float(reference.detach().abs().max())
 
 
 @dataclass(frozen=True)
