@@ -67,9 +67,9 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         >>> parse_options({"policy": {"chunk_size": 512, "topk": 3}}).policy.chunk_size
         512
     """
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict, got {type(options).__name__}: {options!r}")
     options = dict(options or {})
-    if not isinstance(options, dict):
-        raise ValueError(f"options must be a dict, got {type(options).__name__}")
     unknown = sorted(set(options) - set(VALID_OPTIONS))
     if unknown:
         raise ValueError(

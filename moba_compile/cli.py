@@ -62,9 +62,15 @@ _PRESET_COMMON: dict[str, Any] = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 8192,
 }
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _COMPILERS = ("aot_eager", "inductor", "eager")
+_HF_FLAGS = {"--seq-len": "seq_len", "--batch": "batch", "--mask-form": "mask_form", "--dtype": "dtype"}
 
 
 class CliError(Exception):
@@ -323,6 +329,12 @@ def build_factory_model(spec: str, input_shape: tuple[int, ...] | None) -> tuple
 def parse_shape(text: str) -> tuple[int, ...]:
     """Parse ``"B,L,..."`` into a tuple of positive ints (the ``--input-shape`` argument).
 
+    Args:
+        text: comma-separated sizes, e.g. ``"2,128"``.
+
+    Returns:
+        The sizes as a tuple of ints, each ``>= 1``.
+
     Raises:
         argparse.ArgumentTypeError: empty, non-integer or non-positive entries.
 
@@ -387,14 +399,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--policy", metavar="FILE", help="policy file (.toml or .json); default: the default policy")
     hf = explain.add_argument_group("with --hf-config")
-    hf.add_argument("--seq-len", type=_positive_int, default=256, metavar="N", help="tokens per sequence (256)")
-    hf.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="sequences (1)")
+    hf.add_argument("--seq-len", type=_positive_int, metavar="N", help="tokens per sequence (256)")
+    hf.add_argument("--batch", type=_positive_int, metavar="B", help="sequences (1)")
     hf.add_argument(
         "--mask-form",
         action="store_true",
         help="pass use_cache=False and an all-ones attention_mask (transformers then uses the boolean-mask SDPA form)",
     )
-    hf.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="parameter dtype (float32)")
+    hf.add_argument("--dtype", choices=tuple(_DTYPES), help="parameter dtype (float32)")
     fac = explain.add_argument_group("with --factory")
     fac.add_argument(
         "--input-shape",
@@ -421,12 +433,16 @@ def _explain(args: argparse.Namespace) -> int:
     if args.hf_config is not None:
         if args.input_shape is not None:
             raise CliError("--input-shape goes with --factory; with --hf-config use --seq-len and --batch")
-        model, what = build_hf_model(args.hf_config, dtype=_DTYPES[args.dtype])
-        inputs, kwargs = hf_example_inputs(model, seq_len=args.seq_len, batch=args.batch, mask_form=args.mask_form)
+        model, what = build_hf_model(args.hf_config, dtype=_DTYPES[args.dtype or "float32"])
+        seq_len, batch = args.seq_len or 256, args.batch or 1
+        inputs, kwargs = hf_example_inputs(model, seq_len=seq_len, batch=batch, mask_form=args.mask_form)
         shown = f"input_ids {list(inputs[0].shape)}"
         if args.mask_form:
             shown += ", attention_mask all ones, use_cache=False"
     else:
+        hf_only = [flag for flag, value in _HF_FLAGS.items() if getattr(args, value) not in (None, False)]
+        if hf_only:
+            raise CliError(f"{', '.join(hf_only)}: only with --hf-config (with --factory, use --input-shape)")
         model, inputs, what = build_factory_model(args.factory, args.input_shape)
         shown = ", ".join(
             f"{arg.dtype} {list(arg.shape)}".replace("torch.", "") if isinstance(arg, torch.Tensor) else repr(arg)

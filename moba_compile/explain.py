@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from typing import Any
 
@@ -13,6 +14,8 @@ from .policy import Policy, load_policy
 from .report import Report
 
 __all__ = ["explain"]
+
+_explain_calls = itertools.count()
 
 
 def explain(
@@ -48,20 +51,42 @@ def explain(
     """
     loaded = load_policy(policy)
     backend = make_backend({"policy": loaded, "impl": impl, "compiler": compiler})
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(_fresh_caller(model), backend=backend)
     before = dict(ops.MASK_OBSERVATIONS)
     ops.MASK_OBSERVATIONS.clear()
     try:
-        with collect_reports() as reports, torch.no_grad():
+        with (
+            collect_reports() as reports,
+            torch.no_grad(),
+            torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
+        ):
             compiled(*args, **kwargs)
         observed = dict(ops.MASK_OBSERVATIONS)
     finally:
         ops.MASK_OBSERVATIONS.clear()
         ops.MASK_OBSERVATIONS.update(before)
+    if not reports:
+        raise RuntimeError(
+            "explain: torch.compile produced no graph for this call (was the model already compiled with another "
+            "backend and run eagerly, or is it excluded from compilation?)"
+        )
     merged = Report(policy_source=loaded.source)
     for number, report in enumerate(reports):  # number graphs from 0 within this call
         report = Report([replace(s, graph=number) for s in report.sites], report.unmatched_rules, report.policy_source)
         merged = merged.merge(report)
-    if not reports:
-        merged.unmatched_rules = []
     return merged.with_mask_observations(observed, ops.MASK_KIND_REASONS)
+
+
+def _fresh_caller(model: Any) -> Any:
+    """A new function (with its own code object) that calls ``model``.
+
+    Dynamo keeps its compiled code per code object, and each ``explain`` brings a new backend: compiling the model's
+    own ``forward`` again and again would reach Dynamo's recompile limit, after which it silently runs eagerly and
+    nothing would be reported. A fresh code object starts with an empty cache.
+    """
+    namespace: dict[str, Any] = {"model": model}
+    # A unique file name too: Dynamo's automatic-dynamic memory is keyed by file, line and name, and shapes seen by an
+    # earlier explain must not make this one's dimensions symbolic.
+    source = "def call(*args, **kwargs):\n    return model(*args, **kwargs)\n"
+    exec(compile(source, f"<moba-explain-{next(_explain_calls)}>", "exec"), namespace)
+    return namespace["call"]

@@ -318,3 +318,45 @@ def test_backend_is_registered_by_import_and_entry_point():
     assert lookup_backend("moba").__name__ == "moba_backend"
     names = [ep.name for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")]
     assert "moba" in names, "moba-compile must be installed (pip install -e .) for its entry point to exist"
+
+
+def test_explain_many_times_never_hits_the_recompile_limit():
+    """Each explain brings a new backend; it must not exhaust Dynamo's cache for the model's forward (limit 8)."""
+    model = TinyLM().eval()
+    ids = torch.randint(0, 50, (1, 16))
+    for _ in range(10):
+        report = moba_compile.explain(model, ids, policy=POLICY)
+        assert [s.module for s in report.sites] == [f"layers.{i}.attn" for i in range(3)]
+
+
+def test_options_must_be_a_mapping():
+    with pytest.raises(ValueError, match="options must be a dict, got str"):
+        make_backend("policy.toml")
+
+
+class CacheAttention(torch.nn.Module):
+    """Attention over a cache: keys are torch.cat([cache, new]) of this module, no mask, is_causal=False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, q, cache_k, cache_v, x):
+        k = torch.cat([cache_k, self.proj(x)], dim=2)
+        v = torch.cat([cache_v, self.proj(x)], dim=2)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("len_q", [1, 3], ids=["decode-Lq1", "several-new-Lq3"])
+def test_kv_cache_attention_converts_only_for_one_query(len_q):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, len_q, 8)
+    cache = torch.randn(1, 2, 20, 8)
+    x = torch.randn(1, 2, len_q, 8)
+    policy = {"chunk_size": 4, "topk": 2, "dense_last": 0}
+    report = moba_compile.explain(CacheAttention(), q, cache, cache, x, policy=policy)
+    [site] = report.sites
+    if len_q == 1:
+        assert site.decision == "moba" and site.form == "kv-cache"
+    else:  # SDPA without a mask lets the 3 new queries see each other: not causal, so not MoBA
+        assert site.decision == "dense" and "several queries" in site.reason

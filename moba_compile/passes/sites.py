@@ -61,7 +61,8 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     raw = list(stack.values())[-1][0]
-    path = re.sub(r"^L\[['\"][^'\"]*['\"]\]\.?", "", raw)
+    # The root is the compiled frame's local (L['self']) or global (G['model']) that holds the module.
+    path = re.sub(r"^[LG]\[['\"][^'\"]*['\"]\]\.?", "", raw)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"^_modules\[['\"]([^'\"]+)['\"]\]", r"\1", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
@@ -132,8 +133,8 @@ def _is_repeat_kv(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _cached_keys_of_layer(key: fx.Node, module: str) -> bool:
-    """True when ``key`` is ``torch.cat([cache, new], dim=-2)`` and ``new`` was computed in the same module."""
+def _cached_keys_of_layer(key: fx.Node, sdpa: fx.Node) -> bool:
+    """True when ``key`` is ``torch.cat([cache, new], dim=-2)`` and ``new`` was computed in the SDPA call's module."""
     if not (key.op == "call_function" and key.target is torch.cat):
         return False
     parts = key.args[0]
@@ -141,11 +142,13 @@ def _cached_keys_of_layer(key: fx.Node, module: str) -> bool:
     if not isinstance(parts, (list, tuple)) or len(parts) < 2 or dim not in (2, -2):
         return False
     new = parts[-1]
-    return isinstance(new, fx.Node) and bool(module) and module_path(new).startswith(module)
+    if not (isinstance(new, fx.Node) and new.meta.get("nn_module_stack") and sdpa.meta.get("nn_module_stack")):
+        return False  # without module paths there is no telling whose keys these are
+    return module_path(new).startswith(module_path(sdpa))
 
 
 def _classify(
-    bound: dict[str, object], module: str, q, k, v, mask_meta, key_source: object
+    bound: dict[str, object], sdpa: fx.Node, q, k, v, mask_meta, key_source: object
 ) -> tuple[str | None, str | None, bool]:
     """(form, blocker, decode) for normalised SDPA arguments, their fake tensors, and the unrepeated key node."""
     dropout = bound["dropout_p"]
@@ -167,7 +170,7 @@ def _classify(
     if not statically_known_true(hq == hkv) and not bound["enable_gqa"]:
         return None, f"query heads {hq} != key heads {hkv} without enable_gqa", False
     same_len = statically_known_true(q.shape[2] == k.shape[2])
-    cached = isinstance(key_source, fx.Node) and _cached_keys_of_layer(key_source, module)
+    cached = isinstance(key_source, fx.Node) and _cached_keys_of_layer(key_source, sdpa)
     mask = bound["attn_mask"]
     if mask is not None:
         if mask_meta is None or mask_meta.dtype != torch.bool:
@@ -185,7 +188,10 @@ def _classify(
             return FORM_CAUSAL, None, False
         return None, "is_causal=True with Lq != Lk is top-left aligned, not MoBA's causality", False
     if cached:
-        return FORM_DECODE, None, not same_len
+        if statically_known_true(q.shape[2] == 1):
+            return FORM_DECODE, None, not same_len
+        # Without a mask, SDPA lets every new query see every new key: bottom-right causality would change the result.
+        return None, "non-causal attention over the KV cache with several queries (no mask, is_causal=False)", False
     if same_len:
         return None, "non-causal attention (no mask, is_causal=False): encoder-style", False
     return None, "non-causal attention with Lq != Lk and keys not from a KV cache (cross-attention)", False
@@ -221,7 +227,7 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
         if bound["attn_mask"] is not None and mask is None:
             form, blocker, decode = None, "attn_mask is not a tensor", False
         else:
-            form, blocker, decode = _classify(bound, module, q, k, v, mask_meta, src_k if saw else key)
+            form, blocker, decode = _classify(bound, node, q, k, v, mask_meta, src_k if saw else key)
         scale = bound["scale"]
         if form is not None and scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
