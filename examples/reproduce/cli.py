@@ -1,0 +1,350 @@
+"""Command line: ``python -m examples.reproduce [--smoke] [--out DIR] COMMAND ...`` (run from the repository root).
+
+Commands:
+
+- ``list [EXPERIMENT ...]``: the experiments' runs with model size, context, steps, tokens, epochs of the corpus, and
+  planned compute (computed, not measured).
+- ``train RUN [--resume] [--stop-after N] [--set KEY=VALUE ...]``: train one run of the registry.
+- ``sweep EXPERIMENT ... | all [--resume] [--restart]``: train an experiment's runs in sequence. Completed runs with
+  the same configuration are skipped; unfinished ones continue from their checkpoint with ``--resume`` (else restart).
+- ``resume-check RUN [--stop-after N]``: train a copy of a completed run, interrupted, then resumed; check that its
+  losses equal the uninterrupted run's.
+- ``plot``: charts (PNG) and ``results.md`` from the logs.
+- ``all``: ``sweep all``, then (smoke scale) ``resume-check`` on the hybrid switching run, then ``plot``.
+
+``--smoke`` selects the tiny configurations (default output ``runs/reproduce-smoke``) and, without a command, runs
+``all``: the whole pipeline on the CPU in under a minute. Without it, runs are GPU-sized (default output
+``runs/reproduce``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, apply_overrides
+from .experiments import EXPERIMENT_NAMES, Experiment, experiments, runs_by_name
+from .jsonio import write_json
+from .train import RunError, moba_call_count, planned, read_log, train
+
+__all__ = ["SMOKE_BANNER", "build_parser", "list_runs", "main", "resume_check", "run_pipeline", "run_plots", "sweep"]
+
+SMOKE_BANNER = "CPU smoke test of the pipeline (tiny models, 8 steps): not a result"
+
+_LOSS_KEYS = ("loss", "loss_avg", "val_loss", "val_trailing_loss")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m examples.reproduce``.
+
+    Returns:
+        The parser.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.reproduce",
+        description="Reproduce the MoBA paper's charts at small scale with moba-compile.",
+    )
+    _common_options(parser, argparse.SUPPRESS)
+    parser.set_defaults(smoke=False, out=None, no_progress=False)
+    # The same options after the command (python -m examples.reproduce sweep scaling --smoke); SUPPRESS keeps a value
+    # given before the command when they are absent after it.
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, parents=[common])
+
+    p = add("list", "show the runs and their planned compute")
+    p.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help=f"any of {', '.join(EXPERIMENT_NAMES)}")
+
+    p = add("train", "train one run")
+    p.add_argument("run", help="run name (see 'list')")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = add("sweep", "train the runs of experiments, in sequence")
+    p.add_argument("experiments", nargs="+", choices=[*EXPERIMENT_NAMES, "all"], metavar="EXPERIMENT")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
+    p.add_argument("--restart", action="store_true", help="retrain completed runs too")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = add("resume-check", "interrupt and resume a copy of a completed run; compare the losses")
+    p.add_argument("run", help="run name")
+    p.add_argument("--stop-after", type=int, default=None, help="interrupt after this many steps (default: half)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    add("plot", "charts and results.md from the logs")
+
+    p = add("all", "sweep every experiment, then plot")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _common_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--smoke", action="store_true", default=default, help="tiny CPU configurations; without a command, run 'all'"
+    )
+    parser.add_argument("--out", type=Path, default=default, help="output directory (runs/reproduce[-smoke])")
+    parser.add_argument("--no-progress", action="store_true", default=default, help="no tqdm progress bars")
+
+
+def _select(registry: dict[str, Experiment], names: Sequence[str]) -> list[Experiment]:
+    if not names or "all" in names:
+        return list(registry.values())
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; known: {', '.join(registry)}")
+    return [registry[n] for n in dict.fromkeys(names)]
+
+
+def _find_run(registry: dict[str, Experiment], name: str) -> RunConfig:
+    runs = runs_by_name(list(registry.values()))
+    if name not in runs:
+        raise SystemExit(f"unknown run {name!r}; known runs: {', '.join(runs)}")
+    return runs[name]
+
+
+def list_runs(selected: Sequence[Experiment], smoke: bool) -> None:
+    """Print every selected experiment's runs with size, data and planned compute (computed, not measured).
+
+    Args:
+        selected: the experiments. smoke: whether these are the smoke configurations (for the heading).
+    """
+    from .corpus import load_corpus
+    from .flops import to_pflop_s_days
+    from .plots import describe_attention
+
+    corpus = load_corpus()
+    print(
+        f"corpus: {corpus.files_train} + {corpus.files_val} files, {corpus.train.numel():,} train / "
+        f"{corpus.val.numel():,} val bytes (Python {corpus.python} stdlib)"
+    )
+    for exp in selected:
+        print(f"\n{exp.title}{'  [smoke]' if smoke else ''}\n  paper: {exp.claim}")
+        head = (
+            f"  {'run':<34} {'model':<13} {'params':>7} {'ctx':>6} {'batch':>5} {'steps':>5} {'tokens':>12} "
+            f"{'epochs':>6} {'PFLOP/s-d':>9} {'attn':>5}  attention"
+        )
+        print(head)
+        for er in exp.runs:
+            cfg = er.run
+            plan = planned(cfg)
+            flops = plan["flops"]
+            print(
+                f"  {cfg.name:<34} {f'{cfg.n_layers}L x {cfg.d_model}':<13} {plan['params_matmul'] / 1e6:>6.2f}M "
+                f"{cfg.context:>6} {cfg.batch_size:>5} {cfg.steps:>5} {plan['tokens']:>12,} "
+                f"{plan['tokens'] / corpus.train.numel():>6.2f} {to_pflop_s_days(flops['total']):>9.2e} "
+                f"{flops['attention'] / flops['total']:>5.0%}  {describe_attention(cfg.to_dict())}"
+            )
+
+
+def sweep(
+    selected: Sequence[Experiment],
+    out: Path,
+    *,
+    resume: bool,
+    restart: bool = False,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Train the distinct runs of the selected experiments, one after the other.
+
+    Args:
+        selected: the experiments. out: output directory (runs in ``out/runs/<name>``).
+        resume: continue unfinished runs from their checkpoints (else they restart).
+        restart: retrain completed runs too. overrides: ``KEY=VALUE`` applied to every run. progress: tqdm bars.
+
+    Returns:
+        ``{run name: log}``.
+
+    Raises:
+        RunError: a completed run in ``out`` has another configuration (use ``--restart`` or another ``--out``), or a
+            run failed (see :func:`examples.reproduce.train.train`).
+    """
+    logs = {}
+    runs = runs_by_name(list(selected))
+    for i, cfg in enumerate(runs.values()):
+        cfg = apply_overrides(cfg, list(overrides))
+        run_dir = out / "runs" / cfg.name
+        existing = read_log(run_dir)
+        if existing is not None and existing.get("completed") and not restart:
+            if existing["identity"] != cfg.identity():
+                raise RunError(f"{run_dir} holds a completed run with another configuration; --restart or --out")
+            print(f"[{i + 1}/{len(runs)}] {cfg.name}: done, skipped", flush=True)
+            logs[cfg.name] = existing
+            continue
+        print(f"[{i + 1}/{len(runs)}] {cfg.name}", flush=True)
+        logs[cfg.name] = train(cfg, run_dir, resume=resume and not restart, progress=progress)
+    return logs
+
+
+def resume_check(cfg: RunConfig, out: Path, *, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train a copy of ``cfg`` interrupted after ``stop_after`` steps, resume it, and compare with the original run.
+
+    The original must be completed in ``out/runs/<name>`` (it is trained first otherwise). The copy lives in
+    ``out/resume-check/<name>``; the result is written to ``out/resume_check.json``.
+
+    Args:
+        cfg: the run. out: output directory. stop_after: interruption point (default: half the steps).
+        progress: tqdm bars.
+
+    Returns:
+        ``{"run", "stopped_at", "checkpoint_step", "uninterrupted", "resumed", "identical"}``; the two loss dicts hold
+        the final ``loss``, ``loss_avg``, ``val_loss``, ``val_trailing_loss``; ``identical`` compares them and every
+        record's losses exactly.
+
+    Raises:
+        RunError: the resumed run differs from the uninterrupted one.
+    """
+    original = read_log(out / "runs" / cfg.name)
+    if original is None or not original.get("completed") or original["identity"] != cfg.identity():
+        original = train(cfg, out / "runs" / cfg.name, progress=progress)
+    stop = stop_after if stop_after is not None else max(1, cfg.steps // 2)
+    copy = dataclasses.replace(cfg, name=f"{cfg.name}--resume-check")
+    copy_dir = out / "resume-check" / copy.name
+    interrupted = train(copy, copy_dir, stop_after=stop, progress=progress)
+    checkpoint_step = torch.load(copy_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["step"]
+    resumed = train(copy, copy_dir, resume=True, progress=progress)
+
+    def losses(log: dict[str, Any]) -> dict[str, Any]:
+        return {key: log["final"][key] for key in _LOSS_KEYS}
+
+    def records(log: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [(r["step"], *(r[k] for k in _LOSS_KEYS)) for r in log["records"]]
+
+    result = {
+        "run": cfg.name,
+        "stopped_at": stop,
+        "checkpoint_step": checkpoint_step,
+        "interrupted_completed": interrupted["completed"],
+        "sessions": resumed["sessions"],
+        "uninterrupted": losses(original),
+        "resumed": losses(resumed),
+        "identical": losses(original) == losses(resumed) and records(original) == records(resumed),
+    }
+    write_json(out / "resume_check.json", result)
+    if not result["identical"]:
+        raise RunError(f"resume check failed for {cfg.name}: {result}")
+    return result
+
+
+def run_plots(out: Path, selected: Sequence[Experiment], smoke: bool) -> tuple[list[Path], Path]:
+    """Draw the charts and write the table.
+
+    Args:
+        out: output directory. selected: experiments. smoke: label everything as a smoke test.
+
+    Returns:
+        ``(png paths, results.md path)``.
+    """
+    from .plots import write_plots, write_table
+
+    banner = SMOKE_BANNER if smoke else None
+    pngs = write_plots(out, selected, banner=banner)
+    table = write_table(out, selected, banner=banner, plots=pngs)
+    return pngs, table
+
+
+def run_pipeline(out: Path, *, smoke: bool, resume: bool, overrides: Sequence[str], progress: bool) -> dict[str, Any]:
+    """``all``: sweep every experiment, check resuming (smoke scale), plot; print and return a summary.
+
+    Args:
+        out: output directory. smoke: tiny configurations. resume: continue unfinished runs.
+        overrides: ``KEY=VALUE`` for every run. progress: tqdm bars.
+
+    Returns:
+        ``{"runs", "moba_calls", "resume_check", "plots", "table", "seconds"}``, also written to ``out/summary.json``.
+    """
+    start = time.perf_counter()
+    calls = moba_call_count()
+    registry = experiments(smoke)
+    selected = list(registry.values())
+    logs = sweep(selected, out, resume=resume, overrides=overrides, progress=progress)
+    check = None
+    if smoke:
+        switching = next(er.run for er in registry["hybrid"].runs if er.run.switch_to_full_frac)
+        check = resume_check(apply_overrides(switching, list(overrides)), out, progress=progress)
+        print(f"resume check ({check['run']}, stopped at step {check['stopped_at']}): identical={check['identical']}")
+    pngs, table = run_plots(out, selected, smoke)
+    summary = {
+        "smoke": smoke,
+        "runs": {name: log["final"] for name, log in logs.items()},
+        "moba_calls": moba_call_count() - calls,
+        "resume_check": check,
+        "plots": [str(p) for p in pngs],
+        "table": str(table),
+        "seconds": time.perf_counter() - start,
+    }
+    write_json(out / "summary.json", summary)
+    print(f"{len(logs)} runs, {summary['moba_calls']} MoBA op executions; charts in {out / 'plots'}; table {table}")
+    print(f"pipeline finished in {summary['seconds']:.1f} s")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m examples.reproduce``.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 when a run failed (the message is printed), 2 on usage errors.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or ("all" if args.smoke else None)
+    if command is None:
+        parser.print_help()
+        return 2
+    out: Path = args.out or Path("runs") / ("reproduce-smoke" if args.smoke else "reproduce")
+    if args.smoke:
+        # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they contend (measured here:
+        # 3-5x more wall time per smoke run with 2 threads).
+        torch.set_num_threads(1)
+    progress = not args.no_progress
+    registry = experiments(args.smoke)
+    overrides = list(getattr(args, "overrides", []) or [])
+    try:
+        if command == "list":
+            list_runs(_select(registry, args.experiments), args.smoke)
+        elif command == "train":
+            cfg = apply_overrides(_find_run(registry, args.run), overrides)
+            log = train(cfg, out / "runs" / cfg.name, resume=args.resume, stop_after=args.stop_after, progress=progress)
+            done = log["sessions"][-1]["end_step"] if log["sessions"] else 0
+            print(
+                f"{cfg.name}: {done}/{cfg.steps} steps, completed={log['completed']}, log in {out / 'runs' / cfg.name}"
+            )
+        elif command == "sweep":
+            sweep(
+                _select(registry, args.experiments),
+                out,
+                resume=args.resume,
+                restart=args.restart,
+                overrides=overrides,
+                progress=progress,
+            )
+        elif command == "resume-check":
+            cfg = apply_overrides(_find_run(registry, args.run), overrides)
+            result = resume_check(cfg, out, stop_after=args.stop_after, progress=progress)
+            print(f"resume check {cfg.name}: identical={result['identical']}")
+        elif command == "plot":
+            pngs, table = run_plots(out, list(registry.values()), args.smoke)
+            print("\n".join(str(p) for p in [*pngs, table]))
+        else:
+            run_pipeline(
+                out, smoke=args.smoke, resume=getattr(args, "resume", False), overrides=overrides, progress=progress
+            )
+    except (RunError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

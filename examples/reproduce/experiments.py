@@ -1,0 +1,256 @@
+"""The four experiments as named run configurations, at GPU scale and at smoke (CPU, tiny) scale.
+
+GPU scale (one H100; sizes chosen for minutes per run, planned compute printed by ``python -m examples.reproduce
+list``; nothing here has been run on a GPU yet):
+
+- ``scaling`` (paper: LM loss vs compute, MoBA within ~1e-3 of full attention): 4 model sizes ``s1``..``s4`` (4-10
+  layers, width 256-640, head dim 64), context 8K, MoBA chunk 512 / top-3 in every layer, vs full attention.
+- ``trailing`` (paper: loss on the last 2K tokens of 32K sequences, MoBA slightly above full, gap closing with
+  compute): sizes ``s1``..``s3`` at context 32K, chunk 2048 / top-3 (the same 3/16 of the keys at the last position as
+  the 8K setting), vs full; metric: validation loss on the last 1/16 of each sequence.
+- ``granularity`` (paper: at 75% sparsity, 2 of 8 blocks is ~1e-2 worse, finer settings match or beat full): size
+  ``s2`` at 8K with top-k / blocks = 2/8, 4/16, 8/32, 16/64, 32/128 (chunks 1024 ... 64), vs full (shared with
+  ``scaling``).
+- ``hybrid`` (paper: switching to full attention for the end of training, or keeping the last layers dense, recovers
+  the trailing loss): size ``s2`` at 32K: MoBA with the last 1 or 2 of 6 layers dense, and MoBA switching to full
+  attention for the last 10% or 25% of the steps, vs pure MoBA and full (both shared with ``trailing``).
+
+Runs shared between experiments have one name and are trained once. The smoke scale keeps every experiment's structure
+with 1-2 layer models, contexts 128/256, 8 steps, and the ``aot_eager`` compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .config import RunConfig
+
+__all__ = ["EXPERIMENT_NAMES", "Experiment", "ExperimentRun", "experiments", "runs_by_name"]
+
+EXPERIMENT_NAMES = ("scaling", "trailing", "granularity", "hybrid")
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    """A run's place in an experiment: its legend ``series``, a short ``label``, and an optional numeric ``x``."""
+
+    run: RunConfig
+    series: str
+    label: str
+    x: float | None = None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named experiment: the paper's claim it reproduces, the metric it is judged on, and its runs."""
+
+    name: str
+    title: str
+    claim: str
+    metric: str
+    runs: tuple[ExperimentRun, ...]
+
+
+@dataclass(frozen=True)
+class _Size:
+    key: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    lr: float
+
+
+# GPU scale: head dim 64 everywhere (a Triton kernel head dim).
+_GPU_SIZES = {
+    "s1": _Size("s1", 4, 256, 4, 3e-3),
+    "s2": _Size("s2", 6, 384, 6, 2e-3),
+    "s3": _Size("s3", 8, 512, 8, 1.5e-3),
+    "s4": _Size("s4", 10, 640, 10, 1e-3),
+}
+_GPU_STEPS_8K = {"s1": 512, "s2": 1024, "s3": 2048, "s4": 2048}  # 16 x 8K = 131,072 tokens per step
+_GPU_STEPS_32K = {"s1": 256, "s2": 512, "s3": 1024}  # 4 x 32K = 131,072 tokens per step
+
+_SMOKE_SIZES = {
+    "t1": _Size("t1", 1, 32, 2, 1e-2),
+    "t2": _Size("t2", 2, 64, 4, 1e-2),
+}
+
+
+def _gpu_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw: Any) -> RunConfig:
+    return RunConfig(
+        name=name,
+        n_layers=size.n_layers,
+        d_model=size.d_model,
+        n_heads=size.n_heads,
+        lr=size.lr,
+        context=context,
+        batch_size=batch,
+        steps=steps,
+        warmup_steps=max(1, steps // 20),
+        eval_every=max(1, steps // 8),
+        eval_batches=4,
+        log_every=10,
+        ckpt_every=max(1, steps // 8),
+        compiler="inductor",
+        **kw,
+    )
+
+
+def _smoke_run(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
+    return RunConfig(
+        name=name,
+        n_layers=size.n_layers,
+        d_model=size.d_model,
+        n_heads=size.n_heads,
+        lr=size.lr,
+        context=context,
+        batch_size=2,
+        steps=8,
+        warmup_steps=2,
+        eval_every=4,
+        eval_batches=1,
+        log_every=2,
+        ckpt_every=4,
+        compiler="aot_eager",
+        **kw,
+    )
+
+
+def _size_label(size: _Size) -> str:
+    return f"{size.key} ({size.n_layers}L x {size.d_model})"
+
+
+CLAIMS = {
+    "scaling": "LM loss vs training compute: MoBA and full attention stay within ~1e-3 (8K context, chunk 512, top-3).",
+    "trailing": "Trailing LM loss (last 2K of 32K tokens) vs compute: MoBA slightly above full attention, the gap "
+    "closing with compute.",
+    "granularity": "Block granularity at 75% sparsity (top-k/blocks 2/8 ... 32/128): the coarsest ~1e-2 worse, finer "
+    "settings match or beat full attention.",
+    "hybrid": "MoBA for most of training then full attention, and keeping the last layers dense, recover the "
+    "trailing-token loss.",
+}
+
+TITLES = {
+    "scaling": "(a) Scaling: LM loss vs training compute",
+    "trailing": "(b) Trailing LM loss (last 1/16 of the context) vs training compute",
+    "granularity": "(c) Block granularity at 75% sparsity",
+    "hybrid": "(d) Hybrid MoBA / full attention",
+}
+
+METRICS = {
+    "scaling": "val_loss",
+    "trailing": "val_trailing_loss",
+    "granularity": "val_loss",
+    "hybrid": "val_trailing_loss",
+}
+
+
+def experiments(smoke: bool = False) -> dict[str, Experiment]:
+    """The four experiments, at GPU scale or at smoke scale.
+
+    Args:
+        smoke: tiny CPU configurations (whole pipeline in under a minute) instead of the GPU ones.
+
+    Returns:
+        ``{name: Experiment}`` for the names of :data:`EXPERIMENT_NAMES`, in that order.
+    """
+    groups: dict[str, list[ExperimentRun]] = {name: [] for name in EXPERIMENT_NAMES}
+    if smoke:
+        short, long = 128, 256
+        sizes = _SMOKE_SIZES
+        scaling_sizes, trailing_sizes, gran_size, hybrid_size = ["t1", "t2"], ["t2"], "t1", "t2"
+        chunk_short, chunk_long = 16, 32
+
+        def make(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
+            return _smoke_run(name, size, context, **kw)
+
+        tag_short, tag_long = "128", "256"
+        hybrid_dense, hybrid_switch = (1,), (0.25,)
+    else:
+        short, long = 8192, 32768
+        sizes = _GPU_SIZES
+        scaling_sizes, trailing_sizes, gran_size, hybrid_size = ["s1", "s2", "s3", "s4"], ["s1", "s2", "s3"], "s2", "s2"
+        chunk_short, chunk_long = 512, 2048
+
+        def make(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
+            if context == short:
+                return _gpu_run(name, size, context, 16, _GPU_STEPS_8K[size.key], **kw)
+            return _gpu_run(name, size, context, 4, _GPU_STEPS_32K[size.key], **kw)
+
+        tag_short, tag_long = "8k", "32k"
+        hybrid_dense, hybrid_switch = (1, 2), (0.10, 0.25)
+
+    def pair(context: int, tag: str, chunk: int, key: str) -> tuple[RunConfig, RunConfig]:
+        size = sizes[key]
+        full = make(f"full-{tag}-{key}", size, context, attention="full")
+        moba = make(f"moba-{tag}-{key}", size, context, attention="moba", chunk_size=chunk, topk=3)
+        return full, moba
+
+    for key in scaling_sizes:
+        full, moba = pair(short, tag_short, chunk_short, key)
+        groups["scaling"] += [
+            ExperimentRun(full, "Full attention", _size_label(sizes[key])),
+            ExperimentRun(moba, f"MoBA (chunk {chunk_short}, top-3)", _size_label(sizes[key])),
+        ]
+    for key in trailing_sizes:
+        full, moba = pair(long, tag_long, chunk_long, key)
+        groups["trailing"] += [
+            ExperimentRun(full, "Full attention", _size_label(sizes[key])),
+            ExperimentRun(moba, f"MoBA (chunk {chunk_long}, top-3)", _size_label(sizes[key])),
+        ]
+
+    full, _ = pair(short, tag_short, chunk_short, gran_size)
+    groups["granularity"].append(ExperimentRun(full, "Full attention", "full"))
+    for blocks in (8, 16, 32, 64, 128):
+        topk, chunk = blocks // 4, short // blocks
+        run = make(
+            f"moba-{tag_short}-{gran_size}-blocks{blocks}-top{topk}",
+            sizes[gran_size],
+            short,
+            attention="moba",
+            chunk_size=chunk,
+            topk=topk,
+        )
+        groups["granularity"].append(ExperimentRun(run, "MoBA, 75% sparsity", f"{topk}/{blocks}", float(blocks)))
+
+    full, moba = pair(long, tag_long, chunk_long, hybrid_size)
+    groups["hybrid"] += [
+        ExperimentRun(full, "Full attention", "full"),
+        ExperimentRun(moba, "MoBA", "MoBA"),
+    ]
+    for n in hybrid_dense:
+        run = dataclasses.replace(moba, name=f"{moba.name}-dense{n}", dense_last=n)
+        groups["hybrid"].append(ExperimentRun(run, f"MoBA, last {n} layer(s) dense", f"last {n} dense"))
+    for frac in hybrid_switch:
+        pct = round(frac * 100)
+        run = dataclasses.replace(moba, name=f"{moba.name}-switch{pct}", switch_to_full_frac=frac)
+        groups["hybrid"].append(ExperimentRun(run, f"MoBA, full for the last {pct}%", f"full last {pct}%"))
+
+    return {
+        name: Experiment(name, TITLES[name], CLAIMS[name], METRICS[name], tuple(groups[name]))
+        for name in EXPERIMENT_NAMES
+    }
+
+
+def runs_by_name(selected: list[Experiment]) -> dict[str, RunConfig]:
+    """The distinct runs of some experiments, in order of first appearance (shared runs once).
+
+    Args:
+        selected: experiments.
+
+    Returns:
+        ``{run name: RunConfig}``.
+
+    Raises:
+        ValueError: two different configurations share a name.
+    """
+    out: dict[str, RunConfig] = {}
+    for exp in selected:
+        for er in exp.runs:
+            seen = out.get(er.run.name)
+            if seen is not None and seen.identity() != er.run.identity():
+                raise ValueError(f"run name {er.run.name!r} is used for two different configurations")
+            out.setdefault(er.run.name, er.run)
+    return out

@@ -1,0 +1,361 @@
+"""Charts (PNG) and a markdown table from the runs' JSON logs.
+
+One chart per experiment, in ``<out>/plots/<experiment>.png``:
+
+- ``scaling`` and ``trailing``: the experiment's metric against training compute (PFLOP/s-days), log-log as in the
+  paper; every run's validation curve (thin), its final point (marker, joined per series), and a power-law fit
+  ``L = a * C^b`` per series when it has at least three sizes;
+- ``granularity``: final validation and trailing validation loss against the number of blocks (log-2 axis, labels
+  ``top-k/blocks``), full attention as a dashed line;
+- ``hybrid``: trailing validation loss against training tokens (log-log) per run, and the final values side by side.
+
+``<out>/results.md`` holds one table per experiment: configuration, compute, final losses, the difference to the
+matching full-attention run, wall time and device. Runs without a log or not finished are listed as such.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .experiments import Experiment, ExperimentRun
+from .train import read_log
+
+__all__ = ["describe_attention", "load_logs", "plot_experiment", "write_plots", "write_table"]
+
+_METRIC_LABELS = {
+    "val_loss": "validation LM loss (nats/byte)",
+    "val_trailing_loss": "trailing validation LM loss, last 1/16 (nats/byte)",
+}
+
+
+def load_logs(out_dir: str | os.PathLike[str], experiments: Sequence[Experiment]) -> dict[str, dict[str, Any]]:
+    """The logs of the experiments' runs that exist under ``<out_dir>/runs/``.
+
+    Args:
+        out_dir: the output directory of the sweeps. experiments: whose runs to load.
+
+    Returns:
+        ``{run name: log}``; runs without a log are absent.
+    """
+    logs: dict[str, dict[str, Any]] = {}
+    for exp in experiments:
+        for er in exp.runs:
+            if er.run.name not in logs:
+                log = read_log(Path(out_dir) / "runs" / er.run.name)
+                if log is not None:
+                    logs[er.run.name] = log
+    return logs
+
+
+def describe_attention(config: dict[str, Any]) -> str:
+    """A short description of a run's attention from its logged config, e.g. ``"MoBA C=512 k=3, last 1 dense"``.
+
+    Args:
+        config: the ``config`` of a run log.
+
+    Returns:
+        The description.
+    """
+    if config["attention"] == "full":
+        return "full" + (" (torch.compile)" if config["full_backend"] == "torch" else "")
+    if config["policy"] is not None:
+        text = f"MoBA policy {config['policy'] if isinstance(config['policy'], str) else 'dict'}"
+    else:
+        text = f"MoBA C={config['chunk_size']} k={config['topk']}"
+        if config["dense_last"]:
+            text += f", last {config['dense_last']} dense"
+    if config["switch_to_full_frac"]:
+        text += f", full last {round(config['switch_to_full_frac'] * 100)}%"
+    return text
+
+
+def _eval_points(log: dict[str, Any], metric: str, x_key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for rec in log["records"]:
+        value = rec.get(metric)
+        if value is not None:
+            xs.append(rec["pflop_s_days"] if x_key == "compute" else float(rec["tokens"]))
+            ys.append(value)
+    return xs, ys
+
+
+def _final(log: dict[str, Any] | None, metric: str) -> float | None:
+    if log is None or not log.get("completed") or not log.get("final"):
+        return None
+    return log["final"].get(metric)
+
+
+def _series(exp: Experiment) -> list[str]:
+    order: list[str] = []
+    for er in exp.runs:
+        if er.series not in order:
+            order.append(er.series)
+    return order
+
+
+def _fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float] | None:
+    """Least squares of ``log y = log a + b log x``; None without three positive, distinct points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 3 or len({p[0] for p in pts}) < 3:
+        return None
+    n = len(pts)
+    mx = sum(p[0] for p in pts) / n
+    my = sum(p[1] for p in pts) / n
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    b = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+    return math.exp(my - b * mx), b
+
+
+def _plot_compute(ax: Any, exp: Experiment, logs: dict[str, dict[str, Any]]) -> None:
+    colors = _colors(_series(exp))
+    for series in _series(exp):
+        finals: list[tuple[float, float, str]] = []
+        for er in (r for r in exp.runs if r.series == series):
+            log = logs.get(er.run.name)
+            if log is None:
+                continue
+            xs, ys = _eval_points(log, exp.metric, "compute")
+            if xs:
+                ax.plot(xs, ys, color=colors[series], alpha=0.35, linewidth=1)
+            final = _final(log, exp.metric)
+            if final is not None:
+                finals.append((log["final"]["pflop_s_days"], final, er.label))
+        finals.sort()
+        if finals:
+            ax.plot([f[0] for f in finals], [f[1] for f in finals], "o-", color=colors[series], label=series)
+            for x, y, label in finals:
+                ax.annotate(label.split(" ")[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        fit = _fit_power_law([f[0] for f in finals], [f[1] for f in finals])
+        if fit is not None:
+            a, b = fit
+            lo, hi = finals[0][0], finals[-1][0]
+            grid = [lo * (hi / lo) ** (i / 40) for i in range(41)]
+            ax.plot(
+                grid, [a * g**b for g in grid], "--", color=colors[series], linewidth=1, label=f"fit: {a:.3g} C^{b:.3f}"
+            )
+    ax.set_xscale("log")
+    _log_y(ax)
+    ax.set_xlabel("training compute (PFLOP/s-days)")
+    ax.set_ylabel(_METRIC_LABELS[exp.metric])
+
+
+def _plot_granularity(axes: Sequence[Any], exp: Experiment, logs: dict[str, dict[str, Any]]) -> None:
+    for ax, metric in zip(axes, ("val_loss", "val_trailing_loss")):
+        points = []
+        for er in exp.runs:
+            final = _final(logs.get(er.run.name), metric)
+            if final is None:
+                continue
+            if er.x is None:
+                ax.axhline(final, linestyle="--", color="black", linewidth=1, label=er.series)
+            else:
+                points.append((er.x, final, er.label))
+        points.sort()
+        ax.set_xscale("log", base=2)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="tab:blue", label=exp.runs[-1].series)
+            ax.set_xticks([p[0] for p in points], [p[2] for p in points])
+        ax.minorticks_off()
+        ax.set_xlabel("MoBA top-k / number of blocks")
+        ax.set_ylabel(_METRIC_LABELS[metric])
+
+
+def _plot_hybrid(axes: Sequence[Any], exp: Experiment, logs: dict[str, dict[str, Any]]) -> None:
+    curve_ax, bar_ax = axes
+    colors = _colors([er.label for er in exp.runs])
+    labels, values = [], []
+    for er in exp.runs:
+        log = logs.get(er.run.name)
+        if log is None:
+            continue
+        xs, ys = _eval_points(log, exp.metric, "tokens")
+        if xs:
+            curve_ax.plot(xs, ys, "o-", markersize=3, color=colors[er.label], label=er.series)
+        final = _final(log, exp.metric)
+        if final is not None:
+            labels.append(er.label)
+            values.append(final)
+    curve_ax.set_xscale("log")
+    _log_y(curve_ax)
+    curve_ax.set_xlabel("training tokens")
+    curve_ax.set_ylabel(_METRIC_LABELS[exp.metric])
+    if values:
+        bar_ax.barh(range(len(values)), values, color=[colors[lab] for lab in labels])
+        bar_ax.set_yticks(range(len(values)), labels)
+        lo, hi = min(values), max(values)
+        pad = max(hi - lo, 1e-3 * hi)
+        bar_ax.set_xlim(lo - pad, hi + pad)
+        for i, v in enumerate(values):
+            bar_ax.annotate(f"{v:.4f}", (v, i), textcoords="offset points", xytext=(3, -3), fontsize=7)
+    bar_ax.set_xlabel(f"final {_METRIC_LABELS[exp.metric]}")
+
+
+def _log_y(ax: Any) -> None:
+    """Log-scale y axis labelled with plain numbers (losses span well under a decade)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _pos: f"{value:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+
+
+def _colors(keys: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {key: cmap(i % 10) for i, key in enumerate(dict.fromkeys(keys))}
+
+
+def plot_experiment(exp: Experiment, logs: dict[str, dict[str, Any]], path: Path, *, banner: str | None) -> Path:
+    """Draw one experiment's chart into ``path`` (PNG).
+
+    Args:
+        exp: the experiment. logs: run logs by name (missing runs are left out of the chart).
+        path: the PNG file. banner: a line printed at the top of the figure (e.g. "CPU smoke test, not a result").
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if exp.name in ("scaling", "trailing"):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        _plot_compute(ax, exp, logs)
+        axes = [ax]
+    elif exp.name == "granularity":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        _plot_granularity(axes, exp, logs)
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+        _plot_hybrid(axes, exp, logs)
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=8)
+    fig.suptitle(exp.title + (f"\n{banner}" if banner else ""), fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(
+    out_dir: str | os.PathLike[str], experiments: Sequence[Experiment], *, banner: str | None = None
+) -> list[Path]:
+    """Draw every experiment's chart into ``<out_dir>/plots/<name>.png``.
+
+    Args:
+        out_dir: the sweeps' output directory. experiments: which. banner: see :func:`plot_experiment`.
+
+    Returns:
+        The PNG paths.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    logs = load_logs(out_dir, experiments)
+    return [plot_experiment(e, logs, Path(out_dir) / "plots" / f"{e.name}.png", banner=banner) for e in experiments]
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _reference(exp: Experiment, er: ExperimentRun) -> ExperimentRun | None:
+    """The full-attention run a run is compared with: same size label (scaling, trailing) or the experiment's one."""
+    fulls = [r for r in exp.runs if r.run.attention == "full"]
+    if er.run.attention == "full":
+        return None
+    same = [r for r in fulls if r.label == er.label]
+    if same:
+        return same[0]
+    return fulls[0] if len(fulls) == 1 else None
+
+
+def write_table(
+    out_dir: str | os.PathLike[str],
+    experiments: Sequence[Experiment],
+    *,
+    banner: str | None = None,
+    plots: Sequence[Path] = (),
+) -> Path:
+    """Write ``<out_dir>/results.md``: one table per experiment, from the logs.
+
+    Args:
+        out_dir: the sweeps' output directory. experiments: which. banner: a paragraph under the heading.
+        plots: chart files to link.
+
+    Returns:
+        The markdown file's path.
+    """
+    out = Path(out_dir)
+    logs = load_logs(out, experiments)
+    lines = ["# MoBA reproduction: results", ""]
+    lines.append(f"Generated by `python -m examples.reproduce plot` from the JSON logs in `{out / 'runs'}`.")
+    if banner:
+        lines += ["", f"**{banner}**"]
+    lines.append("")
+    for exp in experiments:
+        lines += [f"## {exp.title}", "", f"Paper: {exp.claim}", ""]
+        chart = [p for p in plots if p.stem == exp.name]
+        if chart:
+            lines += [f"![{exp.name}]({os.path.relpath(chart[0], out)})", ""]
+        lines.append(
+            "| run | attention | model | context | steps | tokens | compute (PFLOP/s-days) | attention share | "
+            "val loss | trailing val loss | Δ vs full | wall (s) | device |"
+        )
+        lines.append("|" + "---|" * 13)
+        for er in exp.runs:
+            log = logs.get(er.run.name)
+            cfg = er.run
+            model = f"{cfg.n_layers}L x {cfg.d_model}"
+            if log is None:
+                lines.append(
+                    f"| {cfg.name} | {describe_attention(cfg.to_dict())} | {model} | {cfg.context} | "
+                    f"0/{cfg.steps} | - | - | - | - | - | - | - | not run |"
+                )
+                continue
+            done = log["records"][-1]["step"] if log["records"] else 0
+            last = log["final"] if log.get("completed") else (log["records"][-1] if log["records"] else None)
+            flops = last["flops"] if last else None
+            share = None if not flops else flops["attention"] / flops["total"]
+            delta = "-"
+            ref = _reference(exp, er)
+            if ref is not None and log.get("completed"):
+                mine, theirs = _final(log, exp.metric), _final(logs.get(ref.run.name), exp.metric)
+                if mine is not None and theirs is not None:
+                    delta = f"{mine - theirs:+.4f}"
+            steps = f"{done}/{cfg.steps}" + ("" if log.get("completed") else " (incomplete)")
+            params = log["model"]["params_matmul"] / 1e6
+            tokens = f"{last['tokens']:,}" if last else "0"
+            compute = f"{last['pflop_s_days']:.3g}" if last else "-"
+            wall = f"{last['wall_s']:.1f}" if last else "-"
+            share_text = "-" if share is None else f"{share:.1%}"
+            val = _fmt(last["val_loss"] if last else None)
+            trailing = _fmt(last["val_trailing_loss"] if last else None)
+            device = log.get("device_name", log["device"])
+            lines.append(
+                f"| {cfg.name} | {describe_attention(log['config'])} | {model} ({params:.2f}M) | {cfg.context} | "
+                f"{steps} | {tokens} | {compute} | {share_text} | {val} | {trailing} | {delta} | {wall} | {device} |"
+            )
+        lines += [
+            "",
+            f"Δ vs full: difference of the {exp.metric.replace('_', ' ')} to the matching full-attention run.",
+            "",
+        ]
+    path = out / "results.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

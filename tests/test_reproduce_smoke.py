@@ -1,0 +1,136 @@
+"""The small-scale reproduction pipeline (examples/reproduce) end to end, at smoke scale on the CPU.
+
+One subprocess runs ``python -m examples.reproduce --smoke`` (all four experiments through the ``moba`` backend with the
+``aot_eager`` compiler, a resume check, the charts and the table) into a temporary directory; the tests then read what
+it wrote. A few in-process checks cover the FLOP accounting against the real MoBA gate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from examples.reproduce.experiments import experiments, runs_by_name
+from examples.reproduce.flops import causal_pairs, moba_pairs
+from moba_compile import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = runs_by_name(list(experiments(smoke=True).values()))
+LOSS_FIELDS = ("loss", "loss_avg")
+UNIFORM = math.log(256)  # the loss of predicting every byte uniformly
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run the smoke pipeline once in a subprocess (fresh Dynamo state, 1 thread) and return its output directory."""
+    import matplotlib  # noqa: F401  (the test extra installs it: the charts must be drawn)
+
+    out = tmp_path_factory.mktemp("reproduce-smoke")
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.reproduce", "--smoke", "--out", str(out), "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"smoke pipeline failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+def _log(out: Path, name: str) -> dict[str, Any]:
+    return json.loads((out / "runs" / name / "log.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_every_run_logged_and_loss_decreases(smoke_out: Path, name: str) -> None:
+    log = _log(smoke_out, name)
+    cfg = RUNS[name]
+    assert log["completed"] and log["final"]["step"] == cfg.steps
+    assert log["config"]["name"] == name and log["corpus"]["bytes_train"] > 0
+    records = log["records"]
+    assert [r["step"] for r in records] == list(range(cfg.log_every, cfg.steps + 1, cfg.log_every))
+    for rec in records:
+        for key in (*LOSS_FIELDS, "tokens", "pflop_s_days", "wall_s", "flops", "val_loss", "val_trailing_loss"):
+            assert key in rec
+        assert all(math.isfinite(rec[key]) for key in LOSS_FIELDS)
+        assert rec["flops"]["total"] == rec["flops"]["dense"] + rec["flops"]["attention"] + rec["flops"]["gate"]
+    evals = [r for r in records if r["val_loss"] is not None]
+    assert len(evals) == cfg.steps // cfg.eval_every
+    # Decreasing-ish: the last interval's mean training loss is below the first's, and validation ends below uniform.
+    assert records[-1]["loss_avg"] < records[0]["loss_avg"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < UNIFORM
+    assert evals[-1]["val_trailing_loss"] < UNIFORM
+    assert [r["pflop_s_days"] for r in records] == sorted(r["pflop_s_days"] for r in records)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_moba_runs_went_through_the_moba_op(smoke_out: Path, name: str) -> None:
+    log = _log(smoke_out, name)
+    decisions = {s["decision"] for phase in log["sites"].values() for s in phase}
+    if RUNS[name].attention == "moba":
+        assert log["moba_calls"] > 0  # moba_compile.ops.CALLS grew during the run
+        assert "moba" in {s["decision"] for s in log["sites"]["moba"]}
+        assert log["final"]["flops"]["attention"] < log["final"]["flops"]["attention_full_equivalent"]
+    else:
+        assert log["moba_calls"] == 0 and decisions == {"dense"}
+    assert [s["module"] for s in next(iter(log["sites"].values()))] == [
+        f"layers.{i}.attn" for i in range(RUNS[name].n_layers)
+    ]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_checkpoints_exist(smoke_out: Path, name: str) -> None:
+    ckpt = torch.load(smoke_out / "runs" / name / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == RUNS[name].steps
+    assert set(ckpt) >= {"model", "optimizer", "rng_cpu", "log"}
+
+
+def test_resume_reproduces_the_uninterrupted_run(smoke_out: Path) -> None:
+    check = json.loads((smoke_out / "resume_check.json").read_text())
+    name = check["run"]
+    original = _log(smoke_out, name)
+    resumed = json.loads((smoke_out / "resume-check" / f"{name}--resume-check" / "log.json").read_text())
+    assert check["checkpoint_step"] == check["stopped_at"] < RUNS[name].steps
+    assert [(s["start_step"], s["end_step"]) for s in resumed["sessions"]] == [
+        (0, check["stopped_at"]),
+        (check["stopped_at"], RUNS[name].steps),
+    ]
+    assert RUNS[name].switch_to_full_frac > 0  # the check also crosses the switch to full attention
+    for key in ("loss", "loss_avg", "val_loss", "val_trailing_loss"):
+        assert resumed["final"][key] == original["final"][key]
+    assert [r["loss"] for r in resumed["records"]] == [r["loss"] for r in original["records"]]
+    assert check["identical"] is True
+
+
+def test_plots_and_table_written(smoke_out: Path) -> None:
+    for name in ("scaling", "trailing", "granularity", "hybrid"):
+        png = smoke_out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = (smoke_out / "results.md").read_text()
+    assert "not a result" in table
+    for name in RUNS:
+        assert f"| {name} |" in table
+    summary = json.loads((smoke_out / "summary.json").read_text())
+    assert summary["moba_calls"] > 0 and summary["smoke"] is True
+
+
+@pytest.mark.parametrize("length,chunk,topk", [(37, 5, 3), (64, 8, 2), (50, 7, 1), (33, 4, 20)])
+def test_moba_pair_count_matches_the_reference_gate(length: int, chunk: int, topk: int) -> None:
+    """``moba_pairs`` counts exactly the (query, key) pairs the reference MoBA attends to."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, length, 8), torch.randn(1, 1, length, 8)
+    selected = reference.select_chunks(q, k, chunk_size=chunk, topk=topk)[0, 0]
+    attended = 0
+    for p in range(length):
+        attended += p - (p // chunk) * chunk + 1  # own chunk, causally
+        attended += sum(min(chunk, length - c * chunk) for c in selected[p].tolist() if c >= 0)
+    assert moba_pairs(length, chunk, topk) == attended
+    if topk >= -(-length // chunk):
+        assert attended == causal_pairs(length)
