@@ -15,6 +15,7 @@ reference's backward formulas).
 from .support import interpreting, require_triton, triton_available, triton_unsupported_reason
 
 __all__ = [
+    "FlipResult",
     "chunk_means_triton",
     "flip_selection",
     "interpreting",

@@ -65,11 +65,11 @@ def _attend_block(
 ):
     """One [BLOCK_M, BLOCK_N] step of the online softmax (log2 domain). BOUNDARY adds the causal/own-chunk mask."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_n64 = offs_n.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
-    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
-    k_ptrs = k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd
-    v_ptrs = v_base + offs_n64[:, None] * svn + offs_dv[None, :] * svd
+    # 64-bit scalar block base + 32-bit in-block offsets: an int64 [BLOCK_N, D] offset tensor would cost two registers
+    # per element, while the 64-bit part (batch/head/block start) is one scalar.
+    blk = tl.arange(0, BLOCK_N)
+    k_ptrs = (k_base + tl.cast(start_n, tl.int64) * skn) + (blk[:, None] * skn + tl.arange(0, HEAD_D)[None, :] * skd)
+    v_ptrs = (v_base + tl.cast(start_n, tl.int64) * svn) + (blk[:, None] * svn + tl.arange(0, HEAD_DV)[None, :] * svd)
     if BOUNDARY:
         in_k = offs_n < Lk
         k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
@@ -86,7 +86,7 @@ def _attend_block(
         keep = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] >= own_start[:, None])
         s = tl.where(keep, s, _NEG_INF)
     if HAS_MASK:
-        allowed = tl.load(mask_rows[:, None] + offs_n64[None, :] * smn, mask=row_ok[:, None] & (offs_n < Lk)[None, :])
+        allowed = tl.load(mask_rows[:, None] + (offs_n * smn)[None, :], mask=row_ok[:, None] & (offs_n < Lk)[None, :])
         s = tl.where(allowed != 0, s, _NEG_INF)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row whose keys are all masked so far keeps m = -inf: shift by 0 instead, so exp2(-inf - -inf) never appears.
@@ -170,7 +170,9 @@ def _sparse_fwd_kernel(
     i = (local % per_head) // KM1
     hq = hkv * G + g
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
-    q = tl.load(q_ptr + (b * sqb + hq * sqh + i * sqm)[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + (b * sqb + hq * sqh + i * sqm)[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+    )
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b * skb + hkv * skh
@@ -231,6 +233,11 @@ def _own_fwd_kernel(
     smh,
     smm,
     smn,
+    sob,
+    soh,
+    som,
+    slb,
+    slh,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -304,9 +311,10 @@ def _own_fwd_kernel(
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * _LN2, _NEG_INF)
-    out_rows = (b * Hq + hq) * Lq + offs_m64
-    tl.store(out_ptr + out_rows[:, None] * HEAD_DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+    # out/lse may be row slabs of larger outputs (see moba_forward_triton): strided rows, contiguous head dim.
+    o_ptrs = out_ptr + b * sob + hq * soh + offs_m64[:, None] * som + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + b * slb + hq * slh + offs_m64, lse, mask=row_ok)
 
 
 @dataclass(frozen=True)
@@ -317,24 +325,30 @@ class _FwdConfig:
     num_stages: int
 
 
-def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype) -> _FwdConfig:
+def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool) -> _FwdConfig:
     if interpreting():
         # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
         return _FwdConfig(32, 32, 4, 1)
+    # H100 choices below were checked by compiling for sm_90a on a CPU machine (triton.compile + ptxas -v, the
+    # launch-time divisibility-16 specialisations included): none spills for D <= 128. Not yet timed on a GPU.
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
-        # IEEE fp32 dots run on CUDA cores: a correctness path, half-size tiles to stay in registers.
-        return _FwdConfig(64, 32, 4, 2)
+        # IEEE fp32 dots run on CUDA cores (operands in registers): a correctness path. 64 x 16 tiles over 8 warps
+        # are the largest tried that do not spill at D=128 (64 x 32 spills ~800 B).
+        return _FwdConfig(64, 16, 8, 1)
     if d <= 64:
-        # [128, 64] fp32 accumulator over 4 warps = 64 regs/thread; K/V stages are 16 KB each.
-        return _FwdConfig(128, 64, 4, 3)
+        # [128, 64] fp32 accumulator over 4 warps (237 registers, no spill); the gathered user mask adds a [128, 64]
+        # tile of 64-bit addresses, which spills at 4 warps: 8 warps then (207 registers).
+        return _FwdConfig(128, 64, 8 if has_mask else 4, 3)
     if d <= 128:
-        # H100, D=128 (the FlashAttention-2 Triton setting): the [128, 128] fp32 accumulator is 64 regs/thread over
-        # 8 warps; 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) plus the 32 KB Q tile fit in shared memory
-        # (228 KB) with room for the pipeline, and hide the gathered K/V loads behind two wgmma steps.
-        return _FwdConfig(128, 64, 8, 3)
-    # D=256: halve the rows so the [64, 256] accumulator stays at 64 regs/thread; K+V stages are 64 KB each.
-    return _FwdConfig(64, 64, 8, 2)
+        # The FlashAttention-2 Triton setting for D=128: a [128, 128] fp32 accumulator = 64 registers/thread over
+        # 8 warps (2 warpgroups of wgmma m64), 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) + Q: 128 KB
+        # of shared memory; 201 (key-major) / 240 (own chunk) registers. With a user mask the 64-bit mask addresses
+        # spill at BLOCK_N=64, not at 32.
+        return _FwdConfig(128, 32 if has_mask else 64, 8, 3)
+    # D=256: 64 rows keep the [64, 256] accumulator at 64 registers/thread; BLOCK_N=32 keeps the key-major kernel
+    # spill-free (the own-chunk kernel still spills ~180 B: D=256 is not a tuned target).
+    return _FwdConfig(64, 32, 8, 2)
 
 
 def _largest_pow2_divisor(n: int) -> int:
@@ -352,7 +366,7 @@ def moba_forward_triton(
     value: Tensor,
     chunk_size: int,
     topk: int,
-    scale: float,
+    scale: float | None,
     attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MoBA attention forward with the Triton kernels: ``(out, lse)`` exactly as ``reference.moba_attention_forward``.
@@ -368,7 +382,7 @@ def moba_forward_triton(
             ``TRITON_INTERPRET=1``; ``D, Dv in (16, 32, 64, 128, 256)``; ``Hq % Hkv == 0``; ``Lq <= Lk``.
         chunk_size: ``C``, a multiple of 16 in ``[16, 8192]``.
         topk: ``1 <= K <= 64`` chunks per query, its own included (``K = 1``: own chunk only).
-        scale: softmax scale (the caller resolves ``None`` to ``1 / sqrt(D)``).
+        scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
         attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), on the same device;
             the gate ignores it.
 
@@ -394,61 +408,118 @@ def moba_forward_triton(
     if reason is not None:
         raise ValueError(f"moba_forward_triton cannot run this call: {reason}")
     b, hq, lq, d = query.shape
-    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    lk, dv = key.shape[2], value.shape[3]
     dev = query.device
     out = torch.empty(b, hq, lq, dv, dtype=query.dtype, device=dev)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out.zero_(), lse
+    cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None)
+    block_n = min(cfg.block_n, _largest_pow2_divisor(chunk_size))
+    qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * _LOG2E
+    common = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_N=block_n, UPCAST=interpreting(), DOT_PREC=_dot_precision(query.dtype))
+    common.update(HAS_MASK=attn_mask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    mask = None
+    if attn_mask is not None:
+        # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte read per attended (row, key).
+        mask = attn_mask.expand(b, hq, lq, lk).view(torch.uint8)
+        if mask.stride(3) * lk >= 2**31:  # in-kernel key offsets are int32
+            mask = mask.contiguous()
+    km1_max = min(topk - 1, (lk - 1) // chunk_size)
+    # Row slabs bound the fp32 partial buffer: rows are independent, and a slab [r0, r1) is the same problem with
+    # Lq' = r1 - r0 and keys cut at Lk' = Lk - Lq + r1 (its last row's position + 1). Earlier chunks of the slab's rows
+    # are complete within Lk', so the means of the full key serve every slab.
+    entry_bytes = b * hq * max(km1_max, 1) * (dv + 1) * 4
+    slab = lq if km1_max == 0 else max(1, min(lq, partial_buffer_budget(dev) // entry_bytes))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        means = chunk_means_triton(key, chunk_size) if km1_max > 0 else None
+        po = plse = None
+        for r0 in range(0, lq, slab):
+            r1 = min(lq, r0 + slab)
+            lk_s = lk - lq + r1
+            km1 = min(topk - 1, (lk_s - 1) // chunk_size)
+            q_s = query[:, :, r0:r1]
+            m_s = mask[:, :, r0:r1, :lk_s] if mask is not None else None
+            if km1 > 0 and po is None:
+                po = torch.empty(b * hq * slab * km1_max, dv, dtype=torch.float32, device=dev)
+                plse = torch.empty(b * hq * slab * km1_max, dtype=torch.float32, device=dev)
+            _forward_slab(
+                q_s, key, value, m_s, means, po, plse, out[:, :, r0:r1], lse[:, :, r0:r1],
+                chunk_size, km1, lk_s, qk_scale, cfg.block_m, common,
+            )  # fmt: skip
+    return out, lse
+
+
+# Override of the fp32 partial-buffer budget in bytes (None: a quarter of the GPU's memory, 1 GiB when interpreted).
+PARTIAL_BUFFER_BYTES: int | None = None
+
+
+def partial_buffer_budget(device: torch.device) -> int:
+    """Bytes the forward may spend on its fp32 partial outputs before it splits the query rows into slabs.
+
+    The buffer holds ``B * Hq * rows * (K-1) * (Dv + 1) * 4`` bytes. Fewer, larger slabs keep each chunk's list of
+    choosing rows long (full 128-row key-major tiles) at the cost of memory: a quarter of the device's memory (20 GB
+    on an 80 GB H100) holds a 128K-token, 32-head, K=12 call in two slabs, and FlashMoBA's 512K-token B=2, H=16, K=8
+    setting (60 GB of partials) in three. ``PARTIAL_BUFFER_BYTES`` overrides it.
+
+    Example:
+        >>> partial_buffer_budget(torch.device("cpu")) > 0
+        True
+    """
+    if PARTIAL_BUFFER_BYTES is not None:
+        return int(PARTIAL_BUFFER_BYTES)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return 1 << 30
+
+
+def _forward_slab(
+    q: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    means: Tensor | None,
+    po: Tensor | None,
+    plse: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    chunk_size: int,
+    km1: int,
+    lk: int,
+    qk_scale: float,
+    block_m: int,
+    common: dict,
+) -> None:
+    """Gate, flip, key-major and own-chunk passes for rows whose positions are ``lk - Lq' + i`` (keys ``[0, lk)``)."""
+    b, hq, lq, _ = q.shape
+    hkv = key.shape[1]
     g = hq // hkv
     n_chunks = -(-lk // chunk_size)
-    # Rows have at most (Lk - 1) // C earlier chunks: slots beyond that would always be empty.
-    km1 = min(topk - 1, (lk - 1) // chunk_size)
-    cfg = _fwd_config(d, dv, query.dtype)
-    block_n = min(cfg.block_n, _largest_pow2_divisor(chunk_size))
-    qk_scale = float(scale) * _LOG2E
-    upcast = interpreting()
-    prec = _dot_precision(query.dtype)
-    has_mask = attn_mask is not None
-    if has_mask:
-        # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte per entry read where attended.
-        mask = attn_mask.expand(b, hq, lq, lk).view(torch.uint8)
-        mstrides = mask.stride()
-    else:
-        mask, mstrides = query, (0, 0, 0, 0)  # never read (HAS_MASK=False)
-    qs, ks, vs = query.stride(), key.stride(), value.stride()
-
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        sel = po = plse = query  # placeholders when there is no sparse part (never read: KM1 = 0)
-        if km1 > 0:
-            means = chunk_means_triton(key, chunk_size)
-            sel = _launch_gate(query, means, chunk_size, km1, lk)
-            block_m_sp = _sparse_block_m(cfg.block_m, g * lq * km1, (lk - 1) // chunk_size)
-            flip = flip_selection(sel, hkv, n_chunks, block_m_sp)
-            n_entries = sel.numel()
-            po = torch.empty(n_entries, dv, dtype=torch.float32, device=dev)
-            plse = torch.empty(n_entries, dtype=torch.float32, device=dev)
-            n_tiles = flip.tile_seg.numel()
-            if n_tiles:
-                _sparse_fwd_kernel[(n_tiles,)](
-                    query, key, value, mask, po, plse,
-                    flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0,
-                    flip.n_segments, hq, hkv, g, lq, lk, n_chunks, chunk_size, km1, qk_scale,
-                    *qs, *ks, *vs, *mstrides,
-                    HEAD_D=d, HEAD_DV=dv, BLOCK_M=block_m_sp, BLOCK_N=block_n,
-                    HAS_MASK=has_mask, UPCAST=upcast, DOT_PREC=prec,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                )  # fmt: skip
-        grid = (triton.cdiv(lq, cfg.block_m), b * hq)
-        _own_fwd_kernel[grid](
-            query, key, value, mask, sel, po, plse, out, lse,
-            hq, g, lq, lk, chunk_size, km1, qk_scale,
-            *qs, *ks, *vs, *mstrides,
-            HEAD_D=d, HEAD_DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
-            HAS_MASK=has_mask, UPCAST=upcast, DOT_PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-    return out, lse
+    mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
+    mstrides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    strides = (*q.stride(), *key.stride(), *value.stride(), *mstrides)
+    sel = q  # placeholder when KM1 = 0 (never read)
+    if km1 > 0:
+        assert means is not None and po is not None and plse is not None
+        sel = _launch_gate(q, means, chunk_size, km1, lk)
+        block_m_sp = _sparse_block_m(block_m, g * lq * km1, (lk - 1) // chunk_size)
+        flip = flip_selection(sel, hkv, n_chunks, block_m_sp)
+        n_tiles = flip.tile_seg.numel()
+        if n_tiles:
+            _sparse_fwd_kernel[(n_tiles,)](
+                q, key, value, mask_arg, po, plse,
+                flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0,
+                flip.n_segments, hq, hkv, g, lq, lk, n_chunks, chunk_size, km1, qk_scale, *strides,
+                BLOCK_M=block_m_sp, **common,
+            )  # fmt: skip
+    po_arg = po if po is not None else q
+    plse_arg = plse if plse is not None else q
+    _own_fwd_kernel[(triton.cdiv(lq, block_m), b * hq)](
+        q, key, value, mask_arg, sel, po_arg, plse_arg, out, lse,
+        hq, g, lq, lk, chunk_size, km1, qk_scale, *strides,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        BLOCK_M=block_m, **common,
+    )  # fmt: skip
 
 
 def _sparse_block_m(block_m: int, entries_per_plane: int, n_past_chunks: int) -> int:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .support import interpreting, next_pow2
+from .support import interpreting, next_pow2, speed_up_interpreter
 
 __all__ = ["FlipResult", "chunk_means_triton", "select_chunks_triton", "flip_selection"]
 
@@ -59,8 +59,10 @@ def _chunk_means_kernel(
     # which keeps exact gate ties (duplicated chunks) exact.
     acc = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     for n0 in range(0, C, BLOCK_N):
-        offs_n = start + n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        k = tl.load(base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=offs_n[:, None] < Lk, other=0.0)
+        in_chunk = n0 + tl.arange(0, BLOCK_N)
+        offs_n = start + in_chunk.to(tl.int64)
+        keep = (in_chunk < C) & (offs_n < Lk)  # a block may overhang the chunk when BLOCK_N does not divide C
+        k = tl.load(base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=keep[:, None], other=0.0)
         acc += k.to(tl.float32)
     count = tl.minimum(Lk - start, C).to(tl.float32)
     mean = tl.math.div_rn(tl.sum(acc, axis=0), count + tl.zeros([HEAD_D], dtype=tl.float32))
@@ -96,10 +98,10 @@ def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
     means = torch.empty(b, hkv, n, d, dtype=torch.float32, device=key.device)
     if means.numel() == 0:
         return means
-    block_n = min(16 if interpreting() else 64, next_pow2(chunk_size))
-    block_n = max(block_n, 1)
+    # The largest power of two dividing C (capped) avoids overhanging blocks; odd chunk sizes still work (masked).
+    block_n = min(16 if interpreting() else 64, chunk_size & -chunk_size)
     _chunk_means_kernel[(n, b * hkv)](
-        key, means, hkv, lk, n, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4
+        key, means, hkv, lk, n, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4, num_stages=2
     )
     return means
 
@@ -157,7 +159,9 @@ def _gate_kernel(
     n_hi = (Lk - Lq + last_row) // C  # chunks [0, n_hi) are strictly earlier for at least the tile's last row
     for c0 in range(0, n_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        mt = tl.load(m_base + offs_c.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], mask=(offs_c < N)[:, None], other=0.0)
+        mt = tl.load(
+            m_base + offs_c.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], mask=(offs_c < N)[:, None], other=0.0
+        )
         if SPLIT_BF16:
             # fp32 mean = hi + mid + lo exactly (8 + 8 + 8 significant bits); each bf16 x bf16 product is exact in
             # fp32, so three bf16 tensor-core dots give an fp32-accurate score at 3 MMAs (tf32x3 would cost ~6).
@@ -175,7 +179,9 @@ def _gate_kernel(
                 sc = tl.dot(q, tl.trans(hi), sc)
         else:
             sc = tl.dot(q, tl.trans(mt), input_precision=DOT_PREC)
-        sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 == +0.0 for the reference's sort: make them one key
+        # -0.0 == +0.0 for the reference's sort: make them one key (defensive: dots accumulating from +0 do not
+        # return -0.0, but a differently lowered dot could).
+        sc = tl.where(sc == 0.0, 0.0, sc)
         bits = sc.to(tl.int32, bitcast=True)
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         packed = (ordered.to(tl.int64) << 32) | offs_c.to(tl.int64)[None, :]
@@ -224,6 +230,8 @@ def _launch_gate(query: Tensor, means: Tensor, chunk_size: int, km1: int, len_k:
     if sel.numel() == 0:
         return sel
     cfg = _gate_config(d, n, km1)
+    if interpreting():
+        speed_up_interpreter()
     grid = (triton.cdiv(lq, cfg.block_m), b * hq)
     _gate_kernel[grid](
         query,
@@ -289,12 +297,13 @@ def select_chunks_triton(
     km1 = topk - 1
     # No row has more than (Lk - 1) // C earlier chunks: gate only that many slots, pad the rest with -1.
     km1_eff = min(km1, (lk - 1) // chunk_size)
-    sel = torch.full((b, hq, lq, km1), -1, dtype=torch.int32, device=query.device)
-    if km1_eff == 0 or sel.numel() == 0:
-        return sel
+    if km1_eff == 0 or b * hq * lq == 0:
+        return torch.full((b, hq, lq, km1), -1, dtype=torch.int32, device=query.device)
     if means is None:
         means = chunk_means_triton(key, chunk_size)
-    sel[..., :km1_eff] = _launch_gate(query, means, chunk_size, km1_eff, lk)
+    sel = _launch_gate(query, means, chunk_size, km1_eff, lk)
+    if km1_eff < km1:
+        sel = torch.nn.functional.pad(sel, (0, km1 - km1_eff), value=-1)
     return sel
 
 
@@ -343,6 +352,12 @@ class FlipResult:
     tile_seg: Tensor
     tile_row0: Tensor
     n_segments: int
+
+
+def _exact_tile_count(device: torch.device) -> bool:
+    # On CUDA the tile count stays on the device (reading it would stall the stream): the grid takes the static bound
+    # and padding tiles exit at once. Interpreted, a host read costs nothing and saves empty programs.
+    return device.type != "cuda" or interpreting()
 
 
 def flip_selection(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int) -> FlipResult:
@@ -399,8 +414,8 @@ def flip_selection(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int) -> F
         )
     tiles_per = (counts64 + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per, 0)
-    if interpreting() or dev.type == "cpu":
-        n_tiles = int(tile_end[-1]) if n_seg else 0  # a host sync costs nothing here and saves empty programs
+    if _exact_tile_count(dev):
+        n_tiles = int(tile_end[-1]) if n_seg else 0
     else:
         n_tiles = n_entries // block_m + n_seg  # static bound: sum ceil(count / bm) <= E / bm + S
     t = torch.arange(n_tiles, device=dev, dtype=torch.int64)

@@ -162,3 +162,38 @@ def triton_unsupported_reason(
         if attn_mask.dim() > 4 or not fits:
             return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {[b, hq, lq, lk]}"
     return None
+
+
+def speed_up_interpreter() -> None:
+    """Give the Triton interpreter a numpy fast path for integer XOR reductions (idempotent; no-op if unavailable).
+
+    ``tl.sort``, ``tl.topk`` and ``tl.bitonic_merge`` swap elements through ``xor_sum`` over size-2 axes, which the
+    interpreter (triton 3.9) evaluates one element at a time in Python: a [64, 16] top-k then takes ~0.1 s per
+    program. ``np.bitwise_xor.reduce`` gives the identical result, so the kernels keep the exact code path the GPU
+    runs while interpreted tests stay fast. Only reductions whose combine function is Triton's own ``_xor_combine``
+    along one axis are redirected; everything else goes to the interpreter unchanged.
+
+    Example:
+        >>> speed_up_interpreter()
+    """
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    ops = getattr(interpreter, "ReduceOps", None)
+    xor_combine = getattr(getattr(tl, "standard", None), "_xor_combine", None)
+    if ops is None or xor_combine is None or getattr(ops, "_moba_fast_xor", False):
+        return
+    slow = ops.apply_impl
+
+    def apply_impl(self, input):  # noqa: ANN001, ANN202 - interpreter internals
+        if self.combine_fn is xor_combine and self.axis is not None and len(input) == 1:
+            x = input[0]
+            data = np.bitwise_xor.reduce(x.handle.data, axis=self.axis, keepdims=self.keep_dims)
+            return self.to_tensor(data, x.dtype)
+        return slow(self, input)
+
+    ops.apply_impl = apply_impl
+    ops._moba_fast_xor = True

@@ -1,0 +1,1 @@
+"""Benchmarks for moba-compile (GPU only; see ``python -m benchmarks.attention --help``)."""

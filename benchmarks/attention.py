@@ -1,0 +1,692 @@
+"""MoBA forward benchmark: Triton gate + forward against dense causal SDPA and FlexAttention, in one run.
+
+Usage (a CUDA GPU is needed for real numbers)::
+
+    python -m benchmarks.attention                    # spec section 5 table + FlashMoBA sweep, bf16, D=128
+    python -m benchmarks.attention --suite spec       # only the spec table
+    python -m benchmarks.attention --max-len 131072   # skip longer sequences
+    python -m benchmarks.attention --dry-run          # print the plan (shapes, FLOPs, memory); no GPU needed
+    python -m benchmarks.attention --compile-check    # compile every kernel for sm_90 (no GPU): registers, spills
+    python -m benchmarks.attention --smoke            # tiny shapes on CPU through the Triton interpreter: checks the
+                                                      # script end to end; its timings mean nothing, nothing is saved
+
+Per configuration it measures, in the same process: gating ms (chunk means + fused top-k gate), index-flip ms,
+forward ms (``moba_forward_triton``, gating included), dense causal SDPA ms, FlexAttention ms with a MoBA block mask
+(block size = chunk, the exact per-token selection in ``mask_mod``), and peak memory of each. From the gate's actual
+selection it counts the useful work, ``4 * D`` FLOPs per attended (query, key) pair with the own chunk counted
+causally, and reports the ideal time (useful FLOPs at the dense SDPA FLOP rate of this run), the ratio forward/ideal,
+and useful TFLOP/s. Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs).
+
+Results: a table on stdout, ``benchmarks/results/attention-<gpu>-<date>.json`` (GPU, torch/triton/CUDA versions,
+every shape and number; ``null`` plus an ``errors`` entry where a measurement failed or was skipped), and a PNG plot
+next to it when matplotlib is installed. Nothing is estimated in place of a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GiB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark shape: prefill (``Lq == Lk``), causal, bf16, MHA."""
+
+    suite: str
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    chunk_size: int
+    topk: int
+
+    @property
+    def name(self) -> str:
+        n = self.seq_len
+        size = f"{n // 1024}K" if n % 1024 == 0 else str(n)
+        return f"{self.suite}-B{self.batch}-H{self.heads}-N{size}-D{self.head_dim}-C{self.chunk_size}-K{self.topk}"
+
+
+# moba-spec.md section 5 (B=1, H=32, D=128).
+SPEC_CONFIGS = [
+    BenchConfig("spec", 1, 32, 8192, 128, 512, 3),
+    BenchConfig("spec", 1, 32, 32768, 128, 2048, 3),
+    BenchConfig("spec", 1, 32, 131072, 128, 4096, 12),
+    BenchConfig("spec", 1, 32, 131072, 128, 8192, 3),
+]
+# The FlashMoBA paper's setting: B=2, H=16, D=128, chunk 128, top-k 8, 8K..512K tokens.
+FLASHMOBA_CONFIGS = [BenchConfig("flashmoba", 2, 16, 1024 * n, 128, 128, 8) for n in (8, 16, 32, 64, 128, 256, 512)]
+# --smoke: CPU + Triton interpreter, only to exercise this script.
+SMOKE_CONFIGS = [BenchConfig("smoke", 1, 2, 128, 64, 32, 2), BenchConfig("smoke", 1, 2, 192, 64, 32, 3)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Work accounting
+# ----------------------------------------------------------------------------------------------------------------------
+def dense_causal_pairs(len_q: int, len_k: int) -> int:
+    """Attended (query, key) pairs of bottom-right causal attention for one (batch, head)."""
+    return len_q * (len_k - len_q) + len_q * (len_q + 1) // 2
+
+
+def own_chunk_pairs(len_q: int, len_k: int, chunk: int) -> int:
+    """Pairs inside each row's own chunk, counted causally (``p % C + 1`` keys for the row at position ``p``)."""
+    p = torch.arange(len_k - len_q, len_k, dtype=torch.int64)
+    return int((p % chunk + 1).sum())
+
+
+def moba_pairs(sel: torch.Tensor, len_q: int, len_k: int, chunk: int) -> int:
+    """Attended pairs of a MoBA call over all (batch, head): own chunk causally + ``C`` per selected earlier chunk.
+
+    Earlier chunks are always complete (the partial last chunk is nobody's earlier chunk).
+    """
+    b, h = sel.shape[0], sel.shape[1]
+    return b * h * own_chunk_pairs(len_q, len_k, chunk) + chunk * int((sel >= 0).sum())
+
+
+def expected_moba_pairs(cfg: BenchConfig) -> int:
+    """Pairs if every row selects ``min(K-1, own chunk index)`` earlier chunks (what the gate does); no GPU needed."""
+    n, c, k = cfg.seq_len, cfg.chunk_size, cfg.topk
+    own = torch.arange(n, dtype=torch.int64) // c
+    selected = own.clamp(max=k - 1)
+    return cfg.batch * cfg.heads * (own_chunk_pairs(n, n, c) + c * int(selected.sum()))
+
+
+def estimate_memory(cfg: BenchConfig, partial_budget: int) -> dict[str, float]:
+    """Rough GiB needed by the MoBA forward (inputs, output, gate/flip arrays, fp32 partials) and Flex's block mask."""
+    b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
+    km1 = min(k - 1, (n - 1) // c)
+    inputs = 3 * b * h * n * d * 2
+    out = b * h * n * d * 2 + b * h * n * 4
+    entries = b * h * n * km1
+    index = entries * 4 * 3  # sel, rank, lists (int32)
+    partials = min(entries * (d + 1) * 4, max(partial_budget, b * h * km1 * (d + 1) * 4))
+    n_blocks = -(-n // c)
+    flex_mask = 4 * b * h * n_blocks * n_blocks * 4  # partial + full kv indices and their q-major transposes (int32)
+    return {
+        "inputs_gib": inputs / GiB,
+        "moba_extra_gib": (out + index + partials) / GiB,
+        "flex_block_mask_gib": flex_mask / GiB,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing and memory
+# ----------------------------------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, rep: int) -> float:
+    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on CUDA; a wall-clock median on the CPU (smoke)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[1]
+
+
+def peak_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak allocated GiB during one call of ``fn``, above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / GiB
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FlexAttention with a MoBA block mask
+# ----------------------------------------------------------------------------------------------------------------------
+def flex_moba_block_mask(sel: torch.Tensor, len_q: int, len_k: int, chunk: int) -> Any:
+    """A ``BlockMask`` (block size = chunk) for the MoBA selection ``sel [B, H, Lq, K-1]`` (``-1`` = unused).
+
+    Block (query block, key chunk) is active when any row of the query block chose the chunk, or it is the rows' own
+    chunk; it is "full" (no ``mask_mod`` call) when every row of the block chose it. ``mask_mod`` applies the exact
+    per-token rule: own chunk causally, or the key's chunk among the row's ``K-1`` slots (pointwise comparisons, so no
+    ``[B, H, Lq, N]`` tensor is built).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h, lq, km1 = sel.shape
+    dev = sel.device
+    n_kb = -(-len_k // chunk)
+    off = len_k - len_q
+    n_qb = -(-len_q // chunk)
+    rows = torch.arange(lq, device=dev)
+    qb = (rows // chunk).view(1, 1, lq, 1).expand(b, h, lq, km1)
+    # counts[b, h, query block, chunk] = rows of the block that chose the chunk (column n_kb soaks up the -1 slots).
+    flat = (qb * (n_kb + 1) + torch.where(sel < 0, n_kb, sel).long()).flatten(2)
+    counts = torch.zeros(b, h, n_qb * (n_kb + 1), dtype=torch.int32, device=dev)
+    counts.scatter_add_(-1, flat, torch.ones_like(flat, dtype=torch.int32))
+    counts = counts.view(b, h, n_qb, n_kb + 1)[..., :n_kb]
+    rows_per_qb = torch.bincount(rows // chunk, minlength=n_qb).to(torch.int32)
+    full = counts == rows_per_qb.view(1, 1, n_qb, 1)
+    partial = (counts > 0) & ~full
+    # Own chunks (causal, so always partial): the key chunks holding the positions of each query block's rows.
+    first_own = (off + torch.arange(n_qb, device=dev) * chunk) // chunk
+    last_own = (off + torch.clamp((torch.arange(n_qb, device=dev) + 1) * chunk, max=lq) - 1) // chunk
+    kb = torch.arange(n_kb, device=dev)
+    own = (kb.view(1, -1) >= first_own.view(-1, 1)) & (kb.view(1, -1) <= last_own.view(-1, 1))
+    partial = partial | own.view(1, 1, n_qb, n_kb)
+    full = full & ~own.view(1, 1, n_qb, n_kb)
+
+    def to_indices(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num = active.sum(-1, dtype=torch.int32)
+        idx = torch.argsort((~active).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(full)
+    sel_c = sel.contiguous()
+
+    def mask_mod(bi, hi, q_idx, kv_idx):  # noqa: ANN001, ANN202 - FlexAttention callback
+        c = kv_idx // chunk
+        p = q_idx + off
+        keep = (c == p // chunk) & (kv_idx <= p)
+        for j in range(km1):
+            keep = keep | (sel_c[bi, hi, q_idx, j] == c)
+        return keep
+
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(chunk, chunk), mask_mod=mask_mod, seq_lengths=(len_q, len_k)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One configuration
+# ----------------------------------------------------------------------------------------------------------------------
+def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device, flex_fn: Any) -> dict[str, Any]:
+    """Measure one configuration; failures (OOM, compile errors) are recorded in ``errors``, never papered over."""
+    from moba_compile import reference
+    from moba_compile.kernels import flip_selection, moba_forward_triton, select_chunks_triton
+
+    b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
+    dtype = torch.bfloat16
+    row: dict[str, Any] = {**asdict(cfg), "name": cfg.name, "dtype": "bfloat16", "errors": {}}
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
+    key = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
+    val = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
+    scale = 1.0 / math.sqrt(d)
+
+    def record(field: str, fn: Callable[[], float | None]) -> None:
+        try:
+            row[field] = fn()
+        except torch.OutOfMemoryError as exc:
+            row[field] = None
+            row["errors"][field] = f"out of memory: {str(exc).splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and moves on
+            row[field] = None
+            row["errors"][field] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _release(device)
+
+    # Gate (means + fused top-k) and index flip.
+    sel_holder: dict[str, torch.Tensor] = {}
+    mask_holder: dict[str, Any] = {}
+
+    def gate() -> torch.Tensor:
+        return select_chunks_triton(q, key, c, k)
+
+    def measure_gate() -> float:
+        sel_holder["sel"] = gate()
+        return time_ms(gate, device, args.warmup, args.rep)
+
+    record("gating_ms", measure_gate)
+    sel = sel_holder.get("sel")
+    if sel is not None and k > 1:
+        block_m = 128  # the forward's tile for D=128 on CUDA; the flip cost hardly depends on it
+        record(
+            "flip_ms",
+            lambda: time_ms(lambda: flip_selection(sel, h, -(-n // c), block_m), device, args.warmup, args.rep),
+        )
+    else:
+        row["flip_ms"] = None
+
+    # Forward.
+    fwd = lambda: moba_forward_triton(q, key, val, c, k, scale)  # noqa: E731
+    record("forward_ms", lambda: time_ms(fwd, device, args.warmup, args.rep))
+    record("forward_peak_gib", lambda: peak_gib(fwd, device))
+
+    # Dense causal SDPA (Lq == Lk, so is_causal is MoBA's bottom-right causality).
+    dense = lambda: F.scaled_dot_product_attention(q, key, val, is_causal=True, scale=scale)  # noqa: E731
+    record("dense_ms", lambda: time_ms(dense, device, args.warmup, args.rep))
+    record("dense_peak_gib", lambda: peak_gib(dense, device))
+
+    # FlexAttention with the MoBA block mask built from this run's selection.
+    if args.no_flex:
+        row["flex_ms"] = None
+        row["errors"]["flex_ms"] = "skipped (--no-flex)"
+    elif n > args.flex_max_len:
+        row["flex_ms"] = None
+        row["errors"]["flex_ms"] = f"skipped: N={n} > --flex-max-len {args.flex_max_len}"
+    elif sel is None:
+        row["flex_ms"] = None
+        row["errors"]["flex_ms"] = "skipped: no gate selection"
+    else:
+
+        def measure_flex() -> float:
+            mask_holder["mask"] = flex_moba_block_mask(sel, n, n, c)
+            fn = lambda: flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale)  # noqa: E731
+            fn()  # compile outside the timed region
+            return time_ms(fn, device, args.warmup, args.rep)
+
+        record("flex_ms", measure_flex)
+        if "mask" in mask_holder:
+            flex_call = lambda: flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale)  # noqa: E731
+            record("flex_peak_gib", lambda: peak_gib(flex_call, device))
+
+    # Work accounting from the actual selection.
+    row["dense_pairs"] = b * h * dense_causal_pairs(n, n)
+    row["useful_pairs"] = moba_pairs(sel, n, n, c) if sel is not None else None
+    row["density"] = row["useful_pairs"] / row["dense_pairs"] if row["useful_pairs"] else None
+    flops_per_pair = 4 * d
+    row["dense_tflops"] = (
+        flops_per_pair * row["dense_pairs"] / (row["dense_ms"] * 1e-3) / 1e12 if row.get("dense_ms") else None
+    )
+    if row.get("dense_ms") and row["useful_pairs"]:
+        rate = flops_per_pair * row["dense_pairs"] / (row["dense_ms"] * 1e-3)  # FLOP/s of dense SDPA in this run
+        row["ideal_ms"] = flops_per_pair * row["useful_pairs"] / rate * 1e3
+    else:
+        row["ideal_ms"] = None
+    fwd_ms = row.get("forward_ms")
+    row["ratio_to_ideal"] = fwd_ms / row["ideal_ms"] if fwd_ms and row["ideal_ms"] else None
+    row["useful_tflops"] = (
+        flops_per_pair * row["useful_pairs"] / (fwd_ms * 1e-3) / 1e12 if fwd_ms and row["useful_pairs"] else None
+    )
+    row["speedup_vs_dense"] = row["dense_ms"] / fwd_ms if fwd_ms and row.get("dense_ms") else None
+
+    # Correctness spot check against the reference (short sequences only: the reference is plain PyTorch).
+    if n <= args.check_max_len and row.get("forward_ms") is not None:
+
+        def check() -> dict[str, float]:
+            out, lse = fwd()
+            ref_out, ref_lse = reference.moba_attention_forward(q, key, val, chunk_size=c, topk=k, scale=scale)
+            ref_sel = reference.select_chunks(q, key, chunk_size=c, topk=k)
+            same = (sel.long().sort(-1).values == ref_sel.sort(-1).values).all(-1) if sel is not None else None
+            result = {
+                "max_abs_err_vs_reference": (out.float() - ref_out.float()).abs().max().item(),
+                "max_lse_err_vs_reference": (lse - ref_lse).abs().max().item(),
+                "gate_rows_equal_fraction": same.float().mean().item() if same is not None else float("nan"),
+                "reference_max_abs": ref_out.float().abs().max().item(),
+            }
+            if "mask" in mask_holder:  # the FlexAttention baseline must compute the same MoBA attention
+                flex_out = flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale)
+                result["flex_max_abs_err_vs_reference"] = (flex_out.float() - ref_out.float()).abs().max().item()
+            return result
+
+        record("check", check)
+    sel_holder.clear()
+    mask_holder.clear()
+    _release(device)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------------
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'config':<44} {'gate':>8} {'flip':>8} {'fwd':>9} {'dense':>9} {'flex':>9} {'ideal':>9} {'fwd/ideal':>9} "
+        f"{'TFLOP/s':>8} {'peakGiB':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        cells = [
+            _fmt(r.get("gating_ms"), ".3f").rjust(8),
+            _fmt(r.get("flip_ms"), ".3f").rjust(8),
+            _fmt(r.get("forward_ms"), ".3f").rjust(9),
+            _fmt(r.get("dense_ms"), ".3f").rjust(9),
+            _fmt(r.get("flex_ms"), ".3f").rjust(9),
+            _fmt(r.get("ideal_ms"), ".3f").rjust(9),
+            _fmt(r.get("ratio_to_ideal")).rjust(9),
+            _fmt(r.get("useful_tflops"), ".1f").rjust(8),
+            _fmt(r.get("forward_peak_gib")).rjust(8),
+        ]
+        print(f"{r['name']:<44} " + " ".join(cells))
+        for field, err in r.get("errors", {}).items():
+            print(f"    {field}: {err}")
+    print("times in ms (median); ideal = useful FLOPs (4*D per attended pair) at this run's dense SDPA FLOP rate")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """GPU and library versions recorded with the results."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = props.name
+        env["gpu_memory_gib"] = props.total_memory / GiB
+        env["sm_count"] = props.multi_processor_count
+    else:
+        env["gpu"] = None
+        env["device"] = f"{device.type} ({platform.processor() or platform.machine()}), TRITON_INTERPRET=1"
+    return env
+
+
+def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path) -> Path:
+    """Write the JSON (and a PNG when matplotlib is available); returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu") or "cpu").strip("-").lower()
+    stamp = _dt.datetime.now().strftime("%Y%m%d")
+    path = out_dir / f"attention-{gpu}-{stamp}.json"
+    if path.exists():  # never overwrite an earlier run of the same day
+        path = out_dir / f"attention-{gpu}-{stamp}-{_dt.datetime.now().strftime('%H%M%S')}.json"
+    payload = {
+        "benchmark": "moba forward (benchmarks/attention.py)",
+        "timing": "median of triton.testing.do_bench (CUDA events), milliseconds",
+        "useful_work": "4 * head_dim FLOPs per attended (query, key) pair; own chunk counted causally",
+        "ideal": "useful FLOPs at the dense causal SDPA FLOP rate measured in the same run",
+        "environment": env,
+        "rows": rows,
+    }
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    plot(rows, env, path.with_suffix(".png"))
+    return path
+
+
+def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
+    """Times per configuration: FlashMoBA sweep (log-log over N) and the spec table (bars). Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    series = ("forward_ms", "gating_ms", "dense_ms", "flex_ms", "ideal_ms")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    sweep = [r for r in rows if r["suite"] == "flashmoba"]
+    ax = axes[0]
+    for field in series:
+        pts = [(r["seq_len"], r[field]) for r in sweep if r.get(field)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=field.removesuffix("_ms"))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("ms")
+    ax.set_title("FlashMoBA setting: B=2, H=16, D=128, C=128, K=8")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    table = [r for r in rows if r["suite"] != "flashmoba"]
+    ax = axes[1]
+    width = 0.8 / len(series)
+    for i, field in enumerate(series):
+        xs = [j + i * width for j, r in enumerate(table) if r.get(field)]
+        ys = [r[field] for r in table if r.get(field)]
+        ax.bar(xs, ys, width=width, label=field.removesuffix("_ms"))
+    ax.set_xticks([j + 0.4 for j in range(len(table))])
+    ax.set_xticklabels([f"N={r['seq_len'] // 1024}K\nC={r['chunk_size']} K={r['topk']}" for r in table], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms")
+    ax.set_title("spec table: B=1, H=32, D=128")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.suptitle(f"MoBA forward, bf16 - {env.get('gpu') or env.get('device')} - torch {env['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------------------
+def _ptxas() -> str | None:
+    import triton
+
+    bin_dir = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):
+        if (bin_dir / name).exists():
+            return str(bin_dir / name)
+    return None
+
+
+def _aot_compile(
+    fn: Any, ptr_types: dict[str, str], consts: dict[str, Any], warps: int, stages: int, arch: int
+) -> dict:
+    """Compile one kernel variant for ``sm_<arch>`` as a launch would (pointers and 16-multiple strides flagged
+    divisible by 16, unit strides specialised to 1) and read registers/spills from ``ptxas -v``."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    div16 = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "C"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_types.get(name, "*i32")
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    info: dict[str, Any] = {"shared_bytes": kernel.metadata.shared, "registers": None, "spill_bytes": None}
+    ptxas = _ptxas()
+    if ptxas is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            res = subprocess.run(
+                [ptxas, "-v", f"--gpu-name=sm_{arch}a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                capture_output=True,
+                text=True,
+            )
+        regs = re.search(r"Used (\d+) registers", res.stderr)
+        spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)
+        info["registers"] = int(regs.group(1)) if regs else None
+        info["spill_bytes"] = sum(map(int, spills)) if spills else None
+    return info
+
+
+def compile_check(arch: int = 90, head_dim: int = 128) -> list[dict[str, Any]]:
+    """Compile every forward kernel at the launchers' CUDA configurations for ``sm_<arch>`` (bf16, ``head_dim``).
+
+    Runs on a machine without a GPU (Triton's bundled compiler and ptxas); must not run under TRITON_INTERPRET.
+    Returns one record per variant: name, config, shared memory, registers, spill bytes (``None`` without ptxas).
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("--compile-check needs TRITON_INTERPRET unset (kernels are interpreted objects otherwise)")
+    from moba_compile.kernels import forward as fw
+    from moba_compile.kernels import gating as gt
+
+    d = head_dim
+    variants: list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]] = []
+    variants.append(("chunk_means", gt._chunk_means_kernel, {"k_ptr": "*bf16", "means_ptr": "*fp32"},
+                     {"HEAD_D": d, "BLOCK_N": 64, "skd": 1}, 4, 2))  # fmt: skip
+    for km1 in (2, 7, 63):
+        g = gt._gate_config(d, 1024, km1)
+        for dtype, split, prec in (("bf16", True, "tf32"), ("fp16", False, "tf32x3")):
+            consts = {"HEAD_D": d, "BLOCK_M": g.block_m, "BLOCK_C": g.block_c, "TOP": g.top, "SPLIT_BF16": split,
+                      "UPCAST": False, "DOT_PREC": prec, "sqd": 1}  # fmt: skip
+            ptrs = {"q_ptr": f"*{dtype}", "means_ptr": "*fp32", "sel_ptr": "*i32"}
+            variants.append((f"gate-{dtype}-K{km1 + 1}", gt._gate_kernel, ptrs, consts, g.num_warps, g.num_stages))
+    flip_ptrs = {"seg_start_ptr": "*i64"}
+    variants.append(("flip_count", gt._flip_count_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
+    variants.append(("flip_scatter", gt._flip_scatter_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
+    io = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "po_ptr": "*fp32",
+          "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "seg_start_ptr": "*i64"}  # fmt: skip
+    for has_mask in (False, True):
+        cfg = fw._fwd_config(d, d, torch.bfloat16, has_mask)
+        consts = {"HEAD_D": d, "HEAD_DV": d, "BLOCK_N": cfg.block_n, "HAS_MASK": has_mask, "UPCAST": False,
+                  "DOT_PREC": "tf32", "sqd": 1, "skd": 1, "svd": 1}  # fmt: skip
+        tag = "mask" if has_mask else "nomask"
+        for kname, kern in (("key_major", fw._sparse_fwd_kernel), ("own_chunk", fw._own_fwd_kernel)):
+            variants.append((f"{kname}-{tag}", kern, io, {**consts, "BLOCK_M": cfg.block_m}, cfg.num_warps,
+                             cfg.num_stages))  # fmt: skip
+    records = []
+    for name, fn, ptrs, consts, warps, stages in variants:
+        rec: dict[str, Any] = {"kernel": name, "num_warps": warps, "num_stages": stages}
+        rec.update({k: v for k, v in consts.items() if k.isupper() and k not in ("UPCAST",)})
+        try:
+            rec.update(_aot_compile(fn, ptrs, consts, warps, stages, arch))
+            rec["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - report every variant
+            rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.attention",
+        description="Benchmark the MoBA Triton forward against dense causal SDPA and FlexAttention (bf16, GPU).",
+    )
+    p.add_argument("--suite", choices=("all", "spec", "flashmoba"), default="all", help="which configurations")
+    p.add_argument("--max-len", type=int, default=1 << 20, help="skip configurations longer than this")
+    p.add_argument("--flex-max-len", type=int, default=131072, help="run FlexAttention only up to this length")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    p.add_argument("--check-max-len", type=int, default=8192, help="compare with the reference up to this length")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup budget, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measurement budget, ms")
+    p.add_argument("--out-dir", type=Path, default=None, help=f"where to write JSON/PNG (default {RESULTS_DIR})")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (shapes, work, memory) and exit; no GPU")
+    p.add_argument(
+        "--compile-check",
+        action="store_true",
+        help="compile every kernel for sm_90 (H100) without a GPU and print registers/spills; exit 1 on failure",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on the CPU via TRITON_INTERPRET=1; writes only to --out-dir"
+    )
+    return p.parse_args(argv)
+
+
+def select_configs(args: argparse.Namespace) -> list[BenchConfig]:
+    if args.smoke:
+        return list(SMOKE_CONFIGS)
+    configs = []
+    if args.suite in ("all", "spec"):
+        configs += SPEC_CONFIGS
+    if args.suite in ("all", "flashmoba"):
+        configs += FLASHMOBA_CONFIGS
+    return [c for c in configs if c.seq_len <= args.max_len]
+
+
+def dry_run(configs: list[BenchConfig]) -> None:
+    budget = 80 * 10**9 // 4  # the forward's default partial-buffer budget on an 80 GB H100 (a quarter of memory)
+    print(f"{'config':<44} {'chunks':>6} {'dense TFLOP':>11} {'MoBA TFLOP':>10} {'density':>8} {'inputs GiB':>10} "
+          f"{'MoBA+ GiB':>9} {'flex mask GiB':>13}")  # fmt: skip
+    for cfg in configs:
+        dense = 4 * cfg.head_dim * cfg.batch * cfg.heads * dense_causal_pairs(cfg.seq_len, cfg.seq_len)
+        useful = 4 * cfg.head_dim * expected_moba_pairs(cfg)
+        mem = estimate_memory(cfg, budget)
+        print(
+            f"{cfg.name:<44} {-(-cfg.seq_len // cfg.chunk_size):>6} {dense / 1e12:>11.2f} {useful / 1e12:>10.2f} "
+            f"{useful / dense:>8.3f} {mem['inputs_gib']:>10.2f} {mem['moba_extra_gib']:>9.2f} "
+            f"{mem['flex_block_mask_gib']:>13.2f}"
+        )
+    print("dry run: nothing measured. MoBA TFLOP assumes each row selects min(K-1, own chunk) earlier chunks;")
+    print("memory assumes an 80 GB GPU (partial outputs capped at a quarter of it; longer inputs run in row slabs).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns a process exit code."""
+    args = parse_args(argv)
+    configs = select_configs(args)
+    if args.dry_run:
+        dry_run(configs)
+        return 0
+    if args.compile_check:
+        records = compile_check()
+        for r in records:
+            detail = r.get("error") or (
+                f"regs={r['registers']} spill={r['spill_bytes']}B smem={r['shared_bytes'] // 1024}KiB"
+            )
+            print(f"{'ok ' if r['ok'] else 'FAIL'} {r['kernel']:<18} w{r['num_warps']} s{r['num_stages']} {detail}")
+        print(json.dumps(records))
+        return 0 if all(r["ok"] for r in records) else 1
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (moba_compile imports it lazily)
+        device = torch.device("cpu")
+        args.warmup, args.rep = 0, 0
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA GPU: use --dry-run for the plan or --smoke to exercise the script", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cuda":
+        from torch import _dynamo
+
+        # One compiled FlexAttention per shape: raise the recompile limit and fail loudly rather than silently running
+        # the eager (unfused, O(N^2)-memory) fallback once it is hit.
+        _dynamo.config.recompile_limit = 64
+        _dynamo.config.fail_on_recompile_limit_hit = True
+        flex_fn = torch.compile(flex_attention, dynamic=False)
+    else:
+        flex_fn = flex_attention
+    try:
+        from tqdm import tqdm
+
+        iterator = tqdm(configs, desc="configs", unit="cfg")
+    except ImportError:
+        iterator = configs
+    env = environment(device)
+    rows = []
+    for cfg in iterator:
+        if hasattr(iterator, "set_postfix_str"):
+            iterator.set_postfix_str(cfg.name)
+        rows.append(run_config(cfg, args, device, flex_fn))
+    print_table(rows)
+    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else RESULTS_DIR)
+    if out_dir is not None:
+        path = write_results(rows, env, out_dir)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
