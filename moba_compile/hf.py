@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from . import ops
 from .policy import Policy, load_policy
 from .report import Report, SiteRecord
 
-__all__ = ["register", "MobaAttention"]
+__all__ = ["register", "annotate", "MobaAttention", "MobaCache"]
 
 
 def _transformers():
@@ -111,6 +113,10 @@ class MobaAttention:
             self._record(module, layer, decode, decision="dense", chunk_size=None, topk=None, reason=reason)
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         kind = None if attention_mask is None else self._mask_kind(attention_mask, query, key)
+        means = None
+        layer_ref = getattr(key, "_moba_cache_layer", None)
+        if decode and layer_ref is not None and layer_ref() is not None:
+            means = layer_ref().chunk_means(decision.chunk_size, key)
         out = ops.attention(
             query,
             key,
@@ -121,15 +127,13 @@ class MobaAttention:
             attn_mask=attention_mask,
             mask_kind=kind,
             impl=self.impl,
+            chunk_means=means,
         )
+        reason = decision.reason
+        if decode:
+            reason += "; chunk means from MobaCache" if means is not None else "; chunk means re-read from all keys"
         self._record(
-            module,
-            layer,
-            decode,
-            decision="moba",
-            chunk_size=decision.chunk_size,
-            topk=decision.topk,
-            reason=decision.reason,
+            module, layer, decode, decision="moba", chunk_size=decision.chunk_size, topk=decision.topk, reason=reason
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -189,3 +193,108 @@ def annotate(model: torch.nn.Module) -> torch.nn.Module:
         if hasattr(sub, "layer_idx"):
             sub._moba_path = path
     return model
+
+
+class _MeanTrack:
+    """Chunk means of one cache layer for one chunk size, extended as keys are appended (fp32 sums)."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.length = 0
+        self.complete: Tensor | None = None  # [B, H, n_complete, D] fp32 means of full chunks
+        self.partial_sum: Tensor | None = None  # [B, H, D] fp32 sum of the keys of the chunk being filled
+        self.partial_count = 0
+        self.keys_ref: Callable[[], Tensor | None] = lambda: None
+
+    def append(self, new: Tensor) -> None:
+        c, x = self.chunk_size, new.float()
+        b, h, t, d = x.shape
+        pieces = [] if self.complete is None else [self.complete]
+        off = 0
+        if self.partial_count:
+            take = min(c - self.partial_count, t)
+            self.partial_sum = self.partial_sum + x[:, :, :take].sum(2)
+            self.partial_count += take
+            off = take
+            if self.partial_count == c:
+                pieces.append((self.partial_sum / c)[:, :, None])
+                self.partial_sum, self.partial_count = None, 0
+        full = (t - off) // c
+        if full:
+            pieces.append(x[:, :, off : off + full * c].reshape(b, h, full, c, d).sum(3) / c)
+            off += full * c
+        if off < t:
+            self.partial_sum, self.partial_count = x[:, :, off:].sum(2), t - off
+        if pieces:
+            self.complete = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+        self.length += t
+
+
+class _MobaCacheLayer:
+    """Mixin over transformers' ``DynamicLayer``: keeps per-chunk-size key means as chunks complete."""
+
+    def _tracks(self) -> dict[int, _MeanTrack]:
+        if not hasattr(self, "_moba_tracks"):
+            self._moba_tracks: dict[int, _MeanTrack] = {}
+        return self._moba_tracks
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        previous = self.keys if getattr(self, "is_initialized", False) else None
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        for chunk_size, track in list(self._tracks().items()):
+            if previous is not None and track.keys_ref() is previous and track.length == previous.shape[-2]:
+                track.append(key_states)
+                track.keys_ref = weakref.ref(keys)
+            else:  # the cache was cropped, reordered or moved: rebuild on next use
+                del self._tracks()[chunk_size]
+        keys._moba_cache_layer = weakref.ref(self)
+        return keys, values
+
+    def chunk_means(self, chunk_size: int, keys: Tensor) -> Tensor:
+        """fp32 means ``[B, H, n, D]`` of the complete chunks of ``keys`` (this layer's current keys)."""
+        track = self._tracks().get(chunk_size)
+        if track is None or track.keys_ref() is not keys or track.length != keys.shape[-2]:
+            track = _MeanTrack(chunk_size)
+            track.append(keys)
+            track.keys_ref = weakref.ref(keys)
+            self._tracks()[chunk_size] = track
+        if track.complete is None:
+            b, h, _, d = keys.shape
+            return keys.new_zeros((b, h, 0, d), dtype=torch.float32)
+        return track.complete
+
+
+@functools.cache
+def _cache_classes():
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class MobaCacheLayer(_MobaCacheLayer, DynamicLayer):
+        pass
+
+    class _MobaCache(DynamicCache):
+        def __init__(self) -> None:
+            # Layers are created on first use, one per attention layer, as a DynamicCache without a config does.
+            super(DynamicCache, self).__init__(layer_class_to_replicate=MobaCacheLayer)
+
+    return _MobaCache
+
+
+def MobaCache():  # noqa: N802 (a factory standing in for a class, so that transformers is imported lazily)
+    """A transformers ``DynamicCache`` that also keeps the chunk means MoBA's gate needs, as chunks complete.
+
+    With it, a decode step of an ``attn_implementation="moba"`` layer reads the means of complete chunks (fp32,
+    ``[B, Hkv, n, D]``, updated in ``O(new tokens)`` per step) instead of averaging every cached key. Cropping,
+    beam reordering or offloading the cache makes the means rebuild once on the next step. Means are kept per chunk
+    size that a layer asks for.
+
+    Returns:
+        A new cache instance; pass it as ``past_key_values`` to ``generate`` or the model.
+
+    Raises:
+        ImportError: transformers is not installed.
+
+    Example:
+        >>> out = model.generate(ids, past_key_values=moba_compile.hf.MobaCache(), max_new_tokens=32)  # doctest: +SKIP
+    """
+    _transformers()
+    return _cache_classes()()

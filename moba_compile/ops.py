@@ -2,12 +2,13 @@
 
 Ops (all functional, no mutation):
 
-- ``moba::attention(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl)
-  -> (out, lse)``: MoBA attention in the SDPA layout. ``mask_kind`` is an optional result of ``moba::analyse_mask``
-  (the compile pass shares one per mask node): ``MASK_CAUSAL`` drops the mask (MoBA is already causal), ``MASK_APPLY``
-  intersects it with the selection (padding), ``MASK_NOT_CAUSAL`` and ``MASK_PER_ROW`` (sliding windows, packed
-  documents) run dense SDPA with the mask instead: not MoBA.
-  ``min_seq_len``: key sequences shorter than this run dense causal attention.
+- ``moba::attention(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl,
+  chunk_means=None) -> (out, lse)``: MoBA attention in the SDPA layout. ``mask_kind`` is an optional result of
+  ``moba::analyse_mask`` (the compile pass shares one per mask node): ``MASK_CAUSAL`` drops the mask (MoBA is
+  already causal), ``MASK_APPLY`` intersects it with the selection (padding), ``MASK_NOT_CAUSAL`` and
+  ``MASK_PER_ROW`` (sliding windows, packed documents) run dense SDPA with the mask instead: not MoBA.
+  ``min_seq_len``: key sequences shorter than this run dense causal attention. ``chunk_means``: gate means kept by a
+  KV cache, so that a decode step need not average every key.
 - ``moba::attention_backward(...) -> (dq, dk, dv)``: the registered backward of ``moba::attention``.
 - ``moba::analyse_mask(attn_mask, query, key, tag) -> int64 scalar on the CPU``: one read of a boolean mask per
   forward, classified against the bottom-right causality of ``query``/``key`` lengths.
@@ -155,6 +156,7 @@ def _attention_op(
     scale: float,
     min_seq_len: int,
     impl: str,
+    chunk_means: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     mask, kind = _mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
@@ -164,20 +166,39 @@ def _attention_op(
         return out, lse
     topk = _effective_topk(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
-    CALLS[f"attention:{chosen}"] += 1
-    if chosen == "triton":
+    decode = _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_means)
+    CALLS[f"attention:{chosen}{'-decode' if decode is not None else ''}"] += 1
+    if decode is not None:
+        out, lse = decode(query, key, value, chunk_size, topk, scale, mask, chunk_means)
+    elif chosen == "triton":
         from .kernels import moba_forward_triton
 
+        # The forward kernel averages the keys itself; given means are the same numbers by contract.
         out, lse = moba_forward_triton(query, key, value, chunk_size, topk, scale, mask)
     else:
         out, lse = reference.moba_attention_forward(
-            query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask
+            query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, chunk_means=chunk_means
         )
     return out.contiguous(), lse.contiguous()
 
 
+def _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_means):
+    """The Triton decode kernel when it can take this call (one query row on the Triton path), else None."""
+    if chosen != "triton" or query.shape[2] != 1:
+        return None
+    try:
+        from .kernels import decode_unsupported_reason, moba_decode_triton
+    except ImportError:
+        return None
+    if decode_unsupported_reason(query, key, value, chunk_size, topk, mask, chunk_means) is not None:
+        return None
+    return moba_decode_triton
+
+
 @_attention_op.register_fake
-def _attention_fake(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl):
+def _attention_fake(
+    query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means=None
+):
     b, hq, lq, _ = query.shape
     out = query.new_empty((b, hq, lq, value.shape[-1]))
     lse = query.new_empty((b, hq, lq), dtype=_lse_dtype(query))
@@ -199,6 +220,7 @@ def _attention_backward_op(
     scale: float,
     min_seq_len: int,
     impl: str,
+    chunk_means: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     mask, kind = _mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
@@ -218,32 +240,55 @@ def _attention_backward_op(
     else:
         # No Triton backward kernel yet: the reference's hand-written gradient formulas (plain PyTorch ops).
         dq, dk, dv = reference.moba_attention_backward(
-            grad_out, query, key, value, out, lse, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask
+            grad_out,
+            query,
+            key,
+            value,
+            out,
+            lse,
+            chunk_size=chunk_size,
+            topk=topk,
+            scale=scale,
+            attn_mask=mask,
+            chunk_means=chunk_means,
         )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(
-    grad_out, query, key, value, attn_mask, mask_kind, out, lse, chunk_size, topk, scale, min_seq_len, impl
+    grad_out,
+    query,
+    key,
+    value,
+    attn_mask,
+    mask_kind,
+    out,
+    lse,
+    chunk_size,
+    topk,
+    scale,
+    min_seq_len,
+    impl,
+    chunk_means=None,
 ):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl = inputs
+    query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, attn_mask, mask_kind, out, lse)
+    ctx.save_for_backward(query, key, value, attn_mask, mask_kind, out, lse, chunk_means)
     ctx.params = (chunk_size, topk, scale, min_seq_len, impl)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, attn_mask, mask_kind, out, lse = ctx.saved_tensors
+    query, key, value, attn_mask, mask_kind, out, lse, chunk_means = ctx.saved_tensors
     dq, dk, dv = torch.ops.moba.attention_backward(
-        grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params
+        grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params, chunk_means
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -319,11 +364,13 @@ def attention(
     mask_kind: Tensor | None = None,
     min_seq_len: int = 0,
     impl: str = "auto",
+    chunk_means: Tensor | None = None,
 ) -> Tensor:
     """Validate a MoBA call and run ``moba::attention``; differentiable; returns only the output.
 
     See :func:`moba_compile.moba_attention` for shapes, dtypes and errors. ``mask_kind`` and ``min_seq_len`` are the
-    compile pass's knobs (see the module docstring).
+    compile pass's knobs (see the module docstring); ``chunk_means`` are gate means a KV cache kept
+    (:class:`moba_compile.hf.MobaCache`), so a decode step need not average every key.
 
     Example:
         >>> q = torch.randn(1, 2, 16, 8)
@@ -333,6 +380,6 @@ def attention(
     check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
     resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)  # raises early for an impossible impl
     out, _ = torch.ops.moba.attention(
-        query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl
+        query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl, chunk_means
     )
     return out

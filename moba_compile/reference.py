@@ -65,6 +65,29 @@ def chunk_means(key: Tensor, chunk_size: int) -> Tensor:
     return sums / counts[:, None]
 
 
+def _gate_means(key: Tensor, chunk_size: int, given: Tensor | None) -> Tensor:
+    """Chunk means for the gate: computed from ``key``, or the caller's (a KV cache keeps them as chunks complete).
+
+    Only chunks strictly before the last row's own chunk are ever scored, so ``given`` needs at least
+    ``(Lk - 1) // chunk_size`` rows; the rest are padded (never read).
+    """
+    if given is None:
+        return chunk_means(key, chunk_size)
+    b, h, lk, d = key.shape
+    n = -(-lk // chunk_size)
+    need = (lk - 1) // chunk_size
+    if given.dim() != 4 or tuple(given.shape[:2]) != (b, h) or given.shape[3] != d or given.shape[2] < need:
+        raise ValueError(
+            f"chunk_means must be [B, Hkv, >= {need}, D] = [{b}, {h}, >= {need}, {d}] for Lk={lk}, "
+            f"chunk_size={chunk_size}; got {tuple(given.shape)}"
+        )
+    acc = _acc_dtype(key.dtype)
+    means = given[:, :, :n].to(acc)
+    if means.shape[2] < n:
+        means = torch.nn.functional.pad(means, (0, 0, 0, n - means.shape[2]))
+    return means
+
+
 def _fold_heads(x: Tensor, heads_kv: int) -> Tensor:
     """``[B, Hq, rows, X] -> [B, Hkv, G * rows, X]``: a group's query heads become extra rows of its key head."""
     b, hq, rows, last = x.shape
@@ -173,6 +196,7 @@ def moba_attention_forward(
     topk: int,
     scale: float | None = None,
     attn_mask: Tensor | None = None,
+    chunk_means: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MoBA attention and its log-sum-exp, differentiable by PyTorch autograd (the gate excepted).
 
@@ -183,6 +207,8 @@ def moba_attention_forward(
         scale: softmax scale, default ``1 / sqrt(D)``.
         attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), intersected with
             the MoBA selection; the gate ignores it.
+        chunk_means: optional precomputed gate means ``[B, Hkv, >= (Lk - 1) // C, D]`` (what a KV cache keeps), used
+            instead of averaging ``key``; they must equal :func:`chunk_means` of ``key`` for the result to be MoBA's.
 
     Returns:
         ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` in the query's dtype; ``lse [B, Hq, Lq]`` in fp32 (fp64 for fp64
@@ -203,7 +229,7 @@ def moba_attention_forward(
     acc = _acc_dtype(query.dtype)
     full = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
     with torch.no_grad():
-        means = chunk_means(key, chunk_size)
+        means = _gate_means(key, chunk_size, chunk_means)
     k32, v32 = key.to(acc), value.to(acc)
     outs, lses = [], []
     for r0, r1, pos in _blocks(query, key):
@@ -263,6 +289,7 @@ def moba_attention_backward(
     topk: int,
     scale: float | None = None,
     attn_mask: Tensor | None = None,
+    chunk_means: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hand-written gradients of :func:`moba_attention_forward` (the formulas the kernels implement).
 
@@ -272,7 +299,7 @@ def moba_attention_backward(
 
     Args:
         grad_out: ``[B, Hq, Lq, Dv]``, the gradient of ``out``.
-        query, key, value, chunk_size, topk, scale, attn_mask: as given to the forward.
+        query, key, value, chunk_size, topk, scale, attn_mask, chunk_means: as given to the forward.
         out, lse: the forward's results.
 
     Returns:
@@ -290,7 +317,7 @@ def moba_attention_backward(
     full = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
     hkv = shapes.heads_kv
     with torch.no_grad():
-        means = chunk_means(key, chunk_size)
+        means = _gate_means(key, chunk_size, chunk_means)
         k32, v32 = key.to(acc), value.to(acc)
         dk = torch.zeros_like(k32)
         dv = torch.zeros_like(v32)

@@ -159,3 +159,25 @@ def test_compiled_sliding_window_mask_runs_dense_with_reason():
         got = compiled(ids, use_cache=False, attention_mask=torch.ones_like(ids)).logits
         expected = model(ids, use_cache=False, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_moba_cache_keeps_chunk_means_and_generates_like_dynamic_cache():
+    model = build("llama", attn="moba_test")
+    oracle = twin(model, "moba_oracle")
+    ids, mask = left_padded_batch(10)
+    cache = moba_compile.hf.MobaCache()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, **GEN)
+        ref = oracle.generate(ids, attention_mask=mask, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    decode = [s for s in MOBA.report().sites if s.form == "decode" and s.decision == "moba"]
+    assert decode and all("chunk means from MobaCache" in s.reason for s in decode)
+    # The incrementally kept means equal the reference's means of the full cache (complete chunks only).
+    layer = cache.layers[0]
+    keys = layer.keys
+    means = layer.chunk_means(CHUNK, keys)
+    n_complete = keys.shape[2] // CHUNK
+    expected = moba_compile.reference.chunk_means(keys, CHUNK)[:, :, :n_complete]
+    torch.testing.assert_close(means, expected, atol=1e-6, rtol=1e-6)  # fp32 sums in another order

@@ -100,6 +100,9 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto") -> R
             notes.append(f"layer from the {layer_source}")
         if site.saw_through_repeat:
             notes.append("repeat_kv seen through (key/value not repeated)")
+        if site.decode:
+            # A compiled graph gets the cache as plain tensors, so nothing keeps the means between steps.
+            notes.append("each step averages every cached key for the gate (moba_compile.hf.MobaCache avoids this)")
         if site.static_len_k is None and policy.min_seq_len > 0:
             notes.append(f"dense below min_seq_len {policy.min_seq_len} at run time")
         records[-1] = SiteRecord(**{**last.__dict__, "reason": "; ".join(notes)})
