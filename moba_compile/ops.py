@@ -19,7 +19,6 @@ The fake kernels return contiguous tensors, as the real kernels do, so Inductor'
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 
 import torch
@@ -85,8 +84,8 @@ def resolve_impl(
     """Choose the implementation that will run a MoBA call, and say why.
 
     Args:
-        impl: ``"auto"`` (Triton on CUDA when it supports the inputs, else the reference), ``"triton"`` (also on CPU
-            tensors under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        impl: ``"auto"`` (Triton on CUDA when it supports the inputs, else the reference; CPU tensors always use the
+            reference), ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``) or ``"reference"``.
         query, key, value, chunk_size, topk, attn_mask: the call (real or fake tensors; only metadata is read).
 
     Returns:
@@ -110,8 +109,9 @@ def resolve_impl(
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run this call: {reason}")
         return "triton", "impl='triton' requested"
-    if query.device.type == "cpu" and not os.environ.get("TRITON_INTERPRET"):
-        return "reference", "CPU tensors"
+    if query.device.type != "cuda":
+        # The interpreter (TRITON_INTERPRET=1) is for testing the kernels, far too slow to pick automatically.
+        return "reference", f"{query.device.type.upper()} tensors"
     if reason is not None:
         return "reference", reason
     return "triton", "Triton kernels"

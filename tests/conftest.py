@@ -6,11 +6,18 @@ way it does for ``tests/naive.py``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+import os
 
-import torch
-from torch import Tensor
+# Triton decides at import whether its kernels run interpreted, and torch._inductor (used by other test modules)
+# imports it early: set the flag here, before any test module is imported, so the interpreted kernel tests (which use
+# CPU tensors) pass in any order. impl="auto" still picks the reference on CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 # Float64 comparisons of two correct implementations that only sum in different orders (blocked matmuls vs per-row
 # loops, fused SDPA vs explicit softmax): observed differences are ~1e-15 on O(1) values. 1e-10 leaves five orders of
