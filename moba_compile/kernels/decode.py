@@ -1,0 +1,824 @@
+"""MoBA decode in Triton: one new query per sequence against a KV cache, at a cost set by ``topk * chunk_size``.
+
+The query of a decode step sits at position ``p = Lk - 1``; it attends causally to its own (possibly partial) chunk
+``p // C`` (every key of it is ``<= p``) plus the ``K - 1`` strictly earlier chunks with the best fp32 gate score
+``q . mean(key[c])`` (ties to the later chunk), intersected with an optional boolean mask: exactly
+``reference.moba_attention_forward`` with ``Lq == 1``.
+
+Launches (all on the query's device, no host synchronisation):
+
+1. ``_decode_gate_kernel`` (+ ``_decode_gate_merge_kernel`` when the chunk means are many): one program per
+   (batch, key head, row block of the group's query heads, range of chunk means). The group's query heads are the
+   rows of one tile, so each mean tile is read once per group; scores go through a running top-(K-1) in registers
+   whose keys pack the order-preserving fp32 score bits with the chunk index into one int64 (a total order whose
+   ties go to the later chunk). With several ranges each writes its top candidates and a merge kernel reduces them.
+   Output: ``sel int32 [B, Hq, K-1]``, descending score order, ``-1`` in unused slots.
+2. ``_decode_attn_kernel``, split-K: one program per (batch, key head, row block, work item, piece). Work items are
+   the group's (query head, slot) entries plus the own chunk; chunks are cut into pieces of ``PIECE`` keys so that
+   even ``B = 1`` fills the GPU. GQA packing: all query heads of the group that selected a chunk are rows of the one
+   program that reads it (the entry of the first such head owns the chunk; the others exit at once), so a chunk's
+   keys/values are read once per group however many of its heads chose it. Each program writes, per active row, a
+   normalised fp32 partial output and its log-sum-exp into the row's (slot, piece) cell.
+3. ``_decode_combine_kernel``: per (batch, query head), an exact log-sum-exp merge of the row's valid partials (the
+   key sets are disjoint); writes ``out`` in the query dtype and ``lse`` (natural log).
+
+Bytes read by one step: the chunk means of the earlier chunks (``(Lk - 1) // C * D * 4`` per key head), the union
+over the group of the selected chunks' keys and values, and the own chunk; nothing else grows with ``Lk``. Passing
+``means=None`` adds an O(Lk) read (every earlier key) to compute the means; a KV cache keeps them instead
+(:func:`decode_chunk_means`).
+
+Softmax runs in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores). Under the Triton
+interpreter the kernels upcast 16-bit tiles to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong; the
+upcast is exact), so interpreted tests check the same algorithm.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .support import interpreting, next_pow2, speed_up_interpreter, triton_available
+
+__all__ = [
+    "DECODE_HEAD_DIMS",
+    "decode_chunk_means",
+    "decode_select_chunks_triton",
+    "decode_unsupported_reason",
+    "moba_decode_triton",
+]
+
+# Head dims the decode kernels are built and tuned for (query/key and value alike); others go to the reference.
+DECODE_HEAD_DIMS = (64, 128)
+_MIN_CHUNK, _MAX_CHUNK = 16, 8192
+_MAX_TOPK = 64
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Query heads per row block: a [64, D] query tile and the [64, next_pow2(K-1)] selection tile stay in registers.
+# Larger groups (MQA with > 64 heads) are cut into row blocks that each read their chunks.
+_MAX_ROWS = 64
+
+_SENTINEL = tl.constexpr(-(2**63))  # below every packed (score, chunk) key: an empty top-k slot
+_NEG_INF = tl.constexpr(float("-inf"))
+_LN2 = tl.constexpr(math.log(2.0))
+_LOG2E = math.log2(math.e)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chunk means (only for means=None: an O(Lk) read)
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_means_kernel(
+    k_ptr,
+    means_ptr,
+    Hkv,
+    N,
+    C,
+    skb,
+    skh,
+    skn,
+    skd,
+    HEAD_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    plane = tl.program_id(1).to(tl.int64)
+    b = plane // Hkv
+    h = plane % Hkv
+    offs_d = tl.arange(0, HEAD_D)
+    base = k_ptr + b * skb + h * skh + c * C * skn
+    # A [BLOCK_N, D] accumulator summed once at the end: identical chunks give bitwise identical means, so exact gate
+    # ties (duplicated chunks) stay exact.
+    acc = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=(offs_n < C)[:, None], other=0.0)
+        acc += k.to(tl.float32)
+    mean = tl.sum(acc, axis=0) / C.to(tl.float32)
+    tl.store(means_ptr + (plane * N + c) * HEAD_D + offs_d, mean)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gate: scores of the group's query heads against the earlier chunks' means, running top-(K-1)
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_gate_kernel(
+    q_ptr,
+    means_ptr,
+    out_ptr,
+    G,
+    Hkv,
+    ROWS,
+    GB,
+    n_prev,
+    chunks_per_split,
+    KM1,
+    sqb,
+    sqh,
+    sqd,
+    smb,
+    smh,
+    smc,
+    smd,
+    HEAD_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TOP: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    prb = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    plane = prb // GB
+    rb = prb % GB
+    b = plane // Hkv
+    hkv = plane % Hkv
+    offs_g = tl.arange(0, BLOCK_G)
+    g = rb * ROWS + offs_g
+    row_ok = (offs_g < ROWS) & (g < G)
+    head = hkv * G + g  # query head of each row (int64)
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    q = q.to(tl.float32)  # fp16/bf16 -> fp32 is exact; the gate is an fp32 dot product
+    m_base = means_ptr + b * smb + hkv * smh
+    top = tl.full([BLOCK_G, TOP], _SENTINEL, tl.int64)  # ascending (bitonic_merge below wants one ascending input)
+    c_lo = sp * chunks_per_split
+    c_hi = tl.minimum(c_lo + chunks_per_split, n_prev)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < c_hi
+        mt = tl.load(m_base + offs_c.to(tl.int64)[:, None] * smc + offs_d[None, :] * smd, mask=c_ok[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(mt), input_precision="ieee")
+        sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 and +0.0 are one score for the reference's sort
+        bits = sc.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving: negative floats get their magnitude flipped
+        packed = (ordered.to(tl.int64) << 32) | offs_c.to(tl.int64)[None, :]
+        packed = tl.where(c_ok[None, :], packed, _SENTINEL)
+        best = tl.topk(packed, TOP, dim=1)  # descending
+        # max(ascending, descending) holds the top TOP of the union as a bitonic sequence; one merge re-sorts it.
+        top = tl.bitonic_merge(tl.maximum(top, best), dim=1, descending=False)
+    slot = TOP - 1 - tl.arange(0, TOP)  # reversed: descending score order
+    if FINAL:
+        idx = tl.where(top == _SENTINEL, -1, (top & 0x7FFFFFFF).to(tl.int32))
+        rows = (b * Hkv * G + head) * KM1
+        tl.store(out_ptr + rows[:, None] + slot[None, :], idx, mask=row_ok[:, None] & (slot < KM1)[None, :])
+    else:
+        # Candidates stored in descending order, so that the merge kernel can max() them against its ascending top.
+        cells = ((prb * n_split + sp) * BLOCK_G + offs_g) * TOP
+        tl.store(out_ptr + cells[:, None] + slot[None, :], top)
+
+
+@triton.jit
+def _decode_gate_merge_kernel(
+    cand_ptr,
+    sel_ptr,
+    G,
+    Hkv,
+    ROWS,
+    GB,
+    n_split,
+    KM1,
+    BLOCK_G: tl.constexpr,
+    TOP: tl.constexpr,
+):
+    prb = tl.program_id(0).to(tl.int64)
+    plane = prb // GB
+    rb = prb % GB
+    b = plane // Hkv
+    hkv = plane % Hkv
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_t = tl.arange(0, TOP)
+    g = rb * ROWS + offs_g
+    row_ok = (offs_g < ROWS) & (g < G)
+    top = tl.full([BLOCK_G, TOP], _SENTINEL, tl.int64)
+    for sp in range(0, n_split):
+        cells = ((prb * n_split + sp) * BLOCK_G + offs_g) * TOP
+        cand = tl.load(cand_ptr + cells[:, None] + offs_t[None, :])  # descending
+        top = tl.bitonic_merge(tl.maximum(top, cand), dim=1, descending=False)
+    slot = TOP - 1 - offs_t
+    idx = tl.where(top == _SENTINEL, -1, (top & 0x7FFFFFFF).to(tl.int32))
+    rows = (b * Hkv * G + hkv * G + g) * KM1
+    tl.store(sel_ptr + rows[:, None] + slot[None, :], idx, mask=row_ok[:, None] & (slot < KM1)[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Split-K attention over (selected chunk | own chunk) pieces, GQA rows packed into one tile
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attn_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    sel_ptr,
+    po_ptr,
+    plse_ptr,
+    G,
+    Hkv,
+    ROWS,
+    GB,
+    Lk,
+    C,
+    KM1,
+    KS,
+    S,
+    PIECE,
+    own_chunk,
+    qk_scale,
+    sqb,
+    sqh,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    smb,
+    smh,
+    smn,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOPP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_HEADS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    prb = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    s = tl.program_id(2)
+    plane = prb // GB
+    rb = prb % GB
+    b = plane // Hkv
+    hkv = plane % Hkv
+    offs_g = tl.arange(0, BLOCK_G)
+    g = rb * ROWS + offs_g
+    row_ok = (offs_g < ROWS) & (g < G)
+    head0 = b * Hkv * G + hkv * G  # flat (batch, query head) index of the group's first head
+    n_sel = ROWS * KM1
+    is_own = w >= n_sel
+    is_sel = w < n_sel
+    # Selected entry w = (local row gl, slot j) of this row block; the last work item is the own chunk.
+    km1d = tl.maximum(KM1, 1)
+    w_sel = tl.minimum(w, tl.maximum(n_sel - 1, 0))
+    gl = w_sel // km1d
+    j = w_sel % km1d
+    c_sel = tl.load(sel_ptr + (head0 + rb * ROWS + gl) * KM1 + j, mask=is_sel & (rb * ROWS + gl < G), other=-1)
+    offs_j = tl.arange(0, TOPP)
+    n_cols = tl.where(is_sel, KM1, 0)  # (and-ing a scalar bool into a tile mask breaks the interpreter)
+    tile = tl.load(
+        sel_ptr + (head0 + g)[:, None] * KM1 + offs_j[None, :],
+        mask=row_ok[:, None] & (offs_j < n_cols)[None, :],
+        other=-1,
+    )
+    # Rows of the row block that chose chunk c_sel, and where they keep it. A row lists a chunk at most once.
+    hit = (tile == c_sel) & (c_sel >= 0)
+    chose = tl.max(hit.to(tl.int32), axis=1) > 0
+    first = tl.min(tl.where(chose, offs_g, BLOCK_G), axis=0)
+    active = tl.where(is_own, row_ok, chose)
+    slot = tl.where(is_own, KM1, tl.sum(tl.where(hit, offs_j[None, :], 0), axis=1))
+    c = tl.where(is_own, own_chunk, c_sel)
+    lo = c * C + s * PIECE
+    hi = tl.minimum(tl.minimum(lo + PIECE, c * C + C), Lk)
+    # Only the first row that chose the chunk runs it (for every row that chose it); the others exit here.
+    go = (is_own | ((c_sel >= 0) & (first == gl))) & (lo < hi)
+    if go:
+        head = hkv * G + g
+        offs_d = tl.arange(0, HEAD_D)
+        offs_dv = tl.arange(0, HEAD_DV)
+        blk = tl.arange(0, BLOCK_N)
+        q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        if UPCAST:  # interpreter: its bf16 tl.dot is wrong; the upcast is exact
+            q = q.to(tl.float32)
+        k_base = k_ptr + b * skb + hkv * skh
+        v_base = v_ptr + b * svb + hkv * svh
+        mask_base = mask_ptr + b * smb
+        mask_rows = (hkv * G + rb * ROWS).to(tl.int32) * smh + offs_g * smh  # int32: checked by the launcher
+        m_i = tl.full([BLOCK_G], _NEG_INF, tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DV], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            in_rng = start + blk < hi
+            # 64-bit scalar block base + 32-bit in-block offsets (an int64 [BLOCK_N, D] offset tile costs registers).
+            k = tl.load(
+                (k_base + tl.cast(start, tl.int64) * skn) + (blk[:, None] * skn + offs_d[None, :] * skd),
+                mask=in_rng[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                (v_base + tl.cast(start, tl.int64) * svn) + (blk[:, None] * svn + offs_dv[None, :] * svd),
+                mask=in_rng[:, None],
+                other=0.0,
+            )
+            if UPCAST:
+                sc = tl.dot(q, tl.trans(k.to(tl.float32)))
+            else:
+                sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            sc = tl.where(in_rng[None, :], sc * qk_scale, _NEG_INF)
+            if HAS_MASK:
+                mask_blk = mask_base + tl.cast(start, tl.int64) * smn
+                if MASK_HEADS:
+                    # 64-bit scalar base + 32-bit [rows, keys] offsets (int64 pointer tiles cost registers).
+                    allowed = tl.load(
+                        mask_blk + (mask_rows[:, None] + blk[None, :] * smn),
+                        mask=active[:, None] & in_rng[None, :],
+                        other=0,
+                    )
+                    sc = tl.where(allowed != 0, sc, _NEG_INF)
+                else:  # one mask row for every head (padding masks [B, 1, 1, Lk]): one [BLOCK_N] vector
+                    allowed = tl.load(mask_blk + blk * smn, mask=in_rng, other=0)
+                    sc = tl.where(allowed[None, :] != 0, sc, _NEG_INF)
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            # A row masked so far keeps m = -inf: shift by 0 instead, so exp2(-inf - -inf) never appears.
+            m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(sc - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p_lo = p.to(v.dtype)  # the P operand rounded to the value dtype, as tensor cores take it
+            if UPCAST:
+                pv = tl.dot(p_lo.to(tl.float32), v.to(tl.float32))
+            else:
+                pv = tl.dot(p_lo, v, input_precision=DOT_PREC)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse2 = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), _NEG_INF)
+        cell = ((head0 + g) * KS + slot) * S + s
+        tl.store(po_ptr + cell[:, None] * HEAD_DV + offs_dv[None, :], o, mask=active[:, None])
+        tl.store(plse_ptr + cell, lse2, mask=active)
+
+
+@triton.jit
+def _combine_valid(sel_ptr, row, f, n_f, KM1, S, PIECE, own_len):
+    """Which partial cells were written: every piece of a selected slot, and the own chunk's non-empty pieces."""
+    j = f // S
+    piece = f % S
+    chosen = tl.load(sel_ptr + row * KM1 + j, mask=(f < n_f) & (j < KM1), other=-1)
+    return (f < n_f) & (((j < KM1) & (chosen >= 0)) | ((j == KM1) & (piece * PIECE < own_len)))
+
+
+@triton.jit
+def _decode_combine_kernel(
+    po_ptr,
+    plse_ptr,
+    sel_ptr,
+    out_ptr,
+    lse_ptr,
+    KM1,
+    KS,
+    S,
+    PIECE,
+    own_len,
+    HEAD_DV: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # flat (batch, query head)
+    offs_dv = tl.arange(0, HEAD_DV)
+    n_f = KS * S
+    # Two passes over the row's cells (a few KiB, L2-resident): the max, then the weighted sum; no rescaling.
+    m_vec = tl.full([BLOCK_F], _NEG_INF, tl.float32)
+    for f0 in range(0, n_f, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        valid = _combine_valid(sel_ptr, row, f, n_f, KM1, S, PIECE, own_len)
+        m_vec = tl.maximum(m_vec, tl.load(plse_ptr + row * n_f + f, mask=valid, other=_NEG_INF))
+    m = tl.max(m_vec, 0)
+    m_use = tl.where(m == _NEG_INF, 0.0, m)
+    l_vec = tl.zeros([BLOCK_F], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_F, HEAD_DV], dtype=tl.float32)
+    for f0 in range(0, n_f, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        valid = _combine_valid(sel_ptr, row, f, n_f, KM1, S, PIECE, own_len)
+        cell = row * n_f + f
+        p = tl.math.exp2(tl.load(plse_ptr + cell, mask=valid, other=_NEG_INF) - m_use)  # 0 on empty/unwritten cells
+        o = tl.load(po_ptr + cell[:, None] * HEAD_DV + offs_dv[None, :], mask=valid[:, None], other=0.0)
+        l_vec += p
+        acc += p[:, None] * o
+    l_i = tl.sum(l_vec, 0)
+    has = l_i > 0.0
+    out = tl.sum(acc, 0) / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, (m_use + tl.math.log2(tl.where(has, l_i, 1.0))) * _LN2, _NEG_INF)
+    tl.store(out_ptr + row * HEAD_DV + offs_dv, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, lse)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launch planning
+# --------------------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreted: a handful of "SMs" keeps the split logic exercised at tiny shapes
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class _GatePlan:
+    block_c: int
+    top: int
+    chunks_per_split: int
+    n_split: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class _AttnPlan:
+    block_n: int
+    piece: int
+    n_pieces: int
+    num_warps: int
+    num_stages: int
+
+
+def _rows(group: int) -> tuple[int, int, int]:
+    """``(rows per row block, row blocks, padded tile rows)`` for ``group`` query heads per key head."""
+    rows = min(group, _MAX_ROWS)
+    return rows, -(-group // rows), max(16, next_pow2(rows))  # tl.dot wants >= 16 rows
+
+
+def _gate_plan(planes: int, block_g: int, n_prev: int, km1: int, device: torch.device) -> _GatePlan:
+    top = max(2, next_pow2(km1))  # tl.topk / bitonic_merge want powers of two
+    if interpreting():
+        # One block of 16 means per split: the two-stage path runs in tests from 17 earlier chunks on.
+        block_c = max(16, top)
+        n_blocks = -(-n_prev // block_c)
+        return _GatePlan(block_c, top, block_c, n_blocks, 4)
+    # A [rows, BLOCK_C] fp32 score tile + int64 key tile per step; the top-k merge cost grows with log^2(TOP), so
+    # wide steps amortise it. Capping rows * BLOCK_C at 1024 keeps 64-row groups (MQA) free of spills (sm_90 compile:
+    # a [64, 64] step spilled ~40 KB per thread at 4 warps). The means are small (n_prev * D * 4 bytes per key head,
+    # 128 KiB at 1M tokens / chunk 4096), so narrow steps cost little.
+    block_c = max(16, top, min(64, next_pow2(n_prev), 1024 // block_g))
+    warps = 4 if block_g <= 16 else 8
+    n_blocks = -(-n_prev // block_c)
+    if n_blocks <= 2:  # two steps in one program beat a second launch
+        return _GatePlan(block_c, top, n_blocks * block_c, 1, warps)
+    # Otherwise spread the ranges so the (batch, key head) planes fill ~2 waves; one merge launch reduces them. A step
+    # is latency-bound (load, dot, top-k network): at B = 1, Hkv = 8, 1M tokens / chunk 4096 (4 steps), 8 programs
+    # would run them one after another while 32 programs + a 4-step merge of [rows, TOP] keys run them side by side.
+    want = max(1, -(-2 * _num_sms(device) // max(planes, 1)))
+    blocks_per = -(-n_blocks // min(n_blocks, want))
+    return _GatePlan(block_c, top, blocks_per * block_c, -(-n_blocks // blocks_per), warps)
+
+
+def _attn_plan(
+    work_items: int, chunk_size: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device
+) -> _AttnPlan:
+    if interpreting():
+        # ~2 ms per program x iteration interpreted: 16-key blocks, 32-key pieces (chunks of 64 split in two).
+        block_n = 16
+        piece = min(-(-chunk_size // block_n) * block_n, 32)
+        return _AttnPlan(block_n, piece, -(-chunk_size // piece), 4, 1)
+    # H100, memory-bound: a [64, D + Dv] 16-bit K/V block per stage (32 KiB at D = Dv = 128); 3 stages compile to
+    # 70 KiB of shared memory and 137 registers (sm_90, no mask), so 2-3 programs per SM, each keeping 2 blocks of
+    # loads in flight. D = 64 takes 128-key blocks; fp32 halves the block (64 keys spilled at 255 registers).
+    block_n = 64 if head_dim + head_dim_v > 128 else 128
+    if dtype == torch.float32:
+        block_n //= 2
+    # Split chunks into pieces until the grid has ~8 programs per SM (small batches, few key heads), but keep
+    # pieces >= 512 keys so a program's prologue (query, selection tile) and epilogue stay a small fraction.
+    target = 8 * _num_sms(device)
+    splits = max(1, -(-target // max(work_items, 1)))
+    piece = max(-(-chunk_size // splits), min(512, chunk_size))
+    piece = -(-piece // block_n) * block_n
+    return _AttnPlan(block_n, piece, -(-chunk_size // piece), 4, 3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 (FMA) dots; decode is memory-bound, so tf32's speed buys nothing. 16-bit: ignored.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------------------
+def decode_unsupported_reason(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_size: int,
+    topk: int,
+    attn_mask: Tensor | None,
+    means: Tensor | None = None,
+) -> str | None:
+    """Why :func:`moba_decode_triton` cannot run these inputs, or ``None`` when it can.
+
+    Only metadata is read (dtype, device, shapes), so fake/meta tensors work.
+
+    Args:
+        query: ``[B, Hq, 1, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``.
+        chunk_size: MoBA chunk size; supported: a multiple of 16 in ``[16, 8192]``.
+        topk: chunks per query including its own; supported: ``1 <= topk <= 64``.
+        attn_mask: ``None`` or a boolean tensor broadcastable to ``[B, Hq, 1, Lk]`` on the query's device.
+        means: ``None`` or fp32 ``[B, Hkv, n_means, D]`` with ``n_means >= (Lk - 1) // chunk_size``.
+
+    Returns:
+        ``None`` if supported, else a short reason, e.g. ``"decode needs Lq == 1, got Lq=4"``,
+        ``"head dim 96 not in (64, 128)"``, ``"dtype float64 routed to the reference"``,
+        ``"chunk_size 24 is not a multiple of 16"``, ``"topk 65 > 64"``, ``"CPU tensors need TRITON_INTERPRET=1"``,
+        ``"means has 3 chunks, need >= 5"`` or ``"triton is not installed"``.
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 1, 96), torch.randn(1, 2, 40, 96)
+        >>> decode_unsupported_reason(q, k, k, 16, 3, None)
+        'head dim 96 not in (64, 128)'
+    """
+    if not triton_available():
+        return "triton is not installed"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            return f"{name} must be a 4-D tensor"
+    if not (query.dtype == key.dtype == value.dtype):
+        return f"mixed dtypes {query.dtype}, {key.dtype}, {value.dtype}"
+    if query.dtype not in _DTYPES:
+        return f"dtype {str(query.dtype).removeprefix('torch.')} routed to the reference"
+    dev = query.device
+    if not (dev == key.device == value.device):
+        return "query, key and value are on different devices"
+    if dev.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+    elif dev.type != "cuda":
+        return f"device type {dev.type!r} is not supported by the Triton kernels"
+    b, hq, lq, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    if lq != 1:
+        return f"decode needs Lq == 1, got Lq={lq}"
+    if key.shape[0] != b or value.shape[0] != b or key.shape[3] != d or value.shape[1] != hkv or value.shape[2] != lk:
+        return "query, key and value shapes do not match"
+    if lk == 0:
+        return "empty key cache (Lk = 0)"
+    if hkv == 0 or hq % hkv != 0:
+        return f"query heads ({hq}) are not a multiple of key heads ({hkv})"
+    if d not in DECODE_HEAD_DIMS:
+        return f"head dim {d} not in {DECODE_HEAD_DIMS}"
+    if dv not in DECODE_HEAD_DIMS:
+        return f"value head dim {dv} not in {DECODE_HEAD_DIMS}"
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        return f"chunk_size {chunk_size!r} is not an int"
+    if chunk_size % 16 != 0:
+        return f"chunk_size {chunk_size} is not a multiple of 16"
+    if not _MIN_CHUNK <= chunk_size <= _MAX_CHUNK:
+        return f"chunk_size {chunk_size} not in [{_MIN_CHUNK}, {_MAX_CHUNK}]"
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        return f"topk {topk!r} is not an int >= 1"
+    if topk > _MAX_TOPK:
+        return f"topk {topk} > {_MAX_TOPK}"
+    if lk >= 2**31 - 2 * _MAX_CHUNK:  # key positions are int32 inside the kernels
+        return f"Lk={lk} overflows the kernels' int32 key positions"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
+            return "attn_mask is not a boolean tensor"
+        if attn_mask.device != dev:
+            return f"attn_mask is on {attn_mask.device}, query on {dev}"
+        try:
+            fits = tuple(torch.broadcast_shapes(attn_mask.shape, (b, hq, 1, lk))) == (b, hq, 1, lk)
+        except RuntimeError:
+            fits = False
+        if attn_mask.dim() > 4 or not fits:
+            return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {[b, hq, 1, lk]}"
+        if attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 and hq * lk >= 2**31:
+            return f"a per-head attn_mask with Hq * Lk = {hq * lk} >= 2**31 overflows the kernel's int32 offsets"
+    if means is not None:
+        n_prev = (lk - 1) // chunk_size
+        if not isinstance(means, Tensor) or means.dim() != 4:
+            return "means must be a 4-D tensor [B, Hkv, n_means, D]"
+        if means.dtype != torch.float32:
+            return f"means must be float32, got {str(means.dtype).removeprefix('torch.')}"
+        if means.device != dev:
+            return f"means is on {means.device}, query on {dev}"
+        if means.shape[0] != b or means.shape[1] != hkv or means.shape[3] != d:
+            return f"means shape {tuple(means.shape)} does not match [B={b}, Hkv={hkv}, n, D={d}]"
+        if means.shape[2] < n_prev:
+            return f"means has {means.shape[2]} chunks, need >= {n_prev}"
+    return None
+
+
+def decode_chunk_means(key: Tensor, chunk_size: int) -> Tensor:
+    """Means of the complete key chunks, fp32: what a KV cache keeps so that decode steps skip an O(Lk) read.
+
+    A cache appends one row when a chunk fills (the mean of its ``chunk_size`` keys); a decode step at ``Lk`` keys
+    needs the first ``(Lk - 1) // chunk_size`` rows. This function reads every complete chunk (O(Lk)): call it once
+    (e.g. after prefill), not per step.
+
+    Args:
+        key: ``[B, Hkv, Lk, D]`` fp16/bf16/fp32, any strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``);
+            ``D`` in :data:`DECODE_HEAD_DIMS`.
+        chunk_size: ``C``, a multiple of 16 in ``[16, 8192]``.
+
+    Returns:
+        fp32 ``[B, Hkv, Lk // C, D]``, contiguous: row ``c`` is the mean of keys ``[c*C, (c+1)*C)``, summed in fp32
+        (to fp32 rounding of ``reference.chunk_means``; identical chunks give bitwise identical means).
+
+    Raises:
+        ValueError: bad shapes, head dim or chunk size.
+
+    Example:
+        >>> means = decode_chunk_means(torch.ones(1, 2, 40, 64), 16)  # doctest: +SKIP
+        >>> means.shape
+        torch.Size([1, 2, 2, 64])
+    """
+    if key.dim() != 4 or key.shape[-1] not in DECODE_HEAD_DIMS:
+        raise ValueError(f"key must be [B, Hkv, Lk, D] with D in {DECODE_HEAD_DIMS}, got {tuple(key.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size % 16 or chunk_size < 16:
+        raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size!r}")
+    return _launch_means(key, chunk_size, key.shape[2] // chunk_size)
+
+
+def _launch_means(key: Tensor, chunk_size: int, n: int) -> Tensor:
+    b, hkv, _, d = key.shape
+    means = torch.empty(b, hkv, n, d, dtype=torch.float32, device=key.device)
+    if means.numel() == 0:
+        return means
+    block_n = 16 if interpreting() else 64
+    _decode_means_kernel[(n, b * hkv)](
+        key, means, hkv, n, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4, num_stages=2
+    )
+    return means
+
+
+def _launch_gate(query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int) -> Tensor:
+    """``int32 [B, Hq, km1]`` top-``km1`` earlier chunks of the decode query (``km1 <= n_prev``)."""
+    b, hq, _, d = query.shape
+    group = hq // hkv
+    rows, gb, block_g = _rows(group)
+    sel = torch.empty(b, hq, km1, dtype=torch.int32, device=query.device)
+    planes = b * hkv * gb
+    plan = _gate_plan(planes, block_g, n_prev, km1, query.device)
+    if interpreting():
+        speed_up_interpreter()
+    sqb, sqh, _, sqd = query.stride()
+    common = dict(HEAD_D=d, BLOCK_G=block_g, BLOCK_C=plan.block_c, TOP=plan.top, num_warps=plan.num_warps)
+    if plan.n_split == 1:
+        _decode_gate_kernel[(planes, 1)](
+            query, means, sel, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
+            sqb, sqh, sqd, *means.stride(), FINAL=True, **common,
+        )  # fmt: skip
+        return sel
+    cand = torch.empty(planes, plan.n_split, block_g, plan.top, dtype=torch.int64, device=query.device)
+    _decode_gate_kernel[(planes, plan.n_split)](
+        query, means, cand, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
+        sqb, sqh, sqd, *means.stride(), FINAL=False, **common,
+    )  # fmt: skip
+    _decode_gate_merge_kernel[(planes,)](
+        cand, sel, group, hkv, rows, gb, plan.n_split, km1, BLOCK_G=block_g, TOP=plan.top, num_warps=4
+    )
+    return sel
+
+
+def decode_select_chunks_triton(
+    query: Tensor, key: Tensor, chunk_size: int, topk: int, *, means: Tensor | None = None
+) -> Tensor:
+    """The decode gate alone: the ``topk - 1`` earlier chunks each query head of a decode step attends to.
+
+    Args:
+        query: ``[B, Hq, 1, D]``; key: ``[B, Hkv, Lk, D]`` (only its shape is read when ``means`` is given);
+            fp16/bf16/fp32 on CUDA (or CPU under ``TRITON_INTERPRET=1``); see :func:`decode_unsupported_reason`.
+        chunk_size, topk: MoBA parameters (``topk`` counts the own chunk).
+        means: optional fp32 ``[B, Hkv, n_means >= (Lk - 1) // chunk_size, D]`` chunk means (else computed, O(Lk)).
+
+    Returns:
+        ``int32 [B, Hq, topk - 1]``, contiguous: chunk indices in descending fp32 score ``q . mean`` (ties: the later
+        chunk first), ``-1`` where fewer than ``topk - 1`` earlier chunks exist. Equals
+        ``reference.select_chunks(query, key, ...)[:, :, 0]`` except where two scores differ by less than the fp32
+        rounding of differently ordered sums.
+
+    Raises:
+        ValueError: the inputs are unsupported (the reason of :func:`decode_unsupported_reason`).
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 1, 80, 64)
+        >>> decode_select_chunks_triton(q, k, 16, 3).shape  # doctest: +SKIP
+        torch.Size([1, 2, 2])
+    """
+    reason = decode_unsupported_reason(query, key, key, chunk_size, topk, None, means)
+    if reason is not None:
+        raise ValueError(f"MoBA decode gate cannot run: {reason}")
+    b, hq = query.shape[0], query.shape[1]
+    hkv, lk = key.shape[1], key.shape[2]
+    n_prev = (lk - 1) // chunk_size
+    km1 = min(topk - 1, n_prev)
+    if km1 == 0 or b == 0:
+        return torch.full((b, hq, topk - 1), -1, dtype=torch.int32, device=query.device)
+    if means is None:
+        means = _launch_means(key, chunk_size, n_prev)
+    sel = _launch_gate(query, means, hkv, n_prev, km1)
+    if km1 < topk - 1:
+        sel = torch.nn.functional.pad(sel, (0, topk - 1 - km1), value=-1)
+    return sel
+
+
+def moba_decode_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    attn_mask: Tensor | None = None,
+    means: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One MoBA decode step: the query at position ``Lk - 1`` against the whole KV cache, read sparsely.
+
+    The query attends to its own chunk ``(Lk - 1) // C`` (all of its keys are in the past) plus the ``topk - 1``
+    strictly earlier chunks with the highest fp32 score ``q . mean(key[c])`` (ties to the later chunk), intersected
+    with ``attn_mask``; exactly ``reference.moba_attention_forward`` with ``Lq == 1``. GQA/MQA query head ``h`` reads
+    key/value head ``h // (Hq // Hkv)``; key/value are never repeated, and a chunk chosen by several heads of one
+    group is read once for all of them.
+
+    Cost: with ``means`` given, a step reads the earlier chunks' means, the selected chunks (at most
+    ``topk - 1`` per query head, shared within a group) and the own chunk: it grows with ``topk * chunk_size`` and
+    ``Lk / chunk_size``, not with ``Lk``. With ``means=None`` the means are computed first, which reads every earlier
+    key: O(Lk) per step. Keep them in the cache (:func:`decode_chunk_means`, one row per filled chunk).
+
+    Args:
+        query: ``[B, Hq, 1, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``; one dtype (fp16, bf16 or
+            fp32), any strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``); ``D, Dv`` in ``(64, 128)``;
+            ``Hq % Hkv == 0``.
+        chunk_size: ``C``, a multiple of 16 in ``[16, 8192]``.
+        topk: ``1 <= topk <= 64``, counting the own chunk (``topk = 1``: own chunk only).
+        scale: softmax scale (``1 / sqrt(D)`` for SDPA's default).
+        attn_mask: optional boolean mask broadcastable to ``[B, Hq, 1, Lk]`` (True = may attend), e.g. a
+            ``[B, 1, 1, Lk]`` padding mask. The gate ignores it.
+        means: optional fp32 ``[B, Hkv, n_means, D]``, ``n_means >= (Lk - 1) // C``: row ``c`` the mean of key
+            chunk ``c`` (rows beyond ``(Lk - 1) // C`` are ignored).
+
+    Returns:
+        ``(out, lse)``: ``out [B, Hq, 1, Dv]`` contiguous in the query's dtype; ``lse [B, Hq, 1]`` fp32, the natural
+        log-sum-exp of the scaled scores over the attended keys. A row with no attended key (fully masked) gets
+        ``out = 0`` and ``lse = -inf``.
+
+    Raises:
+        ValueError: unsupported inputs, with the reason of :func:`decode_unsupported_reason`.
+
+    Example:
+        >>> q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
+        >>> k = v = torch.randn(1, 2, 100, 64, dtype=torch.float16)
+        >>> out, lse = moba_decode_triton(q, k, v, 16, 3, 0.125)  # doctest: +SKIP
+        >>> out.shape, lse.shape
+        (torch.Size([1, 4, 1, 64]), torch.Size([1, 4, 1]))
+    """
+    reason = decode_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, means)
+    if reason is not None:
+        raise ValueError(f"MoBA decode cannot run: {reason}")
+    b, hq, _, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    dev = query.device
+    out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=dev)
+    lse = torch.empty(b, hq, 1, dtype=torch.float32, device=dev)
+    if b == 0 or hq == 0:
+        return out, lse
+    group = hq // hkv
+    rows, gb, block_g = _rows(group)
+    own_chunk = (lk - 1) // chunk_size
+    own_len = lk - own_chunk * chunk_size
+    km1 = min(topk - 1, own_chunk)
+    if km1 > 0:
+        if means is None:
+            means = _launch_means(key, chunk_size, own_chunk)
+        sel = _launch_gate(query, means, hkv, own_chunk, km1)
+    else:
+        sel = torch.empty(b, hq, 0, dtype=torch.int32, device=dev)
+    work_items = rows * km1 + 1
+    plan = _attn_plan(b * hkv * gb * work_items, chunk_size, d, dv, query.dtype, dev)
+    ks = km1 + 1
+    # Every (row, slot, piece) cell a combine reads is written by exactly one program; the others are never read.
+    po = torch.empty(b * hq * ks * plan.n_pieces * dv, dtype=torch.float32, device=dev)
+    plse = torch.empty(b * hq * ks * plan.n_pieces, dtype=torch.float32, device=dev)
+    if attn_mask is not None:
+        # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte read per attended (head, key).
+        mask = attn_mask.expand(b, hq, 1, lk).view(torch.uint8)
+        if hq * mask.stride(1) + _MAX_CHUNK * mask.stride(3) >= 2**31:  # in-kernel (head, key) offsets are int32
+            mask = mask.contiguous()
+        smb, smh, _, smn = mask.stride()
+    else:
+        mask, smb, smh, smn = query, 0, 0, 0  # never read when HAS_MASK is False
+    sqb, sqh, _, sqd = query.stride()
+    skb, skh, skn, skd = key.stride()
+    svb, svh, svn, svd = value.stride()
+    upcast = interpreting()
+    _decode_attn_kernel[(b * hkv * gb, work_items, plan.n_pieces)](
+        query, key, value, mask, sel, po, plse,
+        group, hkv, rows, gb, lk, chunk_size, km1, ks, plan.n_pieces, plan.piece, own_chunk, scale * _LOG2E,
+        sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smn,
+        HEAD_D=d, HEAD_DV=dv, BLOCK_G=block_g, BLOCK_N=plan.block_n, TOPP=max(2, next_pow2(km1)),
+        HAS_MASK=attn_mask is not None, MASK_HEADS=smh != 0, UPCAST=upcast, DOT_PREC=_dot_precision(query.dtype),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )  # fmt: skip
+    n_f = ks * plan.n_pieces
+    block_f = min(64 if dv <= 128 else 32, next_pow2(n_f))
+    _decode_combine_kernel[(b * hq,)](
+        po, plse, sel, out, lse, km1, ks, plan.n_pieces, plan.piece, own_len,
+        HEAD_DV=dv, BLOCK_F=max(block_f, 2), num_warps=4,
+    )  # fmt: skip
+    return out, lse

@@ -1,0 +1,409 @@
+"""The Triton MoBA decode kernel (one query at position Lk - 1 against a KV cache) versus the reference, interpreted.
+
+Runs under the Triton interpreter (``TRITON_INTERPRET=1``, set below before anything imports triton) on small CPU
+shapes. Nothing is skipped: without triton these tests fail, CI installs it.
+
+Oracle and tolerances (each derived from data or named):
+
+- gate: exact. The kernel's chunk index sets equal ``reference.select_chunks`` on the same inputs (exact ties too).
+- ``out``: ``oracle`` is float64 softmax attention over the reference's attended set (own chunk + the reference
+  gate's chunks, AND the mask), so both implementations are measured against the same keys. Budget:
+  ``2 * ref_err + eps(dtype) * max|oracle|``, where ``ref_err`` is the max error of
+  ``reference.moba_attention_forward`` on the same fp16/bf16 inputs against that oracle (fp32 math + one rounding to
+  the dtype; the kernel does the same math in another order), and the second term (the floor) is one ulp of the
+  output's magnitude: the kernel rounds the probabilities P to the input dtype before ``P @ V``, as tensor cores do,
+  which the reference does not.
+- ``lse``: ``2 * ref_lse_err + 8 * eps(fp32) * max(1, max|lse|)``: an fp32 log-sum-exp in both, summed in another
+  order (a few fp32 ulps); ``-inf`` rows (no attended key) must match exactly, with ``out = 0`` there.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from moba_compile import reference  # noqa: E402
+from moba_compile.kernels import decode as kdecode  # noqa: E402
+from moba_compile.kernels.decode import (  # noqa: E402
+    decode_chunk_means,
+    decode_select_chunks_triton,
+    decode_unsupported_reason,
+    moba_decode_triton,
+)
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int
+    lk: int
+    hq: int
+    hkv: int
+    c: int
+    k: int
+    dtype: torch.dtype
+    d: int = 64
+    dv: int | None = None
+    mask: str | None = (
+        None  # "left_pad" [B,1,1,Lk] | "empty" [B,1,1,Lk] with batch 0 fully masked | "heads" [B,Hq,1,Lk]
+    )
+    strided: bool = False  # key/value as [B, Lk, Hkv, D] views, query as a [B, 1, Hq, D] view
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.b}", f"Lk{self.lk}", f"Hq{self.hq}", f"Hkv{self.hkv}"]
+        if self.d != 64:
+            parts.append(f"D{self.d}")
+        if self.dv is not None:
+            parts.append(f"Dv{self.dv}")
+        parts += [f"C{self.c}", f"K{self.k}", _DTYPE_NAMES[self.dtype]]
+        if self.mask:
+            parts.append(f"mask-{self.mask}")
+        if self.strided:
+            parts.append("strided")
+        return "-".join(parts)
+
+
+def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    dv = case.dv or case.d
+
+    def rand(h: int, length: int, dim: int) -> torch.Tensor:
+        if case.strided:  # the [B, L, H, D] layout of a projection, viewed as [B, H, L, D]
+            return torch.randn(case.b, length, h, dim, generator=g).to(case.dtype).transpose(1, 2)
+        return torch.randn(case.b, h, length, dim, generator=g).to(case.dtype)
+
+    q, k, v = rand(case.hq, 1, case.d), rand(case.hkv, case.lk, case.d), rand(case.hkv, case.lk, dv)
+    mask = None
+    if case.mask in ("left_pad", "empty"):  # Hugging Face style key padding on the left, a different amount per row
+        pos = torch.arange(case.lk)
+        pads = [(i * case.lk) // (case.b + 1) for i in range(case.b)]  # 0, Lk/(B+1), ... keys hidden
+        mask = torch.stack([pos >= p for p in pads])[:, None, None, :]
+        if case.mask == "empty":
+            mask[0] = False  # a row with no key at all: out = 0, lse = -inf
+    elif case.mask == "heads":
+        mask = torch.rand(case.b, case.hq, 1, case.lk, generator=g) > 0.4
+    return q, k, v, mask
+
+
+def oracle(q, k, v, sel: torch.Tensor, chunk_size: int, scale: float, mask) -> torch.Tensor:
+    """float64 attention of the decode query over its own chunk + the chunks in ``sel [B, Hq, K-1]``, AND ``mask``."""
+    b, hq, _, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    pos = lk - 1
+    key_chunk = torch.arange(lk) // chunk_size
+    allowed = key_chunk.expand(b, hq, lk) == pos // chunk_size
+    for j in range(sel.shape[-1]):
+        allowed = allowed | (key_chunk.expand(b, hq, lk) == sel[..., j : j + 1].long())
+    allowed = allowed[:, :, None, :]
+    if mask is not None:
+        allowed = allowed & mask
+    group = hq // hkv
+    kr = k.double().repeat_interleave(group, 1)
+    vr = v.double().repeat_interleave(group, 1)
+    s = (q.double() @ kr.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, -math.inf)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    den = p.sum(-1, keepdim=True)
+    return (p @ vr) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def check_decode(q, k, v, chunk_size: int, topk: int, mask=None, means=None, scale: float | None = None):
+    """Run the kernel and compare (out, lse) and the gate with the reference under the budgets above."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, lse = moba_decode_triton(q, k, v, chunk_size, topk, scale, attn_mask=mask, means=means)
+    assert out.dtype == q.dtype and out.is_contiguous() and out.shape == (*q.shape[:3], v.shape[-1])
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+
+    ref_sel = reference.select_chunks(q, k, chunk_size=chunk_size, topk=topk)[:, :, 0]
+    sel = decode_select_chunks_triton(q, k, chunk_size, topk, means=means)
+    assert sel.dtype == torch.int32 and sel.shape == ref_sel.shape
+    assert torch.equal(sel.long().sort(-1).values, ref_sel.sort(-1).values), "gate index sets differ"
+
+    kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask)
+    out_lp, lse_lp = reference.moba_attention_forward(q, k, v, **kw)
+    _, lse64 = reference.moba_attention_forward(q.double(), k.double(), v.double(), **kw)
+    out64 = oracle(q, k, v, ref_sel, chunk_size, scale, mask)
+    empty = torch.isinf(lse_lp)
+    assert torch.equal(torch.isinf(lse), empty), "rows without keys must be exactly the reference's"
+    assert torch.all(lse[empty] == -math.inf)
+    assert torch.all(out[empty] == 0)
+    ref_err = (out_lp.double() - out64).abs().max().item()
+    err = (out.double() - out64).abs().max().item()
+    tol = 2 * ref_err + torch.finfo(q.dtype).eps * max(out64.abs().max().item(), 1e-3)
+    assert err <= tol, f"out error {err:.3e} > {tol:.3e} (reference's own error {ref_err:.3e})"
+    if (~empty).any():
+        lse_ref_err = (lse_lp.double() - lse64)[~empty].abs().max().item()
+        lse_err = (lse.double() - lse64)[~empty].abs().max().item()
+        lse_tol = 2 * lse_ref_err + 8 * torch.finfo(torch.float32).eps * max(1.0, lse64[~empty].abs().max().item())
+        assert lse_err <= lse_tol, f"lse error {lse_err:.3e} > {lse_tol:.3e}"
+    return out, lse, sel
+
+
+GRID = [
+    Case(2, 100, 4, 2, 16, 3, torch.float16),  # GQA, partial own chunk (100 = 6 * 16 + 4)
+    Case(2, 100, 4, 2, 16, 3, torch.bfloat16),
+    Case(2, 100, 4, 4, 16, 3, torch.bfloat16),  # MHA
+    Case(2, 100, 4, 1, 16, 3, torch.float16),  # MQA
+    Case(1, 97, 6, 2, 16, 3, torch.bfloat16),  # Lk at a chunk boundary + 1: own chunk of 1 key; group of 3
+    Case(1, 96, 4, 2, 16, 3, torch.float16),  # Lk a multiple of C: own chunk full
+    Case(2, 100, 4, 2, 16, 1, torch.float16),  # K = 1: own chunk only
+    Case(1, 70, 4, 2, 16, 8, torch.bfloat16),  # K beyond the chunk count: dense causal
+    Case(1, 10, 4, 2, 16, 3, torch.float16),  # Lk < C: no earlier chunk
+    Case(1, 200, 4, 2, 64, 2, torch.float16),  # chunk 64: two pieces per chunk (split-K), partial own chunk
+    Case(1, 300, 2, 1, 48, 4, torch.bfloat16),  # chunk 48 (not a power of two): pieces of 32 + 16 keys
+    Case(1, 600, 4, 2, 16, 4, torch.float16),  # 37 earlier chunks: two-stage gate (3 ranges + merge)
+    Case(1, 300, 4, 2, 32, 4, torch.float32),  # fp32: IEEE dots
+    Case(1, 150, 2, 1, 32, 3, torch.bfloat16, d=128),  # head dim 128
+    Case(1, 150, 2, 2, 16, 3, torch.float16, dv=128),  # value head dim differs
+    Case(1, 50, 80, 1, 16, 2, torch.float16),  # MQA with 80 heads: two row blocks (64 + 16) per key head
+    Case(3, 100, 4, 2, 16, 3, torch.float16, mask="left_pad"),  # padding mask [B, 1, 1, Lk]
+    Case(3, 100, 4, 2, 16, 3, torch.bfloat16, mask="left_pad"),
+    Case(2, 100, 4, 2, 16, 3, torch.float16, mask="empty"),  # a fully masked row
+    Case(2, 120, 4, 2, 16, 3, torch.bfloat16, mask="heads"),  # per-head mask [B, Hq, 1, Lk]
+    Case(2, 100, 4, 2, 16, 3, torch.bfloat16, strided=True),  # non-contiguous inputs
+]
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
+def test_decode_matches_reference(case: Case) -> None:
+    q, k, v, mask = make_inputs(case)
+    check_decode(q, k, v, case.c, case.k, mask)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(2, 100, 4, 2, 16, 3, torch.float16), Case(1, 600, 4, 2, 16, 4, torch.bfloat16, mask="left_pad")],
+    ids=lambda c: c.id,
+)
+def test_means_given_equals_means_computed(case: Case) -> None:
+    # The attention never reads the means, so the same selection gives bitwise the same result. Means from the
+    # kernel's own helper (all complete chunks, more rows than the step needs) and from the reference (fp32 sums in
+    # another order, plus the partial last chunk, which the step must ignore).
+    q, k, v, mask = make_inputs(case)
+    scale = 1.0 / math.sqrt(case.d)
+    out0, lse0 = moba_decode_triton(q, k, v, case.c, case.k, scale, attn_mask=mask)
+    for means in (decode_chunk_means(k, case.c), reference.chunk_means(k, case.c)):
+        assert means.shape[2] >= (case.lk - 1) // case.c
+        out1, lse1, _ = check_decode(q, k, v, case.c, case.k, mask, means=means)
+        assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+
+
+def test_chunk_means_match_reference() -> None:
+    # fp32 sums of 16..48 bf16 keys in another order: agreement to a few fp32 ulps of the sum's magnitude.
+    k = torch.randn(2, 3, 100, 64).to(torch.bfloat16)
+    for chunk in (16, 32, 48):
+        means = decode_chunk_means(k, chunk)
+        assert means.shape == (2, 3, 100 // chunk, 64) and means.dtype == torch.float32
+        torch.testing.assert_close(means, reference.chunk_means(k, chunk)[:, :, : 100 // chunk], rtol=1e-6, atol=1e-6)
+
+
+def test_reads_only_means_selected_and_own_chunks() -> None:
+    # The cost claim, checked functionally: with the means precomputed from clean keys, poisoning every key/value of
+    # the chunks the step did not select (NaN) must not change a single bit of the result.
+    case = Case(2, 300, 4, 2, 16, 3, torch.float16)
+    q, k, v, _ = make_inputs(case)
+    scale = 1.0 / math.sqrt(case.d)
+    means = decode_chunk_means(k, case.c)
+    out, lse = moba_decode_triton(q, k, v, case.c, case.k, scale, means=means)
+    sel = decode_select_chunks_triton(q, k, case.c, case.k, means=means).long()
+    own = (case.lk - 1) // case.c
+    k2, v2 = k.clone(), v.clone()
+    for b in range(case.b):
+        for h in range(case.hkv):
+            group = sel[b, h * (case.hq // case.hkv) : (h + 1) * (case.hq // case.hkv)]
+            keep = set(group[group >= 0].tolist()) | {own}
+            for c in range((case.lk + case.c - 1) // case.c):
+                if c not in keep:
+                    k2[b, h, c * case.c : (c + 1) * case.c] = float("nan")
+                    v2[b, h, c * case.c : (c + 1) * case.c] = float("nan")
+    out2, lse2 = moba_decode_triton(q, k2, v2, case.c, case.k, scale, means=means)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+
+
+def test_exact_ties_go_to_the_later_chunk() -> None:
+    # Chunks 1 and 3 are identical and aligned with every query head: their means and scores tie exactly and beat
+    # every other chunk. With K = 2 (one slot) the later one, chunk 3, must win, in the gate and in the attention.
+    torch.manual_seed(3)
+    c, d = 16, 64
+    key = torch.randn(1, 2, 6 * c + 5, d) * 0.1
+    bump = torch.randn(1, 2, c, d) + 2.0
+    key[:, :, c : 2 * c] = bump
+    key[:, :, 3 * c : 4 * c] = bump
+    query = torch.ones(1, 4, 1, d)
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k = query.to(dtype), key.to(dtype)
+        v = torch.randn(1, 2, k.shape[2], d).to(dtype)
+        for means in (None, decode_chunk_means(k, c), reference.chunk_means(k, c)):
+            sel = decode_select_chunks_triton(q, k, c, 2, means=means)
+            assert sel.flatten().tolist() == [3] * 4
+            sel3 = decode_select_chunks_triton(q, k, c, 3, means=means)  # both tied chunks, later one first
+            assert sel3.flatten().tolist() == [3, 1] * 4
+        ref = reference.select_chunks(q, k, chunk_size=c, topk=2)[:, :, 0]
+        assert ref.flatten().tolist() == [3] * 4
+        check_decode(q, k, v, c, 2)
+        check_decode(q, k, v, c, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_decode_equals_last_row_of_prefill(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, lk, d, c, k = 2, 4, 2, 90, 64, 16, 3
+    q = torch.randn(b, hq, lk, d, generator=g).to(dtype)
+    key = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    val = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    scale = 1.0 / math.sqrt(d)
+    full_out, full_lse = reference.moba_attention_forward(q, key, val, chunk_size=c, topk=k)
+    last_out, last_lse = full_out[:, :, -1:], full_lse[:, :, -1:]
+    q_last = q[:, :, -1:]
+    prefill_sel = reference.select_chunks(q, key, chunk_size=c, topk=k)[:, :, -1]
+    sel = decode_select_chunks_triton(q_last, key, c, k)
+    assert torch.equal(sel.long().sort(-1).values, prefill_sel.sort(-1).values), "decode gate != prefill's last row"
+    out, lse, _ = check_decode(q_last, key, val, c, k)  # |out - oracle| <= tol (the budget of the module docstring)
+    # Triangle inequality: |out - prefill row| <= tol + |prefill row - oracle|, both measured against one oracle.
+    out64 = oracle(q_last, key, val, prefill_sel, c, scale, None)
+    prefill_err = (last_out.double() - out64).abs().max().item()
+    tol = 2 * prefill_err + torch.finfo(dtype).eps * out64.abs().max().item()
+    assert (out.double() - last_out.double()).abs().max().item() <= tol + prefill_err
+    # lse: fp32 log-sum-exps of the same scores in another order: a few fp32 ulps of |lse| (~4 here).
+    torch.testing.assert_close(lse, last_lse, rtol=0, atol=16 * torch.finfo(torch.float32).eps * 8)
+
+
+def test_sparse_path_differs_from_dense() -> None:
+    # A small K on a long random cache must differ from dense attention: the sparse path really ran.
+    case = Case(1, 300, 4, 2, 16, 2, torch.float16)
+    q, k, v, _ = make_inputs(case)
+    out, _ = moba_decode_triton(q, k, v, case.c, case.k, 1.0 / math.sqrt(case.d))
+    dense = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    assert (out.float() - dense).abs().max().item() > 1e-2
+
+
+def test_empty_batch() -> None:
+    q, k = torch.randn(0, 4, 1, 64).half(), torch.randn(0, 2, 40, 64).half()
+    out, lse = moba_decode_triton(q, k, k, 16, 3, 0.125)
+    assert out.shape == (0, 4, 1, 64) and lse.shape == (0, 4, 1)
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=8)
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3, 4]),
+    chunk=st.sampled_from([16, 32, 48]),
+    chunks=st.integers(0, 7),
+    extra=st.integers(1, 48),
+    topk=st.integers(1, 6),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(b=1, hkv=1, group=1, chunk=16, chunks=0, extra=1, topk=1, dtype=torch.float16, masked=False, seed=0)
+@example(b=2, hkv=2, group=3, chunk=48, chunks=5, extra=48, topk=6, dtype=torch.bfloat16, masked=True, seed=1)
+def test_hypothesis_shapes(b, hkv, group, chunk, chunks, extra, topk, dtype, masked, seed) -> None:
+    lk = chunks * chunk + min(extra, chunk)  # own chunk 'chunks', holding 1..C keys
+    case = Case(b, lk, hkv * group, hkv, chunk, topk, dtype, mask="left_pad" if masked else None)
+    q, k, v, mask = make_inputs(case, seed=seed)
+    check_decode(q, k, v, chunk, topk, mask)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# decode_unsupported_reason: one case per reason
+# --------------------------------------------------------------------------------------------------------------------
+def _qkv(
+    b: int = 1, hq: int = 4, hkv: int = 2, lk: int = 40, d: int = 64, dv: int = 64, dtype=torch.float16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.zeros(b, hq, 1, d, dtype=dtype),
+        torch.zeros(b, hkv, lk, d, dtype=dtype),
+        torch.zeros(b, hkv, lk, dv, dtype=dtype),
+    )
+
+
+def _big(lk: int) -> torch.Tensor:
+    return torch.zeros(1, 1, 1, 64, dtype=torch.float16).expand(1, 2, lk, 64)  # no memory behind it
+
+
+_REASONS = {
+    "ok": (lambda: (*_qkv(), 16, 3, None, None), None),
+    "not-4d": (lambda: (torch.zeros(4, 1, 64), *_qkv()[1:], 16, 3, None, None), "query must be a 4-D tensor"),
+    "mixed-dtypes": (lambda: (_qkv()[0].bfloat16(), *_qkv()[1:], 16, 3, None, None), "mixed dtypes"),
+    "float64": (lambda: (*_qkv(dtype=torch.float64), 16, 3, None, None), "dtype float64 routed to the reference"),
+    "devices": (lambda: (_qkv()[0].to("meta"), *_qkv()[1:], 16, 3, None, None), "on different devices"),
+    "meta": (lambda: (*(t.to("meta") for t in _qkv()), 16, 3, None, None), "device type 'meta'"),
+    "lq": (lambda: (torch.zeros(1, 4, 2, 64).half(), *_qkv()[1:], 16, 3, None, None), "decode needs Lq == 1, got Lq=2"),
+    "shapes": (lambda: (*_qkv()[:2], torch.zeros(1, 2, 41, 64).half(), 16, 3, None, None), "shapes do not match"),
+    "empty": (lambda: (*_qkv(lk=0), 16, 3, None, None), "empty key cache"),
+    "heads": (lambda: (*_qkv(hq=3), 16, 3, None, None), "query heads (3) are not a multiple of key heads (2)"),
+    "head-dim": (lambda: (*_qkv(d=96, dv=96), 16, 3, None, None), "head dim 96 not in (64, 128)"),
+    "value-dim": (lambda: (*_qkv(dv=32), 16, 3, None, None), "value head dim 32 not in (64, 128)"),
+    "chunk-type": (lambda: (*_qkv(), 16.0, 3, None, None), "chunk_size 16.0 is not an int"),
+    "chunk-16": (lambda: (*_qkv(), 24, 3, None, None), "chunk_size 24 is not a multiple of 16"),
+    "chunk-range": (lambda: (*_qkv(), 8208, 3, None, None), "chunk_size 8208 not in [16, 8192]"),
+    "topk-type": (lambda: (*_qkv(), 16, 0, None, None), "topk 0 is not an int >= 1"),
+    "topk-max": (lambda: (*_qkv(), 16, 65, None, None), "topk 65 > 64"),
+    "lk-int32": (lambda: (_qkv()[0], _big(2**31), _big(2**31), 16, 3, None, None), "overflows the kernels' int32"),
+    "mask-dtype": (lambda: (*_qkv(), 16, 3, torch.ones(1, 1, 1, 40), None), "attn_mask is not a boolean tensor"),
+    "mask-device": (
+        lambda: (*_qkv(), 16, 3, torch.ones(1, 1, 1, 40, dtype=torch.bool, device="meta"), None),
+        "attn_mask is on meta",
+    ),
+    "mask-shape": (lambda: (*_qkv(), 16, 3, torch.ones(1, 1, 2, 40, dtype=torch.bool), None), "does not broadcast"),
+    "mask-int32": (
+        lambda: (
+            _qkv()[0],
+            _big(2**29),
+            _big(2**29),
+            16,
+            3,
+            torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(1, 4, 1, 2**29),
+            None,
+        ),
+        "per-head attn_mask",
+    ),
+    "means-4d": (lambda: (*_qkv(), 16, 3, None, torch.zeros(2, 2, 64)), "means must be a 4-D tensor"),
+    "means-dtype": (lambda: (*_qkv(), 16, 3, None, torch.zeros(1, 2, 2, 64).half()), "means must be float32"),
+    "means-device": (lambda: (*_qkv(), 16, 3, None, torch.zeros(1, 2, 2, 64, device="meta")), "means is on meta"),
+    "means-shape": (lambda: (*_qkv(), 16, 3, None, torch.zeros(1, 1, 2, 64)), "does not match [B=1, Hkv=2"),
+    "means-short": (lambda: (*_qkv(), 16, 3, None, torch.zeros(1, 2, 1, 64)), "means has 1 chunks, need >= 2"),
+}
+
+
+@pytest.mark.parametrize("name", list(_REASONS))
+def test_unsupported_reasons(name: str) -> None:
+    make, expected = _REASONS[name]
+    args = make()
+    reason = decode_unsupported_reason(*args)
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason, reason
+    if expected is not None and name not in (
+        "lk-int32",
+        "mask-int32",
+        "meta",
+        "devices",
+        "mask-device",
+        "means-device",
+    ):
+        with pytest.raises(ValueError, match="MoBA decode cannot run"):
+            q, k, v, c, topk, mask, means = args
+            moba_decode_triton(q, k, v, c, topk, 0.125, attn_mask=mask, means=means)
+
+
+def test_unsupported_without_triton_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = _qkv()
+    monkeypatch.setattr(kdecode, "interpreting", lambda: False)
+    assert decode_unsupported_reason(q, k, v, 16, 3, None) == "CPU tensors need TRITON_INTERPRET=1"
+    monkeypatch.setattr(kdecode, "triton_available", lambda: False)
+    assert decode_unsupported_reason(q, k, v, 16, 3, None) == "triton is not installed"
