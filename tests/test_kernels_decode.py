@@ -31,7 +31,7 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from moba_compile import reference  # noqa: E402
-from moba_compile.kernels import decode as kdecode  # noqa: E402
+from moba_compile.kernels import support as ksupport  # noqa: E402
 from moba_compile.kernels.decode import (  # noqa: E402
     decode_chunk_means,
     decode_select_chunks_triton,
@@ -403,7 +403,8 @@ def test_unsupported_reasons(name: str) -> None:
 
 def test_unsupported_without_triton_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = _qkv()
-    monkeypatch.setattr(kdecode, "interpreting", lambda: False)
+    # The shared checks live in kernels/support.py.
+    monkeypatch.setattr(ksupport, "interpreting", lambda: False)
     assert decode_unsupported_reason(q, k, v, 16, 3, None) == "CPU tensors need TRITON_INTERPRET=1"
-    monkeypatch.setattr(kdecode, "triton_available", lambda: False)
+    monkeypatch.setattr(ksupport, "triton_available", lambda: False)
     assert decode_unsupported_reason(q, k, v, 16, 3, None) == "triton is not installed"

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .support import interpreting, next_pow2, speed_up_interpreter, triton_available
+from .support import interpreting, next_pow2, shared_unsupported_reason, speed_up_interpreter
 
 __all__ = [
     "DECODE_HEAD_DIMS",
@@ -533,62 +533,20 @@ def decode_unsupported_reason(
         >>> decode_unsupported_reason(q, k, k, 16, 3, None)
         'head dim 96 not in (64, 128)'
     """
-    if not triton_available():
-        return "triton is not installed"
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            return f"{name} must be a 4-D tensor"
-    if not (query.dtype == key.dtype == value.dtype):
-        return f"mixed dtypes {query.dtype}, {key.dtype}, {value.dtype}"
-    if query.dtype not in _DTYPES:
-        return f"dtype {str(query.dtype).removeprefix('torch.')} routed to the reference"
-    dev = query.device
-    if not (dev == key.device == value.device):
-        return "query, key and value are on different devices"
-    if dev.type == "cpu":
-        if not interpreting():
-            return "CPU tensors need TRITON_INTERPRET=1"
-    elif dev.type != "cuda":
-        return f"device type {dev.type!r} is not supported by the Triton kernels"
+    reason = shared_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, head_dims=DECODE_HEAD_DIMS)
+    if reason is not None:
+        return reason
     b, hq, lq, d = query.shape
-    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    hkv, lk = key.shape[1], key.shape[2]
+    dev = query.device
     if lq != 1:
         return f"decode needs Lq == 1, got Lq={lq}"
-    if key.shape[0] != b or value.shape[0] != b or key.shape[3] != d or value.shape[1] != hkv or value.shape[2] != lk:
-        return "query, key and value shapes do not match"
     if lk == 0:
         return "empty key cache (Lk = 0)"
-    if hkv == 0 or hq % hkv != 0:
-        return f"query heads ({hq}) are not a multiple of key heads ({hkv})"
-    if d not in DECODE_HEAD_DIMS:
-        return f"head dim {d} not in {DECODE_HEAD_DIMS}"
-    if dv not in DECODE_HEAD_DIMS:
-        return f"value head dim {dv} not in {DECODE_HEAD_DIMS}"
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        return f"chunk_size {chunk_size!r} is not an int"
-    if chunk_size % 16 != 0:
-        return f"chunk_size {chunk_size} is not a multiple of 16"
-    if not _MIN_CHUNK <= chunk_size <= _MAX_CHUNK:
-        return f"chunk_size {chunk_size} not in [{_MIN_CHUNK}, {_MAX_CHUNK}]"
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        return f"topk {topk!r} is not an int >= 1"
-    if topk > _MAX_TOPK:
-        return f"topk {topk} > {_MAX_TOPK}"
     if lk >= 2**31 - 2 * _MAX_CHUNK:  # key positions are int32 inside the kernels
         return f"Lk={lk} overflows the kernels' int32 key positions"
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
-            return "attn_mask is not a boolean tensor"
-        if attn_mask.device != dev:
-            return f"attn_mask is on {attn_mask.device}, query on {dev}"
-        try:
-            fits = tuple(torch.broadcast_shapes(attn_mask.shape, (b, hq, 1, lk))) == (b, hq, 1, lk)
-        except RuntimeError:
-            fits = False
-        if attn_mask.dim() > 4 or not fits:
-            return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {[b, hq, 1, lk]}"
-        if attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 and hq * lk >= 2**31:
-            return f"a per-head attn_mask with Hq * Lk = {hq * lk} >= 2**31 overflows the kernel's int32 offsets"
+    if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 and hq * lk >= 2**31:
+        return f"a per-head attn_mask with Hq * Lk = {hq * lk} >= 2**31 overflows the kernel's int32 offsets"
     if means is not None:
         n_prev = (lk - 1) // chunk_size
         if not isinstance(means, Tensor) or means.dim() != 4:

@@ -83,6 +83,77 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def shared_unsupported_reason(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_size: int,
+    topk: int,
+    attn_mask: Tensor | None,
+    *,
+    head_dims: tuple[int, ...],
+) -> str | None:
+    """The checks every Triton MoBA kernel shares (installation, dtypes, devices, shapes, chunk size, top-k, mask).
+
+    Only metadata is read. ``head_dims`` are the head dims the calling kernel supports. Returns ``None`` when these
+    checks pass, else a short reason; each kernel's own ``*_unsupported_reason`` adds its specific limits.
+
+    Example:
+        >>> q = torch.randn(1, 2, 8, 72)
+        >>> shared_unsupported_reason(q, q, q, 16, 3, None, head_dims=(64, 128))
+        'head dim 72 not in (64, 128)'
+    """
+    if not triton_available():
+        return "triton is not installed"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            return f"{name} must be a 4-D tensor"
+    if not (query.dtype == key.dtype == value.dtype):
+        return f"mixed dtypes {query.dtype}, {key.dtype}, {value.dtype}"
+    if query.dtype not in _DTYPES:
+        return f"dtype {str(query.dtype).removeprefix('torch.')} routed to the reference"
+    dev = query.device
+    if not (dev == key.device == value.device):
+        return "query, key and value are on different devices"
+    if dev.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+    elif dev.type != "cuda":
+        return f"device type {dev.type!r} is not supported by the Triton kernels"
+    b, hq, lq, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    if key.shape[0] != b or value.shape[0] != b or key.shape[3] != d or value.shape[1] != hkv or value.shape[2] != lk:
+        return "query, key and value shapes do not match"
+    if hkv == 0 or hq % hkv != 0:
+        return f"query heads ({hq}) are not a multiple of key heads ({hkv})"
+    if d not in head_dims:
+        return f"head dim {d} not in {head_dims}"
+    if dv not in head_dims:
+        return f"value head dim {dv} not in {head_dims}"
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        return f"chunk_size {chunk_size!r} is not an int"
+    if chunk_size % 16 != 0:
+        return f"chunk_size {chunk_size} is not a multiple of 16"
+    if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+        return f"chunk_size {chunk_size} not in [{MIN_CHUNK}, {MAX_CHUNK}]"
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        return f"topk {topk!r} is not an int >= 1"
+    if topk > MAX_TOPK:
+        return f"topk {topk} > {MAX_TOPK}"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
+            return "attn_mask is not a boolean tensor"
+        if attn_mask.device != dev:
+            return f"attn_mask is on {attn_mask.device}, query on {dev}"
+        try:
+            fits = tuple(torch.broadcast_shapes(attn_mask.shape, (b, hq, lq, lk))) == (b, hq, lq, lk)
+        except RuntimeError:
+            fits = False
+        if attn_mask.dim() > 4 or not fits:
+            return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {[b, hq, lq, lk]}"
+    return None
+
+
 def triton_unsupported_reason(
     query: Tensor, key: Tensor, value: Tensor, chunk_size: int, topk: int, attn_mask: Tensor | None
 ) -> str | None:
@@ -108,59 +179,16 @@ def triton_unsupported_reason(
         >>> triton_unsupported_reason(q, q, q, 16, 3, None)
         'head dim 72 not in (16, 32, 64, 128, 256)'
     """
-    if not triton_available():
-        return "triton is not installed"
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            return f"{name} must be a 4-D tensor"
-    if not (query.dtype == key.dtype == value.dtype):
-        return f"mixed dtypes {query.dtype}, {key.dtype}, {value.dtype}"
-    if query.dtype not in _DTYPES:
-        return f"dtype {str(query.dtype).removeprefix('torch.')} routed to the reference"
-    dev = query.device
-    if not (dev == key.device == value.device):
-        return "query, key and value are on different devices"
-    if dev.type == "cpu":
-        if not interpreting():
-            return "CPU tensors need TRITON_INTERPRET=1"
-    elif dev.type != "cuda":
-        return f"device type {dev.type!r} is not supported by the Triton kernels"
-    b, hq, lq, d = query.shape
-    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
-    if key.shape[0] != b or value.shape[0] != b or key.shape[3] != d or value.shape[1] != hkv or value.shape[2] != lk:
-        return "query, key and value shapes do not match"
-    if hkv == 0 or hq % hkv != 0:
-        return f"query heads ({hq}) are not a multiple of key heads ({hkv})"
+    reason = shared_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, head_dims=HEAD_DIMS)
+    if reason is not None:
+        return reason
+    hq, lq = query.shape[1], query.shape[2]
+    hkv, lk = key.shape[1], key.shape[2]
     if lq > lk:
         return f"Lq={lq} > Lk={lk}"
-    if d not in HEAD_DIMS:
-        return f"head dim {d} not in {HEAD_DIMS}"
-    if dv not in HEAD_DIMS:
-        return f"value head dim {dv} not in {HEAD_DIMS}"
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        return f"chunk_size {chunk_size!r} is not an int"
-    if chunk_size % 16 != 0:
-        return f"chunk_size {chunk_size} is not a multiple of 16"
-    if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
-        return f"chunk_size {chunk_size} not in [{MIN_CHUNK}, {MAX_CHUNK}]"
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        return f"topk {topk!r} is not an int >= 1"
-    if topk > MAX_TOPK:
-        return f"topk {topk} > {MAX_TOPK}"
     # Entry ids inside one (batch, key head) plane are int32: G * Lq * (K - 1) must fit.
     if (hq // hkv) * lq * max(topk - 1, 1) >= 2**31:
         return f"{hq // hkv} query heads per key head x Lq={lq} x (topk-1)={topk - 1} entries overflow int32 ids"
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
-            return "attn_mask is not a boolean tensor"
-        if attn_mask.device != dev:
-            return f"attn_mask is on {attn_mask.device}, query on {dev}"
-        try:
-            fits = tuple(torch.broadcast_shapes(attn_mask.shape, (b, hq, lq, lk))) == (b, hq, lq, lk)
-        except RuntimeError:
-            fits = False
-        if attn_mask.dim() > 4 or not fits:
-            return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {[b, hq, lq, lk]}"
     return None
 
 
