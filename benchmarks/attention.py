@@ -1,4 +1,4 @@
-"""MoBA forward benchmark: Triton gate + forward against dense causal SDPA and FlexAttention, in one run.
+"""MoBA benchmark: Triton gate, forward and backward against dense causal SDPA and FlexAttention, in one run.
 
 Usage (a CUDA GPU is needed for real numbers)::
 
@@ -15,7 +15,11 @@ forward ms (``moba_forward_triton``, gating included), dense causal SDPA ms, Fle
 (block size = chunk, the exact per-token selection in ``mask_mod``), and peak memory of each. From the gate's actual
 selection it counts the useful work, ``4 * D`` FLOPs per attended (query, key) pair with the own chunk counted
 causally, and reports the ideal time (useful FLOPs at the dense SDPA FLOP rate of this run), the ratio forward/ideal,
-and useful TFLOP/s. Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs).
+and useful TFLOP/s. Training: backward ms (``moba_backward_triton``, default atomics mode and deterministic mode,
+gate recomputation included), forward+backward ms of the launchers, dense SDPA backward and forward+backward ms
+(autograd), the ideal fwd+bwd time (3.5 x the useful forward FLOPs at the dense fwd+bwd FLOP rate of this run) and
+the peak memory of one fwd+bwd of each. Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed
+between runs).
 
 Results: a table on stdout, ``benchmarks/results/attention-<gpu>-<date>.json`` (GPU, torch/triton/CUDA versions,
 every shape and number; ``null`` plus an ``errors`` entry where a measurement failed or was skipped), and a PNG plot
@@ -119,9 +123,12 @@ def estimate_memory(cfg: BenchConfig, partial_budget: int) -> dict[str, float]:
     partials = min(entries * (d + 1) * 4, max(partial_budget, b * h * km1 * (d + 1) * 4))
     n_blocks = -(-n // c)
     flex_mask = 4 * b * h * n_blocks * n_blocks * 4  # partial + full kv indices and their q-major transposes (int32)
+    # Backward (default mode): dq/dk/dv, the fp32 dQ buffer, fp32 Delta and log2 LSE, the recomputed gate and flip.
+    backward = inputs + b * h * n * d * 4 + 2 * b * h * n * 4 + index
     return {
         "inputs_gib": inputs / GiB,
         "moba_extra_gib": (out + index + partials) / GiB,
+        "moba_backward_extra_gib": backward / GiB,
         "flex_block_mask_gib": flex_mask / GiB,
     }
 
@@ -226,7 +233,7 @@ def flex_moba_block_mask(sel: torch.Tensor, len_q: int, len_k: int, chunk: int) 
 def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device, flex_fn: Any) -> dict[str, Any]:
     """Measure one configuration; failures (OOM, compile errors) are recorded in ``errors``, never papered over."""
     from moba_compile import reference
-    from moba_compile.kernels import flip_selection, moba_forward_triton, select_chunks_triton
+    from moba_compile.kernels import flip_selection, moba_backward_triton, moba_forward_triton, select_chunks_triton
 
     b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
     dtype = torch.bfloat16
@@ -280,6 +287,44 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     record("dense_ms", lambda: time_ms(dense, device, args.warmup, args.rep))
     record("dense_peak_gib", lambda: peak_gib(dense, device))
 
+    # Backward and training step (forward + backward), MoBA launchers versus dense SDPA autograd, same run.
+    d_out = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
+    saved: dict[str, Any] = {}
+
+    def measure_backward(deterministic: bool) -> float:
+        if "fwd" not in saved:
+            saved["fwd"] = fwd()
+        out, lse = saved["fwd"]
+
+        def bwd() -> Any:
+            return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, deterministic=deterministic)
+
+        return time_ms(bwd, device, args.warmup, args.rep)
+
+    def fwd_bwd() -> Any:
+        out, lse = moba_forward_triton(q, key, val, c, k, scale)
+        return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, deterministic=False)
+
+    record("backward_ms", lambda: measure_backward(False))
+    record("backward_deterministic_ms", lambda: measure_backward(True))
+    saved.clear()
+    record("fwd_bwd_ms", lambda: time_ms(fwd_bwd, device, args.warmup, args.rep))
+    record("fwd_bwd_peak_gib", lambda: peak_gib(fwd_bwd, device))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, key, val))
+
+    def dense_fwd_bwd() -> Any:
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+        return torch.autograd.grad(o, (qg, kg, vg), d_out)
+
+    def measure_dense_backward() -> float:
+        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+        return time_ms(lambda: torch.autograd.grad(o, (qg, kg, vg), d_out, retain_graph=True), device, args.warmup,
+                       args.rep)  # fmt: skip
+
+    record("dense_backward_ms", measure_dense_backward)
+    record("dense_fwd_bwd_ms", lambda: time_ms(dense_fwd_bwd, device, args.warmup, args.rep))
+    record("dense_fwd_bwd_peak_gib", lambda: peak_gib(dense_fwd_bwd, device))
+
     # FlexAttention with the MoBA block mask built from this run's selection.
     if args.no_flex:
         row["flex_ms"] = None
@@ -322,6 +367,22 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
         flops_per_pair * row["useful_pairs"] / (fwd_ms * 1e-3) / 1e12 if fwd_ms and row["useful_pairs"] else None
     )
     row["speedup_vs_dense"] = row["dense_ms"] / fwd_ms if fwd_ms and row.get("dense_ms") else None
+    # Training: a backward is 2.5 forwards of matmul work (5 matmuls against 2), so fwd+bwd = 3.5 x the forward FLOPs.
+    # Ideal = useful fwd+bwd FLOPs at the dense SDPA fwd+bwd FLOP rate of this run.
+    train_flops = 3.5 * flops_per_pair
+    if row.get("dense_fwd_bwd_ms") and row["useful_pairs"]:
+        train_rate = train_flops * row["dense_pairs"] / (row["dense_fwd_bwd_ms"] * 1e-3)
+        row["ideal_fwd_bwd_ms"] = train_flops * row["useful_pairs"] / train_rate * 1e3
+    else:
+        row["ideal_fwd_bwd_ms"] = None
+    fb_ms = row.get("fwd_bwd_ms")
+    row["fwd_bwd_ratio_to_ideal"] = fb_ms / row["ideal_fwd_bwd_ms"] if fb_ms and row["ideal_fwd_bwd_ms"] else None
+    row["fwd_bwd_speedup_vs_dense"] = row["dense_fwd_bwd_ms"] / fb_ms if fb_ms and row.get("dense_fwd_bwd_ms") else None
+    row["fwd_bwd_peak_vs_dense"] = (
+        row["fwd_bwd_peak_gib"] / row["dense_fwd_bwd_peak_gib"]
+        if row.get("fwd_bwd_peak_gib") and row.get("dense_fwd_bwd_peak_gib")
+        else None
+    )
 
     # Correctness spot check against the reference (short sequences only: the reference is plain PyTorch).
     if n <= args.check_max_len and row.get("forward_ms") is not None:
@@ -337,6 +398,14 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
                 "gate_rows_equal_fraction": same.float().mean().item() if same is not None else float("nan"),
                 "reference_max_abs": ref_out.float().abs().max().item(),
             }
+            # Backward: the kernel's gradients against the reference's formulas on the same (out, lse).
+            grads = moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale)
+            ref_grads = reference.moba_attention_backward(
+                d_out, q, key, val, out, lse, chunk_size=c, topk=k, scale=scale
+            )
+            for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+                result[f"max_abs_{name}_err_vs_reference"] = (got.float() - ref.float()).abs().max().item()
+                result[f"reference_{name}_max_abs"] = ref.float().abs().max().item()
             if "mask" in mask_holder:  # the FlexAttention baseline must compute the same MoBA attention
                 flex_out = flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale)
                 result["flex_max_abs_err_vs_reference"] = (flex_out.float() - ref_out.float()).abs().max().item()
@@ -379,6 +448,28 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         for field, err in r.get("errors", {}).items():
             print(f"    {field}: {err}")
     print("times in ms (median); ideal = useful FLOPs (4*D per attended pair) at this run's dense SDPA FLOP rate")
+    print()
+    head = (
+        f"{'config':<44} {'bwd':>9} {'bwd det':>9} {'dense bwd':>9} {'fwd+bwd':>9} {'dense f+b':>9} {'ideal f+b':>9} "
+        f"{'f+b/ideal':>9} {'peakGiB':>8} {'densePk':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        cells = [
+            _fmt(r.get("backward_ms"), ".3f").rjust(9),
+            _fmt(r.get("backward_deterministic_ms"), ".3f").rjust(9),
+            _fmt(r.get("dense_backward_ms"), ".3f").rjust(9),
+            _fmt(r.get("fwd_bwd_ms"), ".3f").rjust(9),
+            _fmt(r.get("dense_fwd_bwd_ms"), ".3f").rjust(9),
+            _fmt(r.get("ideal_fwd_bwd_ms"), ".3f").rjust(9),
+            _fmt(r.get("fwd_bwd_ratio_to_ideal")).rjust(9),
+            _fmt(r.get("fwd_bwd_peak_gib")).rjust(8),
+            _fmt(r.get("dense_fwd_bwd_peak_gib")).rjust(8),
+        ]
+        print(f"{r['name']:<44} " + " ".join(cells))
+    print("training: fwd+bwd of the MoBA launchers vs dense SDPA autograd; ideal f+b = 3.5 x useful forward FLOPs at")
+    print("this run's dense SDPA fwd+bwd FLOP rate; peak = GiB allocated above the inputs during one fwd+bwd")
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -415,10 +506,11 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path
     if path.exists():  # never overwrite an earlier run of the same day
         path = out_dir / f"attention-{gpu}-{stamp}-{_dt.datetime.now().strftime('%H%M%S')}.json"
     payload = {
-        "benchmark": "moba forward (benchmarks/attention.py)",
+        "benchmark": "moba forward, backward and fwd+bwd (benchmarks/attention.py)",
         "timing": "median of triton.testing.do_bench (CUDA events), milliseconds",
         "useful_work": "4 * head_dim FLOPs per attended (query, key) pair; own chunk counted causally",
         "ideal": "useful FLOPs at the dense causal SDPA FLOP rate measured in the same run",
+        "ideal_fwd_bwd": "3.5 x useful forward FLOPs at the dense SDPA fwd+bwd FLOP rate measured in the same run",
         "environment": env,
         "rows": rows,
     }
@@ -437,7 +529,8 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    series = ("forward_ms", "gating_ms", "dense_ms", "flex_ms", "ideal_ms")
+    series = ("forward_ms", "gating_ms", "dense_ms", "flex_ms", "ideal_ms", "fwd_bwd_ms", "dense_fwd_bwd_ms",
+              "ideal_fwd_bwd_ms")  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     sweep = [r for r in rows if r["suite"] == "flashmoba"]
     ax = axes[0]
@@ -466,7 +559,7 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
     ax.set_title("spec table: B=1, H=32, D=128")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    fig.suptitle(f"MoBA forward, bf16 - {env.get('gpu') or env.get('device')} - torch {env['torch']}")
+    fig.suptitle(f"MoBA forward and fwd+bwd, bf16 - {env.get('gpu') or env.get('device')} - torch {env['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -498,6 +591,7 @@ def _aot_compile(
     from triton.compiler import ASTSource
 
     div16 = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "C"}
+    div16 |= {"sdob", "sdoh", "sdom", "stb", "sth", "sdqb", "sdqh", "sdqm"}  # backward: dO, Delta/LSE and dQ strides
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -505,7 +599,7 @@ def _aot_compile(
         elif name.endswith("_ptr"):
             sig[name] = ptr_types.get(name, "*i32")
         else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n in div16}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -527,10 +621,39 @@ def _aot_compile(
     return info
 
 
-def compile_check(arch: int = 90, head_dim: int = 128) -> list[dict[str, Any]]:
-    """Compile every forward kernel at the launchers' CUDA configurations for ``sm_<arch>`` (bf16, ``head_dim``).
+def _backward_variants(d: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
+    """The backward kernels at the launcher's CUDA configurations (bf16, head dim ``d``), names ``bwd_*``."""
+    from moba_compile.kernels import backward as bw
 
-    Runs on a machine without a GPU (Triton's bundled compiler and ptxas); must not run under TRITON_INTERPRET.
+    io = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "do_ptr": "*bf16", "o_ptr": "*bf16", "mask_ptr": "*u8",
+          "lse_ptr": "*fp32", "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "pdq_ptr": "*fp32", "dk_ptr": "*bf16",
+          "dv_ptr": "*bf16", "seg_start_ptr": "*i64"}  # fmt: skip
+    out: list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]] = []
+    out.append(("bwd_preprocess", bw._bwd_preprocess_kernel, io, {"HEAD_DV": d, "BLOCK_M": 64, "sod": 1, "sdod": 1},
+                4, 1))  # fmt: skip
+    for has_mask in (False, True):
+        cfg = bw._bwd_config(d, d, torch.bfloat16, has_mask)
+        tag = "mask" if has_mask else "nomask"
+        base = {"HEAD_D": d, "HEAD_DV": d, "HAS_MASK": has_mask, "UPCAST": False, "DOT_PREC": "tf32", "sqd": 1,
+                "skd": 1, "svd": 1, "sdod": 1}  # fmt: skip
+        for atomic in (True, False):
+            consts = {**base, "BLOCK_M": cfg.kv_block_m, "BLOCK_N": cfg.kv_block_n, "HAS_LIST": True,
+                      "ATOMIC_DQ": atomic}  # fmt: skip
+            name = f"bwd_dkdv-{tag}-{'atomic_dq' if atomic else 'det'}"
+            ptrs = {**io, "dq_ptr": "*fp32"}
+            out.append((name, bw._bwd_dkdv_kernel, ptrs, consts, cfg.kv_warps, cfg.kv_stages))
+        consts = {**base, "BLOCK_M": cfg.dq_block_m, "BLOCK_N": cfg.dq_block_n}
+        out.append((f"bwd_sparse_dq-{tag}", bw._bwd_sparse_dq_kernel, io, consts, cfg.dq_warps, cfg.dq_stages))
+        out.append((f"bwd_own_dq-{tag}", bw._bwd_own_dq_kernel, {**io, "dq_ptr": "*bf16"}, consts, cfg.dq_warps,
+                    cfg.dq_stages))  # fmt: skip
+    return out
+
+
+def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None) -> list[dict[str, Any]]:
+    """Compile every kernel (gate, forward, backward) at the launchers' CUDA configurations for ``sm_<arch>``.
+
+    bf16, ``head_dim``. Runs on a machine without a GPU (Triton's bundled compiler and ptxas); must not run under
+    TRITON_INTERPRET. ``prefix`` keeps only the variants whose name starts with it (e.g. ``"bwd_"``).
     Returns one record per variant: name, config, shared memory, registers, spill bytes (``None`` without ptxas).
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -562,6 +685,9 @@ def compile_check(arch: int = 90, head_dim: int = 128) -> list[dict[str, Any]]:
         for kname, kern in (("key_major", fw._sparse_fwd_kernel), ("own_chunk", fw._own_fwd_kernel)):
             variants.append((f"{kname}-{tag}", kern, io, {**consts, "BLOCK_M": cfg.block_m}, cfg.num_warps,
                              cfg.num_stages))  # fmt: skip
+    variants += _backward_variants(d)
+    if prefix is not None:
+        variants = [v for v in variants if v[0].startswith(prefix)]
     records = []
     for name, fn, ptrs, consts, warps, stages in variants:
         rec: dict[str, Any] = {"kernel": name, "num_warps": warps, "num_stages": stages}
@@ -617,7 +743,7 @@ def select_configs(args: argparse.Namespace) -> list[BenchConfig]:
 def dry_run(configs: list[BenchConfig]) -> None:
     budget = 80 * 10**9 // 4  # the forward's default partial-buffer budget on an 80 GB H100 (a quarter of memory)
     print(f"{'config':<44} {'chunks':>6} {'dense TFLOP':>11} {'MoBA TFLOP':>10} {'density':>8} {'inputs GiB':>10} "
-          f"{'MoBA+ GiB':>9} {'flex mask GiB':>13}")  # fmt: skip
+          f"{'MoBA+ GiB':>9} {'bwd+ GiB':>8} {'flex mask GiB':>13}")  # fmt: skip
     for cfg in configs:
         dense = 4 * cfg.head_dim * cfg.batch * cfg.heads * dense_causal_pairs(cfg.seq_len, cfg.seq_len)
         useful = 4 * cfg.head_dim * expected_moba_pairs(cfg)
@@ -625,9 +751,14 @@ def dry_run(configs: list[BenchConfig]) -> None:
         print(
             f"{cfg.name:<44} {-(-cfg.seq_len // cfg.chunk_size):>6} {dense / 1e12:>11.2f} {useful / 1e12:>10.2f} "
             f"{useful / dense:>8.3f} {mem['inputs_gib']:>10.2f} {mem['moba_extra_gib']:>9.2f} "
-            f"{mem['flex_block_mask_gib']:>13.2f}"
+            f"{mem['moba_backward_extra_gib']:>8.2f} {mem['flex_block_mask_gib']:>13.2f}"
         )
-    print("dry run: nothing measured. MoBA TFLOP assumes each row selects min(K-1, own chunk) earlier chunks;")
+    print(
+        "dry run: nothing measured. MoBA TFLOP (forward) assumes each row selects min(K-1, own chunk) earlier chunks;"
+    )
+    print(
+        "fwd+bwd work is 3.5x the forward's. bwd+ GiB: the backward's allocations (grads, fp32 dQ, gate/flip arrays);"
+    )
     print("memory assumes an 80 GB GPU (partial outputs capped at a quarter of it; longer inputs run in row slabs).")
 
 
@@ -644,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             detail = r.get("error") or (
                 f"regs={r['registers']} spill={r['spill_bytes']}B smem={r['shared_bytes'] // 1024}KiB"
             )
-            print(f"{'ok ' if r['ok'] else 'FAIL'} {r['kernel']:<18} w{r['num_warps']} s{r['num_stages']} {detail}")
+            print(f"{'ok ' if r['ok'] else 'FAIL'} {r['kernel']:<26} w{r['num_warps']} s{r['num_stages']} {detail}")
         print(json.dumps(records))
         return 0 if all(r["ok"] for r in records) else 1
     if args.smoke:

@@ -238,7 +238,7 @@ def _attention_backward_op(
     if backward_triton is not None:
         dq, dk, dv = backward_triton(grad_out, query, key, value, out, lse, chunk_size, topk, scale, mask)
     else:
-        # No Triton backward kernel yet: the reference's hand-written gradient formulas (plain PyTorch ops).
+        # The reference's hand-written gradient formulas (plain PyTorch ops): CPU tensors, or triton missing.
         dq, dk, dv = reference.moba_attention_backward(
             grad_out,
             query,

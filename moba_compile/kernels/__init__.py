@@ -1,15 +1,18 @@
-"""Triton kernels for MoBA and their launchers (forward only so far).
+"""Triton kernels for MoBA and their launchers: gate, forward, backward, decode.
 
 Public API (used by :mod:`moba_compile.ops`):
 
 - :func:`triton_unsupported_reason`: ``None`` when the Triton path can run a call, else a short reason.
 - :func:`moba_forward_triton`: ``(out, lse)`` like ``reference.moba_attention_forward``.
+- :func:`moba_backward_triton`: ``(dq, dk, dv)`` like ``reference.moba_attention_backward`` (atomics for dQ by
+  default, bitwise reproducible with ``deterministic=True`` or under ``torch.use_deterministic_algorithms``).
+- :func:`moba_decode_triton`, :func:`decode_unsupported_reason`: the decode path (module ``.decode``).
 - :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks.
 
-Importing this package never needs Triton: without it the launchers raise a clear ``RuntimeError`` when called and
-:func:`triton_unsupported_reason` answers ``"triton is not installed"``. There is no ``moba_backward_triton`` yet, so
-``from moba_compile.kernels import moba_backward_triton`` raises ``ImportError`` (the ops layer then uses the
-reference's backward formulas).
+Importing this package never needs Triton, and every launcher is imported lazily on first use. Without Triton the
+launchers raise a clear ``RuntimeError`` when called and :func:`triton_unsupported_reason` answers
+``"triton is not installed"``; the one exception is ``moba_backward_triton``, whose import then raises
+``ImportError``: the ops layer treats that as "no Triton backward" and uses the reference's backward formulas.
 """
 
 from .support import interpreting, require_triton, triton_available, triton_unsupported_reason
@@ -17,8 +20,11 @@ from .support import interpreting, require_triton, triton_available, triton_unsu
 __all__ = [
     "FlipResult",
     "chunk_means_triton",
+    "decode_unsupported_reason",
     "flip_selection",
     "interpreting",
+    "moba_backward_triton",
+    "moba_decode_triton",
     "moba_forward_triton",
     "select_chunks_triton",
     "triton_available",
@@ -27,11 +33,18 @@ __all__ = [
 
 _LAZY = {
     "moba_forward_triton": "forward",
+    "moba_backward_triton": "backward",
+    "moba_decode_triton": "decode",
+    "decode_unsupported_reason": "decode",
     "chunk_means_triton": "gating",
     "select_chunks_triton": "gating",
     "flip_selection": "gating",
     "FlipResult": "gating",
 }
+
+# Names whose import fails without Triton (instead of returning a stub): moba_compile.ops imports the backward inside
+# `try: ... except ImportError` and falls back to the reference formulas.
+_IMPORT_ERROR_WITHOUT_TRITON = frozenset({"moba_backward_triton"})
 
 
 def __getattr__(name: str) -> object:
@@ -40,6 +53,9 @@ def __getattr__(name: str) -> object:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if not triton_available():
+        if name in _IMPORT_ERROR_WITHOUT_TRITON:
+            # `from moba_compile.kernels import moba_backward_triton` then raises ImportError (see the docstring).
+            raise AttributeError(f"{name} needs the 'triton' package, which is not installed")
 
         def _missing(*args: object, **kwargs: object) -> None:
             require_triton()

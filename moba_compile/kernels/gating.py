@@ -333,6 +333,15 @@ def _flip_scatter_kernel(sel_ptr, rank_ptr, seg_start_ptr, lists_ptr, n_entries,
     tl.store(lists_ptr + pos, (offs - plane * plane_size).to(tl.int32), mask=valid)
 
 
+def _sort_lists(lists: Tensor, ends: Tensor) -> Tensor:
+    # Key = (segment << 32) | id: one sort orders the segments (already grouped) and the ids inside each. Positions past
+    # the last entry hold uninitialised ids; their segment (S) keeps them at the end, where nothing reads them.
+    pos = torch.arange(lists.numel(), device=lists.device, dtype=torch.int64)
+    seg = torch.searchsorted(ends, pos, right=True)
+    keys = (seg << 32) | (lists.to(torch.int64) & 0xFFFFFFFF)
+    return (torch.sort(keys).values & 0x7FFFFFFF).to(torch.int32)
+
+
 @dataclass(frozen=True)
 class FlipResult:
     """Per-chunk query lists and the key-major work tiles (see :func:`flip_selection`).
@@ -360,14 +369,18 @@ def _exact_tile_count(device: torch.device) -> bool:
     return device.type != "cuda" or interpreting()
 
 
-def flip_selection(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int) -> FlipResult:
+def flip_selection(
+    sel: Tensor, heads_kv: int, n_chunks: int, block_m: int, *, deterministic: bool = False
+) -> FlipResult:
     """Invert the gate: for every (batch, key head, chunk) segment, the entries ``(g, i, j)`` that chose the chunk.
 
     An entry is query head ``hq = hkv * G + g`` (``G = Hq // Hkv``), row ``i``, slot ``j``; its id local to the
     (batch, key head) plane is ``(g * Lq + i) * (K-1) + j``, so ``plane * G * Lq * (K-1) + id`` is its flat index in
     ``sel``. GQA heads of one group share their key head's segments, so their rows fill the same key-major tiles.
     Segment ``s = (b * Hkv + hkv) * N + c``. Entries are counted with atomics (the returned old count is the rank),
-    prefix-summed, and scattered; the order inside a list is unspecified (per-row results do not depend on it).
+    prefix-summed, and scattered; the order inside a list is unspecified (the forward's per-row results do not depend
+    on it) unless ``deterministic`` is set: then every list is sorted by entry id (the backward's dK/dV sum over a
+    list's rows in list order, so bitwise reproducibility needs a fixed order).
     Work tiles: each segment's list is cut into tiles of ``block_m`` entries. There is no host synchronisation on
     CUDA: the tile arrays have a static upper bound ``E // block_m + S`` and padding tiles carry ``tile_seg == S``.
 
@@ -376,6 +389,7 @@ def flip_selection(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int) -> F
         heads_kv: ``Hkv``, dividing ``Hq``.
         n_chunks: ``N``, greater than every index in ``sel``.
         block_m: entries per key-major tile.
+        deterministic: sort each segment's list by entry id (one int64 sort of ``E`` keys; no host synchronisation).
 
     Returns:
         :class:`FlipResult` on ``sel``'s device.
@@ -412,6 +426,8 @@ def flip_selection(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int) -> F
         _flip_scatter_kernel[grid](
             sel, rank, seg_start, lists, n_entries, plane_size, n_chunks, BLOCK=block, num_warps=4
         )
+        if deterministic:
+            lists = _sort_lists(lists, ends)
     tiles_per = (counts64 + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per, 0)
     if _exact_tile_count(dev):

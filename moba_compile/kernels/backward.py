@@ -1,0 +1,846 @@
+"""MoBA backward in Triton: ``Delta`` preprocess, key-major dK/dV (written once), dQ by atomics or by slot partials.
+
+With ``P = exp(scale * q k^T - lse)`` on the attended keys (0 elsewhere) and ``Delta = rowsum(dO * O)``:
+``dV = P^T dO``, ``dS = P * (dO V^T - Delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q`` (the formulas of
+``reference.moba_attention_backward``); GQA sums dK/dV over the query heads of a group.
+
+Order of launches (all on the query's device, no host synchronisation on CUDA):
+
+1. ``_bwd_preprocess_kernel``: ``Delta`` (fp32) and the log2-domain LSE, with ``+inf`` for rows that attended no key
+   (``lse = -inf``), so that ``exp2(s - lse2)`` is exactly 0 on such rows and nothing on them turns into NaN.
+2. The gate and the index flip are recomputed (the selection is a pure function of ``q`` and ``k``): chunk means,
+   fused top-(K-1) gate, :func:`.gating.flip_selection` (lists sorted in deterministic mode).
+3. ``_bwd_dkdv_kernel``, key-major: one program per (batch, key head, key block of ``BLOCK_N`` keys). The key block
+   lies in one chunk ``c``; the program keeps its K/V tile and fp32 dK/dV accumulators on chip, streams (a) the rows of
+   every query head of the group whose own chunk is ``c`` and whose position is at or after the block (causal mask on
+   the diagonal tiles only), then (b) the gathered rows of chunk ``c``'s flip list (the rows that chose ``c``; no causal
+   mask: an earlier chunk is complete and before every such row), and writes dK/dV once. No atomics on dK/dV.
+   Default mode: each tile's ``scale * dS K`` is added to an fp32 ``[B, Hq, Lq, D]`` buffer with ``tl.atomic_add``
+   (then cast to the query dtype).
+4. Deterministic mode only (no float atomics anywhere):
+   ``_bwd_sparse_dq_kernel``, key-major like the forward: one program per flip tile gathers up to ``BLOCK_M`` entries,
+   streams the chosen chunk's keys and writes each entry's fp32 ``dQ`` partial to its slot ``[B, Hq, Lq, K'-1, D]``;
+   ``_bwd_own_dq_kernel``, query-major: the own chunk's causal ``dQ``, plus the row's slot partials added in slot
+   order ``j = 0 .. K'-2``, written once in the query dtype. The slot buffer is bounded by row slabs (the forward's
+   partial-buffer budget).
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .forward import partial_buffer_budget
+from .gating import FlipResult, _launch_gate, chunk_means_triton, flip_selection
+from .support import interpreting, next_pow2, require_triton, triton_unsupported_reason
+
+__all__ = ["moba_backward_triton"]
+
+_LOG2E = math.log2(math.e)
+_LOG2E_C = tl.constexpr(_LOG2E)
+_NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def _round_to(x, lo_ty: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``x`` rounded to nearest in ``lo_ty``; kept in fp32 when ``UPCAST`` (interpreter), else cast.
+
+    The interpreter (triton 3.9) truncates fp32 -> bf16 where the GPU rounds to nearest even; rounding the bits first
+    (exactly, ignoring NaN) makes the interpreted numerics the GPU's. fp16 casts already round to nearest there.
+    """
+    if UPCAST:
+        if lo_ty == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(lo_ty).to(tl.float32)
+    else:
+        return x.to(lo_ty)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preprocess: Delta = rowsum(dO * O), lse in the log2 domain
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess_kernel(
+    o_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    lse2_ptr,
+    Hq,
+    Lq,
+    sob,
+    soh,
+    som,
+    sod,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Lq
+    rows = offs_m.to(tl.int64)
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    o = tl.load(
+        o_ptr + b * sob + h * soh + rows[:, None] * som + offs_dv[None, :] * sod, mask=row_ok[:, None], other=0.0
+    )
+    do = tl.load(
+        do_ptr + b * sdob + h * sdoh + rows[:, None] * sdom + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse = tl.load(lse_ptr + pid_bh * Lq + rows, mask=row_ok, other=0.0)
+    # A row that attended nothing has lse = -inf: +inf makes every exp2(s - lse2) of that row exactly 0.
+    lse2 = tl.where(lse == _NEG_INF, _POS_INF, lse * _LOG2E_C)
+    tl.store(delta_ptr + pid_bh * Lq + rows, delta, mask=row_ok)
+    tl.store(lse2_ptr + pid_bh * Lq + rows, lse2, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Key-major dK/dV (+ dQ atomics in the default mode)
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptr,
+    do_ptr,
+    lse2_ptr,
+    delta_ptr,
+    mask_ptr,
+    dq_ptr,
+    q_rows,
+    do_rows,
+    stat_rows,
+    mask_rows,
+    dq_rows,
+    row_ok,
+    pos,
+    offs_n,
+    key_ok,
+    sqd,
+    sdod,
+    smn,
+    qk_scale,
+    scale,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One tile of ``BLOCK_M`` query rows (given by their 64-bit row offsets) against the program's key block.
+
+    Works transposed (keys x rows), as the dK/dV accumulators are key-major. ``CAUSAL`` masks keys after each row's
+    position (own-chunk diagonal tiles); rows outside the problem arrive with ``row_ok`` False and get ``lse2 = +inf``,
+    hence ``P = 0``.
+    """
+    lo_ty = q_ptr.dtype.element_ty
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    q = tl.load(q_ptr + q_rows[:, None] + (offs_d * sqd)[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + do_rows[:, None] + (offs_dv * sdod)[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse2_ptr + stat_rows, mask=row_ok, other=_POS_INF)
+    delta = tl.load(delta_ptr + stat_rows, mask=row_ok, other=0.0)
+    if UPCAST:  # interpreter: its bf16 tl.dot is wrong; the upcast is exact
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+    if CAUSAL:
+        p_t = tl.where(offs_n[:, None] <= pos[None, :], p_t, 0.0)
+    if HAS_MASK:
+        allowed = tl.load(
+            mask_ptr + mask_rows[None, :] + (offs_n * smn)[:, None], mask=key_ok[:, None] & row_ok[None, :], other=0
+        )
+        p_t = tl.where(allowed != 0, p_t, 0.0)
+    # P and dS are rounded to the input dtype before their MMAs, as in FlashAttention (and the forward's P @ V).
+    p_lo = _round_to(p_t, lo_ty, UPCAST)
+    dv += tl.dot(p_lo, do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    ds_lo = _round_to(ds_t, lo_ty, UPCAST)
+    dk += tl.dot(ds_lo, q, input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PREC) * scale
+        tl.atomic_add(dq_ptr + dq_rows[:, None] + offs_d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    mask_ptr,
+    lse2_ptr,
+    delta_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    lists_ptr,
+    seg_start_ptr,
+    counts_ptr,
+    Hq,
+    Hkv,
+    G,
+    Lq,
+    Lk,
+    N,
+    C,
+    KM1,
+    qk_scale,
+    scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    smb,
+    smh,
+    smm,
+    smn,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_LIST: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    plane = tl.program_id(1).to(tl.int64)
+    b = plane // Hkv
+    hkv = plane % Hkv
+    n0 = kb * BLOCK_N
+    c = n0 // C  # BLOCK_N divides C: the block lies in one chunk
+    blk = tl.arange(0, BLOCK_N)
+    offs_n = n0 + blk
+    key_ok = offs_n < Lk
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    # 64-bit scalar base + 32-bit in-block offsets (a key block's offset from its base is at most BLOCK_N * stride).
+    k_base = k_ptr + b * skb + hkv * skh + tl.cast(n0, tl.int64) * skn
+    v_base = v_ptr + b * svb + hkv * svh + tl.cast(n0, tl.int64) * svn
+    k = tl.load(k_base + (blk[:, None] * skn + offs_d[None, :] * skd), mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + (blk[:, None] * svn + offs_dv[None, :] * svd), mask=key_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DV], dtype=tl.float32)
+
+    # (a) Own chunk: rows at positions [max(n0, Lk - Lq), chunk end) of every query head of the group. Rows before
+    # n0 + BLOCK_N may precede some keys of the block (diagonal tiles, causal mask); later rows see the whole block.
+    off = Lk - Lq
+    c_end = tl.minimum((c + 1) * C, Lk)
+    p_lo = tl.maximum(n0, off)
+    diag_end = tl.minimum(n0 + BLOCK_N, c_end)
+    n_diag = (tl.maximum(diag_end - p_lo, 0) + BLOCK_M - 1) // BLOCK_M
+    full_lo = p_lo + n_diag * BLOCK_M
+    for g in range(0, G):
+        hq = hkv * G + g
+        q_head = b * sqb + hq * sqh
+        do_head = b * sdob + hq * sdoh
+        stat_head = (b * Hq + hq) * Lq
+        m_head = b * smb + hq * smh
+        for m0 in range(p_lo, full_lo, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            i = (pos - off).to(tl.int64)
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
+                q_head + i * sqm, do_head + i * sdom, stat_head + i, m_head + i * smm, (stat_head + i) * HEAD_D,
+                pos < c_end, pos, offs_n, key_ok, sqd, sdod, smn, qk_scale, scale,
+                HEAD_D, HEAD_DV, True, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
+            )  # fmt: skip
+        for m0 in range(full_lo, c_end, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            i = (pos - off).to(tl.int64)
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
+                q_head + i * sqm, do_head + i * sdom, stat_head + i, m_head + i * smm, (stat_head + i) * HEAD_D,
+                pos < c_end, pos, offs_n, key_ok, sqd, sdod, smn, qk_scale, scale,
+                HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
+            )  # fmt: skip
+
+    # (b) The rows (any head of the group) that chose chunk c, gathered from its flip list. Their chunk is complete and
+    # lies before them: no causal or bounds mask on the keys.
+    if HAS_LIST:
+        seg = plane * N + c
+        start = tl.load(seg_start_ptr + seg)
+        count = tl.load(counts_ptr + seg)
+        per_head = Lq * KM1
+        for r0 in range(0, count, BLOCK_M):
+            offs_m = r0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < count
+            local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
+            # (names differ from the own-chunk loop's: Triton wants one type per loop-carried name)
+            row = (local % per_head) // KM1
+            head = hkv * G + local // per_head
+            stat = (b * Hq + head) * Lq + row
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
+                b * sqb + head * sqh + row * sqm, b * sdob + head * sdoh + row * sdom, stat,
+                b * smb + head * smh + row * smm, stat * HEAD_D, row_ok, offs_m, offs_n, key_ok, sqd, sdod, smn,
+                qk_scale, scale,
+                HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
+            )  # fmt: skip
+
+    # dK/dV are contiguous [B, Hkv, Lk, D]: written once, in the key/value dtype.
+    rows = plane * Lk + offs_n.to(tl.int64)
+    dk = _round_to(dk * scale, dk_ptr.dtype.element_ty, UPCAST)
+    dv = _round_to(dv, dv_ptr.dtype.element_ty, UPCAST)
+    tl.store(dk_ptr + rows[:, None] * HEAD_D + offs_d[None, :], dk, mask=key_ok[:, None])
+    tl.store(dv_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], dv, mask=key_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Deterministic dQ: key-major slot partials + query-major own chunk and fixed-order reduction
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_block(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    skn,
+    skd,
+    svn,
+    svd,
+    start_n,
+    qk_scale,
+    row_ok,
+    pos,
+    own_start,
+    Lk,
+    mask_ptr,
+    mask_rows,
+    smn,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """``dq += dS @ K`` for one key block (unscaled). ``BOUNDARY`` adds the causal / own-chunk / bounds mask."""
+    blk = tl.arange(0, BLOCK_N)
+    offs_n = start_n + blk
+    k_ptrs = (k_base + tl.cast(start_n, tl.int64) * skn) + (blk[:, None] * skn + tl.arange(0, HEAD_D)[None, :] * skd)
+    v_ptrs = (v_base + tl.cast(start_n, tl.int64) * svn) + (blk[:, None] * svn + tl.arange(0, HEAD_DV)[None, :] * svd)
+    if BOUNDARY:
+        in_k = offs_n < Lk
+        k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    lo_ty = k.dtype
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if BOUNDARY:
+        keep = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] >= own_start[:, None])
+        p = tl.where(keep, p, 0.0)
+    if HAS_MASK:
+        allowed = tl.load(
+            mask_ptr + mask_rows[:, None] + (offs_n * smn)[None, :], mask=row_ok[:, None] & (offs_n < Lk)[None, :]
+        )
+        p = tl.where(allowed != 0, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    ds_lo = _round_to(ds, lo_ty, UPCAST)
+    return tl.dot(ds_lo, k, dq, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _bwd_sparse_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    mask_ptr,
+    lse2_ptr,
+    delta_ptr,
+    pdq_ptr,
+    lists_ptr,
+    seg_start_ptr,
+    counts_ptr,
+    tile_seg_ptr,
+    tile_row0_ptr,
+    n_segments,
+    Hq,
+    Hkv,
+    G,
+    Lq,
+    Lk,
+    N,
+    C,
+    KM1,
+    qk_scale,
+    scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    smb,
+    smh,
+    smm,
+    smn,
+    stb,
+    sth,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    seg = tl.load(tile_seg_ptr + t)
+    if seg >= n_segments:  # padding tile of the static-size tile list
+        return
+    seg = seg.to(tl.int64)
+    row0 = tl.load(tile_row0_ptr + t)
+    start = tl.load(seg_start_ptr + seg) + row0
+    n_rows = tl.minimum(tl.load(counts_ptr + seg) - row0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_rows
+    local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
+    plane = seg // N
+    c = seg % N
+    b = plane // Hkv
+    hkv = plane % Hkv
+    per_head = Lq * KM1
+    g = local // per_head
+    i = (local % per_head) // KM1
+    hq = hkv * G + g
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    q = tl.load(
+        q_ptr + (b * sqb + hq * sqh + i * sqm)[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+    )
+    do = tl.load(
+        do_ptr + (b * sdob + hq * sdoh + i * sdom)[:, None] + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0
+    )
+    stat = b * stb + hq * sth + i
+    lse2 = tl.load(lse2_ptr + stat, mask=row_ok, other=_POS_INF)
+    delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_base = k_ptr + b * skb + hkv * skh
+    v_base = v_ptr + b * svb + hkv * svh
+    mask_rows = b * smb + hq * smh + i * smm
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    lo = (c * C).to(tl.int32)
+    for start_n in range(lo, lo + C, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
+            row_ok, offs_m, offs_m, Lk, mask_ptr, mask_rows, smn,
+            HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
+        )  # fmt: skip
+    e = plane * G * per_head + local  # flat (b, hq, i, j) slot of the entry
+    tl.store(pdq_ptr + e[:, None] * HEAD_D + offs_d[None, :], dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_own_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    mask_ptr,
+    lse2_ptr,
+    delta_ptr,
+    sel_ptr,
+    pdq_ptr,
+    dq_ptr,
+    Hq,
+    G,
+    Lq,
+    Lk,
+    C,
+    KM1,
+    qk_scale,
+    scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    smb,
+    smh,
+    smm,
+    smn,
+    stb,
+    sth,
+    sdqb,
+    sdqh,
+    sdqm,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    hq = pid_bh % Hq
+    hkv = hq // G
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Lq
+    rows64 = offs_m.to(tl.int64)
+    pos = Lk - Lq + offs_m
+    own_start = (pos // C) * C
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    q = tl.load(
+        q_ptr + b * sqb + hq * sqh + rows64[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+    )
+    do = tl.load(
+        do_ptr + b * sdob + hq * sdoh + rows64[:, None] * sdom + offs_dv[None, :] * sdod,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    stat = b * stb + hq * sth + rows64
+    lse2 = tl.load(lse2_ptr + stat, mask=row_ok, other=_POS_INF)
+    delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_base = k_ptr + b * skb + hkv * skh
+    v_base = v_ptr + b * svb + hkv * svh
+    mask_rows = b * smb + hq * smh + rows64 * smm
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    p_first = Lk - Lq + m0
+    p_last = tl.minimum(p_first + BLOCK_M, Lk) - 1
+    lo = (p_first // C) * C
+    # Keys [lo, full_end) are visible to every row of the tile (same chunk, at or before the first row).
+    n_full = (p_first + 1 - lo) // BLOCK_N
+    n_full = tl.where(p_first // C == p_last // C, n_full, 0)
+    full_end = lo + n_full * BLOCK_N
+    for start_n in range(lo, full_end, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
+            row_ok, pos, own_start, Lk, mask_ptr, mask_rows, smn,
+            HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
+        )  # fmt: skip
+    for start_n in range(full_end, p_last + 1, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
+            row_ok, pos, own_start, Lk, mask_ptr, mask_rows, smn,
+            HEAD_D, HEAD_DV, BLOCK_N, True, HAS_MASK, UPCAST, DOT_PREC,
+        )  # fmt: skip
+    dq = dq * scale
+    # The key-major slot partials, added in slot order: a fixed summation order, hence bitwise reproducible.
+    slots = ((b * Hq + hq) * Lq + rows64) * KM1
+    for j in range(0, KM1):
+        chosen = tl.load(sel_ptr + slots + j, mask=row_ok, other=-1)
+        part = tl.load(
+            pdq_ptr + (slots + j)[:, None] * HEAD_D + offs_d[None, :], mask=(chosen >= 0)[:, None], other=0.0
+        )
+        dq += part
+    d_ptrs = dq_ptr + b * sdqb + hq * sdqh + rows64[:, None] * sdqm + offs_d[None, :]
+    tl.store(d_ptrs, _round_to(dq, dq_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _BwdConfig:
+    kv_block_m: int  # query rows per tile of the key-major dK/dV kernel
+    kv_block_n: int  # keys per dK/dV program
+    kv_warps: int
+    kv_stages: int
+    dq_block_m: int  # query rows per program of the deterministic dQ kernels
+    dq_block_n: int  # keys per step of the deterministic dQ kernels
+    dq_warps: int
+    dq_stages: int
+
+
+def _bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool) -> _BwdConfig:
+    if interpreting():
+        # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
+        return _BwdConfig(32, 32, 4, 1, 32, 32, 4, 1)
+    # H100 choices, checked by compiling for sm_90a on a CPU machine (python -m benchmarks.attention --compile-check:
+    # triton.compile + ptxas -v with the launch-time specialisations); not yet timed on a GPU. The dK/dV kernel holds
+    # two fp32 [BLOCK_N, D] accumulators plus K/V for the whole program, so it is the register-bound one.
+    d = max(head_dim, head_dim_v)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on CUDA cores with the operands in registers: a correctness path, small tiles (the dK/dV
+        # kernel still reports ~100-600 B of local memory at D=128).
+        return _BwdConfig(32, 16, 8, 1, 64, 16, 8, 1)
+    if d <= 64:
+        # dK/dV 64 x 64 over 8 warps: 247 registers (255 with a mask), no spill; 4 warps spill ~240 B.
+        return _BwdConfig(64, 64, 8, 2, 128, 64, 8, 2)
+    if d <= 128:
+        # dK/dV: 64 keys x 32 rows over 8 warps (254 registers, no spill; 241 without the dQ atomics). The [64, 128]
+        # fp32 dK and dV accumulators alone take 64 registers each per thread; 64 x 64 spills 130-570 B, 128-key
+        # blocks spill more. With a user mask the [keys, rows] mask tile spills at 64 keys (56 B), not at 32 (179).
+        # Deterministic dQ kernels: the forward's 128 x 64 (x 32 with a mask) tiles, 226-246 registers, no spill.
+        return _BwdConfig(32, 32 if has_mask else 64, 8, 2, 128, 32 if has_mask else 64, 8, 2)
+    # D = 256: small tiles, one stage (221 registers for dK/dV at 32 x 32; a mask needs 16-key blocks). Not tuned.
+    bn = 16 if has_mask else 32
+    return _BwdConfig(32, bn, 8, 1, 32, bn, 8, 1)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE dots, so the result matches an fp32 reference (tf32 would lose 13 mantissa bits).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_m_for_lists(block_m: int, entries_per_plane: int, n_past_chunks: int) -> int:
+    # The deterministic dQ tiles are cut per chunk list: short lists (few rows) would leave big tiles mostly padding.
+    mean_rows = -(-entries_per_plane // max(1, n_past_chunks))
+    return max(16, min(block_m, next_pow2(mean_rows)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------------------------
+def moba_backward_triton(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float | None,
+    attn_mask: Tensor | None = None,
+    deterministic: bool | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of MoBA attention with the Triton kernels: ``(dq, dk, dv)`` as ``reference.moba_attention_backward``.
+
+    The selection is recomputed from ``query`` and ``key`` (the gate is a pure function of them), so the result is
+    the gradient of exactly the attention the forward computed. No gradient flows through the gate. Rows that attended
+    no key (``lse = -inf``) contribute nothing; keys no query attended (e.g. chunks nobody chose) get exact zeros.
+    GQA/MQA: dK/dV are summed over the query heads of each group on chip; key/value are never repeated.
+
+    Atomics: in the default mode ``dQ`` is accumulated with fp32 ``tl.atomic_add`` into an fp32 ``[B, Hq, Lq, D]``
+    buffer (then cast), so its low bits may vary run to run; the order of the rows in the index flip's lists (counted
+    with integer atomics) also changes the fp32 summation order of dK/dV. dK/dV themselves are never accumulated with
+    atomics: each key block is written once by one program. In deterministic mode there are no float atomics: the
+    flip lists are sorted, ``dQ`` of the selected chunks goes to per-slot fp32 partials ``[.., K'-1, D]`` (bounded
+    by row slabs) that the own-chunk ``dQ`` kernel adds in slot order; results are bitwise reproducible on one GPU
+    and software stack, at the cost of recomputing ``S`` and ``dP`` for ``dQ``.
+
+    Args:
+        grad_out: ``[B, Hq, Lq, Dv]``, the gradient of ``out`` (cast to the query dtype if it differs); any strides.
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``: the forward's inputs, one
+            dtype among fp16, bf16 and fp32 (fp32: IEEE dots, slow), on one CUDA device or on the CPU under
+            ``TRITON_INTERPRET=1``; ``D, Dv in (16, 32, 64, 128, 256)``; ``Hq % Hkv == 0``; ``Lq <= Lk``.
+        out: ``[B, Hq, Lq, Dv]``, the forward's output (used for ``Delta = rowsum(dO * O)``).
+        lse: ``[B, Hq, Lq]``, the forward's natural-log log-sum-exp (``-inf`` for rows without keys).
+        chunk_size: ``C``, a multiple of 16 in ``[16, 8192]``.
+        topk: ``1 <= K <= 64`` chunks per query, its own included.
+        scale: the forward's softmax scale; ``None`` means ``1 / sqrt(D)``.
+        attn_mask: the forward's optional boolean mask, broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend).
+        deterministic: ``True`` for bitwise reproducible results (no float atomics); ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()``.
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous, shaped and typed like ``query``, ``key`` and ``value``. Extra memory: fp32
+        ``Delta``/LSE ``[B, Hq, Lq]``, about 12 bytes per (row, head, slot) of index arrays, and either the fp32 dQ
+        buffer (default) or the fp32 slot partials capped by ``forward.partial_buffer_budget`` (deterministic).
+
+    Raises:
+        RuntimeError: Triton is not installed.
+        ValueError: :func:`triton_unsupported_reason` gives a reason, or ``grad_out``/``out``/``lse`` do not match.
+
+    Example:
+        >>> q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> k = v = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> out, lse = moba_forward_triton(q, k, v, 32, 2, 0.125)  # doctest: +SKIP
+        >>> dq, dk, dv = moba_backward_triton(torch.ones_like(out), q, k, v, out, lse, 32, 2, 0.125)  # doctest: +SKIP
+        >>> dq.shape, dk.dtype  # doctest: +SKIP
+        (torch.Size([1, 4, 128, 64]), torch.bfloat16)
+    """
+    require_triton()
+    reason = triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
+    if reason is not None:
+        raise ValueError(f"moba_backward_triton cannot run this call: {reason}")
+    b, hq, lq, d = query.shape
+    hkv, lk, dv_dim = key.shape[1], key.shape[2], value.shape[3]
+    if tuple(grad_out.shape) != (b, hq, lq, dv_dim) or tuple(out.shape) != (b, hq, lq, dv_dim):
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must be [B, Hq, Lq, Dv] = "
+            f"{[b, hq, lq, dv_dim]}"
+        )
+    if tuple(lse.shape) != (b, hq, lq):
+        raise ValueError(f"lse {tuple(lse.shape)} must be [B, Hq, Lq] = {[b, hq, lq]}")
+    if grad_out.device != query.device or out.device != query.device or lse.device != query.device:
+        raise ValueError("grad_out, out and lse must be on the query's device")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    dev = query.device
+    dk = torch.empty(b, hkv, lk, d, dtype=key.dtype, device=dev)
+    dv = torch.empty(b, hkv, lk, dv_dim, dtype=value.dtype, device=dev)
+    if b * hq * lq == 0 or lk == 0:
+        return torch.zeros_like(query, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
+    grad_out = grad_out.to(query.dtype)
+    out = out.to(query.dtype)
+    lse = lse.to(torch.float32).contiguous()
+    cfg = _bwd_config(d, dv_dim, query.dtype, attn_mask is not None)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qk_scale = scale * _LOG2E
+    upcast, prec = interpreting(), _dot_precision(query.dtype)
+    n_chunks = -(-lk // chunk_size)
+    km1 = min(topk - 1, (lk - 1) // chunk_size)
+    kv_block_n = min(cfg.kv_block_n, chunk_size & -chunk_size)  # a whole number of key blocks per chunk
+    dq_block_n = min(cfg.dq_block_n, chunk_size & -chunk_size)
+    mask = None
+    if attn_mask is not None:
+        # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte read per attended (row, key).
+        mask = attn_mask.expand(b, hq, lq, lk).view(torch.uint8)
+        if mask.stride(3) * lk >= 2**31:  # in-kernel key offsets are int32
+            mask = mask.contiguous()
+    mask_arg = mask if mask is not None else query  # never read when HAS_MASK is False
+    mstrides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    qkv_strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstrides)
+    g = hq // hkv
+
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        delta = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
+        lse2 = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
+        pre_m = 32 if interpreting() else 64
+        _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), b * hq)](
+            out, grad_out, lse, delta, lse2, hq, lq, *out.stride(), *grad_out.stride(),
+            HEAD_DV=dv_dim, BLOCK_M=pre_m, num_warps=4,
+        )  # fmt: skip
+
+        flip: FlipResult | None = None
+        sel: Tensor | None = None
+        dq_block_m = cfg.dq_block_m
+        if km1 > 0:
+            means = chunk_means_triton(key, chunk_size)
+            sel = _launch_gate(query, means, chunk_size, km1, lk)
+            dq_block_m = _block_m_for_lists(cfg.dq_block_m, g * lq * km1, (lk - 1) // chunk_size)
+            # Default mode never uses the flip's tiles: large tiles keep those arrays small.
+            flip = flip_selection(
+                sel, hkv, n_chunks, dq_block_m if deterministic else 1024, deterministic=deterministic
+            )
+        dq_acc = None if deterministic else torch.zeros(b, hq, lq, d, dtype=torch.float32, device=dev)
+        dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
+        dummy_i64 = torch.zeros(1, dtype=torch.int64, device=dev)
+        _bwd_dkdv_kernel[(triton.cdiv(lk, kv_block_n), b * hkv)](
+            query, key, value, grad_out, mask_arg, lse2, delta, dq_acc if dq_acc is not None else lse2, dk, dv,
+            flip.lists if flip is not None else dummy_i32,
+            flip.seg_start if flip is not None else dummy_i64,
+            flip.counts if flip is not None else dummy_i32,
+            hq, hkv, g, lq, lk, n_chunks, chunk_size, max(km1, 1), qk_scale, scale, *qkv_strides,
+            HEAD_D=d, HEAD_DV=dv_dim, BLOCK_M=cfg.kv_block_m, BLOCK_N=kv_block_n, HAS_MASK=mask is not None,
+            HAS_LIST=flip is not None, ATOMIC_DQ=not deterministic, UPCAST=upcast, DOT_PREC=prec,
+            num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        )  # fmt: skip
+        if dq_acc is not None:
+            return dq_acc.to(query.dtype), dk, dv
+
+        dq = torch.empty(b, hq, lq, d, dtype=query.dtype, device=dev)
+        common = dict(HEAD_D=d, HEAD_DV=dv_dim, BLOCK_N=dq_block_n, HAS_MASK=mask is not None, UPCAST=upcast)
+        common.update(DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+        # Row slabs bound the slot partials exactly as the forward bounds its partial outputs: a slab [r0, r1) is the
+        # same problem with Lq' = r1 - r0 and keys cut at Lk' = Lk - Lq + r1.
+        entry_bytes = b * hq * max(km1, 1) * d * 4
+        slab = lq if km1 == 0 else max(1, min(lq, partial_buffer_budget(dev) // entry_bytes))
+        pdq = torch.empty(b * hq * slab * km1 * d if km1 > 0 else 1, dtype=torch.float32, device=dev)
+        for r0 in range(0, lq, slab):
+            r1 = min(lq, r0 + slab)
+            lk_s = lk - lq + r1
+            km1_s = min(topk - 1, (lk_s - 1) // chunk_size)
+            n_s = -(-lk_s // chunk_size)
+            q_s, do_s = query[:, :, r0:r1], grad_out[:, :, r0:r1]
+            m_s = mask[:, :, r0:r1, :lk_s] if mask is not None else None
+            s_strides = (*q_s.stride(), *key.stride(), *value.stride(), *do_s.stride())
+            s_strides += m_s.stride() if m_s is not None else (0, 0, 0, 0)
+            stat_strides = (delta.stride(0), delta.stride(1))
+            lse2_s, delta_s, dq_s = lse2[:, :, r0:r1], delta[:, :, r0:r1], dq[:, :, r0:r1]
+            sel_s = dummy_i32
+            if km1_s > 0:
+                assert sel is not None and flip is not None
+                if r0 == 0 and r1 == lq:
+                    sel_s, flip_s = sel, flip
+                else:
+                    sel_s = _launch_gate(q_s, means, chunk_size, km1_s, lk_s)
+                    flip_s = flip_selection(sel_s, hkv, n_s, dq_block_m, deterministic=True)
+                n_tiles = flip_s.tile_seg.numel()
+                if n_tiles:
+                    _bwd_sparse_dq_kernel[(n_tiles,)](
+                        q_s, key, value, do_s, m_s if m_s is not None else q_s, lse2_s, delta_s, pdq,
+                        flip_s.lists, flip_s.seg_start, flip_s.counts, flip_s.tile_seg, flip_s.tile_row0,
+                        flip_s.n_segments, hq, hkv, g, r1 - r0, lk_s, n_s, chunk_size, km1_s, qk_scale, scale,
+                        *s_strides, *stat_strides, BLOCK_M=dq_block_m, **common,
+                    )  # fmt: skip
+            _bwd_own_dq_kernel[(triton.cdiv(r1 - r0, cfg.dq_block_m), b * hq)](
+                q_s, key, value, do_s, m_s if m_s is not None else q_s, lse2_s, delta_s, sel_s, pdq, dq_s,
+                hq, g, r1 - r0, lk_s, chunk_size, max(km1_s, 0), qk_scale, scale, *s_strides, *stat_strides,
+                dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), BLOCK_M=cfg.dq_block_m, **common,
+            )  # fmt: skip
+    return dq, dk, dv
