@@ -112,6 +112,11 @@ class MobaAttention:
         if reason is not None:
             self._record(module, layer, decode, decision="dense", chunk_size=None, topk=None, reason=reason)
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        device_type = query.device.type
+        if torch.is_autocast_enabled(device_type):
+            # transformers' SDPA path would run in the autocast dtype (it may hand over fp32 q/k with a bf16 v).
+            dtype = torch.get_autocast_dtype(device_type)
+            query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
         kind = None if attention_mask is None else self._mask_kind(attention_mask, query, key)
         means = None
         layer_ref = getattr(key, "_moba_cache_layer", None)

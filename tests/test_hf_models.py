@@ -181,3 +181,47 @@ def test_moba_cache_keeps_chunk_means_and_generates_like_dynamic_cache():
     n_complete = keys.shape[2] // CHUNK
     expected = moba_compile.reference.chunk_means(keys, CHUNK)[:, :, :n_complete]
     torch.testing.assert_close(means, expected, atol=1e-6, rtol=1e-6)  # fp32 sums in another order
+
+
+def test_autocast_mixed_dtypes_convert_in_both_paths():
+    """Under bf16 autocast, transformers hands SDPA fp32 q/k and a bf16 v; SDPA would cast all to bf16, so do we."""
+    model = build("llama")
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(11))
+    kw = dict(use_cache=False, attention_mask=torch.ones_like(ids))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = moba_compile.explain(model, ids, policy=POLICY, **kw)
+        assert [s.decision for s in report.sites] == ["moba", "moba", "dense"], str(report)
+        assert all("cast to bfloat16" in s.reason for s in report.moba_sites)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="moba", options={"policy": POLICY, "compiler": "aot_eager"})
+        with torch.no_grad():
+            got = compiled(ids, **kw).logits
+            expected = twin(model, "moba_test")(ids, **kw).logits  # the attn_implementation path, eager
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # both bf16; op order differs between the paths
+
+
+def _compile_layers(model, policy) -> None:
+    torch._dynamo.reset()
+    backend = moba_compile.make_backend({"policy": policy, "compiler": "eager"})
+    for layer in model.model.layers:
+        layer.compile(backend=backend)
+
+
+def test_graphs_broken_at_layer_boundaries_apply_only_layer_independent_policies():
+    """Compiling each decoder layer on its own (as FSDP2's graph breaks do) gives graphs rooted inside a layer, with
+    paths like 'self_attn', which Dynamo reuses for every layer: a policy that treats layers alike applies (the layer
+    is read from layer_idx for the report), a per-layer one is refused instead of being applied to the wrong layers."""
+    model = build("llama")
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(12))
+    _compile_layers(model, {**POLICY, "dense_last": 0, "num_layers": LAYERS})
+    with collect_reports() as reports, torch.no_grad():
+        model(ids, use_cache=False)
+    [site] = [s for r in reports for s in r.sites]  # one graph, reused by all three layers
+    assert (site.module, site.layer, site.decision) == ("self_attn", 0, "moba") and "layer_idx" in site.reason
+    _compile_layers(model, {**POLICY, "num_layers": LAYERS})  # dense_last=1: layer-dependent
+    with pytest.raises(Exception, match="starts inside a layer.*Compile the whole model"), torch.no_grad():
+        model(ids, use_cache=False)
+    _compile_layers(model, None)  # the default policy (dense_last=3 of 3 layers here: all dense, layer-independent)
+    with collect_reports() as reports, torch.no_grad():
+        model(ids, use_cache=False)
+    assert [s.decision for r in reports for s in r.sites] == ["dense"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -14,7 +15,16 @@ from torch import fx
 from ..ops import resolve_impl
 from ..policy import Policy
 from ..report import Report, SiteRecord
-from .sites import FORM_CAUSAL, FORM_DECODE, FORM_MASK, SdpaSite, _meta, find_sdpa_sites, layer_from_path
+from .sites import (
+    FORM_CAUSAL,
+    FORM_DECODE,
+    FORM_MASK,
+    SdpaSite,
+    _meta,
+    find_sdpa_sites,
+    layer_from_path,
+    module_layer_index,
+)
 
 __all__ = ["rewrite_sdpa"]
 
@@ -31,7 +41,33 @@ def _layers(sites: list[SdpaSite]) -> tuple[list[int | None], str]:
     from_paths = [layer_from_path(s.module) for s in sites]
     if sites and all(layer is not None for layer in from_paths):
         return from_paths, "module path"
+    from_modules = [module_layer_index(s.node) for s in sites]
+    if sites and all(layer is not None for layer in from_modules):
+        return from_modules, "module's layer_idx"
     return [s.index for s in sites], "order of SDPA calls"
+
+
+def _layer_independent(policy: Policy, site: SdpaSite, layer: int | None, num_layers: int | None, decision):
+    """The decision for a graph that starts inside a layer, which Dynamo reuses for every layer of the same class.
+
+    Such a graph sees module paths without a layer index; the layer it was traced for is known (``layer_idx``) but the
+    same compiled graph will also run the other layers. A policy that treats layers alike is safe to apply; one that
+    does not cannot be honoured: under the default policy the site stays dense, under an explicit one it is an error.
+    """
+    n = num_layers if num_layers is not None else (layer + 1 if layer is not None else 1)
+    seen = {(d.mode, d.chunk_size, d.topk) for d in (policy.decide(site.module, i, n) for i in range(n))}
+    if len(seen) == 1:
+        return decision
+    why = (
+        f"this graph starts inside a layer (module path {site.module!r} has no layer index), and Dynamo reuses it "
+        f"for every layer of the same class, but the policy treats layers 0..{n - 1} differently"
+    )
+    if policy.source == "<default>":
+        return replace(decision, mode="dense", reason=f"{why}: dense under the default policy")
+    raise ValueError(
+        f"{policy.source}: {why}. Compile the whole model in one graph, or compile each layer with its own backend "
+        "(moba_compile.make_backend with that layer's policy)."
+    )
 
 
 def _impl_note(impl: str, site: SdpaSite, chunk_size: int, topk: int) -> str:
@@ -76,6 +112,8 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto") -> R
     records: list[SiteRecord] = []
     for site, layer in zip(sites, layers):
         decision = policy.decide(site.module, layer, num_layers)
+        if layer_source == "module's layer_idx":
+            decision = _layer_independent(policy, site, layer, num_layers, decision)
         if decision.rule_index is not None:
             matched_rules.add(decision.rule_index)
         base = dict(module=site.module, layer=layer, graph=graph_id, form=site.form or "-")
@@ -98,6 +136,8 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto") -> R
         notes = [decision.reason, _FORM_NOTES[site.form]]
         if layer_source != "module path":
             notes.append(f"layer from the {layer_source}")
+        if site.autocast_dtype is not None:
+            notes.append(f"inputs cast to {str(site.autocast_dtype).removeprefix('torch.')} as autocast does for SDPA")
         if site.saw_through_repeat:
             notes.append("repeat_kv seen through (key/value not repeated)")
         if site.decode:
@@ -140,13 +180,21 @@ def _convert(
             mask_checks[check_key] = mask_kind
         tag = mask_kind.args[3]
     old_key, old_value = node.kwargs.get("key", node.args[1]), node.kwargs.get("value", node.args[2])
+    query, key, value = site.query, site.key, site.value
+    if site.autocast_dtype is not None:
+        # SDPA under autocast runs in the autocast dtype; a custom op is not autocast, so cast as SDPA would.
+        with graph.inserting_before(node):
+            query, key, value = (
+                graph.call_method("to", (t, site.autocast_dtype)) if _meta(t).dtype != site.autocast_dtype else t
+                for t in (query, key, value)
+            )
     with graph.inserting_before(node):
         call = graph.call_function(
             torch.ops.moba.attention.default,
             (
-                site.query,
-                site.key,
-                site.value,
+                query,
+                key,
+                value,
                 site.attn_mask,
                 mask_kind,
                 chunk_size,

@@ -6,6 +6,7 @@ A site is classified without specialising symbolic sizes: equalities are asked o
 
 from __future__ import annotations
 
+import gc
 import math
 import operator
 import re
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ["SdpaSite", "find_sdpa_sites", "module_path", "layer_from_path", "SDPA_TARGETS"]
+__all__ = ["SdpaSite", "find_sdpa_sites", "module_path", "module_layer_index", "layer_from_path", "SDPA_TARGETS"]
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -45,6 +46,7 @@ class SdpaSite:
     saw_through_repeat: bool = False
     static_len_k: int | None = None  # Lk when it is a plain int
     decode: bool = False  # Lq may be shorter than Lk (KV cache)
+    autocast_dtype: torch.dtype | None = None  # SDPA runs in this dtype (an enclosing autocast region)
 
 
 def _meta(node: object):
@@ -148,9 +150,10 @@ def _cached_keys_of_layer(key: fx.Node, sdpa: fx.Node) -> bool:
 
 
 def _classify(
-    bound: dict[str, object], sdpa: fx.Node, q, k, v, mask_meta, key_source: object
+    bound: dict[str, object], sdpa: fx.Node, q, k, v, mask_meta, key_source: object, autocast: torch.dtype | None
 ) -> tuple[str | None, str | None, bool]:
-    """(form, blocker, decode) for normalised SDPA arguments, their fake tensors, and the unrepeated key node."""
+    """(form, blocker, decode) for normalised SDPA arguments, their fake tensors, the unrepeated key node, and the
+    dtype an enclosing autocast region gives SDPA (None outside autocast)."""
     dropout = bound["dropout_p"]
     if not (isinstance(dropout, (int, float)) and dropout == 0):
         return None, f"dropout_p={dropout} (dropout is not MoBA)", False
@@ -162,7 +165,9 @@ def _classify(
         return None, "inputs are not 4-D [B, H, L, D] tensors", False
     if not isinstance(q.shape[-1], int):
         return None, "head dim is symbolic", False
-    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+    floating = q.is_floating_point() and k.is_floating_point() and v.is_floating_point()
+    # Under autocast SDPA casts its inputs to the autocast dtype, so mixed dtypes are fine there (the rewrite casts).
+    if not floating or (autocast is None and not q.dtype == k.dtype == v.dtype):
         return None, f"dtypes {q.dtype}/{k.dtype}/{v.dtype} are not one floating dtype", False
     hq, hkv = q.shape[1], k.shape[1]
     if not statically_known_true(hq % hkv == 0):
@@ -197,6 +202,44 @@ def _classify(
     return None, "non-causal attention with Lq != Lk and keys not from a KV cache (cross-attention)", False
 
 
+def _autocast_dtype(regions: list[tuple[fx.Node, str, torch.dtype | None]], q) -> torch.dtype | None:
+    """The dtype the innermost autocast region for ``q``'s device gives SDPA, or None (no region, or disabled)."""
+    if q is None:
+        return None
+    for _, device_type, dtype in reversed(regions):
+        if device_type == q.device.type:
+            return dtype
+    # No region in the graph: autocast entered around the compiled call is global state, which Dynamo guards on.
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def module_layer_index(node: fx.Node) -> int | None:
+    """``layer_idx`` of the innermost module around ``node`` that has one (transformers' attention layers do).
+
+    Used when module paths carry no index: a graph that starts inside a layer (graph breaks at layer boundaries, as
+    FSDP2's hooks cause) sees paths relative to that layer. Dynamo keys ``nn_module_stack`` by the module's ``id``,
+    and the modules are alive while the graph is compiled, so they are looked up among live objects.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    wanted = {}
+    for key, (_, cls) in stack.items():
+        try:
+            wanted[int(key)] = cls
+        except (TypeError, ValueError):
+            continue
+    if not wanted:
+        return None
+    found = {id(obj): obj for obj in gc.get_objects() if id(obj) in wanted and isinstance(obj, wanted[id(obj)])}
+    for key in reversed(list(wanted)):
+        index = getattr(found.get(key), "layer_idx", None)
+        if isinstance(index, int) and not isinstance(index, bool):
+            return index
+    return None
+
+
 def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
     """Every ``scaled_dot_product_attention`` call in a Dynamo graph, in graph order, normalised and classified.
 
@@ -212,7 +255,15 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
         >>> [(s.module, s.form or s.blocker) for s in sites]  # doctest: +SKIP
     """
     sites: list[SdpaSite] = []
+    autocast: list[tuple[fx.Node, str, torch.dtype | None]] = []  # open regions: (enter node, device type, dtype)
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.amp.autocast_mode._enter_autocast:
+            device_type, dtype, enabled = (list(node.args) + [None, None, True])[:3]
+            autocast.append((node, device_type, dtype if enabled else None))
+            continue
+        if node.op == "call_function" and node.target is torch.amp.autocast_mode._exit_autocast:
+            autocast = [region for region in autocast if region[0] is not node.args[0]]
+            continue
         if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
         bound = _normalise(node)
@@ -224,10 +275,11 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
         src_k = _is_repeat_kv(key) if isinstance(key, fx.Node) else None
         src_v = _is_repeat_kv(value) if isinstance(value, fx.Node) else None
         saw = src_k is not None and src_v is not None
+        cast = _autocast_dtype(autocast, q)
         if bound["attn_mask"] is not None and mask is None:
             form, blocker, decode = None, "attn_mask is not a tensor", False
         else:
-            form, blocker, decode = _classify(bound, node, q, k, v, mask_meta, src_k if saw else key)
+            form, blocker, decode = _classify(bound, node, q, k, v, mask_meta, src_k if saw else key, cast)
         scale = bound["scale"]
         if form is not None and scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
@@ -247,6 +299,7 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
                 saw_through_repeat=saw,
                 static_len_k=len_k if isinstance(len_k, int) else None,
                 decode=decode,
+                autocast_dtype=cast,
             )
         )
     return sites
