@@ -29,14 +29,9 @@ next to it when matplotlib is installed. Nothing is estimated in place of a meas
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import os
-import platform
-import re
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +40,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-GiB = float(1 << 30)
+from benchmarks.common import (
+    RESULTS_DIR,
+    GiB,
+    bench_device,
+    compile_variants,
+    environment,
+    print_compile_records,
+    release,
+    require_compiled_kernels,
+    results_path,
+    time_ms,
+)
 
 
 @dataclass(frozen=True)
@@ -136,21 +141,6 @@ def estimate_memory(cfg: BenchConfig, partial_budget: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Timing and memory
 # ----------------------------------------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, rep: int) -> float:
-    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on CUDA; a wall-clock median on the CPU (smoke)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return sorted(samples)[1]
-
-
 def peak_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
     """Peak allocated GiB during one call of ``fn``, above what was allocated before it (CUDA only)."""
     if device.type != "cuda":
@@ -161,12 +151,6 @@ def peak_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / GiB
-
-
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -253,7 +237,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
         except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and moves on
             row[field] = None
             row["errors"][field] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        _release(device)
+        release(device)
 
     # Gate (means + fused top-k) and index flip.
     sel_holder: dict[str, torch.Tensor] = {}
@@ -414,7 +398,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
         record("check", check)
     sel_holder.clear()
     mask_holder.clear()
-    _release(device)
+    release(device)
     return row
 
 
@@ -472,39 +456,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("this run's dense SDPA fwd+bwd FLOP rate; peak = GiB allocated above the inputs during one fwd+bwd")
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """GPU and library versions recorded with the results."""
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["gpu"] = props.name
-        env["gpu_memory_gib"] = props.total_memory / GiB
-        env["sm_count"] = props.multi_processor_count
-    else:
-        env["gpu"] = None
-        env["device"] = f"{device.type} ({platform.processor() or platform.machine()}), TRITON_INTERPRET=1"
-    return env
-
-
 def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path) -> Path:
     """Write the JSON (and a PNG when matplotlib is available); returns the JSON path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu") or "cpu").strip("-").lower()
-    stamp = _dt.datetime.now().strftime("%Y%m%d")
-    path = out_dir / f"attention-{gpu}-{stamp}.json"
-    if path.exists():  # never overwrite an earlier run of the same day
-        path = out_dir / f"attention-{gpu}-{stamp}-{_dt.datetime.now().strftime('%H%M%S')}.json"
+    path = results_path(out_dir, "attention", env)
     payload = {
         "benchmark": "moba forward, backward and fwd+bwd (benchmarks/attention.py)",
         "timing": "median of triton.testing.do_bench (CUDA events), milliseconds",
@@ -568,57 +522,9 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile check (no GPU needed)
 # ----------------------------------------------------------------------------------------------------------------------
-def _ptxas() -> str | None:
-    import triton
-
-    bin_dir = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
-    for name in ("ptxas-blackwell", "ptxas"):
-        if (bin_dir / name).exists():
-            return str(bin_dir / name)
-    return None
-
-
-def _aot_compile(
-    fn: Any, ptr_types: dict[str, str], consts: dict[str, Any], warps: int, stages: int, arch: int
-) -> dict:
-    """Compile one kernel variant for ``sm_<arch>`` as a launch would (pointers and 16-multiple strides flagged
-    divisible by 16, unit strides specialised to 1) and read registers/spills from ``ptxas -v``."""
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    div16 = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "C"}
-    div16 |= {"sdob", "sdoh", "sdom", "stb", "sth", "sdqb", "sdqh", "sdqm"}  # backward: dO, Delta/LSE and dQ strides
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptr_types.get(name, "*i32")
-        else:
-            sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n in div16}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-    info: dict[str, Any] = {"shared_bytes": kernel.metadata.shared, "registers": None, "spill_bytes": None}
-    ptxas = _ptxas()
-    if ptxas is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "k.ptx"
-            ptx.write_text(kernel.asm["ptx"])
-            res = subprocess.run(
-                [ptxas, "-v", f"--gpu-name=sm_{arch}a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                capture_output=True,
-                text=True,
-            )
-        regs = re.search(r"Used (\d+) registers", res.stderr)
-        spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)
-        info["registers"] = int(regs.group(1)) if regs else None
-        info["spill_bytes"] = sum(map(int, spills)) if spills else None
-    return info
+# Integer arguments a launch sees divisible by 16 (the usual strides of contiguous tensors, and C).
+_DIV16 = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som", "C"}
+_DIV16 |= {"sdob", "sdoh", "sdom", "stb", "sth", "sdqb", "sdqh", "sdqm"}  # backward: dO, Delta/LSE and dQ strides
 
 
 def _backward_variants(d: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]]:
@@ -656,8 +562,7 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
     TRITON_INTERPRET. ``prefix`` keeps only the variants whose name starts with it (e.g. ``"bwd_"``).
     Returns one record per variant: name, config, shared memory, registers, spill bytes (``None`` without ptxas).
     """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("--compile-check needs TRITON_INTERPRET unset (kernels are interpreted objects otherwise)")
+    require_compiled_kernels()
     from moba_compile.kernels import forward as fw
     from moba_compile.kernels import gating as gt
 
@@ -688,17 +593,7 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
     variants += _backward_variants(d)
     if prefix is not None:
         variants = [v for v in variants if v[0].startswith(prefix)]
-    records = []
-    for name, fn, ptrs, consts, warps, stages in variants:
-        rec: dict[str, Any] = {"kernel": name, "num_warps": warps, "num_stages": stages}
-        rec.update({k: v for k, v in consts.items() if k.isupper() and k not in ("UPCAST",)})
-        try:
-            rec.update(_aot_compile(fn, ptrs, consts, warps, stages, arch))
-            rec["ok"] = True
-        except Exception as exc:  # noqa: BLE001 - report every variant
-            rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        records.append(rec)
-    return records
+    return compile_variants(variants, arch, _DIV16, error_chars=300)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -771,22 +666,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compile_check:
         records = compile_check()
-        for r in records:
-            detail = r.get("error") or (
-                f"regs={r['registers']} spill={r['spill_bytes']}B smem={r['shared_bytes'] // 1024}KiB"
-            )
-            print(f"{'ok ' if r['ok'] else 'FAIL'} {r['kernel']:<26} w{r['num_warps']} s{r['num_stages']} {detail}")
+        code = print_compile_records(records, 26)
         print(json.dumps(records))
-        return 0 if all(r["ok"] for r in records) else 1
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (moba_compile imports it lazily)
-        device = torch.device("cpu")
-        args.warmup, args.rep = 0, 0
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA GPU: use --dry-run for the plan or --smoke to exercise the script", file=sys.stderr)
-            return 2
-        device = torch.device("cuda")
+        return code
+    device = bench_device(args)
+    if device is None:
+        return 2
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type == "cuda":

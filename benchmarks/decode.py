@@ -38,14 +38,9 @@ is installed. Nothing is estimated in place of a measurement.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import os
-import platform
-import re
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,8 +49,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-GiB = float(1 << 30)
+from benchmarks.common import (
+    RESULTS_DIR,
+    GiB,
+    bench_device,
+    compile_variants,
+    environment,
+    print_compile_records,
+    release,
+    require_compiled_kernels,
+    results_path,
+    time_ms,
+)
+
 DEFAULT_CONTEXTS = (131072, 262144, 524288, 1048576)
 
 
@@ -132,21 +138,6 @@ def cache_gib(cfg: DecodeConfig, elt: int) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, rep: int) -> float:
-    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on CUDA; a wall-clock median on the CPU (smoke)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return sorted(samples)[1]
-
-
 def copy_bandwidth(device: torch.device, n_bytes: int, warmup: int, rep: int) -> dict[str, float]:
     """A device-to-device copy of ``n_bytes``: ``{"copy_ms", "copy_read_gbps", "copy_traffic_gbps"}`` (GB = 1e9)."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
@@ -154,12 +145,6 @@ def copy_bandwidth(device: torch.device, n_bytes: int, warmup: int, rep: int) ->
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup, rep)
     return {"copy_ms": ms, "copy_read_gbps": n_bytes / ms / 1e6, "copy_traffic_gbps": 2 * n_bytes / ms / 1e6}
-
-
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -278,7 +263,7 @@ def run_config(cfg: DecodeConfig, args: argparse.Namespace, device: torch.device
 
         record("check", check)
     held.clear()
-    _release(device)  # the cache tensors die with this frame
+    release(device)  # the cache tensors die with this frame
     return row
 
 
@@ -318,39 +303,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     )
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """GPU and library versions recorded with the results."""
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["gpu"] = props.name
-        env["gpu_memory_gib"] = props.total_memory / GiB
-        env["sm_count"] = props.multi_processor_count
-    else:
-        env["gpu"] = None
-        env["device"] = f"{device.type} ({platform.processor() or platform.machine()}), TRITON_INTERPRET=1"
-    return env
-
-
 def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path, plot_png: bool) -> Path:
     """Write the JSON (and a PNG when asked and matplotlib is available); returns the JSON path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu") or "cpu").strip("-").lower()
-    stamp = _dt.datetime.now().strftime("%Y%m%d")
-    path = out_dir / f"decode-{gpu}-{stamp}.json"
-    if path.exists():  # never overwrite an earlier run of the same day
-        path = out_dir / f"decode-{gpu}-{stamp}-{_dt.datetime.now().strftime('%H%M%S')}.json"
+    path = results_path(out_dir, "decode", env)
     payload = {
         "benchmark": "moba decode step (benchmarks/decode.py)",
         "timing": "median of triton.testing.do_bench (CUDA events, L2 flushed), milliseconds",
@@ -402,58 +357,7 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile check (no GPU needed)
 # --------------------------------------------------------------------------------------------------------------------
-def _ptxas() -> str | None:
-    import triton
-
-    bin_dir = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
-    for name in ("ptxas-blackwell", "ptxas"):  # the newer one reads the PTX version Triton emits
-        if (bin_dir / name).exists():
-            return str(bin_dir / name)
-    return None
-
-
 _DIV16 = {"sqb", "sqh", "skb", "skh", "skn", "svb", "svh", "svn", "smb", "smc", "C", "PIECE"}
-
-
-def _aot_compile(
-    fn: Any, ptr_types: dict[str, str], consts: dict[str, Any], warps: int, stages: int, arch: int
-) -> dict:
-    """Compile one kernel variant for ``sm_<arch>`` as a launch would (pointers and the usual multiple-of-16 strides
-    flagged divisible by 16, unit strides specialised to 1) and read registers/spills from ``ptxas -v``."""
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptr_types.get(name, "*i32")
-        else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n in _DIV16}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-    info: dict[str, Any] = {"shared_bytes": kernel.metadata.shared, "registers": None, "spill_bytes": None}
-    ptxas = _ptxas()
-    if ptxas is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "k.ptx"
-            ptx.write_text(kernel.asm["ptx"])
-            res = subprocess.run(
-                [ptxas, "-v", f"--gpu-name=sm_{arch}a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                capture_output=True,
-                text=True,
-            )
-        regs = re.search(r"Used (\d+) registers", res.stderr)
-        spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)
-        info["registers"] = int(regs.group(1)) if regs else None
-        info["spill_bytes"] = sum(map(int, spills)) if spills else None
-    return info
 
 
 def compile_check(arch: int = 90) -> list[dict[str, Any]]:
@@ -462,8 +366,7 @@ def compile_check(arch: int = 90) -> list[dict[str, Any]]:
     Runs on a machine without a GPU (Triton's bundled compiler and ptxas); must not run under TRITON_INTERPRET.
     Returns one record per variant: name, config, shared memory, registers, spill bytes (``None`` without ptxas).
     """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("--compile-check needs TRITON_INTERPRET unset (kernels are interpreted objects otherwise)")
+    require_compiled_kernels()
     from moba_compile.kernels import decode as dk
 
     cpu = torch.device("cpu")  # the plans only read the device to count SMs; 132 is the H100's
@@ -496,7 +399,7 @@ def compile_check(arch: int = 90) -> list[dict[str, Any]]:
                     plan = dk._attn_plan(8 * (group * km1 + 1), 4096, d, d, tdtype, cpu)
                     consts = {"HEAD_D": d, "HEAD_DV": d, "BLOCK_G": block_g, "BLOCK_N": plan.block_n,
                               "TOPP": max(2, dk.next_pow2(km1)), "HAS_MASK": has_mask, "MASK_HEADS": mask_heads,
-                              "UPCAST": False, "DOT_PREC": dk._dot_precision(tdtype), "sqd": 1, "skd": 1,
+                              "UPCAST": False, "DOT_PREC": dk.dot_precision(tdtype), "sqd": 1, "skd": 1,
                               "svd": 1}  # fmt: skip
                     ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": "*u8",
                             "po_ptr": "*fp32", "plse_ptr": "*fp32"}  # fmt: skip
@@ -507,17 +410,7 @@ def compile_check(arch: int = 90) -> list[dict[str, Any]]:
         variants.append((f"combine-Dv{dv}", dk._decode_combine_kernel,
                          {"po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"},
                          {"HEAD_DV": dv, "BLOCK_F": 64}, 4, 1))  # fmt: skip
-    records = []
-    for name, fn, ptrs, consts, warps, stages in variants:
-        rec: dict[str, Any] = {"kernel": name, "num_warps": warps, "num_stages": stages}
-        rec.update({k: v for k, v in consts.items() if k.isupper() and k not in ("UPCAST",)})
-        try:
-            rec.update(_aot_compile(fn, ptrs, consts, warps, stages, arch))
-            rec["ok"] = True
-        except Exception as exc:  # noqa: BLE001 - report every variant
-            rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:400]}")
-        records.append(rec)
-    return records
+    return compile_variants(variants, arch, _DIV16, error_chars=400)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -595,24 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(configs)
         return 0
     if args.compile_check:
-        records = compile_check()
-        for r in records:
-            detail = r.get("error") or (
-                f"regs={r['registers']} spill={r['spill_bytes']}B smem={r['shared_bytes'] // 1024}KiB"
-            )
-            print(f"{'ok ' if r['ok'] else 'FAIL'} {r['kernel']:<34} w{r['num_warps']} s{r['num_stages']} {detail}")
-        return 0 if all(r["ok"] for r in records) else 1
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-        device = torch.device("cpu")
-        args.warmup, args.rep = 0, 0
-        copy_bytes = 1 << 24
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA GPU: use --dry-run for the plan or --smoke to exercise the script", file=sys.stderr)
-            return 2
-        device = torch.device("cuda")
-        copy_bytes = int(args.copy_gib * GiB)
+        return print_compile_records(compile_check(), 34)
+    device = bench_device(args)
+    if device is None:
+        return 2
+    copy_bytes = 1 << 24 if args.smoke else int(args.copy_gib * GiB)
     env = environment(device)
     bw = copy_bandwidth(device, copy_bytes, args.warmup, args.rep)
     env.update(bw)

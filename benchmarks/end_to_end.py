@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import environment
+
 POLICY = {"chunk_size": 4096, "topk": 12, "dense_last": 3}
 PREFILL_LENGTHS = (32 * 1024, 128 * 1024, 512 * 1024)
 DECODE_CONTEXTS = (128 * 1024, 512 * 1024)
@@ -102,16 +104,13 @@ def time_decode(model, ids: torch.Tensor, cache_factory, steps: int) -> float:
 
 
 def _versions() -> dict:
+    """GPU name and torch/triton/transformers versions (the shared :func:`benchmarks.common.environment` record)."""
     import transformers
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    gpu = env["gpu"] or platform.processor() or "cpu"
+    return {"gpu": gpu, "torch": env["torch"], "triton": env["triton"], "transformers": transformers.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,11 +24,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -36,6 +32,7 @@ import triton  # noqa: E402, F401  (a missing triton must fail the tests, not sk
 from conftest import own_chunk_causal  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from kernel_cases import Case, compile_check_records, prefill_inputs  # noqa: E402
 
 import moba_compile  # noqa: E402
 from moba_compile import ops, reference  # noqa: E402
@@ -44,71 +41,12 @@ from moba_compile.kernels import flip_selection, moba_backward_triton, moba_forw
 from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Case:
-    b: int
-    lq: int
-    hq: int
-    hkv: int
-    c: int
-    k: int
-    dtype: torch.dtype
-    lk: int | None = None  # None: Lk = Lq (prefill / training)
-    d: int = 64
-    dv: int | None = None
-    mask: str | None = None  # "random" [B,1,Lq,Lk] with fully masked rows | "heads" [B,Hq,Lq,Lk] | "keys" [B,1,1,Lk]
-    strided: bool = False  # q/k/v/dO as transposed [B, L, H, D] views
-
-    @property
-    def len_k(self) -> int:
-        return self.lq if self.lk is None else self.lk
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.b}", f"Lq{self.lq}"]
-        if self.lk is not None:
-            parts.append(f"Lk{self.lk}")
-        parts += [f"Hq{self.hq}", f"Hkv{self.hkv}"]
-        if self.d != 64:
-            parts.append(f"D{self.d}")
-        if self.dv is not None:
-            parts.append(f"Dv{self.dv}")
-        parts += [f"C{self.c}", f"K{self.k}", _DTYPE_NAMES[self.dtype]]
-        if self.mask:
-            parts.append(f"mask-{self.mask}")
-        if self.strided:
-            parts.append("strided")
-        return "-".join(parts)
 
 
 def make_inputs(case: Case, seed: int = 0):
     """Seeded ``(q, k, v, dO, mask)`` for a case (``mask`` may be ``None``)."""
-    g = torch.Generator().manual_seed(seed)
-    lk, dv = case.len_k, case.dv or case.d
-
-    def rand(h: int, length: int, dim: int) -> torch.Tensor:
-        if case.strided:
-            return torch.randn(case.b, length, h, dim, generator=g).to(case.dtype).transpose(1, 2)
-        return torch.randn(case.b, h, length, dim, generator=g).to(case.dtype)
-
-    q, k, v = rand(case.hq, case.lq, case.d), rand(case.hkv, lk, case.d), rand(case.hkv, lk, dv)
-    do = rand(case.hq, case.lq, dv)
-    mask = None
-    if case.mask == "random":
-        mask = torch.rand(case.b, 1, case.lq, lk, generator=g) > 0.3
-        mask[:, :, :: max(1, case.lq // 3)] = False  # fully masked rows: lse = -inf, zero gradients
-    elif case.mask == "heads":
-        mask = torch.rand(case.b, case.hq, case.lq, lk, generator=g) > 0.5
-    elif case.mask == "keys":  # key padding: the first 5 keys of batch 0
-        mask = torch.ones(case.b, 1, 1, lk, dtype=torch.bool)
-        mask[0, ..., :5] = False
-    elif case.mask == "none_allowed":
-        mask = torch.zeros(case.b, 1, 1, lk, dtype=torch.bool)
-    return q, k, v, do, mask
+    return prefill_inputs(case, seed, grad_out=True)
 
 
 def dense_allowed(q: torch.Tensor, k: torch.Tensor, c: int, topk: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -359,15 +297,10 @@ def test_input_validation() -> None:
 def test_backward_kernels_compile_for_h100_without_spills() -> None:
     # No GPU here: compile the backward kernels at the launcher's CUDA configurations (bf16, D=128) for sm_90a with
     # Triton's compiler and ptxas, and read registers/spills (the numbers docs/kernels.md quotes).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         "import json; from benchmarks.attention import compile_check; print(json.dumps(compile_check(prefix='bwd_')))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    records = {r["kernel"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
+    records = compile_check_records(["-c", code])
     assert len(records) == 9 and all(r["ok"] for r in records.values()), records
     for name, rec in records.items():
         assert rec["spill_bytes"] == 0, (name, rec)

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from kernel_cases import assert_out_lse_within_budget, case_id, layout_randn  # noqa: E402
 
 from moba_compile import reference  # noqa: E402
 from moba_compile.kernels import support as ksupport  # noqa: E402
@@ -38,8 +39,6 @@ from moba_compile.kernels.decode import (  # noqa: E402
     decode_unsupported_reason,
     moba_decode_triton,
 )
-
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -60,28 +59,13 @@ class Case:
 
     @property
     def id(self) -> str:
-        parts = [f"B{self.b}", f"Lk{self.lk}", f"Hq{self.hq}", f"Hkv{self.hkv}"]
-        if self.d != 64:
-            parts.append(f"D{self.d}")
-        if self.dv is not None:
-            parts.append(f"Dv{self.dv}")
-        parts += [f"C{self.c}", f"K{self.k}", _DTYPE_NAMES[self.dtype]]
-        if self.mask:
-            parts.append(f"mask-{self.mask}")
-        if self.strided:
-            parts.append("strided")
-        return "-".join(parts)
+        return case_id([f"B{self.b}", f"Lk{self.lk}", f"Hq{self.hq}", f"Hkv{self.hkv}"], self)
 
 
 def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     g = torch.Generator().manual_seed(seed)
     dv = case.dv or case.d
-
-    def rand(h: int, length: int, dim: int) -> torch.Tensor:
-        if case.strided:  # the [B, L, H, D] layout of a projection, viewed as [B, H, L, D]
-            return torch.randn(case.b, length, h, dim, generator=g).to(case.dtype).transpose(1, 2)
-        return torch.randn(case.b, h, length, dim, generator=g).to(case.dtype)
-
+    rand = layout_randn(case, g)
     q, k, v = rand(case.hq, 1, case.d), rand(case.hkv, case.lk, case.d), rand(case.hkv, case.lk, dv)
     mask = None
     if case.mask in ("left_pad", "empty"):  # Hugging Face style key padding on the left, a different amount per row
@@ -135,19 +119,7 @@ def check_decode(q, k, v, chunk_size: int, topk: int, mask=None, means=None, sca
     out_lp, lse_lp = reference.moba_attention_forward(q, k, v, **kw)
     _, lse64 = reference.moba_attention_forward(q.double(), k.double(), v.double(), **kw)
     out64 = oracle(q, k, v, ref_sel, chunk_size, scale, mask)
-    empty = torch.isinf(lse_lp)
-    assert torch.equal(torch.isinf(lse), empty), "rows without keys must be exactly the reference's"
-    assert torch.all(lse[empty] == -math.inf)
-    assert torch.all(out[empty] == 0)
-    ref_err = (out_lp.double() - out64).abs().max().item()
-    err = (out.double() - out64).abs().max().item()
-    tol = 2 * ref_err + torch.finfo(q.dtype).eps * max(out64.abs().max().item(), 1e-3)
-    assert err <= tol, f"out error {err:.3e} > {tol:.3e} (reference's own error {ref_err:.3e})"
-    if (~empty).any():
-        lse_ref_err = (lse_lp.double() - lse64)[~empty].abs().max().item()
-        lse_err = (lse.double() - lse64)[~empty].abs().max().item()
-        lse_tol = 2 * lse_ref_err + 8 * torch.finfo(torch.float32).eps * max(1.0, lse64[~empty].abs().max().item())
-        assert lse_err <= lse_tol, f"lse error {lse_err:.3e} > {lse_tol:.3e}"
+    assert_out_lse_within_budget(out, lse, out64, out_lp, lse64, lse_lp, torch.isinf(lse_lp), q.dtype)
     return out, lse, sel
 
 

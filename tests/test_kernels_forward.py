@@ -19,11 +19,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -31,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from kernel_cases import Case, assert_out_lse_within_budget, compile_check_records, prefill_inputs  # noqa: E402
 from naive import naive_moba  # noqa: E402
 
 from moba_compile import reference  # noqa: E402
@@ -45,66 +44,9 @@ from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
 from moba_compile.kernels import support as kernel_support  # noqa: E402
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-@dataclass(frozen=True)
-class Case:
-    b: int
-    lq: int
-    hq: int
-    hkv: int
-    c: int
-    k: int
-    dtype: torch.dtype
-    lk: int | None = None  # None: Lk = Lq (prefill)
-    d: int = 64
-    dv: int | None = None
-    mask: str | None = None  # "random" [B,1,Lq,Lk] with fully masked rows | "heads" [B,Hq,Lq,Lk] | "keys" [B,1,1,Lk]
-    strided: bool = False  # query/key/value as transposed [B, L, H, D] views
-
-    @property
-    def len_k(self) -> int:
-        return self.lq if self.lk is None else self.lk
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.b}", f"Lq{self.lq}"]
-        if self.lk is not None:
-            parts.append(f"Lk{self.lk}")
-        parts += [f"Hq{self.hq}", f"Hkv{self.hkv}"]
-        if self.d != 64:
-            parts.append(f"D{self.d}")
-        if self.dv is not None:
-            parts.append(f"Dv{self.dv}")
-        parts += [f"C{self.c}", f"K{self.k}", _DTYPE_NAMES[self.dtype]]
-        if self.mask:
-            parts.append(f"mask-{self.mask}")
-        if self.strided:
-            parts.append("strided")
-        return "-".join(parts)
-
 
 def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    g = torch.Generator().manual_seed(seed)
-    lk, dv = case.len_k, case.dv or case.d
-
-    def rand(h: int, length: int, dim: int) -> torch.Tensor:
-        if case.strided:  # the [B, L, H, D] layout of a projection, viewed as [B, H, L, D]
-            return torch.randn(case.b, length, h, dim, generator=g).to(case.dtype).transpose(1, 2)
-        return torch.randn(case.b, h, length, dim, generator=g).to(case.dtype)
-
-    q, k, v = rand(case.hq, case.lq, case.d), rand(case.hkv, lk, case.d), rand(case.hkv, lk, dv)
-    mask = None
-    if case.mask == "random":
-        mask = torch.rand(case.b, 1, case.lq, lk, generator=g) > 0.3
-        mask[:, :, :: max(1, case.lq // 3)] = False  # fully masked rows: out = 0, lse = -inf
-    elif case.mask == "heads":
-        mask = torch.rand(case.b, case.hq, case.lq, lk, generator=g) > 0.5
-    elif case.mask == "keys":  # key padding: the first 5 keys of batch 0 are padding
-        mask = torch.ones(case.b, 1, 1, lk, dtype=torch.bool)
-        mask[0, ..., :5] = False
-    return q, k, v, mask
+    return prefill_inputs(case, seed)
 
 
 def check_forward(q, k, v, chunk_size: int, topk: int, mask=None, scale: float | None = None):
@@ -116,19 +58,7 @@ def check_forward(q, k, v, chunk_size: int, topk: int, mask=None, scale: float |
     kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask)
     out64, lse64 = reference.moba_attention_forward(q.double(), k.double(), v.double(), **kw)
     out_lp, lse_lp = reference.moba_attention_forward(q, k, v, **kw)
-    empty = torch.isinf(lse64)
-    assert torch.equal(torch.isinf(lse), empty), "rows without keys must be exactly the reference's"
-    assert torch.all(lse[empty] == -math.inf)
-    assert torch.all(out[empty] == 0)
-    ref_err = (out_lp.double() - out64).abs().max().item()
-    err = (out.double() - out64).abs().max().item()
-    tol = 2 * ref_err + torch.finfo(q.dtype).eps * max(out64.abs().max().item(), 1e-3)
-    assert err <= tol, f"out error {err:.3e} > {tol:.3e} (reference's own error {ref_err:.3e})"
-    if (~empty).any():
-        lse_ref_err = (lse_lp.double() - lse64)[~empty].abs().max().item()
-        lse_err = (lse.double() - lse64)[~empty].abs().max().item()
-        lse_tol = 2 * lse_ref_err + 8 * torch.finfo(torch.float32).eps * max(1.0, lse64[~empty].abs().max().item())
-        assert lse_err <= lse_tol, f"lse error {lse_err:.3e} > {lse_tol:.3e}"
+    assert_out_lse_within_budget(out, lse, out64, out_lp, lse64, lse_lp, torch.isinf(lse64), q.dtype)
     return out, lse, out64
 
 
@@ -375,13 +305,7 @@ def test_kernels_compile_for_h100_without_spills() -> None:
     # No GPU here: compile every kernel at the launchers' CUDA configurations for sm_90 with Triton's own compiler and
     # ptxas (python -m benchmarks.attention --compile-check). Catches constructs the interpreter accepts but the
     # compiler rejects, and register spills in the D=128 bf16 fast path (the configs docs/kernels.md claims).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "benchmarks.attention", "--compile-check"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    records = {r["kernel"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
+    records = compile_check_records(["-m", "benchmarks.attention", "--compile-check"])
     for name in ("key_major-nomask", "own_chunk-nomask", "gate-bf16-K3", "gate-bf16-K8", "gate-bf16-K64"):
         assert records[name]["spill_bytes"] == 0, records[name]
 

@@ -36,7 +36,15 @@ from torch import Tensor
 
 from .forward import partial_buffer_budget
 from .gating import FlipResult, _launch_gate, chunk_means_triton, flip_selection
-from .support import interpreting, next_pow2, require_triton, triton_unsupported_reason
+from .support import (
+    dot_precision,
+    interpreting,
+    list_tile_rows,
+    mask_bytes,
+    require_triton,
+    triton_unsupported_reason,
+)
+from .tiles import key_major_tile, own_chunk_rows, own_chunk_span
 
 __all__ = ["moba_backward_triton"]
 
@@ -449,21 +457,9 @@ def _bwd_sparse_dq_kernel(
     seg = tl.load(tile_seg_ptr + t)
     if seg >= n_segments:  # padding tile of the static-size tile list
         return
-    seg = seg.to(tl.int64)
-    row0 = tl.load(tile_row0_ptr + t)
-    start = tl.load(seg_start_ptr + seg) + row0
-    n_rows = tl.minimum(tl.load(counts_ptr + seg) - row0, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_rows
-    local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
-    plane = seg // N
-    c = seg % N
-    b = plane // Hkv
-    hkv = plane % Hkv
-    per_head = Lq * KM1
-    g = local // per_head
-    i = (local % per_head) // KM1
-    hq = hkv * G + g
+    offs_m, row_ok, local, plane, c, b, hkv, hq, i, per_head = key_major_tile(
+        t, seg.to(tl.int64), tile_row0_ptr, seg_start_ptr, counts_ptr, lists_ptr, Hkv, G, Lq, N, KM1, BLOCK_M
+    )
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
     offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
     q = tl.load(
@@ -546,17 +542,7 @@ def _bwd_own_dq_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    hq = pid_bh % Hq
-    hkv = hq // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < Lq
-    rows64 = offs_m.to(tl.int64)
-    pos = Lk - Lq + offs_m
-    own_start = (pos // C) * C
+    b, hq, hkv, m0, offs_m, row_ok, rows64, pos, own_start = own_chunk_rows(Hq, G, Lq, Lk, C, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
     offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
     q = tl.load(
@@ -577,13 +563,8 @@ def _bwd_own_dq_kernel(
     v_base = v_ptr + b * svb + hkv * svh
     mask_rows = b * smb + hq * smh + rows64 * smm
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    p_first = Lk - Lq + m0
-    p_last = tl.minimum(p_first + BLOCK_M, Lk) - 1
-    lo = (p_first // C) * C
     # Keys [lo, full_end) are visible to every row of the tile (same chunk, at or before the first row).
-    n_full = (p_first + 1 - lo) // BLOCK_N
-    n_full = tl.where(p_first // C == p_last // C, n_full, 0)
-    full_end = lo + n_full * BLOCK_N
+    lo, full_end, p_last = own_chunk_span(m0, Lq, Lk, C, BLOCK_M, BLOCK_N)
     for start_n in range(lo, full_end, BLOCK_N):
         dq = _dq_block(
             dq, q, do, lse2, delta, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
@@ -648,17 +629,6 @@ def _bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
     # D = 256: small tiles, one stage (221 registers for dK/dV at 32 x 32; a mask needs 16-key blocks). Not tuned.
     bn = 16 if has_mask else 32
     return _BwdConfig(32, bn, 8, 1, 32, bn, 8, 1)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: IEEE dots, so the result matches an fp32 reference (tf32 would lose 13 mantissa bits).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _block_m_for_lists(block_m: int, entries_per_plane: int, n_past_chunks: int) -> int:
-    # The deterministic dQ tiles are cut per chunk list: short lists (few rows) would leave big tiles mostly padding.
-    mean_rows = -(-entries_per_plane // max(1, n_past_chunks))
-    return max(16, min(block_m, next_pow2(mean_rows)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -751,17 +721,12 @@ def moba_backward_triton(
     cfg = _bwd_config(d, dv_dim, query.dtype, attn_mask is not None)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qk_scale = scale * _LOG2E
-    upcast, prec = interpreting(), _dot_precision(query.dtype)
+    upcast, prec = interpreting(), dot_precision(query.dtype)
     n_chunks = -(-lk // chunk_size)
     km1 = min(topk - 1, (lk - 1) // chunk_size)
     kv_block_n = min(cfg.kv_block_n, chunk_size & -chunk_size)  # a whole number of key blocks per chunk
     dq_block_n = min(cfg.dq_block_n, chunk_size & -chunk_size)
-    mask = None
-    if attn_mask is not None:
-        # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte read per attended (row, key).
-        mask = attn_mask.expand(b, hq, lq, lk).view(torch.uint8)
-        if mask.stride(3) * lk >= 2**31:  # in-kernel key offsets are int32
-            mask = mask.contiguous()
+    mask = mask_bytes(attn_mask, b, hq, lq, lk) if attn_mask is not None else None
     mask_arg = mask if mask is not None else query  # never read when HAS_MASK is False
     mstrides = mask.stride() if mask is not None else (0, 0, 0, 0)
     qkv_strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstrides)
@@ -782,7 +747,8 @@ def moba_backward_triton(
         if km1 > 0:
             means = chunk_means_triton(key, chunk_size)
             sel = _launch_gate(query, means, chunk_size, km1, lk)
-            dq_block_m = _block_m_for_lists(cfg.dq_block_m, g * lq * km1, (lk - 1) // chunk_size)
+            # The deterministic dQ tiles are cut per chunk list: short lists would leave big tiles mostly padding.
+            dq_block_m = list_tile_rows(cfg.dq_block_m, g * lq * km1, (lk - 1) // chunk_size)
             # Default mode never uses the flip's tiles: large tiles keep those arrays small.
             flip = flip_selection(
                 sel, hkv, n_chunks, dq_block_m if deterministic else 1024, deterministic=deterministic

@@ -41,7 +41,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .support import interpreting, next_pow2, shared_unsupported_reason, speed_up_interpreter
+from .support import (
+    MAX_CHUNK,
+    dot_precision,
+    interpreting,
+    next_pow2,
+    shared_unsupported_reason,
+    speed_up_interpreter,
+)
+from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores
 
 __all__ = [
     "DECODE_HEAD_DIMS",
@@ -53,14 +61,10 @@ __all__ = [
 
 # Head dims the decode kernels are built and tuned for (query/key and value alike); others go to the reference.
 DECODE_HEAD_DIMS = (64, 128)
-_MIN_CHUNK, _MAX_CHUNK = 16, 8192
-_MAX_TOPK = 64
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Query heads per row block: a [64, D] query tile and the [64, next_pow2(K-1)] selection tile stay in registers.
 # Larger groups (MQA with > 64 heads) are cut into row blocks that each read their chunks.
 _MAX_ROWS = 64
 
-_SENTINEL = tl.constexpr(-(2**63))  # below every packed (score, chunk) key: an empty top-k slot
 _NEG_INF = tl.constexpr(float("-inf"))
 _LN2 = tl.constexpr(math.log(2.0))
 _LOG2E = math.log2(math.e)
@@ -143,7 +147,7 @@ def _decode_gate_kernel(
     q = tl.load(q_ptr + b * sqb + head[:, None] * sqh + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)  # fp16/bf16 -> fp32 is exact; the gate is an fp32 dot product
     m_base = means_ptr + b * smb + hkv * smh
-    top = tl.full([BLOCK_G, TOP], _SENTINEL, tl.int64)  # ascending (bitonic_merge below wants one ascending input)
+    top = tl.full([BLOCK_G, TOP], SENTINEL, tl.int64)  # ascending (bitonic_merge below wants one ascending input)
     c_lo = sp * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_prev)
     for c0 in range(c_lo, c_hi, BLOCK_C):
@@ -151,17 +155,11 @@ def _decode_gate_kernel(
         c_ok = offs_c < c_hi
         mt = tl.load(m_base + offs_c.to(tl.int64)[:, None] * smc + offs_d[None, :] * smd, mask=c_ok[:, None], other=0.0)
         sc = tl.dot(q, tl.trans(mt), input_precision="ieee")
-        sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 and +0.0 are one score for the reference's sort
-        bits = sc.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving: negative floats get their magnitude flipped
-        packed = (ordered.to(tl.int64) << 32) | offs_c.to(tl.int64)[None, :]
-        packed = tl.where(c_ok[None, :], packed, _SENTINEL)
-        best = tl.topk(packed, TOP, dim=1)  # descending
-        # max(ascending, descending) holds the top TOP of the union as a bitonic sequence; one merge re-sorts it.
-        top = tl.bitonic_merge(tl.maximum(top, best), dim=1, descending=False)
+        packed = tl.where(c_ok[None, :], pack_scores(sc, offs_c), SENTINEL)
+        top = merge_top(top, packed, TOP)
     slot = TOP - 1 - tl.arange(0, TOP)  # reversed: descending score order
     if FINAL:
-        idx = tl.where(top == _SENTINEL, -1, (top & 0x7FFFFFFF).to(tl.int32))
+        idx = chunk_indices(top)
         rows = (b * Hkv * G + head) * KM1
         tl.store(out_ptr + rows[:, None] + slot[None, :], idx, mask=row_ok[:, None] & (slot < KM1)[None, :])
     else:
@@ -192,13 +190,13 @@ def _decode_gate_merge_kernel(
     offs_t = tl.arange(0, TOP)
     g = rb * ROWS + offs_g
     row_ok = (offs_g < ROWS) & (g < G)
-    top = tl.full([BLOCK_G, TOP], _SENTINEL, tl.int64)
+    top = tl.full([BLOCK_G, TOP], SENTINEL, tl.int64)
     for sp in range(0, n_split):
         cells = ((prb * n_split + sp) * BLOCK_G + offs_g) * TOP
         cand = tl.load(cand_ptr + cells[:, None] + offs_t[None, :])  # descending
         top = tl.bitonic_merge(tl.maximum(top, cand), dim=1, descending=False)
     slot = TOP - 1 - offs_t
-    idx = tl.where(top == _SENTINEL, -1, (top & 0x7FFFFFFF).to(tl.int32))
+    idx = chunk_indices(top)
     rows = (b * Hkv * G + hkv * G + g) * KM1
     tl.store(sel_ptr + rows[:, None] + slot[None, :], idx, mask=row_ok[:, None] & (slot < KM1)[None, :])
 
@@ -494,11 +492,6 @@ def _attn_plan(
     return _AttnPlan(block_n, piece, -(-chunk_size // piece), 4, 3)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 (FMA) dots; decode is memory-bound, so tf32's speed buys nothing. 16-bit: ignored.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------------------
@@ -543,7 +536,7 @@ def decode_unsupported_reason(
         return f"decode needs Lq == 1, got Lq={lq}"
     if lk == 0:
         return "empty key cache (Lk = 0)"
-    if lk >= 2**31 - 2 * _MAX_CHUNK:  # key positions are int32 inside the kernels
+    if lk >= 2**31 - 2 * MAX_CHUNK:  # key positions are int32 inside the kernels
         return f"Lk={lk} overflows the kernels' int32 key positions"
     if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 and hq * lk >= 2**31:
         return f"a per-head attn_mask with Hq * Lk = {hq * lk} >= 2**31 overflows the kernel's int32 offsets"
@@ -756,7 +749,7 @@ def moba_decode_triton(
     if attn_mask is not None:
         # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte read per attended (head, key).
         mask = attn_mask.expand(b, hq, 1, lk).view(torch.uint8)
-        if hq * mask.stride(1) + _MAX_CHUNK * mask.stride(3) >= 2**31:  # in-kernel (head, key) offsets are int32
+        if hq * mask.stride(1) + MAX_CHUNK * mask.stride(3) >= 2**31:  # in-kernel (head, key) offsets are int32
             mask = mask.contiguous()
         smb, smh, _, smn = mask.stride()
     else:
@@ -765,12 +758,13 @@ def moba_decode_triton(
     skb, skh, skn, skd = key.stride()
     svb, svh, svn, svd = value.stride()
     upcast = interpreting()
+    # fp32 inputs: exact fp32 (FMA) dots; decode is memory-bound, so tf32's speed buys nothing. 16-bit: ignored.
     _decode_attn_kernel[(b * hkv * gb, work_items, plan.n_pieces)](
         query, key, value, mask, sel, po, plse,
         group, hkv, rows, gb, lk, chunk_size, km1, ks, plan.n_pieces, plan.piece, own_chunk, scale * _LOG2E,
         sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smn,
         HEAD_D=d, HEAD_DV=dv, BLOCK_G=block_g, BLOCK_N=plan.block_n, TOPP=max(2, next_pow2(km1)),
-        HAS_MASK=attn_mask is not None, MASK_HEADS=smh != 0, UPCAST=upcast, DOT_PREC=_dot_precision(query.dtype),
+        HAS_MASK=attn_mask is not None, MASK_HEADS=smh != 0, UPCAST=upcast, DOT_PREC=dot_precision(query.dtype),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     n_f = ks * plan.n_pieces

@@ -25,7 +25,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .gating import _launch_gate, chunk_means_triton, flip_selection
-from .support import interpreting, next_pow2, require_triton, triton_unsupported_reason
+from .support import (
+    dot_precision,
+    interpreting,
+    list_tile_rows,
+    mask_bytes,
+    require_triton,
+    triton_unsupported_reason,
+)
+from .tiles import key_major_tile, own_chunk_rows, own_chunk_span
 
 __all__ = ["moba_forward_triton"]
 
@@ -154,21 +162,9 @@ def _sparse_fwd_kernel(
     seg = tl.load(tile_seg_ptr + t)
     if seg >= n_segments:  # padding tile of the static-size tile list
         return
-    seg = seg.to(tl.int64)
-    row0 = tl.load(tile_row0_ptr + t)
-    start = tl.load(seg_start_ptr + seg) + row0
-    n_rows = tl.minimum(tl.load(counts_ptr + seg) - row0, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n_rows
-    local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
-    plane = seg // N
-    c = seg % N
-    b = plane // Hkv
-    hkv = plane % Hkv
-    per_head = Lq * KM1
-    g = local // per_head
-    i = (local % per_head) // KM1
-    hq = hkv * G + g
+    offs_m, row_ok, local, plane, c, b, hkv, hq, i, per_head = key_major_tile(
+        t, seg.to(tl.int64), tile_row0_ptr, seg_start_ptr, counts_ptr, lists_ptr, Hkv, G, Lq, N, KM1, BLOCK_M
+    )
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
     q = tl.load(
         q_ptr + (b * sqb + hq * sqh + i * sqm)[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
@@ -246,17 +242,7 @@ def _own_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    hq = pid_bh % Hq
-    hkv = hq // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < Lq
-    offs_m64 = offs_m.to(tl.int64)
-    pos = Lk - Lq + offs_m
-    own_start = (pos // C) * C
+    b, hq, hkv, m0, offs_m, row_ok, offs_m64, pos, own_start = own_chunk_rows(Hq, G, Lq, Lk, C, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
     offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
     q = tl.load(
@@ -271,14 +257,9 @@ def _own_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
 
-    p_first = Lk - Lq + m0
-    p_last = tl.minimum(p_first + BLOCK_M, Lk) - 1
-    lo = (p_first // C) * C
     # Keys [lo, full_end) are visible to every row of the tile (same chunk, at or before the first row): no causal
     # mask there. The rest up to the last row's position is masked per (row, key).
-    n_full = (p_first + 1 - lo) // BLOCK_N
-    n_full = tl.where(p_first // C == p_last // C, n_full, 0)
-    full_end = lo + n_full * BLOCK_N
+    lo, full_end, p_last = own_chunk_span(m0, Lq, Lk, C, BLOCK_M, BLOCK_N)
     for start_n in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, qk_scale,
@@ -351,15 +332,6 @@ def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
     return _FwdConfig(64, 32, 8, 2)
 
 
-def _largest_pow2_divisor(n: int) -> int:
-    return n & -n
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: IEEE dots, so the result matches an fp32 reference (tf32 would lose 13 mantissa bits).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def moba_forward_triton(
     query: Tensor,
     key: Tensor,
@@ -415,16 +387,11 @@ def moba_forward_triton(
     if out.numel() == 0:
         return out.zero_(), lse
     cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None)
-    block_n = min(cfg.block_n, _largest_pow2_divisor(chunk_size))
+    block_n = min(cfg.block_n, chunk_size & -chunk_size)  # a whole number of key blocks per chunk
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * _LOG2E
-    common = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_N=block_n, UPCAST=interpreting(), DOT_PREC=_dot_precision(query.dtype))
+    common = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_N=block_n, UPCAST=interpreting(), DOT_PREC=dot_precision(query.dtype))
     common.update(HAS_MASK=attn_mask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    mask = None
-    if attn_mask is not None:
-        # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte read per attended (row, key).
-        mask = attn_mask.expand(b, hq, lq, lk).view(torch.uint8)
-        if mask.stride(3) * lk >= 2**31:  # in-kernel key offsets are int32
-            mask = mask.contiguous()
+    mask = mask_bytes(attn_mask, b, hq, lq, lk) if attn_mask is not None else None
     km1_max = min(topk - 1, (lk - 1) // chunk_size)
     # Row slabs bound the fp32 partial buffer: rows are independent, and a slab [r0, r1) is the same problem with
     # Lq' = r1 - r0 and keys cut at Lk' = Lk - Lq + r1 (its last row's position + 1). Earlier chunks of the slab's rows
@@ -502,7 +469,7 @@ def _forward_slab(
     if km1 > 0:
         assert means is not None and po is not None and plse is not None
         sel = _launch_gate(q, means, chunk_size, km1, lk)
-        block_m_sp = _sparse_block_m(block_m, g * lq * km1, (lk - 1) // chunk_size)
+        block_m_sp = list_tile_rows(block_m, g * lq * km1, (lk - 1) // chunk_size)
         flip = flip_selection(sel, hkv, n_chunks, block_m_sp)
         n_tiles = flip.tile_seg.numel()
         if n_tiles:
@@ -520,10 +487,3 @@ def _forward_slab(
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         BLOCK_M=block_m, **common,
     )  # fmt: skip
-
-
-def _sparse_block_m(block_m: int, entries_per_plane: int, n_past_chunks: int) -> int:
-    # Tiles are cut per chunk: when few rows choose each chunk (decode, short Lq), a full 128-row tile would be mostly
-    # padding. Size it to the mean list length, between 16 (tl.dot minimum) and the configured tile.
-    mean_rows = -(-entries_per_plane // max(1, n_past_chunks))
-    return max(16, min(block_m, next_pow2(mean_rows)))

@@ -23,11 +23,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .support import interpreting, next_pow2, speed_up_interpreter
+from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores, query_major_program
 
 __all__ = ["FlipResult", "chunk_means_triton", "select_chunks_triton", "flip_selection"]
-
-# Below every packed (score, chunk) key: marks an empty top-k slot and every chunk a row may not choose.
-_SENTINEL = tl.constexpr(-(2**63))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,11 +131,7 @@ def _gate_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
-    hq = pid_bh % Hq
-    hkv = hq // G
+    pid_m, b, hq, hkv = query_major_program(Hq, G)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Lq
     own = (Lk - Lq + offs_m) // C
@@ -154,7 +148,7 @@ def _gate_kernel(
         q = q.to(tl.float32)
     m_base = means_ptr + (b * (Hq // G) + hkv) * N * HEAD_D
     # The running top keeps TOP keys per row in ascending order (bitonic_merge below needs one ascending input).
-    top = tl.full([BLOCK_M, TOP], _SENTINEL, tl.int64)
+    top = tl.full([BLOCK_M, TOP], SENTINEL, tl.int64)
     last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1
     n_hi = (Lk - Lq + last_row) // C  # chunks [0, n_hi) are strictly earlier for at least the tile's last row
     for c0 in range(0, n_hi, BLOCK_C):
@@ -179,18 +173,10 @@ def _gate_kernel(
                 sc = tl.dot(q, tl.trans(hi), sc)
         else:
             sc = tl.dot(q, tl.trans(mt), input_precision=DOT_PREC)
-        # -0.0 == +0.0 for the reference's sort: make them one key (defensive: dots accumulating from +0 do not
-        # return -0.0, but a differently lowered dot could).
-        sc = tl.where(sc == 0.0, 0.0, sc)
-        bits = sc.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        packed = (ordered.to(tl.int64) << 32) | offs_c.to(tl.int64)[None, :]
-        packed = tl.where(offs_c[None, :] < own[:, None], packed, _SENTINEL)
-        best = tl.topk(packed, TOP, dim=1)  # descending
-        # max(ascending, descending) holds the top TOP of the union as a bitonic sequence; one merge re-sorts it.
-        top = tl.bitonic_merge(tl.maximum(top, best), dim=1, descending=False)
+        packed = tl.where(offs_c[None, :] < own[:, None], pack_scores(sc, offs_c), SENTINEL)
+        top = merge_top(top, packed, TOP)
     slot = TOP - 1 - tl.arange(0, TOP)  # descending score order, like the reference
-    idx = tl.where(top == _SENTINEL, -1, (top & 0x7FFFFFFF).to(tl.int32))
+    idx = chunk_indices(top)
     out_rows = ((b * Hq + hq) * Lq + offs_m.to(tl.int64)) * KM1
     tl.store(sel_ptr + out_rows[:, None] + slot[None, :], idx, mask=row_ok[:, None] & (slot[None, :] < KM1))
 

@@ -14,7 +14,10 @@ __all__ = [
     "HEAD_DIMS",
     "MAX_CHUNK",
     "MAX_TOPK",
+    "dot_precision",
     "interpreting",
+    "list_tile_rows",
+    "mask_bytes",
     "next_pow2",
     "require_triton",
     "triton_available",
@@ -81,6 +84,49 @@ def next_pow2(n: int) -> int:
         (8, 16, 1)
     """
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the attention kernels' ``tl.dot``: ``"ieee"`` for fp32 inputs, else ``"tf32"``.
+
+    fp32 inputs get IEEE dots, so the result matches an fp32 reference (tf32 would lose 13 mantissa bits); for
+    fp16/bf16 operands the setting is ignored.
+
+    Example:
+        >>> dot_precision(torch.float32), dot_precision(torch.bfloat16)
+        ('ieee', 'tf32')
+    """
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def list_tile_rows(block_m: int, entries_per_plane: int, n_past_chunks: int) -> int:
+    """Rows of a key-major tile cut from the index flip's per-chunk lists.
+
+    Tiles are cut per chunk: when few rows choose each chunk (decode, short Lq), a full tile would be mostly padding.
+    The tile is sized to the mean list length, between 16 (the ``tl.dot`` minimum) and the configured ``block_m``.
+
+    Example:
+        >>> list_tile_rows(128, 100, 10), list_tile_rows(128, 10**6, 10), list_tile_rows(128, 0, 0)
+        (16, 128, 16)
+    """
+    mean_rows = -(-entries_per_plane // max(1, n_past_chunks))
+    return max(16, min(block_m, next_pow2(mean_rows)))
+
+
+def mask_bytes(attn_mask: Tensor, b: int, hq: int, lq: int, lk: int) -> Tensor:
+    """uint8 view of a boolean mask broadcast to ``[B, Hq, Lq, Lk]``, as the forward and backward kernels read it.
+
+    Broadcast dims keep zero strides (one byte read per attended (row, key)); the view is made contiguous only when
+    its key offsets would overflow the kernels' int32 in-block offsets.
+
+    Example:
+        >>> mask_bytes(torch.ones(1, 1, 1, 8, dtype=torch.bool), 1, 2, 4, 8).stride()
+        (8, 0, 0, 1)
+    """
+    mask = attn_mask.expand(b, hq, lq, lk).view(torch.uint8)
+    if mask.stride(3) * lk >= 2**31:  # in-kernel key offsets are int32
+        mask = mask.contiguous()
+    return mask
 
 
 def shared_unsupported_reason(

@@ -1,0 +1,200 @@
+"""Helpers the benchmark scripts share: timing, device choice, the recorded environment, result paths, and the
+ahead-of-time compile check (registers and spills for ``sm_<arch>`` without a GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GiB = float(1 << 30)
+
+# One compile-check variant: (name, jit kernel, pointer dtypes by argument name, constexprs, num_warps, num_stages).
+Variant = tuple[str, Any, dict[str, str], dict[str, Any], int, int]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing and device
+# ----------------------------------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, rep: int) -> float:
+    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on CUDA; a wall-clock median on the CPU (smoke)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[1]
+
+
+def release(device: torch.device) -> None:
+    """Wait for the device and hand cached blocks back (CUDA only), so the next measurement starts clean."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def bench_device(args: argparse.Namespace) -> torch.device | None:
+    """The device a run measures on: the CPU interpreter for ``--smoke`` (no warmup/repetitions), else CUDA.
+
+    Returns ``None`` (after saying so on stderr) when a real run has no CUDA GPU.
+    """
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (moba_compile imports it lazily)
+        args.warmup, args.rep = 0, 0
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: use --dry-run for the plan or --smoke to exercise the script", file=sys.stderr)
+        return None
+    return torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    """GPU and library versions recorded with the results."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = props.name
+        env["gpu_memory_gib"] = props.total_memory / GiB
+        env["sm_count"] = props.multi_processor_count
+    else:
+        env["gpu"] = None
+        env["device"] = f"{device.type} ({platform.processor() or platform.machine()}), TRITON_INTERPRET=1"
+    return env
+
+
+def results_path(out_dir: Path, kind: str, env: dict[str, Any]) -> Path:
+    """``<out_dir>/<kind>-<gpu>-<date>.json`` (``out_dir`` created); never an earlier run's file of the same day."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu") or "cpu").strip("-").lower()
+    stamp = _dt.datetime.now().strftime("%Y%m%d")
+    path = out_dir / f"{kind}-{gpu}-{stamp}.json"
+    if path.exists():  # never overwrite an earlier run of the same day
+        path = out_dir / f"{kind}-{gpu}-{stamp}-{_dt.datetime.now().strftime('%H%M%S')}.json"
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------------------
+def ptxas() -> str | None:
+    """Triton's bundled ``ptxas`` (the newer ``ptxas-blackwell`` first: it reads the PTX version Triton emits)."""
+    import triton
+
+    bin_dir = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):
+        if (bin_dir / name).exists():
+            return str(bin_dir / name)
+    return None
+
+
+def aot_compile(
+    fn: Any,
+    ptr_types: dict[str, str],
+    consts: dict[str, Any],
+    warps: int,
+    stages: int,
+    arch: int,
+    div16: Iterable[str],
+) -> dict:
+    """Compile one kernel variant for ``sm_<arch>`` as a launch would (pointers and the integer arguments named in
+    ``div16`` flagged divisible by 16, unit strides specialised to 1 through ``consts``) and read registers/spills
+    from ``ptxas -v``."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    div16 = set(div16)
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_types.get(name, "*i32")
+        else:
+            sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    info: dict[str, Any] = {"shared_bytes": kernel.metadata.shared, "registers": None, "spill_bytes": None}
+    exe = ptxas()
+    if exe is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            res = subprocess.run(
+                [exe, "-v", f"--gpu-name=sm_{arch}a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                capture_output=True,
+                text=True,
+            )
+        regs = re.search(r"Used (\d+) registers", res.stderr)
+        spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)
+        info["registers"] = int(regs.group(1)) if regs else None
+        info["spill_bytes"] = sum(map(int, spills)) if spills else None
+    return info
+
+
+def require_compiled_kernels() -> None:
+    """Raise when ``TRITON_INTERPRET`` is set: the compile check needs real jit kernels, not interpreted objects."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("--compile-check needs TRITON_INTERPRET unset (kernels are interpreted objects otherwise)")
+
+
+def compile_variants(
+    variants: list[Variant], arch: int, div16: Iterable[str], error_chars: int
+) -> list[dict[str, Any]]:
+    """Compile every variant with :func:`aot_compile`; one record each (name, config, shared memory, registers,
+    spill bytes; ``ok`` False with the error's first ``error_chars`` characters when compiling failed)."""
+    records = []
+    for name, fn, ptrs, consts, warps, stages in variants:
+        rec: dict[str, Any] = {"kernel": name, "num_warps": warps, "num_stages": stages}
+        rec.update({k: v for k, v in consts.items() if k.isupper() and k not in ("UPCAST",)})
+        try:
+            rec.update(aot_compile(fn, ptrs, consts, warps, stages, arch, div16))
+            rec["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - report every variant
+            rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:error_chars]}")
+        records.append(rec)
+    return records
+
+
+def print_compile_records(records: list[dict[str, Any]], name_width: int) -> int:
+    """One line per compile-check record; returns the exit code (1 when a variant failed to compile)."""
+    for r in records:
+        detail = r.get("error") or (
+            f"regs={r['registers']} spill={r['spill_bytes']}B smem={r['shared_bytes'] // 1024}KiB"
+        )
+        name = r["kernel"].ljust(name_width)
+        print(f"{'ok ' if r['ok'] else 'FAIL'} {name} w{r['num_warps']} s{r['num_stages']} {detail}")
+    return 0 if all(r["ok"] for r in records) else 1

@@ -1,0 +1,129 @@
+"""Helpers the interpreted Triton kernel tests share: test cases, seeded inputs, the out/lse budget, the compile check.
+
+Kernel test modules import them as ``from kernel_cases import ...`` (pytest puts ``tests/`` on ``sys.path``), after
+setting ``TRITON_INTERPRET``. Nothing here imports triton.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def case_id(head: list[str], case: Any) -> str:
+    """A readable pytest id: ``head`` (the shape), then head dims, chunk, top-k, dtype, mask and layout."""
+    parts = list(head)
+    if case.d != 64:
+        parts.append(f"D{case.d}")
+    if case.dv is not None:
+        parts.append(f"Dv{case.dv}")
+    parts += [f"C{case.c}", f"K{case.k}", DTYPE_NAMES[case.dtype]]
+    if case.mask:
+        parts.append(f"mask-{case.mask}")
+    if case.strided:
+        parts.append("strided")
+    return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prefill (or chunked-prefill) problem of the forward and backward tests."""
+
+    b: int
+    lq: int
+    hq: int
+    hkv: int
+    c: int
+    k: int
+    dtype: torch.dtype
+    lk: int | None = None  # None: Lk = Lq (prefill / training)
+    d: int = 64
+    dv: int | None = None
+    # "random" [B,1,Lq,Lk] with fully masked rows | "heads" [B,Hq,Lq,Lk] | "keys" [B,1,1,Lk] | "none_allowed" [B,1,1,Lk]
+    mask: str | None = None
+    strided: bool = False  # query/key/value (and dO) as transposed [B, L, H, D] views
+
+    @property
+    def len_k(self) -> int:
+        return self.lq if self.lk is None else self.lk
+
+    @property
+    def id(self) -> str:
+        head = [f"B{self.b}", f"Lq{self.lq}"]
+        if self.lk is not None:
+            head.append(f"Lk{self.lk}")
+        return case_id([*head, f"Hq{self.hq}", f"Hkv{self.hkv}"], self)
+
+
+def layout_randn(case: Any, g: torch.Generator) -> Callable[[int, int, int], torch.Tensor]:
+    """``rand(heads, length, dim)``: a seeded ``[B, heads, length, dim]`` tensor in the case's dtype and layout."""
+
+    def rand(h: int, length: int, dim: int) -> torch.Tensor:
+        if case.strided:  # the [B, L, H, D] layout of a projection, viewed as [B, H, L, D]
+            return torch.randn(case.b, length, h, dim, generator=g).to(case.dtype).transpose(1, 2)
+        return torch.randn(case.b, h, length, dim, generator=g).to(case.dtype)
+
+    return rand
+
+
+def prefill_inputs(case: Case, seed: int = 0, *, grad_out: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """Seeded ``(q, k, v, mask)``, or ``(q, k, v, dO, mask)`` with ``grad_out`` (``mask`` may be ``None``)."""
+    g = torch.Generator().manual_seed(seed)
+    lk, dv = case.len_k, case.dv or case.d
+    rand = layout_randn(case, g)
+    tensors = [rand(case.hq, case.lq, case.d), rand(case.hkv, lk, case.d), rand(case.hkv, lk, dv)]
+    if grad_out:
+        tensors.append(rand(case.hq, case.lq, dv))
+    mask = None
+    if case.mask == "random":
+        mask = torch.rand(case.b, 1, case.lq, lk, generator=g) > 0.3
+        mask[:, :, :: max(1, case.lq // 3)] = False  # fully masked rows: out = 0, lse = -inf, zero gradients
+    elif case.mask == "heads":
+        mask = torch.rand(case.b, case.hq, case.lq, lk, generator=g) > 0.5
+    elif case.mask == "keys":  # key padding: the first 5 keys of batch 0 are padding
+        mask = torch.ones(case.b, 1, 1, lk, dtype=torch.bool)
+        mask[0, ..., :5] = False
+    elif case.mask == "none_allowed":
+        mask = torch.zeros(case.b, 1, 1, lk, dtype=torch.bool)
+    return (*tensors, mask)
+
+
+def assert_out_lse_within_budget(out, lse, out64, out_lp, lse64, lse_lp, empty, dtype: torch.dtype) -> None:
+    """The forward/decode budgets (module docs of the tests): exact empty rows, ``out`` and ``lse`` errors.
+
+    ``out64``/``lse64`` are the float64 oracle, ``out_lp``/``lse_lp`` the reference on the same ``dtype`` inputs,
+    ``empty`` the rows without an attended key (``lse = -inf`` and ``out = 0`` there, exactly).
+    """
+    assert torch.equal(torch.isinf(lse), empty), "rows without keys must be exactly the reference's"
+    assert torch.all(lse[empty] == -math.inf)
+    assert torch.all(out[empty] == 0)
+    ref_err = (out_lp.double() - out64).abs().max().item()
+    err = (out.double() - out64).abs().max().item()
+    tol = 2 * ref_err + torch.finfo(dtype).eps * max(out64.abs().max().item(), 1e-3)
+    assert err <= tol, f"out error {err:.3e} > {tol:.3e} (reference's own error {ref_err:.3e})"
+    if (~empty).any():
+        lse_ref_err = (lse_lp.double() - lse64)[~empty].abs().max().item()
+        lse_err = (lse.double() - lse64)[~empty].abs().max().item()
+        lse_tol = 2 * lse_ref_err + 8 * torch.finfo(torch.float32).eps * max(1.0, lse64[~empty].abs().max().item())
+        assert lse_err <= lse_tol, f"lse error {lse_err:.3e} > {lse_tol:.3e}"
+
+
+def compile_check_records(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Run ``python <args>`` (a compile check printing its JSON records last) in the repository root without
+    ``TRITON_INTERPRET``; assert it succeeded and return the records by kernel name."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return {r["kernel"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
