@@ -6,6 +6,8 @@ setting ``TRITON_INTERPRET``. Nothing here imports triton.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,6 +20,42 @@ from typing import Any
 import torch
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# "cpu" (default): the kernels run under the Triton interpreter. "cuda" (run with TRITON_INTERPRET=0 on a GPU machine):
+# every kernel launcher the tests call through ``on_test_device`` runs compiled on the GPU, while inputs, oracles and
+# budgets stay exactly those of the CPU run, so the same suite checks the compiled kernels.
+TEST_DEVICE = torch.device(os.environ.get("MOBA_TEST_DEVICE", "cpu"))
+
+
+def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # named tuples (the flip's lists)
+        return type(x)(*(_tree_map(fn, i) for i in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_tree_map(fn, i) for i in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):  # FlipResult
+        return dataclasses.replace(x, **{f.name: _tree_map(fn, getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return x
+
+
+def on_test_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run on ``TEST_DEVICE``: CPU tensor arguments are copied there (strides kept), tensor results come back
+    to the CPU. The identity when ``TEST_DEVICE`` is the CPU; tensors on other devices (``meta``) pass unchanged."""
+    if TEST_DEVICE.type == "cpu":
+        return fn
+
+    def there(t: torch.Tensor) -> torch.Tensor:
+        return t.to(TEST_DEVICE) if t.device.type == "cpu" else t
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        return t.cpu() if t.device == TEST_DEVICE or t.device.type == TEST_DEVICE.type else t
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return _tree_map(back, fn(*_tree_map(there, args), **{k: _tree_map(there, v) for k, v in kwargs.items()}))
+
+    return wrapper
 
 
 def case_id(head: list[str], case: Any) -> str:

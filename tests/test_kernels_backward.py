@@ -32,7 +32,7 @@ import triton  # noqa: E402, F401  (a missing triton must fail the tests, not sk
 from conftest import own_chunk_causal  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import Case, compile_check_records, prefill_inputs  # noqa: E402
+from kernel_cases import Case, compile_check_records, on_test_device, prefill_inputs  # noqa: E402
 
 import moba_compile  # noqa: E402
 from moba_compile import ops, reference  # noqa: E402
@@ -40,6 +40,11 @@ from moba_compile.kernels import backward as kernel_backward  # noqa: E402
 from moba_compile.kernels import flip_selection, moba_backward_triton, moba_forward_triton  # noqa: E402
 from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
+
+# MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
+flip_selection = on_test_device(flip_selection)
+moba_backward_triton = on_test_device(moba_backward_triton)
+moba_forward_triton = on_test_device(moba_forward_triton)
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import assert_out_lse_within_budget, case_id, layout_randn  # noqa: E402
+from kernel_cases import assert_out_lse_within_budget, case_id, layout_randn, on_test_device  # noqa: E402
 
 from moba_compile import reference  # noqa: E402
 from moba_compile.kernels import support as ksupport  # noqa: E402
@@ -39,6 +39,12 @@ from moba_compile.kernels.decode import (  # noqa: E402
     decode_unsupported_reason,
     moba_decode_triton,
 )
+
+# MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
+decode_chunk_means = on_test_device(decode_chunk_means)
+decode_select_chunks_triton = on_test_device(decode_select_chunks_triton)
+decode_unsupported_reason = on_test_device(decode_unsupported_reason)
+moba_decode_triton = on_test_device(moba_decode_triton)
 
 
 @dataclass(frozen=True)

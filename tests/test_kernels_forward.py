@@ -29,7 +29,13 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import Case, assert_out_lse_within_budget, compile_check_records, prefill_inputs  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    Case,
+    assert_out_lse_within_budget,
+    compile_check_records,
+    on_test_device,
+    prefill_inputs,
+)
 from naive import naive_moba  # noqa: E402
 
 from moba_compile import reference  # noqa: E402
@@ -43,6 +49,13 @@ from moba_compile.kernels import (  # noqa: E402
 from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
 from moba_compile.kernels import support as kernel_support  # noqa: E402
+
+# MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
+chunk_means_triton = on_test_device(chunk_means_triton)
+flip_selection = on_test_device(flip_selection)
+moba_forward_triton = on_test_device(moba_forward_triton)
+select_chunks_triton = on_test_device(select_chunks_triton)
+triton_unsupported_reason = on_test_device(triton_unsupported_reason)
 
 
 def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

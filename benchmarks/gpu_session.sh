@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU session's stages, each under its own time limit, all output appended to $LOG. Used on the lent H100 (the
+# device machine: torch/triton preinstalled, no network) as:
+#
+#   OUT=/some/dir bash benchmarks/gpu_session.sh env tests attention:spec decode e2e train
+#
+# Stages: env | tests | gputests | attention[:ARGS] | decode | e2e | train | reproduce. A stage that fails or runs out of
+# time is logged and the next one still runs (a failure in one must not cost the measurements of the others).
+# Wheels in .whl/ (hypothesis, tqdm; see docs/benchmarks.md) are installed to /tmp/site when the machine lacks them.
+set -u
+OUT=${OUT:-/tmp/moba-out}
+mkdir -p "$OUT"
+LOG=${LOG:-$OUT/session.log}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=".:${PYTHONPATH:-}"
+if ! python3 -c "import hypothesis, tqdm" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+  export PYTHONPATH=".:/tmp/site:${PYTHONPATH#.:}"
+fi
+
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+for spec in "$@"; do
+  name=${spec%%:*}
+  args=""
+  [[ $spec == *:* ]] && args=${spec#*:}
+  case $name in
+    env)
+      stage env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, transformers; \
+print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
+    tests)  # the interpreted CPU suites, with the kernel launchers compiled on the GPU
+      stage tests "${TESTS_LIMIT:-240}" env MOBA_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider --maxfail=15 \
+        tests/test_kernels_forward.py tests/test_kernels_backward.py tests/test_kernels_decode.py \
+        -k "not compile_for_h100 and not compile_check" $args ;;
+    gputests)
+      stage gputests "${GPUTESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider --maxfail=15 tests/gpu $args ;;
+    attention)
+      stage attention "${ATTENTION_LIMIT:-420}" python3 -m benchmarks.attention --out-dir "$OUT" $args ;;
+    decode)
+      stage decode "${DECODE_LIMIT:-180}" python3 -m benchmarks.decode --out-dir "$OUT" $args ;;
+    e2e)
+      stage e2e "${E2E_LIMIT:-420}" python3 -m benchmarks.end_to_end --out "$OUT" $args ;;
+    train)
+      stage train "${TRAIN_LIMIT:-180}" python3 examples/train.py --no-progress $args ;;
+    reproduce)
+      stage reproduce "${REPRODUCE_LIMIT:-420}" python3 -m examples.reproduce $args ;;
+    *) echo "unknown stage $name" | tee -a "$LOG" ;;
+  esac
+done
