@@ -32,7 +32,7 @@ import triton  # noqa: E402, F401  (a missing triton must fail the tests, not sk
 from conftest import own_chunk_causal  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import Case, compile_check_records, on_test_device, prefill_inputs  # noqa: E402
+from kernel_cases import TEST_DEVICE, Case, compile_check_records, on_test_device, prefill_inputs  # noqa: E402
 
 import moba_compile  # noqa: E402
 from moba_compile import ops, reference  # noqa: E402
@@ -274,15 +274,16 @@ def test_through_the_op() -> None:
     # moba_attention(impl="triton") + .backward(): the registered autograd must reach the Triton backward.
     case = Case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random")
     q, k, v, do, mask = make_inputs(case, seed=1)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    dev = TEST_DEVICE
+    leaves = [t.detach().clone().to(dev).requires_grad_() for t in (q, k, v)]
     before = ops.CALLS["attention_backward:triton"]
-    out = moba_compile.moba_attention(*leaves, chunk_size=case.c, topk=case.k, attn_mask=mask, impl="triton")
-    out.backward(do)
+    out = moba_compile.moba_attention(*leaves, chunk_size=case.c, topk=case.k, attn_mask=mask.to(dev), impl="triton")
+    out.backward(do.to(dev))
     assert ops.CALLS["attention_backward:triton"] == before + 1
     # The op ran exactly the launcher pair that check_backward checks against the reference; same results.
     expect = check_backward(q, k, v, do, case.c, case.k, mask, deterministic=False)
     for leaf, e in zip(leaves, expect):
-        assert torch.equal(leaf.grad, e)
+        assert torch.equal(leaf.grad.cpu(), e)
 
 
 def test_input_validation() -> None:

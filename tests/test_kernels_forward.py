@@ -279,11 +279,13 @@ def test_unsupported_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(ValueError, match="topk 65 > 64"):
         moba_forward_triton(q, q, q, 16, 65, 0.125)
+    # The routing of CPU tensors themselves: the launcher's own check, never moved to MOBA_TEST_DEVICE.
+    cpu_reason = kernel_forward.triton_unsupported_reason
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert triton_unsupported_reason(q, q, q, 16, 3, None) == "CPU tensors need TRITON_INTERPRET=1"
+    assert cpu_reason(q, q, q, 16, 3, None) == "CPU tensors need TRITON_INTERPRET=1"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(kernel_support, "triton_available", lambda: False)
-    assert triton_unsupported_reason(q, q, q, 16, 3, None) == "triton is not installed"
+    assert cpu_reason(q, q, q, 16, 3, None) == "triton is not installed"
 
 
 def test_package_imports_without_triton() -> None:

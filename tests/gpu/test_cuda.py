@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moba_compile
+import moba_compile.hf
 from moba_compile import ops, reference
 from moba_compile.kernels import moba_backward_triton, moba_forward_triton, select_chunks_triton
 from moba_compile.kernels.decode import decode_chunk_means, moba_decode_triton
