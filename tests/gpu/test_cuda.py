@@ -23,7 +23,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import moba_compile
@@ -146,7 +146,8 @@ def test_decode_large(lk, c, k, hq, hkv, mask) -> None:
         assert (lse.double() - lse64).abs().max().item() <= 1e-4 * max(1.0, lse64.abs().max().item())
 
 
-@settings(deadline=None, derandomize=True, database=None, max_examples=40)
+# No shrinking: on a GPU each new shape compiles kernels; the first failing example is reported as drawn.
+@settings(deadline=None, derandomize=True, database=None, max_examples=25, phases=[Phase.explicit, Phase.generate])
 @given(
     b=st.integers(1, 2),
     hkv=st.integers(1, 4),
