@@ -691,15 +691,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         iterator = configs
     env = environment(device)
+    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else RESULTS_DIR)
     rows = []
     for cfg in iterator:
         if hasattr(iterator, "set_postfix_str"):
             iterator.set_postfix_str(cfg.name)
         rows.append(run_config(cfg, args, device, flex_fn))
+        if out_dir is not None:  # after every configuration: a run cut short keeps what it measured
+            path = write_results(rows, env, out_dir)
     print_table(rows)
-    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else RESULTS_DIR)
     if out_dir is not None:
-        path = write_results(rows, env, out_dir)
         print(f"wrote {path}")
     return 0
 

@@ -4,7 +4,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh env tests attention:spec decode e2e train
 #
-# Stages: env | tests | gputests | attention[:ARGS] | decode | e2e | train | reproduce. A stage that fails or runs out of
+# Stages: env | tests | gputests | attention[:ARGS] | decode | e2e | train | profile_decode | reproduce. A stage that fails or runs out of
 # time is logged and the next one still runs (a failure in one must not cost the measurements of the others).
 # Wheels in .whl/ (hypothesis, tqdm; see docs/benchmarks.md) are installed to /tmp/site when the machine lacks them.
 set -u
@@ -49,6 +49,8 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
       stage e2e "${E2E_LIMIT:-420}" python3 -m benchmarks.end_to_end --out "$OUT" $args ;;
     train)
       stage train "${TRAIN_LIMIT:-180}" python3 examples/train.py --no-progress $args ;;
+    profile_decode)
+      stage profile_decode "${PROFILE_LIMIT:-90}" python3 -m benchmarks.profile_decode $args ;;
     reproduce)
       stage reproduce "${REPRODUCE_LIMIT:-420}" python3 -m examples.reproduce $args ;;
     *) echo "unknown stage $name" | tee -a "$LOG" ;;
