@@ -456,9 +456,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("this run's dense SDPA fwd+bwd FLOP rate; peak = GiB allocated above the inputs during one fwd+bwd")
 
 
-def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path) -> Path:
-    """Write the JSON (and a PNG when matplotlib is available); returns the JSON path."""
-    path = results_path(out_dir, "attention", env)
+def write_results(rows: list[dict[str, Any]], env: dict[str, Any], path: Path, *, with_plot: bool = True) -> Path:
+    """Write the JSON to ``path`` (and a PNG beside it when asked and matplotlib is available); returns ``path``."""
     payload = {
         "benchmark": "moba forward, backward and fwd+bwd (benchmarks/attention.py)",
         "timing": "median of triton.testing.do_bench (CUDA events), milliseconds",
@@ -469,7 +468,8 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path
         "rows": rows,
     }
     path.write_text(json.dumps(payload, indent=2, default=str))
-    plot(rows, env, path.with_suffix(".png"))
+    if with_plot:
+        plot(rows, env, path.with_suffix(".png"))
     return path
 
 
@@ -621,6 +621,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU via TRITON_INTERPRET=1; writes only to --out-dir"
     )
+    p.add_argument("--table-from", type=Path, default=None, help="print the tables and draw the PNG of a results JSON")
     return p.parse_args(argv)
 
 
@@ -660,6 +661,11 @@ def dry_run(configs: list[BenchConfig]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code."""
     args = parse_args(argv)
+    if args.table_from is not None:  # no measurement: the tables and plot of a committed run
+        payload = json.loads(args.table_from.read_text())
+        print_table(payload["rows"])
+        plot(payload["rows"], payload["environment"], args.table_from.with_suffix(".png"))
+        return 0
     configs = select_configs(args)
     if args.dry_run:
         dry_run(configs)
@@ -692,15 +698,17 @@ def main(argv: list[str] | None = None) -> int:
         iterator = configs
     env = environment(device)
     out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else RESULTS_DIR)
+    path = None if out_dir is None else results_path(out_dir, "attention", env)
     rows = []
     for cfg in iterator:
         if hasattr(iterator, "set_postfix_str"):
             iterator.set_postfix_str(cfg.name)
         rows.append(run_config(cfg, args, device, flex_fn))
-        if out_dir is not None:  # after every configuration: a run cut short keeps what it measured
-            path = write_results(rows, env, out_dir)
+        if path is not None:  # after every configuration (one file per run): a run cut short keeps what it measured
+            write_results(rows, env, path, with_plot=False)
     print_table(rows)
-    if out_dir is not None:
+    if path is not None:
+        write_results(rows, env, path)
         print(f"wrote {path}")
     return 0
 
