@@ -153,6 +153,24 @@ def peak_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / GiB
 
 
+def kernel_breakdown(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """Device milliseconds per kernel name of one run of ``fn`` (``torch.profiler``, after one unprofiled warm-up),
+    largest first. Self device time, so nested ranges are not counted twice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = float(getattr(event, "self_device_time_total", 0.0) or 0.0)
+        if us > 0:
+            times[event.key] = times.get(event.key, 0.0) + us / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # FlexAttention with a MoBA block mask
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,7 +246,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     val = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
 
-    def record(field: str, fn: Callable[[], float | None]) -> None:
+    def record(field: str, fn: Callable[[], Any]) -> None:
         try:
             row[field] = fn()
         except torch.OutOfMemoryError as exc:
@@ -294,6 +312,8 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     saved.clear()
     record("fwd_bwd_ms", lambda: time_ms(fwd_bwd, device, args.warmup, args.rep))
     record("fwd_bwd_peak_gib", lambda: peak_gib(fwd_bwd, device))
+    if device.type == "cuda":  # where the fwd+bwd time goes, kernel by kernel (one profiled run): the next tuning's map
+        record("fwd_bwd_kernels_ms", lambda: kernel_breakdown(fwd_bwd, device))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, key, val))
 
     def dense_fwd_bwd() -> Any:

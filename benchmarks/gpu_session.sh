@@ -31,28 +31,31 @@ for spec in "$@"; do
   name=${spec%%:*}
   args=""
   [[ $spec == *:* ]] && args=${spec#*:}
+  eval "extra=($args)"  # shell words, so quoted arguments with spaces (pytest -k "a or b") stay one argument
   case $name in
     env)
       stage env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, transformers; \
 print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
-    tests)  # the interpreted CPU suites, with the kernel launchers compiled on the GPU
-      stage tests "${TESTS_LIMIT:-240}" env MOBA_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider --maxfail=15 \
-        tests/test_kernels_forward.py tests/test_kernels_backward.py tests/test_kernels_decode.py \
-        -k "not compile_for_h100 and not compile_check" $args ;;
+    tests)  # the interpreted CPU suites, with the kernel launchers compiled on the GPU; ARGS replace the file list
+      [[ ${#extra[@]} -eq 0 ]] && extra=(tests/test_kernels_forward.py tests/test_kernels_backward.py \
+        tests/test_kernels_decode.py)
+      stage tests "${TESTS_LIMIT:-240}" env MOBA_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -rfE \
+        -n "${TEST_WORKERS:-8}" -k "not compile_for_h100 and not compile_check" "${extra[@]}" ;;
     gputests)
-      stage gputests "${GPUTESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider --maxfail=15 tests/gpu $args ;;
+      [[ ${#extra[@]} -eq 0 ]] && extra=(tests/gpu)
+      stage gputests "${GPUTESTS_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider -rfE "${extra[@]}" ;;
     attention)
-      stage attention "${ATTENTION_LIMIT:-420}" python3 -m benchmarks.attention --out-dir "$OUT" $args ;;
+      stage attention "${ATTENTION_LIMIT:-420}" python3 -m benchmarks.attention --out-dir "$OUT" "${extra[@]}" ;;
     decode)
-      stage decode "${DECODE_LIMIT:-180}" python3 -m benchmarks.decode --out-dir "$OUT" $args ;;
+      stage decode "${DECODE_LIMIT:-180}" python3 -m benchmarks.decode --out-dir "$OUT" "${extra[@]}" ;;
     e2e)
-      stage e2e "${E2E_LIMIT:-420}" python3 -m benchmarks.end_to_end --out "$OUT" $args ;;
+      stage e2e "${E2E_LIMIT:-420}" python3 -m benchmarks.end_to_end --out "$OUT" "${extra[@]}" ;;
     train)
-      stage train "${TRAIN_LIMIT:-180}" python3 examples/train.py --no-progress $args ;;
+      stage train "${TRAIN_LIMIT:-180}" python3 examples/train.py --no-progress "${extra[@]}" ;;
     profile_decode)
-      stage profile_decode "${PROFILE_LIMIT:-90}" python3 -m benchmarks.profile_decode $args ;;
+      stage profile_decode "${PROFILE_LIMIT:-90}" python3 -m benchmarks.profile_decode "${extra[@]}" ;;
     reproduce)
-      stage reproduce "${REPRODUCE_LIMIT:-420}" python3 -m examples.reproduce $args ;;
+      stage reproduce "${REPRODUCE_LIMIT:-420}" python3 -m examples.reproduce "${extra[@]}" ;;
     *) echo "unknown stage $name" | tee -a "$LOG" ;;
   esac
 done
