@@ -610,8 +610,9 @@ def _bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
         # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
         return _BwdConfig(32, 32, 4, 1, 32, 32, 4, 1)
     # H100 choices, checked by compiling for sm_90a on a CPU machine (python -m benchmarks.attention --compile-check:
-    # triton.compile + ptxas -v with the launch-time specialisations); not yet timed on a GPU. The dK/dV kernel holds
-    # two fp32 [BLOCK_N, D] accumulators plus K/V for the whole program, so it is the register-bound one.
+    # triton.compile + ptxas -v with the launch-time specialisations); timed on an H100 in docs/benchmarks.md, not
+    # autotuned. The dK/dV kernel holds two fp32 [BLOCK_N, D] accumulators plus K/V for the whole program, so it is
+    # the register-bound one.
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         # IEEE fp32 dots run on CUDA cores with the operands in registers: a correctness path, small tiles (the dK/dV

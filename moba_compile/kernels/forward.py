@@ -311,7 +311,8 @@ def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
         # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
         return _FwdConfig(32, 32, 4, 1)
     # H100 choices below were checked by compiling for sm_90a on a CPU machine (triton.compile + ptxas -v, the
-    # launch-time divisibility-16 specialisations included): none spills for D <= 128. Not yet timed on a GPU.
+    # launch-time divisibility-16 specialisations included): none spills for D <= 128. Timed on an H100
+    # (docs/benchmarks.md), not autotuned.
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         # IEEE fp32 dots run on CUDA cores (operands in registers): a correctness path. 64 x 16 tiles over 8 warps
