@@ -225,3 +225,18 @@ def test_graphs_broken_at_layer_boundaries_apply_only_layer_independent_policies
     with collect_reports() as reports, torch.no_grad():
         model(ids, use_cache=False)
     assert [s.decision for r in reports for s in r.sites] == ["dense"]
+
+
+def test_dynamic_true_traced_float_scale_converts():
+    """With dynamic=True, Dynamo traces the attention's float ``scaling`` attribute as a graph input (a SymFloat
+    node): the pass must pass it to the op at run time, not crash or bake a value in."""
+    model = build("llama")
+    oracle = twin(model, "moba_oracle")
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(12))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moba", options={"policy": POLICY, "compiler": "aot_eager"}, dynamic=True)
+    with collect_reports() as reports, torch.no_grad():
+        logits = compiled(ids).logits
+        expected = oracle(ids).logits
+    assert [s.decision for s in reports[0].sites] == ["moba", "moba", "dense"], str(reports[0])
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)

@@ -40,7 +40,7 @@ class SdpaSite:
     key: fx.Node  # seen through repeat_kv where possible
     value: fx.Node
     attn_mask: fx.Node | None
-    scale: float | None
+    scale: float | fx.Node | None  # a Node: a traced float, passed to the op at run time
     form: str | None  # FORM_* when convertible
     blocker: str | None  # why it cannot be MoBA (None when convertible)
     saw_through_repeat: bool = False
@@ -149,6 +149,15 @@ def _cached_keys_of_layer(key: fx.Node, sdpa: fx.Node) -> bool:
     return module_path(new).startswith(module_path(sdpa))
 
 
+def _is_float_node(value: object) -> bool:
+    """A graph value that is a Python float at run time: under ``dynamic=True`` Dynamo may trace a float attribute
+    (``module.scaling``) as a graph input, a ``SymFloat``, instead of baking it in."""
+    if not isinstance(value, fx.Node):
+        return False
+    example = value.meta.get("example_value", value.meta.get("val"))
+    return isinstance(example, (float, torch.SymFloat))
+
+
 def _classify(
     bound: dict[str, object], sdpa: fx.Node, q, k, v, mask_meta, key_source: object, autocast: torch.dtype | None
 ) -> tuple[str | None, str | None, bool]:
@@ -159,8 +168,9 @@ def _classify(
         return None, f"dropout_p={dropout} (dropout is not MoBA)", False
     if not isinstance(bound["is_causal"], bool):
         return None, "is_causal is not a constant", False
-    if bound["scale"] is not None and not isinstance(bound["scale"], (int, float)):
-        return None, "scale is not a constant", False
+    scale = bound["scale"]
+    if scale is not None and not isinstance(scale, (int, float)) and not _is_float_node(scale):
+        return None, f"scale is neither a number nor a traced float ({type(bound['scale']).__name__})", False
     if q is None or k is None or v is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None, "inputs are not 4-D [B, H, L, D] tensors", False
     if not isinstance(q.shape[-1], int):
@@ -293,7 +303,7 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
                 key=src_k if saw else key,
                 value=src_v if saw else value,
                 attn_mask=mask,
-                scale=None if scale is None else float(scale),
+                scale=scale if scale is None or isinstance(scale, fx.Node) else float(scale),
                 form=form,
                 blocker=blocker,
                 saw_through_repeat=saw,

@@ -208,7 +208,7 @@ POLICY = {"chunk_size": CHUNK, "topk": TOPK, "dense_last": 1}
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     dense = module.layer_idx >= module.config.num_hidden_layers - 1
-    topk = 10**6 if dense else TOPK
+    topk = -(-key.shape[2] // CHUNK) if dense else TOPK  # every chunk: dense causal attention
     leaves = [t.double() for t in (query, key, value)]
     out = reference.moba_attention(*leaves, chunk_size=CHUNK, topk=topk, scale=scaling, attn_mask=attention_mask)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
