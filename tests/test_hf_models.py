@@ -240,3 +240,15 @@ def test_dynamic_true_traced_float_scale_converts():
         expected = oracle(ids).logits
     assert [s.decision for s in reports[0].sites] == ["moba", "moba", "dense"], str(reports[0])
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+def test_dynamic_true_training_matches_oracle():
+    model = build("llama").train()
+    oracle = twin(model, "moba_oracle")
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(13))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moba", options={"policy": POLICY, "compiler": "aot_eager"}, dynamic=True)
+    compiled(ids, labels=ids).loss.backward()
+    oracle(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=ATOL, rtol=1e-4, msg=name)
