@@ -6,7 +6,8 @@
 #
 # Stages: env | tests | gputests | attention[:ARGS] | decode | e2e | train | profile_decode | reproduce. A stage that fails or runs out of
 # time is logged and the next one still runs (a failure in one must not cost the measurements of the others).
-# Wheels in .whl/ (hypothesis, tqdm; see docs/benchmarks.md) are installed to /tmp/site when the machine lacks them.
+# Wheels in .whl/ (git-ignored; e.g. `pip download --no-deps -d .whl hypothesis sortedcontainers attrs tqdm`) are installed
+# to /tmp/site when the GPU machine, which has no network, lacks hypothesis or tqdm.
 set -u
 OUT=${OUT:-/tmp/moba-out}
 mkdir -p "$OUT"
