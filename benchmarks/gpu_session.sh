@@ -2,12 +2,13 @@
 # One GPU session's stages, each under its own time limit, all output appended to $LOG. Used on the lent H100 (the
 # device machine: torch/triton preinstalled, no network) as:
 #
-#   OUT=/some/dir bash benchmarks/gpu_session.sh env tests attention:spec decode e2e train
+#   OUT=/some/dir bash benchmarks/gpu_session.sh env tests "attention:--suite spec --no-flex" decode e2e train
 #
-# Stages: env | tests | gputests | attention[:ARGS] | decode | e2e | train | profile_decode | reproduce. A stage that fails or runs out of
-# time is logged and the next one still runs (a failure in one must not cost the measurements of the others).
-# Wheels in .whl/ (git-ignored; e.g. `pip download --no-deps -d .whl hypothesis sortedcontainers attrs tqdm`) are installed
-# to /tmp/site when the GPU machine, which has no network, lacks hypothesis or tqdm.
+# Stages, each STAGE or STAGE:ARGS (ARGS split as shell words): env | tests | gputests | attention | decode | e2e |
+# train | profile_decode | reproduce. A stage that fails or runs out of time is logged and the next one still runs (a
+# failure in one must not cost the measurements of the others). Limits: <STAGE>_LIMIT variables, in seconds.
+# Wheels in .whl/ (git-ignored; e.g. `pip download --no-deps -d .whl hypothesis sortedcontainers attrs tqdm`) are
+# installed to /tmp/site when the GPU machine, which has no network, lacks hypothesis or tqdm.
 set -u
 OUT=${OUT:-/tmp/moba-out}
 mkdir -p "$OUT"
