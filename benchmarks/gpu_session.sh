@@ -55,7 +55,7 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
     train)
       stage train "${TRAIN_LIMIT:-180}" python3 examples/train.py --no-progress "${extra[@]}" ;;
     profile_decode)
-      stage profile_decode "${PROFILE_LIMIT:-90}" python3 -m benchmarks.profile_decode "${extra[@]}" ;;
+      stage profile_decode "${PROFILE_DECODE_LIMIT:-90}" python3 -m benchmarks.profile_decode "${extra[@]}" ;;
     reproduce)
       stage reproduce "${REPRODUCE_LIMIT:-420}" python3 -m examples.reproduce "${extra[@]}" ;;
     *) echo "unknown stage $name" | tee -a "$LOG" ;;
