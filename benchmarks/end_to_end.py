@@ -87,18 +87,21 @@ def time_prefill(model, ids: torch.Tensor, cache_factory, repeats: int) -> float
     return sorted(times)[(len(times) - 1) // 2]  # the lower median: with 2 repeats, the faster one
 
 
+def next_token(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """One cached forward of ``ids`` (only the last position's logits) and its greedy next token ``[B, 1]``."""
+    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+
 @torch.no_grad()
 def time_decode(model, ids: torch.Tensor, cache_factory, steps: int) -> float:
     """Tokens per second of ``steps`` greedy decode steps after a prefill of ``ids`` (prefill not timed)."""
     cache = cache_factory()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1:].argmax(-1)
-    model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up step
+    nxt = next_token(model, ids, cache)
+    nxt = next_token(model, nxt, cache)  # warm-up step
     _sync(ids.device)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)
+        nxt = next_token(model, nxt, cache)
     _sync(ids.device)
     return ids.shape[0] * steps / (time.perf_counter() - start)
 

@@ -13,7 +13,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.end_to_end import MODEL, POLICY, build
+from benchmarks.end_to_end import MODEL, POLICY, build, next_token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,15 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, MODEL["vocab_size"], (1, args.context), device=device)
     cache = moba_compile.hf.MobaCache()
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)
+        nxt = next_token(model, ids, cache)
         for _ in range(2):  # warm-up steps: the mean tracks are built, the decode kernels compiled
-            nxt = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            nxt = next_token(model, nxt, cache)
         torch.cuda.synchronize()
         ops.CALLS.clear()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                nxt = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+                nxt = next_token(model, nxt, cache)
             torch.cuda.synchronize()
     print("moba::attention paths:", dict(ops.CALLS))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=60))

@@ -170,7 +170,7 @@ def _classify(
         return None, "is_causal is not a constant", False
     scale = bound["scale"]
     if scale is not None and not isinstance(scale, (int, float)) and not _is_float_node(scale):
-        return None, f"scale is neither a number nor a traced float ({type(bound['scale']).__name__})", False
+        return None, f"scale is neither a number nor a traced float ({type(scale).__name__})", False
     if q is None or k is None or v is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None, "inputs are not 4-D [B, H, L, D] tensors", False
     if not isinstance(q.shape[-1], int):
