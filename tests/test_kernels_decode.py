@@ -386,3 +386,32 @@ def test_unsupported_without_triton_or_interpreter(monkeypatch: pytest.MonkeyPat
     assert decode_unsupported_reason(q, k, v, 16, 3, None) == "CPU tensors need TRITON_INTERPRET=1"
     monkeypatch.setattr(ksupport, "triton_available", lambda: False)
     assert decode_unsupported_reason(q, k, v, 16, 3, None) == "triton is not installed"
+
+
+def test_every_kernel_leaves_lengths_unspecialised() -> None:
+    """Each kernel entry point takes its length arguments as runtime ints (no recompile per decode step).
+
+    Triton specialises int arguments on ``== 1`` and ``% 16``; a decode step's ``Lk`` or the own chunk's fill crossing
+    those classes compiled a new binary (about a second on an H100). ``tests/gpu`` counts the binaries; this checks
+    the declaration, which is what the interpreter can see.
+    """
+    import importlib
+    import inspect
+
+    from moba_compile.kernels.jit import LENGTH_ARGS
+
+    checked = 0
+    for module_name in ("forward", "gating", "decode", "backward"):
+        module = importlib.import_module(f"moba_compile.kernels.{module_name}")
+        for name in dir(module):
+            if not name.endswith("_kernel"):
+                continue
+            kernel = getattr(module, name)
+            unspecialised = getattr(kernel, "do_not_specialize", None)
+            if unspecialised is None:  # the interpreter's wrapper keeps triton.jit's keyword arguments
+                unspecialised = kernel.kwargs.get("do_not_specialize") or ()
+            params = inspect.signature(kernel.fn).parameters
+            missing = [p for p in params if p in LENGTH_ARGS and p not in unspecialised]
+            assert not missing, f"{module_name}.{name} specialises on length arguments {missing}"
+            checked += "Lk" in params or "Lq" in params or "own_len" in params or "N" in params
+    assert checked >= 10

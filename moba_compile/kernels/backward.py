@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .forward import partial_buffer_budget
 from .gating import FlipResult, _launch_gate, chunk_means_triton, flip_selection
+from .jit import kernel_jit
 from .support import (
     dot_precision,
     interpreting,
@@ -74,7 +75,7 @@ def _round_to(x, lo_ty: tl.constexpr, UPCAST: tl.constexpr):
 # --------------------------------------------------------------------------------------------------------------------
 # Preprocess: Delta = rowsum(dO * O), lse in the log2 domain
 # --------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@kernel_jit
 def _bwd_preprocess_kernel(
     o_ptr,
     do_ptr,
@@ -191,7 +192,7 @@ def _dkdv_tile(
     return dk, dv
 
 
-@triton.jit
+@kernel_jit
 def _bwd_dkdv_kernel(
     q_ptr,
     k_ptr,
@@ -397,7 +398,7 @@ def _dq_block(
     return tl.dot(ds_lo, k, dq, input_precision=DOT_PREC)
 
 
-@triton.jit
+@kernel_jit
 def _bwd_sparse_dq_kernel(
     q_ptr,
     k_ptr,
@@ -489,7 +490,7 @@ def _bwd_sparse_dq_kernel(
     tl.store(pdq_ptr + e[:, None] * HEAD_D + offs_d[None, :], dq * scale, mask=row_ok[:, None])
 
 
-@triton.jit
+@kernel_jit
 def _bwd_own_dq_kernel(
     q_ptr,
     k_ptr,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .jit import kernel_jit
 from .support import (
     MAX_CHUNK,
     dot_precision,
@@ -73,7 +74,7 @@ _LOG2E = math.log2(math.e)
 # --------------------------------------------------------------------------------------------------------------------
 # Chunk means (only for means=None: an O(Lk) read)
 # --------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@kernel_jit
 def _decode_means_kernel(
     k_ptr,
     means_ptr,
@@ -107,7 +108,7 @@ def _decode_means_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 # Gate: scores of the group's query heads against the earlier chunks' means, running top-(K-1)
 # --------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@kernel_jit
 def _decode_gate_kernel(
     q_ptr,
     means_ptr,
@@ -168,7 +169,7 @@ def _decode_gate_kernel(
         tl.store(out_ptr + cells[:, None] + slot[None, :], top)
 
 
-@triton.jit
+@kernel_jit
 def _decode_gate_merge_kernel(
     cand_ptr,
     sel_ptr,
@@ -204,7 +205,7 @@ def _decode_gate_merge_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 # Split-K attention over (selected chunk | own chunk) pieces, GQA rows packed into one tile
 # --------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@kernel_jit
 def _decode_attn_kernel(
     q_ptr,
     k_ptr,
@@ -363,7 +364,7 @@ def _combine_valid(sel_ptr, row, f, n_f, KM1, S, PIECE, own_len):
     return (f < n_f) & (((j < KM1) & (chosen >= 0)) | ((j == KM1) & (piece * PIECE < own_len)))
 
 
-@triton.jit
+@kernel_jit
 def _decode_combine_kernel(
     po_ptr,
     plse_ptr,

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .gating import _launch_gate, chunk_means_triton, flip_selection
+from .jit import kernel_jit
 from .support import (
     dot_precision,
     interpreting,
@@ -111,7 +112,7 @@ def _attend_block(
     return acc, l_i, m_new
 
 
-@triton.jit
+@kernel_jit
 def _sparse_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -195,7 +196,7 @@ def _sparse_fwd_kernel(
     tl.store(plse_ptr + e, lse, mask=row_ok)
 
 
-@triton.jit
+@kernel_jit
 def _own_fwd_kernel(
     q_ptr,
     k_ptr,

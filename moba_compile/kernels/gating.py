@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .jit import kernel_jit
 from .support import interpreting, next_pow2, speed_up_interpreter
 from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores, query_major_program
 
@@ -31,7 +32,7 @@ __all__ = ["FlipResult", "chunk_means_triton", "select_chunks_triton", "flip_sel
 # --------------------------------------------------------------------------------------------------------------------
 # Chunk means
 # --------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@kernel_jit
 def _chunk_means_kernel(
     k_ptr,
     means_ptr,
@@ -107,7 +108,7 @@ def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Fused gate: scores against the mean tiles + running top-(K-1)
 # --------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@kernel_jit
 def _gate_kernel(
     q_ptr,
     means_ptr,
@@ -296,7 +297,7 @@ def select_chunks_triton(
 # --------------------------------------------------------------------------------------------------------------------
 # Index flip: per (batch, key head, chunk) lists of the entries that chose the chunk
 # --------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@kernel_jit
 def _flip_count_kernel(sel_ptr, rank_ptr, counts_ptr, n_entries, plane_size, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     c = tl.load(sel_ptr + offs, mask=offs < n_entries, other=-1)
@@ -308,7 +309,7 @@ def _flip_count_kernel(sel_ptr, rank_ptr, counts_ptr, n_entries, plane_size, N, 
     tl.store(rank_ptr + offs, rank, mask=valid)
 
 
-@triton.jit
+@kernel_jit
 def _flip_scatter_kernel(sel_ptr, rank_ptr, seg_start_ptr, lists_ptr, n_entries, plane_size, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     c = tl.load(sel_ptr + offs, mask=offs < n_entries, other=-1)

@@ -192,3 +192,41 @@ def test_auto_picks_triton_on_cuda() -> None:
     q.requires_grad_()
     moba_compile.moba_attention(q, key, v, chunk_size=64, topk=3).backward(do)
     assert (ops.CALLS["attention:triton"], ops.CALLS["attention_backward:triton"]) == (before[0] + 1, before[1] + 1)
+
+
+def _compiled_variants(kernel) -> int:
+    """How many binaries Triton holds for ``kernel`` on any device (its JIT cache, one entry per specialisation)."""
+    return sum(len(entry[0]) for entry in kernel.device_caches.values())
+
+
+def test_lengths_do_not_recompile() -> None:
+    """Decode steps and prefills of any length reuse one binary per kernel (lengths are not specialised on)."""
+    from moba_compile.kernels import backward, decode, forward, gating
+
+    kernels = [
+        getattr(module, name)
+        for module in (forward, gating, decode, backward)
+        for name in dir(module)
+        if name.endswith("_kernel")
+    ]
+    scale = 1 / math.sqrt(128)
+    q, key, v, _, _ = inputs(1, 8, 2, 1, 4096 + 64, 128, torch.bfloat16, seed=3)
+    means = decode_chunk_means(key, 512)
+    # Own-chunk fills 1, 2, ..., 33 (the classes "== 1", "% 16 == 0" and neither) after a chunk boundary.
+    moba_decode_triton(q, key[:, :, :4097], v[:, :, :4097], 512, 3, scale, means=means)
+    before = {k: _compiled_variants(k) for k in kernels}
+    for lk in range(4097, 4097 + 33):
+        moba_decode_triton(q, key[:, :, :lk], v[:, :, :lk], 512, 3, scale, means=means)
+    torch.cuda.synchronize()
+    grew = [k.fn.__name__ for k in kernels if _compiled_variants(k) != before[k]]
+    assert not grew, f"decode kernels recompiled for new lengths: {grew}"
+    # Prefill + backward at lengths of every class (odd, multiple of 16, different chunk counts).
+    for n in (1000, 1024, 1537, 2048):
+        q, key, v, do, _ = inputs(1, 4, 2, n, n, 128, torch.bfloat16, seed=n)
+        q.requires_grad_()
+        moba_compile.moba_attention(q, key, v, chunk_size=128, topk=3).backward(do)
+        if n == 1000:
+            before = {k: _compiled_variants(k) for k in kernels}
+    torch.cuda.synchronize()
+    grew = [k.fn.__name__ for k in kernels if _compiled_variants(k) != before[k]]
+    assert not grew, f"prefill/backward kernels recompiled for new lengths: {grew}"

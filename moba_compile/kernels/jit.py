@@ -1,0 +1,40 @@
+"""The ``triton.jit`` every MoBA kernel entry point uses: sequence lengths are runtime values, not specialisations.
+
+Triton compiles one binary per combination of "is this int argument 1" and "is it a multiple of 16" over the int
+arguments it specialises. For arguments that follow the sequence length (a decode step's ``Lk``, the own chunk's
+fill, a mask's row stride, the number of chunks) that means a fresh compile, about a second on an H100, whenever a
+call lands in a new class: decode steps 1, 2 and 16 after a prefill each compiled new kernels, and a 128K prefill
+compiled what a 48K warm-up had not. Those arguments are listed here and passed as plain runtime ints, so a kernel
+compiles once per (dtype, head dim, block configuration). They only bound loops and masks, where a divisibility hint
+buys nothing; strides along head dims (multiples of ``D >= 16``) keep their specialisation.
+"""
+
+import triton
+
+__all__ = ["LENGTH_ARGS", "kernel_jit"]
+
+# Lengths and counts that follow them, and strides of tensors whose shape includes a length (masks [B, H, Lq, Lk],
+# the selection [B, H, Lq, K-1], the log-sum-exp [B, H, Lq]). Names absent from a kernel's signature are ignored.
+LENGTH_ARGS = (
+    "Lq",
+    "Lk",
+    "N",
+    "KM1",
+    "n_segments",
+    "n_prev",
+    "chunks_per_split",
+    "n_split",
+    "own_chunk",
+    "own_len",
+    "n_entries",
+    "plane_size",
+    "smb",
+    "smh",
+    "smm",
+    "stb",
+    "sth",
+    "slb",
+    "slh",
+)
+
+kernel_jit = triton.jit(do_not_specialize=LENGTH_ARGS)
