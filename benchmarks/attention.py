@@ -15,9 +15,10 @@ forward ms (``moba_forward_triton``, gating included), dense causal SDPA ms, Fle
 (block size = chunk, the exact per-token selection in ``mask_mod``), and peak memory of each. From the gate's actual
 selection it counts the useful work, ``4 * D`` FLOPs per attended (query, key) pair with the own chunk counted
 causally, and reports the ideal time (useful FLOPs at the dense SDPA FLOP rate of this run), the ratio forward/ideal,
-and useful TFLOP/s. Training: backward ms (``moba_backward_triton``, default atomics mode and deterministic mode,
-gate recomputation included), forward+backward ms of the launchers, dense SDPA backward and forward+backward ms
-(autograd), the ideal fwd+bwd time (3.5 x the useful forward FLOPs at the dense fwd+bwd FLOP rate of this run) and
+and useful TFLOP/s. Training: backward ms (``moba_backward_triton``, atomics mode and deterministic mode,
+gate recomputation included), forward+backward ms of the launchers in the default mode, dense SDPA backward and
+forward+backward ms (autograd), the ideal fwd+bwd time (3.5 x the useful forward FLOPs at the dense fwd+bwd FLOP
+rate of this run) and
 the peak memory of one fwd+bwd of each. Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed
 between runs).
 
@@ -305,7 +306,8 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
 
     def fwd_bwd() -> Any:
         out, lse = moba_forward_triton(q, key, val, c, k, scale)
-        return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, deterministic=False)
+        # The library's default mode (deterministic=None): dQ atomics below chunk 1024, slot partials from there on.
+        return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale)
 
     record("backward_ms", lambda: measure_backward(False))
     record("backward_deterministic_ms", lambda: measure_backward(True))

@@ -223,6 +223,30 @@ def test_deterministic_follows_torch_setting(monkeypatch: pytest.MonkeyPatch) ->
     assert seen == [True, False]
 
 
+def test_long_chunks_default_to_the_atomic_free_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # From PARTIALS_FROM_CHUNK on, deterministic=None takes the atomic-free path (faster there on an H100), so its
+    # results are bitwise those of deterministic=True.
+    seen = []
+    real_flip = kernel_backward.flip_selection
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("deterministic"))
+        return real_flip(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_backward, "flip_selection", spy)
+    chunk = kernel_backward.PARTIALS_FROM_CHUNK
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 16, 32, generator=g).half()
+    k, v = (torch.randn(1, 1, 2 * chunk + 16, 32, generator=g).half() for _ in range(2))
+    do = torch.randn(1, 2, 16, 32, generator=g).half()
+    out, lse = moba_forward_triton(q, k, v, chunk, 2, 0.125)
+    auto = moba_backward_triton(do, q, k, v, out, lse, chunk, 2, 0.125)
+    det = moba_backward_triton(do, q, k, v, out, lse, chunk, 2, 0.125, deterministic=True)
+    assert seen == [True, True]
+    for a, b in zip(auto, det):
+        assert torch.equal(a, b)
+
+
 def test_deterministic_row_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
     # A budget of 16 rows of slot partials forces 3 slabs (the gate and flip re-run per slab, the mask sliced too).
     case = Case(1, 40, 4, 2, 16, 3, torch.bfloat16, lk=90, mask="random")

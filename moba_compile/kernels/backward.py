@@ -623,14 +623,25 @@ def _bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
         # dK/dV 64 x 64 over 8 warps: 247 registers (255 with a mask), no spill; 4 warps spill ~240 B.
         return _BwdConfig(64, 64, 8, 2, 128, 64, 8, 2)
     if d <= 128:
-        # dK/dV: 64 keys x 32 rows over 8 warps (254 registers, no spill; 241 without the dQ atomics). The [64, 128]
-        # fp32 dK and dV accumulators alone take 64 registers each per thread; 64 x 64 spills 130-570 B, 128-key
-        # blocks spill more. With a user mask the [keys, rows] mask tile spills at 64 keys (56 B), not at 32 (179).
+        # dK/dV without a mask: 128 keys x 64 rows over 8 warps. Timed on an H100 (benchmarks/tune_backward.py,
+        # results/tune_backward-*.json) against 17 other tilings at 8K-64K: the backward ran 1.3-1.9x faster than with
+        # the former 64 x 32 (which ptxas reported spill-free), e.g. 6.46 -> 3.65 ms at 8K C512 K3 (atomics) and
+        # 73.6 -> 40.2 ms at 32K C2048 K3 (no atomics); 4 warps, 16-32 rows or 256 keys were slower. With a user
+        # mask the [keys, rows] mask tile spills at 64 keys (56 B), not at 32 (179): that case keeps 32 x 32 (not
+        # re-timed).
         # Deterministic dQ kernels: the forward's 128 x 64 (x 32 with a mask) tiles, 226-246 registers, no spill.
-        return _BwdConfig(32, 32 if has_mask else 64, 8, 2, 128, 32 if has_mask else 64, 8, 2)
+        if has_mask:
+            return _BwdConfig(32, 32, 8, 2, 128, 32, 8, 2)
+        return _BwdConfig(64, 128, 8, 2, 128, 64, 8, 2)
     # D = 256: small tiles, one stage (221 registers for dK/dV at 32 x 32; a mask needs 16-key blocks). Not tuned.
     bn = 16 if has_mask else 32
     return _BwdConfig(32, bn, 8, 1, 32, bn, 8, 1)
+
+
+# From this chunk size on the atomic-free dQ path is the default even when determinism is not asked for: on an H100 it
+# was 12-20% faster than dQ atomics at C2048 K3 (32K) and C4096 K12 (64K), and 35% slower at C128 K8 (8K), where a
+# flip list's tiles are short and its extra S/dP recomputation is not paid back (tune_backward-*.json).
+PARTIALS_FROM_CHUNK = 1024
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -656,13 +667,14 @@ def moba_backward_triton(
     no key (``lse = -inf``) contribute nothing; keys no query attended (e.g. chunks nobody chose) get exact zeros.
     GQA/MQA: dK/dV are summed over the query heads of each group on chip; key/value are never repeated.
 
-    Atomics: in the default mode ``dQ`` is accumulated with fp32 ``tl.atomic_add`` into an fp32 ``[B, Hq, Lq, D]``
-    buffer (then cast), so its low bits may vary run to run; the order of the rows in the index flip's lists (counted
-    with integer atomics) also changes the fp32 summation order of dK/dV. dK/dV themselves are never accumulated with
-    atomics: each key block is written once by one program. In deterministic mode there are no float atomics: the
-    flip lists are sorted, ``dQ`` of the selected chunks goes to per-slot fp32 partials ``[.., K'-1, D]`` (bounded
-    by row slabs) that the own-chunk ``dQ`` kernel adds in slot order; results are bitwise reproducible on one GPU
-    and software stack, at the cost of recomputing ``S`` and ``dP`` for ``dQ``.
+    Atomics: with ``deterministic=False`` (the default below chunk 1024) ``dQ`` is accumulated with fp32
+    ``tl.atomic_add`` into an fp32 ``[B, Hq, Lq, D]`` buffer (then cast), so its low bits may vary run to run; the order
+    of the rows in the index flip's lists (counted with integer atomics) also changes the fp32 summation order of dK/dV.
+    dK/dV themselves are never accumulated with atomics: each key block is written once by one program. In
+    deterministic mode there are no float atomics: the flip lists are sorted, ``dQ`` of the selected chunks goes to
+    per-slot fp32 partials ``[.., K'-1, D]`` (bounded by row slabs) that the own-chunk ``dQ`` kernel adds in slot order;
+    results are bitwise reproducible on one GPU and software stack, at the cost of recomputing ``S`` and ``dP`` for
+    ``dQ``.
 
     Args:
         grad_out: ``[B, Hq, Lq, Dv]``, the gradient of ``out`` (cast to the query dtype if it differs); any strides.
@@ -675,8 +687,9 @@ def moba_backward_triton(
         topk: ``1 <= K <= 64`` chunks per query, its own included.
         scale: the forward's softmax scale; ``None`` means ``1 / sqrt(D)``.
         attn_mask: the forward's optional boolean mask, broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend).
-        deterministic: ``True`` for bitwise reproducible results (no float atomics); ``None`` follows
-            ``torch.are_deterministic_algorithms_enabled()``.
+        deterministic: ``True`` for bitwise reproducible results (no float atomics); ``False`` for dQ by atomics;
+            ``None``: deterministic when ``torch.are_deterministic_algorithms_enabled()`` or when ``chunk_size >=``
+            :data:`PARTIALS_FROM_CHUNK` (1024), where the atomic-free path is also the faster one.
 
     Returns:
         ``(dq, dk, dv)``, contiguous, shaped and typed like ``query``, ``key`` and ``value``. Extra memory: fp32
@@ -711,7 +724,7 @@ def moba_backward_triton(
     if grad_out.device != query.device or out.device != query.device or lse.device != query.device:
         raise ValueError("grad_out, out and lse must be on the query's device")
     if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic = torch.are_deterministic_algorithms_enabled() or chunk_size >= PARTIALS_FROM_CHUNK
     dev = query.device
     dk = torch.empty(b, hkv, lk, d, dtype=key.dtype, device=dev)
     dv = torch.empty(b, hkv, lk, dv_dim, dtype=value.dtype, device=dev)
