@@ -43,11 +43,14 @@ class MobaAttention:
 
     Attributes:
         policy: the per-layer policy. name: the attention implementation name. impl: ``moba_attention``'s ``impl``.
+        skip_cudnn_in_decode: dense layers of a decode step (query shorter than the keys, CUDA) run SDPA without its
+            cuDNN backend, which builds an execution graph per key length (see ``_without_cudnn_sdpa``).
     """
 
     policy: Policy
     name: str = "moba"
     impl: str = "auto"
+    skip_cudnn_in_decode: bool = True
     _records: dict[tuple[int | None, str], SiteRecord] = field(default_factory=dict)
     _mask_cache: tuple[tuple, Tensor] | None = None
 
@@ -112,7 +115,9 @@ class MobaAttention:
             reason = f"key length {key.shape[2]} < min_seq_len {self.policy.min_seq_len}"
         if reason is not None:
             self._record(module, layer, decode, decision="dense", chunk_size=None, topk=None, reason=reason)
-            return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+            skip_cudnn = self.skip_cudnn_in_decode and decode and query.device.type == "cuda"
+            with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
+                return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         device_type = query.device.type
         if torch.is_autocast_enabled(device_type):
             # transformers' SDPA path would run in the autocast dtype (it may hand over fp32 q/k with a bf16 v).
@@ -155,11 +160,6 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs) 
             low = torch.finfo(query.dtype).min
             attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, low)
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if query.device.type == "cuda" and query.shape[2] < key.shape[2]:
-        with _without_cudnn_sdpa():
-            return sdpa_attention_forward(
-                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-            )
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

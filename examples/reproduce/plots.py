@@ -15,6 +15,7 @@ matching full-attention run, wall time and device. Runs without a log or not fin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -30,6 +31,20 @@ _METRIC_LABELS = {
     "val_loss": "validation LM loss (nats/byte)",
     "val_trailing_loss": "trailing validation LM loss, last 1/16 (nats/byte)",
 }
+
+
+# Configuration fields the results table prints, read from each run's log rather than the registry.
+_TABLE_FIELDS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "context",
+    "steps",
+    "chunk_size",
+    "topk",
+    "dense_last",
+    "switch_to_full_frac",
+)
 
 
 def load_logs(out_dir: str | os.PathLike[str], experiments: Sequence[Experiment]) -> dict[str, dict[str, Any]]:
@@ -328,6 +343,10 @@ def write_table(
                     f"0/{cfg.steps} | - | - | - | - | - | - | - | not run |"
                 )
                 continue
+            # The log's own configuration: a run trained with --set overrides differs from the registry's.
+            logged = log.get("config", {})
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in logged.items() if k in _TABLE_FIELDS})
+            model = f"{cfg.n_layers}L x {cfg.d_model}"
             done = log["records"][-1]["step"] if log["records"] else 0
             last = log["final"] if log.get("completed") else (log["records"][-1] if log["records"] else None)
             flops = last["flops"] if last else None
