@@ -252,3 +252,29 @@ def test_dynamic_true_training_matches_oracle():
     oracle(ids, labels=ids).loss.backward()
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_dense_decode_sdpa_context_leaves_only_cudnn_out():
+    # The dense layers of a decode step run SDPA without cuDNN (a graph build per key length on CUDA), keeping the
+    # user's choice of the other backends, and restore everything afterwards.
+    before = {
+        name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+        for name in ("flash", "mem_efficient", "math", "cudnn")
+    }
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        with moba_compile.hf._without_cudnn_sdpa():
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert not torch.backends.cuda.flash_sdp_enabled()  # the user's "off" stays off
+            assert torch.backends.cuda.math_sdp_enabled() == before["math"]
+            assert torch.backends.cuda.mem_efficient_sdp_enabled() == before["mem_efficient"]
+            q = torch.randn(1, 2, 1, 16)
+            k = torch.randn(1, 2, 5, 16)
+            torch.testing.assert_close(
+                torch.nn.functional.scaled_dot_product_attention(q, k, k),
+                torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ k,
+            )
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before["cudnn"]
+    finally:
+        torch.backends.cuda.enable_flash_sdp(before["flash"])
+    assert moba_compile.hf.MobaAttention(policy=moba_compile.load_policy(None)).skip_cudnn_in_decode

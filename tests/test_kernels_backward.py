@@ -324,7 +324,13 @@ def test_input_validation() -> None:
     assert dq.shape == empty.shape and torch.all(dk == 0) and torch.all(dv == 0)
 
 
-def test_backward_kernels_compile_for_h100_without_spills() -> None:
+# The unmasked dK/dV kernel's 64 x 128 tiles spill (about 1.3 KB with the dQ atomics, 0.6 KB without, triton 3.9) and
+# were still 1.3-2x faster on an H100 than the spill-free 32 x 64 (benchmarks/results/tune_backward-*.json): a bounded
+# spill is accepted there, and nowhere else.
+_SPILL_BUDGET = {"bwd_dkdv-nomask-atomic_dq": 2048, "bwd_dkdv-nomask-det": 2048}
+
+
+def test_backward_kernels_compile_for_h100_within_spill_budget() -> None:
     # No GPU here: compile the backward kernels at the launcher's CUDA configurations (bf16, D=128) for sm_90a with
     # Triton's compiler and ptxas, and read registers/spills (the numbers docs/kernels.md quotes).
     code = (
@@ -333,7 +339,7 @@ def test_backward_kernels_compile_for_h100_without_spills() -> None:
     records = compile_check_records(["-c", code])
     assert len(records) == 9 and all(r["ok"] for r in records.values()), records
     for name, rec in records.items():
-        assert rec["spill_bytes"] == 0, (name, rec)
+        assert rec["spill_bytes"] <= _SPILL_BUDGET.get(name, 0), (name, rec)
 
 
 @settings(deadline=None, derandomize=True, database=None, max_examples=8)
