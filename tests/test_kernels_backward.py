@@ -200,8 +200,10 @@ def test_deterministic_results_do_not_depend_on_the_flip_order(monkeypatch: pyte
         assert torch.equal(a, b)
 
 
-def test_deterministic_follows_torch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
+@pytest.fixture
+def flip_modes(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The ``deterministic`` argument of every ``flip_selection`` call the backward makes: the mode it chose."""
+    seen: list = []
     real_flip = kernel_backward.flip_selection
 
     def spy(*args, **kwargs):
@@ -209,6 +211,10 @@ def test_deterministic_follows_torch_setting(monkeypatch: pytest.MonkeyPatch) ->
         return real_flip(*args, **kwargs)
 
     monkeypatch.setattr(kernel_backward, "flip_selection", spy)
+    return seen
+
+
+def test_deterministic_follows_torch_setting(flip_modes: list) -> None:
     case = Case(1, 48, 2, 1, 16, 2, torch.float16)
     q, k, v, do, _ = make_inputs(case)
     out, lse = moba_forward_triton(q, k, v, case.c, case.k, 0.125)
@@ -220,20 +226,12 @@ def test_deterministic_follows_torch_setting(monkeypatch: pytest.MonkeyPatch) ->
         moba_backward_triton(do, q, k, v, out, lse, case.c, case.k, 0.125)
     finally:
         torch.use_deterministic_algorithms(was)
-    assert seen == [True, False]
+    assert flip_modes == [True, False]
 
 
-def test_long_chunks_default_to_the_atomic_free_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_chunks_default_to_the_atomic_free_path(flip_modes: list) -> None:
     # From PARTIALS_FROM_CHUNK on, deterministic=None takes the atomic-free path (faster there on an H100), so its
     # results are bitwise those of deterministic=True.
-    seen = []
-    real_flip = kernel_backward.flip_selection
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("deterministic"))
-        return real_flip(*args, **kwargs)
-
-    monkeypatch.setattr(kernel_backward, "flip_selection", spy)
     chunk = kernel_backward.PARTIALS_FROM_CHUNK
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 2, 16, 32, generator=g).half()
@@ -242,7 +240,7 @@ def test_long_chunks_default_to_the_atomic_free_path(monkeypatch: pytest.MonkeyP
     out, lse = moba_forward_triton(q, k, v, chunk, 2, 0.125)
     auto = moba_backward_triton(do, q, k, v, out, lse, chunk, 2, 0.125)
     det = moba_backward_triton(do, q, k, v, out, lse, chunk, 2, 0.125, deterministic=True)
-    assert seen == [True, True]
+    assert flip_modes == [True, True]
     for a, b in zip(auto, det):
         assert torch.equal(a, b)
 
