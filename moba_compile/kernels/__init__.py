@@ -65,4 +65,6 @@ def __getattr__(name: str) -> object:
         return _missing
     import importlib
 
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function: the ops layer imports a launcher on every call
+    return value

@@ -4,6 +4,7 @@ This module imports ``triton`` lazily and never fails to import: ``moba_compile.
 machine without Triton (the ops layer then routes to the reference and says why).
 """
 
+import functools
 import importlib.util
 import os
 
@@ -34,8 +35,10 @@ MAX_TOPK = 64
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether ``import triton`` can succeed (checked without importing it).
+    """Whether ``import triton`` can succeed (checked without importing it; answered once per process, since every
+    kernel call asks and ``find_spec`` costs microseconds a decode step's host time cannot spare).
 
     Returns:
         ``True`` when a ``triton`` package is importable.
