@@ -624,11 +624,11 @@ def _bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
         return _BwdConfig(64, 64, 8, 2, 128, 64, 8, 2)
     if d <= 128:
         # dK/dV without a mask: 128 keys x 64 rows over 8 warps. Timed on an H100 (benchmarks/tune_backward.py,
-        # results/tune_backward-*.json) against 17 other tilings at 8K-64K: the backward ran 1.3-1.9x faster than with
-        # the former 64 x 32 (which ptxas reported spill-free), e.g. 6.46 -> 3.65 ms at 8K C512 K3 (atomics) and
-        # 73.6 -> 40.2 ms at 32K C2048 K3 (no atomics); 4 warps, 16-32 rows or 256 keys were slower. With a user
-        # mask the [keys, rows] mask tile spills at 64 keys (56 B), not at 32 (179): that case keeps 32 x 32 (not
-        # re-timed).
+        # results/tune_backward-*.json) against 17 other tilings at 8K-64K: the backward ran 1.4-2.1x faster than with
+        # the former spill-free 64 x 32, although this one spills ~1.3 KB: e.g. 6.46 -> 3.65 ms at 8K C512 K3
+        # (atomics), 73.6 -> 40.2 ms at 32K C2048 K3 (no atomics); 4 warps, 16-32 rows or 256 keys were slower.
+        # With a user mask the [keys, rows] mask tile spills at 64 keys (56 B), not at 32 (179): that case keeps
+        # 32 x 32 (not re-timed).
         # Deterministic dQ kernels: the forward's 128 x 64 (x 32 with a mask) tiles, 226-246 registers, no spill.
         if has_mask:
             return _BwdConfig(32, 32, 8, 2, 128, 32, 8, 2)
@@ -639,7 +639,7 @@ def _bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
 
 
 # From this chunk size on the atomic-free dQ path is the default even when determinism is not asked for: on an H100 it
-# was 12-20% faster than dQ atomics at C2048 K3 (32K) and C4096 K12 (64K), and 35% slower at C128 K8 (8K), where a
+# was 12-16% faster than dQ atomics at C2048 K3 (32K) and C4096 K12 (64K), and 33% slower at C128 K8 (8K), where a
 # flip list's tiles are short and its extra S/dP recomputation is not paid back (tune_backward-*.json).
 PARTIALS_FROM_CHUNK = 1024
 
