@@ -336,6 +336,10 @@ def write_table(
         for er in exp.runs:
             log = logs.get(er.run.name)
             cfg = er.run
+            if log is not None:
+                # The log's own configuration: a run trained with --set overrides differs from the registry's.
+                logged = log.get("config", {})
+                cfg = dataclasses.replace(cfg, **{k: v for k, v in logged.items() if k in _TABLE_FIELDS})
             model = f"{cfg.n_layers}L x {cfg.d_model}"
             if log is None:
                 lines.append(
@@ -343,10 +347,6 @@ def write_table(
                     f"0/{cfg.steps} | - | - | - | - | - | - | - | not run |"
                 )
                 continue
-            # The log's own configuration: a run trained with --set overrides differs from the registry's.
-            logged = log.get("config", {})
-            cfg = dataclasses.replace(cfg, **{k: v for k, v in logged.items() if k in _TABLE_FIELDS})
-            model = f"{cfg.n_layers}L x {cfg.d_model}"
             done = log["records"][-1]["step"] if log["records"] else 0
             last = log["final"] if log.get("completed") else (log["records"][-1] if log["records"] else None)
             flops = last["flops"] if last else None
