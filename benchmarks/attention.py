@@ -291,45 +291,54 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     record("dense_peak_gib", lambda: peak_gib(dense, device))
 
     # Backward and training step (forward + backward), MoBA launchers versus dense SDPA autograd, same run.
-    d_out = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
-    saved: dict[str, Any] = {}
+    training_fields = ("backward_ms", "backward_deterministic_ms", "fwd_bwd_ms", "fwd_bwd_peak_gib",
+                       "dense_backward_ms", "dense_fwd_bwd_ms", "dense_fwd_bwd_peak_gib")  # fmt: skip
+    if n > args.backward_max_len:  # the forward-only tail of a sweep (dense backward alone takes minutes at 512K)
+        for field in training_fields:
+            row[field] = None
+            row["errors"][field] = f"skipped: N={n} > --backward-max-len {args.backward_max_len}"
+    else:
+        d_out = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
+        saved: dict[str, Any] = {}
 
-    def measure_backward(deterministic: bool) -> float:
-        if "fwd" not in saved:
-            saved["fwd"] = fwd()
-        out, lse = saved["fwd"]
+        def measure_backward(deterministic: bool) -> float:
+            if "fwd" not in saved:
+                saved["fwd"] = fwd()
+            out, lse = saved["fwd"]
 
-        def bwd() -> Any:
-            return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, deterministic=deterministic)
+            def bwd() -> Any:
+                return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, deterministic=deterministic)
 
-        return time_ms(bwd, device, args.warmup, args.rep)
+            return time_ms(bwd, device, args.warmup, args.rep)
 
-    def fwd_bwd() -> Any:
-        out, lse = moba_forward_triton(q, key, val, c, k, scale)
-        # The library's default mode (deterministic=None): dQ atomics below chunk 1024, slot partials from there on.
-        return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale)
+        def fwd_bwd() -> Any:
+            out, lse = moba_forward_triton(q, key, val, c, k, scale)
+            # The library's default mode (deterministic=None): dQ atomics below chunk 1024, slot partials from there on.
+            return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale)
 
-    record("backward_ms", lambda: measure_backward(False))
-    record("backward_deterministic_ms", lambda: measure_backward(True))
-    saved.clear()
-    record("fwd_bwd_ms", lambda: time_ms(fwd_bwd, device, args.warmup, args.rep))
-    record("fwd_bwd_peak_gib", lambda: peak_gib(fwd_bwd, device))
-    if device.type == "cuda":  # where the fwd+bwd time goes, kernel by kernel (one profiled run): the next tuning's map
-        record("fwd_bwd_kernels_ms", lambda: kernel_breakdown(fwd_bwd, device))
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, key, val))
+        record("backward_ms", lambda: measure_backward(False))
+        record("backward_deterministic_ms", lambda: measure_backward(True))
+        saved.clear()
+        record("fwd_bwd_ms", lambda: time_ms(fwd_bwd, device, args.warmup, args.rep))
+        record("fwd_bwd_peak_gib", lambda: peak_gib(fwd_bwd, device))
+        if (
+            device.type == "cuda"
+        ):  # where the fwd+bwd time goes, kernel by kernel (one profiled run): the next tuning's map
+            record("fwd_bwd_kernels_ms", lambda: kernel_breakdown(fwd_bwd, device))
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, key, val))
 
-    def dense_fwd_bwd() -> Any:
-        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
-        return torch.autograd.grad(o, (qg, kg, vg), d_out)
+        def dense_fwd_bwd() -> Any:
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+            return torch.autograd.grad(o, (qg, kg, vg), d_out)
 
-    def measure_dense_backward() -> float:
-        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
-        return time_ms(lambda: torch.autograd.grad(o, (qg, kg, vg), d_out, retain_graph=True), device, args.warmup,
-                       args.rep)  # fmt: skip
+        def measure_dense_backward() -> float:
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+            return time_ms(lambda: torch.autograd.grad(o, (qg, kg, vg), d_out, retain_graph=True), device, args.warmup,
+                           args.rep)  # fmt: skip
 
-    record("dense_backward_ms", measure_dense_backward)
-    record("dense_fwd_bwd_ms", lambda: time_ms(dense_fwd_bwd, device, args.warmup, args.rep))
-    record("dense_fwd_bwd_peak_gib", lambda: peak_gib(dense_fwd_bwd, device))
+        record("dense_backward_ms", measure_dense_backward)
+        record("dense_fwd_bwd_ms", lambda: time_ms(dense_fwd_bwd, device, args.warmup, args.rep))
+        record("dense_fwd_bwd_peak_gib", lambda: peak_gib(dense_fwd_bwd, device))
 
     # FlexAttention with the MoBA block mask built from this run's selection.
     if args.no_flex:
@@ -606,12 +615,19 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
           "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "seg_start_ptr": "*i64"}  # fmt: skip
     for has_mask in (False, True):
         cfg = fw._fwd_config(d, d, torch.bfloat16, has_mask)
-        consts = {"HEAD_D": d, "HEAD_DV": d, "BLOCK_N": cfg.block_n, "HAS_MASK": has_mask, "UPCAST": False,
+        consts = {"HEAD_D": d, "HEAD_DV": d, "HAS_MASK": has_mask, "UPCAST": False,
                   "DOT_PREC": "tf32", "sqd": 1, "skd": 1, "svd": 1}  # fmt: skip
         tag = "mask" if has_mask else "nomask"
-        for kname, kern in (("key_major", fw._sparse_fwd_kernel), ("own_chunk", fw._own_fwd_kernel)):
-            variants.append((f"{kname}-{tag}", kern, io, {**consts, "BLOCK_M": cfg.block_m}, cfg.num_warps,
-                             cfg.num_stages))  # fmt: skip
+        short = fw._fwd_config(d, d, torch.bfloat16, has_mask, chunk_size=512)  # chunks below 1024: own tiles
+        tiles = {
+            "key_major": cfg.sparse(),
+            "key_major_short": short.sparse(),
+            "own_chunk": (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages),
+        }
+        kernels = {"key_major": fw._sparse_fwd_kernel, "key_major_short": fw._sparse_fwd_kernel}
+        for kname, (bm, bn, warps, stages) in tiles.items():
+            kern = kernels.get(kname, fw._own_fwd_kernel)
+            variants.append((f"{kname}-{tag}", kern, io, {**consts, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages))
     variants += _backward_variants(d)
     if prefix is not None:
         variants = [v for v in variants if v[0].startswith(prefix)]
@@ -628,8 +644,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--suite", choices=("all", "spec", "flashmoba"), default="all", help="which configurations")
     p.add_argument("--max-len", type=int, default=1 << 20, help="skip configurations longer than this")
+    p.add_argument("--min-len", type=int, default=0, help="skip configurations shorter than this")
     p.add_argument("--flex-max-len", type=int, default=131072, help="run FlexAttention only up to this length")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    p.add_argument(
+        "--backward-max-len", type=int, default=1 << 20, help="measure backward and training columns up to this length"
+    )
     p.add_argument("--check-max-len", type=int, default=8192, help="compare with the reference up to this length")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup budget, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench measurement budget, ms")
@@ -655,7 +675,7 @@ def select_configs(args: argparse.Namespace) -> list[BenchConfig]:
         configs += SPEC_CONFIGS
     if args.suite in ("all", "flashmoba"):
         configs += FLASHMOBA_CONFIGS
-    return [c for c in configs if c.seq_len <= args.max_len]
+    return [c for c in configs if args.min_len <= c.seq_len <= args.max_len]
 
 
 def dry_run(configs: list[BenchConfig]) -> None:

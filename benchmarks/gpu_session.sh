@@ -5,7 +5,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_session.sh env tests "attention:--suite spec --no-flex" decode e2e train
 #
 # Stages, each STAGE or STAGE:ARGS (ARGS split as shell words): env | tests | gputests | attention | decode | e2e |
-# train | tune | profile_decode | reproduce. A stage that fails or runs out of time is logged and the next one still runs (a
+# train | tune | tune_forward | profile_decode | profile_forward | reproduce. A stage that fails or runs out of time is logged and the next one still runs (a
 # failure in one must not cost the measurements of the others). Limits: <STAGE>_LIMIT variables, in seconds.
 # Wheels in .whl/ (git-ignored; e.g. `pip download --no-deps -d .whl hypothesis sortedcontainers attrs tqdm`) are
 # installed to /tmp/site when the GPU machine, which has no network, lacks hypothesis or tqdm.
@@ -56,6 +56,10 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
       stage train "${TRAIN_LIMIT:-180}" python3 examples/train.py --no-progress "${extra[@]}" ;;
     tune)
       stage tune "${TUNE_LIMIT:-300}" python3 -m benchmarks.tune_backward --out-dir "$OUT" "${extra[@]}" ;;
+    tune_forward)
+      stage tune_forward "${TUNE_FORWARD_LIMIT:-300}" python3 -m benchmarks.tune_forward --out-dir "$OUT" "${extra[@]}" ;;
+    profile_forward)
+      stage profile_forward "${PROFILE_FORWARD_LIMIT:-120}" python3 -m benchmarks.profile_forward "${extra[@]}" ;;
     profile_decode)
       stage profile_decode "${PROFILE_DECODE_LIMIT:-90}" python3 -m benchmarks.profile_decode "${extra[@]}" ;;
     reproduce)

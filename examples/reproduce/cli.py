@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproduce the MoBA paper's charts at small scale with moba-compile.",
     )
     _common_options(parser, argparse.SUPPRESS)
-    parser.set_defaults(smoke=False, out=None, no_progress=False)
+    parser.set_defaults(smoke=False, quick=False, out=None, no_progress=False)
     # The same options after the command (python -m examples.reproduce sweep scaling --smoke); SUPPRESS keeps a value
     # given before the command when they are absent after it.
     common = argparse.ArgumentParser(add_help=False)
@@ -94,7 +94,10 @@ def _common_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--smoke", action="store_true", default=default, help="tiny CPU configurations; without a command, run 'all'"
     )
-    parser.add_argument("--out", type=Path, default=default, help="output directory (runs/reproduce[-smoke])")
+    parser.add_argument(
+        "--quick", action="store_true", default=default, help="reduced GPU configurations: one session's device time"
+    )
+    parser.add_argument("--out", type=Path, default=default, help="output directory (runs/reproduce[-smoke|-quick])")
     parser.add_argument("--no-progress", action="store_true", default=default, help="no tqdm progress bars")
 
 
@@ -306,13 +309,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 2
-    out: Path = args.out or Path("runs") / ("reproduce-smoke" if args.smoke else "reproduce")
+    if args.smoke and args.quick:
+        parser.error("--smoke and --quick pick different scales; give one")
+    scale = "-smoke" if args.smoke else "-quick" if args.quick else ""
+    out: Path = args.out or Path("runs") / f"reproduce{scale}"
     if args.smoke:
         # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they contend (measured here:
         # 3-5x more wall time per smoke run with 2 threads).
         torch.set_num_threads(1)
     progress = not args.no_progress
-    registry = experiments(args.smoke)
+    registry = experiments(args.smoke, quick=args.quick)
     overrides = list(getattr(args, "overrides", []) or [])
     try:
         if command == "list":

@@ -15,6 +15,12 @@ list``; nothing here has been run on a GPU yet):
   the trailing loss): size ``s2`` at 32K: MoBA with the last 1 or 2 of 6 layers dense, and MoBA switching to full
   attention for the last 10% or 25% of the steps, vs pure MoBA and full (both shared with ``trailing``).
 
+Quick scale (``--quick``; what one session's 30 minutes of H100 time affords, all four experiments in about 8 minutes
+of three concurrent sweeps): sizes ``q1``..``q3`` (2 layers x 128, 4 x 256, 6 x 384; head dim 64), 200 steps of
+131,072 tokens (16 x 8K or 4 x 32K), ``aot_eager`` (the MoBA op runs the Triton kernels either way; the rest of the
+model runs eagerly, which saves minutes of Inductor compilation per run at these lengths). (a) at ``q1``..``q3``,
+(b) at ``q1``..``q2``, (c) and (d) at ``q2`` (4 layers: (d) keeps the last 1 or 2 of 4 dense).
+
 Runs shared between experiments have one name and are trained once. The smoke scale keeps every experiment's structure
 with 1-2 layer models, contexts 128/256, 8 steps, and the ``aot_eager`` compiler.
 """
@@ -72,6 +78,13 @@ _GPU_SIZES = {
 _GPU_STEPS_8K = {"s1": 512, "s2": 1024, "s3": 2048, "s4": 2048}  # 16 x 8K = 131,072 tokens per step
 _GPU_STEPS_32K = {"s1": 256, "s2": 512, "s3": 1024}  # 4 x 32K = 131,072 tokens per step
 
+_QUICK_SIZES = {
+    "q1": _Size("q1", 2, 128, 2, 3e-3),
+    "q2": _Size("q2", 4, 256, 4, 2e-3),
+    "q3": _Size("q3", 6, 384, 6, 1.5e-3),
+}
+_QUICK_STEPS = 200
+
 _SMOKE_SIZES = {
     "t1": _Size("t1", 1, 32, 2, 1e-2),
     "t2": _Size("t2", 2, 64, 4, 1e-2),
@@ -94,6 +107,26 @@ def _gpu_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw:
         log_every=10,
         ckpt_every=max(1, steps // 8),
         compiler="inductor",
+        **kw,
+    )
+
+
+def _quick_run(name: str, size: _Size, context: int, batch: int, **kw: Any) -> RunConfig:
+    return RunConfig(
+        name=name,
+        n_layers=size.n_layers,
+        d_model=size.d_model,
+        n_heads=size.n_heads,
+        lr=size.lr,
+        context=context,
+        batch_size=batch,
+        steps=_QUICK_STEPS,
+        warmup_steps=_QUICK_STEPS // 10,
+        eval_every=_QUICK_STEPS // 4,
+        eval_batches=4,
+        log_every=10,
+        ckpt_every=_QUICK_STEPS // 2,
+        compiler="aot_eager",
         **kw,
     )
 
@@ -147,15 +180,21 @@ METRICS = {
 }
 
 
-def experiments(smoke: bool = False) -> dict[str, Experiment]:
-    """The four experiments, at GPU scale or at smoke scale.
+def experiments(smoke: bool = False, quick: bool = False) -> dict[str, Experiment]:
+    """The four experiments, at GPU scale, quick (one GPU session) scale, or smoke scale.
 
     Args:
         smoke: tiny CPU configurations (whole pipeline in under a minute) instead of the GPU ones.
+        quick: the reduced GPU configurations of the module docstring (200 steps, sizes ``q1``..``q3``).
 
     Returns:
         ``{name: Experiment}`` for the names of :data:`EXPERIMENT_NAMES`, in that order.
+
+    Raises:
+        ValueError: both ``smoke`` and ``quick``.
     """
+    if smoke and quick:
+        raise ValueError("pick one scale: smoke or quick, not both")
     groups: dict[str, list[ExperimentRun]] = {name: [] for name in EXPERIMENT_NAMES}
     if smoke:
         short, long = 128, 256
@@ -168,6 +207,17 @@ def experiments(smoke: bool = False) -> dict[str, Experiment]:
 
         tag_short, tag_long = "128", "256"
         hybrid_dense, hybrid_switch = (1,), (0.25,)
+    elif quick:
+        short, long = 8192, 32768
+        sizes = _QUICK_SIZES
+        scaling_sizes, trailing_sizes, gran_size, hybrid_size = ["q1", "q2", "q3"], ["q1", "q2"], "q2", "q2"
+        chunk_short, chunk_long = 512, 2048
+
+        def make(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
+            return _quick_run(name, size, context, 16 if context == short else 4, **kw)
+
+        tag_short, tag_long = "8k", "32k"
+        hybrid_dense, hybrid_switch = (1, 2), (0.10, 0.25)
     else:
         short, long = 8192, 32768
         sizes = _GPU_SIZES

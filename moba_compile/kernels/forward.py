@@ -301,13 +301,30 @@ def _own_fwd_kernel(
 
 @dataclass(frozen=True)
 class _FwdConfig:
+    """Launch tiles of the own-chunk kernel (``block_m`` rows x ``block_n`` keys, warps, stages) and of the key-major
+    kernel (``sp_*``; 0 = the own-chunk kernel's value). ``sp_block_m`` is an upper bound: short lists get smaller
+    tiles (:func:`list_tile_rows`)."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    sp_block_m: int = 0
+    sp_block_n: int = 0
+    sp_warps: int = 0
+    sp_stages: int = 0
+
+    def sparse(self) -> tuple[int, int, int, int]:
+        """The key-major kernel's ``(block_m, block_n, num_warps, num_stages)``."""
+        return (
+            self.sp_block_m or self.block_m,
+            self.sp_block_n or self.block_n,
+            self.sp_warps or self.num_warps,
+            self.sp_stages or self.num_stages,
+        )
 
 
-def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool) -> _FwdConfig:
+def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool, chunk_size: int = 0) -> _FwdConfig:
     if interpreting():
         # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
         return _FwdConfig(32, 32, 4, 1)
@@ -324,11 +341,17 @@ def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
         # tile of 64-bit addresses, which spills at 4 warps: 8 warps then (207 registers).
         return _FwdConfig(128, 64, 8 if has_mask else 4, 3)
     if d <= 128:
-        # The FlashAttention-2 Triton setting for D=128: a [128, 128] fp32 accumulator = 64 registers/thread over
-        # 8 warps (2 warpgroups of wgmma m64), 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) + Q: 128 KB
-        # of shared memory; 201 (key-major) / 240 (own chunk) registers. With a user mask the 64-bit mask addresses
-        # spill at BLOCK_N=64, not at 32.
-        return _FwdConfig(128, 32 if has_mask else 64, 8, 3)
+        # Timed on an H100 (benchmarks/tune_forward.py, 12 tilings x 5 shapes, results/tune_forward-*.json): the
+        # own-chunk kernel is fastest at 64 rows x 64 keys over 4 warps (a [64, 128] fp32 accumulator = 64
+        # registers/thread; more programs per SM hide the merge's partial loads), 8-13% below the FlashAttention-2
+        # setting of 128 rows over 8 warps at every shape. The key-major kernel likes 64-row tiles for chunks below
+        # 1024 (-12% at 8K C512, -11% at C128) and 128-row tiles over 8 warps for longer lists (-4% at C2048, -3% at
+        # C4096). 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) + Q. With a user mask the 64-bit mask
+        # addresses spill at BLOCK_N=64, not at 32.
+        block_n = 32 if has_mask else 64
+        if 0 < chunk_size < 1024:
+            return _FwdConfig(64, block_n, 4, 3)
+        return _FwdConfig(64, block_n, 4, 3, 128, block_n, 8, 3)
     # D=256: 64 rows keep the [64, 256] accumulator at 64 registers/thread; BLOCK_N=32 keeps the key-major kernel
     # spill-free (the own-chunk kernel still spills ~180 B: D=256 is not a tuned target).
     return _FwdConfig(64, 32, 8, 2)
@@ -388,11 +411,14 @@ def moba_forward_triton(
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out.zero_(), lse
-    cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None)
-    block_n = min(cfg.block_n, chunk_size & -chunk_size)  # a whole number of key blocks per chunk
+    cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None, chunk_size)
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * _LOG2E
-    common = dict(HEAD_D=d, HEAD_DV=dv, BLOCK_N=block_n, UPCAST=interpreting(), DOT_PREC=dot_precision(query.dtype))
-    common.update(HAS_MASK=attn_mask is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    shared = dict(HEAD_D=d, HEAD_DV=dv, UPCAST=interpreting(), DOT_PREC=dot_precision(query.dtype))
+    shared.update(HAS_MASK=attn_mask is not None)
+    sp_block_m, sp_block_n, sp_warps, sp_stages = cfg.sparse()
+    whole = chunk_size & -chunk_size  # key blocks no longer than this tile every chunk exactly
+    own = dict(shared, BLOCK_N=min(cfg.block_n, whole), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    sparse = dict(shared, BLOCK_N=min(sp_block_n, whole), num_warps=sp_warps, num_stages=sp_stages)
     mask = mask_bytes(attn_mask, b, hq, lq, lk) if attn_mask is not None else None
     km1_max = min(topk - 1, (lk - 1) // chunk_size)
     # Row slabs bound the fp32 partial buffer: rows are independent, and a slab [r0, r1) is the same problem with
@@ -414,7 +440,7 @@ def moba_forward_triton(
                 plse = torch.empty(b * hq * slab * km1_max, dtype=torch.float32, device=dev)
             _forward_slab(
                 q_s, key, value, m_s, means, po, plse, out[:, :, r0:r1], lse[:, :, r0:r1],
-                chunk_size, km1, lk_s, qk_scale, cfg.block_m, common,
+                chunk_size, km1, lk_s, qk_scale, (cfg.block_m, own), (sp_block_m, sparse),
             )  # fmt: skip
     return out, lse
 
@@ -456,10 +482,14 @@ def _forward_slab(
     km1: int,
     lk: int,
     qk_scale: float,
-    block_m: int,
-    common: dict,
+    own: tuple[int, dict],
+    sparse: tuple[int, dict],
 ) -> None:
-    """Gate, flip, key-major and own-chunk passes for rows whose positions are ``lk - Lq' + i`` (keys ``[0, lk)``)."""
+    """Gate, flip, key-major and own-chunk passes for rows whose positions are ``lk - Lq' + i`` (keys ``[0, lk)``).
+
+    ``own`` and ``sparse`` are each kernel's ``(BLOCK_M, launch keywords)``."""
+    block_m, own_kw = own
+    sp_block_m, sparse_kw = sparse
     b, hq, lq, _ = q.shape
     hkv = key.shape[1]
     g = hq // hkv
@@ -471,7 +501,7 @@ def _forward_slab(
     if km1 > 0:
         assert means is not None and po is not None and plse is not None
         sel = _launch_gate(q, means, chunk_size, km1, lk)
-        block_m_sp = list_tile_rows(block_m, g * lq * km1, (lk - 1) // chunk_size)
+        block_m_sp = list_tile_rows(sp_block_m, g * lq * km1, (lk - 1) // chunk_size)
         flip = flip_selection(sel, hkv, n_chunks, block_m_sp)
         n_tiles = flip.tile_seg.numel()
         if n_tiles:
@@ -479,7 +509,7 @@ def _forward_slab(
                 q, key, value, mask_arg, po, plse,
                 flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0,
                 flip.n_segments, hq, hkv, g, lq, lk, n_chunks, chunk_size, km1, qk_scale, *strides,
-                BLOCK_M=block_m_sp, **common,
+                BLOCK_M=block_m_sp, **sparse_kw,
             )  # fmt: skip
     po_arg = po if po is not None else q
     plse_arg = plse if plse is not None else q
@@ -487,5 +517,5 @@ def _forward_slab(
         q, key, value, mask_arg, sel, po_arg, plse_arg, out, lse,
         hq, g, lq, lk, chunk_size, km1, qk_scale, *strides,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        BLOCK_M=block_m, **common,
+        BLOCK_M=block_m, **own_kw,
     )  # fmt: skip

@@ -1,0 +1,127 @@
+"""Time the Triton forward's launch configurations on the GPU: the data behind ``forward._fwd_config``'s choices.
+
+For each shape it times ``moba_forward_triton`` under every candidate configuration, with the per-kernel breakdown
+(so the own-chunk and key-major kernels can be chosen separately from one sweep), and checks each output against the
+first configuration's (a configuration that miscompiles is reported, not picked). Dense causal SDPA's forward is timed
+in the same run for scale. Results go to one JSON file.
+
+    python -m benchmarks.tune_forward --out-dir /tmp/out
+    python -m benchmarks.tune_forward --shapes 8K-C512-K3 --configs 128,64,8,3/64,64,4,3
+
+A configuration is ``block_m,block_n,warps,stages[,sp_block_m,sp_block_n,sp_warps,sp_stages]`` (the fields of
+``forward._FwdConfig``): four values set both kernels' tiles, eight set the own-chunk then the key-major kernel's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.attention import kernel_breakdown
+from benchmarks.common import environment, time_ms
+from benchmarks.tune_backward import parse_config
+
+# (name, B, H, L, chunk, topk)
+SHAPES = {
+    "8K-C512-K3": (1, 32, 8192, 512, 3),
+    "32K-C2048-K3": (1, 32, 32768, 2048, 3),
+    "FM-8K-C128-K8": (2, 16, 8192, 128, 8),
+    "FM-32K-C128-K8": (2, 16, 32768, 128, 8),
+    "64K-C4096-K12-H8": (1, 8, 65536, 4096, 12),
+}
+CONFIGS = [
+    "128,64,8,3",
+    "128,128,8,2",
+    "128,32,8,3",
+    "128,64,8,2",
+    "128,64,8,4",
+    "128,64,4,3",
+    "64,64,4,3",
+    "64,128,4,2",
+    "64,128,4,3",
+    "64,64,4,2",
+    "64,32,4,3",
+    "64,64,8,3",
+]
+
+
+def sweep_shape(shape: str, configs: list[str], base_config: Any, device: torch.device, rep: int) -> dict[str, Any]:
+    """Every configuration on one shape, timed and checked against the first configuration's output."""
+    from moba_compile.kernels import forward
+
+    b, h, n, chunk, topk = SHAPES[shape]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, 128, device=device, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    scale = 1 / math.sqrt(128)
+    entry: dict[str, Any] = {"B": b, "H": h, "L": n, "chunk": chunk, "topk": topk, "rows": []}
+    dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    entry["dense_forward_ms"] = time_ms(dense, device, 25, rep)
+    ref = None
+    for text in configs:
+        cfg = parse_config(text, base_config)
+        original = forward._fwd_config
+        forward._fwd_config = lambda *a, _cfg=cfg, **kw: _cfg
+        row: dict[str, Any] = {"config": text}
+        try:
+
+            def run() -> Any:
+                return forward.moba_forward_triton(q, k, v, chunk, topk, scale)
+
+            out, lse = run()
+            ref = (out, lse) if ref is None else ref
+            row["out_rel_diff"] = ((out.float() - ref[0].float()).abs().max() / ref[0].float().abs().max()).item()
+            row["lse_max_diff"] = (lse - ref[1]).abs().max().item()
+            row["forward_ms"] = time_ms(run, device, 25, rep)
+            row["kernels_ms"] = kernel_breakdown(run, device)
+        except Exception as exc:  # a configuration that does not compile (shared memory, registers) is data too
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        finally:
+            forward._fwd_config = original
+        entry["rows"].append(row)
+        kernels = {name[:18]: ms for name, ms in row.get("kernels_ms", {}).items() if "fwd_kernel" in name}
+        print(
+            f"{shape} {text:>24}: fwd={row.get('forward_ms', float('nan')):.4g} ms "
+            + " ".join(f"{name}={ms:.4g}" for name, ms in kernels.items())
+            + f" diff={row.get('out_rel_diff', float('nan')):.2g} {row.get('error', '')}",
+            flush=True,
+        )
+    print(f"{shape}: dense forward {entry['dense_forward_ms']:.3f} ms", flush=True)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
+    parser.add_argument("--configs", default="/".join(CONFIGS), help="slash-separated configurations")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench milliseconds per measurement")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the sweep needs a CUDA device")
+        return 2
+    from moba_compile.kernels import forward
+
+    device = torch.device("cuda")
+    env = environment(device)
+    base_config = forward._fwd_config(128, 128, torch.bfloat16, False)
+    record: dict[str, Any] = {"environment": env, "default": dataclasses.asdict(base_config), "shapes": {}}
+    out_path = Path(args.out_dir) / f"tune_forward-{env['gpu'].replace(' ', '_').lower()}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    configs = args.configs.split("/")
+    for shape in args.shapes.split(","):
+        record["shapes"][shape] = sweep_shape(shape, configs, base_config, device, args.rep)
+        out_path.write_text(json.dumps(record, indent=2))
+        torch.cuda.empty_cache()
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
