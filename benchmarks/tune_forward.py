@@ -25,7 +25,6 @@ import torch
 
 from benchmarks.attention import kernel_breakdown
 from benchmarks.common import environment, time_ms
-from benchmarks.tune_backward import parse_config
 
 # (name, B, H, L, chunk, topk)
 SHAPES = {
@@ -51,7 +50,17 @@ CONFIGS = [
 ]
 
 
-def sweep_shape(shape: str, configs: list[str], base_config: Any, device: torch.device, rep: int) -> dict[str, Any]:
+def parse_tiling(text: str) -> Any:
+    """A ``forward._FwdConfig`` from ``"m,n,w,s"`` (both kernels) or ``"m,n,w,s,m,n,w,s"`` (own chunk, key-major)."""
+    from moba_compile.kernels import forward
+
+    values = [int(x) for x in text.split(",")]
+    if len(values) not in (4, 8):
+        raise SystemExit(f"--configs: {text!r} needs 4 or 8 comma-separated ints")
+    return forward._FwdConfig(*values)  # absent key-major fields are 0: the own-chunk kernel's tiles
+
+
+def sweep_shape(shape: str, configs: list[str], device: torch.device, rep: int) -> dict[str, Any]:
     """Every configuration on one shape, timed and checked against the first configuration's output."""
     from moba_compile.kernels import forward
 
@@ -64,7 +73,7 @@ def sweep_shape(shape: str, configs: list[str], base_config: Any, device: torch.
     entry["dense_forward_ms"] = time_ms(dense, device, 25, rep)
     ref = None
     for text in configs:
-        cfg = parse_config(text, base_config)
+        cfg = parse_tiling(text)
         original = forward._fwd_config
         forward._fwd_config = lambda *a, _cfg=cfg, **kw: _cfg
         row: dict[str, Any] = {"config": text}
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     configs = args.configs.split("/")
     for shape in args.shapes.split(","):
-        record["shapes"][shape] = sweep_shape(shape, configs, base_config, device, args.rep)
+        record["shapes"][shape] = sweep_shape(shape, configs, device, args.rep)
         out_path.write_text(json.dumps(record, indent=2))
         torch.cuda.empty_cache()
     print(f"wrote {out_path}")

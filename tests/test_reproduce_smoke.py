@@ -134,3 +134,34 @@ def test_moba_pair_count_matches_the_reference_gate(length: int, chunk: int, top
     assert moba_pairs(length, chunk, topk) == attended
     if topk >= -(-length // chunk):
         assert attended == causal_pairs(length)
+
+
+def test_quick_scale_keeps_every_experiment_at_one_session_size() -> None:
+    """The ``--quick`` plan: the four experiments' structure, 200-step runs, sizes q1..q3, shared runs named once."""
+    quick = experiments(quick=True)
+    full = experiments()
+    assert list(quick) == list(full)
+    for name, exp in quick.items():
+        assert exp.metric == full[name].metric
+        assert {er.run.steps for er in exp.runs} == {200}
+        assert {er.run.batch_size * er.run.context for er in exp.runs} == {131072}
+    assert [er.run.name for er in quick["granularity"].runs][1:] == [
+        f"moba-8k-q2-blocks{b}-top{b // 4}" for b in (8, 16, 32, 64, 128)
+    ]
+    assert {er.run.n_layers for er in quick["scaling"].runs} == {2, 4, 6}
+    assert {er.run.dense_last for er in quick["hybrid"].runs} == {0, 1, 2}
+    runs = runs_by_name(list(quick.values()))
+    assert len(runs) == 19  # the shared full/MoBA runs of (a)/(c) and (b)/(d) are trained once
+    with pytest.raises(ValueError, match="pick one scale"):
+        experiments(smoke=True, quick=True)
+
+
+def test_quick_and_smoke_flags_are_exclusive_on_the_command_line() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "examples.reproduce", "--quick", "--smoke", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert res.returncode == 2 and "--smoke and --quick" in res.stderr

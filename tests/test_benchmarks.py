@@ -1,0 +1,45 @@
+"""The benchmark harnesses' CPU paths: configuration selection, skipped columns, tiling strings (no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_length_window_selects_the_long_flashmoba_configurations() -> None:
+    plan = run("-m", "benchmarks.attention", "--dry-run", "--suite", "flashmoba", "--min-len", "131072",
+               "--max-len", "262144")  # fmt: skip
+    rows = [line.split()[0] for line in plan.splitlines() if line.startswith("flashmoba-")]
+    assert rows == ["flashmoba-B2-H16-N128K-D128-C128-K8", "flashmoba-B2-H16-N256K-D128-C128-K8"]
+
+
+def test_backward_columns_skipped_above_the_length_limit_with_the_reason(tmp_path: Path) -> None:
+    run("-m", "benchmarks.attention", "--smoke", "--out-dir", str(tmp_path), "--backward-max-len", "128", "--no-flex")
+    (result,) = tmp_path.glob("attention-*.json")
+    rows = {r["seq_len"]: r for r in json.loads(result.read_text())["rows"]}
+    assert rows[128]["backward_ms"] is not None and "backward_ms" not in rows[128]["errors"]
+    assert rows[192]["backward_ms"] is None and rows[192]["fwd_bwd_ms"] is None
+    assert rows[192]["errors"]["dense_backward_ms"] == "skipped: N=192 > --backward-max-len 128"
+    assert rows[192]["forward_ms"] is not None  # the forward columns are still measured
+
+
+def test_forward_tiling_strings_set_both_kernels_or_each() -> None:
+    from benchmarks.tune_forward import parse_tiling
+
+    both = parse_tiling("128,32,8,2")
+    assert (both.block_m, both.block_n, both.num_warps, both.num_stages) == (128, 32, 8, 2)
+    assert both.sparse() == (128, 32, 8, 2)  # four values: the key-major kernel takes the same tiles
+    each = parse_tiling("64,64,4,3,128,128,8,2")
+    assert (each.block_m, each.num_warps) == (64, 4) and each.sparse() == (128, 128, 8, 2)
