@@ -153,6 +153,7 @@ def _plot_compute(ax: Any, exp: Experiment, logs: dict[str, dict[str, Any]]) -> 
                 grid, [a * g**b for g in grid], "--", color=colors[series], linewidth=1, label=f"fit: {a:.3g} C^{b:.3f}"
             )
     ax.set_xscale("log")
+    _compute_x_ticks(ax)
     _log_y(ax)
     ax.set_xlabel("training compute (PFLOP/s-days)")
     ax.set_ylabel(_METRIC_LABELS[exp.metric])
@@ -207,6 +208,13 @@ def _plot_hybrid(axes: Sequence[Any], exp: Experiment, logs: dict[str, dict[str,
         for i, v in enumerate(values):
             bar_ax.annotate(f"{v:.4f}", (v, i), textcoords="offset points", xytext=(3, -3), fontsize=7)
     bar_ax.set_xlabel(f"final {_METRIC_LABELS[exp.metric]}")
+
+
+def _compute_x_ticks(ax: Any) -> None:
+    """Decade labels only on the log compute axis: minor labels (2x10^-6 ...) overlap when runs span 1-2 decades."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _log_y(ax: Any) -> None:
