@@ -343,7 +343,7 @@ def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bo
     if d <= 128:
         # Timed on an H100 (benchmarks/tune_forward.py, 12 tilings x 5 shapes, results/tune_forward-*.json): the
         # own-chunk kernel is fastest at 64 rows x 64 keys over 4 warps (a [64, 128] fp32 accumulator = 64
-        # registers/thread; more programs per SM hide the merge's partial loads), 8-13% below the FlashAttention-2
+        # registers/thread; more programs per SM hide the merge's partial loads), 2-13% below the FlashAttention-2
         # setting of 128 rows over 8 warps at every shape. The key-major kernel likes 64-row tiles for chunks below
         # 1024 (-12% at 8K C512, -11% at C128) and 128-row tiles over 8 warps for longer lists (-4% at C2048, -3% at
         # C4096). 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) + Q. With a user mask the 64-bit mask
