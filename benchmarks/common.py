@@ -4,7 +4,9 @@ ahead-of-time compile check (registers and spills for ``sm_<arch>`` without a GP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -198,3 +200,51 @@ def print_compile_records(records: list[dict[str, Any]], name_width: int) -> int
         name = r["kernel"].ljust(name_width)
         print(f"{'ok ' if r['ok'] else 'FAIL'} {name} w{r['num_warps']} s{r['num_stages']} {detail}")
     return 0 if all(r["ok"] for r in records) else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiling sweeps (tune_forward, tune_backward)
+# ----------------------------------------------------------------------------------------------------------------------
+def run_tiling_sweep(
+    argv: list[str] | None,
+    *,
+    doc: str,
+    name: str,
+    shapes: dict[str, Any],
+    configs: list[str],
+    rep: int,
+    default: Callable[[], Any],
+    sweep: Callable[[str, list[str], torch.device, int], dict[str, Any]],
+) -> int:
+    """The command line of a tiling sweep: ``--shapes``, ``--configs``, ``--out-dir``, ``--rep``; one JSON file.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``). doc: the module docstring (its first paragraph is the help).
+        name: the JSON file's prefix. shapes: the shape table (its keys are the default ``--shapes``). configs: the
+            default configurations. rep: the default do_bench milliseconds. default: the launcher's default
+            configuration (a dataclass), recorded with the results. sweep: ``(shape, configs, device, rep)`` -> the
+            shape's results, written after every shape so a run cut short keeps what it measured.
+
+    Returns:
+        The exit code: 0, or 2 without a CUDA device.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(shapes), help=f"comma-separated names from {list(shapes)}")
+    parser.add_argument("--configs", default="/".join(configs), help="slash-separated configurations")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--rep", type=int, default=rep, help="do_bench milliseconds per measurement")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the sweep needs a CUDA device")
+        return 2
+    device = torch.device("cuda")
+    env = environment(device)
+    record: dict[str, Any] = {"environment": env, "default": dataclasses.asdict(default()), "shapes": {}}
+    out_path = Path(args.out_dir) / f"{name}-{env['gpu'].replace(' ', '_').lower()}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes.split(","):
+        record["shapes"][shape] = sweep(shape, args.configs.split("/"), device, args.rep)
+        out_path.write_text(json.dumps(record, indent=2))
+        torch.cuda.empty_cache()
+    print(f"wrote {out_path}")
+    return 0

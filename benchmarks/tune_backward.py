@@ -14,17 +14,14 @@ of ``backward._BwdConfig``); missing dQ fields keep the default's.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.attention import kernel_breakdown
-from benchmarks.common import environment, time_ms
+from benchmarks.common import run_tiling_sweep, time_ms
 
 # (name, B, H, L, chunk, topk)
 SHAPES = {
@@ -113,30 +110,18 @@ def sweep_shape(shape: str, configs: list[str], base_config: Any, device: torch.
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names from {list(SHAPES)}")
-    parser.add_argument("--configs", default="/".join(CONFIGS), help="slash-separated configurations")
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--rep", type=int, default=200, help="do_bench milliseconds per measurement")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: the sweep needs a CUDA device")
-        return 2
-    from moba_compile.kernels import backward
 
-    device = torch.device("cuda")
-    env = environment(device)
-    base_config = backward._bwd_config(128, 128, torch.bfloat16, False)
-    record: dict[str, Any] = {"environment": env, "default": dataclasses.asdict(base_config), "shapes": {}}
-    out_path = Path(args.out_dir) / f"tune_backward-{env['gpu'].replace(' ', '_').lower()}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    configs = args.configs.split("/")
-    for shape in args.shapes.split(","):
-        record["shapes"][shape] = sweep_shape(shape, configs, base_config, device, args.rep)
-        out_path.write_text(json.dumps(record, indent=2))
-        torch.cuda.empty_cache()
-    print(f"wrote {out_path}")
-    return 0
+    def default() -> Any:
+        from moba_compile.kernels import backward
+
+        return backward._bwd_config(128, 128, torch.bfloat16, False)
+
+    def sweep(shape: str, configs: list[str], device: torch.device, rep: int) -> dict[str, Any]:
+        return sweep_shape(shape, configs, default(), device, rep)
+
+    return run_tiling_sweep(
+        argv, doc=__doc__, name="tune_backward", shapes=SHAPES, configs=CONFIGS, rep=200, default=default, sweep=sweep
+    )
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ _SMOKE_SIZES = {
 }
 
 
-def _gpu_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw: Any) -> RunConfig:
+def _run(name: str, size: _Size, context: int, batch: int, steps: int, **kw: Any) -> RunConfig:
+    # The model and data shape from the size; the schedule and the rest from the scale's builder below.
     return RunConfig(
         name=name,
         n_layers=size.n_layers,
@@ -101,54 +102,24 @@ def _gpu_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw:
         context=context,
         batch_size=batch,
         steps=steps,
-        warmup_steps=max(1, steps // 20),
-        eval_every=max(1, steps // 8),
-        eval_batches=4,
-        log_every=10,
-        ckpt_every=max(1, steps // 8),
-        compiler="inductor",
         **kw,
     )
+
+
+def _gpu_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw: Any) -> RunConfig:
+    schedule = dict(warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 8), ckpt_every=max(1, steps // 8))
+    return _run(name, size, context, batch, steps, eval_batches=4, log_every=10, compiler="inductor", **schedule, **kw)
 
 
 def _quick_run(name: str, size: _Size, context: int, batch: int, **kw: Any) -> RunConfig:
-    return RunConfig(
-        name=name,
-        n_layers=size.n_layers,
-        d_model=size.d_model,
-        n_heads=size.n_heads,
-        lr=size.lr,
-        context=context,
-        batch_size=batch,
-        steps=_QUICK_STEPS,
-        warmup_steps=_QUICK_STEPS // 10,
-        eval_every=_QUICK_STEPS // 4,
-        eval_batches=4,
-        log_every=10,
-        ckpt_every=_QUICK_STEPS // 2,
-        compiler="aot_eager",
-        **kw,
-    )
+    steps = _QUICK_STEPS
+    schedule = dict(warmup_steps=steps // 10, eval_every=steps // 4, ckpt_every=steps // 2)
+    return _run(name, size, context, batch, steps, eval_batches=4, log_every=10, compiler="aot_eager", **schedule, **kw)
 
 
 def _smoke_run(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
-    return RunConfig(
-        name=name,
-        n_layers=size.n_layers,
-        d_model=size.d_model,
-        n_heads=size.n_heads,
-        lr=size.lr,
-        context=context,
-        batch_size=2,
-        steps=8,
-        warmup_steps=2,
-        eval_every=4,
-        eval_batches=1,
-        log_every=2,
-        ckpt_every=4,
-        compiler="aot_eager",
-        **kw,
-    )
+    schedule = dict(warmup_steps=2, eval_every=4, ckpt_every=4)
+    return _run(name, size, context, 2, 8, eval_batches=1, log_every=2, compiler="aot_eager", **schedule, **kw)
 
 
 def _size_label(size: _Size) -> str:
