@@ -13,6 +13,7 @@ import argparse
 import math
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -60,7 +61,10 @@ def profile_shape(shape: tuple[int, int, int, int, int], head_dim: int, backward
                 fn()
             torch.cuda.synchronize()
         events = prof.key_averages()
-        gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / reps
+        # Kernel rows only: an ATen op's row repeats the device time of the kernels it launched (the first run of this
+        # script printed 1.87 ms of "kernels" for a 0.90 ms dense SDPA call by summing both).
+        kernels = (e for e in events if e.device_type != DeviceType.CPU)
+        gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / reps
         label = f"B{b} H{h} N{n} C{c} K{k} D{head_dim} {name}"
         print(f"== {label}: wall {wall:.3f} ms/call, GPU kernels {gpu_ms:.3f} ms/call")
         print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
