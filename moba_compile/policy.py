@@ -20,7 +20,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -35,6 +35,7 @@ __all__ = ["DEFAULT_POLICY", "MODES", "Decision", "Policy", "PolicyError", "Rule
 MODES: tuple[str, ...] = ("moba", "dense")
 
 _REGEX_PREFIX = "re:"
+_AUTOMATIC_SOURCE = "<default>"  # the source of DEFAULT_POLICY, the policy used when none is given
 _SUFFIXES: tuple[str, ...] = (".toml", ".json")
 _TOP_KEYS: tuple[str, ...] = (
     "chunk_size",
@@ -181,6 +182,15 @@ def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
     return Rule(layers=layers, module=module, mode=mode, chunk_size=chunk_size, topk=topk)
 
 
+def _attention_order(num_layers: int | None, attention_layers: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The attention layers' indices in order: the ones given, else ``0 .. num_layers - 1``, else None (unknown)."""
+    if attention_layers is not None:
+        return tuple(sorted(set(attention_layers)))
+    if num_layers is not None:
+        return tuple(range(num_layers))
+    return None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The policy objects
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,14 +234,19 @@ class Rule:
         layers, _, _, _, _ = _check_rule("<Rule>", "", self.layers, self.module, self.mode, self.chunk_size, self.topk)
         object.__setattr__(self, "layers", layers)
 
-    def matches(self, module: str, layer: int | None, num_layers: int | None) -> bool:
+    def matches(
+        self, module: str, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
+    ) -> bool:
         """Whether this rule selects an attention site.
 
         Args:
             module: The site's module path (e.g. ``"model.layers.7.self_attn"``).
             layer: The site's 0-based layer index, or None if unknown (then no ``layers`` rule matches).
-            num_layers: The number of layers, used to resolve negative indices (``n + idx``); None if unknown
-                (then negative indices match nothing).
+            num_layers: The number of attention layers, used to resolve negative indices (``n + idx``) when
+                ``attention_layers`` is not given; None if unknown (then negative indices match nothing).
+            attention_layers: The layer indices of every attention layer of the model, in order (a hybrid model's
+                attention may sit in decoder layers 1 and 5 only). When given, a negative index counts attention
+                layers from the end: ``-1`` is ``attention_layers[-1]``.
 
         Returns:
             True if every selector the rule sets holds for the site.
@@ -248,12 +263,13 @@ class Rule:
         if self.layers is not None:
             if layer is None:
                 return False
+            order = _attention_order(num_layers, attention_layers)
             resolved = set()
             for idx in self.layers:
                 if idx >= 0:
                     resolved.add(idx)
-                elif num_layers is not None:
-                    resolved.add(num_layers + idx)
+                elif order is not None and -len(order) <= idx:
+                    resolved.add(order[idx])
             if layer not in resolved:
                 return False
         if self.module is not None:
@@ -315,13 +331,13 @@ class Decision:
         mode: ``"moba"`` or ``"dense"``.
         chunk_size: The MoBA chunk size (meaningful when ``mode == "moba"``, always >= 1).
         topk: The MoBA top-k (meaningful when ``mode == "moba"``, always >= 1).
-        reason: Why, in words: ``"default policy"``, ``"dense_last=3: layer 30 of 32 is among the last 3"``,
+        reason: Why, in words: ``"default policy"``, ``"dense_last=3: layer 30 is among the last 3 of 32 attention layers"``,
             ``"rule 0 (layers=[0])"``, ...
         rule_index: The index of the rule that matched, or None if no rule matched.
 
     Example:
         >>> DEFAULT_POLICY.decide("model.layers.31.self_attn", 31, 32).reason
-        'dense_last=3: layer 31 of 32 is among the last 3'
+        'dense_last=3: layer 31 is among the last 3 of 32 attention layers'
     """
 
     mode: str
@@ -349,7 +365,8 @@ class Policy:
         min_seq_len: Key sequences shorter than this run dense (>= 0; applied at run time by the backend).
         decode: ``"moba"`` or ``"dense"``: how decode steps (``Lq < Lk`` on a cache) of converted sites run.
         rules: Ordered rules.
-        source: Where the policy came from (file path, ``"<dict>"``, ``"<default>"``), for messages.
+        source: Where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` for one built in code), for
+            messages; ``"<default>"`` marks the automatic policy (:data:`DEFAULT_POLICY`, see :attr:`automatic`).
 
     Raises:
         PolicyError: Any field has a bad type or value.
@@ -368,10 +385,10 @@ class Policy:
     min_seq_len: int = 0
     decode: str = "moba"
     rules: tuple[Rule, ...] = ()
-    source: str = field(default="<default>", compare=False)
+    source: str = field(default="<Policy>", compare=False)
 
     def __post_init__(self) -> None:
-        where = "<Policy>" if self.source == "<default>" else str(self.source)
+        where = "<Policy>" if self.source == _AUTOMATIC_SOURCE else str(self.source)
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != 1:
             _fail(where, "version", self.version, "1")
         _check_int(where, "chunk_size", self.chunk_size, 1)
@@ -392,12 +409,55 @@ class Policy:
                 converted.append(_rule_from_mapping(where, i, rule))
         object.__setattr__(self, "rules", tuple(converted))
 
-    def default_decision(self, layer: int | None, num_layers: int | None) -> Decision:
+    @property
+    def automatic(self) -> bool:
+        """True for the automatic policy (none given: :data:`DEFAULT_POLICY`), the only one under which a site the
+        policy cannot serve exactly may fall back to dense SDPA; under any other policy such a site is an error."""
+        return self.source == _AUTOMATIC_SOURCE
+
+    def attention_order(
+        self, num_layers: int | None, attention_layers: Sequence[int] | None = None
+    ) -> tuple[int, ...] | None:
+        """The layer indices of the model's attention layers, in order, as the policy counts them.
+
+        ``dense_last``, negative ``layers`` and ``num_layers`` count attention layers (a hybrid model may have
+        attention in a few decoder layers only). The indices seen (``attention_layers``) are used when they are all of
+        them (``self.num_layers`` unset or equal to their count); else ``0 .. n - 1`` with ``n`` = ``self.num_layers``
+        or ``num_layers`` (every layer has attention; graph breaks may hide some); None when nothing is known.
+
+        Args:
+            num_layers: The number of attention layers the caller sees, or None.
+            attention_layers: The layer indices of the attention layers the caller sees, or None.
+
+        Returns:
+            A sorted tuple of layer indices, or None.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> Policy().attention_order(None, [5, 1])
+            (1, 5)
+            >>> Policy(num_layers=4).attention_order(2, [0, 1])
+            (0, 1, 2, 3)
+        """
+        if attention_layers is not None:
+            seen = tuple(sorted(set(attention_layers)))
+            if self.num_layers is None or len(seen) == self.num_layers:
+                return seen
+        n = self.num_layers if self.num_layers is not None else num_layers
+        return _attention_order(n, None)
+
+    def default_decision(
+        self, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
+    ) -> Decision:
         """The decision before any rule: MoBA with the top-level settings, dense for the last ``dense_last`` layers.
 
         Args:
             layer: The site's 0-based layer index, or None if unknown.
-            num_layers: The number of layers the graph shows; ``self.num_layers`` takes precedence when set.
+            num_layers: The number of attention layers the caller sees; ``self.num_layers`` takes precedence when set.
+            attention_layers: The layer indices of the attention layers the caller sees (see
+                :meth:`attention_order`); ``dense_last`` counts these from the end.
 
         Returns:
             The default :class:`Decision` (``rule_index`` None).
@@ -409,20 +469,25 @@ class Policy:
             >>> DEFAULT_POLICY.default_decision(29, 32).mode, DEFAULT_POLICY.default_decision(28, 32).mode
             ('dense', 'moba')
         """
-        n = self.num_layers if self.num_layers is not None else num_layers
+        order = self.attention_order(num_layers, attention_layers)
         if self.dense_last > 0:
-            if layer is not None and n is not None and layer >= n - self.dense_last:
-                reason = f"dense_last={self.dense_last}: layer {layer} of {n} is among the last {self.dense_last}"
+            if layer is not None and order is not None and layer in order[-self.dense_last :]:
+                reason = (
+                    f"dense_last={self.dense_last}: layer {layer} is among the last {self.dense_last} of "
+                    f"{len(order)} attention layers"
+                )
                 return Decision("dense", self.chunk_size, self.topk, reason, None)
             if layer is None:
                 reason = f"default policy (dense_last={self.dense_last} not applied: layer unknown)"
                 return Decision("moba", self.chunk_size, self.topk, reason, None)
-            if n is None:
+            if order is None:
                 reason = f"default policy (dense_last={self.dense_last} not applied: number of layers unknown)"
                 return Decision("moba", self.chunk_size, self.topk, reason, None)
         return Decision("moba", self.chunk_size, self.topk, "default policy", None)
 
-    def decide(self, module: str, layer: int | None, num_layers: int | None) -> Decision:
+    def decide(
+        self, module: str, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
+    ) -> Decision:
         """Decide one attention site: the default decision, then the first matching rule's overrides.
 
         The number of layers is ``self.num_layers`` if set, else ``num_layers``. The default decision is MoBA with
@@ -433,7 +498,10 @@ class Policy:
         Args:
             module: The site's module path (``""`` if none).
             layer: The site's 0-based layer index, or None if unknown.
-            num_layers: The number of layers the graph shows, or None if unknown.
+            num_layers: The number of attention layers the caller sees, or None if unknown.
+            attention_layers: The layer indices of every attention layer the caller sees, in any order (see
+                :meth:`attention_order`): ``dense_last`` and negative ``layers`` count these from the end, so a
+                hybrid model with attention in decoder layers 1 and 5 and ``dense_last = 1`` keeps layer 5 dense.
 
         Returns:
             The :class:`Decision`: mode, chunk size, top-k, reason, and the matching rule's index (or None).
@@ -446,10 +514,10 @@ class Policy:
             >>> policy.decide("model.layers.5.self_attn", 5, 32)
             Decision(mode='moba', chunk_size=4096, topk=3, reason="rule 0 (module='re:.*layers\\\\\\\\.(4|5)\\\\\\\\.self_attn')", rule_index=0)
         """  # noqa: E501
-        n = self.num_layers if self.num_layers is not None else num_layers
-        base = self.default_decision(layer, n)
+        order = self.attention_order(num_layers, attention_layers)
+        base = self.default_decision(layer, num_layers, attention_layers)
         for i, rule in enumerate(self.rules):
-            if not rule.matches(module, layer, n):
+            if not rule.matches(module, layer, None, order):
                 continue
             reason = self.describe_rule(i)
             if rule.mode is None and base.mode == "dense":
@@ -516,7 +584,7 @@ class Policy:
 
 
 #: The policy used when none is given: chunk 4096, top-k 12, last 3 layers dense (the MoBA paper's Llama-8B-1M setting).
-DEFAULT_POLICY = Policy()
+DEFAULT_POLICY = Policy(source=_AUTOMATIC_SOURCE)
 
 
 # --------------------------------------------------------------------------------------------------------------------

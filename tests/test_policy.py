@@ -494,7 +494,7 @@ def test_decide_dense_last() -> None:
     modes = [DEFAULT_POLICY.decide(f"model.layers.{i}.self_attn", i, 32).mode for i in range(32)]
     assert modes == ["moba"] * 29 + ["dense"] * 3
     d = DEFAULT_POLICY.decide("model.layers.30.self_attn", 30, 32)
-    assert d == Decision("dense", 4096, 12, "dense_last=3: layer 30 of 32 is among the last 3", None)
+    assert d == Decision("dense", 4096, 12, "dense_last=3: layer 30 is among the last 3 of 32 attention layers", None)
     assert Policy(dense_last=32).decide("x", 0, 32).mode == "dense"
     assert Policy(dense_last=100).decide("x", 0, 4).mode == "dense"
     assert [Policy(dense_last=1).decide("x", i, 2).mode for i in range(2)] == ["moba", "dense"]
@@ -514,7 +514,7 @@ def test_decide_num_layers_override() -> None:
     assert p.decide("x", 29, 16).mode == "dense"
     assert p.decide("x", 15, 16).mode == "moba"
     assert p.decide("x", 29, None).mode == "dense"
-    assert "layer 29 of 32" in p.decide("x", 29, 16).reason
+    assert "of 32 attention layers" in p.decide("x", 29, 16).reason
     # and it resolves negative rule indices too
     q = Policy(num_layers=10, dense_last=0, rules=(Rule(layers=(-1,), topk=1),))
     assert q.decide("x", 9, 40).rule_index == 0
@@ -750,3 +750,22 @@ def test_property_round_trip_and_decisions(
 def test_regex_escape_of_paths_matches_itself() -> None:
     path = "model.layers.7.self_attn"
     assert Rule(module="re:" + re.escape(path), mode="dense").matches(path, 7, 8)
+
+
+def test_dense_last_and_negative_layers_count_attention_layers():
+    # A hybrid model (Jamba-like) with attention in decoder layers 1 and 5 of 8: the last attention layer is 5.
+    p = Policy(dense_last=1)
+    assert p.decide("model.layers.5.self_attn", 5, 8, attention_layers=[1, 5]).mode == "dense"
+    assert p.decide("model.layers.1.self_attn", 1, 8, attention_layers=[1, 5]).mode == "moba"
+    rule = Policy(dense_last=0, rules=[{"layers": [-2], "mode": "dense"}])
+    assert rule.decide("a", 1, 8, attention_layers=[1, 5]).mode == "dense"
+    assert rule.decide("a", 5, 8, attention_layers=[1, 5]).mode == "moba"
+    # num_layers counts attention layers: when it equals the count seen, the indices seen are used.
+    assert Policy(dense_last=1, num_layers=2).decide("a", 5, None, attention_layers=[1, 5]).mode == "dense"
+
+
+def test_policy_built_in_code_is_not_the_automatic_policy():
+    assert DEFAULT_POLICY.automatic and load_policy(None).automatic
+    assert not Policy().automatic
+    assert Policy().source == "<Policy>"
+    assert not load_policy({}).automatic

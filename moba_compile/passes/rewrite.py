@@ -62,7 +62,7 @@ def _layer_independent(policy: Policy, site: SdpaSite, layer: int | None, num_la
         f"this graph starts inside a layer (module path {site.module!r} has no layer index), and Dynamo reuses it "
         f"for every layer of the same class, but the policy treats layers 0..{n - 1} differently"
     )
-    if policy.source == "<default>":
+    if policy.automatic:
         return replace(decision, mode="dense", reason=f"{why}: dense under the default policy")
     raise ValueError(
         f"{policy.source}: {why}. Compile the whole model in one graph, or compile each layer with its own backend "
