@@ -331,8 +331,8 @@ class Decision:
         mode: ``"moba"`` or ``"dense"``.
         chunk_size: The MoBA chunk size (meaningful when ``mode == "moba"``, always >= 1).
         topk: The MoBA top-k (meaningful when ``mode == "moba"``, always >= 1).
-        reason: Why, in words: ``"default policy"``, ``"dense_last=3: layer 30 is among the last 3 of 32 attention layers"``,
-            ``"rule 0 (layers=[0])"``, ...
+        reason: Why, in words: ``"default policy"``, ``"rule 0 (layers=[0])"``,
+            ``"dense_last=3: layer 30 is among the last 3 of 32 attention layers"``, ...
         rule_index: The index of the rule that matched, or None if no rule matched.
 
     Example:
