@@ -7,9 +7,12 @@ and the reason.
     moba-compile explain --hf-config tiny-llama --policy examples/policies/hybrid.toml --seq-len 512
     moba-compile explain --hf-config path/to/model_dir --mask-form
     moba-compile explain --factory mypkg.models:build --input-shape 2,1024
+    moba-compile explain --hf-config tiny-llama --json    # the report as JSON (Report.to_dict())
+    moba-compile --version
 
-Errors a user can fix (a missing file, a bad ``--factory`` string, a malformed policy, transformers not installed) are
-printed as one line on stderr and the command exits with status 2.
+Errors a user can fix (a missing file, a bad ``--factory`` string or a factory that needs arguments, a malformed
+policy, transformers not installed, an ``--impl`` the backend 'moba' cannot run here) are printed as one line on stderr
+and the command exits with status 2.
 
 The Hugging Face helpers here (:func:`load_hf_config`, :func:`build_hf_model`, :func:`hf_example_inputs`) are shared
 with ``examples/convert_hf.py``. transformers is imported lazily: it is an optional extra (``moba-compile[hf]``).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -269,6 +273,26 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return target
 
 
+def _check_callable_without_arguments(spec: str, factory: Callable[..., Any]) -> None:
+    """Raise a :class:`CliError` naming the parameters when ``factory()`` cannot bind (instead of its TypeError)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have no signature: the call itself will tell
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        required = [
+            name
+            for name, param in signature.parameters.items()
+            if param.default is param.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+        ]
+        raise CliError(
+            f"--factory {spec!r}: it needs arguments ({', '.join(required)}), but it is called without any; "
+            "give them defaults or point --factory at a function without parameters"
+        ) from None
+
+
 def _random_input(model: Any, shape: tuple[int, ...]) -> torch.Tensor:
     """Token ids below the first ``nn.Embedding``'s size when the model has one, else standard normal floats."""
     generator = torch.Generator().manual_seed(0)
@@ -297,13 +321,15 @@ def build_factory_model(spec: str, input_shape: tuple[int, ...] | None) -> tuple
         ``(model, args, description)``; an ``nn.Module`` is switched to ``eval()`` (dropout off, as in inference).
 
     Raises:
-        CliError: as :func:`load_factory`; the function returned something else; or it returned a bare model and no
-            ``input_shape`` was given.
+        CliError: as :func:`load_factory`; the function has parameters without defaults; it returned something else;
+            or it returned a bare model and no ``input_shape`` was given.
 
     Example:
         >>> model, args, what = build_factory_model("mypkg.models:build", (2, 128))  # doctest: +SKIP
     """
-    produced = load_factory(spec)()
+    factory = load_factory(spec)
+    _check_callable_without_arguments(spec, factory)
+    produced = factory()
     args: tuple[Any, ...] | None = None
     if isinstance(produced, tuple):
         if len(produced) != 2:
@@ -379,6 +405,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="MoBA (Mixture of Block Attention) through torch.compile: see what a policy does to a model.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     explain = commands.add_parser(
         "explain",
@@ -419,7 +446,37 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--compiler", choices=_COMPILERS, default="aot_eager", help="compiler after the rewrite (aot_eager)"
     )
+    explain.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object ({model, inputs, report}: report as Report.to_dict()) instead of the table",
+    )
     return parser
+
+
+def _version() -> str:
+    # The package's own literal (pyproject.toml's version is the same literal; a test keeps them equal): it answers
+    # from a source checkout too, where no installed metadata may exist.
+    from . import __version__
+
+    return __version__
+
+
+def _backend_user_error(err: BaseException) -> str | None:
+    """The one-line message for a backend failure the user can fix, or None for anything else (a bug: traceback)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    inner = err.inner_exception if isinstance(err, BackendCompilerFailed) else err
+    # An explicit impl the inputs cannot run raises RuntimeError("impl=... cannot run this call: <why>") from
+    # ops.resolve_impl: in the pass (wrapped by Dynamo) or in the op at run time (not wrapped).
+    if isinstance(inner, RuntimeError) and str(inner).startswith("impl="):
+        message = _first_line(inner)
+        if "TRITON_INTERPRET" in message:
+            message += " (on a CPU, use --impl auto or --impl reference, or set TRITON_INTERPRET=1 to interpret)"
+        return f"backend 'moba': {message}"
+    if inner is not err and isinstance(inner, (PolicyError, ValueError)):
+        return f"backend 'moba': {_first_line(inner)}"
+    return None
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -448,7 +505,16 @@ def _explain(args: argparse.Namespace) -> int:
             f"{arg.dtype} {list(arg.shape)}".replace("torch.", "") if isinstance(arg, torch.Tensor) else repr(arg)
             for arg in inputs
         )
-    report = explain(model, *inputs, policy=policy, impl=args.impl, compiler=args.compiler, **kwargs)
+    try:
+        report = explain(model, *inputs, policy=policy, impl=args.impl, compiler=args.compiler, **kwargs)
+    except RuntimeError as err:  # Dynamo's BackendCompilerFailed is a RuntimeError too
+        message = _backend_user_error(err)
+        if message is None:
+            raise
+        raise CliError(message) from None
+    if args.json:
+        print(json.dumps({"model": what, "inputs": shown, "report": report.to_dict()}, indent=2))
+        return 0
     print(f"model: {what}")
     print(f"inputs: {shown}")
     print(report)
@@ -462,9 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; None reads ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 on success; 2 for a usage error or a user-fixable problem (missing file, bad
-        ``--factory``, policy error, transformers missing), reported as one line on stderr without a traceback.
-        Errors raised by the model itself propagate.
+        The exit status: 0 on success (also for ``--help`` and ``--version``); 2 for a usage error or a user-fixable
+        problem (missing file, bad ``--factory`` or one that needs arguments, policy error, transformers missing, an
+        ``--impl`` the backend 'moba' cannot run on these inputs), reported as one line on stderr without a traceback.
+        Errors raised by the model itself, and backend failures that are bugs, propagate with their traceback.
 
     Example:
         >>> main(["explain", "--hf-config", "tiny-llama", "--seq-len", "64"])  # doctest: +SKIP

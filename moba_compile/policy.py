@@ -22,17 +22,19 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DEFAULT_POLICY", "MODES", "Decision", "Policy", "PolicyError", "Rule", "load_policy"]
+__all__ = ["DEFAULT_POLICY", "MODES", "Decision", "Mode", "Policy", "PolicyError", "Rule", "load_policy"]
 
-#: The two decisions a site can get.
-MODES: tuple[str, ...] = ("moba", "dense")
+#: The two decisions a site can get (a rule's ``mode``, a :class:`Decision`'s ``mode``, the policy's ``decode``).
+Mode = Literal["moba", "dense"]
+#: The values of :data:`Mode`, in the order messages list them.
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 _REGEX_PREFIX = "re:"
 _AUTOMATIC_SOURCE = "<default>"  # the source of DEFAULT_POLICY, the policy used when none is given
@@ -226,7 +228,7 @@ class Rule:
 
     layers: tuple[int, ...] | None = None
     module: str | None = None
-    mode: str | None = None
+    mode: Mode | None = None
     chunk_size: int | None = None
     topk: int | None = None
 
@@ -340,7 +342,7 @@ class Decision:
         'dense_last=3: layer 31 is among the last 3 of 32 attention layers'
     """
 
-    mode: str
+    mode: Mode
     chunk_size: int
     topk: int
     reason: str
@@ -383,7 +385,7 @@ class Policy:
     dense_last: int = 3
     num_layers: int | None = None
     min_seq_len: int = 0
-    decode: str = "moba"
+    decode: Mode = "moba"
     rules: tuple[Rule, ...] = ()
     source: str = field(default="<Policy>", compare=False)
 

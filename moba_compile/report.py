@@ -1,10 +1,34 @@
-"""What the pass decided at every SDPA site, as records and as a readable table."""
+"""What the pass decided at every SDPA site: records, a table that fits 120 columns, and a JSON-ready dict.
+
+Example:
+    >>> report = Report([SiteRecord("layers.0.attn", 0, "moba", 64, 2, "default policy", form="is_causal",
+    ...                             impl="reference")])
+    >>> print(report)
+    moba-compile report: 1 of 1 attention sites on MoBA
+    policy: <default>
+    graph  layer  module         decision  chunk  topk  form       impl       reason
+    -----  -----  -------------  --------  -----  ----  ---------  ---------  ------
+    0      0      layers.0.attn  moba      64     2     is_causal  reference  default policy
+    >>> report.to_dict()["sites"][0]["decision"]
+    'moba'
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import textwrap
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
-__all__ = ["SiteRecord", "Report"]
+from .policy import MODES, Mode
+
+__all__ = ["SiteRecord", "Report", "TABLE_WIDTH"]
+
+#: The width ``str(report)`` keeps its lines within (a module path longer than about 50 characters can exceed it).
+TABLE_WIDTH = 120
+
+_HEADER = ("graph", "layer", "module", "decision", "chunk", "topk", "form", "impl", "reason")
+# Marks an effectively dense MoBA site in the decision column; the legend under the table says what it means.
+_EFFECTIVELY_DENSE_MARK = "*"
 
 
 @dataclass(frozen=True)
@@ -18,14 +42,25 @@ class SiteRecord:
         chunk_size, topk: the MoBA parameters of a converted site; None for dense sites.
         reason: why, in words (policy rule, default, or what made the call unconvertible).
         form: how the call was recognised: ``"is_causal"``, ``"mask"``, ``"kv-cache"``, or ``"-"``.
-        impl: ``"triton"`` or ``"reference"`` for converted sites, with the reason when the Triton kernels cannot run.
+        impl: ``"triton"`` or ``"reference"`` for converted sites, with the reason when the Triton kernels cannot run;
+            always ``"-"`` for a dense site (set so on construction: a dense site runs SDPA, not a MoBA kernel).
         graph: index of the compiled graph (graph breaks give several) the site belongs to.
         mask_tag: identifier of the shared run-time mask check, when the site has one.
+        effectively_dense: a MoBA site whose top-k covers every chunk of its key length
+            (``topk * chunk_size >= key length``, known when the length is static): it computes exactly dense causal
+            attention, so MoBA saves nothing there. Always False for a dense site. The table marks it ``moba*``.
+
+    Raises:
+        ValueError: ``decision`` is not ``"moba"`` or ``"dense"``.
+
+    Example:
+        >>> SiteRecord("layers.3.attn", 3, "dense", None, None, "dense_last=1", impl="reference").impl
+        '-'
     """
 
     module: str
     layer: int | None
-    decision: str
+    decision: Mode
     chunk_size: int | None
     topk: int | None
     reason: str
@@ -33,15 +68,34 @@ class SiteRecord:
     impl: str = "-"
     graph: int = 0
     mask_tag: str | None = None
+    effectively_dense: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decision not in MODES:
+            raise ValueError(f"SiteRecord.decision = {self.decision!r} is not valid; allowed: 'moba', 'dense'")
+        if self.decision == "dense":
+            # A site that ended dense (by policy, or by a run-time mask check after a MoBA plan) runs SDPA: a kernel
+            # name or an effectively-dense flag carried over from the plan would misreport it.
+            object.__setattr__(self, "impl", "-")
+            object.__setattr__(self, "effectively_dense", False)
 
 
 @dataclass
 class Report:
     """Every decision of one compilation (all its graphs), plus the policy rules that matched no site.
 
-    ``str(report)`` is a table; ``report.sites`` are :class:`SiteRecord`; ``report.unmatched_rules`` are rule
-    descriptions. ``report.moba_sites`` / ``report.dense_sites`` filter by decision.
-    """
+    ``str(report)`` is a table within :data:`TABLE_WIDTH` columns (see :meth:`format`); :meth:`to_dict` is the same
+    content for machines. ``report.sites`` are :class:`SiteRecord`; ``report.unmatched_rules`` are rule descriptions.
+
+    Attributes:
+        sites: one record per SDPA call, in graph order.
+        unmatched_rules: descriptions (``Policy.describe_rule``) of the policy rules that matched no site.
+        policy_source: where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` or ``"<default>"``).
+
+    Example:
+        >>> Report().to_dict()
+        {'policy_source': '<default>', 'num_sites': 0, 'num_moba': 0, 'num_effectively_dense': 0, 'sites': [], 'unmatched_rules': []}
+    """  # noqa: E501
 
     sites: list[SiteRecord] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)
@@ -49,16 +103,36 @@ class Report:
 
     @property
     def moba_sites(self) -> list[SiteRecord]:
+        """The sites converted to MoBA (``decision == "moba"``), effectively dense ones included."""
         return [s for s in self.sites if s.decision == "moba"]
 
     @property
     def dense_sites(self) -> list[SiteRecord]:
+        """The sites left on dense SDPA (``decision == "dense"``)."""
         return [s for s in self.sites if s.decision == "dense"]
+
+    @property
+    def effectively_dense_sites(self) -> list[SiteRecord]:
+        """The MoBA sites whose top-k covers every chunk (``effectively_dense``): dense attention computed as MoBA."""
+        return [s for s in self.sites if s.effectively_dense]
 
     def with_mask_observations(self, observed: dict[str, int], dense_reasons: dict[int, str]) -> Report:
         """A copy in which sites whose shared mask was found unfit for MoBA at run time are reported dense.
 
-        ``observed`` maps mask-check tags to the kind seen; ``dense_reasons`` maps the kinds that run dense to why.
+        Args:
+            observed: mask-check tags (``SiteRecord.mask_tag``) mapped to the mask kind seen at run time.
+            dense_reasons: the mask kinds that run dense SDPA, mapped to why.
+
+        Returns:
+            A new report; the matching MoBA sites become dense with that reason (and no chunk size, top-k or impl).
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> site = SiteRecord("a", 0, "moba", 8, 2, "default policy", impl="reference", mask_tag="g0:m:0")
+            >>> Report([site]).with_mask_observations({"g0:m:0": 2}, {2: "mask not causal"}).sites[0].impl
+            '-'
         """
         sites = []
         for s in self.sites:
@@ -68,39 +142,24 @@ class Report:
             sites.append(s)
         return Report(sites=sites, unmatched_rules=list(self.unmatched_rules), policy_source=self.policy_source)
 
-    def __str__(self) -> str:
-        header = ("graph", "layer", "module", "decision", "chunk", "topk", "form", "impl", "reason")
-        rows = [
-            (
-                str(s.graph),
-                "-" if s.layer is None else str(s.layer),
-                s.module or "-",
-                s.decision,
-                "-" if s.chunk_size is None else str(s.chunk_size),
-                "-" if s.topk is None else str(s.topk),
-                s.form,
-                s.impl,
-                s.reason,
-            )
-            for s in self.sites
-        ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
-        lines = [
-            f"moba-compile report (policy: {self.policy_source}): {len(self.moba_sites)} of {len(self.sites)} "
-            "attention sites on MoBA",
-            fmt.format(*header),
-            fmt.format(*("-" * w for w in widths[:-1]), "-" * len(header[-1])),
-        ]
-        lines += [fmt.format(*r) for r in rows]
-        if not rows:
-            lines.append("(no scaled_dot_product_attention call found)")
-        if self.unmatched_rules:
-            lines.append("rules that matched no site: " + "; ".join(self.unmatched_rules))
-        return "\n".join(lines)
-
     def merge(self, other: Report) -> Report:
-        """The sites of both, and the rules that matched no site in either."""
+        """The sites of both, and the rules that matched no site in either.
+
+        Args:
+            other: the report of a later graph of the same compilation.
+
+        Returns:
+            A new report with ``self.sites + other.sites``; a rule is unmatched only if it matched nothing in both
+            (a report without sites says nothing about rules); ``policy_source`` is ``other``'s.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> site = SiteRecord("layers.0.attn", 0, "moba", 8, 2, "default policy")
+            >>> Report([site], ["rule 0 (layers=[9])"]).merge(Report()).unmatched_rules
+            ['rule 0 (layers=[9])']
+        """
         if not self.sites:
             unmatched = list(other.unmatched_rules)
         elif not other.sites:
@@ -108,3 +167,125 @@ class Report:
         else:
             unmatched = [r for r in self.unmatched_rules if r in other.unmatched_rules]
         return Report(sites=self.sites + other.sites, unmatched_rules=unmatched, policy_source=other.policy_source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain data that ``json.dumps`` accepts (``moba-compile explain --json`` prints it).
+
+        Returns:
+            ``{"policy_source", "num_sites", "num_moba", "num_effectively_dense", "sites", "unmatched_rules"}``;
+            each entry of ``sites`` holds every :class:`SiteRecord` field by name (``None`` for unknown values), in
+            the order of ``report.sites``.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> import json
+            >>> site = SiteRecord("layers.0.attn", 0, "dense", None, None, "rule 0 (layers=[0])")
+            >>> json.dumps(Report([site]).to_dict()["sites"][0]["reason"])
+            '"rule 0 (layers=[0])"'
+        """
+        return {
+            "policy_source": self.policy_source,
+            "num_sites": len(self.sites),
+            "num_moba": len(self.moba_sites),
+            "num_effectively_dense": len(self.effectively_dense_sites),
+            "sites": [asdict(s) for s in self.sites],
+            "unmatched_rules": list(self.unmatched_rules),
+        }
+
+    def format(self, width: int = TABLE_WIDTH) -> str:
+        """The report as a table whose lines stay within ``width`` columns.
+
+        A reason that would push its row past ``width`` is replaced by a note number (``[1]``) and written in full,
+        wrapped, under the table; sites with the same reason share one note. Only a module path or impl note too long
+        to fit even then can make a row wider. An effectively dense MoBA site reads ``moba*`` in the decision column,
+        explained by a line under the table.
+
+        Args:
+            width: the line width to keep within (``str(report)`` uses :data:`TABLE_WIDTH`, 120).
+
+        Returns:
+            The counts, the policy's source, the table, then any notes, the ``moba*`` legend and the rules that matched
+            no site, joined by newlines.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> site = SiteRecord("layers.1.attn", 1, "moba", 64, 2, "default policy; " + "x " * 60, impl="reference")
+            >>> print(Report([site]).format(width=80))  # doctest: +NORMALIZE_WHITESPACE
+            moba-compile report: 1 of 1 attention sites on MoBA
+            policy: <default>
+            graph  layer  module         decision  chunk  topk  form  impl       reason
+            -----  -----  -------------  --------  -----  ----  ----  ---------  ------
+            0      1      layers.1.attn  moba      64     2     -     reference  [1]
+            notes:
+            [1] default policy; x x x x x x x x x x x x x x x x x x x x x x x x x x x x x x x x
+                x x x x x x x x x x x x x x x x x x x x x x x x x x x x
+        """
+        cells = [
+            (
+                str(s.graph),
+                "-" if s.layer is None else str(s.layer),
+                s.module or "-",
+                s.decision + (_EFFECTIVELY_DENSE_MARK if s.effectively_dense else ""),
+                "-" if s.chunk_size is None else str(s.chunk_size),
+                "-" if s.topk is None else str(s.topk),
+                s.form,
+                s.impl,
+            )
+            for s in self.sites
+        ]
+        widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(_HEADER[:-1])]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+        notes: dict[str, int] = {}  # reason -> note number, in order of first use
+        rows = []
+        for row, site in zip(cells, self.sites):
+            line = fmt.format(*row, site.reason)
+            if len(line) > width:
+                number = notes.setdefault(site.reason, len(notes) + 1)
+                line = fmt.format(*row, f"[{number}]")
+            rows.append(line.rstrip())
+        # The counts come first, on a line of their own: a long policy path on the same line would push them away.
+        summary = f"moba-compile report: {len(self.moba_sites)} of {len(self.sites)} attention sites on MoBA"
+        if self.effectively_dense_sites:
+            summary += f" ({len(self.effectively_dense_sites)} effectively dense)"
+        lines = [
+            summary,
+            f"policy: {self.policy_source}",
+            fmt.format(*_HEADER),
+            fmt.format(*("-" * w for w in widths), "-" * len(_HEADER[-1])),
+            *rows,
+        ]
+        if not rows:
+            lines.append("(no scaled_dot_product_attention call found)")
+        if notes:
+            lines.append("notes:")
+            for reason, number in notes.items():
+                lines += _wrap(reason, width, f"[{number}] ")
+        if self.effectively_dense_sites:
+            legend = (
+                f"moba{_EFFECTIVELY_DENSE_MARK}: effectively dense: topk * chunk_size covers every chunk of the key "
+                "length, so MoBA computes exactly dense causal attention there (a smaller chunk_size or topk, or a "
+                "longer sequence, makes it sparse)"
+            )
+            lines += _wrap(legend, width, "")
+        if self.unmatched_rules:
+            lines += _wrap("rules that matched no site: " + "; ".join(self.unmatched_rules), width, "")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _wrap(text: str, width: int, first: str) -> list[str]:
+    # Regexes and module paths have no spaces: never split inside a word (a long one overflows rather than breaks).
+    return textwrap.wrap(
+        text,
+        width,
+        initial_indent=first,
+        subsequent_indent=" " * len(first),
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [first.rstrip()]

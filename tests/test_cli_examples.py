@@ -77,6 +77,10 @@ def build_bare():
 
 def build_wrong():
     return 42
+
+
+def build_sized(n_layers, *extra, width=32, **options):
+    return Net()
 """
 
 
@@ -105,13 +109,28 @@ def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 
 def _rows(out: str) -> dict[str, list[str]]:
-    """Report rows by module path: [graph, layer, module, decision, chunk, topk, form, impl, reason]."""
+    """Report rows by module path: [graph, layer, module, decision, chunk, topk, form, impl, reason].
+
+    A reason moved under the table as a note (``[2]`` in the row) is replaced by the note's text, unwrapped.
+    """
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("graph  layer"))
+    notes: dict[str, str] = {}
+    if "notes:" in lines:
+        number = ""
+        for line in lines[lines.index("notes:") + 1 :]:
+            found = re.match(r"(\[\d+\]) (.*)", line)
+            if found:
+                number, notes[found[1]] = found[1], found[2]
+            elif line.startswith("    ") and number:
+                notes[number] += " " + line.strip()
+            else:
+                break
     rows = {}
     for line in lines[start + 2 :]:
         cells = re.split(r"\s{2,}", line.strip())
         if len(cells) == 9:
+            cells[8] = notes.get(cells[8], cells[8])
             rows[cells[2]] = cells
     return rows
 
@@ -193,6 +212,8 @@ def test_explain_factory_pair_and_input_shape(
         (["--factory", "moba_cli_factory:missing"], "has no attribute 'missing'"),
         (["--factory", "moba_cli_factory:build_bare"], "without example inputs; pass --input-shape"),
         (["--factory", "moba_cli_factory:build_wrong"], "returned int; expected an nn.Module"),
+        (["--factory", "moba_cli_factory:build_sized"], "build_sized': it needs arguments (n_layers)"),
+        (["--factory", "moba_cli_factory:Attn"], "it needs arguments (causal)"),
         (["--factory", "{tmp}/nope.py:build"], "nope.py: no such file"),
         (["--factory", "moba_cli_factory:build", "--seq-len", "8"], "--seq-len: only with --hf-config"),
         (["--hf-config", "tiny-llama", "--policy", "{tmp}/missing.toml"], "missing.toml: policy file not found"),
@@ -214,6 +235,57 @@ def test_explain_errors_exit_2_with_one_line(
     assert "Traceback" not in captured.err
     errors = [line for line in captured.err.splitlines() if "error:" in line]
     assert len(errors) == 1, captured.err
+
+
+@pytest.mark.parametrize(
+    ("interpret", "why"),
+    [("0", "CPU tensors need TRITON_INTERPRET=1"), ("1", "chunk_size 8 is not a multiple of 16")],
+    ids=["cpu-not-interpreted", "unsupported-chunk"],
+)
+def test_explain_impl_triton_that_cannot_run_is_one_line(
+    interpret: str,
+    why: str,
+    factory_dir: Path,
+    policy_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # It printed Dynamo's 48-line BackendCompilerFailed traceback and exited 1.
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    argv = ["explain", "--factory", "moba_cli_factory:build", "--policy", policy_file, "--impl", "triton"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("moba-compile: error: backend 'moba': impl='triton' cannot run this call: ")
+    assert why in captured.err
+
+
+def test_explain_backend_bug_keeps_its_traceback(
+    factory_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only errors the user can fix become one line; a failure inside the backend is a bug and must stay visible.
+    import moba_compile.backend
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("bug in the pass")
+
+    monkeypatch.setattr(moba_compile.backend, "rewrite_sdpa", broken)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="bug in the pass"):
+        main(["explain", "--factory", "moba_cli_factory:build"])
+
+
+def test_explain_json(factory_dir: Path, policy_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--factory", "moba_cli_factory:build", "--policy", policy_file, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "Net from moba_cli_factory:build" and data["inputs"] == "int64 [1, 40]"
+    report = data["report"]
+    assert report["policy_source"] == policy_file
+    assert (report["num_sites"], report["num_moba"]) == (3, 1)
+    sites = {s["module"]: s for s in report["sites"]}
+    assert sites["blocks.0"]["decision"] == "dense" and "non-causal" in sites["blocks.0"]["reason"]
+    assert (sites["blocks.1"]["decision"], sites["blocks.1"]["chunk_size"], sites["blocks.1"]["topk"]) == ("moba", 8, 2)
+    assert sites["blocks.1"]["impl"].startswith("reference") and sites["blocks.2"]["impl"] == "-"
 
 
 def test_explain_without_transformers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
