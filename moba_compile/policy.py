@@ -29,7 +29,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DEFAULT_POLICY", "MODES", "Decision", "Mode", "Policy", "PolicyError", "Rule", "load_policy"]
+__all__ = ["DEFAULT_POLICY", "MAX_INT", "MODES", "Decision", "Mode", "Policy", "PolicyError", "Rule", "load_policy"]
+
+#: The largest value of every integer in a policy (``chunk_size``, ``topk``, ``dense_last``, ``num_layers``,
+#: ``min_seq_len``, a rule's ``chunk_size``/``topk``) and the largest magnitude of a layer index: 2**31 - 1. No run
+#: has a longer key sequence (one bf16 head of 2**31 keys at head dim 128 is 512 GiB) or more layers, so a larger
+#: value can only mean the same as this one (one chunk, every chunk, always dense) or be a typo; and above the int64
+#: range the ops' integer arguments take, it would fail inside the compiled graph instead of here.
+MAX_INT = 2**31 - 1
 
 #: The two decisions a site can get (a rule's ``mode``, a :class:`Decision`'s ``mode``, the policy's ``decode``).
 Mode = Literal["moba", "dense"]
@@ -86,8 +93,8 @@ def _fail(where: str, path: str, value: object, allowed: str) -> NoReturn:
 
 
 def _check_int(where: str, path: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(where, path, value, f"an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
+        _fail(where, path, value, f"an integer from {minimum} to {MAX_INT}")
     return value
 
 
@@ -117,8 +124,13 @@ def _check_layers(where: str, path: str, value: object) -> tuple[int, ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)) or not value:
         _fail(where, path, value, allowed)
     for i, idx in enumerate(value):
-        if isinstance(idx, bool) or not isinstance(idx, int):
-            _fail(where, f"{path}[{i}]", idx, "an integer layer index (negative counts from the end)")
+        if isinstance(idx, bool) or not isinstance(idx, int) or not -MAX_INT <= idx <= MAX_INT:
+            _fail(
+                where,
+                f"{path}[{i}]",
+                idx,
+                f"an integer layer index from -{MAX_INT} to {MAX_INT} (negative counts from the end)",
+            )
     return tuple(value)
 
 
@@ -212,8 +224,8 @@ class Rule:
         module: An exact module path (``"model.layers.3.self_attn"``), or ``"re:"`` followed by a regex that must
             match the whole path (``re.fullmatch``).
         mode: ``"moba"``, ``"dense"``, or None to keep the default decision's mode.
-        chunk_size: MoBA chunk size (>= 1), or None to keep the default.
-        topk: MoBA top-k (>= 1, counts the query's own chunk), or None to keep the default.
+        chunk_size: MoBA chunk size (1 to :data:`MAX_INT`), or None to keep the default.
+        topk: MoBA top-k (1 to :data:`MAX_INT`, counts the query's own chunk), or None to keep the default.
 
     Raises:
         PolicyError: A field has a bad type or value, or the rule has no selector or no setting.
@@ -359,7 +371,7 @@ class Policy:
 
     Args:
         version: Schema version; must be 1.
-        chunk_size: Default MoBA chunk size (>= 1).
+        chunk_size: Default MoBA chunk size (1 to :data:`MAX_INT`, as every integer here).
         topk: Default MoBA top-k (>= 1, counts the query's own chunk).
         dense_last: The last ``dense_last`` layers run dense attention (>= 0; needs a known number of layers).
         num_layers: The model's number of attention layers, overriding the count the graph shows (needed where

@@ -252,8 +252,9 @@ def test_bad_spec_type() -> None:
 # Top-level validation: every key, every kind of bad value
 # --------------------------------------------------------------------------------------------------------------------
 
-POS_INT = "an integer >= 1"
-NONNEG_INT = "an integer >= 0"
+POS_INT = "an integer from 1 to 2147483647"
+NONNEG_INT = "an integer from 0 to 2147483647"
+LAYER_INDEX = "an integer layer index from -2147483647 to 2147483647 (negative counts from the end)"
 
 
 @pytest.mark.parametrize(
@@ -316,6 +317,52 @@ def test_constructor_validates(kwargs: dict[str, object], key: str) -> None:
         Policy(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(PolicyError, match=rf"^my\.toml: {key} = "):
         Policy(**kwargs, source="my.toml")  # type: ignore[arg-type]
+
+
+# Item 7 of "no policy or result is silently wrong": chunk_size = 2**31 loaded, then asked for 512 GB inside the op;
+# values no run can use fail at load time, naming the file, the key and the value.
+@pytest.mark.parametrize("key", ["chunk_size", "topk", "dense_last", "num_layers", "min_seq_len"])
+@pytest.mark.parametrize("value", [2**31, 2**63 - 1, 10**30], ids=["2^31", "int64-max", "1e30"])
+def test_top_level_values_above_the_cap(key: str, value: int, tmp_path: Path) -> None:
+    allowed = NONNEG_INT if key in ("dense_last", "min_seq_len") else POS_INT
+    assert error_of({key: value}) == f"<dict>: {key} = {value!r} is not valid; allowed: {allowed}"
+    if value < 2**63:  # TOML integers are int64
+        path = write(tmp_path, "big.toml", f"{key} = {value}\n")
+        assert error_of(path) == f"{path}: {key} = {value!r} is not valid; allowed: {allowed}"
+    path = write(tmp_path, "big.json", json.dumps({key: value}))
+    assert error_of(path) == f"{path}: {key} = {value!r} is not valid; allowed: {allowed}"
+
+
+@pytest.mark.parametrize("key", ["chunk_size", "topk"])
+def test_rule_values_above_the_cap(key: str, tmp_path: Path) -> None:
+    path = write(tmp_path, "p.toml", f"[[rules]]\nlayers = [1]\n{key} = 2147483648\n")
+    assert error_of(path) == f"{path}: rules[0].{key} = 2147483648 is not valid; allowed: {POS_INT}"
+    with pytest.raises(PolicyError) as info:
+        Rule(layers=(0,), **{key: 2**31})  # type: ignore[arg-type]
+    assert str(info.value) == f"<Rule>: {key} = 2147483648 is not valid; allowed: {POS_INT}"
+
+
+@pytest.mark.parametrize("index", [2**31, -(2**31), 10**19])
+def test_layer_index_beyond_the_cap(index: int) -> None:
+    msg = rule_error({"layers": [0, index], "mode": "dense"}, index=0)
+    assert msg == f"<dict>: rules[0].layers[1] = {index!r} is not valid; allowed: {LAYER_INDEX}"
+
+
+def test_the_cap_itself_is_valid() -> None:
+    cap = policy_mod.MAX_INT
+    assert cap == 2**31 - 1
+    p = load_policy(
+        {
+            "chunk_size": cap,
+            "topk": cap,
+            "dense_last": cap,
+            "num_layers": cap,
+            "min_seq_len": cap,
+            "rules": [{"layers": [cap, -cap], "chunk_size": cap, "topk": cap}],
+        }
+    )
+    assert (p.chunk_size, p.topk, p.rules[0].layers) == (cap, cap, (cap, -cap))
+    assert load_policy(p.to_dict()) == p
 
 
 def test_valid_edge_values() -> None:
@@ -408,10 +455,7 @@ def test_rule_bad_values(key: str, value: object, allowed: str) -> None:
 @pytest.mark.parametrize("bad", [True, "1", 1.0, None, [0]])
 def test_rule_bad_layer_entry(bad: object) -> None:
     msg = rule_error({"layers": [0, bad], "mode": "dense"}, index=0)
-    assert msg == (
-        f"<dict>: rules[0].layers[1] = {bad!r} is not valid; "
-        "allowed: an integer layer index (negative counts from the end)"
-    )
+    assert msg == (f"<dict>: rules[0].layers[1] = {bad!r} is not valid; allowed: {LAYER_INDEX}")
 
 
 def test_rule_bad_regex() -> None:
@@ -461,7 +505,7 @@ def test_rule_not_a_table(bad: object) -> None:
     ("kwargs", "pattern"),
     [
         ({"layers": (0,), "mode": "sparse"}, r"^<Rule>: mode = 'sparse' is not valid; allowed: 'moba', 'dense'$"),
-        ({"layers": (0,), "topk": 0}, r"^<Rule>: topk = 0 is not valid; allowed: an integer >= 1$"),
+        ({"layers": (0,), "topk": 0}, r"^<Rule>: topk = 0 is not valid; allowed: an integer from 1 to 2147483647$"),
         ({"layers": (0,), "chunk_size": True}, r"^<Rule>: chunk_size = True is not valid"),
         ({"layers": (), "mode": "dense"}, r"^<Rule>: layers = \(\) is not valid"),
         ({"layers": (True,), "mode": "dense"}, r"^<Rule>: layers\[0\] = True is not valid"),
