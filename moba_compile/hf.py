@@ -52,7 +52,6 @@ class MobaAttention:
     impl: str = "auto"
     skip_cudnn_in_decode: bool = True
     _records: dict[tuple[int | None, str], SiteRecord] = field(default_factory=dict)
-    _mask_cache: tuple[tuple, Tensor] | None = None
 
     def report(self) -> Report:
         """One record per (layer, kind of call), the latest call's: prefill/training and decode are listed apart."""
@@ -81,13 +80,11 @@ class MobaAttention:
         return None
 
     def _mask_kind(self, mask: Tensor, query: Tensor, key: Tensor) -> Tensor:
-        # Every layer of a forward gets the same mask tensor: analyse it once (outside torch.compile tracing).
-        if torch.compiler.is_compiling():
-            return torch.ops.moba.analyse_mask(mask, query, key, "")
-        sig = (mask.data_ptr(), tuple(mask.shape), mask._version, query.shape[2], key.shape[2])
-        if self._mask_cache is None or self._mask_cache[0] != sig:
-            self._mask_cache = (sig, torch.ops.moba.analyse_mask(mask, query, key, ""))
-        return self._mask_cache[1]
+        # Classified from the mask of this very call. A cache keyed on the tensor's storage, shape and version counter
+        # was wrong twice: inference tensors have no version counter (torch.inference_mode raised), and a buffer
+        # refilled in place through numpy keeps all three while its content changes (a bidirectional mask was then
+        # served as the causal one it replaced).
+        return torch.ops.moba.analyse_mask(mask, query, key, "")
 
     def __call__(
         self,
@@ -113,17 +110,18 @@ class MobaAttention:
             reason = "decode over the KV cache, and the policy has decode = 'dense'"
         if reason is None and key.shape[2] < self.policy.min_seq_len:
             reason = f"key length {key.shape[2]} < min_seq_len {self.policy.min_seq_len}"
+        dense_args = (module, layer, decode, query, key, value, attention_mask, dropout, scaling, kwargs)
         if reason is not None:
-            self._record(module, layer, decode, decision="dense", chunk_size=None, topk=None, reason=reason)
-            skip_cudnn = self.skip_cudnn_in_decode and decode and query.device.type == "cuda"
-            with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
-                return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+            return self._dense_call(reason, *dense_args)
         device_type = query.device.type
         if torch.is_autocast_enabled(device_type):
             # transformers' SDPA path would run in the autocast dtype (it may hand over fp32 q/k with a bf16 v).
             dtype = torch.get_autocast_dtype(device_type)
             query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
         kind = None if attention_mask is None else self._mask_kind(attention_mask, query, key)
+        if kind is not None and not torch.compiler.is_compiling() and int(kind) in ops.DENSE_MASK_KINDS:
+            # The op would run dense SDPA with this mask itself; here the kind is known, so the report can say so.
+            return self._dense_call(ops.MASK_KIND_REASONS[int(kind)], *dense_args)
         means = None
         layer_ref = getattr(key, "_moba_cache_layer", None)
         if decode and layer_ref is not None and layer_ref() is not None:
@@ -147,6 +145,26 @@ class MobaAttention:
             module, layer, decode, decision="moba", chunk_size=decision.chunk_size, topk=decision.topk, reason=reason
         )
         return out.transpose(1, 2).contiguous(), None
+
+    def _dense_call(
+        self,
+        reason: str,
+        module: torch.nn.Module,
+        layer: int | None,
+        decode: bool,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        dropout: float,
+        scaling: float | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[Tensor, Any]:
+        """Record the site as dense with ``reason`` and run the layer's own dense attention on the inputs as given."""
+        self._record(module, layer, decode, decision="dense", chunk_size=None, topk=None, reason=reason)
+        skip_cudnn = self.skip_cudnn_in_decode and decode and query.device.type == "cuda"
+        with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
+            return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
 
 def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> tuple[Tensor, Any]:

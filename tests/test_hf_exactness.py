@@ -1,0 +1,91 @@
+"""``attn_implementation="moba"``: no policy or input is served with a silently wrong result.
+
+Each test reproduces one way the transformers path used to return something other than MoBA (or dense attention where
+MoBA does not apply) and checks the right value against an independent oracle (tests/naive.py) or dense SDPA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from naive import naive_moba
+
+import moba_compile
+import moba_compile.hf
+
+transformers = pytest.importorskip("transformers", reason="the 'test' extra installs transformers")
+
+CHUNK, TOPK = 8, 2
+POLICY = {"chunk_size": CHUNK, "topk": TOPK, "dense_last": 1}
+ATOL = 3e-5  # float32 model vs the float64 oracle cast to float32
+MOBA = moba_compile.hf.register(POLICY, name="moba_exact")
+
+LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_llama(attn: str = "moba_exact") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**LLAMA), attn_implementation=attn
+    ).eval()
+
+
+def left_padded(seed: int, length: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 64, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    ids[1, :7] = 0
+    return ids, mask
+
+
+class CausalAttention(torch.nn.Module):
+    """The attributes transformers' attention modules carry that the attention function reads."""
+
+    def __init__(self, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_causal = True
+
+
+def test_inference_mode_with_padding_mask_equals_no_grad():
+    model = tiny_llama()
+    ids, mask = left_padded(1)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    with torch.inference_mode():
+        got = model(ids, attention_mask=mask).logits
+    assert torch.equal(got, expected)
+    assert any(s.decision == "moba" for s in MOBA.report().sites)
+
+
+def test_mask_buffer_refilled_in_place_is_classified_again():
+    """A boolean mask buffer rewritten through numpy keeps its storage, shape and version counter: the second call
+    must still see the new (bidirectional) content and run dense SDPA with it, not reuse the first classification."""
+    attention = moba_compile.hf.MobaAttention(policy=moba_compile.load_policy({**POLICY, "dense_last": 0}))
+    module = CausalAttention()
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=gen) for _ in range(3))
+    buffer = torch.ones(1, 1, 32, 32, dtype=torch.bool).tril()
+    buffer[..., :4] = False  # causal with the first four keys padded
+    first, _ = attention(module, q, k, v, buffer)
+    expected = naive_moba(q, k, v, CHUNK, TOPK, attn_mask=buffer).float().transpose(1, 2)
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+    version = buffer._version
+    buffer.numpy()[:] = True  # bidirectional now: not MoBA
+    assert buffer._version == version  # the write bypassed the version counter
+    second, _ = attention(module, q, k, v, buffer)
+    torch.testing.assert_close(second, F.scaled_dot_product_attention(q, k, v, attn_mask=buffer).transpose(1, 2))
+    [record] = attention.report().sites
+    assert record.decision == "dense" and "later keys" in record.reason
