@@ -196,6 +196,17 @@ def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
     return Rule(layers=layers, module=module, mode=mode, chunk_size=chunk_size, topk=topk)
 
 
+def _spans(indices: Sequence[int]) -> str:
+    """Sorted indices as runs, for messages: ``(0, 1, 2, 3, 7)`` -> ``"0-3, 7"``."""
+    runs: list[list[int]] = []
+    for idx in indices:
+        if runs and idx == runs[-1][1] + 1:
+            runs[-1][1] = idx
+        else:
+            runs.append([idx, idx])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _attention_order(num_layers: int | None, attention_layers: Sequence[int] | None) -> tuple[int, ...] | None:
     """The attention layers' indices in order: the ones given, else ``0 .. num_layers - 1``, else None (unknown)."""
     if attention_layers is not None:
@@ -565,6 +576,76 @@ class Policy:
         if index < 0:
             index += len(self.rules)
         return f"rule {index} ({rule.describe()})"
+
+    def check_against(self, num_layers: int | None, attention_layers: Sequence[int] | None = None) -> list[str]:
+        """What in this policy does not fit the model the caller sees: human-readable warnings, one per problem.
+
+        These policies are valid but almost certainly not what was meant, and every decision they give is still
+        the documented one (so they are warnings, not errors); the backend's pass shows them with ``warnings.warn``.
+        Checked, against the attention layers as :meth:`decide` counts them (:meth:`attention_order`):
+
+        - ``num_layers`` set below the number of attention layers seen: ``dense_last`` and negative indices then
+          count back from layer ``num_layers - 1`` instead of the model's last attention layer;
+        - ``dense_last`` at least the number of attention layers: every layer is dense unless a rule sets
+          ``mode = "moba"``;
+        - a rule's layer index that is no attention layer: beyond the count (``40`` or ``-40`` in a 32-layer model),
+          or, in a hybrid model, a layer without attention.
+
+        Call it with what the whole model has: a graph that a graph break cut shows only some layers (set
+        ``num_layers`` in the policy for such models; the check then counts that many layers).
+
+        Args:
+            num_layers: The number of attention layers the caller sees, or None if unknown.
+            attention_layers: The layer indices of the attention layers the caller sees, in any order, or None.
+
+        Returns:
+            The warnings, each starting with the policy's source (``"default policy"`` for the automatic one);
+            empty when everything fits or nothing is known about the layers.
+
+        Raises:
+            Nothing.
+
+        Example:
+            >>> Policy(dense_last=4).check_against(4)
+            ["<Policy>: dense_last = 4 covers all 4 attention layers: every layer runs dense unless a rule sets mode = 'moba'"]
+            >>> Policy(rules=[Rule(layers=(0, 40), mode="dense")]).check_against(32)
+            ['<Policy>: rule 0 (layers=[0, 40]): layer 40 is not an attention layer (the 32 attention layers are 0-31)']
+            >>> DEFAULT_POLICY.check_against(32)
+            []
+        """  # noqa: E501
+        where = "default policy" if self.automatic else self.source
+        warnings: list[str] = []
+        seen = len(set(attention_layers)) if attention_layers is not None else num_layers
+        if self.num_layers is not None and seen is not None and self.num_layers < seen:
+            warnings.append(
+                f"{where}: num_layers = {self.num_layers} but {seen} attention layers are seen: dense_last and "
+                f"negative layer indices count back from layer {self.num_layers - 1}, not from the last attention "
+                "layer (leave num_layers unset, or set it to the model's count)"
+            )
+        order = self.attention_order(num_layers, attention_layers)
+        if not order:
+            return warnings
+        count = len(order)
+        if self.dense_last >= count:
+            warnings.append(
+                f"{where}: dense_last = {self.dense_last} covers all {count} attention layers: every layer runs "
+                "dense unless a rule sets mode = 'moba'"
+            )
+        present = set(order)
+        for i, rule in enumerate(self.rules):
+            if rule.layers is None:
+                continue
+            missing = [idx for idx in rule.layers if (idx not in present if idx >= 0 else idx < -count)]
+            if missing:
+                which = ", ".join(map(str, missing))
+                if len(missing) == 1:
+                    what = f"layer {which} is not an attention layer"
+                else:
+                    what = f"layers {which} are not attention layers"
+                warnings.append(
+                    f"{where}: {self.describe_rule(i)}: {what} (the {count} attention layers are {_spans(order)})"
+                )
+        return warnings
 
     def to_dict(self) -> dict[str, Any]:
         """The policy as a plain dict in the file schema; ``load_policy(policy.to_dict()) == policy``.

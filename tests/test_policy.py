@@ -813,3 +813,72 @@ def test_policy_built_in_code_is_not_the_automatic_policy():
     assert not Policy().automatic
     assert Policy().source == "<Policy>"
     assert not load_policy({}).automatic
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# check_against: valid policies that do not fit the model (item 9: these were reported only at INFO)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_check_against_fitting_policy_says_nothing() -> None:
+    policy = load_policy({"dense_last": 3, "rules": [{"layers": [0, -1], "mode": "dense"}, {"module": "x", "topk": 2}]})
+    assert policy.check_against(32) == []
+    assert policy.check_against(None, [0, 5, 9, 13]) == []
+    assert policy.check_against(None) == []  # nothing known about the layers: nothing to check
+    assert Policy(num_layers=48).check_against(32) == []  # graph breaks hide layers: more than seen is fine
+
+
+@pytest.mark.parametrize("dense_last", [4, 5, 1000])
+def test_check_against_dense_last_covering_every_layer(dense_last: int, tmp_path: Path) -> None:
+    path = write(tmp_path, "p.toml", f"dense_last = {dense_last}\n")
+    assert load_policy(path).check_against(4) == [
+        f"{path}: dense_last = {dense_last} covers all 4 attention layers: every layer runs dense unless a rule sets "
+        "mode = 'moba'"
+    ]
+    # Counted in attention layers: a hybrid model with attention in decoder layers 1 and 5 has 2.
+    assert len(load_policy(path).check_against(None, [5, 1])) == 1
+    # Every layer really is dense: the warning describes what decide() does.
+    assert {load_policy(path).decide("m", i, 4).mode for i in range(4)} == {"dense"}
+
+
+def test_check_against_default_policy_names_itself() -> None:
+    assert DEFAULT_POLICY.check_against(2) == [
+        "default policy: dense_last = 3 covers all 2 attention layers: every layer runs dense unless a rule sets "
+        "mode = 'moba'"
+    ]
+
+
+def test_check_against_num_layers_below_the_count_seen() -> None:
+    policy = load_policy({"num_layers": 2, "dense_last": 1})
+    (warning,) = policy.check_against(4)
+    assert warning.startswith("<dict>: num_layers = 2 but 4 attention layers are seen: dense_last and negative")
+    assert "count back from layer 1" in warning
+    # What it warns about: layer 1, not the model's last layer 3, is the one dense_last keeps dense.
+    assert [policy.decide("m", i, 4).mode for i in range(4)] == ["moba", "dense", "moba", "moba"]
+    assert len(policy.check_against(None, [0, 2, 4, 6])) == 1  # counted from the attention layers seen
+
+
+def test_check_against_rule_layers_beyond_the_count() -> None:
+    policy = load_policy(
+        {
+            "dense_last": 0,
+            "rules": [
+                {"layers": [0, 31], "mode": "dense"},
+                {"layers": [32, -33, -32], "topk": 2},
+                {"layers": [-40], "module": "re:.*", "chunk_size": 64},
+            ],
+        }
+    )
+    assert policy.check_against(32) == [
+        "<dict>: rule 1 (layers=[32, -33, -32]): layers 32, -33 are not attention layers (the 32 attention layers "
+        "are 0-31)",
+        "<dict>: rule 2 (layers=[-40], module='re:.*'): layer -40 is not an attention layer (the 32 attention layers "
+        "are 0-31)",
+    ]
+
+
+def test_check_against_hybrid_rule_on_a_layer_without_attention() -> None:
+    policy = Policy(dense_last=1, rules=[Rule(layers=(1, 3), mode="dense")])
+    assert policy.check_against(None, [1, 5, 6, 7, 12]) == [
+        "<Policy>: rule 0 (layers=[1, 3]): layer 3 is not an attention layer (the 5 attention layers are 1, 5-7, 12)"
+    ]
