@@ -92,6 +92,21 @@ def test_doctests() -> None:
     assert result.attempted > 10
 
 
+def test_docs_policy_md_code_runs() -> None:
+    # docs/policy.md's Python blocks: the ">>>" ones are checked output for output, the others must run.
+    text = (EXAMPLES.parent.parent / "docs" / "policy.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    parser = doctest.DocTestParser()
+    for i, block in enumerate(blocks):
+        if block.lstrip().startswith(">>>"):
+            runner.run(parser.get_doctest(block, {}, f"policy.md block {i}", "docs/policy.md", 0))
+        else:
+            exec(compile(block, f"docs/policy.md block {i}", "exec"), {})
+    assert runner.failures == 0
+    assert runner.tries >= 4 and len(blocks) >= 3
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------------------------
