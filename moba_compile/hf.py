@@ -245,8 +245,22 @@ def annotate(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place torch op); None for inference tensors, which have none."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class _MeanTrack:
-    """Chunk means of one cache layer for one chunk size, extended as keys are appended (fp32 sums)."""
+    """Chunk means of one cache layer for one chunk size, extended as keys are appended (fp32 sums).
+
+    A track describes one keys tensor, the layer's current one. Why identity is safe here: transformers'
+    ``DynamicLayer`` never writes its keys in place (``update`` concatenates; ``crop``, ``reorder_cache``, ``batch_*``
+    and ``offload`` replace the tensor), :class:`_MobaCacheLayer` drops its tracks on every layer method but
+    ``update``, and :meth:`describes` also requires the same version counter, which any in-place torch op on the keys
+    bumps. A weak reference that is still alive is the very tensor object the means were computed from. (A write that
+    bypasses torch, e.g. through a numpy view of a cache tensor the user reached into, is outside what any of these can
+    see; inference tensors have no version counter, and there the layer methods are the guard.)
+    """
 
     def __init__(self, chunk_size: int) -> None:
         self.chunk_size = chunk_size
@@ -255,6 +269,16 @@ class _MeanTrack:
         self.partial_sum: Tensor | None = None  # [B, H, D] fp32 sum of the keys of the chunk being filled
         self.partial_count = 0
         self.keys_ref: Callable[[], Tensor | None] = lambda: None
+        self.keys_version: int | None = None
+
+    def describes(self, keys: Tensor) -> bool:
+        """Whether these means are those of ``keys``: the same live tensor object, length and version counter."""
+        return self.keys_ref() is keys and self.length == keys.shape[-2] and self.keys_version == _version(keys)
+
+    def follow(self, keys: Tensor) -> None:
+        """Record ``keys`` (whose first ``length`` positions these means cover) as the tensor described."""
+        self.keys_ref = weakref.ref(keys)
+        self.keys_version = _version(keys)
 
     def append(self, new: Tensor) -> None:
         c, x = self.chunk_size, new.float()
@@ -280,6 +304,19 @@ class _MeanTrack:
         self.length += t
 
 
+# Layer methods that may change the cached keys other than by appending: each drops the means (rebuilt on next use).
+_LAYER_MUTATORS = (
+    "lazy_initialization",
+    "reset",
+    "crop",
+    "reorder_cache",
+    "batch_repeat_interleave",
+    "batch_select_indices",
+    "offload",
+    "prefetch",
+)
+
+
 class _MobaCacheLayer:
     """Mixin over transformers' ``DynamicLayer``: keeps per-chunk-size key means as chunks complete."""
 
@@ -292,21 +329,27 @@ class _MobaCacheLayer:
         previous = self.keys if getattr(self, "is_initialized", False) else None
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         for chunk_size, track in list(self._tracks().items()):
-            if previous is not None and track.keys_ref() is previous and track.length == previous.shape[-2]:
+            if (
+                previous is not None
+                and track.describes(previous)
+                and keys.shape[-2] == track.length + key_states.shape[-2]
+            ):
                 track.append(key_states)
-                track.keys_ref = weakref.ref(keys)
-            else:  # the cache was cropped, reordered or moved: rebuild on next use
+                track.follow(keys)
+            else:  # anything but an append of key_states: rebuild on next use
                 del self._tracks()[chunk_size]
+        # Which layer returned these keys, for the attention function (the cache object is not handed to it): only a
+        # pointer, as chunk_means checks that the tensor is the one its means describe and rebuilds them otherwise.
         keys._moba_cache_layer = weakref.ref(self)
         return keys, values
 
     def chunk_means(self, chunk_size: int, keys: Tensor) -> Tensor:
         """fp32 means ``[B, H, n, D]`` of the complete chunks of ``keys`` (this layer's current keys)."""
         track = self._tracks().get(chunk_size)
-        if track is None or track.keys_ref() is not keys or track.length != keys.shape[-2]:
+        if track is None or not track.describes(keys):
             track = _MeanTrack(chunk_size)
             track.append(keys)
-            track.keys_ref = weakref.ref(keys)
+            track.follow(keys)
             self._tracks()[chunk_size] = track
         if track.complete is None:
             b, h, _, d = keys.shape
@@ -314,12 +357,21 @@ class _MobaCacheLayer:
         return track.complete
 
 
+def _dropping_tracks(name: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._tracks().clear()
+        return getattr(super(_MobaCacheLayer, self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
 @functools.cache
 def _cache_classes():
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    class MobaCacheLayer(_MobaCacheLayer, DynamicLayer):
-        pass
+    overrides = {name: _dropping_tracks(name) for name in _LAYER_MUTATORS if hasattr(DynamicLayer, name)}
+    MobaCacheLayer = type("MobaCacheLayer", (_MobaCacheLayer, DynamicLayer), overrides)
 
     class _MobaCache(DynamicCache):
         def __init__(self) -> None:

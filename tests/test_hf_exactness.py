@@ -89,3 +89,30 @@ def test_mask_buffer_refilled_in_place_is_classified_again():
     torch.testing.assert_close(second, F.scaled_dot_product_attention(q, k, v, attn_mask=buffer).transpose(1, 2))
     [record] = attention.report().sites
     assert record.decision == "dense" and "later keys" in record.reason
+
+
+def test_moba_cache_means_follow_in_place_writes_and_older_key_tensors():
+    """The cache's chunk means are keyed on the keys tensor object: an in-place write into the layer's keys (same
+    object, same length) must rebuild them, and means asked for an older keys tensor must be that tensor's."""
+    model = tiny_llama()
+    ids, mask = left_padded(3)
+    cache = moba_compile.hf.MobaCache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    layer = cache.layers[0]
+    older = layer.keys
+    with torch.no_grad():
+        model(ids[:, :9], attention_mask=torch.cat([mask, mask[:, :9]], 1), past_key_values=cache)
+    assert layer.keys is not older and layer.keys.shape[2] == 37 + 9
+
+    def expected(keys: torch.Tensor) -> torch.Tensor:
+        return moba_compile.reference.chunk_means(keys, CHUNK)[:, :, : keys.shape[2] // CHUNK]
+
+    torch.testing.assert_close(layer.chunk_means(CHUNK, layer.keys), expected(layer.keys), atol=1e-6, rtol=1e-6)
+    layer.keys.mul_(-2.0)  # in place: the same object and length, other content
+    torch.testing.assert_close(layer.chunk_means(CHUNK, layer.keys), expected(layer.keys), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer.chunk_means(CHUNK, older), expected(older), atol=1e-6, rtol=1e-6)
+    cache.crop(-5)  # replaces the tensor; an update after it must not extend means of the longer keys
+    with torch.no_grad():
+        model(ids[:, :3], attention_mask=torch.cat([mask, mask[:, :7]], 1), past_key_values=cache)
+    torch.testing.assert_close(layer.chunk_means(CHUNK, layer.keys), expected(layer.keys), atol=1e-6, rtol=1e-6)
