@@ -116,3 +116,20 @@ def test_moba_cache_means_follow_in_place_writes_and_older_key_tensors():
     with torch.no_grad():
         model(ids[:, :3], attention_mask=torch.cat([mask, mask[:, :7]], 1), past_key_values=cache)
     torch.testing.assert_close(layer.chunk_means(CHUNK, layer.keys), expected(layer.keys), atol=1e-6, rtol=1e-6)
+
+
+def test_policy_object_built_in_code_behaves_like_the_same_policy_as_a_dict():
+    spec = {**POLICY, "rules": [{"layers": [0], "topk": 3}]}
+    as_dict = moba_compile.hf.register(spec, name="moba_exact_dict")
+    as_object = moba_compile.hf.register(
+        moba_compile.Policy(chunk_size=CHUNK, topk=TOPK, dense_last=1, rules=[moba_compile.Rule(layers=(0,), topk=3)]),
+        name="moba_exact_object",
+    )
+    ids, mask = left_padded(4)
+    with torch.no_grad():
+        expected = tiny_llama("moba_exact_dict")(ids, attention_mask=mask).logits
+        got = tiny_llama("moba_exact_object")(ids, attention_mask=mask).logits
+    assert torch.equal(got, expected)
+    decisions = [[(s.layer, s.decision, s.chunk_size, s.topk) for s in a.report().sites] for a in (as_dict, as_object)]
+    assert decisions[0] == decisions[1] == [(0, "moba", CHUNK, 3), (1, "moba", CHUNK, TOPK), (2, "dense", None, None)]
+    assert not as_object.policy.automatic and as_object.report().policy_source == "<Policy>"
