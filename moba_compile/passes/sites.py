@@ -6,20 +6,28 @@ A site is classified without specialising symbolic sizes: equalities are asked o
 
 from __future__ import annotations
 
-import gc
 import math
 import operator
-import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ["SdpaSite", "find_sdpa_sites", "module_path", "module_layer_index", "layer_from_path", "SDPA_TARGETS"]
+from .identity import BlockScope, Placement, layer_from_path, place_nodes
 
-SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+__all__ = ["SdpaSite", "find_sdpa_sites", "module_path", "layer_from_path", "SDPA_TARGETS", "REWRITABLE_REGIONS"]
+
+# Every spelling of SDPA a Dynamo graph can hold: the functional API, its C binding, and the ATen op called directly
+# (torch.ops.aten.scaled_dot_product_attention[.default]); all take the same arguments in the same order.
+SDPA_TARGETS = (
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+    torch.ops.aten.scaled_dot_product_attention,
+)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
@@ -28,6 +36,12 @@ FORM_CAUSAL = "is_causal"  # is_causal=True with Lq == Lk
 FORM_MASK = "mask"  # boolean mask, analysed once per forward at run time
 FORM_DECODE = "kv-cache"  # Lq <= Lk, keys are the layer's cached sequence (torch.cat of cache and new keys)
 
+# Higher-order ops whose subgraphs are plain forward code run once per call (or per branch), so an SDPA call inside can
+# become moba::attention like one outside: activation checkpointing (tag_activation_checkpoint), wrap, nested compile
+# regions (invoke_subgraph) and torch.cond branches. Others (autograd_function_apply, whose backward the user wrote
+# for dense attention; loops; maps) keep their SDPA dense with the reason.
+REWRITABLE_REGIONS = ("tag_activation_checkpoint", "wrap", "invoke_subgraph", "cond")
+
 
 @dataclass
 class SdpaSite:
@@ -35,7 +49,7 @@ class SdpaSite:
 
     node: fx.Node
     index: int  # order among the graph's SDPA calls
-    module: str  # normalised module path, "" when the graph carries none
+    module: str  # module path (see Placement.module), "" when the graph carries none
     query: fx.Node
     key: fx.Node  # seen through repeat_kv where possible
     value: fx.Node
@@ -47,6 +61,12 @@ class SdpaSite:
     static_len_k: int | None = None  # Lk when it is a plain int
     decode: bool = False  # Lq may be shorter than Lk (KV cache)
     autocast_dtype: torch.dtype | None = None  # SDPA runs in this dtype (an enclosing autocast region)
+    placement: Placement | None = None  # module objects, layer and the layers the graph serves
+    raw_key: object = None  # the key/value arguments as written (before seeing through repeat_kv)
+    raw_value: object = None
+    owner: fx.GraphModule | None = field(default=None, repr=False)  # the (sub)graph module holding the call
+    region: str | None = None  # the higher-order op whose subgraph holds the call ("tag_activation_checkpoint", ...)
+    calls: tuple[fx.Node, ...] = ()  # the higher-order calls that run ``owner`` (several for a shared subgraph)
 
 
 def _meta(node: object):
@@ -54,30 +74,20 @@ def _meta(node: object):
 
 
 def module_path(node: fx.Node) -> str:
-    """The dotted module path of a node (``model.layers.7.self_attn``), from ``nn_module_stack``; "" if none.
+    """The dotted module path of a node (``model.layers.7.self_attn``) relative to the compiled root; "" if none.
 
-    Dynamo writes paths such as ``L['self'].model.layers[7].self_attn`` or ``L['self']._modules['layers']``; the root
-    reference is dropped and indexing is written with dots.
+    Read from the module objects that ``nn_module_stack`` records (see :mod:`moba_compile.passes.identity`), so it
+    does not depend on how Dynamo spells the root (``L['self']``, ``L['args'][0]``, ``G['model']``, ...).
+
+    Example:
+        >>> module_path(node)  # doctest: +SKIP
+        'model.layers.7.self_attn'
     """
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    raw = list(stack.values())[-1][0]
-    # The root is the compiled frame's local (L['self']) or global (G['model']) that holds the module.
-    path = re.sub(r"^[LG]\[['\"][^'\"]*['\"]\]\.?", "", raw)
-    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
-    path = re.sub(r"^_modules\[['\"]([^'\"]+)['\"]\]", r"\1", path)
-    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
-    return path.strip(".")
-
-
-def layer_from_path(path: str) -> int | None:
-    """The layer index in a module path: its last integer component (``model.layers.7.self_attn`` -> 7)."""
-    ints = [int(part) for part in path.split(".") if part.isdigit()]
-    return ints[-1] if ints else None
+    return place_nodes([node], set())[0].module
 
 
 def _normalise(node: fx.Node) -> dict[str, object]:
+    """SDPA's arguments by name, whatever mix of positional and keyword arguments the call used."""
     bound = dict(_SDPA_DEFAULTS)
     for name, arg in zip(_SDPA_PARAMS, node.args):
         bound[name] = arg
@@ -144,9 +154,13 @@ def _cached_keys_of_layer(key: fx.Node, sdpa: fx.Node) -> bool:
     if not isinstance(parts, (list, tuple)) or len(parts) < 2 or dim not in (2, -2):
         return False
     new = parts[-1]
-    if not (isinstance(new, fx.Node) and new.meta.get("nn_module_stack") and sdpa.meta.get("nn_module_stack")):
-        return False  # without module paths there is no telling whose keys these are
-    return module_path(new).startswith(module_path(sdpa))
+    if not isinstance(new, fx.Node):
+        return False
+    new_stack, sdpa_stack = new.meta.get("nn_module_stack"), sdpa.meta.get("nn_module_stack")
+    if not (new_stack and sdpa_stack):
+        return False  # without module records there is no telling whose keys these are
+    # Dynamo keys the records by module id: the new keys were computed inside the module that calls SDPA.
+    return list(sdpa_stack)[-1] in new_stack
 
 
 def _is_float_node(value: object) -> bool:
@@ -226,58 +240,101 @@ def _autocast_dtype(regions: list[tuple[fx.Node, str, torch.dtype | None]], q) -
     return None
 
 
-def module_layer_index(node: fx.Node) -> int | None:
-    """``layer_idx`` of the innermost module around ``node`` that has one (transformers' attention layers do).
+@dataclass
+class _Found:
+    node: fx.Node
+    owner: fx.GraphModule
+    autocast: list[tuple[fx.Node, str, torch.dtype | None]]
+    region: str | None
+    calls: list[fx.Node]
 
-    Used when module paths carry no index: a graph that starts inside a layer (graph breaks at layer boundaries, as
-    FSDP2's hooks cause) sees paths relative to that layer. Dynamo keys ``nn_module_stack`` by the module's ``id``,
-    and the modules are alive while the graph is compiled, so they are looked up among live objects.
-    """
-    stack = node.meta.get("nn_module_stack") or {}
-    wanted = {}
-    for key, (_, cls) in stack.items():
-        try:
-            wanted[int(key)] = cls
-        except (TypeError, ValueError):
-            continue
-    if not wanted:
+
+def _region_name(node: fx.Node) -> str | None:
+    """The name of the higher-order op a node calls (``"cond"``, ``"invoke_subgraph"``, ...), else None."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
         return None
-    found = {id(obj): obj for obj in gc.get_objects() if id(obj) in wanted and isinstance(obj, wanted[id(obj)])}
-    for key in reversed(list(wanted)):
-        index = getattr(found.get(key), "layer_idx", None)
-        if isinstance(index, int) and not isinstance(index, bool):
-            return index
-    return None
+    return node.target.name()
 
 
-def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
-    """Every ``scaled_dot_product_attention`` call in a Dynamo graph, in graph order, normalised and classified.
+def _subgraphs(owner: fx.GraphModule, node: fx.Node) -> Iterator[fx.GraphModule]:
+    """The graph modules a higher-order call runs: its ``get_attr`` arguments that name a ``GraphModule``."""
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            sub = getattr(owner, str(arg.target), None)
+            if isinstance(sub, fx.GraphModule):
+                yield sub
 
-    Args:
-        gm: a Dynamo-level ``GraphModule`` (nodes carry ``example_value`` fake tensors and ``nn_module_stack``).
 
-    Returns:
-        One :class:`SdpaSite` per call. ``form`` is set for convertible calls (causal self-attention, a boolean mask to
-        be checked at run time, or attention over this layer's KV cache); otherwise ``blocker`` says why not.
+def _walk(
+    gm: fx.GraphModule,
+    autocast: list[tuple[fx.Node, str, torch.dtype | None]],
+    region: str | None,
+    calls: list[fx.Node],
+    found: list[_Found],
+    seen: dict[int, list[_Found]],
+    module_ids: set[int],
+) -> None:
+    """Collect the SDPA calls of ``gm`` and of the subgraphs its higher-order calls run, in the order they run.
 
-    Example:
-        >>> sites = find_sdpa_sites(gm)  # doctest: +SKIP
-        >>> [(s.module, s.form or s.blocker) for s in sites]  # doctest: +SKIP
+    ``calls`` are the higher-order call nodes that run ``gm`` (empty for the top graph).
     """
-    sites: list[SdpaSite] = []
-    autocast: list[tuple[fx.Node, str, torch.dtype | None]] = []  # open regions: (enter node, device type, dtype)
+    autocast = list(autocast)  # open regions: (enter node, device type, dtype); a subgraph inherits its caller's
     for node in gm.graph.nodes:
+        for key in node.meta.get("nn_module_stack") or {}:
+            try:
+                module_ids.add(int(key))
+            except (TypeError, ValueError):
+                pass
         if node.op == "call_function" and node.target is torch.amp.autocast_mode._enter_autocast:
             device_type, dtype, enabled = (list(node.args) + [None, None, True])[:3]
             autocast.append((node, device_type, dtype if enabled else None))
             continue
         if node.op == "call_function" and node.target is torch.amp.autocast_mode._exit_autocast:
-            autocast = [region for region in autocast if region[0] is not node.args[0]]
+            autocast = [open_region for open_region in autocast if open_region[0] is not node.args[0]]
             continue
-        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+        name = _region_name(node)
+        if name is not None:
+            for sub in _subgraphs(gm, node):
+                if id(sub) in seen:  # a shared subgraph (nested compile region invoked again): one more caller
+                    for entry in seen[id(sub)]:
+                        entry.calls.append(node)
+                    continue
+                before = len(found)
+                inner = name if region is None else f"{region}/{name}"
+                _walk(sub, autocast, inner, [node], found, seen, module_ids)
+                seen[id(sub)] = [entry for entry in found[before:] if entry.owner is sub]
             continue
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            found.append(_Found(node, gm, list(autocast), region, list(calls)))
+
+
+def find_sdpa_sites(gm: fx.GraphModule, scope: BlockScope | None = None) -> list[SdpaSite]:
+    """Every ``scaled_dot_product_attention`` call in a Dynamo graph, in the order they run, normalised and classified.
+
+    Calls inside the subgraphs of higher-order ops (activation checkpointing, nested compile regions, ``torch.cond``
+    branches, ...) are included; a subgraph several calls share is visited once (``SdpaSite.calls`` lists its callers).
+
+    Args:
+        gm: a Dynamo-level ``GraphModule`` (nodes carry ``example_value`` fake tensors and ``nn_module_stack``).
+        scope: the blocks of a :func:`moba_compile.compile_blocks` backend, which name the sites; None otherwise.
+
+    Returns:
+        One :class:`SdpaSite` per call. ``form`` is set for convertible calls (causal self-attention, a boolean mask to
+        be checked at run time, or attention over this layer's KV cache); otherwise ``blocker`` says why not.
+        ``placement`` holds the module path, the layer and the layers the graph serves.
+
+    Example:
+        >>> sites = find_sdpa_sites(gm)  # doctest: +SKIP
+        >>> [(s.module, s.form or s.blocker) for s in sites]  # doctest: +SKIP
+    """
+    found: list[_Found] = []
+    module_ids: set[int] = set()
+    _walk(gm, [], None, [], found, {}, module_ids)
+    placements = place_nodes([f.node for f in found], module_ids, scope) if found else []
+    sites: list[SdpaSite] = []
+    for entry, placement in zip(found, placements):
+        node = entry.node
         bound = _normalise(node)
-        module = module_path(node)
         query, key, value = bound["query"], bound["key"], bound["value"]
         q, k, v = _meta(query), _meta(key), _meta(value)
         mask = bound["attn_mask"] if isinstance(bound["attn_mask"], fx.Node) else None
@@ -285,8 +342,10 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
         src_k = _is_repeat_kv(key) if isinstance(key, fx.Node) else None
         src_v = _is_repeat_kv(value) if isinstance(value, fx.Node) else None
         saw = src_k is not None and src_v is not None
-        cast = _autocast_dtype(autocast, q)
-        if bound["attn_mask"] is not None and mask is None:
+        cast = _autocast_dtype(entry.autocast, q)
+        if entry.region is not None and any(part not in REWRITABLE_REGIONS for part in entry.region.split("/")):
+            form, blocker, decode = None, f"inside a {entry.region} subgraph, which the pass does not rewrite", False
+        elif bound["attn_mask"] is not None and mask is None:
             form, blocker, decode = None, "attn_mask is not a tensor", False
         else:
             form, blocker, decode = _classify(bound, node, q, k, v, mask_meta, src_k if saw else key, cast)
@@ -298,7 +357,7 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
             SdpaSite(
                 node=node,
                 index=len(sites),
-                module=module,
+                module=placement.module,
                 query=query,
                 key=src_k if saw else key,
                 value=src_v if saw else value,
@@ -310,6 +369,12 @@ def find_sdpa_sites(gm: fx.GraphModule) -> list[SdpaSite]:
                 static_len_k=len_k if isinstance(len_k, int) else None,
                 decode=decode,
                 autocast_dtype=cast,
+                placement=placement,
+                raw_key=key,
+                raw_value=value,
+                owner=entry.owner,
+                region=entry.region,
+                calls=tuple(entry.calls),
             )
         )
     return sites
