@@ -37,6 +37,33 @@ def _transformers():
     return AttentionInterface, AttentionMaskInterface, sdpa_mask, sdpa_attention_forward
 
 
+# Keywords the attention function reads itself (above and in _dense_reason).
+_HANDLED_KWARGS = frozenset({"dropout", "softcap", "sliding_window", "s_aux", "is_causal"})
+# Keywords transformers' attention modules pass that leave attention unchanged, seen on transformers 5.17 and 5.24
+# (Llama, Qwen2, Qwen3, Mistral, Phi3, GPT2, Gemma2, Gemma3, Jamba, T5): output and caching flags, and position ids (a
+# key's MoBA position is its index; packed documents come with their block mask, which is classified per call).
+_HARMLESS_KWARGS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "output_router_logits",
+        "return_dict",
+    }
+)
+# Keywords whose None means "feature off" in transformers' sdpa_attention_forward; any other value is a feature MoBA
+# does not implement (a bias added to the scores, a head mask).
+_OFF_KWARGS = frozenset({"position_bias", "head_mask", "layer_head_mask"})
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"<{str(value.dtype).replace('torch.', '')} tensor {list(value.shape)}>"
+    return repr(value) if isinstance(value, (bool, int, float, str, type(None))) else f"<{type(value).__name__}>"
+
+
 @dataclass
 class MobaAttention:
     """The attention function registered with transformers; call :meth:`report` for what each layer did.
@@ -69,7 +96,9 @@ class MobaAttention:
             return f"sliding-window layer (window {kw['sliding_window']}): not MoBA"
         if getattr(module, "sinks", None) is not None or kw.get("s_aux") is not None:
             return "attention sinks (not MoBA)"
-        if not getattr(module, "is_causal", True) or kw.get("is_causal") is False:
+        # A keyword is_causal overrides the module's attribute, as in transformers' sdpa_attention_forward.
+        causal = kw["is_causal"] if kw.get("is_causal") is not None else getattr(module, "is_causal", True)
+        if not causal:
             return "bidirectional (non-causal) attention"
         if kw.get("dropout", 0.0):
             return f"dropout={kw['dropout']} (not MoBA)"
@@ -77,6 +106,20 @@ class MobaAttention:
             return f"float (additive) mask ({mask.dtype}), not MoBA"
         if query.shape[1] % key.shape[1] != 0:
             return "query heads are not a multiple of key heads"
+        unknown = [
+            name
+            for name, value in kw.items()
+            if name not in _HANDLED_KWARGS
+            and name not in _HARMLESS_KWARGS
+            and not (name in _OFF_KWARGS and value is None)
+        ]
+        if unknown:
+            # An attention feature this function does not implement (T5's relative position_bias was dropped once):
+            # run the layer's own dense attention, which honours it.
+            described = ", ".join(f"{name}={_describe(kw[name])}" for name in sorted(unknown))
+            return (
+                f"{type(module).__name__} passes {described}, which MoBA does not implement; dense attention honours it"
+            )
         return None
 
     def _mask_kind(self, mask: Tensor, query: Tensor, key: Tensor) -> Tensor:

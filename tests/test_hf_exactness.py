@@ -13,6 +13,7 @@ from naive import naive_moba
 
 import moba_compile
 import moba_compile.hf
+from moba_compile import ops
 
 transformers = pytest.importorskip("transformers", reason="the 'test' extra installs transformers")
 
@@ -133,3 +134,26 @@ def test_policy_object_built_in_code_behaves_like_the_same_policy_as_a_dict():
     decisions = [[(s.layer, s.decision, s.chunk_size, s.topk) for s in a.report().sites] for a in (as_dict, as_object)]
     assert decisions[0] == decisions[1] == [(0, "moba", CHUNK, 3), (1, "moba", CHUNK, TOPK), (2, "dense", None, None)]
     assert not as_object.policy.automatic and as_object.report().policy_source == "<Policy>"
+
+
+def test_t5_relative_position_bias_keeps_decoder_self_attention_dense_and_exact():
+    """T5 adds a learned relative position bias (keyword ``position_bias``) to the scores; MoBA does not implement it,
+    so its causal decoder self-attention must stay dense, with the keyword named, and match the SDPA model."""
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    sdpa = transformers.T5ForConditionalGeneration(config).eval()
+    sdpa.set_attn_implementation("sdpa")
+    moba = transformers.T5ForConditionalGeneration(config).eval()
+    moba.load_state_dict(sdpa.state_dict())
+    moba.set_attn_implementation("moba_exact")
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 64, (2, 30), generator=gen)
+    decoder_ids = torch.randint(3, 64, (2, 40), generator=gen)  # longer than chunk * topk: MoBA would differ
+    with torch.no_grad():
+        expected = sdpa(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        before = sum(ops.CALLS.values())
+        got = moba(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert sum(ops.CALLS.values()) == before  # no moba:: op ran
