@@ -8,12 +8,13 @@ Example:
 
 from . import ops, reference
 from .api import moba_attention
-from .backend import make_backend, moba_backend, register
+from .backend import CompiledBlock, compile_blocks, make_backend, moba_backend, register
 from .explain import explain
 from .policy import DEFAULT_POLICY, Decision, Policy, PolicyError, Rule, load_policy
 from .report import Report, SiteRecord
 
 __all__ = [
+    "CompiledBlock",
     "DEFAULT_POLICY",
     "Decision",
     "Policy",
@@ -21,6 +22,7 @@ __all__ = [
     "Report",
     "Rule",
     "SiteRecord",
+    "compile_blocks",
     "explain",
     "load_policy",
     "make_backend",
