@@ -33,8 +33,10 @@ def moba_attention(
         key: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (MHA, GQA, MQA; key/value are never repeated in memory)
             and ``Lq <= Lk``.
         value: ``[B, Hkv, Lk, Dv]``.
-        chunk_size: keys per chunk, ``>= 1``; the last chunk may be partial.
-        topk: chunks per query including its own, ``>= 1`` (``1`` = own chunk only).
+        chunk_size: keys per chunk, ``>= 1``; the last chunk may be partial. Any ``chunk_size >= Lk`` is one chunk
+            (dense causal attention) and costs no memory beyond the sequence's.
+        topk: chunks per query including its own, ``>= 1`` (``1`` = own chunk only). Values beyond the number of
+            chunks select every earlier chunk, exactly as ``topk = ceil(Lk / chunk_size)``, at that value's cost.
         scale: softmax scale; default ``1 / sqrt(D)``.
         attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend). The attended set is
             the MoBA selection AND the mask; the gate ignores the mask. A row left with no key returns zeros (and
@@ -48,7 +50,8 @@ def moba_attention(
         (there is no gradient through the gate).
 
     Raises:
-        TypeError, ValueError: malformed inputs, naming the argument (shapes, dtypes, devices, mask kind, parameters).
+        TypeError, ValueError: malformed inputs, naming the argument (shapes, dtypes, devices, mask kind, parameters,
+            including non-int ``chunk_size``/``topk`` and values beyond int64).
         RuntimeError: ``impl="triton"`` on inputs the kernels cannot run, with the reason.
 
     Example:

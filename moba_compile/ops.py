@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dense_fallback, reference
-from .validation import check_moba_inputs
+from .validation import INT64_MAX, bounded_params, check_moba_inputs, check_moba_params
 
 __all__ = [
     "CALLS",
@@ -104,6 +104,10 @@ def resolve_impl(
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
     if impl == "reference":
         return "reference", "impl='reference' requested"
+    if isinstance(key.shape[2], int):
+        # The op runs the clamped parameters, so decide on them (topk=10**6 on a short input fits the kernels).
+        # A symbolic length (the pass, under dynamic shapes) is left alone: comparing it would add a shape guard.
+        chunk_size, topk = bounded_params(key.shape[2], chunk_size, topk)
     reason = _triton_unavailable_reason(query, key, value, chunk_size, topk, attn_mask)
     if impl == "triton":
         if reason is not None:
@@ -125,11 +129,15 @@ def _lse_dtype(query: Tensor) -> torch.dtype:
     return torch.float64 if query.dtype == torch.float64 else torch.float32
 
 
-def _effective_topk(key: Tensor, chunk_size: int, topk: int, min_seq_len: int) -> int:
-    # Below min_seq_len the call is dense causal attention, which is MoBA with every earlier chunk selected.
+def _bounded_call(key: Tensor, chunk_size: int, topk: int, min_seq_len: int) -> tuple[int, int]:
+    """The ``(chunk_size, topk)`` an op body runs: validated, clamped to the key length (memory and time then follow
+    the inputs, never a huge parameter) and, below ``min_seq_len``, widened to every chunk (dense causal attention is
+    MoBA with every earlier chunk selected)."""
+    check_moba_params(chunk_size, topk)  # the op can be called directly (the pass does): no division by zero below
+    chunk_size, topk = bounded_params(key.shape[2], chunk_size, topk)
     if key.shape[2] < min_seq_len:
-        return max(topk, -(-key.shape[2] // chunk_size))
-    return topk
+        topk = -(-key.shape[2] // chunk_size)  # >= the clamped topk, which never exceeds the chunk count
+    return chunk_size, topk
 
 
 def _dense_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
@@ -164,7 +172,7 @@ def _attention_op(
         out = _dense_sdpa(query, key, value, attn_mask, scale).contiguous()
         lse = dense_fallback.masked_lse(query, key, attn_mask, scale)
         return out, lse
-    topk = _effective_topk(key, chunk_size, topk, min_seq_len)
+    chunk_size, topk = _bounded_call(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
     decode = _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_means)
     CALLS[f"attention:{chosen}{'-decode' if decode is not None else ''}"] += 1
@@ -226,7 +234,7 @@ def _attention_backward_op(
     if kind in DENSE_MASK_KINDS:
         CALLS["attention_backward:dense-sdpa"] += 1
         return dense_fallback.masked_backward(grad_out, query, key, value, attn_mask, scale)
-    topk = _effective_topk(key, chunk_size, topk, min_seq_len)
+    chunk_size, topk = _bounded_call(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
     backward_triton = None
     if chosen == "triton":
@@ -378,6 +386,10 @@ def attention(
         torch.Size([1, 2, 16, 8])
     """
     check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int):
+        raise TypeError(f"min_seq_len must be an int >= 0, got {min_seq_len!r} ({type(min_seq_len).__name__})")
+    if not 0 <= min_seq_len <= INT64_MAX:
+        raise ValueError(f"min_seq_len must be in [0, 2**63 - 1], got {min_seq_len}")
     resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)  # raises early for an impossible impl
     out, _ = torch.ops.moba.attention(
         query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl, chunk_means

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .validation import check_moba_inputs
+from .validation import bounded_params, check_moba_inputs
 
 __all__ = [
     "chunk_means",
@@ -49,7 +49,8 @@ def chunk_means(key: Tensor, chunk_size: int) -> Tensor:
         chunk_size: ``C >= 1``; the last chunk may be partial and is averaged over its real keys only.
 
     Returns:
-        ``[B, Hkv, ceil(Lk / C), D]`` in fp32 (fp64 for fp64 input), on ``key``'s device.
+        ``[B, Hkv, ceil(Lk / C), D]`` in fp32 (fp64 for fp64 input), on ``key``'s device. Memory is ``O(Lk)`` for
+        any ``C``.
 
     Example:
         >>> chunk_means(torch.ones(1, 1, 5, 2), 2).shape
@@ -57,6 +58,8 @@ def chunk_means(key: Tensor, chunk_size: int) -> Tensor:
     """
     b, h, lk, d = key.shape
     n = -(-lk // chunk_size)
+    # A chunk size beyond Lk is one chunk of Lk keys: padding to chunk_size would cost memory in the parameter.
+    chunk_size = min(chunk_size, max(lk, 1))
     acc = _acc_dtype(key.dtype)
     padded = torch.nn.functional.pad(key.to(acc), (0, 0, 0, n * chunk_size - lk))
     sums = padded.view(b, h, n, chunk_size, d).sum(dim=3)
@@ -130,8 +133,10 @@ def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int) -> 
         chunk_size, topk: MoBA parameters (``topk`` counts the own chunk).
 
     Returns:
-        ``int64 [B, Hq, Lq, topk - 1]``: chunk indices in descending score order (ties: later chunk first), ``-1``
-        where the row has fewer than ``topk - 1`` earlier chunks. No gradient flows through the gate.
+        ``int64 [B, Hq, Lq, K' - 1]`` with ``K' = min(topk, ceil(Lk / chunk_size))`` (no row has more than ``K' - 1``
+        earlier chunks, so a larger ``topk`` selects the same and costs no memory): chunk indices in descending score
+        order (ties: later chunk first), ``-1`` where the row has fewer than ``K' - 1`` earlier chunks. No gradient
+        flows through the gate.
 
     Example:
         >>> q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
@@ -140,6 +145,7 @@ def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int) -> 
         [0, 2]
     """
     shapes = check_moba_inputs(query, key, key, chunk_size, topk)
+    chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
     with torch.no_grad():
         means = chunk_means(key, chunk_size)
         rows = _block_rows(shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
@@ -225,6 +231,8 @@ def moba_attention_forward(
         (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16]))
     """
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    # Identical results; no temporary then grows with a topk or chunk_size beyond what Lk keys can use.
+    chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
     acc = _acc_dtype(query.dtype)
     full = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
@@ -312,6 +320,8 @@ def moba_attention_backward(
         [torch.Size([1, 1, 8, 4]), torch.Size([1, 1, 8, 4]), torch.Size([1, 1, 8, 4])]
     """
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    # Identical results; no temporary then grows with a topk or chunk_size beyond what Lk keys can use.
+    chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
     acc = _acc_dtype(query.dtype)
     full = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)

@@ -11,7 +11,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["MobaShapes", "check_moba_inputs", "check_moba_params"]
+__all__ = ["INT64_MAX", "MobaShapes", "bounded_params", "check_moba_inputs", "check_moba_params"]
+
+# The ops' schemas take ``int`` parameters as int64: a larger value cannot reach any implementation.
+INT64_MAX = 2**63 - 1
+# Chunk sizes at or beyond the key length all describe one chunk; clamping stops at this floor (the Triton kernels'
+# largest chunk size, kernels.support.MAX_CHUNK), so a chunk size the kernels already take keeps its tiling and
+# compiled kernels as a decode cache grows, while a larger one never reaches a loop bound or buffer size.
+_CHUNK_CLAMP_FLOOR = 8192
 
 
 class MobaShapes:
@@ -37,11 +44,43 @@ def check_moba_params(chunk_size: object, topk: object, scale: object = None) ->
             raise TypeError(f"{name} must be an int >= 1, got {val!r} ({type(val).__name__})")
         if val < 1:
             raise ValueError(f"{name} must be >= 1, got {val}")
+        if val > INT64_MAX:
+            raise ValueError(f"{name} must fit in int64 (<= 2**63 - 1), got {val}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {scale!r} ({type(scale).__name__})")
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale!r}")
+
+
+def bounded_params(len_k: int, chunk_size: int, topk: int) -> tuple[int, int]:
+    """``(chunk_size, topk)`` clamped to what ``len_k`` keys can use, giving exactly the same MoBA call.
+
+    Every implementation works on these values, so no buffer, loop or launch size follows a parameter beyond the
+    sequence (``topk=10**9`` or ``chunk_size=2**40`` on 512 tokens): memory and time stay bounded by the inputs.
+
+    - ``chunk_size >= len_k``: one chunk holds every key, whatever its size. It is clamped to
+      ``max(8192, len_k rounded up to 16)``: at least ``len_k`` (still one chunk), a multiple of 16 when clamped (the
+      Triton kernels' requirement), and sizes up to 8192 unchanged.
+    - ``topk >= n = ceil(len_k / chunk_size)``: a row never has more than ``n - 1`` earlier chunks, so ``topk = n``
+      selects the same (all of them).
+
+    Args:
+        len_k: key length ``Lk`` (``<= 0`` leaves the parameters as they are: nothing to bound them by).
+        chunk_size, topk: validated MoBA parameters (ints ``>= 1``).
+
+    Returns:
+        ``(chunk_size', topk')`` with ``chunk_size' <= max(chunk_size, ...)`` as above and ``1 <= topk' <= n``.
+
+    Example:
+        >>> bounded_params(512, 2**40, 10**9), bounded_params(512, 64, 10**9), bounded_params(512, 64, 3)
+        ((8192, 1), (64, 8), (64, 3))
+    """
+    if len_k <= 0:
+        return chunk_size, topk
+    if chunk_size >= len_k:
+        chunk_size = min(chunk_size, max(_CHUNK_CLAMP_FLOOR, -(-len_k // 16) * 16))
+    return chunk_size, min(topk, -(-len_k // chunk_size))
 
 
 def check_moba_inputs(

@@ -315,8 +315,9 @@ def test_input_validation() -> None:
         moba_backward_triton(out[:, :, :8], q, q, q, out, lse, 16, 2, 0.125)
     with pytest.raises(ValueError, match="lse"):
         moba_backward_triton(out, q, q, q, out, lse[:, :1], 16, 2, 0.125)
+    q65 = torch.zeros(1, 2, 65 * 16, 64, dtype=torch.float16)  # topk 65 needs 65 chunks, else it is clamped
     with pytest.raises(ValueError, match="topk 65 > 64"):
-        moba_backward_triton(out, q, q, q, out, lse, 16, 65, 0.125)
+        moba_backward_triton(q65, q65, q65, q65, q65, q65[..., 0].float(), 16, 65, 0.125)
     empty = torch.zeros(1, 2, 0, 64, dtype=torch.float16)
     dq, dk, dv = moba_backward_triton(empty, empty, q, q, empty, torch.zeros(1, 2, 0), 16, 2, 0.125)
     assert dq.shape == empty.shape and torch.all(dk == 0) and torch.all(dv == 0)

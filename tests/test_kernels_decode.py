@@ -325,11 +325,14 @@ _REASONS = {
     "heads": (lambda: (*_qkv(hq=3), 16, 3, None, None), "query heads (3) are not a multiple of key heads (2)"),
     "head-dim": (lambda: (*_qkv(d=96, dv=96), 16, 3, None, None), "head dim 96 not in (64, 128)"),
     "value-dim": (lambda: (*_qkv(dv=32), 16, 3, None, None), "value head dim 32 not in (64, 128)"),
-    "chunk-type": (lambda: (*_qkv(), 16.0, 3, None, None), "chunk_size 16.0 is not an int"),
+    "chunk-type": (lambda: (*_qkv(), 16.0, 3, None, None), "chunk_size 16.0 is not an int >= 1"),
     "chunk-16": (lambda: (*_qkv(), 24, 3, None, None), "chunk_size 24 is not a multiple of 16"),
-    "chunk-range": (lambda: (*_qkv(), 8208, 3, None, None), "chunk_size 8208 not in [16, 8192]"),
+    # Limits apply to the clamped parameters: a chunk size or topk that Lk keys cannot use is clamped first.
+    "chunk-range": (lambda: (_qkv()[0], _big(9000), _big(9000), 8208, 3, None, None), "chunk_size 8208 not in"),
+    "chunk-clamped": (lambda: (*_qkv(), 8208, 3, None, None), None),
     "topk-type": (lambda: (*_qkv(), 16, 0, None, None), "topk 0 is not an int >= 1"),
-    "topk-max": (lambda: (*_qkv(), 16, 65, None, None), "topk 65 > 64"),
+    "topk-max": (lambda: (_qkv()[0], _big(65 * 16), _big(65 * 16), 16, 65, None, None), "topk 65 > 64"),
+    "topk-clamped": (lambda: (*_qkv(), 16, 65, None, None), None),
     "lk-int32": (lambda: (_qkv()[0], _big(2**31), _big(2**31), 16, 3, None, None), "overflows the kernels' int32"),
     "mask-dtype": (lambda: (*_qkv(), 16, 3, torch.ones(1, 1, 1, 40), None), "attn_mask is not a boolean tensor"),
     "mask-device": (

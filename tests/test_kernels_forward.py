@@ -258,8 +258,14 @@ def test_unsupported_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     q64 = q_(dtype=torch.float64)
     assert triton_unsupported_reason(q64, q64, q64, 16, 3, None) == "dtype float64 routed to the reference"
     assert triton_unsupported_reason(q, q, q, 100, 3, None) == "chunk_size 100 is not a multiple of 16"
-    assert triton_unsupported_reason(q, q, q, 8208, 3, None) == "chunk_size 8208 not in [16, 8192]"
-    assert triton_unsupported_reason(q, q, q, 16, 65, None) == "topk 65 > 64"
+    # Limits apply to the clamped parameters (bounded_params): a chunk beyond Lk is one chunk, topk beyond the chunk
+    # count selects them all, so only sequences long enough to use the value meet the limit.
+    long_q = q_(length=8300)
+    assert triton_unsupported_reason(long_q, long_q, long_q, 8208, 3, None) == "chunk_size 8208 not in [16, 8192]"
+    assert triton_unsupported_reason(q, q, q, 8208, 3, None) is None
+    q65 = q_(length=65 * 16)
+    assert triton_unsupported_reason(q65, q65, q65, 16, 65, None) == "topk 65 > 64"
+    assert triton_unsupported_reason(q, q, q, 16, 65, None) is None
     assert triton_unsupported_reason(q, q, q, 16, 0, None) == "topk 0 is not an int >= 1"
     assert triton_unsupported_reason(q_(length=40), q, q, 16, 3, None) == "Lq=40 > Lk=32"
     assert (
@@ -278,7 +284,7 @@ def test_unsupported_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
         == "device type 'meta' is not supported by the Triton kernels"
     )
     with pytest.raises(ValueError, match="topk 65 > 64"):
-        moba_forward_triton(q, q, q, 16, 65, 0.125)
+        moba_forward_triton(q65, q65, q65, 16, 65, 0.125)
     # The routing of CPU tensors themselves: the launcher's own check, never moved to MOBA_TEST_DEVICE.
     cpu_reason = kernel_forward.triton_unsupported_reason
     monkeypatch.setenv("TRITON_INTERPRET", "0")

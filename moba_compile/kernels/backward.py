@@ -38,6 +38,7 @@ from .forward import partial_buffer_budget
 from .gating import FlipResult, _launch_gate, chunk_means_triton, flip_selection
 from .jit import kernel_jit
 from .support import (
+    bounded_params,
     dot_precision,
     interpreting,
     list_tile_rows,
@@ -714,6 +715,7 @@ def moba_backward_triton(
         raise ValueError(f"moba_backward_triton cannot run this call: {reason}")
     b, hq, lq, d = query.shape
     hkv, lk, dv_dim = key.shape[1], key.shape[2], value.shape[3]
+    chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     if tuple(grad_out.shape) != (b, hq, lq, dv_dim) or tuple(out.shape) != (b, hq, lq, dv_dim):
         raise ValueError(
             f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must be [B, Hq, Lq, Dv] = "

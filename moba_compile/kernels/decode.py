@@ -44,6 +44,7 @@ from torch import Tensor
 from .jit import kernel_jit
 from .support import (
     MAX_CHUNK,
+    bounded_params,
     dot_precision,
     interpreting,
     next_pow2,
@@ -542,7 +543,7 @@ def decode_unsupported_reason(
     if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1 and hq * lk >= 2**31:
         return f"a per-head attn_mask with Hq * Lk = {hq * lk} >= 2**31 overflows the kernel's int32 offsets"
     if means is not None:
-        n_prev = (lk - 1) // chunk_size
+        n_prev = (lk - 1) // bounded_params(lk, chunk_size, topk)[0]
         if not isinstance(means, Tensor) or means.dim() != 4:
             return "means must be a 4-D tensor [B, Hkv, n_means, D]"
         if means.dtype != torch.float32:
@@ -640,8 +641,9 @@ def decode_select_chunks_triton(
         means: optional fp32 ``[B, Hkv, n_means >= (Lk - 1) // chunk_size, D]`` chunk means (else computed, O(Lk)).
 
     Returns:
-        ``int32 [B, Hq, topk - 1]``, contiguous: chunk indices in descending fp32 score ``q . mean`` (ties: the later
-        chunk first), ``-1`` where fewer than ``topk - 1`` earlier chunks exist. Equals
+        ``int32 [B, Hq, K' - 1]``, ``K' = min(topk, ceil(Lk / chunk_size))`` (as ``reference.select_chunks``),
+        contiguous: chunk indices in descending fp32 score ``q . mean`` (ties: the later chunk first), ``-1`` where
+        fewer than ``K' - 1`` earlier chunks exist. Equals
         ``reference.select_chunks(query, key, ...)[:, :, 0]`` except where two scores differ by less than the fp32
         rounding of differently ordered sums.
 
@@ -658,6 +660,7 @@ def decode_select_chunks_triton(
         raise ValueError(f"MoBA decode gate cannot run: {reason}")
     b, hq = query.shape[0], query.shape[1]
     hkv, lk = key.shape[1], key.shape[2]
+    chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     n_prev = (lk - 1) // chunk_size
     km1 = min(topk - 1, n_prev)
     if km1 == 0 or b == 0:
@@ -725,6 +728,7 @@ def moba_decode_triton(
         raise ValueError(f"MoBA decode cannot run: {reason}")
     b, hq, _, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     dev = query.device
     out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=dev)
     lse = torch.empty(b, hq, 1, dtype=torch.float32, device=dev)

@@ -27,6 +27,7 @@ from torch import Tensor
 from .gating import _launch_gate, chunk_means_triton, flip_selection
 from .jit import kernel_jit
 from .support import (
+    bounded_params,
     dot_precision,
     interpreting,
     list_tile_rows,
@@ -406,6 +407,7 @@ def moba_forward_triton(
         raise ValueError(f"moba_forward_triton cannot run this call: {reason}")
     b, hq, lq, d = query.shape
     lk, dv = key.shape[2], value.shape[3]
+    chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     dev = query.device
     out = torch.empty(b, hq, lq, dv, dtype=query.dtype, device=dev)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)

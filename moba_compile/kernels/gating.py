@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .jit import kernel_jit
-from .support import interpreting, next_pow2, speed_up_interpreter
+from .support import bounded_params, interpreting, next_pow2, speed_up_interpreter
 from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores, query_major_program
 
 __all__ = ["FlipResult", "chunk_means_triton", "select_chunks_triton", "flip_selection"]
@@ -94,6 +94,8 @@ def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
     if d < 16 or d != next_pow2(d):
         raise ValueError(f"head dim {d} must be a power of two >= 16")
     n = -(-lk // chunk_size)
+    # One chunk either way; the kernel loops over C keys per chunk, so a huge C must not reach it.
+    chunk_size = bounded_params(lk, chunk_size, 1)[0]
     means = torch.empty(b, hkv, n, d, dtype=torch.float32, device=key.device)
     if means.numel() == 0:
         return means
@@ -257,13 +259,15 @@ def select_chunks_triton(
     Args:
         query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; fp16/bf16/fp32, any strides, on CUDA (or CPU under
             ``TRITON_INTERPRET=1``); ``D`` a power of two >= 16; ``Lq <= Lk``; ``Hq % Hkv == 0``.
-        chunk_size: ``C >= 1``; topk: ``1 <= topk <= 64`` (counts the own chunk).
+        chunk_size: ``C >= 1``; topk: counts the own chunk; ``1 <= K' <= 64`` for
+            ``K' = min(topk, ceil(Lk / C))`` (larger values select the same: they are clamped).
         means: optional precomputed :func:`chunk_means_triton` result.
 
     Returns:
-        ``int32 [B, Hq, Lq, topk - 1]``, contiguous: chunk indices in descending score order (ties: the later chunk
-        first, as the reference), ``-1`` in unused slots. It equals ``reference.select_chunks`` except where two
-        scores differ by less than fp32 rounding of the (differently ordered) sums.
+        ``int32 [B, Hq, Lq, K' - 1]`` (as ``reference.select_chunks``), contiguous: chunk indices in descending score
+        order (ties: the later chunk first, as the reference), ``-1`` in unused slots. It equals
+        ``reference.select_chunks`` except where two scores differ by less than fp32 rounding of the (differently
+        ordered) sums.
 
     Raises:
         ValueError: bad shapes, or ``topk`` outside ``[1, 64]``.
@@ -275,10 +279,15 @@ def select_chunks_triton(
     """
     if query.dim() != 4 or key.dim() != 4 or query.shape[-1] != key.shape[-1] or query.shape[0] != key.shape[0]:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} are not [B, H, L, D] pairs")
-    if not 1 <= topk <= 64:
-        raise ValueError(f"topk must be in [1, 64], got {topk}")
     b, hq, lq, _ = query.shape
     hkv, lk = key.shape[1], key.shape[2]
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same selection, sized by the sequence
+    if topk > 64:
+        raise ValueError(f"topk must be in [1, 64] once clamped to the chunk count, got {topk}")
     if hkv == 0 or hq % hkv or lq > lk:
         raise ValueError(f"need Hq % Hkv == 0 and Lq <= Lk, got Hq={hq}, Hkv={hkv}, Lq={lq}, Lk={lk}")
     km1 = topk - 1

@@ -11,8 +11,11 @@ import os
 import torch
 from torch import Tensor
 
+from ..validation import bounded_params
+
 __all__ = [
     "HEAD_DIMS",
+    "bounded_params",
     "MAX_CHUNK",
     "MAX_TOPK",
     "dot_precision",
@@ -144,8 +147,9 @@ def shared_unsupported_reason(
 ) -> str | None:
     """The checks every Triton MoBA kernel shares (installation, dtypes, devices, shapes, chunk size, top-k, mask).
 
-    Only metadata is read. ``head_dims`` are the head dims the calling kernel supports. Returns ``None`` when these
-    checks pass, else a short reason; each kernel's own ``*_unsupported_reason`` adds its specific limits.
+    Only metadata is read. ``head_dims`` are the head dims the calling kernel supports. ``chunk_size`` and ``topk``
+    are judged after :func:`moba_compile.validation.bounded_params` (what the launchers run). Returns ``None`` when
+    these checks pass, else a short reason; each kernel's own ``*_unsupported_reason`` adds its specific limits.
 
     Example:
         >>> q = torch.randn(1, 2, 8, 72)
@@ -179,14 +183,16 @@ def shared_unsupported_reason(
         return f"head dim {d} not in {head_dims}"
     if dv not in head_dims:
         return f"value head dim {dv} not in {head_dims}"
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        return f"chunk_size {chunk_size!r} is not an int"
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        return f"chunk_size {chunk_size!r} is not an int >= 1"
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        return f"topk {topk!r} is not an int >= 1"
+    # The launchers run the clamped values (the same call): judge those, so topk=10**6 on a short input still runs.
+    chunk_size, topk = bounded_params(lk, chunk_size, topk)
     if chunk_size % 16 != 0:
         return f"chunk_size {chunk_size} is not a multiple of 16"
     if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
         return f"chunk_size {chunk_size} not in [{MIN_CHUNK}, {MAX_CHUNK}]"
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        return f"topk {topk!r} is not an int >= 1"
     if topk > MAX_TOPK:
         return f"topk {topk} > {MAX_TOPK}"
     if attn_mask is not None:
@@ -213,8 +219,9 @@ def triton_unsupported_reason(
 
     Args:
         query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]``; value: ``[B, Hkv, Lk, Dv]``.
-        chunk_size: MoBA chunk size ``C``; supported: a multiple of 16 in ``[16, 8192]``.
-        topk: chunks per query including its own; supported: ``1 <= topk <= 64``.
+        chunk_size: MoBA chunk size ``C``; supported: a multiple of 16 in ``[16, 8192]`` after clamping to the key
+            length (:func:`moba_compile.validation.bounded_params`: any ``C >= Lk`` is one chunk).
+        topk: chunks per query including its own; supported: ``1 <= topk <= 64`` after clamping to the chunk count.
         attn_mask: ``None`` or a boolean tensor broadcastable to ``[B, Hq, Lq, Lk]`` on the query's device.
 
     Returns:
@@ -233,6 +240,7 @@ def triton_unsupported_reason(
         return reason
     hq, lq = query.shape[1], query.shape[2]
     hkv, lk = key.shape[1], key.shape[2]
+    chunk_size, topk = bounded_params(lk, chunk_size, topk)  # as the shared checks judged them
     if lq > lk:
         return f"Lq={lq} > Lk={lk}"
     # Entry ids inside one (batch, key head) plane are int32: G * Lq * (K - 1) must fit.
