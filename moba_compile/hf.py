@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import weakref
 from collections.abc import Callable
@@ -65,6 +66,23 @@ def _describe(value: Any) -> str:
 
 
 @dataclass
+class _BuiltMask:
+    """Where the queries of a mask returned by :meth:`MobaAttention.build_mask` sit in its keys."""
+
+    ref: weakref.ref
+    q_offset: int | Tensor  # position of the first query; a device tensor for static caches
+    q_length: int
+    kv_offset: int  # position of the first key
+    kv_length: int
+    kinds: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # analyse_mask per (Lq, Lk used)
+
+
+@functools.cache
+def _mask_signature() -> inspect.Signature:
+    return inspect.signature(_transformers()[2])
+
+
+@dataclass
 class MobaAttention:
     """The attention function registered with transformers; call :meth:`report` for what each layer did.
 
@@ -79,10 +97,15 @@ class MobaAttention:
     impl: str = "auto"
     skip_cudnn_in_decode: bool = True
     _records: dict[tuple[int | None, str], SiteRecord] = field(default_factory=dict)
+    _built: dict[int, _BuiltMask] = field(default_factory=dict, repr=False)
 
     def report(self) -> Report:
         """One record per (layer, kind of call), the latest call's: prefill/training and decode are listed apart."""
         return Report(sites=list(self._records.values()), policy_source=self.policy.source)
+
+    def reset_report(self) -> None:
+        """Forget the recorded decisions: :meth:`report` then lists only the calls made after this one."""
+        self._records.clear()
 
     def _record(self, module: torch.nn.Module, layer: int | None, decode: bool, **fields: Any) -> None:
         form = "decode" if decode else "prefill"
@@ -122,12 +145,120 @@ class MobaAttention:
             )
         return None
 
-    def _mask_kind(self, mask: Tensor, query: Tensor, key: Tensor) -> Tensor:
-        # Classified from the mask of this very call. A cache keyed on the tensor's storage, shape and version counter
-        # was wrong twice: inference tensors have no version counter (torch.inference_mode raised), and a buffer
-        # refilled in place through numpy keeps all three while its content changes (a bidirectional mask was then
-        # served as the causal one it replaced).
-        return torch.ops.moba.analyse_mask(mask, query, key, "")
+    def build_mask(self, *args: Any, **kwargs: Any) -> Tensor | None:
+        """The mask function registered with this attention (transformers' ``sdpa_mask``, same arguments and result).
+
+        It also notes, for the mask it returns, where the queries sit in the keys (``q_offset``, ``kv_offset``, the
+        lengths): a static cache hands the attention a buffer of ``max_cache_len`` key slots, of which only the first
+        ``q_offset + q_length`` hold the sequence, and nothing else tells the attention function where that ends.
+        """
+        _, _, sdpa_mask, _ = _transformers()
+        mask = sdpa_mask(*args, **kwargs)
+        if isinstance(mask, Tensor) and not torch.compiler.is_compiling():
+            # generate() makes the mask of a static cache's step contiguous before the forward, which copies an
+            # expanded one: the note is kept on the object, so hand over the tensor that will be used.
+            mask = mask.contiguous()
+            self._remember(mask, _mask_signature().bind(*args, **kwargs).arguments)
+        return mask
+
+    def _remember(self, mask: Tensor, arguments: dict[str, Any]) -> None:
+        built = self._built
+
+        def forget(ref: weakref.ref, key: int = id(mask)) -> None:
+            if key in built and built[key].ref is ref:
+                del built[key]
+
+        q_offset = arguments.get("q_offset", 0)
+        if isinstance(q_offset, Tensor):
+            # A static cache's length counter, which each layer's cache update then increments in place: keep the
+            # value it has now, when the mask is built for this forward (a device copy, no synchronisation).
+            q_offset = q_offset.clone()
+        built[id(mask)] = _BuiltMask(
+            ref=weakref.ref(mask, forget),
+            q_offset=q_offset,
+            q_length=arguments["q_length"],
+            kv_offset=arguments.get("kv_offset", 0),
+            kv_length=arguments["kv_length"],
+        )
+
+    def _built_entry(self, mask: Tensor) -> _BuiltMask | None:
+        if torch.compiler.is_compiling():
+            return None
+        entry = self._built.get(id(mask))
+        # A live weak reference to this very object: the mask build_mask returned (ids alone can be reused).
+        return entry if entry is not None and entry.ref() is mask else None
+
+    def _key_span(self, query: Tensor, key: Tensor, mask: Tensor | None) -> tuple[int | None, str | None]:
+        """How many of the keys hold the sequence the queries end: ``(length, note)``, or ``(None, why dense)``.
+
+        MoBA places query row ``i`` at position ``length - Lq + i`` and averages chunks of keys from position 0, so it
+        needs the keys to be the sequence up to the last query. A dynamic cache hands exactly those. A static cache
+        hands its whole buffer (``max_cache_len`` slots, the empty ones masked out), which read as the sequence put
+        the query of a decode step at the buffer's last slot (off by 0.15 on 9 real keys of 24).
+        """
+        lq, lk = query.shape[2], key.shape[2]
+        if mask is None:
+            if lq == lk or lq == 1:  # causal prefill, or a decode step over every key
+                return lk, None
+            if lq < lk:
+                # transformers' SDPA reads no mask with several queries as is_causal, aligned to the first key: only
+                # an empty static cache's prefill leaves the mask out there.
+                return lq, f"static-cache prefill: no mask, the first {lq} of {lk} key slots"
+            return None, f"{lq} queries over {lk} keys without a mask: not MoBA's causal layout"
+        entry = self._built_entry(mask)
+        if entry is not None:
+            kv_offset = int(entry.kv_offset)
+            if kv_offset != 0:
+                return None, f"the keys start at position {kv_offset} (a windowed cache); MoBA's chunks start at 0"
+            if (entry.q_length, entry.kv_length) != (lq, lk) or mask.shape[-1] != lk:
+                return None, (
+                    f"the mask was built for {entry.q_length} queries over {entry.kv_length} keys, the call has "
+                    f"{lq} over {lk}"
+                )
+            real = int(entry.q_offset) + lq  # a device tensor for static caches: one read per call
+            if real > lk:
+                return None, f"the queries end at position {real - 1}, past the {lk} keys"
+            if real == lk:
+                return lk, None
+            if bool(mask[..., real:].any()):
+                return None, f"the mask lets queries see key slots after the sequence's end ({real} of {lk})"
+            return real, f"static cache: the first {real} of {lk} key slots"
+        if lq == lk:
+            return lk, None  # the queries end the keys: nothing after them
+        if torch.compiler.is_compiling():
+            return None, (
+                f"{lq} queries over {lk} keys with a mask under torch.compile: whether the keys are the sequence or a "
+                "static cache's buffer can only be read from the data (graph-safe static-cache MoBA is not done yet)"
+            )
+        # A mask transformers did not build through build_mask (a 4D mask passed to the model, say). If some query
+        # sees the key at its bottom-right position, the keys end with the queries (causality bounds every row by
+        # its position); otherwise trailing slots may be a static cache's empty ones, and the positions are unknown.
+        rows = torch.arange(lq, device=mask.device)
+        own = mask.expand(*mask.shape[:-2], lq, lk)[..., rows, rows + (lk - lq)]
+        if bool(own.any()):
+            return lk, None
+        return None, (
+            f"no query sees the key at its own position if the {lk} keys were the sequence: they may be a static "
+            "cache's buffer, whose real length this mask (not built by moba_compile.hf) does not give"
+        )
+
+    def _mask_kind(self, given: Tensor, mask: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        """``moba::analyse_mask`` of ``mask`` (``given`` cut to the keys used) against the query and key lengths.
+
+        Every call is classified from the mask it is given, except masks :meth:`build_mask` returned: transformers
+        builds one per forward and hands that same tensor, which no user code holds, unchanged to every layer, so
+        their classification is kept on the object (for as long as it lives) rather than re-read per layer. (A cache
+        keyed on the storage, shape and version counter of any mask was wrong twice: inference tensors have no
+        version counter, and a buffer refilled in place through numpy keeps all three with new content.)
+        """
+        entry = self._built_entry(given)
+        lengths = (query.shape[2], key.shape[2])
+        if entry is not None and lengths in entry.kinds:
+            return entry.kinds[lengths]
+        kind = torch.ops.moba.analyse_mask(mask, query, key, "")
+        if entry is not None:
+            entry.kinds[lengths] = kind
+        return kind
 
     def __call__(
         self,
@@ -144,15 +275,20 @@ class MobaAttention:
         layer = getattr(module, "layer_idx", None)
         config = getattr(module, "config", None)
         num_layers = self.policy.num_layers or getattr(config, "num_hidden_layers", None)
-        decode = query.shape[2] < key.shape[2]
         decision = self.policy.decide(getattr(module, "_moba_path", ""), layer, num_layers)
         reason = self._dense_reason(module, query, key, attention_mask, {"dropout": dropout, **kwargs})
         if reason is None and decision.mode == "dense":
             reason = decision.reason
+        span, note = (None, None) if reason is not None else self._key_span(query, key, attention_mask)
+        if reason is None and span is None:
+            reason = note
+        real = key.shape[2] if span is None else span
+        decode = query.shape[2] < real
         if reason is None and decode and self.policy.decode == "dense":
             reason = "decode over the KV cache, and the policy has decode = 'dense'"
-        if reason is None and key.shape[2] < self.policy.min_seq_len:
-            reason = f"key length {key.shape[2]} < min_seq_len {self.policy.min_seq_len}"
+        if reason is None and real < self.policy.min_seq_len:
+            reason = f"key length {real} < min_seq_len {self.policy.min_seq_len}"
+        # The dense path always gets the inputs as given: transformers' own attention over them is the right result.
         dense_args = (module, layer, decode, query, key, value, attention_mask, dropout, scaling, kwargs)
         if reason is not None:
             return self._dense_call(reason, *dense_args)
@@ -161,13 +297,21 @@ class MobaAttention:
             # transformers' SDPA path would run in the autocast dtype (it may hand over fp32 q/k with a bf16 v).
             dtype = torch.get_autocast_dtype(device_type)
             query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
-        kind = None if attention_mask is None else self._mask_kind(attention_mask, query, key)
+        full_key = key
+        mask = attention_mask
+        if real < key.shape[2]:
+            # Slots after the sequence (a static cache's empty ones) are never attended; cut them so that MoBA's
+            # bottom-right positions are the queries' real positions.
+            key, value = key[:, :, :real], value[:, :, :real]
+            if mask is not None and mask.shape[-1] != 1:
+                mask = mask[..., :real]
+        kind = None if mask is None else self._mask_kind(attention_mask, mask, query, key)
         if kind is not None and not torch.compiler.is_compiling() and int(kind) in ops.DENSE_MASK_KINDS:
             # The op would run dense SDPA with this mask itself; here the kind is known, so the report can say so.
             return self._dense_call(ops.MASK_KIND_REASONS[int(kind)], *dense_args)
         means = None
-        layer_ref = getattr(key, "_moba_cache_layer", None)
-        if decode and layer_ref is not None and layer_ref() is not None:
+        layer_ref = getattr(full_key, "_moba_cache_layer", None)
+        if decode and key is full_key and layer_ref is not None and layer_ref() is not None:
             means = layer_ref().chunk_means(decision.chunk_size, key)
         out = ops.attention(
             query,
@@ -176,12 +320,14 @@ class MobaAttention:
             chunk_size=decision.chunk_size,
             topk=decision.topk,
             scale=scaling,
-            attn_mask=attention_mask,
+            attn_mask=mask,
             mask_kind=kind,
             impl=self.impl,
             chunk_means=means,
         )
         reason = decision.reason
+        if note is not None:
+            reason += f"; {note}"
         if decode:
             reason += "; chunk means from MobaCache" if means is not None else "; chunk means re-read from all keys"
         self._record(
@@ -268,11 +414,11 @@ def register(policy: str | dict | Policy | None = None, name: str = "moba", impl
         >>> model.generate(input_ids, max_new_tokens=20)  # doctest: +SKIP
         >>> print(attn.report())  # doctest: +SKIP
     """
-    attention_interface, mask_interface, sdpa_mask, _ = _transformers()
+    attention_interface, mask_interface, _, _ = _transformers()
     fn = MobaAttention(policy=load_policy(policy), name=name, impl=impl)
     attention_interface.register(name, fn)
-    # Boolean masks, or None where the mask is purely causal: what moba::attention expects.
-    mask_interface.register(name, sdpa_mask)
+    # Boolean masks, or None where the mask is purely causal (sdpa_mask's), noting where the queries sit in the keys.
+    mask_interface.register(name, fn.build_mask)
     return fn
 
 

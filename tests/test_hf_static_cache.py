@@ -1,0 +1,159 @@
+"""``attn_implementation="moba"`` with transformers' static caches: MoBA over the real keys, or dense with the reason.
+
+A static cache hands the attention its whole ``[B, H, max_cache_len, D]`` buffer with the empty slots masked out.
+Read as the key sequence, that puts a decode step's query at the buffer's last slot and averages empty slots into the
+gate: generation silently produced other tokens. The oracle is an independent MoBA (tests/naive.py) on a dynamic cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from naive import naive_moba
+
+import moba_compile.hf
+
+transformers = pytest.importorskip("transformers", reason="the 'test' extra installs transformers")
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+CHUNK, TOPK = 8, 2
+POLICY = {"chunk_size": CHUNK, "topk": TOPK, "dense_last": 1}
+ATOL = 3e-5  # float32 model vs the float64 oracle cast to float32
+MOBA = moba_compile.hf.register(POLICY, name="moba_static")
+GEN = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Oracle MoBA by layer: dense (all chunks) on the last layer and on sliding-window layers (mask applied)."""
+    dense = module.layer_idx >= module.config.num_hidden_layers - 1 or kwargs.get("sliding_window") is not None
+    out = naive_moba(query, key, value, CHUNK, 10**6 if dense else TOPK, scale=scaling, attn_mask=attention_mask)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("moba_static_oracle", oracle_attention)
+AttentionMaskInterface.register("moba_static_oracle", sdpa_mask)
+
+LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**LLAMA),
+    # hybrid: sliding-window layers 0 and 2 (a rolling static buffer of 12 slots), full layers 1 and 3
+    "gemma2": lambda: transformers.Gemma2Config(
+        **{**LLAMA, "num_hidden_layers": 4},
+        head_dim=8,
+        sliding_window=12,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+    ),
+    # every layer sliding (window 12 < the 37-token prompt): all dense, over a rolling static buffer
+    "mistral": lambda: transformers.MistralConfig(**LLAMA, sliding_window=12),
+}
+
+
+def build(arch: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation=attn).eval()
+
+
+class CausalAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_idx = 0
+        self.is_causal = True
+        self.num_key_value_groups = 2  # read by transformers' SDPA function, the dense path
+
+
+@pytest.mark.parametrize("real", [9, 30])
+def test_static_buffer_decode_step_is_moba_over_the_real_keys(real):
+    """The issue's case (9 real keys in 24 slots, chunk 8, top-k 2: off by 0.15 before), and 30 in 48 slots, where
+    MoBA differs from dense: with the mask build_mask made, MoBA over the real keys; with a 4D mask from elsewhere,
+    whose real length is unknown, dense SDPA with the mask and the reason recorded."""
+    attention = moba_compile.hf.MobaAttention(policy=moba_compile.load_policy({**POLICY, "dense_last": 0}))
+    slots = 24 if real == 9 else 48
+    gen = torch.Generator().manual_seed(real)
+    q = torch.randn(1, 4, 1, 16, generator=gen)
+    k, v = (torch.randn(1, 2, slots, 16, generator=gen) for _ in range(2))
+    k[:, :, real:] = 0  # the empty slots of a static cache
+    v[:, :, real:] = 0
+    expected = naive_moba(q, k[:, :, :real], v[:, :, :real], CHUNK, TOPK).float().transpose(1, 2)
+    built = attention.build_mask(
+        batch_size=1,
+        q_length=1,
+        kv_length=slots,
+        q_offset=torch.tensor(real - 1),  # a static cache's length counter is a tensor
+        attention_mask=torch.ones(1, real, dtype=torch.bool),
+    )
+    assert built.shape == (1, 1, 1, slots) and int(built.sum()) == real
+    out, _ = attention(CausalAttention(), q, k, v, built)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    [record] = attention.report().sites
+    assert record.decision == "moba" and f"the first {real} of {slots} key slots" in record.reason
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=built, enable_gqa=True).transpose(1, 2)
+    if real == 30:
+        assert (out - dense).abs().max() > 1e-2  # the sparse path ran
+
+    foreign = built.clone()  # same content, not built by build_mask: the real length is not known
+    out, _ = attention(CausalAttention(), q, k, v, foreign)
+    torch.testing.assert_close(out, dense)
+    [record] = attention.report().sites
+    assert record.decision == "dense" and "static cache's buffer" in record.reason
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "left-padding"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mistral"])
+def test_generate_with_static_cache_equals_oracle_on_dynamic_cache(arch, padding):
+    """Prefill into the static buffer (no mask: SDPA's top-left causal; with padding: a [B, 1, Lq, max_cache_len]
+    mask) and decode steps over it, including hybrid sliding-window layers, give the oracle's tokens and scores."""
+    model = build(arch, "moba_static")
+    oracle = build(arch, "moba_static_oracle")
+    ids = torch.randint(3, 64, (2, 37), generator=torch.Generator().manual_seed(6))
+    kw = {}
+    if padding:
+        mask = torch.ones_like(ids)
+        mask[1, :7] = 0
+        ids[1, :7] = 0
+        kw["attention_mask"] = mask
+    MOBA.reset_report()
+    with torch.no_grad():
+        out = model.generate(ids, cache_implementation="static", **kw, **GEN)
+        ref = oracle.generate(ids, **kw, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    sites = {(s.layer, s.form): s for s in MOBA.report().sites}
+    if arch == "mistral":
+        assert all(s.decision == "dense" and "sliding-window" in s.reason for s in sites.values())
+    else:
+        assert sites[(1, "prefill")].decision == "moba" and "of 42 key slots" in sites[(1, "prefill")].reason
+        assert sites[(1, "decode")].decision == "moba" and "the first 42 of 42" not in sites[(1, "decode")].reason
+
+
+def test_chunked_prefill_into_static_cache_equals_dynamic_cache():
+    """A second prefill chunk onto a filled static cache: 1 < Lq < max_cache_len, queries in the middle."""
+    model = build("llama", "moba_static")
+    ids = torch.randint(3, 64, (1, 45), generator=torch.Generator().manual_seed(7))
+    logits = {}
+    MOBA.reset_report()
+    for name in ("static", "dynamic"):
+        if name == "static":
+            cache = transformers.StaticCache(config=model.config, max_cache_len=64)
+        else:
+            cache = transformers.DynamicCache()
+        with torch.no_grad():
+            model(ids[:, :20], past_key_values=cache)
+            logits[name] = model(ids[:, 20:], past_key_values=cache).logits
+    torch.testing.assert_close(logits["static"], logits["dynamic"], atol=1e-6, rtol=0)
+    record = {(s.layer, s.form): s for s in MOBA.report().sites}[(0, "decode")]
+    assert record.decision == "moba"
