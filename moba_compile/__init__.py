@@ -10,6 +10,7 @@ from . import ops, reference
 from .api import moba_attention
 from .backend import CompiledBlock, compile_blocks, make_backend, moba_backend, register
 from .explain import explain
+from .passes.rewrite import MobaCompileWarning
 from .policy import DEFAULT_POLICY, Decision, Policy, PolicyError, Rule, load_policy
 from .report import Report, SiteRecord
 
@@ -17,6 +18,7 @@ __all__ = [
     "CompiledBlock",
     "DEFAULT_POLICY",
     "Decision",
+    "MobaCompileWarning",
     "Policy",
     "PolicyError",
     "Report",

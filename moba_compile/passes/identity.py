@@ -125,6 +125,7 @@ class Placement:
             under a :class:`BlockScope`): one decision must hold for all of them.
         hidden: the variants' layers whose modules do not appear in this graph (graph breaks split the model).
         modules: the recorded module objects, outermost first (None where an id could not be resolved).
+        variant_modules: the layer module of each variant (the container's elements), when known.
     """
 
     module: str
@@ -134,6 +135,7 @@ class Placement:
     shared: bool = False
     hidden: tuple[int, ...] = ()
     modules: tuple[nn.Module | None, ...] = field(default=(), repr=False, compare=False)
+    variant_modules: tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def innermost(self) -> nn.Module | None:
@@ -351,7 +353,8 @@ def _place(index: ModuleIndex, node: fx.Node, graph_module_ids: set[int], scope:
         full = ".".join([*above, *components])
         own = links[position][1]
         layer = int(own) if own.isdigit() else layer_from_path(full)
-        return Placement(full, layer, layer_idx, _variants(prefix, siblings, suffix), True, (), modules)
+        variants = _variants(prefix, siblings, suffix)
+        return Placement(full, layer, layer_idx, variants, True, (), modules, tuple(m for _, m in siblings))
     # The graph holds the root: the layer container, if any, is below the root, on the way to the innermost module.
     inner = modules[-1] if modules else None
     below = index.ancestry(inner) if inner is not None else []
@@ -367,7 +370,8 @@ def _place(index: ModuleIndex, node: fx.Node, graph_module_ids: set[int], scope:
     prefix = components[: depth - 1 - position]
     suffix = components[depth - position :]
     hidden = tuple(int(name) for name, module in siblings if name.isdigit() and not _appears(module, graph_module_ids))
-    return Placement(path, layer, layer_idx, _variants(prefix, siblings, suffix), False, hidden, modules)
+    variants = _variants(prefix, siblings, suffix)
+    return Placement(path, layer, layer_idx, variants, False, hidden, modules, tuple(m for _, m in siblings))
 
 
 def _appears(module: nn.Module, graph_module_ids: set[int]) -> bool:

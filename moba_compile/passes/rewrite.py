@@ -5,9 +5,13 @@ Sites that are not converted are left untouched, so they keep dense SDPA bit for
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import operator
-from dataclasses import replace
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -20,12 +24,15 @@ from .sites import (
     FORM_CAUSAL,
     FORM_DECODE,
     FORM_MASK,
+    REWRITABLE_REGIONS,
     SdpaSite,
     _meta,
     find_sdpa_sites,
 )
 
-__all__ = ["rewrite_sdpa"]
+__all__ = ["MobaCompileWarning", "rewrite_sdpa"]
+
+logger = logging.getLogger("moba_compile")
 
 _graph_ids = itertools.count()
 
@@ -40,28 +47,85 @@ LAYER_FROM_LAYER_IDX = "module's layer_idx"
 LAYER_FROM_ORDER = "order of SDPA calls"
 
 
-def _layers(sites: list[SdpaSite]) -> tuple[list[int | None], str]:
-    """Every site's layer and where it came from: module paths, else ``layer_idx`` attributes, else call order."""
-    from_paths = [s.placement.layer if s.placement else None for s in sites]
-    if sites and all(layer is not None for layer in from_paths):
-        return from_paths, LAYER_FROM_PATH
-    from_modules = [s.placement.layer_idx if s.placement else None for s in sites]
-    if sites and all(layer is not None for layer in from_modules):
-        return from_modules, LAYER_FROM_LAYER_IDX
-    return [s.index for s in sites], LAYER_FROM_ORDER
+class MobaCompileWarning(UserWarning):
+    """A policy or model the pass can apply, but probably not as meant (a rule matching nothing, nothing converted,
+    ``dense_last`` or ``num_layers`` not fitting the model, no attention found). Also logged on ``moba_compile``."""
 
 
-def _variants(site: SdpaSite, layer: int | None, source: str) -> tuple[tuple[str, int | None], ...]:
-    """(module path, layer) of the site at every layer its placement knows of, itself first."""
-    own = (site.module, layer)
-    if source != LAYER_FROM_PATH or site.placement is None:
-        return (own,)
-    return (own, *(v for v in site.placement.variants if v != own))
+@dataclass
+class _Unit:
+    """One SDPA call as the policy sees it: a site, or one caller of a subgraph that several callers share."""
+
+    site: SdpaSite
+    module: str
+    layer: int | None
+    variants: tuple[tuple[str, int | None], ...]  # the same call at every layer it may stand for, itself first
+    shared: bool  # the graph serves every variant: they must be decided alike
+    identified: bool = True  # False: a shared subgraph whose callers could not be told apart
 
 
-def _attention_layers(
-    sites: list[SdpaSite], layers: list[int | None], source: str, scope: BlockScope | None
-) -> tuple[list[int], str | None]:
+def _example(node: fx.Node) -> object:
+    """The real value behind a Dynamo graph input (a parameter or buffer), or None."""
+    grapharg = node.meta.get("grapharg")
+    try:
+        return grapharg.example if grapharg is not None else None
+    except Exception:  # a dead weak reference: nothing to identify
+        return None
+
+
+def _caller_variant(site: SdpaSite, call: fx.Node) -> int | None:
+    """Which layer of the site's container a higher-order call runs the (shared) subgraph for: the one whose
+    parameters the call passes in. None when no single layer owns them."""
+    placement = site.placement
+    if placement is None or not placement.variant_modules:
+        return None
+    passed = {id(_example(arg)) for arg in call.all_input_nodes if arg.op == "placeholder"} - {id(None)}
+    owners = [
+        i
+        for i, module in enumerate(placement.variant_modules)
+        if any(id(t) in passed for t in itertools.chain(module.parameters(), module.buffers()))
+    ]
+    return owners[0] if len(owners) == 1 else None
+
+
+def _units(sites: list[SdpaSite]) -> list[_Unit]:
+    units = []
+    for site in sites:
+        placement = site.placement
+        own = (site.module, placement.layer if placement else None)
+        variants = placement.variants if placement and placement.variants else (own,)
+        shared = bool(placement and placement.shared)
+        if site.calls and not shared:
+            # A subgraph is traced once, for its first caller (a nested compile region runs for several layers):
+            # each caller is the layer whose parameters it passes in.
+            found = [_caller_variant(site, call) for call in site.calls]
+            if all(i is not None for i in found):
+                for i in found:
+                    others = tuple(v for v in variants if v != variants[i])
+                    units.append(_Unit(site, variants[i][0], variants[i][1], (variants[i], *others), False))
+                continue
+            if len(site.calls) > 1:
+                units.append(_Unit(site, site.module, own[1], variants, True, identified=False))
+                continue
+        units.append(_Unit(site, site.module, own[1], (own, *(v for v in variants if v != own)), shared))
+    return units
+
+
+def _layers(units: list[_Unit]) -> str:
+    """Fill every unit's layer and say where it came from: module paths, else ``layer_idx``, else call order."""
+    if units and all(u.layer is not None for u in units):
+        return LAYER_FROM_PATH
+    from_modules = [u.site.placement.layer_idx if u.site.placement else None for u in units]
+    if units and all(layer is not None for layer in from_modules):
+        for unit, layer in zip(units, from_modules):
+            unit.layer, unit.variants = layer, ((unit.module, layer),)
+        return LAYER_FROM_LAYER_IDX
+    for order, unit in enumerate(units):
+        unit.layer, unit.variants = order, ((unit.module, order),)
+    return LAYER_FROM_ORDER
+
+
+def _attention_layers(units: list[_Unit], source: str, scope: BlockScope | None) -> tuple[list[int], str | None]:
     """The attention layers the policy counts (``dense_last``, negative indices) and, when they are not just the
     layers of this graph's sites, why.
 
@@ -71,49 +135,50 @@ def _attention_layers(
     """
     if scope is not None:
         return list(scope.attention_layers), "the layers compile_blocks was given"
-    seen = sorted({layer for layer in layers if layer is not None})
+    seen = sorted({u.layer for u in units if u.layer is not None})
     if source != LAYER_FROM_PATH:
         return seen, None
-    partial = [s for s in sites if s.placement is not None and (s.placement.shared or s.placement.hidden)]
+    hidden = sorted({h for u in units if u.site.placement for h in u.site.placement.hidden} - set(seen))
+    partial = [u for u in units if u.shared or (u.site.placement and set(u.site.placement.hidden) - set(seen))]
     if not partial:
         return seen, None
-    every = sorted({v for s in partial for _, v in s.placement.variants if v is not None} | set(seen))
-    hidden = sorted({h for s in partial for h in s.placement.hidden})
+    every = sorted({layer for u in partial for _, layer in u.variants if layer is not None} | set(seen))
     if hidden:
-        why = f"layers {_span(hidden)} are not in this graph (graph breaks); all {len(every)} layers counted"
-    else:
-        why = f"this graph serves {len(every)} layers"
-    return every, why
+        which = f"layers {_span(hidden)} are" if len(hidden) > 1 else f"layer {hidden[0]} is"
+        return every, f"{which} not in this graph (graph breaks); all {len(every)} layers counted"
+    return every, f"this graph serves {len(every)} layers"
 
 
-def _span(layers: list[int]) -> str:
+def _span(layers: Sequence[int]) -> str:
+    layers = list(layers)
     if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}..{layers[-1]}"
     return ", ".join(map(str, layers))
 
 
-def _shared_decision(
-    policy: Policy, site: SdpaSite, decision: Decision, decisions: list[Decision], variants: tuple
-) -> Decision:
-    """The decision for a site whose graph serves several layers (``variants``), which must all be decided alike.
+def _shared_decision(policy: Policy, unit: _Unit, decisions: list[Decision]) -> Decision:
+    """The decision for a call whose graph serves several layers (``unit.variants``), which must all be decided alike.
 
     Dynamo compiles one graph for a block class and reuses it for every block (modules are graph inputs): a graph
     that starts inside a layer (per-block ``compile``, a graph break in the layer loop) cannot hold a different
     decision per layer. A policy that treats those layers alike is applied; one that does not cannot be honoured:
     under the automatic policy the site stays dense, under an explicit one it is an error.
     """
+    decision = decisions[0]
     distinct = {(d.mode, d.chunk_size, d.topk) for d in decisions}
-    layers = sorted({layer for _, layer in variants if layer is not None})
-    served = f"layers {_span(layers)}" if layers else ", ".join(path for path, _ in variants)
+    layers = sorted({layer for _, layer in unit.variants if layer is not None})
+    served = f"layers {_span(layers)}" if layers else ", ".join(path for path, _ in unit.variants)
     if len(distinct) == 1:
         return replace(decision, reason=f"{decision.reason}; this graph serves {served}, decided alike")
-    differ = "; ".join(
-        f"{path}: {d.mode}" + (f" C{d.chunk_size} K{d.topk}" if d.mode == "moba" else "")
-        for (path, _), d in list(zip(variants, decisions))[:4]
-    )
+    ordered = sorted(zip(unit.variants, decisions), key=lambda vd: (vd[0][1] is None, vd[0][1] or 0, vd[0][0]))
+    shown = [
+        f"{path}: {d.mode}" + (f" C{d.chunk_size} K{d.topk}" if d.mode == "moba" else "") for (path, _), d in ordered
+    ]
+    differ = "; ".join(shown if len(shown) <= 6 else [*shown[:3], "...", *shown[-2:]])
+    where = "a nested compile region shared by several layers" if not unit.identified else "a layer"
     why = (
-        f"this graph starts inside a layer ({site.module!r}), and Dynamo reuses it for every layer of the same class "
-        f"({served}), but the policy treats them differently ({differ}{'; ...' if len(variants) > 4 else ''})"
+        f"this graph starts inside {where} ({unit.module!r}), and Dynamo reuses it for every layer of the same class "
+        f"({served}), but the policy treats them differently ({differ})"
     )
     if policy.automatic:
         return replace(decision, mode="dense", reason=f"{why}: dense under the default policy")
@@ -123,23 +188,115 @@ def _shared_decision(
     )
 
 
-def _impl_note(impl: str, site: SdpaSite, chunk_size: int, topk: int) -> str:
-    q, k, v = _meta(site.query), _meta(site.key), _meta(site.value)
-    chosen, why = resolve_impl(impl, q, k, v, chunk_size, topk, _meta(site.attn_mask))
-    return chosen if why in ("Triton kernels", f"impl={impl!r} requested") else f"{chosen} ({why})"
+def _decide(policy: Policy, path: str, layer: int | None, *, num_layers: int | None, layers: list[int]) -> Decision:
+    return policy.decide(path, layer, num_layers, layers)
 
 
-def _drop_if_dead(node: object, graph: fx.Graph) -> None:
-    """Erase a repeat_kv chain the rewrite left without users (only that chain: other dead code may be impure)."""
-    while isinstance(node, fx.Node) and not node.users and node.op in ("call_method", "call_function"):
-        parent = node.args[0] if node.args else None
-        graph.erase_node(node)
-        node = parent
+def _split_shared_subgraphs(units: list[_Unit], decide: Callable[[str, int | None], Decision]) -> bool:
+    """Give each group of callers that the policy decides differently its own copy of a shared subgraph.
+
+    Returns:
+        True when a subgraph was copied (the sites must then be found again).
+    """
+    split = False
+    by_owner: dict[int, list[_Unit]] = {}
+    for unit in units:
+        if len(unit.site.calls) > 1 and unit.identified and unit.site.owner is not None:
+            by_owner.setdefault(id(unit.site.owner), []).append(unit)
+    for owned in by_owner.values():
+        site = owned[0].site
+        per_site = len(site.calls)
+        # units of one site are consecutive, one per caller, in caller order
+        vectors: dict[fx.Node, list] = {call: [] for call in site.calls}
+        for start in range(0, len(owned), per_site):
+            for call, unit in zip(site.calls, owned[start : start + per_site]):
+                d = decide(unit.module, unit.layer)
+                vectors[call].append(None if unit.site.blocker else (d.mode, d.chunk_size, d.topk))
+        groups: dict[tuple, list[fx.Node]] = {}
+        for call, vector in vectors.items():
+            groups.setdefault(tuple(vector), []).append(call)
+        for calls in list(groups.values())[1:]:
+            _copy_subgraph(site.owner, calls)
+            split = True
+    return split
+
+
+def _copy_subgraph(sub: fx.GraphModule, calls: list[fx.Node]) -> None:
+    """Point ``calls`` (``invoke_subgraph`` nodes) at a copy of their subgraph ``sub``, under a new identifier."""
+    graph = calls[0].graph
+    parent = graph.owning_module
+    copied = fx.Graph()
+    mapping: dict[fx.Node, fx.Node] = {}
+    out, old_output = copied.graph_copy(sub.graph, mapping, return_output_node=True)
+    new_output = copied.output(out)
+    new_output.meta = dict(old_output.meta)
+    for n in itertools.count():
+        name = f"{calls[0].args[0].target}_moba_{n}"
+        if not hasattr(parent, name):
+            break
+    parent.register_module(name, fx.GraphModule(sub, copied))
+    for call in calls:
+        with graph.inserting_before(call):
+            attr = graph.get_attr(name)
+        old_attr = call.args[0]
+        # invoke_subgraph caches traced subgraphs by this identifier: the copy needs its own.
+        call.args = (attr, name, *call.args[2:])
+        if isinstance(old_attr, fx.Node) and not old_attr.users:
+            graph.erase_node(old_attr)
+    graph.lint()
+    parent.recompile()
+
+
+def _warn(message: str) -> None:
+    logger.warning("%s", message)
+    warnings.warn(message, MobaCompileWarning, stacklevel=4)
+
+
+def _check_policy_fit(
+    policy: Policy, units: list[_Unit], attention_layers: list[int], records: list[SiteRecord], unmatched: list[str]
+) -> None:
+    """Warn about what the report alone shows only at INFO: a policy that does not fit the model."""
+    where = f"policy {policy.source}"
+    if not units:
+        _warn(
+            "moba: no attention found in this graph: no scaled_dot_product_attention call, so nothing runs MoBA here "
+            "(a graph break may have put the attention in another graph; attention written with matmul and softmax, "
+            "or transformers' attn_implementation='eager', is not SDPA and stays as written)"
+        )
+        return
+    for rule in unmatched:
+        _warn(
+            f"moba: {where}: {rule} matches no attention site of this graph (module paths here: "
+            f"{', '.join(sorted({u.module for u in units})[:4])}{', ...' if len(units) > 4 else ''})"
+        )
+    count = len(attention_layers)
+    if count and policy.dense_last > count:
+        _warn(f"moba: {where}: dense_last = {policy.dense_last} is larger than the {count} attention layers found")
+    if policy.num_layers is not None and count > policy.num_layers:
+        _warn(
+            f"moba: {where}: num_layers = {policy.num_layers} is smaller than the {count} attention layers found; "
+            "dense_last and negative layer indices count from the wrong end"
+        )
+    for unit in units:
+        region = unit.site.region
+        if region is not None and any(part not in REWRITABLE_REGIONS for part in region.split("/")):
+            _warn(f"moba: the attention at {unit.module or '(no module)'} stays dense: {unit.site.blocker}")
+    convertible = [u for u in units if u.site.blocker is None]
+    if convertible and not any(r.decision == "moba" for r in records):
+        _warn(
+            f"moba: {where} converts none of the {len(units)} attention sites of this graph "
+            f"({len(convertible)} could run MoBA): {records[0].reason}"
+        )
 
 
 def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scope: BlockScope | None = None) -> Report:
     """Apply ``policy`` to every SDPA call of a Dynamo graph (and of its higher-order subgraphs), in place, and report
     each decision.
+
+    A subgraph that several calls share (a nested compile region run by every layer) is decided per caller; callers
+    decided differently get their own copy of it. Warnings (:class:`MobaCompileWarning`, also logged) flag a policy
+    that does not fit: a rule matching no site, nothing converted, ``dense_last``/``num_layers`` against the layers
+    found, or no attention at all.
 
     Args:
         gm: a Dynamo-level ``GraphModule``; it is modified in place and recompiled.
@@ -149,7 +306,8 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
             None.
 
     Returns:
-        A :class:`moba_compile.report.Report` with one record per SDPA call and the rules that matched none.
+        A :class:`moba_compile.report.Report` with one record per SDPA call (per caller of a shared subgraph) and the
+        rules that matched none.
 
     Raises:
         RuntimeError: ``impl="triton"`` and a converted site's inputs cannot run on the Triton kernels.
@@ -161,24 +319,28 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         >>> print(report)  # doctest: +SKIP
     """
     graph_id = next(_graph_ids)
-    sites = find_sdpa_sites(gm, scope)
-    layers, layer_source = _layers(sites)
-    attention_layers, count_note = _attention_layers(sites, layers, layer_source, scope)
-    num_layers = len(attention_layers) or None
+    for _ in range(2):  # a second pass after shared subgraphs were split per decision
+        sites = find_sdpa_sites(gm, scope)
+        units = _units(sites)
+        layer_source = _layers(units)
+        attention_layers, count_note = _attention_layers(units, layer_source, scope)
+        decide = functools.partial(_decide, policy, num_layers=len(attention_layers) or None, layers=attention_layers)
+        if not _split_shared_subgraphs(units, decide):
+            break
     matched_rules: set[int] = set()
     mask_checks: dict[tuple[fx.Node, str, str], fx.Node] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # converted SDPA node -> its replacement (a later site may consume it)
+    converted: dict[fx.Node, SiteRecord] = {}  # a shared subgraph's call is converted once for all its callers
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     records: list[SiteRecord] = []
-    for site, layer in zip(sites, layers):
-        variants = _variants(site, layer, layer_source)
-        decisions = [policy.decide(path, at, num_layers, attention_layers) for path, at in variants]
+    for unit in units:
+        site, layer = unit.site, unit.layer
+        decisions = [decide(path, at) for path, at in unit.variants]
         decision = decisions[0]
         matched_rules.update(d.rule_index for d in decisions if d.rule_index is not None)
-        shared = scope is not None or (site.placement is not None and site.placement.shared)
-        if shared and site.blocker is None and len(variants) > 1:
-            decision = _shared_decision(policy, site, decision, decisions, variants)
-        base = dict(module=site.module, layer=layer, graph=graph_id, form=site.form or "-")
+        if (unit.shared or scope is not None) and site.blocker is None and len(unit.variants) > 1:
+            decision = _shared_decision(policy, unit, decisions)
+        base = dict(module=unit.module, layer=layer, graph=graph_id, form=site.form or "-")
         if site.blocker is not None:
             records.append(SiteRecord(decision="dense", chunk_size=None, topk=None, reason=site.blocker, **base))
             continue
@@ -193,7 +355,11 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
             reason = f"key length {site.static_len_k} < min_seq_len {policy.min_seq_len}"
             records.append(SiteRecord(decision="dense", chunk_size=None, topk=None, reason=reason, **base))
             continue
-        record = _convert(site, decision.chunk_size, decision.topk, policy, impl, mask_checks, replaced, base)
+        if site.node in converted:
+            record = replace(converted[site.node], **base)
+        else:
+            record = _convert(site, decision.chunk_size, decision.topk, policy, impl, mask_checks, replaced, base)
+            converted[site.node] = record
         if site.owner is not None:
             touched[id(site.owner)] = site.owner
         notes = [decision.reason, _FORM_NOTES[site.form]]
@@ -202,7 +368,8 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         if count_note is not None and (policy.dense_last or any(i < 0 for r in policy.rules for i in r.layers or ())):
             notes.append(f"layers counted: {count_note}")
         if site.region is not None:
-            notes.append(f"inside a {site.region} subgraph")
+            shared = f", shared by {len(site.calls)} callers" if len(site.calls) > 1 else ""
+            notes.append(f"inside a subgraph of {site.region}{shared}")
         if site.autocast_dtype is not None:
             notes.append(f"inputs cast to {str(site.autocast_dtype).removeprefix('torch.')} as autocast does for SDPA")
         if site.saw_through_repeat:
@@ -217,7 +384,22 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         owner.graph.lint()
         owner.recompile()
     unmatched = [policy.describe_rule(i) for i in range(len(policy.rules)) if i not in matched_rules]
+    _check_policy_fit(policy, units, attention_layers, records, unmatched)
     return Report(sites=records, unmatched_rules=unmatched, policy_source=policy.source)
+
+
+def _impl_note(impl: str, site: SdpaSite, chunk_size: int, topk: int) -> str:
+    q, k, v = _meta(site.query), _meta(site.key), _meta(site.value)
+    chosen, why = resolve_impl(impl, q, k, v, chunk_size, topk, _meta(site.attn_mask))
+    return chosen if why in ("Triton kernels", f"impl={impl!r} requested") else f"{chosen} ({why})"
+
+
+def _drop_if_dead(node: object, graph: fx.Graph) -> None:
+    """Erase a repeat_kv chain the rewrite left without users (only that chain: other dead code may be impure)."""
+    while isinstance(node, fx.Node) and not node.users and node.op in ("call_method", "call_function"):
+        parent = node.args[0] if node.args else None
+        graph.erase_node(node)
+        node = parent
 
 
 def _convert(

@@ -344,7 +344,9 @@ def find_sdpa_sites(gm: fx.GraphModule, scope: BlockScope | None = None) -> list
         saw = src_k is not None and src_v is not None
         cast = _autocast_dtype(entry.autocast, q)
         if entry.region is not None and any(part not in REWRITABLE_REGIONS for part in entry.region.split("/")):
-            form, blocker, decode = None, f"inside a {entry.region} subgraph, which the pass does not rewrite", False
+            blocked = next(part for part in entry.region.split("/") if part not in REWRITABLE_REGIONS)
+            blocker = f"inside a subgraph of torch.ops.higher_order.{blocked}, which the pass does not rewrite"
+            form, decode = None, False
         elif bound["attn_mask"] is not None and mask is None:
             form, blocker, decode = None, "attn_mask is not a tensor", False
         else:
