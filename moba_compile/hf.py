@@ -2,14 +2,18 @@
 
 ``register(policy)`` adds an attention function and its mask function to transformers, so that
 ``model.set_attn_implementation("moba")`` or ``from_pretrained(..., attn_implementation="moba")`` runs MoBA (the same
-``moba::`` ops as the compile backend) in prefill, training and ``generate``. Layers are identified by
-``module.layer_idx``; the layer count is ``config.num_hidden_layers`` unless the policy sets ``num_layers``.
+``moba::`` ops as the compile backend) in prefill, training and ``generate``, with dynamic and static caches. Layers are
+identified by ``module.layer_idx`` and by their module path (``model.layers.3.self_attn``), found in the model that owns
+the attention module on its first call; ``report()`` lists what each layer did and why. A call MoBA cannot serve exactly
+(a feature keyword it does not implement, a mask that is not causal, keys whose positions are unknown) runs the layer's
+own dense attention, and the report says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import sys
 import weakref
@@ -96,12 +100,33 @@ class MobaAttention:
     name: str = "moba"
     impl: str = "auto"
     skip_cudnn_in_decode: bool = True
-    _records: dict[tuple[int | None, str], SiteRecord] = field(default_factory=dict)
+    _records: dict[tuple[str, int | None, str], SiteRecord] = field(default_factory=dict)
     _built: dict[int, _BuiltMask] = field(default_factory=dict, repr=False)
 
     def report(self) -> Report:
-        """One record per (layer, kind of call), the latest call's: prefill/training and decode are listed apart."""
+        """One record per (module, layer, kind of call), the latest call's: prefill/training and decode apart.
+
+        ``module`` is the attention module's path in the model that owns it (e.g. ``model.layers.3.self_attn``).
+        """
         return Report(sites=list(self._records.values()), policy_source=self.policy.source)
+
+    def _path(self, module: torch.nn.Module) -> str:
+        """The module's path in the model owning it, found on its first call (outside torch.compile tracing)."""
+        path = getattr(module, "_moba_path", None)
+        if path is not None:
+            return path
+        if not torch.compiler.is_compiling():
+            _locate(module)
+            return module._moba_path
+        rules = [self.policy.describe_rule(i) for i, r in enumerate(self.policy.rules) if r.module is not None]
+        if rules:
+            raise RuntimeError(
+                f"{self.policy.source}: {', '.join(rules)} match module paths, but {type(module).__name__} (layer "
+                f"{getattr(module, 'layer_idx', None)}) is first called under torch.compile tracing, where its path "
+                "cannot be looked up. Run the model once before compiling it, or call "
+                "moba_compile.hf.annotate(model) first."
+            )
+        return ""
 
     def reset_report(self) -> None:
         """Forget the recorded decisions: :meth:`report` then lists only the calls made after this one."""
@@ -109,8 +134,9 @@ class MobaAttention:
 
     def _record(self, module: torch.nn.Module, layer: int | None, decode: bool, **fields: Any) -> None:
         form = "decode" if decode else "prefill"
-        path = getattr(module, "_moba_path", type(module).__name__)
-        self._records[(layer, form)] = SiteRecord(module=path, layer=layer, form=form, **fields)
+        # The module path where it is known (it always is outside torch.compile tracing), else the class name.
+        path = getattr(module, "_moba_path", None) or type(module).__name__
+        self._records[(path, layer, form)] = SiteRecord(module=path, layer=layer, form=form, **fields)
 
     def _dense_reason(self, module: torch.nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: dict):
         if kw.get("softcap") is not None:
@@ -275,7 +301,7 @@ class MobaAttention:
         layer = getattr(module, "layer_idx", None)
         config = getattr(module, "config", None)
         num_layers = self.policy.num_layers or getattr(config, "num_hidden_layers", None)
-        decision = self.policy.decide(getattr(module, "_moba_path", ""), layer, num_layers)
+        decision = self.policy.decide(self._path(module), layer, num_layers)
         reason = self._dense_reason(module, query, key, attention_mask, {"dropout": dropout, **kwargs})
         if reason is None and decision.mode == "dense":
             reason = decision.reason
@@ -396,8 +422,10 @@ def register(policy: str | dict | Policy | None = None, name: str = "moba", impl
 
     Args:
         policy: policy file path, dict, :class:`moba_compile.Policy` or None (default policy: chunk 4096, top-k 12,
-            last 3 layers dense). Layers are matched by ``module.layer_idx``; ``module`` rules match the path set by
-            :func:`annotate` (else the attention class name).
+            last 3 layers dense). Layers are matched by ``module.layer_idx``; ``module`` rules match the attention
+            module's path in the model that owns it (``model.layers.3.self_attn``), found on its first call; under
+            torch.compile tracing that lookup cannot run, so a model compiled before any eager call needs
+            :func:`annotate` first when the policy has ``module`` rules (else the call raises).
         name: the name to pass to ``attn_implementation`` / ``set_attn_implementation``.
         impl: as in :func:`moba_compile.moba_attention`.
 
@@ -423,15 +451,60 @@ def register(policy: str | dict | Policy | None = None, name: str = "moba", impl
 
 
 def annotate(model: torch.nn.Module) -> torch.nn.Module:
-    """Record each submodule's dotted path on it, so policy ``module`` rules can match in the transformers path.
+    """Record each attention module's dotted path in ``model`` on it, for policy ``module`` rules and reports.
+
+    Not needed in general: on its first call outside torch.compile tracing, an attention module's path is found in
+    the outermost model that holds it (:func:`_locate`). Call it to name paths relative to ``model`` instead, or before
+    compiling a model whose attention is first called under torch.compile (where paths cannot be looked up).
+
+    Args:
+        model: the model; every submodule with a ``layer_idx`` attribute (transformers' attention modules) is named.
+
+    Returns:
+        ``model``.
 
     Example:
-        >>> annotate(model)  # doctest: +SKIP
+        >>> model = annotate(model)  # doctest: +SKIP
     """
-    for path, sub in model.named_modules():
+    for path, sub in model.named_modules(remove_duplicate=False):
         if hasattr(sub, "layer_idx"):
             sub._moba_path = path
     return model
+
+
+def _locate(module: torch.nn.Module) -> None:
+    """Name every attention module of the models holding ``module`` (its outermost owners), ``module`` included.
+
+    transformers hands the attention function the module but not the model, so the owners are found among the live
+    modules: one pass over the garbage collector's objects (~0.2 s with transformers imported), once per model, as the
+    other attention modules of that model are named at the same time. A module held by several models gets its path in
+    the first; :func:`annotate` chooses explicitly.
+    """
+    parents: dict[int, list[torch.nn.Module]] = {}
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance reads __class__, which some lazily imported objects answer with a
+        # deprecation warning.
+        if issubclass(type(obj), torch.nn.Module):
+            for child in obj._modules.values():
+                if child is not None:
+                    parents.setdefault(id(child), []).append(obj)
+    roots, seen, todo = [], {id(module)}, [module]
+    while todo:
+        node = todo.pop()
+        owners = parents.get(id(node), [])
+        if not owners:
+            roots.append(node)
+        for owner in owners:
+            if id(owner) not in seen:
+                seen.add(id(owner))
+                todo.append(owner)
+    for root in reversed(roots):  # the first root's paths win
+        annotate(root)
+        for path, sub in root.named_modules(remove_duplicate=False):
+            if sub is module:
+                module._moba_path = path
+    if getattr(module, "_moba_path", None) is None:  # unreachable in practice: a root names itself ""
+        module._moba_path = ""
 
 
 def _version(tensor: Tensor) -> int | None:

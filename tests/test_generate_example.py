@@ -27,7 +27,7 @@ def test_generate_example_reports_both_phases():
         "--no-progress",
     )  # fmt: skip
     assert "chunk means from MobaCache" in out  # decode steps scored cached means
-    assert out.count("LlamaAttention  moba") >= 2
+    assert out.count("model.layers.0.self_attn  moba") == 2  # module paths, prefill and decode
     for line in ("moba ", "dense ", "MoBA / dense: prefill"):
         assert line in out
 

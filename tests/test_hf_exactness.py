@@ -157,3 +157,60 @@ def test_t5_relative_position_bias_keeps_decoder_self_attention_dense_and_exact(
         got = moba(input_ids=ids, decoder_input_ids=decoder_ids).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert sum(ops.CALLS.values()) == before  # no moba:: op ran
+    sites = {s.module: s for s in MOBA.report().sites}
+    for layer in range(2):
+        reason = sites[f"decoder.block.{layer}.layer.0.SelfAttention"].reason
+        assert "position_bias=<float32 tensor" in reason and "MoBA does not implement" in reason
+
+
+def oracle_by_layer(dense_layers: set[int]):
+    """An oracle attention function: naive MoBA, dense causal (every chunk) on ``dense_layers``."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        topk = 10**6 if module.layer_idx in dense_layers else TOPK
+        out = naive_moba(query, key, value, CHUNK, topk, scale=scaling, attn_mask=attention_mask)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@pytest.mark.parametrize("selector", ["model.layers.1.self_attn", "re:.*layers\\.1\\..*"])
+def test_module_rules_apply_without_annotate_and_reports_name_module_paths(selector):
+    name = f"moba_exact_module_{len(selector)}"
+    attention = moba_compile.hf.register(
+        {**POLICY, "dense_last": 0, "rules": [{"module": selector, "mode": "dense"}]}, name=name
+    )
+    oracle_name = "moba_exact_oracle_layer1_dense"
+    transformers.AttentionInterface.register(oracle_name, oracle_by_layer({1}))
+    transformers.masking_utils.AttentionMaskInterface.register(oracle_name, transformers.masking_utils.sdpa_mask)
+    model = tiny_llama(name)
+    assert not hasattr(model.model.layers[1].self_attn, "_moba_path")  # nobody called annotate()
+    ids, mask = left_padded(8)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+        expected = tiny_llama(oracle_name)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    sites = [(s.module, s.decision) for s in attention.report().sites]
+    assert sites == [
+        ("model.layers.0.self_attn", "moba"),
+        ("model.layers.1.self_attn", "dense"),
+        ("model.layers.2.self_attn", "moba"),
+    ]
+    assert "rule 0" in attention.report().sites[1].reason
+
+
+def test_module_rule_first_called_under_torch_compile_is_refused_with_the_way_out():
+    attention = moba_compile.hf.register(
+        {**POLICY, "rules": [{"module": "model.layers.1.self_attn", "mode": "dense"}]}, name="moba_exact_traced"
+    )
+    model = tiny_llama("moba_exact_traced")
+    ids = torch.randint(3, 64, (1, 20), generator=torch.Generator().manual_seed(9))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"under torch.compile tracing.*annotate\(model\)"), torch.no_grad():
+        compiled(ids)
+    moba_compile.hf.annotate(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="eager")(ids).logits, model(ids).logits)
+    assert [s.decision for s in attention.report().sites] == ["moba", "dense", "dense"]

@@ -108,6 +108,7 @@ def test_compile_path_prefill_matches_oracle(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gpt2", "gemma2"])
 def test_moba_attention_implementation_generates_like_oracle(arch):
+    MOBA.reset_report()  # records are per module path: other architectures' paths would stay listed
     model = build(arch, attn="moba_test")
     oracle = twin(model, "moba_oracle")
     ids, mask = left_padded_batch(6)
@@ -125,6 +126,7 @@ def test_moba_attention_implementation_generates_like_oracle(arch):
 
 
 def test_gemma2_soft_capping_stays_dense_and_exact():
+    MOBA.reset_report()
     model = build("gemma2", attn="eager", attn_logit_softcapping=50.0)
     moba = twin(model, "moba_test")
     ids, mask = left_padded_batch(7)
@@ -162,6 +164,7 @@ def test_compiled_sliding_window_mask_runs_dense_with_reason():
 
 
 def test_moba_cache_keeps_chunk_means_and_generates_like_dynamic_cache():
+    MOBA.reset_report()
     model = build("llama", attn="moba_test")
     oracle = twin(model, "moba_oracle")
     ids, mask = left_padded_batch(10)
