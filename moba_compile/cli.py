@@ -474,8 +474,6 @@ def _backend_user_error(err: BaseException) -> str | None:
         if "TRITON_INTERPRET" in message:
             message += " (on a CPU, use --impl auto or --impl reference, or set TRITON_INTERPRET=1 to interpret)"
         return f"backend 'moba': {message}"
-    if inner is not err and isinstance(inner, (PolicyError, ValueError)):
-        return f"backend 'moba': {_first_line(inner)}"
     return None
 
 
