@@ -47,7 +47,9 @@ def moba_attention(
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query's dtype, on its device. Differentiable with respect to query, key and value
-        (there is no gradient through the gate).
+        (there is no gradient through the gate) in reverse and forward mode (``torch.func.jvp``,
+        ``torch.autograd.forward_ad``) and under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``,
+        ``jacfwd``); first-order only: a second-order derivative raises ``NotImplementedError``.
 
     Raises:
         TypeError, ValueError: malformed inputs, naming the argument (shapes, dtypes, devices, mask kind, parameters,

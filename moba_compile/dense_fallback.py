@@ -1,5 +1,6 @@
-"""Dense attention with a boolean mask: the log-sum-exp and gradients of the path ``moba::attention`` takes when a
-mask turns out, at run time, not to be MoBA's (non-causal, or per-row like a sliding window).
+"""Dense attention with a boolean mask: the log-sum-exp, gradients and forward-mode tangents of the path
+``moba::attention`` takes when a mask turns out, at run time, not to be MoBA's (non-causal, or per-row like a sliding
+window).
 
 The forward itself is ``F.scaled_dot_product_attention``; these helpers give what SDPA does not expose (its
 log-sum-exp) and its gradients, which a custom op's body cannot ask autograd for. Query rows are processed in blocks,
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["masked_lse", "masked_backward"]
+__all__ = ["masked_lse", "masked_backward", "masked_jvp"]
 
 _BLOCK_ELEMENTS = 1 << 24  # [B, Hq, rows, Lk] temporaries of about 64 MiB in fp32
 
@@ -111,3 +112,57 @@ def masked_backward(
         dq_parts.append(_unfold((ds @ k32) * scale, hq))
     dq = torch.cat(dq_parts, dim=2) if dq_parts else torch.zeros(query.shape, dtype=acc, device=query.device)
     return dq.to(query.dtype).contiguous(), dk.to(key.dtype).contiguous(), dv.to(value.dtype).contiguous()
+
+
+def masked_jvp(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    tangent_query: Tensor | None,
+    tangent_key: Tensor | None,
+    tangent_value: Tensor | None,
+    attn_mask: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Forward-mode tangents of dense masked attention and of its log-sum-exp.
+
+    With ``dS = scale * (dQ K^T + Q dK^T)``: ``d lse = rowsum(P * dS)``, ``d out = (P * dS) V - d lse * (P V) + P dV``.
+
+    Args:
+        query, key, value, attn_mask, scale: as for the forward.
+        tangent_query, tangent_key, tangent_value: shaped like their primals, or ``None`` for a zero tangent.
+
+    Returns:
+        ``(tangent_out [B, Hq, Lq, Dv]`` in the query's dtype, ``tangent_lse [B, Hq, Lq]`` in fp32 (fp64 for fp64
+        inputs)``)``; rows with no allowed key have zero tangents.
+
+    Example:
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> masked_jvp(q, q, q, q, None, None, torch.ones(4, 4, dtype=torch.bool), 0.35)[0].shape
+        torch.Size([1, 2, 4, 8])
+    """
+    b, hq, lq, _ = query.shape
+    hkv = key.shape[1]
+    acc = _acc(query.dtype)
+    full = attn_mask.expand(b, hq, lq, key.shape[2])
+    k32, v32 = key.to(acc), value.to(acc)
+    tk32 = tangent_key.to(acc) if tangent_key is not None else None
+    tv32 = tangent_value.to(acc) if tangent_value is not None else None
+    t_outs, t_lses = [], []
+    for r0, r1 in _row_blocks(query, key):
+        p, _ = _probabilities(query[:, :, r0:r1], key, full[:, :, r0:r1], scale)
+        ds = torch.zeros_like(p)
+        if tangent_query is not None:
+            ds += (_fold(tangent_query[:, :, r0:r1].to(acc), hkv) @ k32.transpose(-1, -2)) * scale
+        if tk32 is not None:
+            ds += (_fold(query[:, :, r0:r1].to(acc), hkv) @ tk32.transpose(-1, -2)) * scale
+        pds = p * ds
+        t_lse = pds.sum(dim=-1, keepdim=True)
+        t_out = pds @ v32 - t_lse * (p @ v32)
+        if tv32 is not None:
+            t_out += p @ tv32
+        t_outs.append(_unfold(t_out, hq))
+        t_lses.append(_unfold(t_lse, hq).squeeze(-1))
+    if not t_outs:
+        return query.new_zeros(b, hq, 0, value.shape[-1]), torch.zeros(b, hq, 0, dtype=acc, device=query.device)
+    return torch.cat(t_outs, dim=2).to(query.dtype).contiguous(), torch.cat(t_lses, dim=2).contiguous()

@@ -10,6 +10,14 @@ Ops (all functional, no mutation):
   ``min_seq_len``: key sequences shorter than this run dense causal attention. ``chunk_means``: gate means kept by a
   KV cache, so that a decode step need not average every key.
 - ``moba::attention_backward(...) -> (dq, dk, dv)``: the registered backward of ``moba::attention``.
+- ``moba::attention_jvp(query, key, value, attn_mask, mask_kind, tangent_query, tangent_key, tangent_value, ...)
+  -> (tangent_out, tangent_lse)``: forward-mode derivative (plain PyTorch formulas; on the Triton path over the
+  selection the Triton gate made).
+
+Autodiff: the ops have vmap rules (the vmapped dim folds into the batch). :func:`attention` runs ``moba::attention``
+through an ``autograd.Function`` in eager mode whenever derivatives may be asked for, which gives reverse mode, forward
+mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func`` transforms; under ``torch.compile`` it calls
+the op, whose registered autograd is reverse mode only. Derivatives are first order: a second-order one raises.
 - ``moba::analyse_mask(attn_mask, query, key, tag) -> int64 scalar on the CPU``: one read of a boolean mask per
   forward, classified against the bottom-right causality of ``query``/``key`` lengths.
 
@@ -302,6 +310,201 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("moba::attention_jvp", mutates_args=())
+def _attention_jvp_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    mask_kind: Tensor | None,
+    tangent_query: Tensor | None,
+    tangent_key: Tensor | None,
+    tangent_value: Tensor | None,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    min_seq_len: int,
+    impl: str,
+    chunk_means: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    mask, kind = _mask_for_moba(attn_mask, mask_kind)
+    if kind in DENSE_MASK_KINDS:
+        CALLS["attention_jvp:dense-sdpa"] += 1
+        return dense_fallback.masked_jvp(query, key, value, tangent_query, tangent_key, tangent_value, attn_mask, scale)
+    chunk_size, topk = _bounded_call(key, chunk_size, topk, min_seq_len)
+    chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
+    # There is no Triton JVP kernel: the reference's formulas run (plain PyTorch, O(rows * Lk) blocks), over the
+    # selection the Triton forward made when it ran, so tangents belong to the output the forward returned.
+    selection = _kernel_selection(chosen, query, key, value, chunk_size, topk, mask, chunk_means)
+    CALLS[f"attention_jvp:reference{'' if selection is None else '-triton-gate'}"] += 1
+    t_out, t_lse = reference.moba_attention_jvp(
+        query,
+        key,
+        value,
+        tangent_query,
+        tangent_key,
+        tangent_value,
+        chunk_size=chunk_size,
+        topk=topk,
+        scale=scale,
+        attn_mask=mask,
+        chunk_means=chunk_means,
+        selection=selection,
+    )
+    return t_out.contiguous(), t_lse.contiguous()
+
+
+def _kernel_selection(chosen, query, key, value, chunk_size, topk, mask, chunk_means) -> Tensor | None:
+    """The Triton gate's selection ``[B, Hq, Lq, S]`` that ``moba::attention`` used on the Triton path, else None."""
+    if chosen != "triton" or topk <= 1:
+        return None
+    if _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_means) is not None:
+        from .kernels.decode import decode_select_chunks_triton
+
+        return decode_select_chunks_triton(query, key, chunk_size, topk, means=chunk_means).unsqueeze(2)
+    from .kernels import select_chunks_triton
+
+    return select_chunks_triton(query, key, chunk_size, topk)
+
+
+@_attention_jvp_op.register_fake
+def _attention_jvp_fake(
+    query,
+    key,
+    value,
+    attn_mask,
+    mask_kind,
+    tangent_query,
+    tangent_key,
+    tangent_value,
+    chunk_size,
+    topk,
+    scale,
+    min_seq_len,
+    impl,
+    chunk_means=None,
+):
+    return _attention_fake(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl)
+
+
+def _vmap_by_folding(op, n_args: int, mask_index: int):
+    """A ``register_vmap`` rule for a MoBA op whose tensors all have the batch dim first (masks broadcast to it).
+
+    Every (batch, head) is an independent problem, so the vmapped dim is folded into the batch: one call of the op on
+    ``[V * B, ...]`` inputs (an unbatched input is expanded, i.e. copied, to ``V`` entries). A vmapped ``mask_kind``
+    (different kinds per entry need different paths) runs the op once per entry instead.
+    """
+    kind_index = mask_index + 1
+
+    def rule(info, in_dims, *args):
+        args = (*args, *([None] * (n_args - len(args))))  # defaulted trailing arguments
+        in_dims = (*in_dims, *([None] * (n_args - len(in_dims))))
+        v = info.batch_size
+        if in_dims[kind_index] is not None:
+            per_entry = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))) for i in range(v)]
+            return tuple(torch.stack(parts) for parts in zip(*per_entry)), tuple(0 for _ in per_entry[0])
+        folded = list(args)
+        for i, (a, d) in enumerate(zip(args, in_dims)):
+            if isinstance(a, Tensor) and i not in (mask_index, kind_index):
+                a = a.movedim(d, 0) if d is not None else a.expand(v, *a.shape)
+                folded[i] = a.reshape(v * a.shape[1], *a.shape[2:])
+        mask, d = args[mask_index], in_dims[mask_index]
+        if mask is not None and (d is not None or (mask.dim() == 4 and mask.shape[0] != 1)):
+            batch = args[0].shape[0] if in_dims[0] is None else args[0].shape[1 if in_dims[0] == 0 else 0]
+            m = mask.movedim(d, 0) if d is not None else mask.expand(v, *mask.shape)
+            m = m.reshape(v, *([1] * (5 - m.dim())), *m.shape[1:])  # [V, B or 1, H or 1, Lq or 1, Lk or 1]
+            folded[mask_index] = m.expand(v, batch, *m.shape[2:]).reshape(v * batch, *m.shape[2:])
+        outs = op(*folded)
+        return tuple(o.unflatten(0, (v, o.shape[0] // v)) for o in outs), tuple(0 for _ in outs)
+
+    return rule
+
+
+_attention_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention.default, 11, 3))
+_attention_backward_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention_backward.default, 14, 4))
+_attention_jvp_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention_jvp.default, 14, 3))
+
+
+_SECOND_ORDER = (
+    "moba_attention has first-order derivatives only (gradients, JVPs, vmap of either): differentiating its "
+    "backward (double backward, Hessians, jacfwd of a gradient) is not implemented. Use dense attention "
+    "(torch.nn.functional.scaled_dot_product_attention, math backend) where second-order derivatives are needed."
+)
+
+
+class _AttentionBackwardFunction(torch.autograd.Function):
+    """``moba::attention_backward`` where its own derivatives could be asked for: first-order use works under every
+    transform; a second-order derivative raises :data:`_SECOND_ORDER` instead of a zero or an unrelated error."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.moba.attention_backward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_SECOND_ORDER)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """``moba::attention`` for eager autograd in every mode: reverse mode (``backward``), forward mode (``jvp``,
+    through ``moba::attention_jvp``) and ``torch.func`` transforms (``setup_context``; vmap rules generated from the
+    ops' own). The op's registered autograd alone is reverse-mode only, and without ``setup_context`` (which
+    ``torch.library`` does not give it) ``torch.func.grad`` rejects it. Not used under ``torch.compile``: Dynamo breaks
+    the graph on an autograd.Function with a custom ``jvp``, while the op itself compiles with its registered backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means):
+        return torch.ops.moba.attention(
+            query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _setup_context(ctx, inputs, output)
+        query, key, value, attn_mask, mask_kind, *_, chunk_means = inputs
+        ctx.save_for_forward(query, key, value, attn_mask, mask_kind, chunk_means)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, attn_mask, mask_kind, out, lse, chunk_means = ctx.saved_tensors
+        args = (grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params, chunk_means)
+        if torch._C._are_functorch_transforms_active() or torch.is_grad_enabled():
+            # torch.func and create_graph=True differentiate the backward too: the op's generated autograd would be
+            # rejected by torch.func (no setup_context) or fail with a message that does not name moba_attention.
+            dq, dk, dv = _AttentionBackwardFunction.apply(*args)
+        else:
+            dq, dk, dv = torch.ops.moba.attention_backward(*args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_query, tangent_key, tangent_value, *_):
+        query, key, value, attn_mask, mask_kind, chunk_means = ctx.saved_tensors
+        t_out, _ = torch.ops.moba.attention_jvp(
+            query, key, value, attn_mask, mask_kind, tangent_query, tangent_key, tangent_value, *ctx.params, chunk_means
+        )
+        return t_out, None  # lse is marked non-differentiable (it is an internal output)
+
+
+def _needs_autograd_function(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    # Plain inference calls the op directly: nothing is saved, and no autograd.Function overhead per decode step.
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+
+
 # Run-time results of moba::analyse_mask by tag (the compile pass tags each shared mask check), read by explain().
 MASK_OBSERVATIONS: dict[str, int] = {}
 
@@ -391,7 +594,9 @@ def attention(
     if not 0 <= min_seq_len <= INT64_MAX:
         raise ValueError(f"min_seq_len must be in [0, 2**63 - 1], got {min_seq_len}")
     resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)  # raises early for an impossible impl
-    out, _ = torch.ops.moba.attention(
-        query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl, chunk_means
-    )
+    args = (query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl)
+    if not torch.compiler.is_compiling() and _needs_autograd_function(query, key, value):
+        out, _ = _AttentionFunction.apply(*args, chunk_means)
+    else:
+        out, _ = torch.ops.moba.attention(*args, chunk_means)
     return out

@@ -27,6 +27,7 @@ __all__ = [
     "moba_attention",
     "moba_attention_forward",
     "moba_attention_backward",
+    "moba_attention_jvp",
 ]
 
 # Rows per query block: keep the [B, Hq, rows, Lk] temporaries near 2**24 elements (64 MiB in fp32).
@@ -356,3 +357,96 @@ def moba_attention_backward(
         else:
             dq = torch.zeros(query.shape, dtype=acc, device=query.device)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+
+
+def moba_attention_jvp(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    tangent_query: Tensor | None,
+    tangent_key: Tensor | None,
+    tangent_value: Tensor | None,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    chunk_means: Tensor | None = None,
+    selection: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Forward-mode derivative of :func:`moba_attention_forward`: the tangents of ``out`` and ``lse``.
+
+    The selection is piecewise constant (no derivative through the gate), so this is the JVP of softmax attention over
+    the selected keys. With ``P`` the attention probabilities (0 off the attended set) and
+    ``dS = scale * (dQ K^T + Q dK^T)``: ``d lse = rowsum(P * dS)`` and
+    ``d out = (P * dS) V - d lse * (P V) + P dV``; GQA reads each query head's key head, as the forward.
+
+    Args:
+        query, key, value, chunk_size, topk, scale, attn_mask, chunk_means: as for :func:`moba_attention_forward`.
+        tangent_query, tangent_key, tangent_value: tangents shaped like ``query``, ``key``, ``value``, or ``None``
+            for a zero tangent.
+        selection: optional int ``[B, Hq, Lq, S]`` earlier chunks per row (``-1`` = unused slot), e.g. a Triton gate's
+            output, so the JVP follows the selection the forward that ran actually made; default: this module's gate.
+
+    Returns:
+        ``(tangent_out, tangent_lse)``: ``[B, Hq, Lq, Dv]`` in the query's dtype and ``[B, Hq, Lq]`` in fp32 (fp64 for
+        fp64 inputs). Rows with no attended key have zero tangents.
+
+    Raises:
+        ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`, or a tangent whose shape differs
+        from its primal's.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1, 8, 4, dtype=torch.float64)
+        >>> t_out, t_lse = moba_attention_jvp(q, k, v, torch.ones_like(q), None, None, chunk_size=4, topk=1)
+        >>> t_out.shape, t_lse.shape
+        (torch.Size([1, 1, 8, 4]), torch.Size([1, 1, 8]))
+    """
+    shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    for name, primal, tangent in (
+        ("tangent_query", query, tangent_query),
+        ("tangent_key", key, tangent_key),
+        ("tangent_value", value, tangent_value),
+    ):
+        if tangent is not None and tangent.shape != primal.shape:
+            raise ValueError(f"{name} has shape {tuple(tangent.shape)}, its primal {tuple(primal.shape)}")
+    chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
+    scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+    acc = _acc_dtype(query.dtype)
+    full = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k)
+    hkv = shapes.heads_kv
+    with torch.no_grad():
+        means = _gate_means(key, chunk_size, chunk_means) if selection is None else None
+        k32, v32 = key.to(acc), value.to(acc)
+        tk32 = tangent_key.to(acc) if tangent_key is not None else None
+        tv32 = tangent_value.to(acc) if tangent_value is not None else None
+        t_outs, t_lses = [], []
+        for r0, r1, pos in _blocks(query, key):
+            q_blk = query[:, :, r0:r1]
+            if selection is None:
+                sel = _select_block(q_blk, means, pos, chunk_size, topk)
+            else:
+                sel = selection[:, :, r0:r1].long()
+            allowed = _fold_heads(
+                _allowed_block(sel, pos, shapes.len_k, chunk_size, _mask_rows(attn_mask, full, r0, r1)), hkv
+            )
+            q32 = _fold_heads(q_blk.to(acc), hkv)
+            s = ((q32 @ k32.transpose(-1, -2)) * scale).masked_fill(~allowed, -math.inf)
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)
+            p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))  # 0 off the set
+            ds = torch.zeros_like(p)
+            if tangent_query is not None:
+                ds += (_fold_heads(tangent_query[:, :, r0:r1].to(acc), hkv) @ k32.transpose(-1, -2)) * scale
+            if tk32 is not None:
+                ds += (q32 @ tk32.transpose(-1, -2)) * scale
+            pds = p * ds
+            t_lse = pds.sum(dim=-1, keepdim=True)
+            t_out = pds @ v32 - t_lse * (p @ v32)
+            if tv32 is not None:
+                t_out += p @ tv32
+            t_outs.append(_unfold_heads(t_out, shapes.heads_q))
+            t_lses.append(_unfold_heads(t_lse, shapes.heads_q).squeeze(-1))
+        if not t_outs:
+            empty = query.new_zeros(shapes.batch, shapes.heads_q, 0, shapes.head_dim_v)
+            return empty, torch.zeros(shapes.batch, shapes.heads_q, 0, dtype=acc, device=query.device)
+        return torch.cat(t_outs, dim=2).to(query.dtype), torch.cat(t_lses, dim=2)
