@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 from dataclasses import replace
 from typing import Any
@@ -44,11 +46,14 @@ def explain(
 
     Raises:
         moba_compile.PolicyError: malformed policy. ValueError: bad ``impl``/``compiler``.
+        TypeError: a keyword the model's ``forward`` does not take (a misspelt ``policy=`` would otherwise reach the
+            model, or be dropped by it); checked where the signature tells (a ``**kwargs`` forward takes anything).
 
     Example:
         >>> report = explain(model, input_ids, policy="policy.toml")  # doctest: +SKIP
         >>> [(s.layer, s.decision) for s in report.sites]  # doctest: +SKIP
     """
+    _check_model_keywords(model, kwargs)
     loaded = load_policy(policy)
     backend = make_backend({"policy": loaded, "impl": impl, "compiler": compiler})
     compiled = torch.compile(_fresh_caller(model), backend=backend)
@@ -75,6 +80,41 @@ def explain(
         report = Report([replace(s, graph=number) for s in report.sites], report.unmatched_rules, report.policy_source)
         merged = merged.merge(report)
     return merged.with_mask_observations(observed, ops.MASK_KIND_REASONS)
+
+
+_OWN_KEYWORDS = ("policy", "impl", "compiler")
+
+
+def _check_model_keywords(model: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse keywords that ``model`` cannot take, naming them and explain's own keywords."""
+    if not kwargs:
+        return
+    target = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: nothing to tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    names = [
+        p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    unknown = [key for key in kwargs if key not in names]
+    if not unknown:
+        return
+    what = (
+        f"{type(model).__name__}.forward"
+        if isinstance(model, torch.nn.Module)
+        else getattr(model, "__name__", "the model")
+    )
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, [*_OWN_KEYWORDS, *names], n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(
+        f"explain: {what} takes no keyword argument {', '.join(hints)}; explain's own keywords are "
+        f"{', '.join(_OWN_KEYWORDS)}, and the model's are {', '.join(names) or 'none'}"
+    )
 
 
 def _fresh_caller(model: Any) -> Any:

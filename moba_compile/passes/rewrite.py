@@ -253,9 +253,17 @@ def _warn(message: str) -> None:
 
 
 def _check_policy_fit(
-    policy: Policy, units: list[_Unit], attention_layers: list[int], records: list[SiteRecord], unmatched: list[str]
+    policy: Policy,
+    units: list[_Unit],
+    attention_layers: list[int],
+    records: list[SiteRecord],
+    unmatched: list[str],
+    kept_dense: list[str],
 ) -> None:
-    """Warn about what the report alone shows only at INFO: a policy that does not fit the model."""
+    """Warn about what the report alone shows only at INFO: a policy that does not fit the model.
+
+    ``kept_dense`` are the reasons of the sites that could run MoBA but that the policy's decision kept dense.
+    """
     where = f"policy {policy.source}"
     if not units:
         _warn(
@@ -264,29 +272,25 @@ def _check_policy_fit(
             "or transformers' attn_implementation='eager', is not SDPA and stays as written)"
         )
         return
+    paths = sorted({u.module for u in units if u.module})
+    shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "") if paths else "none"
     for rule in unmatched:
-        _warn(
-            f"moba: {where}: {rule} matches no attention site of this graph (module paths here: "
-            f"{', '.join(sorted({u.module for u in units})[:4])}{', ...' if len(units) > 4 else ''})"
-        )
+        _warn(f"moba: {where}: {rule} matches no attention site of this graph (module paths here: {shown})")
     count = len(attention_layers)
     if count and policy.dense_last > count:
         _warn(f"moba: {where}: dense_last = {policy.dense_last} is larger than the {count} attention layers found")
     if policy.num_layers is not None and count > policy.num_layers:
         _warn(
-            f"moba: {where}: num_layers = {policy.num_layers} is smaller than the {count} attention layers found; "
-            "dense_last and negative layer indices count from the wrong end"
+            f"moba: {where}: num_layers = {policy.num_layers} is smaller than the {count} attention layers found, "
+            "so dense_last and negative layer indices count from the wrong end"
         )
     for unit in units:
         region = unit.site.region
         if region is not None and any(part not in REWRITABLE_REGIONS for part in region.split("/")):
             _warn(f"moba: the attention at {unit.module or '(no module)'} stays dense: {unit.site.blocker}")
-    convertible = [u for u in units if u.site.blocker is None]
-    if convertible and not any(r.decision == "moba" for r in records):
-        _warn(
-            f"moba: {where} converts none of the {len(units)} attention sites of this graph "
-            f"({len(convertible)} could run MoBA): {records[0].reason}"
-        )
+    if kept_dense and not any(r.decision == "moba" for r in records):
+        reasons = "; ".join(dict.fromkeys(kept_dense))
+        _warn(f"moba: {where} converts none of the {len(records)} attention sites of this graph: {reasons}")
 
 
 def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scope: BlockScope | None = None) -> Report:
@@ -333,6 +337,7 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
     converted: dict[fx.Node, SiteRecord] = {}  # a shared subgraph's call is converted once for all its callers
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     records: list[SiteRecord] = []
+    kept_dense: list[str] = []  # why the policy kept a convertible site dense
     for unit in units:
         site, layer = unit.site, unit.layer
         decisions = [decide(path, at) for path, at in unit.variants]
@@ -346,6 +351,7 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
             continue
         if decision.mode == "dense":
             records.append(SiteRecord(decision="dense", chunk_size=None, topk=None, reason=decision.reason, **base))
+            kept_dense.append(decision.reason)
             continue
         if site.decode and policy.decode == "dense":
             reason = "decode/chunked prefill over the KV cache, and the policy has decode = 'dense'"
@@ -384,7 +390,7 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         owner.graph.lint()
         owner.recompile()
     unmatched = [policy.describe_rule(i) for i in range(len(policy.rules)) if i not in matched_rules]
-    _check_policy_fit(policy, units, attention_layers, records, unmatched)
+    _check_policy_fit(policy, units, attention_layers, records, unmatched, kept_dense)
     return Report(sites=records, unmatched_rules=unmatched, policy_source=policy.source)
 
 
