@@ -128,6 +128,31 @@ class MobaAttention:
             )
         return ""
 
+    def _attention_layers(self, module: torch.nn.Module) -> tuple[int, ...] | None:
+        """The layer indices of the model's attention layers, which ``dense_last`` and negative indices count.
+
+        A hybrid model has attention in a few decoder layers only (Jamba: 1 and 5 of 8), so ``num_hidden_layers``
+        would count the others too. Found once per model (:func:`annotate`): from the config's ``layer_types`` or
+        ``layers_block_type`` where present, else the ``layer_idx`` of the modules of the calling module's class.
+        """
+        found = getattr(module, "_moba_attention_layers", None)
+        if found is not None:
+            return found
+        from_config = _config_attention_layers(getattr(module, "config", None))
+        if from_config is not None or not torch.compiler.is_compiling():
+            return from_config  # outside tracing, _path located the model: no class-based answer exists
+        counted = self.policy.dense_last > 0 or any(
+            r.layers is not None and any(i < 0 for i in r.layers) for r in self.policy.rules
+        )
+        if counted:
+            raise RuntimeError(
+                f"{self.policy.source}: dense_last / negative layer indices count the model's attention layers, "
+                f"but {type(module).__name__} is first called under torch.compile tracing and its config does not "
+                "say which decoder layers have attention. Run the model once before compiling it, or call "
+                "moba_compile.hf.annotate(model) first."
+            )
+        return None
+
     def reset_report(self) -> None:
         """Forget the recorded decisions: :meth:`report` then lists only the calls made after this one."""
         self._records.clear()
@@ -299,9 +324,13 @@ class MobaAttention:
     ) -> tuple[Tensor, None]:
         """transformers' attention-function protocol: ``[B, H, L, D]`` in, ``([B, Lq, Hq, Dv], None)`` out."""
         layer = getattr(module, "layer_idx", None)
-        config = getattr(module, "config", None)
-        num_layers = self.policy.num_layers or getattr(config, "num_hidden_layers", None)
-        decision = self.policy.decide(self._path(module), layer, num_layers)
+        path = self._path(module)
+        attention_layers = self._attention_layers(module)
+        if attention_layers is not None:
+            num_layers = len(attention_layers)
+        else:
+            num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        decision = self.policy.decide(path, layer, num_layers, attention_layers)
         reason = self._dense_reason(module, query, key, attention_mask, {"dropout": dropout, **kwargs})
         if reason is None and decision.mode == "dense":
             reason = decision.reason
@@ -458,7 +487,8 @@ def annotate(model: torch.nn.Module) -> torch.nn.Module:
     compiling a model whose attention is first called under torch.compile (where paths cannot be looked up).
 
     Args:
-        model: the model; every submodule with a ``layer_idx`` attribute (transformers' attention modules) is named.
+        model: the model; every submodule with a ``layer_idx`` attribute (transformers' attention modules) is named,
+            and given the layer indices of the model's attention layers (see ``MobaAttention._attention_layers``).
 
     Returns:
         ``model``.
@@ -466,10 +496,49 @@ def annotate(model: torch.nn.Module) -> torch.nn.Module:
     Example:
         >>> model = annotate(model)  # doctest: +SKIP
     """
+    by_class: dict[type, set[int]] = {}
     for path, sub in model.named_modules(remove_duplicate=False):
         if hasattr(sub, "layer_idx"):
             sub._moba_path = path
+            if isinstance(sub.layer_idx, int):
+                by_class.setdefault(type(sub), set()).add(sub.layer_idx)
+    for sub in model.modules():
+        if hasattr(sub, "layer_idx"):
+            from_config = _config_attention_layers(getattr(sub, "config", None))
+            # Modules of one class are one kind of layer (a hybrid's mamba mixers carry a layer_idx too).
+            sub._moba_attention_layers = from_config if from_config is not None else tuple(sorted(by_class[type(sub)]))
     return model
+
+
+# Layer types (transformers' config.layer_types) whose layers run softmax attention, and those whose layers do not.
+_ATTENTION_LAYER_TYPES = frozenset(
+    {
+        "full_attention",
+        "sliding_attention",
+        "chunked_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "indexed_attention",
+        "minimax_m3_sparse",
+        "hybrid",
+        "hybrid_sliding",
+        "attention",
+    }
+)
+_OTHER_LAYER_TYPES = frozenset({"linear_attention", "conv", "mamba", "mamba2", "mlp", "recurrent", "rwkv"})
+
+
+def _config_attention_layers(config: Any) -> tuple[int, ...] | None:
+    """Attention layer indices from ``config.layer_types`` / ``layers_block_type``; None if it says nothing certain."""
+    for name in ("layer_types", "layers_block_type"):
+        try:
+            types = getattr(config, name, None)
+        except Exception:  # a derived property of a config missing its inputs
+            types = None
+        if isinstance(types, (list, tuple)) and types and all(isinstance(t, str) for t in types):
+            if all(t in _ATTENTION_LAYER_TYPES or t in _OTHER_LAYER_TYPES for t in types):
+                return tuple(i for i, t in enumerate(types) if t in _ATTENTION_LAYER_TYPES)
+    return None
 
 
 def _locate(module: torch.nn.Module) -> None:

@@ -6,6 +6,8 @@ MoBA does not apply) and checks the right value against an independent oracle (t
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,3 +216,73 @@ def test_module_rule_first_called_under_torch_compile_is_refused_with_the_way_ou
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="eager")(ids).logits, model(ids).logits)
     assert [s.decision for s in attention.report().sites] == ["moba", "dense", "dense"]
+
+
+def test_hybrid_jamba_dense_last_counts_attention_layers_not_decoder_layers():
+    """Jamba with attention only in decoder layers 1 and 5 of 8 (mamba elsewhere, its slow path on CPU):
+    dense_last=1 keeps attention layer 5 dense and runs layer 1 on MoBA."""
+    config = transformers.JambaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=4,
+        attn_layer_offset=1,
+        num_experts=1,
+        expert_layer_period=1,
+        expert_layer_offset=0,
+        mamba_d_state=4,
+        mamba_expand=2,
+        mamba_dt_rank=4,
+        pad_token_id=0,
+    )
+    oracle_name = "moba_exact_oracle_layer5_dense"
+    transformers.AttentionInterface.register(oracle_name, oracle_by_layer({5}))
+    transformers.masking_utils.AttentionMaskInterface.register(oracle_name, transformers.masking_utils.sdpa_mask)
+    models = {}
+    for name in ("moba_exact", oracle_name):
+        torch.manual_seed(0)
+        # A config per model: from_config records the attention implementation on it, read at every call.
+        models[name] = transformers.AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), attn_implementation=name
+        ).eval()
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(10))
+    MOBA.reset_report()
+    with torch.no_grad():
+        got = models["moba_exact"](ids).logits
+        expected = models[oracle_name](ids).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    sites = [(s.module, s.layer, s.decision) for s in MOBA.report().sites]
+    assert sites == [("model.layers.1.self_attn", 1, "moba"), ("model.layers.5.self_attn", 5, "dense")]
+    assert "last 1 of 2 attention layers" in MOBA.report().sites[1].reason
+
+
+class ToyAttention(torch.nn.Module):
+    """An attention module of a hybrid model whose config does not say which layers have attention."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        self.config = type("Config", (), {"num_hidden_layers": 8})()
+
+
+class ToyMixer(torch.nn.Module):
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # as a mamba mixer has one
+
+
+def test_hybrid_attention_layers_found_from_the_modules_when_the_config_says_nothing():
+    blocks = [ToyAttention(i) if i in (1, 5) else ToyMixer(i) for i in range(8)]
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"mixer": b}) for b in blocks])
+    attention = moba_compile.hf.MobaAttention(policy=moba_compile.load_policy(POLICY))
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen) for _ in range(3))
+    for i in (1, 5):
+        attention(blocks[i], q, k, v, None)
+    sites = [(s.module, s.decision) for s in attention.report().sites]
+    assert sites == [("layers.1.mixer", "moba"), ("layers.5.mixer", "dense")]
