@@ -66,6 +66,8 @@ IMPLS = ("auto", "triton", "reference")
 
 # Real (non-fake) executions per op and implementation, e.g. CALLS["attention:reference"]. Tests read it to prove the
 # MoBA path ran (Dynamo silently runs eagerly after its recompile limit); users can read it to check a deployment.
+# Counts only: no result is keyed on a tensor (audit of identity caches, issue "no policy or result is silently wrong":
+# ops.py and kernels/ hold none; launch plans are recomputed from shapes on every call).
 CALLS: Counter[str] = Counter()
 
 
@@ -506,6 +508,9 @@ def _needs_autograd_function(query: Tensor, key: Tensor, value: Tensor) -> bool:
 
 
 # Run-time results of moba::analyse_mask by tag (the compile pass tags each shared mask check), read by explain().
+# A report, never a cache: nothing reads it to skip work (every call classifies its mask afresh, so a mask mutated in
+# place or a new mask at a reused address is never answered from memory), and it is keyed by the pass's tag, a string
+# unique per graph and mask node ("g<graph>:<node>:<n>"), not by tensor identity; explain() clears it around its run.
 MASK_OBSERVATIONS: dict[str, int] = {}
 
 

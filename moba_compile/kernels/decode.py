@@ -412,6 +412,7 @@ def _decode_combine_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 # Launch planning
 # --------------------------------------------------------------------------------------------------------------------
+# Keyed by device index, not by any tensor: a device's SM count is fixed for the life of the process.
 @lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
