@@ -17,11 +17,13 @@ On a GPU, e.g. a 1B-parameter config at 128K: ``--model path/to/config.json --pr
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+import moba_compile
 import moba_compile.hf
 from moba_compile.cli import CliError, build_hf_model
 
@@ -56,7 +58,8 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache, na
 
     Args:
         model: a transformers causal LM. ids: ``[B, L]`` prompt token ids on the model's device.
-        new_tokens: tokens to generate (>= 1). cache: a transformers cache object for ``past_key_values``.
+        new_tokens: tokens to generate (>= 1). cache: a transformers cache object, filled in place (passed as
+            ``cache=``, or ``past_key_values=`` on transformers versions before the rename).
         name: label for the progress bar. progress: show a tqdm bar when tqdm is installed.
 
     Returns:
@@ -66,9 +69,10 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache, na
         >>> run = greedy(model, ids, 8, DynamicCache(), "dense", progress=False)  # doctest: +SKIP
     """
     device = ids.device
+    with_cache = {moba_compile.hf.cache_keyword(): cache}
     _sync(device)
     start = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **with_cache, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill = time.perf_counter() - start
@@ -78,7 +82,7 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache, na
         steps = tqdm(steps, desc=f"{name} decode", leave=False)
     start = time.perf_counter()
     for _ in steps:
-        out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(nxt, **with_cache, use_cache=True)  # the cache object is updated in place
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(nxt)
     _sync(device)
@@ -86,7 +90,11 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache, na
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, run MoBA and dense generation, print the comparison; returns the exit code."""
+    """Parse arguments, run MoBA and dense generation, print the comparison.
+
+    Returns:
+        The exit status: 0, or 2 for a bad policy (file, key) or model argument, with a one-line message on stderr.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-llama", help="preset name, config.json, or checkpoint directory")
     parser.add_argument("--policy", default=None, help="policy file (default: the built-in default policy)")
@@ -101,15 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_tokens < 1 or args.prompt_len < 1:
         parser.error("--prompt-len and --new-tokens must be >= 1")
     try:
+        # The policy first: a bad one is reported in one line before minutes of model loading, not as a traceback.
+        policy = moba_compile.load_policy(args.policy)
         model, what = build_hf_model(args.model, dtype=getattr(torch, args.dtype), load_weights=True)
-    except CliError as err:
-        print(f"error: {err}")
+    except (CliError, moba_compile.PolicyError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     from transformers import DynamicCache
 
     device = torch.device(args.device)
     model.to(device)
-    attention = moba_compile.hf.register(args.policy, name="moba")
+    attention = moba_compile.hf.register(policy, name="moba")
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=gen).to(device)
     print(f"{what}; prompt {args.batch} x {args.prompt_len}, {args.new_tokens} new tokens, policy {args.policy}")

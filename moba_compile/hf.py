@@ -28,7 +28,7 @@ from . import ops
 from .policy import Policy, load_policy
 from .report import Report, SiteRecord
 
-__all__ = ["register", "annotate", "MobaAttention", "MobaCache"]
+__all__ = ["register", "annotate", "cache_keyword", "MobaAttention", "MobaCache"]
 
 
 def _transformers():
@@ -712,6 +712,30 @@ def _cache_classes():
     return _MobaCache
 
 
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword that ``generate`` and transformers' models take for a cache object on the installed version.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.24 has ``cache``, and warns that ``past_key_values`` is
+    deprecated; 5.17 has only ``past_key_values``); the name is read from ``prepare_inputs_for_generation``'s
+    signature, which both ``generate`` and the model forwards follow.
+
+    Returns:
+        ``"cache"`` or ``"past_key_values"``.
+
+    Raises:
+        ImportError: transformers is not installed.
+
+    Example:
+        >>> out = model.generate(ids, **{cache_keyword(): MobaCache()}, max_new_tokens=8)  # doctest: +SKIP
+    """
+    _transformers()
+    from transformers.generation.utils import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def MobaCache():  # noqa: N802 (a factory standing in for a class, so that transformers is imported lazily)
     """A transformers ``DynamicCache`` that also keeps the chunk means MoBA's gate needs, as chunks complete.
 
@@ -721,13 +745,14 @@ def MobaCache():  # noqa: N802 (a factory standing in for a class, so that trans
     size that a layer asks for.
 
     Returns:
-        A new cache instance; pass it as ``past_key_values`` to ``generate`` or the model.
+        A new cache instance; pass it to ``generate`` or the model as ``cache=`` (transformers 5.24;
+        ``past_key_values=`` on versions before the rename, such as 5.17: :func:`cache_keyword` says which).
 
     Raises:
         ImportError: transformers is not installed.
 
     Example:
-        >>> out = model.generate(ids, past_key_values=moba_compile.hf.MobaCache(), max_new_tokens=32)  # doctest: +SKIP
+        >>> out = model.generate(ids, cache=moba_compile.hf.MobaCache(), max_new_tokens=32)  # doctest: +SKIP
     """
     _transformers()
     return _cache_classes()()

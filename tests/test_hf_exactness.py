@@ -100,12 +100,13 @@ def test_moba_cache_means_follow_in_place_writes_and_older_key_tensors():
     model = tiny_llama()
     ids, mask = left_padded(3)
     cache = moba_compile.hf.MobaCache()
+    with_cache = {moba_compile.hf.cache_keyword(): cache}  # cache= on transformers 5.24, past_key_values= on 5.17
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **with_cache)
     layer = cache.layers[0]
     older = layer.keys
     with torch.no_grad():
-        model(ids[:, :9], attention_mask=torch.cat([mask, mask[:, :9]], 1), past_key_values=cache)
+        model(ids[:, :9], attention_mask=torch.cat([mask, mask[:, :9]], 1), **with_cache)
     assert layer.keys is not older and layer.keys.shape[2] == 37 + 9
 
     def expected(keys: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ def test_moba_cache_means_follow_in_place_writes_and_older_key_tensors():
     torch.testing.assert_close(layer.chunk_means(CHUNK, older), expected(older), atol=1e-6, rtol=1e-6)
     cache.crop(-5)  # replaces the tensor; an update after it must not extend means of the longer keys
     with torch.no_grad():
-        model(ids[:, :3], attention_mask=torch.cat([mask, mask[:, :7]], 1), past_key_values=cache)
+        model(ids[:, :3], attention_mask=torch.cat([mask, mask[:, :7]], 1), **with_cache)
     torch.testing.assert_close(layer.chunk_means(CHUNK, layer.keys), expected(layer.keys), atol=1e-6, rtol=1e-6)
 
 
@@ -144,12 +145,15 @@ def test_t5_relative_position_bias_keeps_decoder_self_attention_dense_and_exact(
     config = transformers.T5Config(
         vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0
     )
-    torch.manual_seed(0)
-    sdpa = transformers.T5ForConditionalGeneration(config).eval()
-    sdpa.set_attn_implementation("sdpa")
-    moba = transformers.T5ForConditionalGeneration(config).eval()
-    moba.load_state_dict(sdpa.state_dict())
-    moba.set_attn_implementation("moba_exact")
+    models = {}
+    for name in ("sdpa", "moba_exact"):
+        torch.manual_seed(0)
+        # from_config with the implementation: on transformers 5.17 set_attn_implementation does not reach the
+        # encoder/decoder stacks' copies of the config.
+        models[name] = transformers.AutoModelForSeq2SeqLM.from_config(
+            copy.deepcopy(config), attn_implementation=name
+        ).eval()
+    sdpa, moba = models["sdpa"], models["moba_exact"]
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 64, (2, 30), generator=gen)
     decoder_ids = torch.randint(3, 64, (2, 40), generator=gen)  # longer than chunk * topk: MoBA would differ

@@ -170,7 +170,7 @@ def test_moba_cache_keeps_chunk_means_and_generates_like_dynamic_cache():
     ids, mask = left_padded_batch(10)
     cache = moba_compile.hf.MobaCache()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, **GEN)
+        out = model.generate(ids, attention_mask=mask, **{moba_compile.hf.cache_keyword(): cache}, **GEN)
         ref = oracle.generate(ids, attention_mask=mask, **GEN)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):

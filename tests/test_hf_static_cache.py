@@ -152,8 +152,8 @@ def test_chunked_prefill_into_static_cache_equals_dynamic_cache():
         else:
             cache = transformers.DynamicCache()
         with torch.no_grad():
-            model(ids[:, :20], past_key_values=cache)
-            logits[name] = model(ids[:, 20:], past_key_values=cache).logits
+            model(ids[:, :20], **{moba_compile.hf.cache_keyword(): cache})
+            logits[name] = model(ids[:, 20:], **{moba_compile.hf.cache_keyword(): cache}).logits
     torch.testing.assert_close(logits["static"], logits["dynamic"], atol=1e-6, rtol=0)
     record = {(s.layer, s.form): s for s in MOBA.report().sites}[(0, "decode")]
     assert record.decision == "moba"
