@@ -79,6 +79,26 @@ class _BuiltMask:
     kv_offset: int  # position of the first key
     kv_length: int
     kinds: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # analyse_mask per (Lq, Lk used)
+    spans: dict[tuple[int, int], tuple[int | None, str | None]] = field(default_factory=dict)  # _key_span per (Lq, Lk)
+
+
+def _built_span(entry: _BuiltMask, mask: Tensor, lq: int, lk: int) -> tuple[int | None, str | None]:
+    """``MobaAttention._key_span`` for a mask ``build_mask`` returned: its noted offsets give the sequence's end."""
+    kv_offset = int(entry.kv_offset)
+    if kv_offset != 0:
+        return None, f"the keys start at position {kv_offset} (a windowed cache); MoBA's chunks start at 0"
+    if (entry.q_length, entry.kv_length) != (lq, lk) or mask.shape[-1] != lk:
+        return None, (
+            f"the mask was built for {entry.q_length} queries over {entry.kv_length} keys, the call has {lq} over {lk}"
+        )
+    real = int(entry.q_offset) + lq  # a device tensor for static caches
+    if real > lk:
+        return None, f"the queries end at position {real - 1}, past the {lk} keys"
+    if real == lk:
+        return lk, None
+    if bool(mask[..., real:].any()):
+        return None, f"the mask lets queries see key slots after the sequence's end ({real} of {lk})"
+    return real, f"static cache: the first {real} of {lk} key slots"
 
 
 @functools.cache
@@ -258,22 +278,10 @@ class MobaAttention:
             return None, f"{lq} queries over {lk} keys without a mask: not MoBA's causal layout"
         entry = self._built_entry(mask)
         if entry is not None:
-            kv_offset = int(entry.kv_offset)
-            if kv_offset != 0:
-                return None, f"the keys start at position {kv_offset} (a windowed cache); MoBA's chunks start at 0"
-            if (entry.q_length, entry.kv_length) != (lq, lk) or mask.shape[-1] != lk:
-                return None, (
-                    f"the mask was built for {entry.q_length} queries over {entry.kv_length} keys, the call has "
-                    f"{lq} over {lk}"
-                )
-            real = int(entry.q_offset) + lq  # a device tensor for static caches: one read per call
-            if real > lk:
-                return None, f"the queries end at position {real - 1}, past the {lk} keys"
-            if real == lk:
-                return lk, None
-            if bool(mask[..., real:].any()):
-                return None, f"the mask lets queries see key slots after the sequence's end ({real} of {lk})"
-            return real, f"static cache: the first {real} of {lk} key slots"
+            # Once per mask, as its classification (see _mask_kind): reading a static cache's offset synchronises.
+            if (lq, lk) not in entry.spans:
+                entry.spans[(lq, lk)] = _built_span(entry, mask, lq, lk)
+            return entry.spans[(lq, lk)]
         if lq == lk:
             return lk, None  # the queries end the keys: nothing after them
         if torch.compiler.is_compiling():
@@ -570,8 +578,8 @@ def _locate(module: torch.nn.Module) -> None:
     for root in reversed(roots):  # the first root's paths win
         annotate(root)
         for path, sub in root.named_modules(remove_duplicate=False):
-            if sub is module:
-                module._moba_path = path
+            if type(sub) is type(module):  # an attention class without layer_idx: name its other instances too
+                sub._moba_path = path
     if getattr(module, "_moba_path", None) is None:  # unreachable in practice: a root names itself ""
         module._moba_path = ""
 
