@@ -211,16 +211,18 @@ def _compile_layers(model, policy) -> None:
 
 
 def test_graphs_broken_at_layer_boundaries_apply_only_layer_independent_policies():
-    """Compiling each decoder layer on its own (as FSDP2's graph breaks do) gives graphs rooted inside a layer, with
-    paths like 'self_attn', which Dynamo reuses for every layer: a policy that treats layers alike applies (the layer
-    is read from layer_idx for the report), a per-layer one is refused instead of being applied to the wrong layers."""
+    """Compiling each decoder layer on its own (as FSDP2's graph breaks do) gives graphs rooted inside a layer, which
+    Dynamo reuses for every layer: a policy that treats layers alike applies (the report names the layer the graph was
+    traced for, by its path in the model, and the layers it serves), a per-layer one is refused instead of being
+    applied to the wrong layers."""
     model = build("llama")
     ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(12))
     _compile_layers(model, {**POLICY, "dense_last": 0, "num_layers": LAYERS})
     with collect_reports() as reports, torch.no_grad():
         model(ids, use_cache=False)
     [site] = [s for r in reports for s in r.sites]  # one graph, reused by all three layers
-    assert (site.module, site.layer, site.decision) == ("self_attn", 0, "moba") and "layer_idx" in site.reason
+    assert (site.module, site.layer, site.decision) == ("model.layers.0.self_attn", 0, "moba")
+    assert "serves layers 0..2, decided alike" in site.reason
     _compile_layers(model, {**POLICY, "num_layers": LAYERS})  # dense_last=1: layer-dependent
     with pytest.raises(Exception, match="starts inside a layer.*Compile the whole model"), torch.no_grad():
         model(ids, use_cache=False)
