@@ -185,7 +185,16 @@ class MobaAttention:
         return None
 
     def reset_report(self) -> None:
-        """Forget the recorded decisions: :meth:`report` then lists only the calls made after this one."""
+        """Forget the recorded decisions: :meth:`report` then lists only the calls made after this one.
+
+        Records are kept per module path, so a second model's report would otherwise also list the first model's
+        layers that the second does not have.
+
+        Example:
+            >>> attention.reset_report()  # doctest: +SKIP
+            >>> model.generate(ids, max_new_tokens=8)  # doctest: +SKIP
+            >>> print(attention.report())  # this generation only  # doctest: +SKIP
+        """
         self._records.clear()
 
     def _record(self, module: torch.nn.Module, layer: int | None, decode: bool, **fields: Any) -> None:
@@ -228,11 +237,32 @@ class MobaAttention:
         return None
 
     def build_mask(self, *args: Any, **kwargs: Any) -> Tensor | None:
-        """The mask function registered with this attention (transformers' ``sdpa_mask``, same arguments and result).
+        """The mask function registered with this attention: transformers' ``sdpa_mask``, noting the mask's layout.
 
         It also notes, for the mask it returns, where the queries sit in the keys (``q_offset``, ``kv_offset``, the
         lengths): a static cache hands the attention a buffer of ``max_cache_len`` key slots, of which only the first
         ``q_offset + q_length`` hold the sequence, and nothing else tells the attention function where that ends.
+        Outside torch.compile tracing the mask is returned contiguous (``generate`` would copy it otherwise, and the
+        note is kept on the tensor object).
+
+        Args:
+            *args, **kwargs: ``sdpa_mask``'s (``batch_size``, ``q_length``, ``kv_length``, ``q_offset`` (an int, or a
+                device tensor for static caches), ``kv_offset``, ``mask_function``, ``attention_mask`` (the 2D padding
+                mask), ...), as transformers' ``create_causal_mask`` passes them.
+
+        Returns:
+            A boolean mask ``[B, 1, q_length, kv_length]`` (True = may attend) on ``device``, or None where SDPA's
+            ``is_causal`` stands for it.
+
+        Raises:
+            Whatever ``sdpa_mask`` raises for its arguments.
+
+        Example:
+            >>> attention = register({"chunk_size": 8, "topk": 2}, name="moba_doc")  # doctest: +SKIP
+            >>> padding = torch.ones(1, 9, dtype=torch.bool)
+            >>> attention.build_mask(batch_size=1, q_length=1, kv_length=24, q_offset=torch.tensor(8),
+            ...                      attention_mask=padding).shape  # doctest: +SKIP
+            torch.Size([1, 1, 1, 24])
         """
         _, _, sdpa_mask, _ = _transformers()
         mask = sdpa_mask(*args, **kwargs)
@@ -478,7 +508,8 @@ def register(policy: str | dict | Policy | None = None, name: str = "moba", impl
         impl: as in :func:`moba_compile.moba_attention`.
 
     Returns:
-        The registered :class:`MobaAttention`; its ``report()`` lists what each layer did.
+        The registered :class:`MobaAttention`; its ``report()`` lists what each layer did. Its ``build_mask`` is
+        registered as the mask function (``sdpa_mask``'s masks, with their layout noted for static caches).
 
     Raises:
         ImportError: transformers is not installed. moba_compile.PolicyError: malformed policy.
