@@ -75,12 +75,14 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_prefill(model, ids: torch.Tensor, cache_factory, repeats: int) -> float:
     """Median seconds of one prefill (``logits_to_keep=1``: only the last position's logits)."""
+    from moba_compile.hf import cache_keyword
+
     times = []
     for _ in range(repeats):
         cache = cache_factory()
         _sync(ids.device)
         start = time.perf_counter()
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids, **{cache_keyword(): cache}, use_cache=True, logits_to_keep=1)
         _sync(ids.device)
         times.append(time.perf_counter() - start)
         del cache
@@ -89,7 +91,10 @@ def time_prefill(model, ids: torch.Tensor, cache_factory, repeats: int) -> float
 
 def next_token(model, ids: torch.Tensor, cache) -> torch.Tensor:
     """One cached forward of ``ids`` (only the last position's logits) and its greedy next token ``[B, 1]``."""
-    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    from moba_compile.hf import cache_keyword  # cache= on transformers 5.24, past_key_values= before
+
+    out = model(ids, **{cache_keyword(): cache}, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
 
 
 @torch.no_grad()

@@ -763,12 +763,14 @@ def _cache_classes():
 
 
 @functools.cache
+@functools.cache
 def cache_keyword() -> str:
     """The keyword that ``generate`` and transformers' models take for a cache object on the installed version.
 
     transformers renamed ``past_key_values`` to ``cache`` (5.24 has ``cache``, and warns that ``past_key_values`` is
     deprecated; 5.17 has only ``past_key_values``); the name is read from ``prepare_inputs_for_generation``'s
-    signature, which both ``generate`` and the model forwards follow.
+    signature, which both ``generate`` and the model forwards follow. Answered once per process: decode loops call it
+    every step.
 
     Returns:
         ``"cache"`` or ``"past_key_values"``.
