@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -356,7 +357,16 @@ def _attention_jvp_op(
     return t_out.contiguous(), t_lse.contiguous()
 
 
-def _kernel_selection(chosen, query, key, value, chunk_size, topk, mask, chunk_means) -> Tensor | None:
+def _kernel_selection(
+    chosen: str,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_size: int,
+    topk: int,
+    mask: Tensor | None,
+    chunk_means: Tensor | None,
+) -> Tensor | None:
     """The Triton gate's selection ``[B, Hq, Lq, S]`` that ``moba::attention`` used on the Triton path, else None."""
     if chosen != "triton" or topk <= 1:
         return None
@@ -389,7 +399,7 @@ def _attention_jvp_fake(
     return _attention_fake(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl)
 
 
-def _vmap_by_folding(op, n_args: int, mask_index: int):
+def _vmap_by_folding(op: torch._ops.OpOverload, n_args: int, mask_index: int) -> Callable[..., tuple]:
     """A ``register_vmap`` rule for a MoBA op whose tensors all have the batch dim first (masks broadcast to it).
 
     Every (batch, head) is an independent problem, so the vmapped dim is folded into the batch: one call of the op on
@@ -412,7 +422,7 @@ def _vmap_by_folding(op, n_args: int, mask_index: int):
                 folded[i] = a.reshape(v * a.shape[1], *a.shape[2:])
         mask, d = args[mask_index], in_dims[mask_index]
         if mask is not None and (d is not None or (mask.dim() == 4 and mask.shape[0] != 1)):
-            batch = args[0].shape[0] if in_dims[0] is None else args[0].shape[1 if in_dims[0] == 0 else 0]
+            batch = folded[0].shape[0] // v  # the query's batch B
             m = mask.movedim(d, 0) if d is not None else mask.expand(v, *mask.shape)
             m = m.reshape(v, *([1] * (5 - m.dim())), *m.shape[1:])  # [V, B or 1, H or 1, Lq or 1, Lk or 1]
             folded[mask_index] = m.expand(v, batch, *m.shape[2:]).reshape(v * batch, *m.shape[2:])
