@@ -262,7 +262,8 @@ def _check_policy_fit(
 ) -> None:
     """Warn about what the report alone shows only at INFO: a policy that does not fit the model.
 
-    ``kept_dense`` are the reasons of the sites that could run MoBA but that the policy's decision kept dense.
+    ``kept_dense`` are the reasons of the sites that could run MoBA but that the policy's decision (layers, rules,
+    ``dense_last``) kept dense.
     """
     where = f"policy {policy.source}"
     if not units:
@@ -288,9 +289,11 @@ def _check_policy_fit(
         region = unit.site.region
         if region is not None and any(part not in REWRITABLE_REGIONS for part in region.split("/")):
             _warn(f"moba: the attention at {unit.module or '(no module)'} stays dense: {unit.site.blocker}")
-    if kept_dense and not any(r.decision == "moba" for r in records):
-        reasons = "; ".join(dict.fromkeys(kept_dense))
-        _warn(f"moba: {where} converts none of the {len(records)} attention sites of this graph: {reasons}")
+    convertible = sum(1 for u in units if u.site.blocker is None)
+    # Only the policy's own decisions: decode = "dense" and min_seq_len keeping sites dense are choices, not mistakes.
+    if kept_dense and len(kept_dense) == convertible and not any(r.decision == "moba" for r in records):
+        more = f" (and {len(kept_dense) - 1} more sites kept dense likewise)" if len(kept_dense) > 1 else ""
+        _warn(f"moba: {where} converts none of the {len(records)} attention sites of this graph: {kept_dense[0]}{more}")
 
 
 def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scope: BlockScope | None = None) -> Report:
