@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import itertools
+import linecache
 from dataclasses import replace
 from typing import Any
 
@@ -128,5 +129,9 @@ def _fresh_caller(model: Any) -> Any:
     # A unique file name too: Dynamo's automatic-dynamic memory is keyed by file, line and name, and shapes seen by an
     # earlier explain must not make this one's dimensions symbolic.
     source = "def call(*args, **kwargs):\n    return model(*args, **kwargs)\n"
-    exec(compile(source, f"<moba-explain-{next(_explain_calls)}>", "exec"), namespace)
+    filename = f"<moba-explain-{next(_explain_calls)}>"
+    # Registered as source: torch 2.11's torch.compile wraps a function whose source file it cannot find in one shared
+    # helper frame (external_utils.inner), which would collect every explain's entry and hit the recompile limit again.
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), namespace)
     return namespace["call"]
