@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import ops
+from .ops import Impl
 
 __all__ = ["moba_attention"]
 
@@ -18,7 +19,7 @@ def moba_attention(
     topk: int,
     scale: float | None = None,
     attn_mask: Tensor | None = None,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor:
     """MoBA (Mixture of Block Attention) in the layout of ``torch.nn.functional.scaled_dot_product_attention``.
 

@@ -10,12 +10,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import fx, nn
 
-from .ops import IMPLS
+from .ops import IMPLS, Impl
 from .passes import rewrite_sdpa
 from .passes.identity import BlockScope, ModuleIndex
 from .policy import Policy, load_policy
@@ -23,7 +23,10 @@ from .report import Report
 
 __all__ = [
     "BackendOptions",
+    "COMPILERS",
+    "CompileMode",
     "CompiledBlock",
+    "Compiler",
     "VALID_OPTIONS",
     "collect_reports",
     "compile_blocks",
@@ -35,7 +38,11 @@ __all__ = [
 logger = logging.getLogger("moba_compile")
 
 VALID_OPTIONS = ("policy", "impl", "compiler", "inductor_config", "mode")
-_COMPILERS = ("inductor", "aot_eager", "eager")
+#: What compiles the rewritten graph (the ``compiler`` option).
+Compiler = Literal["inductor", "aot_eager", "eager"]
+COMPILERS: tuple[str, ...] = get_args(Compiler)
+#: torch.compile's modes, as the ``mode`` option and :func:`make_backend` take them (Inductor settings).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 # Reports of the compilations running inside `collect_reports()` blocks (explain() uses one).
 _collectors: list[list[Report]] = []
@@ -57,10 +64,10 @@ class BackendOptions:
     """
 
     policy: Policy
-    impl: str = "auto"
-    compiler: str = "inductor"
+    impl: Impl = "auto"
+    compiler: Compiler = "inductor"
     inductor_config: Mapping[str, Any] | None = None
-    mode: str | None = None
+    mode: CompileMode | None = None
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -95,8 +102,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     if impl not in IMPLS:
         raise ValueError(f"option 'impl' = {impl!r} is not valid; allowed: {', '.join(map(repr, IMPLS))}")
     compiler = options.get("compiler", "inductor")
-    if compiler not in _COMPILERS:
-        raise ValueError(f"option 'compiler' = {compiler!r} is not valid; allowed: {', '.join(map(repr, _COMPILERS))}")
+    if compiler not in COMPILERS:
+        raise ValueError(f"option 'compiler' = {compiler!r} is not valid; allowed: {', '.join(map(repr, COMPILERS))}")
     inductor_config = options.get("inductor_config")
     if inductor_config is not None and not isinstance(inductor_config, Mapping):
         raise ValueError(f"option 'inductor_config' must be a dict of Inductor config patches, got {inductor_config!r}")
@@ -180,11 +187,15 @@ def _bound(opts: BackendOptions, scope: BlockScope | None = None) -> Callable:
             raise ValueError(f"torch.compile mode {mode!r} contradicts the backend's mode {opts.mode!r}")
         return _run(gm, example_inputs, opts, mode or opts.mode, scope)
 
+    # Dynamo names the backend by its __name__ in messages ("backend='moba' raised ...").
+    backend.__name__ = backend.__qualname__ = "moba"
     backend.options = opts  # type: ignore[attr-defined]
     return backend
 
 
-def make_backend(options: Mapping[str, Any] | None = None, mode: str | None = None, **option_kwargs: Any) -> Callable:
+def make_backend(
+    options: Mapping[str, Any] | None = None, mode: CompileMode | None = None, **option_kwargs: Any
+) -> Callable:
     """A backend callable with validated options bound: ``torch.compile(model, backend=make_backend(...))``.
 
     The options are validated here, so a bad option or policy raises :class:`ValueError` /
@@ -317,10 +328,10 @@ def compile_blocks(
     *,
     blocks: str | None = None,
     attention_layers: Sequence[int] | None = None,
-    impl: str = "auto",
-    compiler: str = "inductor",
+    impl: Impl = "auto",
+    compiler: Compiler = "inductor",
     inductor_config: Mapping[str, Any] | None = None,
-    mode: str | None = None,
+    mode: CompileMode | None = None,
     **compile_kwargs: Any,
 ) -> list[CompiledBlock]:
     """Compile every block (decoder layer) of a model on its own, each with the policy's decision for that layer.

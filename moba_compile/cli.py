@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from .backend import COMPILERS
 from .ops import IMPLS
 from .policy import PolicyError, load_policy
 
@@ -73,7 +74,7 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_COMPILERS = ("aot_eager", "inductor", "eager")
+
 _HF_FLAGS = {"--seq-len": "seq_len", "--batch": "batch", "--mask-form": "mask_form", "--dtype": "dtype"}
 
 
@@ -444,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--impl", choices=IMPLS, default="auto", help="MoBA implementation (auto)")
     explain.add_argument(
-        "--compiler", choices=_COMPILERS, default="aot_eager", help="compiler after the rewrite (aot_eager)"
+        "--compiler", choices=COMPILERS, default="aot_eager", help="compiler after the rewrite (aot_eager)"
     )
     explain.add_argument(
         "--json",

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from . import ops
-from .backend import collect_reports, make_backend
+from .backend import Compiler, collect_reports, make_backend
+from .ops import Impl
 from .policy import Policy, load_policy
 from .report import Report
 
@@ -25,8 +26,8 @@ def explain(
     model: torch.nn.Module | Any,
     *args: Any,
     policy: str | dict | Policy | None = None,
-    impl: str = "auto",
-    compiler: str = "aot_eager",
+    impl: Impl = "auto",
+    compiler: Compiler = "aot_eager",
     **kwargs: Any,
 ) -> Report:
     """Compile ``model`` with the ``moba`` backend, run ``model(*args, **kwargs)`` once, and report every SDPA site.

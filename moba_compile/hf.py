@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .ops import Impl
 from .policy import Policy, load_policy
 from .report import Report, SiteRecord
 
@@ -129,7 +130,7 @@ class MobaAttention:
 
     policy: Policy
     name: str = "moba"
-    impl: str = "auto"
+    impl: Impl = "auto"
     skip_cudnn_in_decode: bool = True
     _records: dict[tuple[str, int | None, str], SiteRecord] = field(default_factory=dict)
     _built: dict[int, _BuiltMask] = field(default_factory=dict, repr=False)
@@ -495,7 +496,7 @@ def _without_cudnn_sdpa() -> Any:
     return sdpa_kernel(enabled) if enabled else contextlib.nullcontext()
 
 
-def register(policy: str | dict | Policy | None = None, name: str = "moba", impl: str = "auto") -> MobaAttention:
+def register(policy: str | dict | Policy | None = None, name: str = "moba", impl: Impl = "auto") -> MobaAttention:
     """Register MoBA with transformers as the attention implementation ``name``.
 
     Args:

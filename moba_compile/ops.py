@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ __all__ = [
     "MASK_NOT_CAUSAL",
     "MASK_PER_ROW",
     "IMPLS",
+    "Impl",
     "attention",
     "analyse_mask",
     "resolve_impl",
@@ -63,7 +65,9 @@ MASK_KIND_REASONS = {
     "dense SDPA with the mask",
 }
 
-IMPLS = ("auto", "triton", "reference")
+#: What ``impl`` may ask for (the public functions take it typed as :data:`Impl`; the ops' schemas keep ``str``).
+Impl = Literal["auto", "triton", "reference"]
+IMPLS: tuple[str, ...] = get_args(Impl)
 
 # Real (non-fake) executions per op and implementation, e.g. CALLS["attention:reference"]. Tests read it to prove the
 # MoBA path ran (Dynamo silently runs eagerly after its recompile limit); users can read it to check a deployment.

@@ -388,7 +388,11 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
             notes.append("each step averages every cached key for the gate (moba_compile.hf.MobaCache avoids this)")
         if site.static_len_k is None and policy.min_seq_len > 0:
             notes.append(f"dense below min_seq_len {policy.min_seq_len} at run time")
-        records.append(replace(record, reason="; ".join(notes)))
+        # topk chunks of chunk_size keys cover a static key length: exactly dense causal attention, nothing saved.
+        covers = site.static_len_k is not None and decision.topk * decision.chunk_size >= site.static_len_k
+        if covers:
+            notes.append(f"top-{decision.topk} of chunk {decision.chunk_size} covers all {site.static_len_k} keys")
+        records.append(replace(record, reason="; ".join(notes), effectively_dense=covers))
     for owner in touched.values():
         owner.graph.lint()
         owner.recompile()

@@ -163,6 +163,25 @@ def _cached_keys_of_layer(key: fx.Node, sdpa: fx.Node) -> bool:
     return list(sdpa_stack)[-1] in new_stack
 
 
+def _static_cache_buffer(key: fx.Node) -> bool:
+    """True when ``key`` is written in place by ``index_copy_`` in this graph: a static KV cache's fixed buffer
+    (transformers' ``StaticCache`` writes the new keys at ``cache_position`` into ``max_cache_len`` slots), whose
+    filled length is a run-time value, so it cannot be read as the key sequence."""
+    return any(
+        user.op in ("call_method", "call_function")
+        and getattr(user.target, "__name__", user.target) in ("index_copy_", "index_put_", "copy_")
+        and user.args
+        and user.args[0] is key
+        for user in key.users
+    )
+
+
+_STATIC_CACHE_BLOCKER = (
+    "keys are a static KV cache buffer (max_cache_len slots written in place; its filled length is known only at run "
+    "time): static-cache MoBA decode is not supported yet, so dense SDPA over the buffer with its mask"
+)
+
+
 def _is_float_node(value: object) -> bool:
     """A graph value that is a Python float at run time: under ``dynamic=True`` Dynamo may trace a float attribute
     (``module.scaling``) as a graph input, a ``SymFloat``, instead of baking it in."""
@@ -199,6 +218,8 @@ def _classify(
     if not statically_known_true(hq == hkv) and not bound["enable_gqa"]:
         return None, f"query heads {hq} != key heads {hkv} without enable_gqa", False
     same_len = statically_known_true(q.shape[2] == k.shape[2])
+    if isinstance(key_source, fx.Node) and _static_cache_buffer(key_source):
+        return None, _STATIC_CACHE_BLOCKER, False
     cached = isinstance(key_source, fx.Node) and _cached_keys_of_layer(key_source, sdpa)
     mask = bound["attn_mask"]
     if mask is not None:
