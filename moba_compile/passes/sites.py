@@ -28,6 +28,19 @@ SDPA_TARGETS = (
     torch.ops.aten.scaled_dot_product_attention.default,
     torch.ops.aten.scaled_dot_product_attention,
 )
+# torch's own attention modules reach a Dynamo graph as one call that holds the projections, the masks and the
+# attention together (nn.MultiheadAttention, and the fused eval-mode paths of nn.MultiheadAttention and
+# nn.TransformerEncoderLayer): the pass cannot rewrite what is inside, so each is a site that stays dense, with why.
+OPAQUE_ATTENTION_TARGETS = {
+    F.multi_head_attention_forward: "torch.nn.MultiheadAttention (F.multi_head_attention_forward",
+    torch._native_multi_head_attention: "torch.nn.MultiheadAttention's fused eval path (_native_multi_head_attention",
+    torch._transformer_encoder_layer_fwd: "torch.nn.TransformerEncoderLayer's fused eval path "
+    "(_transformer_encoder_layer_fwd",
+}
+_OPAQUE_REASON = (
+    "{what}, one call holding projections, masks and attention): not rewritten, so dense; for MoBA, call "
+    "F.scaled_dot_product_attention(q, k, v, is_causal=True) in the model"
+)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
@@ -50,9 +63,9 @@ class SdpaSite:
     node: fx.Node
     index: int  # order among the graph's SDPA calls
     module: str  # module path (see Placement.module), "" when the graph carries none
-    query: fx.Node
-    key: fx.Node  # seen through repeat_kv where possible
-    value: fx.Node
+    query: fx.Node | None  # None for an opaque attention-module call (OPAQUE_ATTENTION_TARGETS)
+    key: fx.Node | None  # seen through repeat_kv where possible
+    value: fx.Node | None
     attn_mask: fx.Node | None
     scale: float | fx.Node | None  # a Node: a traced float, passed to the op at run time
     form: str | None  # FORM_* when convertible
@@ -325,8 +338,28 @@ def _walk(
                 _walk(sub, autocast, inner, [node], found, seen, module_ids)
                 seen[id(sub)] = [entry for entry in found[before:] if entry.owner is sub]
             continue
-        if node.op == "call_function" and node.target in SDPA_TARGETS:
+        if node.op == "call_function" and (node.target in SDPA_TARGETS or node.target in OPAQUE_ATTENTION_TARGETS):
             found.append(_Found(node, gm, list(autocast), region, list(calls)))
+
+
+def _opaque_site(node: fx.Node, index: int, placement, reason: str, entry: _Found) -> SdpaSite:
+    """A site for one of torch's attention-module calls: recorded (dense, with ``reason``), never rewritten."""
+    return SdpaSite(
+        node=node,
+        index=index,
+        module=placement.module,
+        query=None,
+        key=None,
+        value=None,
+        attn_mask=None,
+        scale=None,
+        form=None,
+        blocker=reason,
+        placement=placement,
+        owner=entry.owner,
+        region=entry.region,
+        calls=tuple(entry.calls),
+    )
 
 
 def find_sdpa_sites(gm: fx.GraphModule, scope: BlockScope | None = None) -> list[SdpaSite]:
@@ -355,6 +388,10 @@ def find_sdpa_sites(gm: fx.GraphModule, scope: BlockScope | None = None) -> list
     sites: list[SdpaSite] = []
     for entry, placement in zip(found, placements):
         node = entry.node
+        if node.target in OPAQUE_ATTENTION_TARGETS:
+            reason = _OPAQUE_REASON.format(what=OPAQUE_ATTENTION_TARGETS[node.target])
+            sites.append(_opaque_site(node, len(sites), placement, reason, entry))
+            continue
         bound = _normalise(node)
         query, key, value = bound["query"], bound["key"], bound["value"]
         q, k, v = _meta(query), _meta(key), _meta(value)
