@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
 GiB = float(1 << 30)
 
 # One compile-check variant: (name, jit kernel, pointer dtypes by argument name, constexprs, num_warps, num_stages).
@@ -68,13 +70,52 @@ def bench_device(args: argparse.Namespace) -> torch.device | None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------------------
+def _git(*args: str) -> str | None:
+    """The stripped stdout of ``git <args>`` run in the repository, or None when git or the repository is missing."""
+    try:
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the benchmarks measure: ``{"commit": <HEAD sha or None>, "dirty": <bool or None>}``.
+
+    Read with ``git rev-parse HEAD`` and ``git status --porcelain`` in the repository holding this file; both are None
+    outside a git checkout (an installed copy, no ``git`` on the machine). ``dirty`` is True when tracked files differ
+    from the commit or untracked, non-ignored files exist: the numbers then measure code the commit does not hold.
+
+    Returns:
+        A new dict with the keys ``commit`` and ``dirty``.
+
+    Example:
+        >>> sorted(git_state())
+        ['commit', 'dirty']
+    """
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = _git("status", "--porcelain")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    """GPU and library versions recorded with the results."""
+    """GPU and library versions, and the git commit measured (:func:`git_state`), recorded with the results.
+
+    Args:
+        device: the device measured on (CUDA: its name, memory and SM count are recorded).
+
+    Returns:
+        A new JSON-serialisable dict: ``torch``, ``cuda``, ``python``, ``date``, ``commit``, ``dirty``, ``triton``,
+        ``gpu`` and, on CUDA, ``gpu_memory_gib``/``sm_count``, else ``device``.
+    """
     env: dict[str, Any] = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **git_state(),
     }
     try:
         import triton

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +45,24 @@ def test_forward_tiling_strings_set_both_kernels_or_each() -> None:
     assert both.sparse() == (128, 32, 8, 2)  # four values: the key-major kernel takes the same tiles
     each = parse_tiling("64,64,4,3,128,128,8,2")
     assert (each.block_m, each.num_warps) == (64, 4) and each.sparse() == (128, 128, 8, 2)
+
+
+def test_environment_records_the_commit_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from benchmarks import common
+
+    env = common.environment(torch.device("cpu"))
+    json.dumps(env)  # the record goes into the results file as is
+    if shutil.which("git") is not None and (ROOT / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        assert env["commit"] == head.stdout.strip() and isinstance(env["dirty"], bool)
+    # Outside a checkout (an installed copy, a tarball) both are None instead of an error.
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert common.git_state() == {"commit": None, "dirty": None}
+    # No git on the machine at all: the same.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert common.git_state() == {"commit": None, "dirty": None}
