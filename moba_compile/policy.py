@@ -556,6 +556,58 @@ class Policy:
             )
         return base
 
+    def for_site(
+        self, module: str, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
+    ) -> Policy:
+        """The one-site policy: this policy's decision for one attention site, as a policy that gives it everywhere.
+
+        A graph that holds one block only (``nn.Module.compile`` of a decoder layer, as FSDP2 or activation
+        checkpointing compile) shows module paths relative to the block and no layer index, so the site must be
+        decided where the whole model is known and the decision handed to that graph's backend as a policy of its
+        own. :func:`moba_compile.compile_blocks` does this for every block; this method is the same decision for
+        one site, for code that builds its backends by hand (``moba_compile.make_backend({"policy": ...})``).
+
+        The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``, this policy's
+        ``min_seq_len`` and ``decode`` (applied at run time, so they stay the caller's), and no rules when the
+        decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``, since without
+        a layer index nothing else can make a site dense. It decides every site alike, whatever its path or layer.
+        It stays automatic (:attr:`automatic`) when this policy is, so the automatic policy's dense fallback for
+        sites it cannot serve exactly still applies.
+
+        Args:
+            module: The site's module path in the whole model (e.g. ``"model.layers.7.self_attn"``).
+            layer: The site's 0-based layer index, or None if unknown.
+            num_layers: The number of attention layers in the whole model, or None (``self.num_layers`` wins).
+            attention_layers: The layer indices of the model's attention layers (hybrid models), as for
+                :meth:`decide`.
+
+        Returns:
+            A new :class:`Policy`; ``for_site(...).decide(m, None, None)`` has the mode, chunk size and top-k of
+            ``decide(module, layer, num_layers, attention_layers)`` for every path ``m``. Its source names the site.
+
+        Raises:
+            Nothing: a validated policy always decides.
+
+        Example:
+            >>> policy = Policy(chunk_size=512, topk=3, dense_last=1)
+            >>> policy.for_site("layers.0.attn", 0, 4).to_dict()
+            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'rules': []}
+            >>> policy.for_site("layers.3.attn", 3, 4).decide("attn", None, None).mode
+            'dense'
+        """  # noqa: E501
+        decision = self.decide(module, layer, num_layers, attention_layers)
+        rules = () if decision.mode == "moba" else (Rule(module=f"{_REGEX_PREFIX}.*", mode="dense"),)
+        source = _AUTOMATIC_SOURCE if self.automatic else f"{self.source} for {module or '<root>'}"
+        return Policy(
+            chunk_size=decision.chunk_size,
+            topk=decision.topk,
+            dense_last=0,
+            min_seq_len=self.min_seq_len,
+            decode=self.decode,
+            rules=rules,
+            source=source,
+        )
+
     def describe_rule(self, index: int) -> str:
         """A short readable description of rule ``index``, for reports (e.g. of rules that matched no site).
 

@@ -897,3 +897,72 @@ def test_check_against_hybrid_rule_on_a_layer_without_attention() -> None:
     assert policy.check_against(None, [1, 5, 6, 7, 12]) == [
         "<Policy>: rule 0 (layers=[1, 3]): layer 3 is not an attention layer (the 5 attention layers are 1, 5-7, 12)"
     ]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Policy.for_site: one site's decision as a policy of its own (per-block compilation)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
+    policy = load_policy(
+        {
+            "chunk_size": 512,
+            "topk": 3,
+            "dense_last": 1,
+            "min_seq_len": 100,
+            "decode": "dense",
+            "rules": [{"layers": [1], "topk": 5}],
+        }
+    )
+    site = policy.for_site("model.layers.1.self_attn", 1, 4)
+    # What examples/train_distributed.py built by hand before compile_blocks: the decision, run-time settings kept.
+    assert site.to_dict() == {
+        "version": 1,
+        "chunk_size": 512,
+        "topk": 5,
+        "dense_last": 0,
+        "min_seq_len": 100,
+        "decode": "dense",
+        "rules": [],
+    }
+    assert site.source == "<dict> for model.layers.1.self_attn" and not site.automatic
+    # A one-block graph knows neither the layer nor the full path: every site gets the decision.
+    for path, layer, n in (("self_attn", None, None), ("x", 7, 1), ("", 0, 32)):
+        decision = site.decide(path, layer, n)
+        assert (decision.mode, decision.chunk_size, decision.topk) == ("moba", 512, 5)
+
+
+def test_for_site_of_a_dense_site_is_one_catch_all_dense_rule():
+    policy = Policy(chunk_size=512, topk=3, dense_last=1)
+    site = policy.for_site("layers.3.attn", 3, 4)
+    assert site.to_dict()["rules"] == [{"module": "re:.*", "mode": "dense"}] and site.dense_last == 0
+    assert site.num_layers is None
+    assert site.decide("attn", None, None).mode == "dense"
+    assert site.decide("anything.else", 0, 1).mode == "dense"
+
+
+@pytest.mark.parametrize("layer", range(6))
+def test_for_site_agrees_with_decide_on_hybrid_models(layer):
+    # Attention in decoder layers 1, 3 and 5 only: dense_last and negative indices count these.
+    policy = Policy(chunk_size=64, topk=2, dense_last=1, rules=[Rule(layers=(-2,), chunk_size=32)])
+    path, attention = f"model.layers.{layer}.self_attn", [1, 3, 5]
+    want = policy.decide(path, layer, None, attention)
+    got = policy.for_site(path, layer, None, attention).decide("self_attn", None, None)
+    assert (got.mode, got.chunk_size, got.topk) == (want.mode, want.chunk_size, want.topk)
+
+
+def test_for_site_keeps_the_automatic_policy_automatic():
+    # The automatic policy may fall back to dense where it cannot serve a site exactly; its one-site form too.
+    site = DEFAULT_POLICY.for_site("model.layers.0.self_attn", 0, 32)
+    assert site.automatic and site.chunk_size == DEFAULT_POLICY.chunk_size and site.topk == DEFAULT_POLICY.topk
+    assert DEFAULT_POLICY.for_site("model.layers.31.self_attn", 31, 32).decide("self_attn", None, None).mode == "dense"
+    # Unknown layer: dense_last cannot apply, as in decide().
+    assert DEFAULT_POLICY.for_site("m", None, None).decide("m", None, None).mode == "moba"
+
+
+def test_for_site_round_trips_and_is_frozen():
+    site = Policy(chunk_size=128, topk=4, dense_last=2).for_site("layers.0", 0, 3)
+    assert load_policy(site.to_dict()) == site
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        site.topk = 1  # type: ignore[misc]
