@@ -18,8 +18,10 @@ Autodiff: the ops have vmap rules (the vmapped dim folds into the batch). :func:
 through an ``autograd.Function`` in eager mode whenever derivatives may be asked for, which gives reverse mode, forward
 mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func`` transforms; under ``torch.compile`` it calls
 the op, whose registered autograd is reverse mode only. Derivatives are first order: a second-order one raises.
-- ``moba::analyse_mask(attn_mask, query, key, tag) -> int64 scalar on the CPU``: one read of a boolean mask per
-  forward, classified against the bottom-right causality of ``query``/``key`` lengths.
+
+Mask analysis (``moba::analyse_mask``, the ``MASK_*`` kinds, :func:`analyse_mask`) lives in :mod:`moba_compile.masks`
+and is re-exported here. The Triton kernels are reached one way: ``kernels.<launcher>`` on the package
+:mod:`moba_compile.kernels` (importing it never needs Triton; a launcher is imported on first use).
 
 The fake kernels return contiguous tensors, as the real kernels do, so Inductor's stride checks hold.
 """
@@ -27,7 +29,6 @@ The fake kernels return contiguous tensors, as the real kernels do, so Inductor'
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -35,56 +36,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dense_fallback, reference
+from . import dense_fallback, kernels, reference
+from .masks import (
+    CALLS,
+    DENSE_MASK_KINDS,
+    MASK_APPLY,
+    MASK_CAUSAL,
+    MASK_KIND_REASONS,
+    MASK_NOT_CAUSAL,
+    MASK_OBSERVATIONS,
+    MASK_PER_ROW,
+    analyse_mask,
+    mask_for_moba,
+)
 from .validation import INT64_MAX, bounded_params, check_moba_inputs, check_moba_params
 
 __all__ = [
     "CALLS",
+    "DENSE_MASK_KINDS",
+    "IMPLS",
     "MASK_APPLY",
     "MASK_CAUSAL",
+    "MASK_KIND_REASONS",
     "MASK_NOT_CAUSAL",
+    "MASK_OBSERVATIONS",
     "MASK_PER_ROW",
-    "IMPLS",
     "Impl",
-    "attention",
     "analyse_mask",
+    "attention",
     "resolve_impl",
 ]
-
-# Values of moba::analyse_mask.
-MASK_CAUSAL = 0  # exactly the bottom-right causal mask: MoBA ignores it
-MASK_APPLY = 1  # causal, with more keys masked (padding): intersect with the MoBA selection
-MASK_NOT_CAUSAL = 2  # lets some query see a later key: not MoBA, dense SDPA with the mask
-# Causal, but hides past keys from some rows that later rows see (sliding window, packed documents): such layers are
-# not MoBA layers (they bound attention their own way), so they run dense SDPA with the mask.
-MASK_PER_ROW = 3
-DENSE_MASK_KINDS = (MASK_NOT_CAUSAL, MASK_PER_ROW)
-MASK_KIND_REASONS = {
-    MASK_NOT_CAUSAL: "boolean mask lets a query see later keys (checked at run time): dense SDPA with the mask",
-    MASK_PER_ROW: "boolean mask hides past keys per query row, e.g. a sliding window (checked at run time): "
-    "dense SDPA with the mask",
-}
 
 #: What ``impl`` may ask for (the public functions take it typed as :data:`Impl`; the ops' schemas keep ``str``).
 Impl = Literal["auto", "triton", "reference"]
 IMPLS: tuple[str, ...] = get_args(Impl)
-
-# Real (non-fake) executions per op and implementation, e.g. CALLS["attention:reference"]. Tests read it to prove the
-# MoBA path ran (Dynamo silently runs eagerly after its recompile limit); users can read it to check a deployment.
-# Counts only: no result is keyed on a tensor (audit of identity caches, issue "no policy or result is silently wrong":
-# ops.py and kernels/ hold none; launch plans are recomputed from shapes on every call).
-CALLS: Counter[str] = Counter()
 
 
 def _triton_unavailable_reason(
     query: Tensor, key: Tensor, value: Tensor, chunk_size: int, topk: int, attn_mask: Tensor | None
 ) -> str | None:
     """Why the Triton kernels cannot run these inputs, or None when they can."""
-    try:
-        from .kernels import triton_unsupported_reason
-    except ImportError as exc:  # triton missing, or the kernels not built for this platform
-        return f"Triton kernels unavailable ({exc})"
-    return triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
+    # Answers "triton is not installed" without importing Triton, so "triton" is chosen only where it can be imported.
+    return kernels.triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
 
 
 def resolve_impl(
@@ -160,13 +153,6 @@ def _dense_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
 
 
-def _mask_for_moba(attn_mask: Tensor | None, mask_kind: Tensor | None) -> tuple[Tensor | None, int]:
-    if attn_mask is None:  # a mask_kind without a mask has nothing to describe
-        return None, MASK_CAUSAL
-    kind = MASK_APPLY if mask_kind is None else int(mask_kind.item())
-    return (None if kind == MASK_CAUSAL else attn_mask), kind
-
-
 @torch.library.custom_op("moba::attention", mutates_args=())
 def _attention_op(
     query: Tensor,
@@ -181,7 +167,7 @@ def _attention_op(
     impl: str,
     chunk_means: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    mask, kind = _mask_for_moba(attn_mask, mask_kind)
+    mask, kind = mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
         CALLS["attention:dense-sdpa"] += 1
         out = _dense_sdpa(query, key, value, attn_mask, scale).contiguous()
@@ -194,10 +180,8 @@ def _attention_op(
     if decode is not None:
         out, lse = decode(query, key, value, chunk_size, topk, scale, mask, chunk_means)
     elif chosen == "triton":
-        from .kernels import moba_forward_triton
-
         # The forward kernel averages the keys itself; given means are the same numbers by contract.
-        out, lse = moba_forward_triton(query, key, value, chunk_size, topk, scale, mask)
+        out, lse = kernels.moba_forward_triton(query, key, value, chunk_size, topk, scale, mask)
     else:
         out, lse = reference.moba_attention_forward(
             query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, chunk_means=chunk_means
@@ -209,13 +193,9 @@ def _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_mean
     """The Triton decode kernel when it can take this call (one query row on the Triton path), else None."""
     if chosen != "triton" or query.shape[2] != 1:
         return None
-    try:
-        from .kernels import decode_unsupported_reason, moba_decode_triton
-    except ImportError:
+    if kernels.decode_unsupported_reason(query, key, value, chunk_size, topk, mask, chunk_means) is not None:
         return None
-    if decode_unsupported_reason(query, key, value, chunk_size, topk, mask, chunk_means) is not None:
-        return None
-    return moba_decode_triton
+    return kernels.moba_decode_triton
 
 
 @_attention_op.register_fake
@@ -245,23 +225,17 @@ def _attention_backward_op(
     impl: str,
     chunk_means: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    mask, kind = _mask_for_moba(attn_mask, mask_kind)
+    mask, kind = mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
         CALLS["attention_backward:dense-sdpa"] += 1
         return dense_fallback.masked_backward(grad_out, query, key, value, attn_mask, scale)
     chunk_size, topk = _bounded_call(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
-    backward_triton = None
+    CALLS[f"attention_backward:{chosen}"] += 1
     if chosen == "triton":
-        try:
-            from .kernels import moba_backward_triton as backward_triton
-        except ImportError:
-            backward_triton = None
-    CALLS[f"attention_backward:{'triton' if backward_triton is not None else 'reference'}"] += 1
-    if backward_triton is not None:
-        dq, dk, dv = backward_triton(grad_out, query, key, value, out, lse, chunk_size, topk, scale, mask)
+        dq, dk, dv = kernels.moba_backward_triton(grad_out, query, key, value, out, lse, chunk_size, topk, scale, mask)
     else:
-        # The reference's hand-written gradient formulas (plain PyTorch ops): CPU tensors, or triton missing.
+        # The reference's hand-written gradient formulas (plain PyTorch ops): CPU tensors, or Triton cannot run them.
         dq, dk, dv = reference.moba_attention_backward(
             grad_out,
             query,
@@ -334,7 +308,7 @@ def _attention_jvp_op(
     impl: str,
     chunk_means: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    mask, kind = _mask_for_moba(attn_mask, mask_kind)
+    mask, kind = mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
         CALLS["attention_jvp:dense-sdpa"] += 1
         return dense_fallback.masked_jvp(query, key, value, tangent_query, tangent_key, tangent_value, attn_mask, scale)
@@ -375,12 +349,8 @@ def _kernel_selection(
     if chosen != "triton" or topk <= 1:
         return None
     if _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_means) is not None:
-        from .kernels.decode import decode_select_chunks_triton
-
-        return decode_select_chunks_triton(query, key, chunk_size, topk, means=chunk_means).unsqueeze(2)
-    from .kernels import select_chunks_triton
-
-    return select_chunks_triton(query, key, chunk_size, topk)
+        return kernels.decode_select_chunks_triton(query, key, chunk_size, topk, means=chunk_means).unsqueeze(2)
+    return kernels.select_chunks_triton(query, key, chunk_size, topk)
 
 
 @_attention_jvp_op.register_fake
@@ -519,67 +489,6 @@ def _needs_autograd_function(query: Tensor, key: Tensor, value: Tensor) -> bool:
     if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
         return True
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-
-
-# Run-time results of moba::analyse_mask by tag (the compile pass tags each shared mask check), read by explain().
-# A report, never a cache: nothing reads it to skip work (every call classifies its mask afresh, so a mask mutated in
-# place or a new mask at a reused address is never answered from memory), and it is keyed by the pass's tag, a string
-# unique per graph and mask node ("g<graph>:<node>:<n>"), not by tensor identity; explain() clears it around its run.
-MASK_OBSERVATIONS: dict[str, int] = {}
-
-
-def _classify_mask(attn_mask: Tensor, lq: int, lk: int) -> int:
-    mask = attn_mask.expand(*attn_mask.shape[:-2], lq, lk)
-    rows = torch.arange(lq, device=mask.device)[:, None] + (lk - lq)
-    future = torch.arange(lk, device=mask.device)[None, :] > rows  # keys after each query's position
-    if bool((mask & future).any()):
-        kind = MASK_NOT_CAUSAL
-    elif bool(mask[..., ~future].all()):
-        kind = MASK_CAUSAL
-    elif bool(((mask != mask[..., -1:, :]) & ~future).any()):
-        # Padding masks the same keys for every row; the last row (position Lk - 1) sees every key it may.
-        kind = MASK_PER_ROW
-    else:
-        kind = MASK_APPLY
-    return kind
-
-
-@torch.library.custom_op("moba::analyse_mask", mutates_args=())
-def _analyse_mask_op(attn_mask: Tensor, query: Tensor, key: Tensor, tag: str) -> Tensor:
-    # query/key are read for their lengths only; passing the tensors keeps symbolic lengths out of the schema.
-    kind = _classify_mask(attn_mask, query.shape[2], key.shape[2])
-    CALLS["analyse_mask"] += 1
-    if tag:
-        MASK_OBSERVATIONS[tag] = max(kind, MASK_OBSERVATIONS.get(tag, MASK_CAUSAL))
-    # On the CPU, so that each layer's moba::attention reads it without a device synchronisation.
-    return torch.tensor(kind, dtype=torch.int64)
-
-
-@_analyse_mask_op.register_fake
-def _analyse_mask_fake(attn_mask, query, key, tag):
-    return torch.empty((), dtype=torch.int64, device="cpu")
-
-
-def analyse_mask(attn_mask: Tensor, len_q: int, len_k: int) -> int:
-    """Classify a boolean attention mask against MoBA's bottom-right causality (one read of the mask).
-
-    Args:
-        attn_mask: bool, broadcastable to ``[..., len_q, len_k]``, any device.
-        len_q, len_k: query and key lengths; query row ``i`` sits at position ``len_k - len_q + i``.
-
-    Returns:
-        :data:`MASK_CAUSAL` (exactly causal: MoBA can ignore it), :data:`MASK_APPLY` (causal with the same extra keys
-        masked for every row, e.g. padding: intersect with the selection), :data:`MASK_PER_ROW` (causal, but some row
-        loses past keys a later row sees: a sliding window or packed documents) or :data:`MASK_NOT_CAUSAL` (some query
-        may see a later key).
-
-    Example:
-        >>> analyse_mask(torch.ones(4, 4, dtype=torch.bool).tril(), 4, 4) == MASK_CAUSAL
-        True
-    """
-    if attn_mask.dtype != torch.bool:
-        raise ValueError(f"attn_mask must be boolean, got {attn_mask.dtype}")
-    return _classify_mask(attn_mask, len_q, len_k)
 
 
 def attention(

@@ -15,7 +15,7 @@ import torch
 from conftest import F64, bottom_right_causal, make_mask, rand_qkv
 
 import moba_compile
-from moba_compile import ops
+from moba_compile import masks, ops
 from moba_compile.ops import MASK_APPLY, MASK_CAUSAL, MASK_NOT_CAUSAL
 
 ANALYSE = torch.ops.moba.analyse_mask.default
@@ -115,7 +115,7 @@ def test_vmap_under_inference_mode_equals_no_grad() -> None:
 
 def test_mask_mutated_in_place_is_analysed_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
     # Same tensor object and address, new contents: an identity-keyed cache would answer with the old kind.
-    monkeypatch.setattr(ops, "MASK_OBSERVATIONS", {})
+    monkeypatch.setattr(masks, "MASK_OBSERVATIONS", {})  # its home; ops re-exports it
     q, k, _, _ = _padding_inputs(24)
     mask = bottom_right_causal(24, 24).clone()
     ptr = mask.data_ptr()
@@ -127,7 +127,7 @@ def test_mask_mutated_in_place_is_analysed_afresh(monkeypatch: pytest.MonkeyPatc
     with torch.inference_mode():
         assert int(ANALYSE(mask, q, k, "t")) == MASK_CAUSAL
     # The observation is a report (the worst kind seen under the tag), not what later calls are answered from.
-    assert ops.MASK_OBSERVATIONS == {"t": MASK_NOT_CAUSAL}
+    assert masks.MASK_OBSERVATIONS == {"t": MASK_NOT_CAUSAL}
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])

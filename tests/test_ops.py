@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.testing import assert_close
 
 import moba_compile
-from moba_compile import ops, reference
+from moba_compile import masks, ops, reference
 from moba_compile.ops import MASK_APPLY, MASK_CAUSAL, MASK_NOT_CAUSAL, MASK_PER_ROW
 
 ATTENTION = torch.ops.moba.attention.default
@@ -264,12 +264,12 @@ def test_analyse_mask_classification() -> None:
     ids=["causal", "causal-Lq<Lk", "decode-all", "decode-pad", "causal-pad", "all-true", "window"],
 )
 def test_analyse_mask_op(mask: torch.Tensor, lq: int, expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "MASK_OBSERVATIONS", {})
+    monkeypatch.setattr(masks, "MASK_OBSERVATIONS", {})  # its home; ops re-exports it
     q, k, _ = qkv(lq=lq, lk=8, requires_grad=False)
     kind = ANALYSE(mask, q, k, "layers.mask")
     assert kind.dtype == torch.int64 and kind.shape == () and kind.device.type == "cpu"
     assert int(kind) == expected
-    assert ops.MASK_OBSERVATIONS == {"layers.mask": expected}
+    assert masks.MASK_OBSERVATIONS == {"layers.mask": expected}
     # The record keeps the highest kind seen under one tag; an empty tag records nothing.
     other, other_kind = (
         (torch.ones(lq, 8, dtype=torch.bool), MASK_NOT_CAUSAL)
@@ -278,7 +278,7 @@ def test_analyse_mask_op(mask: torch.Tensor, lq: int, expected: int, monkeypatch
     )
     assert int(ANALYSE(other, q, k, "layers.mask")) == other_kind
     ANALYSE(sliding_window(lq, 8, 1), q, k, "")
-    assert ops.MASK_OBSERVATIONS == {"layers.mask": max(expected, other_kind)}
+    assert masks.MASK_OBSERVATIONS == {"layers.mask": max(expected, other_kind)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -408,3 +408,21 @@ def test_mask_kind_without_mask_means_no_mask():
     for kind in (ops.MASK_NOT_CAUSAL, ops.MASK_PER_ROW):
         out, _ = torch.ops.moba.attention(q, q, q, None, torch.tensor(kind), 4, 2, 0.3, 0, "reference")
         torch.testing.assert_close(out, reference.moba_attention(q, q, q, chunk_size=4, topk=2, scale=0.3))
+
+
+def test_mask_analysis_lives_in_masks_and_ops_reexports_it() -> None:
+    # One home per job (issue 14): moba_compile.masks owns mask analysis; the names other modules import from ops are
+    # the very same objects, so a counter or report read through either name is one thing.
+    for name in (
+        "CALLS",
+        "DENSE_MASK_KINDS",
+        "MASK_APPLY",
+        "MASK_CAUSAL",
+        "MASK_KIND_REASONS",
+        "MASK_NOT_CAUSAL",
+        "MASK_OBSERVATIONS",
+        "MASK_PER_ROW",
+        "analyse_mask",
+    ):
+        assert getattr(ops, name) is getattr(masks, name), name
+    assert torch.ops.moba.analyse_mask.default._schema.name == "moba::analyse_mask"

@@ -6,7 +6,8 @@ Public API (used by :mod:`moba_compile.ops`):
 - :func:`moba_forward_triton`: ``(out, lse)`` like ``reference.moba_attention_forward``.
 - :func:`moba_backward_triton`: ``(dq, dk, dv)`` like ``reference.moba_attention_backward`` (atomics for dQ by
   default, bitwise reproducible with ``deterministic=True`` or under ``torch.use_deterministic_algorithms``).
-- :func:`moba_decode_triton`, :func:`decode_unsupported_reason`: the decode path (module ``.decode``).
+- :func:`moba_decode_triton`, :func:`decode_unsupported_reason`, :func:`decode_select_chunks_triton`: the decode
+  path (module ``.decode``).
 - :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks.
 
 Importing this package never needs Triton, and every launcher is imported lazily on first use. Without Triton the
@@ -20,6 +21,7 @@ from .support import interpreting, require_triton, triton_available, triton_unsu
 __all__ = [
     "FlipResult",
     "chunk_means_triton",
+    "decode_select_chunks_triton",
     "decode_unsupported_reason",
     "flip_selection",
     "interpreting",
@@ -36,6 +38,7 @@ _LAZY = {
     "moba_backward_triton": "backward",
     "moba_decode_triton": "decode",
     "decode_unsupported_reason": "decode",
+    "decode_select_chunks_triton": "decode",
     "chunk_means_triton": "gating",
     "select_chunks_triton": "gating",
     "flip_selection": "gating",
