@@ -27,7 +27,7 @@ import time
 import torch
 
 import moba_compile
-from moba_compile.cli import CliError, build_hf_model, hf_example_inputs
+from moba_compile.hf.models import CliError, build_hf_model, hf_example_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

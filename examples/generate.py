@@ -25,7 +25,7 @@ import torch
 
 import moba_compile
 import moba_compile.hf
-from moba_compile.cli import CliError, build_hf_model
+from moba_compile.hf.models import CliError, build_hf_model
 
 try:
     from tqdm import tqdm

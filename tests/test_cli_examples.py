@@ -170,7 +170,7 @@ def test_explain_hf_mask_form_from_config_file(
     tmp_path: Path, policy_file: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("transformers")
-    from moba_compile.cli import load_hf_config
+    from moba_compile.hf.models import load_hf_config
 
     config = tmp_path / "config.json"
     load_hf_config("tiny-qwen2").to_json_file(str(config))

@@ -268,7 +268,7 @@ def test_dense_decode_sdpa_context_leaves_only_cudnn_out():
     }
     torch.backends.cuda.enable_flash_sdp(False)
     try:
-        with moba_compile.hf._without_cudnn_sdpa():
+        with moba_compile.hf.attention._without_cudnn_sdpa():
             assert not torch.backends.cuda.cudnn_sdp_enabled()
             assert not torch.backends.cuda.flash_sdp_enabled()  # the user's "off" stays off
             assert torch.backends.cuda.math_sdp_enabled() == before["math"]

@@ -1,0 +1,216 @@
+"""``MobaCache``: a transformers ``DynamicCache`` that keeps the chunk means MoBA's gate reads, as chunks complete.
+
+transformers is an optional extra, so this module does not import it: :class:`MobaCache` (a subclass of transformers'
+``DynamicCache``) is created on first access of the name (the module-level ``__getattr__``), once per process; after
+that ``moba_compile.hf.MobaCache`` is that class object, so ``MobaCache()`` and ``isinstance(cache, MobaCache)`` work
+as for any class. :func:`cache_keyword` names the keyword a cache object is passed by.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._deps import _transformers
+
+__all__ = ["MobaCache", "cache_keyword"]  # noqa: F822 (MobaCache: created by __getattr__ on first access)
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place torch op); None for inference tensors, which have none."""
+    return None if tensor.is_inference() else tensor._version
+
+
+class _MeanTrack:
+    """Chunk means of one cache layer for one chunk size, extended as keys are appended (fp32 sums).
+
+    A track describes one keys tensor, the layer's current one. Why identity is safe here: transformers'
+    ``DynamicLayer`` never writes its keys in place (``update`` concatenates; ``crop``, ``reorder_cache``, ``batch_*``
+    and ``offload`` replace the tensor), :class:`_MobaCacheLayer` drops its tracks on every layer method but
+    ``update``, and :meth:`describes` also requires the same version counter, which any in-place torch op on the keys
+    bumps. A weak reference that is still alive is the very tensor object the means were computed from. (A write that
+    bypasses torch, e.g. through a numpy view of a cache tensor the user reached into, is outside what any of these can
+    see; inference tensors have no version counter, and there the layer methods are the guard.)
+    """
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.length = 0
+        self.complete: Tensor | None = None  # [B, H, n_complete, D] fp32 means of full chunks
+        self.partial_sum: Tensor | None = None  # [B, H, D] fp32 sum of the keys of the chunk being filled
+        self.partial_count = 0
+        self.keys_ref: Callable[[], Tensor | None] = lambda: None
+        self.keys_version: int | None = None
+
+    def describes(self, keys: Tensor) -> bool:
+        """Whether these means are those of ``keys``: the same live tensor object, length and version counter."""
+        return self.keys_ref() is keys and self.length == keys.shape[-2] and self.keys_version == _version(keys)
+
+    def follow(self, keys: Tensor) -> None:
+        """Record ``keys`` (whose first ``length`` positions these means cover) as the tensor described."""
+        self.keys_ref = weakref.ref(keys)
+        self.keys_version = _version(keys)
+
+    def append(self, new: Tensor) -> None:
+        c, x = self.chunk_size, new.float()
+        b, h, t, d = x.shape
+        pieces = [] if self.complete is None else [self.complete]
+        off = 0
+        if self.partial_count:
+            take = min(c - self.partial_count, t)
+            self.partial_sum = self.partial_sum + x[:, :, :take].sum(2)
+            self.partial_count += take
+            off = take
+            if self.partial_count == c:
+                pieces.append((self.partial_sum / c)[:, :, None])
+                self.partial_sum, self.partial_count = None, 0
+        full = (t - off) // c
+        if full:
+            pieces.append(x[:, :, off : off + full * c].reshape(b, h, full, c, d).sum(3) / c)
+            off += full * c
+        if off < t:
+            self.partial_sum, self.partial_count = x[:, :, off:].sum(2), t - off
+        if pieces:
+            self.complete = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+        self.length += t
+
+
+# Layer methods that may change the cached keys other than by appending: each drops the means (rebuilt on next use).
+_LAYER_MUTATORS = (
+    "lazy_initialization",
+    "reset",
+    "crop",
+    "reorder_cache",
+    "batch_repeat_interleave",
+    "batch_select_indices",
+    "offload",
+    "prefetch",
+)
+
+
+class _MobaCacheLayer:
+    """Mixin over transformers' ``DynamicLayer``: keeps per-chunk-size key means as chunks complete."""
+
+    def _tracks(self) -> dict[int, _MeanTrack]:
+        if not hasattr(self, "_moba_tracks"):
+            self._moba_tracks: dict[int, _MeanTrack] = {}
+        return self._moba_tracks
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        previous = self.keys if getattr(self, "is_initialized", False) else None
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        for chunk_size, track in list(self._tracks().items()):
+            if (
+                previous is not None
+                and track.describes(previous)
+                and keys.shape[-2] == track.length + key_states.shape[-2]
+            ):
+                track.append(key_states)
+                track.follow(keys)
+            else:  # anything but an append of key_states: rebuild on next use
+                del self._tracks()[chunk_size]
+        # Which layer returned these keys, for the attention function (the cache object is not handed to it): only a
+        # pointer, as chunk_means checks that the tensor is the one its means describe and rebuilds them otherwise.
+        keys._moba_cache_layer = weakref.ref(self)
+        return keys, values
+
+    def chunk_means(self, chunk_size: int, keys: Tensor) -> Tensor:
+        """fp32 means ``[B, H, n, D]`` of the complete chunks of ``keys`` (this layer's current keys)."""
+        track = self._tracks().get(chunk_size)
+        if track is None or not track.describes(keys):
+            track = _MeanTrack(chunk_size)
+            track.append(keys)
+            track.follow(keys)
+            self._tracks()[chunk_size] = track
+        if track.complete is None:
+            b, h, _, d = keys.shape
+            return keys.new_zeros((b, h, 0, d), dtype=torch.float32)
+        return track.complete
+
+
+def _dropping_tracks(name: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._tracks().clear()
+        return getattr(super(_MobaCacheLayer, self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+_MOBA_CACHE_DOC = """A transformers ``DynamicCache`` that also keeps the chunk means MoBA's gate needs, as chunks
+    complete.
+
+    With it, a decode step of an ``attn_implementation="moba"`` layer reads the means of complete chunks (fp32,
+    ``[B, Hkv, n, D]``, updated in ``O(new tokens)`` per step) instead of averaging every cached key. Cropping,
+    beam reordering or offloading the cache makes the means rebuild once on the next step. Means are kept per chunk
+    size that a layer asks for. ``MobaCache()`` takes no arguments: its layers are created on first use, one per
+    attention layer, as a ``DynamicCache`` without a config does.
+
+    The class is created on first access (``moba_compile.hf.MobaCache``), which imports transformers; the access raises
+    ImportError when transformers is not installed. Pass an instance to ``generate`` or the model as ``cache=``
+    (transformers 5.24; ``past_key_values=`` on versions before the rename, such as 5.17: :func:`cache_keyword` says
+    which).
+
+    Example:
+        >>> cache = moba_compile.hf.MobaCache()  # doctest: +SKIP
+        >>> out = model.generate(ids, cache=cache, max_new_tokens=32)  # doctest: +SKIP
+        >>> isinstance(cache, moba_compile.hf.MobaCache)  # doctest: +SKIP
+        True
+    """
+
+
+@functools.cache
+def _moba_cache_class() -> type:
+    """Create :class:`MobaCache` (once): transformers' ``DynamicCache`` over layers that keep chunk means."""
+    _transformers()  # the ImportError naming the extra, when transformers is missing
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    overrides = {name: _dropping_tracks(name) for name in _LAYER_MUTATORS if hasattr(DynamicLayer, name)}
+    MobaCacheLayer = type("MobaCacheLayer", (_MobaCacheLayer, DynamicLayer), overrides)
+    MobaCacheLayer.__module__ = __name__
+
+    def __init__(self: Any) -> None:
+        # Layers are created on first use, one per attention layer, as a DynamicCache without a config does.
+        super(DynamicCache, self).__init__(layer_class_to_replicate=MobaCacheLayer)
+
+    cls = type("MobaCache", (DynamicCache,), {"__init__": __init__, "__doc__": _MOBA_CACHE_DOC, "__module__": __name__})
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    # MobaCache subclasses a transformers class: created when first asked for, so that importing this module (and
+    # moba_compile.hf) does not import transformers.
+    if name == "MobaCache":
+        return _moba_cache_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword that ``generate`` and transformers' models take for a cache object on the installed version.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.24 has ``cache``, and warns that ``past_key_values`` is
+    deprecated; 5.17 has only ``past_key_values``); the name is read from ``prepare_inputs_for_generation``'s
+    signature, which both ``generate`` and the model forwards follow. Answered once per process: decode loops call it
+    every step.
+
+    Returns:
+        ``"cache"`` or ``"past_key_values"``.
+
+    Raises:
+        ImportError: transformers is not installed.
+
+    Example:
+        >>> out = model.generate(ids, **{cache_keyword(): MobaCache()}, max_new_tokens=8)  # doctest: +SKIP
+    """
+    _transformers()
+    from transformers.generation.utils import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
