@@ -4,9 +4,9 @@ Run from the repository root with torchrun (NCCL on CUDA, one GPU per process; g
 
     torchrun --nproc-per-node 2 examples/train_distributed.py --mode ddp --steps 3 --seq-len 128 --batch 4
     torchrun --nproc-per-node 2 examples/train_distributed.py --mode fsdp2 --steps 3 --seq-len 128 --batch 4
-    python examples/train_distributed.py --mode single --batch 16 --seq-len 8192 --save-losses trainer.json ...
+    python examples/train_distributed.py --mode single --batch 16 --seq-len 8192 --save-losses training.json ...
     torchrun --nproc-per-node 8 examples/train_distributed.py --mode fsdp2 --batch 16 --seq-len 8192 \
-        --reference trainer.json ...
+        --reference training.json ...
 
 The options are those of ``examples/train.py`` (``--steps``, ``--seq-len``, ``--lr``, ``--policy``, ``--model``,
 ``--dtype``, ``--device``, ``--compiler``, ``--seed``, ...), except that ``--batch`` is the global batch. Every step
@@ -21,11 +21,12 @@ whole global batch (up to the order of floating-point sums). The logged loss of 
 - ``--mode fsdp2``: every decoder layer is compiled on its own and sharded with ``torch.distributed.fsdp.fully_shard``,
   then the root is sharded; the embedding, final norm, LM head and loss run eagerly. FSDP2's hooks are excluded from
   Dynamo, so compiling the whole sharded model would break the graph at every layer, and a layer's graph carries module
-  paths relative to the layer (``self_attn``): the backend could not tell which layer it is. So each layer gets the
-  decision the policy makes for its full path (``model.layers.N.self_attn``), as a one-layer policy; layers with the
-  same decision share one backend, hence one compiled graph. Transformers models are called with ``use_cache=False``
-  here: a KV cache in a layer's inputs would make Dynamo compile every layer anew. ``--dtype bfloat16`` uses FSDP2's
-  ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` instead of autocast.
+  paths relative to the layer (``self_attn``): the backend could not tell which layer it is. So the layers are
+  compiled by ``moba_compile.compile_blocks``, which gives each layer the decision the policy makes for its full path
+  (``model.layers.N.self_attn``); layers with the same decision share one backend, hence one compiled graph.
+  Transformers models are called with ``use_cache=False`` here: a KV cache in a layer's inputs would make Dynamo
+  compile every layer anew. ``--dtype bfloat16`` uses FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16,
+  reduce_dtype=float32)`` instead of autocast.
 - ``--mode single``: no distribution: one process trains the global batch (the reference); with ``--save-losses FILE``
   its per-step losses are written to a JSON file for a later ``--reference FILE``.
 
@@ -64,7 +65,7 @@ if str(_REPO) not in sys.path:  # `torchrun examples/train_distributed.py` from 
     sys.path.insert(0, str(_REPO))
 
 import moba_compile  # noqa: E402
-from examples import train as trainer  # noqa: E402
+from examples import _training as training  # noqa: E402
 from examples.reproduce import corpus as corpus_mod  # noqa: E402
 from moba_compile.backend import collect_reports  # noqa: E402
 from moba_compile.cli import CliError  # noqa: E402
@@ -73,7 +74,6 @@ __all__ = [
     "MODES",
     "RTOL",
     "compare_losses",
-    "compile_per_layer",
     "main",
     "run_reference",
     "setup_fsdp2",
@@ -92,13 +92,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "losses with a single process on the same global batch."
     )
     parser.add_argument("--mode", choices=MODES, required=True, help="ddp, fsdp2, or single (no distribution)")
-    trainer.add_common_args(parser, batch_help="global batch: sequences per step over all ranks (%(default)s)")
+    training.add_common_args(parser, batch_help="global batch: sequences per step over all ranks (%(default)s)")
     parser.set_defaults(batch=4, steps=5, seq_len=256)
     parser.add_argument("--reference", metavar="FILE", help="compare with the losses a --mode single run saved")
     parser.add_argument("--save-losses", metavar="FILE", help="write this run's per-step losses (JSON)")
     parser.add_argument("--rtol", type=float, default=None, help="relative tolerance (1e-4 float32, 5e-3 bfloat16)")
     args = parser.parse_args(argv)
-    trainer.check_common_args(parser, args)
+    training.check_common_args(parser, args)
     if args.rtol is None:
         args.rtol = RTOL[args.dtype]
     if args.rtol < 0:
@@ -123,16 +123,8 @@ def _settings(args: argparse.Namespace, policy: moba_compile.Policy) -> dict[str
     }
 
 
-def _build(args: argparse.Namespace) -> tuple[trainer.CausalLM, moba_compile.Policy]:
-    lm = trainer.build_model(args.model, seq_len=args.seq_len, seed=args.seed)
-    policy = trainer.load_train_policy(args.policy, lm.num_layers)
-    if args.byte_offset + 256 > lm.vocab_size:
-        raise CliError(f"{args.model}: vocabulary {lm.vocab_size} < 256 + --byte-offset {args.byte_offset}")
-    return lm, policy
-
-
 def _moba_ran(before: tuple[int, int], where: str) -> bool:
-    fwd, bwd = (after - prior for after, prior in zip(trainer.moba_counts(), before))
+    fwd, bwd = (after - prior for after, prior in zip(training.moba_counts(), before))
     if fwd and bwd:
         return True
     print(
@@ -145,7 +137,7 @@ def _moba_ran(before: tuple[int, int], where: str) -> bool:
 
 def run_reference(
     args: argparse.Namespace,
-    lm: trainer.CausalLM,
+    lm: training.CausalLM,
     policy: moba_compile.Policy,
     corpus: corpus_mod.Corpus,
     device: torch.device,
@@ -162,62 +154,19 @@ def run_reference(
     torch._dynamo.reset()  # nothing compiled for the distributed run is reused
     lm.module.to(device)
     fn = torch.compile(lm.module, backend="moba", options={"policy": policy, "compiler": args.compiler})
-    optimizer = trainer.make_optimizer(lm.module, args.lr)
-    before = trainer.moba_counts()
+    optimizer = training.make_optimizer(lm.module, args.lr)
+    before = training.moba_counts()
     with collect_reports() as reports:
-        log = trainer.train_steps(lm, fn, optimizer, corpus, args, steps=args.steps, tag="single", device=device)
-    trainer.print_reports(reports, "per-layer decisions of the single-process run (backend report):")
+        log = training.train_steps(lm, fn, optimizer, corpus, args, steps=args.steps, tag="single", device=device)
+    training.print_reports(reports, "per-layer decisions of the single-process run (backend report):")
     return log.losses, _moba_ran(before, "single-process run")
 
 
-def compile_per_layer(
-    lm: trainer.CausalLM, policy: moba_compile.Policy, compiler: str
-) -> list[tuple[str, moba_compile.Decision]]:
-    """Compile every decoder layer of ``lm`` on its own, with the decision ``policy`` makes for its full module path.
-
-    A graph of one layer only shows module paths relative to the layer, so the backend cannot find the layer index
-    there; each layer therefore gets a one-layer policy holding the decision made here (MoBA with its chunk size and
-    top-k, or dense). Layers with equal decisions share one backend callable, so Dynamo compiles one graph for them;
-    Dynamo's recompile limit is raised to twice the number of distinct decisions when that is above it.
-
-    Args:
-        lm: the model; its layers are compiled in place (``nn.Module.compile``).
-        policy: the training policy, with ``num_layers`` set. compiler: the backend's ``compiler`` option.
-
-    Returns:
-        ``[(attention path, decision), ...]``, one per layer.
-    """
-    backends: dict[tuple[str, int, int], Callable[..., Any]] = {}
-    decisions = []
-    for index, block in enumerate(lm.blocks):
-        path = lm.attention_path(index)
-        decision = policy.decide(path, index, lm.num_layers)
-        key = (decision.mode, decision.chunk_size, decision.topk)
-        if key not in backends:
-            one_layer = {
-                "version": 1,
-                "chunk_size": decision.chunk_size,
-                "topk": decision.topk,
-                "dense_last": 0,
-                "min_seq_len": policy.min_seq_len,
-                "decode": policy.decode,
-                "rules": [] if decision.mode == "moba" else [{"module": "re:.*", "mode": "dense"}],
-            }
-            backends[key] = moba_compile.make_backend({"policy": one_layer, "compiler": compiler})
-        block.compile(backend=backends[key])
-        decisions.append((path, decision))
-    # Every distinct decision is one more compiled entry of the same code (the layer class's forward); past Dynamo's
-    # recompile limit (8) the remaining layers would silently run eagerly, i.e. dense.
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 2 * len(backends))
-    return decisions
-
-
-def setup_fsdp2(lm: trainer.CausalLM, device: torch.device, world: int, dtype: torch.dtype) -> None:
+def setup_fsdp2(lm: training.CausalLM, device: torch.device, world: int, dtype: torch.dtype) -> None:
     """Shard ``lm`` with FSDP2: ``fully_shard`` on every decoder layer, then on the root module.
 
     Args:
-        lm: the model (layers already compiled by :func:`compile_per_layer`), on ``device``.
+        lm: the model (layers already compiled by :func:`moba_compile.compile_blocks`), on ``device``.
         device: this rank's device (its type names the device mesh). world: the number of ranks.
         dtype: ``torch.bfloat16`` for FSDP2 mixed precision (parameters all-gathered and computed in bfloat16,
             gradients reduced in float32, float32 sharded weights); ``torch.float32`` for none.
@@ -275,20 +224,14 @@ def _load_reference(path: str, settings: dict[str, Any]) -> list[float]:
     return [float(x) for x in data["losses"]]
 
 
-def _error(err: Exception) -> int:
-    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-    return 2
-
-
 def _single_main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     try:
-        lm, policy = _build(args)
+        lm, policy = training.build(args)
     except (CliError, moba_compile.PolicyError) as err:
-        return _error(err)
+        return training.user_error(err)
     corpus = corpus_mod.load_corpus()
-    print(f"model: {lm.description}, {lm.num_layers} layers at {lm.blocks_path}")
-    print(f"policy: {policy.source} (num_layers = {policy.num_layers})")
+    training.describe(lm, policy)
     print(
         f"single process on {device}, compiler: {args.compiler}, dtype: {args.dtype}, "
         f"batch {args.batch} x {args.seq_len} tokens"
@@ -314,7 +257,7 @@ def _rank_device(args: argparse.Namespace, local_rank: int) -> torch.device:
 
 def train_distributed(
     args: argparse.Namespace,
-    lm: trainer.CausalLM,
+    lm: training.CausalLM,
     policy: moba_compile.Policy,
     corpus: corpus_mod.Corpus,
     device: torch.device,
@@ -336,8 +279,7 @@ def train_distributed(
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     lead = rank == 0
     if lead:
-        print(f"model: {lm.description}, {lm.num_layers} layers at {lm.blocks_path}")
-        print(f"policy: {policy.source} (num_layers = {policy.num_layers})")
+        training.describe(lm, policy)
         print(
             f"{args.mode} on {world} ranks ({backend}, {device.type}), compiler: {args.compiler}, dtype: {args.dtype}, "
             f"global batch {args.batch} x {args.seq_len} tokens, {args.batch // world} sequences per rank"
@@ -350,16 +292,21 @@ def train_distributed(
         lm.module.compile(backend="moba", options={"policy": policy, "compiler": args.compiler})
         fn = DistributedDataParallel(lm.module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        decisions = compile_per_layer(lm, policy, args.compiler)
+        # Compile each layer on its own, before sharding: FSDP2's hooks keep Dynamo from seeing the whole model, and
+        # compile_blocks gives each layer the decision the policy makes for its full path in the whole model.
+        plan = moba_compile.compile_blocks(lm.module, policy, blocks=lm.blocks_path, compiler=args.compiler)
         lm.call_kwargs = {"use_cache": False}
-        setup_fsdp2(lm, device, world, trainer.DTYPES[args.dtype])
+        setup_fsdp2(lm, device, world, training.DTYPES[args.dtype])
         fn = lm.module
         if lead:
-            print("per-layer decisions (each layer compiled on its own):")
-            for path, d in decisions:
+            graphs = len({block.group for block in plan})
+            print(f"per-layer decisions (each layer compiled on its own; {graphs} distinct decisions):")
+            for block in plan:
+                path = lm.attention_path(block.layer)
+                d = policy.decide(path, block.layer, lm.num_layers)
                 what = f"moba chunk {d.chunk_size} topk {d.topk}" if d.mode == "moba" else "dense"
                 print(f"  {path}: {what} ({d.reason})")
-    optimizer = trainer.make_optimizer(lm.module, args.lr)
+    optimizer = training.make_optimizer(lm.module, args.lr)
 
     def average(loss: Tensor) -> Tensor:
         total = loss.clone()
@@ -367,9 +314,9 @@ def train_distributed(
         return total / world
 
     per_rank = args.batch // world
-    before = trainer.moba_counts()
+    before = training.moba_counts()
     with collect_reports() as reports:
-        log = trainer.train_steps(
+        log = training.train_steps(
             lm,
             fn,
             optimizer,
@@ -385,7 +332,7 @@ def train_distributed(
         )
     ran = _moba_ran(before, f"rank {rank}")
     if lead:
-        trainer.print_reports(reports, f"per-layer decisions of the {args.mode} run on rank 0 (backend report):")
+        training.print_reports(reports, f"per-layer decisions of the {args.mode} run on rank 0 (backend report):")
     # Teardown order matters with gloo: a DDP reducer that outlives destroy_process_group() holds the last reference
     # to the process group, and its destructor then joins gloo's worker threads while holding the GIL, which a worker
     # may need (seen here: rank 0 hung at exit). So drop the wrappers first, wait for every rank, then destroy.
@@ -410,17 +357,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "single":
         return _single_main(args)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return _error(CliError(f"--mode {args.mode} must be started by torchrun (RANK and WORLD_SIZE are not set)"))
+        return training.user_error(
+            CliError(f"--mode {args.mode} must be started by torchrun (RANK and WORLD_SIZE are not set)")
+        )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if args.batch % world:
-        return _error(CliError(f"--batch {args.batch} (the global batch) is not divisible by {world} ranks"))
+        return training.user_error(
+            CliError(f"--batch {args.batch} (the global batch) is not divisible by {world} ranks")
+        )
     device = _rank_device(args, local_rank)
     try:
-        lm, policy = _build(args)
+        lm, policy = training.build(args)
         reference = _load_reference(args.reference, _settings(args, policy)) if args.reference and rank == 0 else None
     except (CliError, moba_compile.PolicyError) as err:
-        return _error(err)
+        return training.user_error(err)
     corpus = corpus_mod.load_corpus()
     lm.module.to(device)
     losses, ran = train_distributed(args, lm, policy, corpus, device, rank, world)
@@ -431,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         _save_losses(args.save_losses, _settings(args, policy), losses, args.mode, world)
     if reference is None:
         print("single-process reference on rank 0 (the same global batches, no distribution):")
-        fresh, _ = _build(args)  # the same initial weights: the builders are seeded
+        fresh, _ = training.build(args)  # the same initial weights: the builders are seeded
         reference, reference_ran = run_reference(args, fresh, policy, corpus, device)
         ran = ran and reference_ran
     else:
