@@ -40,6 +40,7 @@ from moba_compile.kernels import backward as kernel_backward  # noqa: E402
 from moba_compile.kernels import flip_selection, moba_backward_triton, moba_forward_triton  # noqa: E402
 from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
+from moba_compile.kernels import launch as kernel_launch  # noqa: E402
 
 # MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
 flip_selection = on_test_device(flip_selection)
@@ -251,7 +252,7 @@ def test_deterministic_row_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v, do, mask = make_inputs(case, seed=9)
     whole = check_backward(q, k, v, do, case.c, case.k, mask, deterministic=True)
     per_row = case.b * case.hq * (case.k - 1) * case.d * 4
-    monkeypatch.setattr(kernel_forward, "PARTIAL_BUFFER_BYTES", 16 * per_row)
+    monkeypatch.setattr(kernel_launch, "PARTIAL_BUFFER_BYTES", 16 * per_row)
     slabs = check_backward(q, k, v, do, case.c, case.k, mask, deterministic=True)
     assert torch.equal(whole[1], slabs[1]) and torch.equal(whole[2], slabs[2]), "dK/dV do not depend on the slabs"
 
@@ -369,3 +370,30 @@ def test_hypothesis_shapes(b, hkv, group, chunk, lk, lq_frac, topk, dtype, d, ma
     case = Case(b, lq, hkv * group, hkv, chunk, topk, dtype, lk=lk, d=d, mask="random" if masked else None)
     q, k, v, do, mask = make_inputs(case, seed=seed)
     check_backward(q, k, v, do, chunk, topk, mask, deterministic=deterministic)
+
+
+def test_launch_configs_follow_the_gpu_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Interpreted: today's small tiles whatever the capability. Compiled: sm_90 (and "no GPU to ask", the compile
+    # checks on a CPU machine) gets the tuned table; other architectures a safe default with the same maths: at most
+    # 2 pipeline stages, no 128-row key-major forward tile, no spilling backward tiling.
+    bf16 = torch.bfloat16
+    interp_fwd = kernel_forward._fwd_config(128, 128, bf16, False, 4096)
+    interp_bwd = kernel_backward._bwd_config(128, 128, bf16, False)
+    for cap in (None, (9, 0), (8, 0), (8, 6), (10, 0)):
+        assert kernel_forward._fwd_config(128, 128, bf16, False, 4096, cap) == interp_fwd
+        assert kernel_backward._bwd_config(128, 128, bf16, False, cap) == interp_bwd
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    shapes = [(64, False, 512), (128, False, 512), (128, False, 4096), (128, True, 4096), (256, False, 64)]
+    for d, masked, chunk in shapes:
+        tuned = kernel_forward._fwd_config(d, d, bf16, masked, chunk)
+        assert kernel_forward._fwd_config(d, d, bf16, masked, chunk, (9, 0)) == tuned
+        assert kernel_forward._fwd_config(d, d, bf16, masked, chunk, None) == tuned
+        safe = kernel_forward._fwd_config(d, d, bf16, masked, chunk, (8, 6))
+        assert (safe.block_m, safe.block_n, safe.num_warps) == (tuned.block_m, tuned.block_n, tuned.num_warps)
+        assert safe.num_stages <= 2 and safe.sparse() == (safe.block_m, safe.block_n, safe.num_warps, safe.num_stages)
+        tuned_b = kernel_backward._bwd_config(d, d, bf16, masked)
+        assert kernel_backward._bwd_config(d, d, bf16, masked, (9, 0)) == tuned_b
+        safe_b = kernel_backward._bwd_config(d, d, bf16, masked, (8, 0))
+        assert safe_b.kv_stages <= 2 and safe_b.dq_stages <= 2
+        if d == 128 and not masked:  # the tuned tiling spills (paid back on sm_90 only): the masked case's tiles
+            assert (safe_b.kv_block_m, safe_b.kv_block_n) == (32, 32)

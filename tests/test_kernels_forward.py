@@ -48,6 +48,7 @@ from moba_compile.kernels import (  # noqa: E402
 )
 from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
+from moba_compile.kernels import launch as kernel_launch  # noqa: E402
 from moba_compile.kernels import support as kernel_support  # noqa: E402
 
 # MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
@@ -230,7 +231,7 @@ def test_row_slabs_bound_the_partial_buffer(monkeypatch: pytest.MonkeyPatch) -> 
     # A budget of 24 rows of partials forces 3 slabs of a chunked-prefill call (mask sliced per slab too).
     case = Case(1, 60, 4, 2, 16, 3, torch.bfloat16, lk=90, mask="random")
     per_row = case.b * case.hq * (case.k - 1) * (case.d + 1) * 4
-    monkeypatch.setattr(kernel_forward, "PARTIAL_BUFFER_BYTES", 24 * per_row)
+    monkeypatch.setattr(kernel_launch, "PARTIAL_BUFFER_BYTES", 24 * per_row)
     q, k, v, mask = make_inputs(case, seed=11)
     check_forward(q, k, v, case.c, case.k, mask)
 

@@ -25,24 +25,22 @@ Order of launches (all on the query's device, no host synchronisation on CUDA):
    partial-buffer budget).
 """
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .forward import partial_buffer_budget
 from .gating import FlipResult, _launch_gate, chunk_means_triton, flip_selection
 from .jit import kernel_jit
+from .launch import MaskArgs, device_capability, on_device, row_slab, slabs, tuned_for
 from .support import (
     bounded_params,
     dot_precision,
     interpreting,
     list_tile_rows,
-    mask_bytes,
     require_triton,
     triton_unsupported_reason,
 )
@@ -607,10 +605,25 @@ class _BwdConfig:
     dq_stages: int
 
 
-def _bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool) -> _BwdConfig:
+def _bwd_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool, capability: tuple[int, int] | None = None
+) -> _BwdConfig:
+    """Launch tiles for the GPU of compute ``capability`` (``None``: no GPU to ask, the tuned sm_90 table)."""
     if interpreting():
         # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
         return _BwdConfig(32, 32, 4, 1, 32, 32, 4, 1)
+    cfg = _sm90_bwd_config(head_dim, head_dim_v, dtype, has_mask)
+    if tuned_for(capability):
+        return cfg
+    # Not timed off sm_90. The one tiling chosen despite spilling (D <= 128 without a mask: 128 keys x 64 rows,
+    # ~1.3 KB of local memory, paid back by the H100's bandwidth) gives way to the spill-free tiles of the masked
+    # case; every pipeline is capped at 2 stages (smaller shared memories than sm_90's 228 KB).
+    if dtype != torch.float32 and 64 < max(head_dim, head_dim_v) <= 128 and not has_mask:
+        cfg = _sm90_bwd_config(head_dim, head_dim_v, dtype, True)
+    return replace(cfg, kv_stages=min(cfg.kv_stages, 2), dq_stages=min(cfg.dq_stages, 2))
+
+
+def _sm90_bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool) -> _BwdConfig:
     # H100 choices, checked by compiling for sm_90a on a CPU machine (python -m benchmarks.attention --compile-check:
     # triton.compile + ptxas -v with the launch-time specialisations); timed on an H100 in docs/benchmarks.md, not
     # autotuned. The dK/dV kernel holds two fp32 [BLOCK_N, D] accumulators plus K/V for the whole program, so it is
@@ -716,15 +729,7 @@ def moba_backward_triton(
     b, hq, lq, d = query.shape
     hkv, lk, dv_dim = key.shape[1], key.shape[2], value.shape[3]
     chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
-    if tuple(grad_out.shape) != (b, hq, lq, dv_dim) or tuple(out.shape) != (b, hq, lq, dv_dim):
-        raise ValueError(
-            f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must be [B, Hq, Lq, Dv] = "
-            f"{[b, hq, lq, dv_dim]}"
-        )
-    if tuple(lse.shape) != (b, hq, lq):
-        raise ValueError(f"lse {tuple(lse.shape)} must be [B, Hq, Lq] = {[b, hq, lq]}")
-    if grad_out.device != query.device or out.device != query.device or lse.device != query.device:
-        raise ValueError("grad_out, out and lse must be on the query's device")
+    _check_grad_inputs(grad_out, out, lse, query, dv_dim)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled() or chunk_size >= PARTIALS_FROM_CHUNK
     dev = query.device
@@ -735,95 +740,210 @@ def moba_backward_triton(
     grad_out = grad_out.to(query.dtype)
     out = out.to(query.dtype)
     lse = lse.to(torch.float32).contiguous()
-    cfg = _bwd_config(d, dv_dim, query.dtype, attn_mask is not None)
+    cfg = _bwd_config(d, dv_dim, query.dtype, attn_mask is not None, device_capability(dev))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    qk_scale = scale * _LOG2E
-    upcast, prec = interpreting(), dot_precision(query.dtype)
-    n_chunks = -(-lk // chunk_size)
-    km1 = min(topk - 1, (lk - 1) // chunk_size)
-    kv_block_n = min(cfg.kv_block_n, chunk_size & -chunk_size)  # a whole number of key blocks per chunk
-    dq_block_n = min(cfg.dq_block_n, chunk_size & -chunk_size)
-    mask = mask_bytes(attn_mask, b, hq, lq, lk) if attn_mask is not None else None
-    mask_arg = mask if mask is not None else query  # never read when HAS_MASK is False
-    mstrides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    qkv_strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mstrides)
-    g = hq // hkv
-
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        delta = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
-        lse2 = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
-        pre_m = 32 if interpreting() else 64
-        _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), b * hq)](
-            out, grad_out, lse, delta, lse2, hq, lq, *out.stride(), *grad_out.stride(),
-            HEAD_DV=dv_dim, BLOCK_M=pre_m, num_warps=4,
-        )  # fmt: skip
-
-        flip: FlipResult | None = None
-        sel: Tensor | None = None
-        dq_block_m = cfg.dq_block_m
-        if km1 > 0:
-            means = chunk_means_triton(key, chunk_size)
-            sel = _launch_gate(query, means, chunk_size, km1, lk)
-            # The deterministic dQ tiles are cut per chunk list: short lists would leave big tiles mostly padding.
-            dq_block_m = list_tile_rows(cfg.dq_block_m, g * lq * km1, (lk - 1) // chunk_size)
-            # Default mode never uses the flip's tiles: large tiles keep those arrays small.
-            flip = flip_selection(
-                sel, hkv, n_chunks, dq_block_m if deterministic else 1024, deterministic=deterministic
-            )
+    p = _BwdProblem(
+        query=query, key=key, value=value, grad_out=grad_out, mask=MaskArgs.build(attn_mask, (b, hq, lq, lk), query),
+        chunk_size=chunk_size, topk=topk, km1=min(topk - 1, (lk - 1) // chunk_size), scale=scale,
+        qk_scale=scale * _LOG2E, cfg=cfg, deterministic=deterministic,
+    )  # fmt: skip
+    with on_device(dev):
+        delta, lse2 = _preprocess(out, grad_out, lse)
+        means, sel, flip, dq_block_m = _gate_and_flip(p)
         dq_acc = None if deterministic else torch.zeros(b, hq, lq, d, dtype=torch.float32, device=dev)
-        dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
-        dummy_i64 = torch.zeros(1, dtype=torch.int64, device=dev)
-        _bwd_dkdv_kernel[(triton.cdiv(lk, kv_block_n), b * hkv)](
-            query, key, value, grad_out, mask_arg, lse2, delta, dq_acc if dq_acc is not None else lse2, dk, dv,
-            flip.lists if flip is not None else dummy_i32,
-            flip.seg_start if flip is not None else dummy_i64,
-            flip.counts if flip is not None else dummy_i32,
-            hq, hkv, g, lq, lk, n_chunks, chunk_size, max(km1, 1), qk_scale, scale, *qkv_strides,
-            HEAD_D=d, HEAD_DV=dv_dim, BLOCK_M=cfg.kv_block_m, BLOCK_N=kv_block_n, HAS_MASK=mask is not None,
-            HAS_LIST=flip is not None, ATOMIC_DQ=not deterministic, UPCAST=upcast, DOT_PREC=prec,
-            num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
-        )  # fmt: skip
+        _dkdv(p, delta, lse2, flip, dq_acc, dk, dv)
         if dq_acc is not None:
             return dq_acc.to(query.dtype), dk, dv
-
-        dq = torch.empty(b, hq, lq, d, dtype=query.dtype, device=dev)
-        common = dict(HEAD_D=d, HEAD_DV=dv_dim, BLOCK_N=dq_block_n, HAS_MASK=mask is not None, UPCAST=upcast)
-        common.update(DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
-        # Row slabs bound the slot partials exactly as the forward bounds its partial outputs: a slab [r0, r1) is the
-        # same problem with Lq' = r1 - r0 and keys cut at Lk' = Lk - Lq + r1.
-        entry_bytes = b * hq * max(km1, 1) * d * 4
-        slab = lq if km1 == 0 else max(1, min(lq, partial_buffer_budget(dev) // entry_bytes))
-        pdq = torch.empty(b * hq * slab * km1 * d if km1 > 0 else 1, dtype=torch.float32, device=dev)
-        for r0 in range(0, lq, slab):
-            r1 = min(lq, r0 + slab)
-            lk_s = lk - lq + r1
-            km1_s = min(topk - 1, (lk_s - 1) // chunk_size)
-            n_s = -(-lk_s // chunk_size)
-            q_s, do_s = query[:, :, r0:r1], grad_out[:, :, r0:r1]
-            m_s = mask[:, :, r0:r1, :lk_s] if mask is not None else None
-            s_strides = (*q_s.stride(), *key.stride(), *value.stride(), *do_s.stride())
-            s_strides += m_s.stride() if m_s is not None else (0, 0, 0, 0)
-            stat_strides = (delta.stride(0), delta.stride(1))
-            lse2_s, delta_s, dq_s = lse2[:, :, r0:r1], delta[:, :, r0:r1], dq[:, :, r0:r1]
-            sel_s = dummy_i32
-            if km1_s > 0:
-                assert sel is not None and flip is not None
-                if r0 == 0 and r1 == lq:
-                    sel_s, flip_s = sel, flip
-                else:
-                    sel_s = _launch_gate(q_s, means, chunk_size, km1_s, lk_s)
-                    flip_s = flip_selection(sel_s, hkv, n_s, dq_block_m, deterministic=True)
-                n_tiles = flip_s.tile_seg.numel()
-                if n_tiles:
-                    _bwd_sparse_dq_kernel[(n_tiles,)](
-                        q_s, key, value, do_s, m_s if m_s is not None else q_s, lse2_s, delta_s, pdq,
-                        flip_s.lists, flip_s.seg_start, flip_s.counts, flip_s.tile_seg, flip_s.tile_row0,
-                        flip_s.n_segments, hq, hkv, g, r1 - r0, lk_s, n_s, chunk_size, km1_s, qk_scale, scale,
-                        *s_strides, *stat_strides, BLOCK_M=dq_block_m, **common,
-                    )  # fmt: skip
-            _bwd_own_dq_kernel[(triton.cdiv(r1 - r0, cfg.dq_block_m), b * hq)](
-                q_s, key, value, do_s, m_s if m_s is not None else q_s, lse2_s, delta_s, sel_s, pdq, dq_s,
-                hq, g, r1 - r0, lk_s, chunk_size, max(km1_s, 0), qk_scale, scale, *s_strides, *stat_strides,
-                dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), BLOCK_M=cfg.dq_block_m, **common,
-            )  # fmt: skip
+        dq = _deterministic_dq(p, delta, lse2, means, sel, flip, dq_block_m)
     return dq, dk, dv
+
+
+@dataclass(frozen=True)
+class _BwdProblem:
+    """One backward call as every pass sees it: inputs (already cast), the mask's kernel arguments, the bounded
+    parameters (``km1 = K' - 1``, the slots any row can fill), the scales and the launch configuration."""
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    grad_out: Tensor
+    mask: MaskArgs
+    chunk_size: int
+    topk: int
+    km1: int
+    scale: float
+    qk_scale: float
+    cfg: _BwdConfig
+    deterministic: bool
+
+    @property
+    def n_chunks(self) -> int:
+        """``N = ceil(Lk / C)``."""
+        return -(-self.key.shape[2] // self.chunk_size)
+
+    def block_n(self, configured: int) -> int:
+        """``configured`` cut to a whole number of key blocks per chunk (the largest power of two dividing ``C``)."""
+        return min(configured, self.chunk_size & -self.chunk_size)
+
+    def common(self) -> dict:
+        """Launch keywords every kernel of the call shares."""
+        q = self.query
+        return dict(
+            HEAD_D=q.shape[3], HEAD_DV=self.value.shape[3], HAS_MASK=self.mask.present, UPCAST=interpreting(),
+            DOT_PREC=dot_precision(q.dtype),
+        )  # fmt: skip
+
+
+def _check_grad_inputs(grad_out: Tensor, out: Tensor, lse: Tensor, query: Tensor, dv_dim: int) -> None:
+    """Raise ``ValueError`` unless ``grad_out``/``out`` are ``[B, Hq, Lq, Dv]`` and ``lse`` is ``[B, Hq, Lq]``, all on
+    the query's device."""
+    b, hq, lq, _ = query.shape
+    if tuple(grad_out.shape) != (b, hq, lq, dv_dim) or tuple(out.shape) != (b, hq, lq, dv_dim):
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} must be [B, Hq, Lq, Dv] = "
+            f"{[b, hq, lq, dv_dim]}"
+        )
+    if tuple(lse.shape) != (b, hq, lq):
+        raise ValueError(f"lse {tuple(lse.shape)} must be [B, Hq, Lq] = {[b, hq, lq]}")
+    if grad_out.device != query.device or out.device != query.device or lse.device != query.device:
+        raise ValueError("grad_out, out and lse must be on the query's device")
+
+
+def _preprocess(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Pass 1: ``(Delta, lse2)``, fp32 ``[B, Hq, Lq]`` each (``lse2`` in the log2 domain, ``+inf`` for empty rows)."""
+    b, hq, lq, dv_dim = out.shape
+    delta = torch.empty(b, hq, lq, dtype=torch.float32, device=out.device)
+    lse2 = torch.empty(b, hq, lq, dtype=torch.float32, device=out.device)
+    pre_m = 32 if interpreting() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), b * hq)](
+        out, grad_out, lse, delta, lse2, hq, lq, *out.stride(), *grad_out.stride(),
+        HEAD_DV=dv_dim, BLOCK_M=pre_m, num_warps=4,
+    )  # fmt: skip
+    return delta, lse2
+
+
+def _gate_and_flip(p: _BwdProblem) -> tuple[Tensor | None, Tensor | None, FlipResult | None, int]:
+    """Pass 2: the forward's selection recomputed and inverted: ``(means, sel, flip, dq_block_m)``.
+
+    ``means``/``sel``/``flip`` are ``None`` when no row has an earlier chunk to choose (``K' = 1``). ``dq_block_m`` is
+    the deterministic dQ kernels' key-major tile height, cut per chunk list.
+    """
+    query, key, km1 = p.query, p.key, p.km1
+    hkv, lk = key.shape[1], key.shape[2]
+    if km1 == 0:
+        return None, None, None, p.cfg.dq_block_m
+    g, lq = query.shape[1] // hkv, query.shape[2]
+    means = chunk_means_triton(key, p.chunk_size)
+    sel = _launch_gate(query, means, p.chunk_size, km1, lk)
+    # The deterministic dQ tiles are cut per chunk list: short lists would leave big tiles mostly padding.
+    dq_block_m = list_tile_rows(p.cfg.dq_block_m, g * lq * km1, (lk - 1) // p.chunk_size)
+    # Default mode never uses the flip's tiles: large tiles keep those arrays small.
+    block_m = dq_block_m if p.deterministic else 1024
+    flip = flip_selection(sel, hkv, p.n_chunks, block_m, deterministic=p.deterministic)
+    return means, sel, flip, dq_block_m
+
+
+def _dkdv(
+    p: _BwdProblem,
+    delta: Tensor,
+    lse2: Tensor,
+    flip: FlipResult | None,
+    dq_acc: Tensor | None,
+    dk: Tensor,
+    dv: Tensor,
+) -> None:
+    """Pass 3: key-major dK/dV into ``dk``/``dv`` (written once), plus dQ atomics into ``dq_acc`` when it is given."""
+    query, key, value, cfg = p.query, p.key, p.value, p.cfg
+    b, hq, lq, _ = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    dev = query.device
+    dummy_i32 = torch.zeros(1, dtype=torch.int32, device=dev)
+    dummy_i64 = torch.zeros(1, dtype=torch.int64, device=dev)
+    strides = (*query.stride(), *key.stride(), *value.stride(), *p.grad_out.stride(), *p.mask.strides)
+    kv_block_n = p.block_n(cfg.kv_block_n)
+    _bwd_dkdv_kernel[(triton.cdiv(lk, kv_block_n), b * hkv)](
+        query, key, value, p.grad_out, p.mask.arg, lse2, delta, dq_acc if dq_acc is not None else lse2, dk, dv,
+        flip.lists if flip is not None else dummy_i32,
+        flip.seg_start if flip is not None else dummy_i64,
+        flip.counts if flip is not None else dummy_i32,
+        hq, hkv, hq // hkv, lq, lk, p.n_chunks, p.chunk_size, max(p.km1, 1), p.qk_scale, p.scale, *strides,
+        BLOCK_M=cfg.kv_block_m, BLOCK_N=kv_block_n, HAS_LIST=flip is not None, ATOMIC_DQ=dq_acc is not None,
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **p.common(),
+    )  # fmt: skip
+
+
+def _deterministic_dq(
+    p: _BwdProblem,
+    delta: Tensor,
+    lse2: Tensor,
+    means: Tensor | None,
+    sel: Tensor | None,
+    flip: FlipResult | None,
+    dq_block_m: int,
+) -> Tensor:
+    """Pass 4 (deterministic mode): dQ without float atomics, one row slab at a time (slot partials bounded by the
+    partial-buffer budget; see :mod:`.launch`)."""
+    query = p.query
+    b, hq, lq, d = query.shape
+    dev = query.device
+    dq = torch.empty(b, hq, lq, d, dtype=query.dtype, device=dev)
+    slab = row_slab(lq, p.km1, b * hq * max(p.km1, 1) * d * 4, dev)
+    pdq = torch.empty(b * hq * slab * p.km1 * d if p.km1 > 0 else 1, dtype=torch.float32, device=dev)
+    for r0, r1, lk_s in slabs(lq, p.key.shape[2], slab):
+        if r0 == 0 and r1 == lq:  # one slab: the selection and flip of pass 2 serve it
+            _dq_slab(p, r0, r1, lk_s, delta, lse2, means, pdq, dq, dq_block_m, given=(sel, flip))
+        else:
+            _dq_slab(p, r0, r1, lk_s, delta, lse2, means, pdq, dq, dq_block_m)
+    return dq
+
+
+def _dq_slab(
+    p: _BwdProblem,
+    r0: int,
+    r1: int,
+    lk_s: int,
+    delta: Tensor,
+    lse2: Tensor,
+    means: Tensor | None,
+    pdq: Tensor,
+    dq: Tensor,
+    dq_block_m: int,
+    given: tuple[Tensor | None, FlipResult | None] | None = None,
+) -> None:
+    """Deterministic dQ of query rows ``[r0, r1)`` (keys ``[0, lk_s)``): key-major slot partials of the chosen chunks,
+    then the own chunk's dQ plus those partials in slot order. ``given``: the whole call's ``(sel, flip)`` when the
+    slab is every row (else they are recomputed for the slab, sorted)."""
+    key, value, cfg = p.key, p.value, p.cfg
+    hq, hkv = p.query.shape[1], key.shape[1]
+    dev = p.query.device
+    km1_s = min(p.topk - 1, (lk_s - 1) // p.chunk_size)
+    n_s = -(-lk_s // p.chunk_size)
+    q_s, do_s = p.query[:, :, r0:r1], p.grad_out[:, :, r0:r1]
+    m_s = p.mask.slab(r0, r1, lk_s, q_s)
+    s_strides = (*q_s.stride(), *key.stride(), *value.stride(), *do_s.stride(), *m_s.strides)
+    stat_strides = (delta.stride(0), delta.stride(1))
+    lse2_s, delta_s, dq_s = lse2[:, :, r0:r1], delta[:, :, r0:r1], dq[:, :, r0:r1]
+    common = dict(p.common(), BLOCK_N=p.block_n(cfg.dq_block_n), num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    sel_s: Tensor = torch.zeros(1, dtype=torch.int32, device=dev)  # never read when KM1 = 0
+    if km1_s > 0:
+        assert means is not None
+        if given is not None:
+            sel_g, flip_s = given
+            assert sel_g is not None and flip_s is not None
+            sel_s = sel_g
+        else:
+            sel_s = _launch_gate(q_s, means, p.chunk_size, km1_s, lk_s)
+            flip_s = flip_selection(sel_s, hkv, n_s, dq_block_m, deterministic=True)
+        n_tiles = flip_s.tile_seg.numel()
+        if n_tiles:
+            _bwd_sparse_dq_kernel[(n_tiles,)](
+                q_s, key, value, do_s, m_s.arg, lse2_s, delta_s, pdq,
+                flip_s.lists, flip_s.seg_start, flip_s.counts, flip_s.tile_seg, flip_s.tile_row0,
+                flip_s.n_segments, hq, hkv, hq // hkv, r1 - r0, lk_s, n_s, p.chunk_size, km1_s, p.qk_scale, p.scale,
+                *s_strides, *stat_strides, BLOCK_M=dq_block_m, **common,
+            )  # fmt: skip
+    _bwd_own_dq_kernel[(triton.cdiv(r1 - r0, cfg.dq_block_m), p.query.shape[0] * hq)](
+        q_s, key, value, do_s, m_s.arg, lse2_s, delta_s, sel_s, pdq, dq_s,
+        hq, hq // hkv, r1 - r0, lk_s, p.chunk_size, max(km1_s, 0), p.qk_scale, p.scale, *s_strides, *stat_strides,
+        dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), BLOCK_M=cfg.dq_block_m, **common,
+    )  # fmt: skip

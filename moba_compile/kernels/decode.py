@@ -42,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .jit import kernel_jit
+from .launch import device_capability, tuned_for
 from .support import (
     MAX_CHUNK,
     bounded_params,
@@ -492,7 +493,9 @@ def _attn_plan(
     splits = max(1, -(-target // max(work_items, 1)))
     piece = max(-(-chunk_size // splits), min(512, chunk_size))
     piece = -(-piece // block_n) * block_n
-    return _AttnPlan(block_n, piece, -(-chunk_size // piece), 4, 3)
+    # 3 stages = 70 KiB of shared memory (sm_90); elsewhere (not timed) 2 keep it within smaller shared memories.
+    stages = 3 if tuned_for(device_capability(device)) else 2
+    return _AttnPlan(block_n, piece, -(-chunk_size // piece), 4, stages)
 
 
 # --------------------------------------------------------------------------------------------------------------------

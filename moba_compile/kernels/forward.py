@@ -15,9 +15,8 @@ Softmax runs in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into t
 natural log. Rows with no attended key get ``out = 0`` and ``lse = -inf``.
 """
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -26,18 +25,18 @@ from torch import Tensor
 
 from .gating import _launch_gate, chunk_means_triton, flip_selection
 from .jit import kernel_jit
+from .launch import MaskArgs, device_capability, on_device, partial_buffer_budget, row_slab, slabs, tuned_for
 from .support import (
     bounded_params,
     dot_precision,
     interpreting,
     list_tile_rows,
-    mask_bytes,
     require_triton,
     triton_unsupported_reason,
 )
 from .tiles import key_major_tile, own_chunk_rows, own_chunk_span
 
-__all__ = ["moba_forward_triton"]
+__all__ = ["moba_forward_triton", "partial_buffer_budget"]
 
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
@@ -325,10 +324,28 @@ class _FwdConfig:
         )
 
 
-def _fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool, chunk_size: int = 0) -> _FwdConfig:
+def _fwd_config(
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    has_mask: bool,
+    chunk_size: int = 0,
+    capability: tuple[int, int] | None = None,
+) -> _FwdConfig:
+    """Launch tiles for the GPU of compute ``capability`` (``None``: no GPU to ask, the tuned sm_90 table)."""
     if interpreting():
         # ~2 ms per program x loop step when interpreted: few, mid-sized tiles.
         return _FwdConfig(32, 32, 4, 1)
+    cfg = _sm90_fwd_config(head_dim, head_dim_v, dtype, has_mask, chunk_size)
+    if tuned_for(capability):
+        return cfg
+    # Not timed off sm_90: keep the register-checked tiles (255 registers per thread on every architecture since
+    # Volta), but give the key-major kernel the own-chunk kernel's tiles (the 128-row sparse tile plus 3 stages of K/V
+    # needs ~128 KB of shared memory; sm_86/89 have ~100 KB) and cap the pipeline at 2 stages.
+    return replace(cfg, num_stages=min(cfg.num_stages, 2), sp_block_m=0, sp_block_n=0, sp_warps=0, sp_stages=0)
+
+
+def _sm90_fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool, chunk_size: int) -> _FwdConfig:
     # H100 choices below were checked by compiling for sm_90a on a CPU machine (triton.compile + ptxas -v, the
     # launch-time divisibility-16 specialisations included): none spills for D <= 128. Timed on an H100
     # (docs/benchmarks.md), not autotuned.
@@ -413,7 +430,7 @@ def moba_forward_triton(
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out.zero_(), lse
-    cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None, chunk_size)
+    cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None, chunk_size, device_capability(dev))
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * _LOG2E
     shared = dict(HEAD_D=d, HEAD_DV=dv, UPCAST=interpreting(), DOT_PREC=dot_precision(query.dtype))
     shared.update(HAS_MASK=attn_mask is not None)
@@ -421,60 +438,31 @@ def moba_forward_triton(
     whole = chunk_size & -chunk_size  # key blocks no longer than this tile every chunk exactly
     own = dict(shared, BLOCK_N=min(cfg.block_n, whole), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     sparse = dict(shared, BLOCK_N=min(sp_block_n, whole), num_warps=sp_warps, num_stages=sp_stages)
-    mask = mask_bytes(attn_mask, b, hq, lq, lk) if attn_mask is not None else None
+    mask = MaskArgs.build(attn_mask, (b, hq, lq, lk), query)
     km1_max = min(topk - 1, (lk - 1) // chunk_size)
-    # Row slabs bound the fp32 partial buffer: rows are independent, and a slab [r0, r1) is the same problem with
-    # Lq' = r1 - r0 and keys cut at Lk' = Lk - Lq + r1 (its last row's position + 1). Earlier chunks of the slab's rows
-    # are complete within Lk', so the means of the full key serve every slab.
-    entry_bytes = b * hq * max(km1_max, 1) * (dv + 1) * 4
-    slab = lq if km1_max == 0 else max(1, min(lq, partial_buffer_budget(dev) // entry_bytes))
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    # Row slabs bound the fp32 partial buffer (see .launch); the means of the full key serve every slab.
+    slab = row_slab(lq, km1_max, b * hq * max(km1_max, 1) * (dv + 1) * 4, dev)
+    with on_device(dev):
         means = chunk_means_triton(key, chunk_size) if km1_max > 0 else None
         po = plse = None
-        for r0 in range(0, lq, slab):
-            r1 = min(lq, r0 + slab)
-            lk_s = lk - lq + r1
+        for r0, r1, lk_s in slabs(lq, lk, slab):
             km1 = min(topk - 1, (lk_s - 1) // chunk_size)
-            q_s = query[:, :, r0:r1]
-            m_s = mask[:, :, r0:r1, :lk_s] if mask is not None else None
             if km1 > 0 and po is None:
                 po = torch.empty(b * hq * slab * km1_max, dv, dtype=torch.float32, device=dev)
                 plse = torch.empty(b * hq * slab * km1_max, dtype=torch.float32, device=dev)
+            q_s = query[:, :, r0:r1]
             _forward_slab(
-                q_s, key, value, m_s, means, po, plse, out[:, :, r0:r1], lse[:, :, r0:r1],
+                q_s, key, value, mask.slab(r0, r1, lk_s, q_s), means, po, plse, out[:, :, r0:r1], lse[:, :, r0:r1],
                 chunk_size, km1, lk_s, qk_scale, (cfg.block_m, own), (sp_block_m, sparse),
             )  # fmt: skip
     return out, lse
-
-
-# Override of the fp32 partial-buffer budget in bytes (None: a quarter of the GPU's memory, 1 GiB when interpreted).
-PARTIAL_BUFFER_BYTES: int | None = None
-
-
-def partial_buffer_budget(device: torch.device) -> int:
-    """Bytes the forward may spend on its fp32 partial outputs before it splits the query rows into slabs.
-
-    The buffer holds ``B * Hq * rows * (K-1) * (Dv + 1) * 4`` bytes. Fewer, larger slabs keep each chunk's list of
-    choosing rows long (full 128-row key-major tiles) at the cost of memory: a quarter of the device's memory (20 GB
-    on an 80 GB H100) holds a 128K-token, 32-head, K=12 call in two slabs, and FlashMoBA's 512K-token B=2, H=16, K=8
-    setting (60 GB of partials) in three. ``PARTIAL_BUFFER_BYTES`` overrides it.
-
-    Example:
-        >>> partial_buffer_budget(torch.device("cpu")) > 0
-        True
-    """
-    if PARTIAL_BUFFER_BYTES is not None:
-        return int(PARTIAL_BUFFER_BYTES)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
-    return 1 << 30
 
 
 def _forward_slab(
     q: Tensor,
     key: Tensor,
     value: Tensor,
-    mask: Tensor | None,
+    mask: MaskArgs,
     means: Tensor | None,
     po: Tensor | None,
     plse: Tensor | None,
@@ -496,9 +484,8 @@ def _forward_slab(
     hkv = key.shape[1]
     g = hq // hkv
     n_chunks = -(-lk // chunk_size)
-    mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
-    mstrides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    strides = (*q.stride(), *key.stride(), *value.stride(), *mstrides)
+    mask_arg = mask.arg
+    strides = (*q.stride(), *key.stride(), *value.stride(), *mask.strides)
     sel = q  # placeholder when KM1 = 0 (never read)
     if km1 > 0:
         assert means is not None and po is not None and plse is not None
