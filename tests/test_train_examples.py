@@ -133,7 +133,9 @@ def test_fsdp2_matches_single_process(tmp_path: Path, dtype: str) -> None:
     result = _run(["examples/train_distributed.py", "--mode", "fsdp2", *args], distributed=True)
     out = result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
-    # Each layer compiled on its own, with the decision the policy makes for its full module path.
+    # Each layer compiled on its own (moba_compile.compile_blocks), with the decision the policy makes for its full
+    # module path: layers 0-2 share one decision, layer 3 has its own.
+    assert "(each layer compiled on its own; 2 distinct decisions)" in out, out
     assert "model.layers.0.self_attn: moba chunk 32 topk 2" in out, out
     assert "model.layers.3.self_attn: dense (dense_last=1" in out, out
     assert "single-process reference on rank 0" in out, out
