@@ -17,11 +17,34 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from .policy import MODES, Mode
 
-__all__ = ["SiteRecord", "Report", "TABLE_WIDTH"]
+__all__ = [
+    "FORMS",
+    "FORM_CAUSAL",
+    "FORM_DECODE",
+    "FORM_MASK",
+    "FORM_NONE",
+    "Form",
+    "SiteRecord",
+    "Report",
+    "TABLE_WIDTH",
+]
+
+#: How an attention call was recognised, the same values from the compile pass and the Hugging Face attention function:
+Form = Literal["is_causal", "mask", "kv-cache", "-"]
+#: causal self-attention without a mask, ``Lq == Lk`` (SDPA's ``is_causal=True``; a causal transformers module handed
+#: no mask, which its SDPA call runs as ``is_causal``).
+FORM_CAUSAL: Form = "is_causal"
+#: a boolean mask with ``Lq == Lk``, checked for causality at run time (once per forward for a shared mask).
+FORM_MASK: Form = "mask"
+#: queries ending this layer's cached keys, ``Lq < Lk`` (a decode step or chunked prefill), with or without a mask.
+FORM_DECODE: Form = "kv-cache"
+#: a call MoBA does not serve (the record's reason says why); it runs dense.
+FORM_NONE: Form = "-"
+FORMS: tuple[Form, ...] = (FORM_CAUSAL, FORM_MASK, FORM_DECODE, FORM_NONE)
 
 #: The width ``str(report)`` keeps its lines within (a module path longer than about 50 characters can exceed it).
 TABLE_WIDTH = 120
@@ -41,7 +64,10 @@ class SiteRecord:
         decision: ``"moba"`` or ``"dense"``.
         chunk_size, topk: the MoBA parameters of a converted site; None for dense sites.
         reason: why, in words (policy rule, default, or what made the call unconvertible).
-        form: how the call was recognised: ``"is_causal"``, ``"mask"``, ``"kv-cache"``, or ``"-"``.
+        form: how the call was recognised, one of :data:`FORMS`: ``"is_causal"`` (causal, no mask, ``Lq == Lk``),
+            ``"mask"`` (boolean mask, ``Lq == Lk``), ``"kv-cache"`` (queries ending this layer's cached keys: decode or
+            chunked prefill), or ``"-"`` (not a call MoBA serves). Both paths (compile pass, Hugging Face attention
+            function) use these values with these meanings.
         impl: ``"triton"`` or ``"reference"`` for converted sites, with the reason when the Triton kernels cannot run;
             always ``"-"`` for a dense site (set so on construction: a dense site runs SDPA, not a MoBA kernel).
         graph: index of the compiled graph (graph breaks give several) the site belongs to.
@@ -51,7 +77,7 @@ class SiteRecord:
             attention, so MoBA saves nothing there. Always False for a dense site. The table marks it ``moba*``.
 
     Raises:
-        ValueError: ``decision`` is not ``"moba"`` or ``"dense"``.
+        ValueError: ``decision`` is not ``"moba"`` or ``"dense"``, or ``form`` is not one of :data:`FORMS`.
 
     Example:
         >>> SiteRecord("layers.3.attn", 3, "dense", None, None, "dense_last=1", impl="reference").impl
@@ -64,7 +90,7 @@ class SiteRecord:
     chunk_size: int | None
     topk: int | None
     reason: str
-    form: str = "-"
+    form: Form = FORM_NONE
     impl: str = "-"
     graph: int = 0
     mask_tag: str | None = None
@@ -73,6 +99,8 @@ class SiteRecord:
     def __post_init__(self) -> None:
         if self.decision not in MODES:
             raise ValueError(f"SiteRecord.decision = {self.decision!r} is not valid; allowed: 'moba', 'dense'")
+        if self.form not in FORMS:
+            raise ValueError(f"SiteRecord.form = {self.form!r} is not valid; allowed: {', '.join(map(repr, FORMS))}")
         if self.decision == "dense":
             # A site that ended dense (by policy, or by a run-time mask check after a MoBA plan) runs SDPA: a kernel
             # name or an effectively-dense flag carried over from the plan would misreport it.

@@ -120,9 +120,12 @@ def test_moba_attention_implementation_generates_like_oracle(arch):
         assert not a.isnan().any()
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     if arch == "gemma2":  # alternating sliding-window layers (0, 2) stay dense with the reason
-        report = {(s.layer, s.form): s for s in MOBA.report().sites}
-        assert report[(0, "prefill")].decision == "dense" and "sliding-window" in report[(0, "prefill")].reason
-        assert report[(1, "prefill")].decision == "moba" and report[(1, "decode")].decision == "moba"
+        # A call MoBA does not serve has form "-"; prefill is "is_causal" or "mask", decode "kv-cache".
+        report = {(s.layer, s.form == "kv-cache"): s for s in MOBA.report().sites}
+        assert report[(0, False)].form == "-"
+        assert report[(0, False)].decision == "dense" and "sliding-window" in report[(0, False)].reason
+        assert report[(1, False)].form == "mask" and report[(1, False)].decision == "moba"
+        assert report[(1, True)].decision == "moba"
 
 
 def test_gemma2_soft_capping_stays_dense_and_exact():
@@ -134,7 +137,7 @@ def test_gemma2_soft_capping_stays_dense_and_exact():
         expected = model(ids, attention_mask=mask).logits
         got = moba(ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    assert all("soft-capped" in s.reason for s in MOBA.report().sites if s.form == "prefill")
+    assert all("soft-capped" in s.reason and s.form == "-" for s in MOBA.report().sites)
 
 
 def test_training_through_attention_implementation_matches_oracle():
@@ -175,7 +178,7 @@ def test_moba_cache_keeps_chunk_means_and_generates_like_dynamic_cache():
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-    decode = [s for s in MOBA.report().sites if s.form == "decode" and s.decision == "moba"]
+    decode = [s for s in MOBA.report().sites if s.form == "kv-cache" and s.decision == "moba"]
     assert decode and all("chunk means from MobaCache" in s.reason for s in decode)
     # The incrementally kept means equal the reference's means of the full cache (complete chunks only).
     layer = cache.layers[0]

@@ -132,12 +132,15 @@ def test_generate_with_static_cache_equals_oracle_on_dynamic_cache(arch, padding
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-    sites = {(s.layer, s.form): s for s in MOBA.report().sites}
+    # Prefill records have form "is_causal" or "mask" (with or without a mask), decode records "kv-cache".
+    sites = {(s.layer, s.form == "kv-cache"): s for s in MOBA.report().sites}
     if arch == "mistral":
         assert all(s.decision == "dense" and "sliding-window" in s.reason for s in sites.values())
     else:
-        assert sites[(1, "prefill")].decision == "moba" and "of 42 key slots" in sites[(1, "prefill")].reason
-        assert sites[(1, "decode")].decision == "moba" and "the first 42 of 42" not in sites[(1, "decode")].reason
+        prefill, decode = sites[(1, False)], sites[(1, True)]
+        assert prefill.form in ("is_causal", "mask")
+        assert prefill.decision == "moba" and "of 42 key slots" in prefill.reason
+        assert decode.decision == "moba" and "the first 42 of 42" not in decode.reason
 
 
 def test_chunked_prefill_into_static_cache_equals_dynamic_cache():
@@ -155,5 +158,5 @@ def test_chunked_prefill_into_static_cache_equals_dynamic_cache():
             model(ids[:, :20], **{moba_compile.hf.cache_keyword(): cache})
             logits[name] = model(ids[:, 20:], **{moba_compile.hf.cache_keyword(): cache}).logits
     torch.testing.assert_close(logits["static"], logits["dynamic"], atol=1e-6, rtol=0)
-    record = {(s.layer, s.form): s for s in MOBA.report().sites}[(0, "decode")]
+    record = {(s.layer, s.form): s for s in MOBA.report().sites}[(0, "kv-cache")]
     assert record.decision == "moba"

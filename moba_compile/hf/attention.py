@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..decisions import SiteDecision, decide_site, layer_decision, mask_kind_reason, reason
 from ..ops import Impl
 from ..policy import Policy, load_policy
-from ..report import Report, SiteRecord
+from ..report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, Report, SiteRecord
 from ._deps import _transformers
 
 __all__ = ["register", "annotate", "MobaAttention"]
@@ -88,7 +89,7 @@ def _built_span(entry: _BuiltMask, mask: Tensor, lq: int, lk: int) -> tuple[int 
         return lk, None
     if bool(mask[..., real:].any()):
         return None, f"the mask lets queries see key slots after the sequence's end ({real} of {lk})"
-    return real, f"static cache: the first {real} of {lk} key slots"
+    return real, reason("static_cache_slots", len_k=real, slots=lk)
 
 
 @functools.cache
@@ -110,13 +111,17 @@ class MobaAttention:
     name: str = "moba"
     impl: Impl = "auto"
     skip_cudnn_in_decode: bool = True
-    _records: dict[tuple[str, int | None, str], SiteRecord] = field(default_factory=dict)
+    _records: dict[tuple[str, int | None, bool], SiteRecord] = field(default_factory=dict)  # by (path, layer, decode)
     _built: dict[int, _BuiltMask] = field(default_factory=dict, repr=False)
 
     def report(self) -> Report:
         """One record per (module, layer, kind of call), the latest call's: prefill/training and decode apart.
 
         ``module`` is the attention module's path in the model that owns it (e.g. ``model.layers.3.self_attn``).
+        Decisions, reasons and ``form`` values are those of the compile pass for the same call
+        (:func:`moba_compile.decisions.decide_site`): ``form`` is ``"kv-cache"`` for a decode step (or chunked
+        prefill), ``"is_causal"`` or ``"mask"`` for prefill and training (without or with a mask), ``"-"`` for a call
+        MoBA does not serve.
         """
         return Report(sites=list(self._records.values()), policy_source=self.policy.source)
 
@@ -176,29 +181,37 @@ class MobaAttention:
         """
         self._records.clear()
 
-    def _record(self, module: torch.nn.Module, layer: int | None, decode: bool, **fields: Any) -> None:
-        form = "decode" if decode else "prefill"
+    def _record(
+        self, module: torch.nn.Module, layer: int | None, decode: bool, decided: SiteDecision, notes: list[str]
+    ) -> None:
         # The module path where it is known (it always is outside torch.compile tracing), else the class name.
         path = getattr(module, "_moba_path", None) or type(module).__name__
-        self._records[(path, layer, form)] = SiteRecord(module=path, layer=layer, form=form, **fields)
+        self._records[(path, layer, decode)] = decided.record(path, layer, notes)
 
     def _dense_reason(self, module: torch.nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kw: dict):
+        """Why this call cannot be MoBA (worded as the compile pass words the same case), or None."""
         if kw.get("softcap") is not None:
-            return "attention logits are soft-capped (not MoBA)"
+            return reason("softcap")
         if kw.get("sliding_window") is not None:
-            return f"sliding-window layer (window {kw['sliding_window']}): not MoBA"
+            return reason("sliding_window", window=kw["sliding_window"])
         if getattr(module, "sinks", None) is not None or kw.get("s_aux") is not None:
-            return "attention sinks (not MoBA)"
+            return reason("sinks")
         # A keyword is_causal overrides the module's attribute, as in transformers' sdpa_attention_forward.
-        causal = kw["is_causal"] if kw.get("is_causal") is not None else getattr(module, "is_causal", True)
+        if kw.get("is_causal") is not None:
+            causal, how = kw["is_causal"], "is_causal=False given: bidirectional"
+        else:
+            causal, how = (
+                getattr(module, "is_causal", True),
+                f"{type(module).__name__}.is_causal is False: bidirectional",
+            )
         if not causal:
-            return "bidirectional (non-causal) attention"
+            return reason("non_causal", how=how)
         if kw.get("dropout", 0.0):
-            return f"dropout={kw['dropout']} (not MoBA)"
+            return reason("dropout", p=kw["dropout"])
         if mask is not None and mask.dtype != torch.bool:
-            return f"float (additive) mask ({mask.dtype}), not MoBA"
+            return reason("float_mask", dtype=mask.dtype)
         if query.shape[1] % key.shape[1] != 0:
-            return "query heads are not a multiple of key heads"
+            return reason("heads", hq=query.shape[1], hkv=key.shape[1])
         unknown = [
             name
             for name, value in kw.items()
@@ -353,28 +366,36 @@ class MobaAttention:
         """transformers' attention-function protocol: ``[B, H, L, D]`` in, ``([B, Lq, Hq, Dv], None)`` out."""
         layer = getattr(module, "layer_idx", None)
         path = self._path(module)
-        attention_layers = self._attention_layers(module)
-        if attention_layers is not None:
-            num_layers = len(attention_layers)
-        else:
-            num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-        decision = self.policy.decide(path, layer, num_layers, attention_layers)
-        reason = self._dense_reason(module, query, key, attention_mask, {"dropout": dropout, **kwargs})
-        if reason is None and decision.mode == "dense":
-            reason = decision.reason
-        span, note = (None, None) if reason is not None else self._key_span(query, key, attention_mask)
-        if reason is None and span is None:
-            reason = note
+        num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        decision = layer_decision(
+            self.policy, path, layer, attention_layers=self._attention_layers(module), num_layers=num_layers
+        )
+        blocker = self._dense_reason(module, query, key, attention_mask, {"dropout": dropout, **kwargs})
+        span, note = None, None
+        if blocker is None and decision.mode == "moba":
+            # Where the sequence ends in the keys: read only for a call that may run MoBA (it may read the mask).
+            span, note = self._key_span(query, key, attention_mask)
+            if span is None:
+                blocker = note
         real = key.shape[2] if span is None else span
         decode = query.shape[2] < real
-        if reason is None and decode and self.policy.decode == "dense":
-            reason = "decode over the KV cache, and the policy has decode = 'dense'"
-        if reason is None and real < self.policy.min_seq_len:
-            reason = f"key length {real} < min_seq_len {self.policy.min_seq_len}"
+        form = FORM_DECODE if decode else FORM_CAUSAL if attention_mask is None else FORM_MASK
+        # Dense or MoBA, and why, in the words the compile pass uses too (moba_compile.decisions).
+        decided = decide_site(
+            self.policy,
+            module=path,
+            layer=layer,
+            form=form,
+            blocker=blocker,
+            decode=decode,
+            len_k=real,
+            decision=decision,
+        )
         # The dense path always gets the inputs as given: transformers' own attention over them is the right result.
         dense_args = (module, layer, decode, query, key, value, attention_mask, dropout, scaling, kwargs)
-        if reason is not None:
-            return self._dense_call(reason, *dense_args)
+        if decided.mode == "dense":
+            return self._dense_call(decided, *dense_args)
+        assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
         device_type = query.device.type
         if torch.is_autocast_enabled(device_type):
             # transformers' SDPA path would run in the autocast dtype (it may hand over fp32 q/k with a bf16 v).
@@ -389,38 +410,35 @@ class MobaAttention:
             if mask is not None and mask.shape[-1] != 1:
                 mask = mask[..., :real]
         kind = None if mask is None else self._mask_kind(attention_mask, mask, query, key)
-        if kind is not None and not torch.compiler.is_compiling() and int(kind) in ops.DENSE_MASK_KINDS:
+        dense_kind = None if kind is None or torch.compiler.is_compiling() else mask_kind_reason(int(kind))
+        if dense_kind is not None:
             # The op would run dense SDPA with this mask itself; here the kind is known, so the report can say so.
-            return self._dense_call(ops.MASK_KIND_REASONS[int(kind)], *dense_args)
+            return self._dense_call(decided.dense(dense_kind), *dense_args)
         means = None
         layer_ref = getattr(full_key, "_moba_cache_layer", None)
         if decode and key is full_key and layer_ref is not None and layer_ref() is not None:
-            means = layer_ref().chunk_means(decision.chunk_size, key)
+            means = layer_ref().chunk_means(decided.chunk_size, key)
         out = ops.attention(
             query,
             key,
             value,
-            chunk_size=decision.chunk_size,
-            topk=decision.topk,
+            chunk_size=decided.chunk_size,
+            topk=decided.topk,
             scale=scaling,
             attn_mask=mask,
             mask_kind=kind,
             impl=self.impl,
             chunk_means=means,
         )
-        reason = decision.reason
-        if note is not None:
-            reason += f"; {note}"
+        notes = [] if note is None else [note]  # what only this path knows, after the shared reason
         if decode:
-            reason += "; chunk means from MobaCache" if means is not None else "; chunk means re-read from all keys"
-        self._record(
-            module, layer, decode, decision="moba", chunk_size=decision.chunk_size, topk=decision.topk, reason=reason
-        )
+            notes.append(reason("means_from_cache" if means is not None else "means_from_keys"))
+        self._record(module, layer, decode, decided, notes)
         return out.transpose(1, 2).contiguous(), None
 
     def _dense_call(
         self,
-        reason: str,
+        decided: SiteDecision,
         module: torch.nn.Module,
         layer: int | None,
         decode: bool,
@@ -432,8 +450,8 @@ class MobaAttention:
         scaling: float | None,
         kwargs: dict[str, Any],
     ) -> tuple[Tensor, Any]:
-        """Record the site as dense with ``reason`` and run the layer's own dense attention on the inputs as given."""
-        self._record(module, layer, decode, decision="dense", chunk_size=None, topk=None, reason=reason)
+        """Record the site as dense (``decided``) and run the layer's own dense attention on the inputs as given."""
+        self._record(module, layer, decode, decided, [])
         skip_cudnn = self.skip_cudnn_in_decode and decode and query.device.type == "cuda"
         with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)

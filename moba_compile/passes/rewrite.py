@@ -16,31 +16,18 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx
 
+from ..decisions import decide_site, layer_decision, reason
 from ..ops import resolve_impl
 from ..policy import Decision, Policy, PolicyError
-from ..report import Report, SiteRecord
+from ..report import FORM_NONE, Report, SiteRecord
 from .identity import BlockScope
-from .sites import (
-    FORM_CAUSAL,
-    FORM_DECODE,
-    FORM_MASK,
-    REWRITABLE_REGIONS,
-    SdpaSite,
-    _meta,
-    find_sdpa_sites,
-)
+from .sites import REWRITABLE_REGIONS, SdpaSite, _meta, find_sdpa_sites
 
 __all__ = ["MobaCompileWarning", "rewrite_sdpa"]
 
 logger = logging.getLogger("moba_compile")
 
 _graph_ids = itertools.count()
-
-_FORM_NOTES = {
-    FORM_CAUSAL: "is_causal self-attention",
-    FORM_MASK: "boolean mask, checked for causality once per forward",
-    FORM_DECODE: "attention over this layer's KV cache",
-}
 
 LAYER_FROM_PATH = "module path"
 LAYER_FROM_LAYER_IDX = "module's layer_idx"
@@ -188,10 +175,6 @@ def _shared_decision(policy: Policy, unit: _Unit, decisions: list[Decision]) -> 
     )
 
 
-def _decide(policy: Policy, path: str, layer: int | None, *, num_layers: int | None, layers: list[int]) -> Decision:
-    return policy.decide(path, layer, num_layers, layers)
-
-
 def _split_shared_subgraphs(units: list[_Unit], decide: Callable[[str, int | None], Decision]) -> bool:
     """Give each group of callers that the policy decides differently its own copy of a shared subgraph.
 
@@ -331,13 +314,13 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         units = _units(sites)
         layer_source = _layers(units)
         attention_layers, count_note = _attention_layers(units, layer_source, scope)
-        decide = functools.partial(_decide, policy, num_layers=len(attention_layers) or None, layers=attention_layers)
+        decide = functools.partial(layer_decision, policy, attention_layers=attention_layers)
         if not _split_shared_subgraphs(units, decide):
             break
     matched_rules: set[int] = set()
     mask_checks: dict[tuple[fx.Node, str, str], fx.Node] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # converted SDPA node -> its replacement (a later site may consume it)
-    converted: dict[fx.Node, SiteRecord] = {}  # a shared subgraph's call is converted once for all its callers
+    converted: dict[fx.Node, tuple[str, str | None]] = {}  # converted SDPA node -> (impl note, mask tag)
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     records: list[SiteRecord] = []
     kept_dense: list[str] = []  # why the policy kept a convertible site dense
@@ -348,30 +331,31 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         matched_rules.update(d.rule_index for d in decisions if d.rule_index is not None)
         if (unit.shared or scope is not None) and site.blocker is None and len(unit.variants) > 1:
             decision = _shared_decision(policy, unit, decisions)
-        base = dict(module=unit.module, layer=layer, graph=graph_id, form=site.form or "-")
-        if site.blocker is not None:
-            records.append(SiteRecord(decision="dense", chunk_size=None, topk=None, reason=site.blocker, **base))
+        # Dense or MoBA, and why, in the words the Hugging Face attention function uses too (moba_compile.decisions).
+        decided = decide_site(
+            policy,
+            module=unit.module,
+            layer=layer,
+            form=site.form or FORM_NONE,
+            blocker=site.blocker,
+            decode=site.decode,
+            len_k=site.static_len_k,
+            decision=decision,
+        )
+        if decided.mode == "dense":
+            records.append(decided.record(unit.module, layer, graph=graph_id))
+            if decided.by_policy:
+                kept_dense.append(decided.reason)
             continue
-        if decision.mode == "dense":
-            records.append(SiteRecord(decision="dense", chunk_size=None, topk=None, reason=decision.reason, **base))
-            kept_dense.append(decision.reason)
-            continue
-        if site.decode and policy.decode == "dense":
-            reason = "decode/chunked prefill over the KV cache, and the policy has decode = 'dense'"
-            records.append(SiteRecord(decision="dense", chunk_size=None, topk=None, reason=reason, **base))
-            continue
-        if site.static_len_k is not None and site.static_len_k < policy.min_seq_len:
-            reason = f"key length {site.static_len_k} < min_seq_len {policy.min_seq_len}"
-            records.append(SiteRecord(decision="dense", chunk_size=None, topk=None, reason=reason, **base))
-            continue
-        if site.node in converted:
-            record = replace(converted[site.node], **base)
-        else:
-            record = _convert(site, decision.chunk_size, decision.topk, policy, impl, mask_checks, replaced, base)
-            converted[site.node] = record
+        assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
+        if site.node not in converted:  # a shared subgraph's call is converted once for all its callers
+            converted[site.node] = _convert(
+                site, decided.chunk_size, decided.topk, policy, impl, mask_checks, replaced, graph_id
+            )
+        impl_note, tag = converted[site.node]
         if site.owner is not None:
             touched[id(site.owner)] = site.owner
-        notes = [decision.reason, _FORM_NOTES[site.form]]
+        notes = []  # what only the pass knows, after the shared reason
         if layer_source != LAYER_FROM_PATH:
             notes.append(f"layer from the {layer_source}")
         if count_note is not None and (policy.dense_last or any(i < 0 for r in policy.rules for i in r.layers or ())):
@@ -385,14 +369,8 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
             notes.append("repeat_kv seen through (key/value not repeated)")
         if site.decode:
             # A compiled graph gets the cache as plain tensors, so nothing keeps the means between steps.
-            notes.append("each step averages every cached key for the gate (moba_compile.hf.MobaCache avoids this)")
-        if site.static_len_k is None and policy.min_seq_len > 0:
-            notes.append(f"dense below min_seq_len {policy.min_seq_len} at run time")
-        # topk chunks of chunk_size keys cover a static key length: exactly dense causal attention, nothing saved.
-        covers = site.static_len_k is not None and decision.topk * decision.chunk_size >= site.static_len_k
-        if covers:
-            notes.append(f"top-{decision.topk} of chunk {decision.chunk_size} covers all {site.static_len_k} keys")
-        records.append(replace(record, reason="; ".join(notes), effectively_dense=covers))
+            notes.append(reason("means_from_keys"))
+        records.append(decided.record(unit.module, layer, notes, graph=graph_id, impl=impl_note, mask_tag=tag))
     for owner in touched.values():
         owner.graph.lint()
         owner.recompile()
@@ -423,8 +401,10 @@ def _convert(
     impl: str,
     mask_checks: dict[tuple[fx.Node, str, str], fx.Node],
     replaced: dict[fx.Node, fx.Node],
-    base: dict,
-) -> SiteRecord:
+    graph_id: int,
+) -> tuple[str, str | None]:
+    """Replace the site's SDPA call by ``moba::attention`` (and a shared mask check); return the impl the report shows
+    and the mask check's tag (None without a mask)."""
     node = site.node
     graph = node.graph
 
@@ -443,7 +423,7 @@ def _convert(
         check_key = (attn_mask, str(q.shape[2]), str(k.shape[2]))
         mask_kind = mask_checks.get(check_key)
         if mask_kind is None:
-            new_tag = f"g{base['graph']}:{attn_mask.name}:{len(mask_checks)}"
+            new_tag = f"g{graph_id}:{attn_mask.name}:{len(mask_checks)}"
             with graph.inserting_before(node):
                 mask_kind = graph.call_function(torch.ops.moba.analyse_mask.default, (attn_mask, query, key, new_tag))
             mask_checks[check_key] = mask_kind
@@ -471,6 +451,4 @@ def _convert(
     if site.saw_through_repeat:
         _drop_if_dead(current(site.raw_key), graph)
         _drop_if_dead(current(site.raw_value), graph)
-    return SiteRecord(
-        decision="moba", chunk_size=chunk_size, topk=topk, reason="", impl=impl_note, mask_tag=tag, **base
-    )
+    return impl_note, tag

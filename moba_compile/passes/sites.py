@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..decisions import reason
+from ..report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, Form
 from .identity import BlockScope, Placement, layer_from_path, place_nodes
 
 __all__ = ["SdpaSite", "find_sdpa_sites", "module_path", "layer_from_path", "SDPA_TARGETS", "REWRITABLE_REGIONS"]
@@ -44,10 +46,9 @@ _OPAQUE_REASON = (
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
-# Forms a convertible site can take (spec section 3).
-FORM_CAUSAL = "is_causal"  # is_causal=True with Lq == Lk
-FORM_MASK = "mask"  # boolean mask, analysed once per forward at run time
-FORM_DECODE = "kv-cache"  # Lq <= Lk, keys are the layer's cached sequence (torch.cat of cache and new keys)
+# Forms a convertible site can take (spec section 3): the values SiteRecord.form reports, shared with the Hugging Face
+# attention function (report.FORMS documents them). A site over this layer's KV cache is FORM_DECODE, with or without
+# a mask.
 
 # Higher-order ops whose subgraphs are plain forward code run once per call (or per branch), so an SDPA call inside can
 # become moba::attention like one outside: activation checkpointing (tag_activation_checkpoint), wrap, nested compile
@@ -68,7 +69,7 @@ class SdpaSite:
     value: fx.Node | None
     attn_mask: fx.Node | None
     scale: float | fx.Node | None  # a Node: a traced float, passed to the op at run time
-    form: str | None  # FORM_* when convertible
+    form: Form | None  # FORM_CAUSAL / FORM_MASK / FORM_DECODE when convertible
     blocker: str | None  # why it cannot be MoBA (None when convertible)
     saw_through_repeat: bool = False
     static_len_k: int | None = None  # Lk when it is a plain int
@@ -189,12 +190,6 @@ def _static_cache_buffer(key: fx.Node) -> bool:
     )
 
 
-_STATIC_CACHE_BLOCKER = (
-    "keys are a static KV cache buffer (max_cache_len slots written in place; its filled length is known only at run "
-    "time): static-cache MoBA decode is not supported yet, so dense SDPA over the buffer with its mask"
-)
-
-
 def _is_float_node(value: object) -> bool:
     """A graph value that is a Python float at run time: under ``dynamic=True`` Dynamo may trace a float attribute
     (``module.scaling``) as a graph input, a ``SymFloat``, instead of baking it in."""
@@ -206,12 +201,12 @@ def _is_float_node(value: object) -> bool:
 
 def _classify(
     bound: dict[str, object], sdpa: fx.Node, q, k, v, mask_meta, key_source: object, autocast: torch.dtype | None
-) -> tuple[str | None, str | None, bool]:
+) -> tuple[Form | None, str | None, bool]:
     """(form, blocker, decode) for normalised SDPA arguments, their fake tensors, the unrepeated key node, and the
     dtype an enclosing autocast region gives SDPA (None outside autocast)."""
     dropout = bound["dropout_p"]
     if not (isinstance(dropout, (int, float)) and dropout == 0):
-        return None, f"dropout_p={dropout} (dropout is not MoBA)", False
+        return None, reason("dropout", p=dropout), False
     if not isinstance(bound["is_causal"], bool):
         return None, "is_causal is not a constant", False
     scale = bound["scale"]
@@ -227,24 +222,24 @@ def _classify(
         return None, f"dtypes {q.dtype}/{k.dtype}/{v.dtype} are not one floating dtype", False
     hq, hkv = q.shape[1], k.shape[1]
     if not statically_known_true(hq % hkv == 0):
-        return None, f"query heads {hq} are not a multiple of key heads {hkv}", False
+        return None, reason("heads", hq=hq, hkv=hkv), False
     if not statically_known_true(hq == hkv) and not bound["enable_gqa"]:
         return None, f"query heads {hq} != key heads {hkv} without enable_gqa", False
     same_len = statically_known_true(q.shape[2] == k.shape[2])
     if isinstance(key_source, fx.Node) and _static_cache_buffer(key_source):
-        return None, _STATIC_CACHE_BLOCKER, False
+        return None, reason("static_cache_buffer"), False
     cached = isinstance(key_source, fx.Node) and _cached_keys_of_layer(key_source, sdpa)
     mask = bound["attn_mask"]
     if mask is not None:
         if mask_meta is None or mask_meta.dtype != torch.bool:
             dtype = None if mask_meta is None else mask_meta.dtype
-            return None, f"attn_mask is a float (additive) mask ({dtype}), not MoBA", False
+            return None, reason("float_mask", dtype=dtype), False
         if bound["is_causal"]:
             return None, "both attn_mask and is_causal given", False
         if same_len:
             return FORM_MASK, None, False
         if cached:
-            return FORM_MASK, None, True
+            return FORM_DECODE, None, True
         return None, "mask with Lq != Lk and keys not from this layer's KV cache (cross-attention)", False
     if bound["is_causal"]:
         if same_len:
@@ -256,7 +251,7 @@ def _classify(
         # Without a mask, SDPA lets every new query see every new key: bottom-right causality would change the result.
         return None, "non-causal attention over the KV cache with several queries (no mask, is_causal=False)", False
     if same_len:
-        return None, "non-causal attention (no mask, is_causal=False): encoder-style", False
+        return None, reason("non_causal", how="no mask, is_causal=False: encoder-style"), False
     return None, "non-causal attention with Lq != Lk and keys not from a KV cache (cross-attention)", False
 
 
