@@ -88,7 +88,7 @@ def test_generate_through_both_paths_matches_reference_on_cuda() -> None:
         expected = oracle.generate(ids, **gen)
         got = hf.generate(ids, past_key_values=moba_compile.hf.MobaCache(), **gen)
     assert torch.equal(got, expected)
-    assert any(s.form == "decode" and s.decision == "moba" for s in HF.report().sites)
+    assert any(s.form == "kv-cache" and s.decision == "moba" for s in HF.report().sites)
     model = tiny_llama("sdpa", torch.float32).eval()
     torch._dynamo.reset()
     model.forward = torch.compile(model.forward, backend="moba", options={"policy": POLICY}, dynamic=True)
