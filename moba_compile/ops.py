@@ -64,6 +64,7 @@ __all__ = [
     "Impl",
     "analyse_mask",
     "attention",
+    "chunk_means",
     "resolve_impl",
 ]
 
@@ -180,7 +181,8 @@ def _attention_op(
     if decode is not None:
         out, lse = decode(query, key, value, chunk_size, topk, scale, mask, chunk_means)
     elif chosen == "triton":
-        # The forward kernel averages the keys itself; given means are the same numbers by contract.
+        # The forward kernel averages the keys itself, with the one means kernel that chunk_means() and the decode
+        # kernel use: means a cache took from chunk_means() are bitwise these numbers.
         out, lse = kernels.moba_forward_triton(query, key, value, chunk_size, topk, scale, mask)
     else:
         out, lse = reference.moba_attention_forward(
@@ -528,3 +530,47 @@ def attention(
     else:
         out, _ = torch.ops.moba.attention(*args, chunk_means)
     return out
+
+
+def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
+    """Means of the complete key chunks, the numbers the MoBA gate scores: what a KV cache keeps for decode steps.
+
+    A cache calls it for newly completed chunks (e.g. ``chunk_means(keys[:, :, c0 * C:(c1 + 1) * C], C)`` appends rows
+    ``c0 .. c1``, since a chunk's mean depends on its own keys only) and passes the rows it kept as
+    ``chunk_means=`` to :func:`attention`. The implementation is chosen as for a decode step of :func:`attention` on
+    these keys, so the means are bitwise the ones that call would compute itself: on the Triton path the one Triton
+    means kernel (shared by the prefill gate and the decode kernels; IEEE division), on the reference path
+    :func:`moba_compile.reference.chunk_means`. The two paths agree to fp32 rounding, not bitwise (docs/kernels.md,
+    "Chunk means").
+
+    Args:
+        key: ``[B, Hkv, Lk, D]``, floating, any strides and device.
+        chunk_size: ``C >= 1``.
+        impl: ``"auto"`` (Triton on CUDA where the kernels take these keys, else the reference), ``"triton"`` (also on
+            CPU tensors under ``TRITON_INTERPRET=1``) or ``"reference"``; see :func:`resolve_impl`.
+
+    Returns:
+        ``[B, Hkv, Lk // C, D]`` contiguous on ``key``'s device, fp32 (fp64 for fp64 keys on the reference path): row
+        ``c`` is the mean of keys ``[c*C, (c+1)*C)``. A partial last chunk is excluded (its mean changes as keys
+        arrive); ``Lk < C`` gives zero rows.
+
+    Raises:
+        ValueError: ``key`` is not 4-D, ``chunk_size`` is not an int >= 1, or ``impl`` is unknown.
+        RuntimeError: ``impl="triton"`` cannot run these keys; the message gives the reason.
+
+    Example:
+        >>> chunk_means(torch.ones(1, 2, 40, 16), 16).shape
+        torch.Size([1, 2, 2, 16])
+    """
+    if not isinstance(key, Tensor) or key.dim() != 4:
+        raise ValueError(f"key must be a 4-D tensor [B, Hkv, Lk, D], got {getattr(key, 'shape', key)!r}")
+    check_moba_params(chunk_size, 1)
+    n_complete = key.shape[2] // chunk_size
+    # The decode step this cache serves: one query row per key head (only metadata is read).
+    query = key[:, :, :1].expand(-1, -1, 1, -1)
+    chosen, _ = resolve_impl(impl, query, key, key, chunk_size, 1)
+    CALLS[f"chunk_means:{chosen}"] += 1
+    if chosen == "triton":
+        return kernels.launch_chunk_means(key, chunk_size, n_complete)
+    # Sliced from the means of every chunk, as the reference op computes them when no means are given.
+    return reference.chunk_means(key, chunk_size)[:, :, :n_complete].contiguous()

@@ -16,12 +16,27 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import math  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from moba_compile.kernels import launch as kernel_launch  # noqa: E402
 
 # tests/gpu holds checks that need a CUDA GPU (compiled kernels at large shapes, whole models on CUDA); on a machine
 # without one there is nothing of them to run, so they are not collected (run them with TRITON_INTERPRET=0 on a GPU).
 collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
+
+# Modules whose kernels run with poisoned buffers (kernel_launch.POISON_BUFFERS): the kernel and op tests.
+_POISONED_MODULES = ("test_kernels_", "test_op_", "test_ops")
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_buffers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer a Triton launcher allocates starts as NaN / the largest integer in the kernel and op tests, so an
+    output (or scratch entry) no kernel wrote fails the test instead of passing on the allocator's leftovers."""
+    if request.module.__name__.startswith(_POISONED_MODULES):
+        monkeypatch.setattr(kernel_launch, "POISON_BUFFERS", True)
+
 
 # Float64 comparisons of two correct implementations that only sum in different orders (blocked matmuls vs per-row
 # loops, fused SDPA vs explicit softmax): observed differences are ~1e-15 on O(1) values. 1e-10 leaves five orders of
@@ -39,13 +54,23 @@ def low_precision_atol(dtype: torch.dtype, reference: Tensor) -> float:
     return torch.finfo(dtype).eps * float(reference.detach().abs().max())
 
 
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
 @dataclass(frozen=True)
 class Case:
-    """One MoBA call's shapes and parameters; ``id`` gives names like ``B2-Lq37-Lk37-Hq4-Hkv2-C5-K3``."""
+    """One MoBA call's shapes and parameters: the one test case class of every test module.
+
+    ``form`` says who built it and how it names itself. ``"reference"`` (reference and op tests, built directly as
+    ``Case(b, lq, lk, hq, hkv, c, k)``; inputs drawn in float64 by :meth:`inputs`): ids like
+    ``B2-Lq37-Lk37-Hq4-Hkv2-C5-K3``. ``"prefill"`` / ``"decode"`` (Triton kernel tests, built by :func:`kernel_case` /
+    :func:`decode_case` with a ``dtype`` and head dim 64; inputs from ``kernel_cases``): ids like
+    ``B1-Lq64-Hq4-Hkv2-C16-K3-bf16`` / ``B2-Lk100-Hq4-Hkv2-C16-K3-fp16``. ``mask`` names a :func:`make_mask` kind.
+    """
 
     b: int
     lq: int
-    lk: int
+    lk: int | None  # None (kernel prefill cases only): Lk = Lq
     hq: int
     hkv: int
     c: int
@@ -55,9 +80,21 @@ class Case:
     scale: float | None = None
     mask: str = "none"
     seed: int = 0
+    dtype: torch.dtype | None = None  # the kernel cases' input dtype (reference cases take it in inputs())
+    strided: bool = False  # kernel cases: q/k/v (and dO) as transposed [B, L, H, D] views
+    form: str = "reference"
+
+    @property
+    def len_k(self) -> int:
+        """The key length (``lq`` when ``lk`` is None)."""
+        return self.lq if self.lk is None else self.lk
 
     @property
     def id(self) -> str:
+        if self.form != "reference":
+            head = [f"B{self.b}"] + ([f"Lq{self.lq}"] if self.form == "prefill" else [])
+            head += [f"Lk{self.lk}"] if self.lk is not None else []
+            return case_id([*head, f"Hq{self.hq}", f"Hkv{self.hkv}"], self)
         parts = [f"B{self.b}-Lq{self.lq}-Lk{self.lk}-Hq{self.hq}-Hkv{self.hkv}-C{self.c}-K{self.k}"]
         if self.d != 8 or self.dv is not None:
             parts.append(f"D{self.d}-Dv{self.dv if self.dv is not None else self.d}")
@@ -73,15 +110,67 @@ class Case:
     def inputs(self, dtype: torch.dtype = torch.float64, requires_grad: bool = False):
         """``(q, k, v, mask)`` for this case: seeded normal q/k/v (drawn in float64, then cast) and the named mask."""
         q, k, v = rand_qkv(
-            self.seed, self.b, self.hq, self.hkv, self.lq, self.lk, self.d, self.dv, dtype=dtype, requires_grad=False
+            self.seed, self.b, self.hq, self.hkv, self.lq, self.len_k, self.d, self.dv, dtype=dtype, requires_grad=False
         )
-        mask = make_mask(self.mask, self.b, self.hq, self.lq, self.lk, self.seed)
+        mask = make_mask(self.mask, self.b, self.hq, self.lq, self.len_k, self.seed)
         if requires_grad:
             q, k, v = (t.requires_grad_() for t in (q, k, v))
         return q, k, v, mask
 
     def params(self) -> dict:
         return {"chunk_size": self.c, "topk": self.k, "scale": self.scale}
+
+
+def kernel_case(
+    b: int,
+    lq: int,
+    hq: int,
+    hkv: int,
+    c: int,
+    k: int,
+    dtype: torch.dtype,
+    *,
+    lk: int | None = None,
+    d: int = 64,
+    dv: int | None = None,
+    mask: str | None = None,
+    strided: bool = False,
+) -> Case:
+    """A prefill (or chunked-prefill, ``lk > lq``) case of the Triton kernel tests; ``lk=None`` means ``Lk = Lq``."""
+    return Case(b, lq, lk, hq, hkv, c, k, d=d, dv=dv, mask=mask or "none", dtype=dtype, strided=strided, form="prefill")
+
+
+def decode_case(
+    b: int,
+    lk: int,
+    hq: int,
+    hkv: int,
+    c: int,
+    k: int,
+    dtype: torch.dtype,
+    *,
+    d: int = 64,
+    dv: int | None = None,
+    mask: str | None = None,
+    strided: bool = False,
+) -> Case:
+    """A decode case (one query row at position ``lk - 1``) of the Triton decode kernel tests."""
+    return Case(b, 1, lk, hq, hkv, c, k, d=d, dv=dv, mask=mask or "none", dtype=dtype, strided=strided, form="decode")
+
+
+def case_id(head: list[str], case: Case) -> str:
+    """A kernel case's readable pytest id: ``head`` (the shape), then head dims, chunk, top-k, dtype, mask, layout."""
+    parts = list(head)
+    if case.d != 64:
+        parts.append(f"D{case.d}")
+    if case.dv is not None:
+        parts.append(f"Dv{case.dv}")
+    parts += [f"C{case.c}", f"K{case.k}", DTYPE_NAMES[case.dtype]]
+    if case.mask != "none":
+        parts.append(f"mask-{case.mask}")
+    if case.strided:
+        parts.append("strided")
+    return "-".join(parts)
 
 
 def rand_qkv(
@@ -115,17 +204,27 @@ def bottom_right_causal(lq: int, lk: int) -> Tensor:
     return torch.arange(lk)[None, :] <= rows
 
 
-def make_mask(kind: str, b: int, hq: int, lq: int, lk: int, seed: int = 0) -> Tensor | None:
-    """Named boolean masks (True = may attend), all broadcastable to ``[b, hq, lq, lk]``.
+def make_mask(
+    kind: str, b: int, hq: int, lq: int, lk: int, seed: int = 0, *, generator: torch.Generator | None = None
+) -> Tensor | None:
+    """Named boolean masks (True = may attend), all broadcastable to ``[b, hq, lq, lk]``: the one mask factory.
+
+    Random kinds draw from ``generator`` (the kernel tests pass the one that drew q/k/v), else from a generator seeded
+    ``10_000 + seed``.
 
     ``random``: i.i.d. keep-probability 0.7 per (batch, head, row, key); ``random_b1``: shared over heads;
     ``left_pad``/``right_pad``: ``[b, 1, 1, lk]`` padding masks hiding a different number of keys per batch element (the
     first element unpadded); ``empty_rows``: random with some rows fully masked; ``causal_pad``: bottom-right causal AND
-    left padding (the form Hugging Face builds); ``all_false``: nothing may attend.
+    left padding (the form Hugging Face builds); ``all_false``: nothing may attend (``[b, 1, 1, lk]``).
+    Kernel tests: ``random_b1_empty``: ``[b, 1, lq, lk]`` keep-probability 0.7 with every ``lq // 3``-th row fully
+    masked; ``random_heads``: ``[b, hq, lq, lk]`` keep-probability 0.5; ``random_heads_p06``: the same at 0.6;
+    ``pad_first5``: ``[b, 1, 1, lk]``, the first 5 keys of batch 0 hidden; ``left_pad_spread``: ``[b, 1, 1, lk]`` left
+    padding of ``i * lk // (b + 1)`` keys for batch ``i``; ``left_pad_spread_empty``: the same with batch 0 fully
+    masked.
     """
     if kind == "none":
         return None
-    gen = torch.Generator().manual_seed(10_000 + seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(10_000 + seed)
     if kind == "random":
         return torch.rand(b, hq, lq, lk, generator=gen) < 0.7
     if kind == "random_b1":
@@ -146,6 +245,22 @@ def make_mask(kind: str, b: int, hq: int, lq: int, lk: int, seed: int = 0) -> Te
         return mask
     if kind == "all_false":
         return torch.zeros(b, 1, 1, lk, dtype=torch.bool)
+    if kind == "random_b1_empty":
+        mask = torch.rand(b, 1, lq, lk, generator=gen) > 0.3
+        mask[:, :, :: max(1, lq // 3)] = False  # fully masked rows: out = 0, lse = -inf, zero gradients
+        return mask
+    if kind in ("random_heads", "random_heads_p06"):
+        return torch.rand(b, hq, lq, lk, generator=gen) > (0.5 if kind == "random_heads" else 0.4)
+    if kind == "pad_first5":
+        mask = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+        mask[0, ..., :5] = False
+        return mask
+    if kind in ("left_pad_spread", "left_pad_spread_empty"):  # Hugging Face style left padding, per batch element
+        pos = torch.arange(lk)
+        mask = torch.stack([pos >= (i * lk) // (b + 1) for i in range(b)])[:, None, None, :]
+        if kind == "left_pad_spread_empty":
+            mask[0] = False  # a row with no key at all: out = 0, lse = -inf
+        return mask
     raise ValueError(f"unknown mask kind {kind!r}")
 
 

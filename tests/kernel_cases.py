@@ -1,4 +1,4 @@
-"""Helpers the interpreted Triton kernel tests share: test cases, seeded inputs, the out/lse budget, the compile check.
+"""Helpers the interpreted Triton kernel tests share: seeded inputs, the out/lse budget, the compile check, the device.
 
 Kernel test modules import them as ``from kernel_cases import ...`` (pytest puts ``tests/`` on ``sys.path``), after
 setting ``TRITON_INTERPRET``. Nothing here imports triton.
@@ -14,12 +14,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+from conftest import Case, make_mask
 
 # "cpu" (default): the kernels run under the Triton interpreter. "cuda" (run with TRITON_INTERPRET=0 on a GPU machine):
 # every kernel launcher the tests call through ``on_test_device`` runs compiled on the GPU, while inputs, oracles and
@@ -58,51 +56,6 @@ def on_test_device(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def case_id(head: list[str], case: Any) -> str:
-    """A readable pytest id: ``head`` (the shape), then head dims, chunk, top-k, dtype, mask and layout."""
-    parts = list(head)
-    if case.d != 64:
-        parts.append(f"D{case.d}")
-    if case.dv is not None:
-        parts.append(f"Dv{case.dv}")
-    parts += [f"C{case.c}", f"K{case.k}", DTYPE_NAMES[case.dtype]]
-    if case.mask:
-        parts.append(f"mask-{case.mask}")
-    if case.strided:
-        parts.append("strided")
-    return "-".join(parts)
-
-
-@dataclass(frozen=True)
-class Case:
-    """One prefill (or chunked-prefill) problem of the forward and backward tests."""
-
-    b: int
-    lq: int
-    hq: int
-    hkv: int
-    c: int
-    k: int
-    dtype: torch.dtype
-    lk: int | None = None  # None: Lk = Lq (prefill / training)
-    d: int = 64
-    dv: int | None = None
-    # "random" [B,1,Lq,Lk] with fully masked rows | "heads" [B,Hq,Lq,Lk] | "keys" [B,1,1,Lk] | "none_allowed" [B,1,1,Lk]
-    mask: str | None = None
-    strided: bool = False  # query/key/value (and dO) as transposed [B, L, H, D] views
-
-    @property
-    def len_k(self) -> int:
-        return self.lq if self.lk is None else self.lk
-
-    @property
-    def id(self) -> str:
-        head = [f"B{self.b}", f"Lq{self.lq}"]
-        if self.lk is not None:
-            head.append(f"Lk{self.lk}")
-        return case_id([*head, f"Hq{self.hq}", f"Hkv{self.hkv}"], self)
-
-
 def layout_randn(case: Any, g: torch.Generator) -> Callable[[int, int, int], torch.Tensor]:
     """``rand(heads, length, dim)``: a seeded ``[B, heads, length, dim]`` tensor in the case's dtype and layout."""
 
@@ -115,24 +68,16 @@ def layout_randn(case: Any, g: torch.Generator) -> Callable[[int, int, int], tor
 
 
 def prefill_inputs(case: Case, seed: int = 0, *, grad_out: bool = False) -> tuple[torch.Tensor | None, ...]:
-    """Seeded ``(q, k, v, mask)``, or ``(q, k, v, dO, mask)`` with ``grad_out`` (``mask`` may be ``None``)."""
+    """Seeded ``(q, k, v, mask)``, or ``(q, k, v, dO, mask)`` with ``grad_out`` (``mask`` may be ``None``): the inputs
+    of a :func:`conftest.kernel_case` or (``lq = 1``) :func:`conftest.decode_case`."""
     g = torch.Generator().manual_seed(seed)
     lk, dv = case.len_k, case.dv or case.d
     rand = layout_randn(case, g)
     tensors = [rand(case.hq, case.lq, case.d), rand(case.hkv, lk, case.d), rand(case.hkv, lk, dv)]
     if grad_out:
         tensors.append(rand(case.hq, case.lq, dv))
-    mask = None
-    if case.mask == "random":
-        mask = torch.rand(case.b, 1, case.lq, lk, generator=g) > 0.3
-        mask[:, :, :: max(1, case.lq // 3)] = False  # fully masked rows: out = 0, lse = -inf, zero gradients
-    elif case.mask == "heads":
-        mask = torch.rand(case.b, case.hq, case.lq, lk, generator=g) > 0.5
-    elif case.mask == "keys":  # key padding: the first 5 keys of batch 0 are padding
-        mask = torch.ones(case.b, 1, 1, lk, dtype=torch.bool)
-        mask[0, ..., :5] = False
-    elif case.mask == "none_allowed":
-        mask = torch.zeros(case.b, 1, 1, lk, dtype=torch.bool)
+    # Drawn after the tensors, from the same generator (the order every kernel test's data was made in).
+    mask = make_mask(case.mask, case.b, case.hq, case.lq, lk, generator=g)
     return (*tensors, mask)
 
 

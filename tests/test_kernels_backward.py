@@ -29,10 +29,10 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
-from conftest import own_chunk_causal  # noqa: E402
+from conftest import Case, kernel_case, own_chunk_causal  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import TEST_DEVICE, Case, compile_check_records, on_test_device, prefill_inputs  # noqa: E402
+from kernel_cases import TEST_DEVICE, compile_check_records, on_test_device, prefill_inputs  # noqa: E402
 
 import moba_compile  # noqa: E402
 from moba_compile import ops, reference  # noqa: E402
@@ -121,26 +121,26 @@ def check_backward(q, k, v, do, chunk_size: int, topk: int, mask=None, determini
 
 
 GRID = [
-    Case(2, 64, 2, 2, 16, 3, torch.bfloat16),  # MHA, batch 2
-    Case(1, 64, 4, 2, 16, 3, torch.float16),  # GQA
-    Case(1, 64, 4, 2, 16, 3, torch.bfloat16),
-    Case(1, 96, 4, 1, 32, 2, torch.bfloat16),  # MQA
-    Case(1, 64, 2, 2, 16, 1, torch.bfloat16),  # K = 1: own chunk only, no flip
-    Case(1, 64, 2, 1, 16, 8, torch.float16),  # K beyond the chunk count: dense causal
-    Case(1, 100, 2, 2, 16, 3, torch.float16),  # partial last chunk (100 = 6 * 16 + 4)
-    Case(1, 40, 2, 1, 16, 3, torch.bfloat16, lk=100),  # Lq < Lk (chunked prefill), partial last chunk
-    Case(2, 1, 4, 2, 32, 3, torch.float16, lk=200),  # one query row per head
-    Case(1, 128, 2, 2, 16, 12, torch.bfloat16),  # K - 1 = 11 slots, 8 chunks
-    Case(1, 64, 2, 1, 32, 2, torch.bfloat16, d=128),  # head dim 128
-    Case(1, 48, 2, 2, 16, 3, torch.float16, lk=96, d=128),  # head dim 128, Lq < Lk
-    Case(1, 64, 2, 2, 16, 3, torch.float16, dv=32),  # value head dim differs
-    Case(1, 64, 4, 2, 16, 3, torch.float16, mask="random"),  # incl. fully masked rows
-    Case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random"),
-    Case(1, 50, 4, 2, 16, 2, torch.bfloat16, lk=80, mask="heads"),  # per-head mask, Lq < Lk
-    Case(2, 64, 2, 1, 16, 3, torch.float16, mask="keys"),  # key padding
-    Case(1, 64, 4, 2, 16, 3, torch.bfloat16, strided=True),  # non-contiguous q/k/v/dO
-    Case(1, 64, 2, 1, 16, 3, torch.float32),  # fp32: IEEE dots
-    Case(1, 150, 2, 1, 48, 2, torch.bfloat16),  # chunk 48: key blocks of 16, tiles span chunks
+    kernel_case(2, 64, 2, 2, 16, 3, torch.bfloat16),  # MHA, batch 2
+    kernel_case(1, 64, 4, 2, 16, 3, torch.float16),  # GQA
+    kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16),
+    kernel_case(1, 96, 4, 1, 32, 2, torch.bfloat16),  # MQA
+    kernel_case(1, 64, 2, 2, 16, 1, torch.bfloat16),  # K = 1: own chunk only, no flip
+    kernel_case(1, 64, 2, 1, 16, 8, torch.float16),  # K beyond the chunk count: dense causal
+    kernel_case(1, 100, 2, 2, 16, 3, torch.float16),  # partial last chunk (100 = 6 * 16 + 4)
+    kernel_case(1, 40, 2, 1, 16, 3, torch.bfloat16, lk=100),  # Lq < Lk (chunked prefill), partial last chunk
+    kernel_case(2, 1, 4, 2, 32, 3, torch.float16, lk=200),  # one query row per head
+    kernel_case(1, 128, 2, 2, 16, 12, torch.bfloat16),  # K - 1 = 11 slots, 8 chunks
+    kernel_case(1, 64, 2, 1, 32, 2, torch.bfloat16, d=128),  # head dim 128
+    kernel_case(1, 48, 2, 2, 16, 3, torch.float16, lk=96, d=128),  # head dim 128, Lq < Lk
+    kernel_case(1, 64, 2, 2, 16, 3, torch.float16, dv=32),  # value head dim differs
+    kernel_case(1, 64, 4, 2, 16, 3, torch.float16, mask="random_b1_empty"),  # incl. fully masked rows
+    kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random_b1_empty"),
+    kernel_case(1, 50, 4, 2, 16, 2, torch.bfloat16, lk=80, mask="random_heads"),  # per-head mask, Lq < Lk
+    kernel_case(2, 64, 2, 1, 16, 3, torch.float16, mask="pad_first5"),  # key padding
+    kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16, strided=True),  # non-contiguous q/k/v/dO
+    kernel_case(1, 64, 2, 1, 16, 3, torch.float32),  # fp32: IEEE dots
+    kernel_case(1, 150, 2, 1, 48, 2, torch.bfloat16),  # chunk 48: key blocks of 16, tiles span chunks
 ]
 
 
@@ -151,10 +151,10 @@ def test_backward_matches_reference(case: Case) -> None:
 
 
 DET_GRID = [
-    Case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random"),
-    Case(1, 40, 2, 1, 16, 3, torch.float16, lk=100),
-    Case(1, 64, 2, 2, 16, 1, torch.bfloat16),
-    Case(1, 128, 2, 1, 16, 12, torch.float16),
+    kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random_b1_empty"),
+    kernel_case(1, 40, 2, 1, 16, 3, torch.float16, lk=100),
+    kernel_case(1, 64, 2, 2, 16, 1, torch.bfloat16),
+    kernel_case(1, 128, 2, 1, 16, 12, torch.float16),
 ]
 
 
@@ -177,7 +177,7 @@ def test_deterministic_mode_is_bitwise_reproducible(case: Case) -> None:
 def test_deterministic_results_do_not_depend_on_the_flip_order(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a GPU the flip's ranks (hence the list order) come from atomics. Shuffle every list before the sort that
     # deterministic mode applies: every result must stay bitwise identical.
-    case = Case(1, 96, 4, 2, 16, 4, torch.bfloat16)
+    case = kernel_case(1, 96, 4, 2, 16, 4, torch.bfloat16)
     q, k, v, do, _ = make_inputs(case, seed=6)
     out, lse = moba_forward_triton(q, k, v, case.c, case.k, 0.125)
     args = (do, q, k, v, out, lse, case.c, case.k, 0.125)
@@ -216,7 +216,7 @@ def flip_modes(monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 def test_deterministic_follows_torch_setting(flip_modes: list) -> None:
-    case = Case(1, 48, 2, 1, 16, 2, torch.float16)
+    case = kernel_case(1, 48, 2, 1, 16, 2, torch.float16)
     q, k, v, do, _ = make_inputs(case)
     out, lse = moba_forward_triton(q, k, v, case.c, case.k, 0.125)
     was = torch.are_deterministic_algorithms_enabled()
@@ -248,7 +248,7 @@ def test_long_chunks_default_to_the_atomic_free_path(flip_modes: list) -> None:
 
 def test_deterministic_row_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
     # A budget of 16 rows of slot partials forces 3 slabs (the gate and flip re-run per slab, the mask sliced too).
-    case = Case(1, 40, 4, 2, 16, 3, torch.bfloat16, lk=90, mask="random")
+    case = kernel_case(1, 40, 4, 2, 16, 3, torch.bfloat16, lk=90, mask="random_b1_empty")
     q, k, v, do, mask = make_inputs(case, seed=9)
     whole = check_backward(q, k, v, do, case.c, case.k, mask, deterministic=True)
     per_row = case.b * case.hq * (case.k - 1) * case.d * 4
@@ -260,7 +260,7 @@ def test_deterministic_row_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unchosen_chunks_get_exact_zeros() -> None:
     # 4 query rows in the last of 8 chunks, K = 2: at most 4 of the 7 earlier chunks are chosen; keys before the rows
     # in the own chunk are attended, the chunks nobody chose must get exactly zero dK/dV (and no NaN), in both modes.
-    case = Case(1, 4, 1, 1, 16, 2, torch.bfloat16, lk=128)
+    case = kernel_case(1, 4, 1, 1, 16, 2, torch.bfloat16, lk=128)
     q, k, v, do, _ = make_inputs(case, seed=2)
     sel = reference.select_chunks(q, k, chunk_size=16, topk=2)
     unchosen = sorted(set(range(7)) - set(sel.flatten().tolist()))
@@ -274,7 +274,7 @@ def test_unchosen_chunks_get_exact_zeros() -> None:
 
 def test_everything_masked_gives_zero_gradients() -> None:
     # Every row has lse = -inf: exp2(s - lse2) must be 0, never NaN, and all gradients exactly 0.
-    case = Case(1, 64, 4, 2, 16, 3, torch.float16, mask="none_allowed")
+    case = kernel_case(1, 64, 4, 2, 16, 3, torch.float16, mask="all_false")
     q, k, v, do, mask = make_inputs(case)
     for det in (False, True):
         for g in check_backward(q, k, v, do, case.c, case.k, mask, deterministic=det):
@@ -295,7 +295,7 @@ def test_flip_lists_sorted_in_deterministic_mode() -> None:
 
 def test_through_the_op() -> None:
     # moba_attention(impl="triton") + .backward(): the registered autograd must reach the Triton backward.
-    case = Case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random")
+    case = kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random_b1_empty")
     q, k, v, do, mask = make_inputs(case, seed=1)
     dev = TEST_DEVICE
     leaves = [t.detach().clone().to(dev).requires_grad_() for t in (q, k, v)]
@@ -367,7 +367,9 @@ def test_backward_kernels_compile_for_h100_within_spill_budget() -> None:
 )  # fmt: skip
 def test_hypothesis_shapes(b, hkv, group, chunk, lk, lq_frac, topk, dtype, d, masked, deterministic, seed) -> None:
     lq = max(1, round(lq_frac * lk))
-    case = Case(b, lq, hkv * group, hkv, chunk, topk, dtype, lk=lk, d=d, mask="random" if masked else None)
+    case = kernel_case(
+        b, lq, hkv * group, hkv, chunk, topk, dtype, lk=lk, d=d, mask="random_b1_empty" if masked else None
+    )
     q, k, v, do, mask = make_inputs(case, seed=seed)
     check_backward(q, k, v, do, chunk, topk, mask, deterministic=deterministic)
 

@@ -22,16 +22,17 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
+from conftest import Case, decode_case  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import assert_out_lse_within_budget, case_id, layout_randn, on_test_device  # noqa: E402
+from kernel_cases import assert_out_lse_within_budget, on_test_device, prefill_inputs  # noqa: E402
 
-from moba_compile import reference  # noqa: E402
+from moba_compile import ops, reference  # noqa: E402
+from moba_compile.kernels import chunk_means_triton  # noqa: E402
 from moba_compile.kernels import support as ksupport  # noqa: E402
 from moba_compile.kernels.decode import (  # noqa: E402
     decode_chunk_means,
@@ -45,44 +46,13 @@ decode_chunk_means = on_test_device(decode_chunk_means)
 decode_select_chunks_triton = on_test_device(decode_select_chunks_triton)
 decode_unsupported_reason = on_test_device(decode_unsupported_reason)
 moba_decode_triton = on_test_device(moba_decode_triton)
-
-
-@dataclass(frozen=True)
-class Case:
-    b: int
-    lk: int
-    hq: int
-    hkv: int
-    c: int
-    k: int
-    dtype: torch.dtype
-    d: int = 64
-    dv: int | None = None
-    mask: str | None = (
-        None  # "left_pad" [B,1,1,Lk] | "empty" [B,1,1,Lk] with batch 0 fully masked | "heads" [B,Hq,1,Lk]
-    )
-    strided: bool = False  # key/value as [B, Lk, Hkv, D] views, query as a [B, 1, Hq, D] view
-
-    @property
-    def id(self) -> str:
-        return case_id([f"B{self.b}", f"Lk{self.lk}", f"Hq{self.hq}", f"Hkv{self.hkv}"], self)
+chunk_means_triton = on_test_device(chunk_means_triton)
+ops_chunk_means = on_test_device(ops.chunk_means)
 
 
 def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    g = torch.Generator().manual_seed(seed)
-    dv = case.dv or case.d
-    rand = layout_randn(case, g)
-    q, k, v = rand(case.hq, 1, case.d), rand(case.hkv, case.lk, case.d), rand(case.hkv, case.lk, dv)
-    mask = None
-    if case.mask in ("left_pad", "empty"):  # Hugging Face style key padding on the left, a different amount per row
-        pos = torch.arange(case.lk)
-        pads = [(i * case.lk) // (case.b + 1) for i in range(case.b)]  # 0, Lk/(B+1), ... keys hidden
-        mask = torch.stack([pos >= p for p in pads])[:, None, None, :]
-        if case.mask == "empty":
-            mask[0] = False  # a row with no key at all: out = 0, lse = -inf
-    elif case.mask == "heads":
-        mask = torch.rand(case.b, case.hq, 1, case.lk, generator=g) > 0.4
-    return q, k, v, mask
+    """Seeded ``(q [B, Hq, 1, D], k, v, mask)`` of a decode case (``mask`` may be ``None``)."""
+    return prefill_inputs(case, seed)  # type: ignore[return-value]
 
 
 def oracle(q, k, v, sel: torch.Tensor, chunk_size: int, scale: float, mask) -> torch.Tensor:
@@ -130,27 +100,27 @@ def check_decode(q, k, v, chunk_size: int, topk: int, mask=None, means=None, sca
 
 
 GRID = [
-    Case(2, 100, 4, 2, 16, 3, torch.float16),  # GQA, partial own chunk (100 = 6 * 16 + 4)
-    Case(2, 100, 4, 2, 16, 3, torch.bfloat16),
-    Case(2, 100, 4, 4, 16, 3, torch.bfloat16),  # MHA
-    Case(2, 100, 4, 1, 16, 3, torch.float16),  # MQA
-    Case(1, 97, 6, 2, 16, 3, torch.bfloat16),  # Lk at a chunk boundary + 1: own chunk of 1 key; group of 3
-    Case(1, 96, 4, 2, 16, 3, torch.float16),  # Lk a multiple of C: own chunk full
-    Case(2, 100, 4, 2, 16, 1, torch.float16),  # K = 1: own chunk only
-    Case(1, 70, 4, 2, 16, 8, torch.bfloat16),  # K beyond the chunk count: dense causal
-    Case(1, 10, 4, 2, 16, 3, torch.float16),  # Lk < C: no earlier chunk
-    Case(1, 200, 4, 2, 64, 2, torch.float16),  # chunk 64: two pieces per chunk (split-K), partial own chunk
-    Case(1, 300, 2, 1, 48, 4, torch.bfloat16),  # chunk 48 (not a power of two): pieces of 32 + 16 keys
-    Case(1, 600, 4, 2, 16, 4, torch.float16),  # 37 earlier chunks: two-stage gate (3 ranges + merge)
-    Case(1, 300, 4, 2, 32, 4, torch.float32),  # fp32: IEEE dots
-    Case(1, 150, 2, 1, 32, 3, torch.bfloat16, d=128),  # head dim 128
-    Case(1, 150, 2, 2, 16, 3, torch.float16, dv=128),  # value head dim differs
-    Case(1, 50, 80, 1, 16, 2, torch.float16),  # MQA with 80 heads: two row blocks (64 + 16) per key head
-    Case(3, 100, 4, 2, 16, 3, torch.float16, mask="left_pad"),  # padding mask [B, 1, 1, Lk]
-    Case(3, 100, 4, 2, 16, 3, torch.bfloat16, mask="left_pad"),
-    Case(2, 100, 4, 2, 16, 3, torch.float16, mask="empty"),  # a fully masked row
-    Case(2, 120, 4, 2, 16, 3, torch.bfloat16, mask="heads"),  # per-head mask [B, Hq, 1, Lk]
-    Case(2, 100, 4, 2, 16, 3, torch.bfloat16, strided=True),  # non-contiguous inputs
+    decode_case(2, 100, 4, 2, 16, 3, torch.float16),  # GQA, partial own chunk (100 = 6 * 16 + 4)
+    decode_case(2, 100, 4, 2, 16, 3, torch.bfloat16),
+    decode_case(2, 100, 4, 4, 16, 3, torch.bfloat16),  # MHA
+    decode_case(2, 100, 4, 1, 16, 3, torch.float16),  # MQA
+    decode_case(1, 97, 6, 2, 16, 3, torch.bfloat16),  # Lk at a chunk boundary + 1: own chunk of 1 key; group of 3
+    decode_case(1, 96, 4, 2, 16, 3, torch.float16),  # Lk a multiple of C: own chunk full
+    decode_case(2, 100, 4, 2, 16, 1, torch.float16),  # K = 1: own chunk only
+    decode_case(1, 70, 4, 2, 16, 8, torch.bfloat16),  # K beyond the chunk count: dense causal
+    decode_case(1, 10, 4, 2, 16, 3, torch.float16),  # Lk < C: no earlier chunk
+    decode_case(1, 200, 4, 2, 64, 2, torch.float16),  # chunk 64: two pieces per chunk (split-K), partial own chunk
+    decode_case(1, 300, 2, 1, 48, 4, torch.bfloat16),  # chunk 48 (not a power of two): pieces of 32 + 16 keys
+    decode_case(1, 600, 4, 2, 16, 4, torch.float16),  # 37 earlier chunks: two-stage gate (3 ranges + merge)
+    decode_case(1, 300, 4, 2, 32, 4, torch.float32),  # fp32: IEEE dots
+    decode_case(1, 150, 2, 1, 32, 3, torch.bfloat16, d=128),  # head dim 128
+    decode_case(1, 150, 2, 2, 16, 3, torch.float16, dv=128),  # value head dim differs
+    decode_case(1, 50, 80, 1, 16, 2, torch.float16),  # MQA with 80 heads: two row blocks (64 + 16) per key head
+    decode_case(3, 100, 4, 2, 16, 3, torch.float16, mask="left_pad_spread"),  # padding mask [B, 1, 1, Lk]
+    decode_case(3, 100, 4, 2, 16, 3, torch.bfloat16, mask="left_pad_spread"),
+    decode_case(2, 100, 4, 2, 16, 3, torch.float16, mask="left_pad_spread_empty"),  # a fully masked row
+    decode_case(2, 120, 4, 2, 16, 3, torch.bfloat16, mask="random_heads_p06"),  # per-head mask [B, Hq, 1, Lk]
+    decode_case(2, 100, 4, 2, 16, 3, torch.bfloat16, strided=True),  # non-contiguous inputs
 ]
 
 
@@ -162,7 +132,10 @@ def test_decode_matches_reference(case: Case) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    [Case(2, 100, 4, 2, 16, 3, torch.float16), Case(1, 600, 4, 2, 16, 4, torch.bfloat16, mask="left_pad")],
+    [
+        decode_case(2, 100, 4, 2, 16, 3, torch.float16),
+        decode_case(1, 600, 4, 2, 16, 4, torch.bfloat16, mask="left_pad_spread"),
+    ],
     ids=lambda c: c.id,
 )
 def test_means_given_equals_means_computed(case: Case) -> None:
@@ -187,10 +160,54 @@ def test_chunk_means_match_reference() -> None:
         torch.testing.assert_close(means, reference.chunk_means(k, chunk)[:, :, : 100 // chunk], rtol=1e-6, atol=1e-6)
 
 
+def means_tolerance(k: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Bound on |Triton mean - reference mean| per element (docs/kernels.md, "Chunk means").
+
+    Both sum the chunk's ``C`` keys in fp32, in different orders: each sum is within ``(C - 1) * u * sum|k|`` of the
+    exact one (``u = 2**-24``), so the two means differ by at most ``2 * (C - 1) * u * mean|k|``, plus half an ulp from
+    each division (``2 * u * |mean|``, bounded here by ``mean|k|``).
+    """
+    u = 2.0**-24
+    n = k.shape[2] // chunk
+    mean_abs = k[:, :, : n * chunk].float().abs().unflatten(2, (n, chunk)).mean(3)
+    return (2 * (chunk - 1) + 2) * u * mean_abs
+
+
+@pytest.mark.parametrize(
+    ("dtype", "chunk", "lk"),
+    [(torch.bfloat16, 16, 100), (torch.float16, 48, 150), (torch.float32, 32, 96), (torch.bfloat16, 64, 200)],
+)
+def test_one_means_computation_for_prefill_decode_and_cache(dtype: torch.dtype, chunk: int, lk: int) -> None:
+    # Issue 14: the prefill gate, a decode step and a KV cache (ops.chunk_means) take their chunk means from one
+    # kernel, so a decode step ranks chunks exactly as the prefill of the same row did, even near ties.
+    g = torch.Generator().manual_seed(lk + chunk)
+    k = torch.randn(2, 3, lk, 64, generator=g).to(dtype)
+    n = lk // chunk
+    gate = chunk_means_triton(k, chunk)  # what the prefill forward and backward score against
+    decode = decode_chunk_means(k, chunk)
+    cache = ops_chunk_means(k, chunk, impl="triton")
+    assert cache.shape == (2, 3, n, 64) and cache.dtype == torch.float32 and cache.is_contiguous()
+    assert gate.shape[2] == -(-lk // chunk)
+    assert torch.equal(decode, cache) and torch.equal(gate[:, :, :n], cache)
+    # A partial last chunk is excluded, and chunks completed later leave earlier rows unchanged (a cache appends).
+    assert ops_chunk_means(k[:, :, : n * chunk - 1], chunk, impl="triton").shape[2] == n - 1
+    assert torch.equal(ops_chunk_means(k[:, :, : n * chunk - 1], chunk, impl="triton"), cache[:, :, : n - 1])
+    assert torch.equal(ops_chunk_means(k[:, :, chunk : 2 * chunk], chunk, impl="triton")[:, :, 0], cache[:, :, 1])
+    # The reference sums in another order: equal to within the fp32 summation bound, not bitwise.
+    ref = reference.chunk_means(k, chunk)[:, :, :n]
+    assert torch.all((cache - ref).abs() <= means_tolerance(k, chunk))
+    assert torch.equal(ops.chunk_means(k, chunk, impl="reference"), ref)
+    # The decode gate scores the cache's means exactly as it scores its own.
+    q = torch.randn(2, 6, 1, 64, generator=g).to(dtype)
+    topk = min(4, n)
+    given = decode_select_chunks_triton(q, k, chunk, topk, means=cache)
+    assert torch.equal(given, decode_select_chunks_triton(q, k, chunk, topk))
+
+
 def test_reads_only_means_selected_and_own_chunks() -> None:
     # The cost claim, checked functionally: with the means precomputed from clean keys, poisoning every key/value of
     # the chunks the step did not select (NaN) must not change a single bit of the result.
-    case = Case(2, 300, 4, 2, 16, 3, torch.float16)
+    case = decode_case(2, 300, 4, 2, 16, 3, torch.float16)
     q, k, v, _ = make_inputs(case)
     scale = 1.0 / math.sqrt(case.d)
     means = decode_chunk_means(k, case.c)
@@ -260,7 +277,7 @@ def test_decode_equals_last_row_of_prefill(dtype: torch.dtype) -> None:
 
 def test_sparse_path_differs_from_dense() -> None:
     # A small K on a long random cache must differ from dense attention: the sparse path really ran.
-    case = Case(1, 300, 4, 2, 16, 2, torch.float16)
+    case = decode_case(1, 300, 4, 2, 16, 2, torch.float16)
     q, k, v, _ = make_inputs(case)
     out, _ = moba_decode_triton(q, k, v, case.c, case.k, 1.0 / math.sqrt(case.d))
     dense = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
@@ -290,7 +307,7 @@ def test_empty_batch() -> None:
 @example(b=2, hkv=2, group=3, chunk=48, chunks=5, extra=48, topk=6, dtype=torch.bfloat16, masked=True, seed=1)
 def test_hypothesis_shapes(b, hkv, group, chunk, chunks, extra, topk, dtype, masked, seed) -> None:
     lk = chunks * chunk + min(extra, chunk)  # own chunk 'chunks', holding 1..C keys
-    case = Case(b, lk, hkv * group, hkv, chunk, topk, dtype, mask="left_pad" if masked else None)
+    case = decode_case(b, lk, hkv * group, hkv, chunk, topk, dtype, mask="left_pad_spread" if masked else None)
     q, k, v, mask = make_inputs(case, seed=seed)
     check_decode(q, k, v, chunk, topk, mask)
 

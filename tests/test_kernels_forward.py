@@ -27,10 +27,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
+from conftest import Case, kernel_case  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kernel_cases import (  # noqa: E402
-    Case,
     assert_out_lse_within_budget,
     compile_check_records,
     on_test_device,
@@ -85,30 +85,32 @@ def check_gate(q, k, chunk_size: int, topk: int) -> torch.Tensor:
 
 
 GRID = [
-    Case(1, 64, 4, 2, 16, 3, torch.float16),  # GQA
-    Case(1, 64, 4, 2, 16, 3, torch.bfloat16),
-    Case(2, 64, 4, 4, 16, 3, torch.bfloat16),  # MHA, batch 2
-    Case(1, 96, 4, 1, 32, 2, torch.float16),  # MQA
-    Case(1, 100, 2, 2, 16, 3, torch.float16),  # partial last chunk (100 = 6 * 16 + 4)
-    Case(1, 40, 2, 1, 16, 3, torch.bfloat16, lk=100),  # chunked prefill, partial last chunk
-    Case(2, 1, 4, 2, 32, 3, torch.float16, lk=200),  # decode
-    Case(1, 1, 4, 1, 16, 4, torch.bfloat16, lk=150),  # decode, MQA
-    Case(1, 64, 2, 2, 16, 1, torch.bfloat16),  # K = 1: own chunk only
-    Case(1, 64, 2, 1, 16, 8, torch.float16),  # K beyond the chunk count: dense causal
-    Case(1, 128, 2, 2, 16, 12, torch.bfloat16),  # K - 1 = 11 > 8 running slots, many chunks
-    Case(1, 64, 2, 1, 32, 2, torch.bfloat16, d=128),  # head dim 128
-    Case(1, 48, 2, 2, 16, 3, torch.float16, lk=96, d=128),  # head dim 128, Lq < Lk
-    Case(1, 64, 2, 2, 16, 3, torch.float16, dv=32),  # value head dim differs
-    Case(1, 64, 4, 2, 16, 3, torch.float16, mask="random"),  # incl. fully masked rows
-    Case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random"),
-    Case(1, 50, 4, 2, 16, 2, torch.bfloat16, lk=80, mask="heads"),
-    Case(2, 64, 2, 1, 16, 3, torch.float16, mask="keys"),
-    Case(1, 64, 4, 2, 16, 3, torch.bfloat16, strided=True),  # non-contiguous inputs
-    Case(1, 64, 2, 1, 16, 3, torch.float32),  # fp32: IEEE dots
-    Case(2, 129, 4, 2, 16, 5, torch.float16),  # odd length, 9 chunks
-    Case(1, 150, 2, 1, 48, 2, torch.bfloat16),  # chunk 48: not a power of two (key blocks of 16), tiles span chunks
-    Case(1, 256, 2, 1, 32, 4, torch.bfloat16),  # N = 256
-    Case(1, 200, 2, 2, 64, 3, torch.float16, lk=256, d=128, mask="random"),  # head dim 128 with a mask
+    kernel_case(1, 64, 4, 2, 16, 3, torch.float16),  # GQA
+    kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16),
+    kernel_case(2, 64, 4, 4, 16, 3, torch.bfloat16),  # MHA, batch 2
+    kernel_case(1, 96, 4, 1, 32, 2, torch.float16),  # MQA
+    kernel_case(1, 100, 2, 2, 16, 3, torch.float16),  # partial last chunk (100 = 6 * 16 + 4)
+    kernel_case(1, 40, 2, 1, 16, 3, torch.bfloat16, lk=100),  # chunked prefill, partial last chunk
+    kernel_case(2, 1, 4, 2, 32, 3, torch.float16, lk=200),  # decode
+    kernel_case(1, 1, 4, 1, 16, 4, torch.bfloat16, lk=150),  # decode, MQA
+    kernel_case(1, 64, 2, 2, 16, 1, torch.bfloat16),  # K = 1: own chunk only
+    kernel_case(1, 64, 2, 1, 16, 8, torch.float16),  # K beyond the chunk count: dense causal
+    kernel_case(1, 128, 2, 2, 16, 12, torch.bfloat16),  # K - 1 = 11 > 8 running slots, many chunks
+    kernel_case(1, 64, 2, 1, 32, 2, torch.bfloat16, d=128),  # head dim 128
+    kernel_case(1, 48, 2, 2, 16, 3, torch.float16, lk=96, d=128),  # head dim 128, Lq < Lk
+    kernel_case(1, 64, 2, 2, 16, 3, torch.float16, dv=32),  # value head dim differs
+    kernel_case(1, 64, 4, 2, 16, 3, torch.float16, mask="random_b1_empty"),  # incl. fully masked rows
+    kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16, mask="random_b1_empty"),
+    kernel_case(1, 50, 4, 2, 16, 2, torch.bfloat16, lk=80, mask="random_heads"),
+    kernel_case(2, 64, 2, 1, 16, 3, torch.float16, mask="pad_first5"),
+    kernel_case(1, 64, 4, 2, 16, 3, torch.bfloat16, strided=True),  # non-contiguous inputs
+    kernel_case(1, 64, 2, 1, 16, 3, torch.float32),  # fp32: IEEE dots
+    kernel_case(2, 129, 4, 2, 16, 5, torch.float16),  # odd length, 9 chunks
+    kernel_case(
+        1, 150, 2, 1, 48, 2, torch.bfloat16
+    ),  # chunk 48: not a power of two (key blocks of 16), tiles span chunks
+    kernel_case(1, 256, 2, 1, 32, 4, torch.bfloat16),  # N = 256
+    kernel_case(1, 200, 2, 2, 64, 3, torch.float16, lk=256, d=128, mask="random_b1_empty"),  # head dim 128 with a mask
 ]
 
 
@@ -164,7 +166,7 @@ def test_gate_many_chunks_topk_64() -> None:
 
 def test_dense_when_topk_covers_every_chunk() -> None:
     # Spec: K >= ceil(Lk / C) is dense causal (bottom-right) attention; checked against SDPA, not the reference.
-    case = Case(1, 40, 4, 2, 16, 6, torch.float16, lk=90)
+    case = kernel_case(1, 40, 4, 2, 16, 6, torch.float16, lk=90)
     q, k, v, _ = make_inputs(case)
     out, _, out64 = check_forward(q, k, v, case.c, case.k)
     causal = torch.ones(case.lq, case.len_k, dtype=torch.bool).tril(case.len_k - case.lq)
@@ -177,7 +179,7 @@ def test_dense_when_topk_covers_every_chunk() -> None:
 
 def test_sparse_path_differs_from_dense() -> None:
     # 8 chunks, K = 2: most rows drop most earlier chunks, so the result must be far from dense attention.
-    case = Case(1, 128, 2, 2, 16, 2, torch.float16)
+    case = kernel_case(1, 128, 2, 2, 16, 2, torch.float16)
     q, k, v, _ = make_inputs(case, seed=3)
     out, _, _ = check_forward(q, k, v, case.c, case.k)
     dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
@@ -186,7 +188,7 @@ def test_sparse_path_differs_from_dense() -> None:
 
 def test_matches_independent_naive_oracle() -> None:
     # The brute-force oracle of tests/naive.py shares no code with the reference.
-    case = Case(1, 48, 4, 2, 16, 3, torch.float16, lk=70, mask="random")
+    case = kernel_case(1, 48, 4, 2, 16, 3, torch.float16, lk=70, mask="random_b1_empty")
     q, k, v, mask = make_inputs(case, seed=5)
     out, _ = moba_forward_triton(q, k, v, case.c, case.k, 0.125, mask)
     expect = naive_moba(q, k, v, case.c, case.k, 0.125, mask)
@@ -196,7 +198,7 @@ def test_matches_independent_naive_oracle() -> None:
 
 
 def test_decode_row_equals_last_prefill_row() -> None:
-    case = Case(1, 96, 2, 1, 16, 3, torch.bfloat16)
+    case = kernel_case(1, 96, 2, 1, 16, 3, torch.bfloat16)
     q, k, v, _ = make_inputs(case, seed=7)
     full, full_lse = moba_forward_triton(q, k, v, 16, 3, 0.125)
     last, last_lse = moba_forward_triton(q[:, :, -1:], k, v, 16, 3, 0.125)
@@ -229,7 +231,7 @@ def test_flip_lists_every_selection_once() -> None:
 
 def test_row_slabs_bound_the_partial_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     # A budget of 24 rows of partials forces 3 slabs of a chunked-prefill call (mask sliced per slab too).
-    case = Case(1, 60, 4, 2, 16, 3, torch.bfloat16, lk=90, mask="random")
+    case = kernel_case(1, 60, 4, 2, 16, 3, torch.bfloat16, lk=90, mask="random_b1_empty")
     per_row = case.b * case.hq * (case.k - 1) * (case.d + 1) * 4
     monkeypatch.setattr(kernel_launch, "PARTIAL_BUFFER_BYTES", 24 * per_row)
     q, k, v, mask = make_inputs(case, seed=11)
@@ -239,7 +241,7 @@ def test_row_slabs_bound_the_partial_buffer(monkeypatch: pytest.MonkeyPatch) -> 
 def test_static_tile_bound_with_padding_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CUDA path never reads the tile count back: it launches E // bm + S tiles, the surplus marked tile_seg == S.
     monkeypatch.setattr(kernel_gating, "_exact_tile_count", lambda device: False)
-    case = Case(1, 64, 4, 2, 16, 3, torch.float16)
+    case = kernel_case(1, 64, 4, 2, 16, 3, torch.float16)
     q, k, v, _ = make_inputs(case, seed=2)
     sel = select_chunks_triton(q, k, case.c, case.k)
     flip = flip_selection(sel, case.hkv, 4, 16)
@@ -358,7 +360,9 @@ def test_empty_query() -> None:
 @example(b=1, hkv=2, group=2, chunk=16, lk=33, lq_frac=0.0, topk=6, dtype=torch.bfloat16, d=32, masked=True, seed=1)
 def test_hypothesis_shapes(b, hkv, group, chunk, lk, lq_frac, topk, dtype, d, masked, seed) -> None:
     lq = max(1, round(lq_frac * lk))
-    case = Case(b, lq, hkv * group, hkv, chunk, topk, dtype, lk=lk, d=d, mask="random" if masked else None)
+    case = kernel_case(
+        b, lq, hkv * group, hkv, chunk, topk, dtype, lk=lk, d=d, mask="random_b1_empty" if masked else None
+    )
     q, k, v, mask = make_inputs(case, seed=seed)
     check_gate(q, k, chunk, topk)
     check_forward(q, k, v, chunk, topk, mask)

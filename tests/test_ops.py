@@ -426,3 +426,21 @@ def test_mask_analysis_lives_in_masks_and_ops_reexports_it() -> None:
     ):
         assert getattr(ops, name) is getattr(masks, name), name
     assert torch.ops.moba.analyse_mask.default._schema.name == "moba::analyse_mask"
+
+
+def test_chunk_means_entry_for_kv_caches() -> None:
+    # ops.chunk_means is what a KV cache calls for newly completed chunks: on the reference path (CPU "auto") the very
+    # numbers the op computes when no means are given, so a decode step with cached means is bitwise the one without.
+    q, k, v = rand_qkv(3, 2, 4, 2, 1, 45, 16, dtype=torch.float32)
+    before = ops.CALLS["chunk_means:reference"]
+    means = ops.chunk_means(k, 8)
+    assert ops.CALLS["chunk_means:reference"] == before + 1
+    assert means.shape == (2, 2, 45 // 8, 16) and means.dtype == torch.float32 and means.is_contiguous()
+    assert torch.equal(means, reference.chunk_means(k, 8)[:, :, : 45 // 8])  # the partial last chunk is excluded
+    assert ops.chunk_means(k, 64).shape == (2, 2, 0, 16)
+    without = ops.attention(q, k, v, chunk_size=8, topk=3)
+    assert torch.equal(ops.attention(q, k, v, chunk_size=8, topk=3, chunk_means=means), without)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.chunk_means(k[0], 8)
+    with pytest.raises(ValueError, match="impl"):
+        ops.chunk_means(k, 8, impl="fast")

@@ -8,7 +8,8 @@ Public API (used by :mod:`moba_compile.ops`):
   default, bitwise reproducible with ``deterministic=True`` or under ``torch.use_deterministic_algorithms``).
 - :func:`moba_decode_triton`, :func:`decode_unsupported_reason`, :func:`decode_select_chunks_triton`: the decode
   path (module ``.decode``).
-- :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks.
+- :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks;
+  :func:`launch_chunk_means`: the one means launch (prefill gate, decode, ``moba_compile.ops.chunk_means``).
 
 Importing this package never needs Triton, and every launcher is imported lazily on first use. Without Triton the
 launchers raise a clear ``RuntimeError`` when called and :func:`triton_unsupported_reason` answers
@@ -25,6 +26,7 @@ __all__ = [
     "decode_unsupported_reason",
     "flip_selection",
     "interpreting",
+    "launch_chunk_means",
     "moba_backward_triton",
     "moba_decode_triton",
     "moba_forward_triton",
@@ -40,6 +42,7 @@ _LAZY = {
     "decode_unsupported_reason": "decode",
     "decode_select_chunks_triton": "decode",
     "chunk_means_triton": "gating",
+    "launch_chunk_means": "gating",
     "select_chunks_triton": "gating",
     "flip_selection": "gating",
     "FlipResult": "gating",

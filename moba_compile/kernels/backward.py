@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .gating import FlipResult, _launch_gate, chunk_means_triton, flip_selection
 from .jit import kernel_jit
-from .launch import MaskArgs, device_capability, on_device, row_slab, slabs, tuned_for
+from .launch import MaskArgs, device_capability, empty, on_device, row_slab, slabs, tuned_for
 from .support import (
     bounded_params,
     dot_precision,
@@ -733,8 +733,8 @@ def moba_backward_triton(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled() or chunk_size >= PARTIALS_FROM_CHUNK
     dev = query.device
-    dk = torch.empty(b, hkv, lk, d, dtype=key.dtype, device=dev)
-    dv = torch.empty(b, hkv, lk, dv_dim, dtype=value.dtype, device=dev)
+    dk = empty(b, hkv, lk, d, dtype=key.dtype, device=dev)
+    dv = empty(b, hkv, lk, dv_dim, dtype=value.dtype, device=dev)
     if b * hq * lq == 0 or lk == 0:
         return torch.zeros_like(query, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_()
     grad_out = grad_out.to(query.dtype)
@@ -812,8 +812,8 @@ def _check_grad_inputs(grad_out: Tensor, out: Tensor, lse: Tensor, query: Tensor
 def _preprocess(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """Pass 1: ``(Delta, lse2)``, fp32 ``[B, Hq, Lq]`` each (``lse2`` in the log2 domain, ``+inf`` for empty rows)."""
     b, hq, lq, dv_dim = out.shape
-    delta = torch.empty(b, hq, lq, dtype=torch.float32, device=out.device)
-    lse2 = torch.empty(b, hq, lq, dtype=torch.float32, device=out.device)
+    delta = empty(b, hq, lq, dtype=torch.float32, device=out.device)
+    lse2 = empty(b, hq, lq, dtype=torch.float32, device=out.device)
     pre_m = 32 if interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(lq, pre_m), b * hq)](
         out, grad_out, lse, delta, lse2, hq, lq, *out.stride(), *grad_out.stride(),
@@ -886,9 +886,9 @@ def _deterministic_dq(
     query = p.query
     b, hq, lq, d = query.shape
     dev = query.device
-    dq = torch.empty(b, hq, lq, d, dtype=query.dtype, device=dev)
+    dq = empty(b, hq, lq, d, dtype=query.dtype, device=dev)
     slab = row_slab(lq, p.km1, b * hq * max(p.km1, 1) * d * 4, dev)
-    pdq = torch.empty(b * hq * slab * p.km1 * d if p.km1 > 0 else 1, dtype=torch.float32, device=dev)
+    pdq = empty(b * hq * slab * p.km1 * d if p.km1 > 0 else 1, dtype=torch.float32, device=dev)
     for r0, r1, lk_s in slabs(lq, p.key.shape[2], slab):
         if r0 == 0 and r1 == lq:  # one slab: the selection and flip of pass 2 serve it
             _dq_slab(p, r0, r1, lk_s, delta, lse2, means, pdq, dq, dq_block_m, given=(sel, flip))

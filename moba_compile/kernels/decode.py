@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .gating import _chunk_means_kernel, launch_chunk_means
 from .jit import kernel_jit
-from .launch import device_capability, tuned_for
+from .launch import device_capability, empty, tuned_for
 from .support import (
     MAX_CHUNK,
     bounded_params,
@@ -73,38 +74,9 @@ _LN2 = tl.constexpr(math.log(2.0))
 _LOG2E = math.log2(math.e)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Chunk means (only for means=None: an O(Lk) read)
-# --------------------------------------------------------------------------------------------------------------------
-@kernel_jit
-def _decode_means_kernel(
-    k_ptr,
-    means_ptr,
-    Hkv,
-    N,
-    C,
-    skb,
-    skh,
-    skn,
-    skd,
-    HEAD_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    c = tl.program_id(0).to(tl.int64)
-    plane = tl.program_id(1).to(tl.int64)
-    b = plane // Hkv
-    h = plane % Hkv
-    offs_d = tl.arange(0, HEAD_D)
-    base = k_ptr + b * skb + h * skh + c * C * skn
-    # A [BLOCK_N, D] accumulator summed once at the end: identical chunks give bitwise identical means, so exact gate
-    # ties (duplicated chunks) stay exact.
-    acc = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-    for n0 in range(0, C, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=(offs_n < C)[:, None], other=0.0)
-        acc += k.to(tl.float32)
-    mean = tl.sum(acc, axis=0) / C.to(tl.float32)
-    tl.store(means_ptr + (plane * N + c) * HEAD_D + offs_d, mean)
+# Chunk means: the gate's kernel (.gating.launch_chunk_means), so a decode step's means are bitwise the prefill's. The
+# old name stays for benchmarks/decode.py's compile check.
+_decode_means_kernel = _chunk_means_kernel
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -575,7 +547,8 @@ def decode_chunk_means(key: Tensor, chunk_size: int) -> Tensor:
 
     Returns:
         fp32 ``[B, Hkv, Lk // C, D]``, contiguous: row ``c`` is the mean of keys ``[c*C, (c+1)*C)``, summed in fp32
-        (to fp32 rounding of ``reference.chunk_means``; identical chunks give bitwise identical means).
+        by the prefill gate's kernel: bitwise the means a prefill of the same keys computes (and
+        ``moba_compile.ops.chunk_means``); to fp32 rounding of ``reference.chunk_means``.
 
     Raises:
         ValueError: bad shapes, head dim or chunk size.
@@ -589,19 +562,7 @@ def decode_chunk_means(key: Tensor, chunk_size: int) -> Tensor:
         raise ValueError(f"key must be [B, Hkv, Lk, D] with D in {DECODE_HEAD_DIMS}, got {tuple(key.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size % 16 or chunk_size < 16:
         raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size!r}")
-    return _launch_means(key, chunk_size, key.shape[2] // chunk_size)
-
-
-def _launch_means(key: Tensor, chunk_size: int, n: int) -> Tensor:
-    b, hkv, _, d = key.shape
-    means = torch.empty(b, hkv, n, d, dtype=torch.float32, device=key.device)
-    if means.numel() == 0:
-        return means
-    block_n = 16 if interpreting() else 64
-    _decode_means_kernel[(n, b * hkv)](
-        key, means, hkv, n, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4, num_stages=2
-    )
-    return means
+    return launch_chunk_means(key, chunk_size, key.shape[2] // chunk_size)
 
 
 def _launch_gate(query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int) -> Tensor:
@@ -609,7 +570,7 @@ def _launch_gate(query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int) 
     b, hq, _, d = query.shape
     group = hq // hkv
     rows, gb, block_g = _rows(group)
-    sel = torch.empty(b, hq, km1, dtype=torch.int32, device=query.device)
+    sel = empty(b, hq, km1, dtype=torch.int32, device=query.device)
     planes = b * hkv * gb
     plan = _gate_plan(planes, block_g, n_prev, km1, query.device)
     if interpreting():
@@ -622,7 +583,7 @@ def _launch_gate(query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int) 
             sqb, sqh, sqd, *means.stride(), FINAL=True, **common,
         )  # fmt: skip
         return sel
-    cand = torch.empty(planes, plan.n_split, block_g, plan.top, dtype=torch.int64, device=query.device)
+    cand = empty(planes, plan.n_split, block_g, plan.top, dtype=torch.int64, device=query.device)
     _decode_gate_kernel[(planes, plan.n_split)](
         query, means, cand, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
         sqb, sqh, sqd, *means.stride(), FINAL=False, **common,
@@ -670,7 +631,7 @@ def decode_select_chunks_triton(
     if km1 == 0 or b == 0:
         return torch.full((b, hq, topk - 1), -1, dtype=torch.int32, device=query.device)
     if means is None:
-        means = _launch_means(key, chunk_size, n_prev)
+        means = launch_chunk_means(key, chunk_size, n_prev)
     sel = _launch_gate(query, means, hkv, n_prev, km1)
     if km1 < topk - 1:
         sel = torch.nn.functional.pad(sel, (0, topk - 1 - km1), value=-1)
@@ -734,8 +695,8 @@ def moba_decode_triton(
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
     chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     dev = query.device
-    out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=dev)
-    lse = torch.empty(b, hq, 1, dtype=torch.float32, device=dev)
+    out = empty(b, hq, 1, dv, dtype=query.dtype, device=dev)
+    lse = empty(b, hq, 1, dtype=torch.float32, device=dev)
     if b == 0 or hq == 0:
         return out, lse
     group = hq // hkv
@@ -745,16 +706,16 @@ def moba_decode_triton(
     km1 = min(topk - 1, own_chunk)
     if km1 > 0:
         if means is None:
-            means = _launch_means(key, chunk_size, own_chunk)
+            means = launch_chunk_means(key, chunk_size, own_chunk)
         sel = _launch_gate(query, means, hkv, own_chunk, km1)
     else:
-        sel = torch.empty(b, hq, 0, dtype=torch.int32, device=dev)
+        sel = empty(b, hq, 0, dtype=torch.int32, device=dev)
     work_items = rows * km1 + 1
     plan = _attn_plan(b * hkv * gb * work_items, chunk_size, d, dv, query.dtype, dev)
     ks = km1 + 1
     # Every (row, slot, piece) cell a combine reads is written by exactly one program; the others are never read.
-    po = torch.empty(b * hq * ks * plan.n_pieces * dv, dtype=torch.float32, device=dev)
-    plse = torch.empty(b * hq * ks * plan.n_pieces, dtype=torch.float32, device=dev)
+    po = empty(b * hq * ks * plan.n_pieces * dv, dtype=torch.float32, device=dev)
+    plse = empty(b * hq * ks * plan.n_pieces, dtype=torch.float32, device=dev)
     if attn_mask is not None:
         # uint8 view of the broadcast mask: zero strides on broadcast dims, one byte read per attended (head, key).
         mask = attn_mask.expand(b, hq, 1, lk).view(torch.uint8)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .gating import _launch_gate, chunk_means_triton, flip_selection
 from .jit import kernel_jit
-from .launch import MaskArgs, device_capability, on_device, partial_buffer_budget, row_slab, slabs, tuned_for
+from .launch import MaskArgs, device_capability, empty, on_device, partial_buffer_budget, row_slab, slabs, tuned_for
 from .support import (
     bounded_params,
     dot_precision,
@@ -426,8 +426,8 @@ def moba_forward_triton(
     lk, dv = key.shape[2], value.shape[3]
     chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     dev = query.device
-    out = torch.empty(b, hq, lq, dv, dtype=query.dtype, device=dev)
-    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=dev)
+    out = empty(b, hq, lq, dv, dtype=query.dtype, device=dev)
+    lse = empty(b, hq, lq, dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out.zero_(), lse
     cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None, chunk_size, device_capability(dev))
@@ -448,8 +448,8 @@ def moba_forward_triton(
         for r0, r1, lk_s in slabs(lq, lk, slab):
             km1 = min(topk - 1, (lk_s - 1) // chunk_size)
             if km1 > 0 and po is None:
-                po = torch.empty(b * hq * slab * km1_max, dv, dtype=torch.float32, device=dev)
-                plse = torch.empty(b * hq * slab * km1_max, dtype=torch.float32, device=dev)
+                po = empty(b * hq * slab * km1_max, dv, dtype=torch.float32, device=dev)
+                plse = empty(b * hq * slab * km1_max, dtype=torch.float32, device=dev)
             q_s = query[:, :, r0:r1]
             _forward_slab(
                 q_s, key, value, mask.slab(r0, r1, lk_s, q_s), means, po, plse, out[:, :, r0:r1], lse[:, :, r0:r1],

@@ -23,10 +23,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .jit import kernel_jit
+from .launch import empty
 from .support import bounded_params, interpreting, next_pow2, speed_up_interpreter
 from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores, query_major_program
 
-__all__ = ["FlipResult", "chunk_means_triton", "select_chunks_triton", "flip_selection"]
+__all__ = ["FlipResult", "chunk_means_triton", "flip_selection", "launch_chunk_means", "select_chunks_triton"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -71,6 +72,10 @@ def _chunk_means_kernel(
 def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
     """Mean key of every chunk, accumulated in fp32 (the Triton counterpart of ``reference.chunk_means``).
 
+    Every Triton path takes its means from :func:`launch_chunk_means` (this function, the decode kernels'
+    ``decode_chunk_means`` and ``moba_compile.ops.chunk_means``), so a chunk's mean is bitwise the same number
+    whichever of them computed it.
+
     Args:
         key: ``[B, Hkv, Lk, D]``, fp16/bf16/fp32, any strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``);
             ``D`` a power of two >= 16.
@@ -78,7 +83,8 @@ def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
 
     Returns:
         ``[B, Hkv, ceil(Lk / C), D]`` fp32, contiguous, on ``key``'s device. Summation order differs from the
-        reference, so values agree to fp32 rounding, not bitwise; identical chunks give bitwise identical means.
+        reference, so values agree to fp32 rounding, not bitwise (docs/kernels.md, "Chunk means"); identical chunks
+        give bitwise identical means.
 
     Raises:
         ValueError: ``key`` is not 4-D, ``Lk == 0`` or ``D`` is not a power of two >= 16.
@@ -90,19 +96,36 @@ def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
     """
     if key.dim() != 4 or key.shape[2] == 0:
         raise ValueError(f"key must be [B, Hkv, Lk>0, D], got {tuple(key.shape)}")
-    b, hkv, lk, d = key.shape
+    d = key.shape[3]
     if d < 16 or d != next_pow2(d):
         raise ValueError(f"head dim {d} must be a power of two >= 16")
-    n = -(-lk // chunk_size)
+    return launch_chunk_means(key, chunk_size, -(-key.shape[2] // chunk_size))
+
+
+def launch_chunk_means(key: Tensor, chunk_size: int, n_chunks: int) -> Tensor:
+    """fp32 ``[B, Hkv, n_chunks, D]`` means of the first ``n_chunks`` chunks of ``key``: the one means launch.
+
+    The prefill gate asks for every chunk (``ceil(Lk / C)``, the last one possibly partial, averaged over its real
+    keys), a decode step or a KV cache for the complete ones (``Lk // C`` or fewer). A chunk's mean does not depend on
+    ``n_chunks`` or on ``Lk`` beyond its own keys: one program per chunk sums the same ``[BLOCK_N, D]`` blocks in the
+    same order and divides with IEEE round-to-nearest (``div_rn``), so every caller gets bitwise the same numbers.
+    Inputs are not checked (callers validate); ``n_chunks <= ceil(Lk / C)``.
+
+    Example:
+        >>> launch_chunk_means(torch.ones(1, 1, 40, 16), 16, 2).shape  # doctest: +SKIP
+        torch.Size([1, 1, 2, 16])
+    """
+    b, hkv, lk, d = key.shape
     # One chunk either way; the kernel loops over C keys per chunk, so a huge C must not reach it.
     chunk_size = bounded_params(lk, chunk_size, 1)[0]
-    means = torch.empty(b, hkv, n, d, dtype=torch.float32, device=key.device)
+    means = empty(b, hkv, n_chunks, d, dtype=torch.float32, device=key.device)
     if means.numel() == 0:
         return means
     # The largest power of two dividing C (capped) avoids overhanging blocks; odd chunk sizes still work (masked).
+    # It depends on C only (not on Lk or the caller), which keeps every caller's summation order the same.
     block_n = min(16 if interpreting() else 64, chunk_size & -chunk_size)
-    _chunk_means_kernel[(n, b * hkv)](
-        key, means, hkv, lk, n, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4, num_stages=2
+    _chunk_means_kernel[(n_chunks, b * hkv)](
+        key, means, hkv, lk, n_chunks, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4, num_stages=2
     )
     return means
 
@@ -215,7 +238,7 @@ def _gate_dot_precision(dtype: torch.dtype) -> str:
 def _launch_gate(query: Tensor, means: Tensor, chunk_size: int, km1: int, len_k: int) -> Tensor:
     b, hq, lq, d = query.shape
     hkv, n = means.shape[1], means.shape[2]
-    sel = torch.empty(b, hq, lq, km1, dtype=torch.int32, device=query.device)
+    sel = empty(b, hq, lq, km1, dtype=torch.int32, device=query.device)
     if sel.numel() == 0:
         return sel
     cfg = _gate_config(d, n, km1)
@@ -409,8 +432,8 @@ def flip_selection(
     plane_size = (hq // heads_kv) * lq * km1
     n_seg = b * heads_kv * n_chunks
     counts = torch.zeros(n_seg, dtype=torch.int32, device=dev)
-    rank = torch.empty(n_entries, dtype=torch.int32, device=dev)
-    lists = torch.empty(max(n_entries, 1), dtype=torch.int32, device=dev)
+    rank = empty(n_entries, dtype=torch.int32, device=dev)
+    lists = empty(max(n_entries, 1), dtype=torch.int32, device=dev)
     block = 1024 if not interpreting() else 4096  # memory-bound elementwise passes
     grid = (triton.cdiv(n_entries, block),)
     if n_entries:

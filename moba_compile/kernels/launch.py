@@ -23,15 +23,36 @@ from .support import mask_bytes
 
 __all__ = [
     "PARTIAL_BUFFER_BYTES",
+    "POISON_BUFFERS",
     "TUNED_CAPABILITY",
     "MaskArgs",
     "device_capability",
+    "empty",
     "on_device",
     "partial_buffer_budget",
     "row_slab",
     "slabs",
     "tuned_for",
 ]
+
+# Test hook: when True, every buffer a launcher allocates (outputs and scratch) starts as NaN (floats) or the largest
+# integer (ints) instead of uninitialised memory, so an entry no kernel wrote fails a test instead of passing on
+# whatever the allocator returned (often zeros, which look like a valid masked row or gradient). Tests set it.
+POISON_BUFFERS = False
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` for the launchers' outputs and scratch buffers; poisoned when :data:`POISON_BUFFERS` is set.
+
+    Example:
+        >>> empty(2, 3, dtype=torch.float32, device=torch.device("cpu")).shape
+        torch.Size([2, 3])
+    """
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON_BUFFERS:
+        out.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max)
+    return out
+
 
 # The architecture the launch tables were timed and compile-checked on (H100/H200, sm_90). Elsewhere the launchers take
 # a safe default: the same maths, tiles that fit smaller shared memories (see each table).
