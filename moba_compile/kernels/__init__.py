@@ -14,7 +14,7 @@ Public API (used by :mod:`moba_compile.ops`):
 Importing this package never needs Triton, and every launcher is imported lazily on first use. Without Triton the
 launchers raise a clear ``RuntimeError`` when called and :func:`triton_unsupported_reason` answers
 ``"triton is not installed"``; the one exception is ``moba_backward_triton``, whose import then raises
-``ImportError``: the ops layer treats that as "no Triton backward" and uses the reference's backward formulas.
+``ImportError`` ("no Triton backward"). :mod:`moba_compile.ops` reaches every launcher as ``kernels.<name>``.
 """
 
 from .support import interpreting, require_triton, triton_available, triton_unsupported_reason
@@ -48,8 +48,9 @@ _LAZY = {
     "FlipResult": "gating",
 }
 
-# Names whose import fails without Triton (instead of returning a stub): moba_compile.ops imports the backward inside
-# `try: ... except ImportError` and falls back to the reference formulas.
+# Names whose import fails without Triton (instead of returning a stub): `from moba_compile.kernels import
+# moba_backward_triton` in a `try: ... except ImportError` is the documented way to ask "is there a Triton backward"
+# (moba_compile.ops no longer needs it: it chooses Triton only where triton_unsupported_reason is None).
 _IMPORT_ERROR_WITHOUT_TRITON = frozenset({"moba_backward_triton"})
 
 
