@@ -47,3 +47,8 @@ def __getattr__(name: str) -> Any:
     if name == "MobaCache":
         return cache.MobaCache
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # MobaCache is listed although it is created on first access (see __getattr__).
+    return sorted({*globals(), "MobaCache"})

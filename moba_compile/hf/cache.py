@@ -180,6 +180,9 @@ def _moba_cache_class() -> type:
         super(DynamicCache, self).__init__(layer_class_to_replicate=MobaCacheLayer)
 
     cls = type("MobaCache", (DynamicCache,), {"__init__": __init__, "__doc__": _MOBA_CACHE_DOC, "__module__": __name__})
+    # Reachable by module and qualified name, as pickle looks classes up: moba_compile.hf.cache.MobaCache.Layer.
+    cls.Layer = MobaCacheLayer
+    MobaCacheLayer.__qualname__ = "MobaCache.Layer"
     return cls
 
 
@@ -214,3 +217,8 @@ def cache_keyword() -> str:
 
     parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def __dir__() -> list[str]:
+    # MobaCache is listed although it is created on first access (see __getattr__).
+    return sorted({*globals(), "MobaCache"})
