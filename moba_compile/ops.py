@@ -566,8 +566,9 @@ def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
         raise ValueError(f"key must be a 4-D tensor [B, Hkv, Lk, D], got {getattr(key, 'shape', key)!r}")
     check_moba_params(chunk_size, 1)
     n_complete = key.shape[2] // chunk_size
-    # The decode step this cache serves: one query row per key head (only metadata is read).
-    query = key[:, :, :1].expand(-1, -1, 1, -1)
+    # The decode step this cache serves: one query row per key head (only metadata is read). An empty cache has no
+    # step to serve yet: its query is as empty as its keys, which every implementation answers with zero rows.
+    query = key[:, :, :1]
     chosen, _ = resolve_impl(impl, query, key, key, chunk_size, 1)
     CALLS[f"chunk_means:{chosen}"] += 1
     if chosen == "triton":

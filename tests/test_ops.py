@@ -437,7 +437,8 @@ def test_chunk_means_entry_for_kv_caches() -> None:
     assert ops.CALLS["chunk_means:reference"] == before + 1
     assert means.shape == (2, 2, 45 // 8, 16) and means.dtype == torch.float32 and means.is_contiguous()
     assert torch.equal(means, reference.chunk_means(k, 8)[:, :, : 45 // 8])  # the partial last chunk is excluded
-    assert ops.chunk_means(k, 64).shape == (2, 2, 0, 16)
+    assert ops.chunk_means(k, 64).shape == (2, 2, 0, 16)  # no complete chunk yet
+    assert ops.chunk_means(k[:, :, :0], 8).shape == (2, 2, 0, 16)  # an empty cache
     without = ops.attention(q, k, v, chunk_size=8, topk=3)
     assert torch.equal(ops.attention(q, k, v, chunk_size=8, topk=3, chunk_means=means), without)
     with pytest.raises(ValueError, match="4-D"):
