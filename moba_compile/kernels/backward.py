@@ -708,7 +708,7 @@ def moba_backward_triton(
     Returns:
         ``(dq, dk, dv)``, contiguous, shaped and typed like ``query``, ``key`` and ``value``. Extra memory: fp32
         ``Delta``/LSE ``[B, Hq, Lq]``, about 12 bytes per (row, head, slot) of index arrays, and either the fp32 dQ
-        buffer (default) or the fp32 slot partials capped by ``forward.partial_buffer_budget`` (deterministic).
+        buffer (default) or the fp32 slot partials capped by ``launch.partial_buffer_budget`` (deterministic).
 
     Raises:
         RuntimeError: Triton is not installed.
