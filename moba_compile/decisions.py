@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .policy import Decision, Mode, Policy
@@ -129,6 +129,8 @@ class SiteDecision:
         by_policy: dense because the policy's layer decision says so (rules, ``dense_last``), not because of the call,
             ``decode = "dense"`` or ``min_seq_len``: the compile pass warns when such decisions convert nothing.
         effectively_dense: MoBA whose top-k chunks cover every key of the known key length: exactly dense attention.
+        tail: the notes that end a MoBA site's reason (``min_seq_len`` at run time, effectively dense): a path's own
+            notes go before them (:meth:`record`).
     """
 
     mode: Mode
@@ -139,14 +141,15 @@ class SiteDecision:
     layer_decision: Decision
     by_policy: bool = False
     effectively_dense: bool = False
+    tail: tuple[str, ...] = field(default=(), repr=False)
 
     def record(self, module: str, layer: int | None, notes: Sequence[str] = (), **fields: Any) -> SiteRecord:
         """The report's record of this decision, with the path's own ``notes`` after the shared reason.
 
         Args:
             module: the site's module path. layer: its layer index (None if unknown).
-            notes: what only one path knows (a repeat_kv chain seen through, chunk means from a cache, ...), appended
-                to a MoBA site's reason with ``"; "``; a dense site's reason is kept as it is.
+            notes: what only one path knows (a repeat_kv chain seen through, chunk means from a cache, ...), joined
+                into a MoBA site's reason with ``"; "`` before :attr:`tail`; a dense site's reason is kept as it is.
             **fields: other :class:`~moba_compile.report.SiteRecord` fields (``graph``, ``impl``, ``mask_tag``).
 
         Returns:
@@ -158,7 +161,10 @@ class SiteDecision:
             >>> d.record("a", 0, ["repeat_kv seen through"]).reason
             'default policy; boolean mask, checked for causality once per forward; repeat_kv seen through'
         """
-        text = "; ".join([self.reason, *notes]) if self.mode == "moba" else self.reason
+        text = self.reason
+        if self.mode == "moba" and notes:
+            lead = text[: len(text) - len("; ".join(("", *self.tail)))] if self.tail else text
+            text = "; ".join([lead, *notes, *self.tail])
         return SiteRecord(
             module=module,
             layer=layer,
@@ -180,7 +186,7 @@ class SiteDecision:
             >>> d.dense("mask not causal").mode
             'dense'
         """
-        return replace(self, mode="dense", chunk_size=None, topk=None, reason=why, effectively_dense=False)
+        return replace(self, mode="dense", chunk_size=None, topk=None, reason=why, effectively_dense=False, tail=())
 
 
 def layer_decision(
@@ -269,11 +275,13 @@ def decide_site(
     notes = [decision.reason]
     if form in _FORM_NOTES:
         notes.append(reason(_FORM_NOTES[form]))
+    tail = []
     if len_k is None and policy.min_seq_len > 0:
-        notes.append(reason("min_seq_len_at_run_time", min_seq_len=policy.min_seq_len))
+        tail.append(reason("min_seq_len_at_run_time", min_seq_len=policy.min_seq_len))
     # top-k chunks of chunk_size keys cover a known key length: exactly dense causal attention, nothing saved. Only for
     # a plain int: a symbolic length (a traced Hugging Face call) would gain a guard, and a recompile when it flips.
     covers = isinstance(len_k, int) and topk * chunk_size >= len_k
     if covers:
-        notes.append(reason("effectively_dense", topk=topk, chunk_size=chunk_size, len_k=len_k))
-    return SiteDecision("moba", chunk_size, topk, "; ".join(notes), form, decision, effectively_dense=covers)
+        tail.append(reason("effectively_dense", topk=topk, chunk_size=chunk_size, len_k=len_k))
+    text = "; ".join([*notes, *tail])
+    return SiteDecision("moba", chunk_size, topk, text, form, decision, effectively_dense=covers, tail=tuple(tail))
