@@ -445,3 +445,13 @@ def test_chunk_means_entry_for_kv_caches() -> None:
         ops.chunk_means(k[0], 8)
     with pytest.raises(ValueError, match="impl"):
         ops.chunk_means(k, 8, impl="fast")
+
+
+def test_docstring_examples_of_the_moved_modules_run() -> None:
+    import doctest
+
+    from moba_compile.kernels import launch
+
+    for module in (masks, launch, ops):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
