@@ -273,7 +273,7 @@ def build_model(spec: str, *, seq_len: int, seed: int) -> CausalLM:
 
     Args:
         spec: ``"gpt"`` (the byte-level GPT of ``examples/reproduce``, seeded with ``seed``), a tiny preset name, a
-            ``config.json`` path or a local model directory (see :func:`moba_compile.cli.build_hf_model`: random
+            ``config.json`` path or a local model directory (see :func:`moba_compile.hf.models.build_hf_model`: random
             weights seeded with 0, or the directory's weights when it has any).
         seq_len: the training sequence length (the GPT's rotary tables are built for it).
         seed: seeds the GPT's initialisation.

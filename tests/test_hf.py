@@ -90,6 +90,15 @@ FORMS = {
 }
 
 
+# Inside torch.compile on torch 2.11 transformers always builds the boolean mask (spec section 3's table), so the
+# "is_causal" inputs reach the pass in the mask form there; on torch >= 2.13 they stay is_causal=True.
+TORCH_EMITS_IS_CAUSAL = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+def _expected_form(form: str) -> str:
+    return "is_causal" if form == "is_causal" and TORCH_EMITS_IS_CAUSAL else "mask"
+
+
 def _kwargs(form: str, ids: torch.Tensor) -> dict:
     kw = dict(FORMS[form])
     if kw.get("attention_mask") == "ones":
@@ -112,8 +121,8 @@ def test_prefill_logits_and_grads_match_oracle(arch, form, policy_file):
     sites = reports[0].sites
     assert [(s.layer, s.decision) for s in sites] == [(0, "moba"), (1, "moba"), (2, "dense")]
     assert sites[0].module == "model.layers.0.self_attn"
-    assert {s.form for s in sites} == {"is_causal" if form == "is_causal" else "mask"}
-    if form == "mask":
+    assert {s.form for s in sites} == {_expected_form(form)}
+    if _expected_form(form) == "mask":
         assert all("repeat_kv seen through" in s.reason for s in reports[0].moba_sites)
     expected = oracle(ids, **_kwargs(form, ids)).logits
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
