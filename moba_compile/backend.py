@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -18,6 +19,7 @@ from torch import fx, nn
 from .ops import IMPLS, Impl
 from .passes import rewrite_sdpa
 from .passes.identity import BlockScope, ModuleIndex
+from .passes.rewrite import MobaCompileWarning
 from .policy import Policy, load_policy
 from .report import Report
 
@@ -387,6 +389,11 @@ def compile_blocks(
             for d in [opts.policy.decide(f"{path}.{rel}".strip("."), layer, num_layers, layers)]
         )
         groups.setdefault(signature, []).append((path, layer, block))
+    if all(mode == "dense" for signature in groups for _, mode, _, _ in signature):
+        # The per-graph check cannot see this (each graph serves one group), so the whole model is checked here.
+        message = f"moba: compile_blocks: policy {opts.policy.source} keeps all {len(named)} blocks dense"
+        logger.warning("%s", message)
+        warnings.warn(message, MobaCompileWarning, stacklevel=2)
     plan: dict[int, CompiledBlock] = {}
     for group, members in enumerate(groups.values()):
         scope = BlockScope({id(block): (path, layer) for path, layer, block in members}, num_layers, tuple(layers))

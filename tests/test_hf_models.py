@@ -180,13 +180,16 @@ def test_moba_cache_keeps_chunk_means_and_generates_like_dynamic_cache():
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     decode = [s for s in MOBA.report().sites if s.form == "kv-cache" and s.decision == "moba"]
     assert decode and all("chunk means from MobaCache" in s.reason for s in decode)
-    # The incrementally kept means equal the reference's means of the full cache (complete chunks only).
+    # The means kept chunk by chunk during generation are bitwise those of the one means computation
+    # (ops.chunk_means, which the gate and decode kernels use) over the whole cache: complete chunks only.
     layer = cache.layers[0]
     keys = layer.keys
     means = layer.chunk_means(CHUNK, keys)
+    assert means.shape[2] == keys.shape[2] // CHUNK >= 2
+    assert torch.equal(means, moba_compile.ops.chunk_means(keys, CHUNK))
     n_complete = keys.shape[2] // CHUNK
     expected = moba_compile.reference.chunk_means(keys, CHUNK)[:, :, :n_complete]
-    torch.testing.assert_close(means, expected, atol=1e-6, rtol=1e-6)  # fp32 sums in another order
+    torch.testing.assert_close(means, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_autocast_mixed_dtypes_convert_in_both_paths():

@@ -256,3 +256,18 @@ def test_compile_blocks_validates_options_at_once():
         moba_compile.compile_blocks(TinyLM(), None, compiler="tvm")
     with pytest.raises(ValueError, match="no nn.ModuleList"):
         moba_compile.compile_blocks(Block(8, 2, 2, "is_causal"), None)
+
+
+def test_compile_blocks_warns_only_when_the_policy_keeps_every_block_dense():
+    import warnings
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moba_compile.compile_blocks(TinyLM(n_layers=4), {"chunk_size": C, "topk": K, "dense_last": 1})
+        model = TinyLM(n_layers=4)
+        moba_compile.compile_blocks(model, {"chunk_size": C, "topk": K, "dense_last": 1}, compiler="aot_eager")
+        model(torch.randint(0, 50, (2, 40)))  # the dense group's graph: dense on purpose, no "converts none" warning
+    assert not [w for w in caught if issubclass(w.category, moba_compile.MobaCompileWarning)]
+    with pytest.warns(moba_compile.MobaCompileWarning, match="keeps all 4 blocks dense"):
+        moba_compile.compile_blocks(TinyLM(n_layers=4), {"rules": [{"layers": [0, 1, 2, 3], "mode": "dense"}]})

@@ -417,7 +417,7 @@ class MobaAttention:
         means = None
         layer_ref = getattr(full_key, "_moba_cache_layer", None)
         if decode and key is full_key and layer_ref is not None and layer_ref() is not None:
-            means = layer_ref().chunk_means(decided.chunk_size, key)
+            means = layer_ref().chunk_means(decided.chunk_size, key, self.impl)
         out = ops.attention(
             query,
             key,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from ._deps import _transformers
 
 __all__ = ["MobaCache", "cache_keyword"]  # noqa: F822 (MobaCache: created by __getattr__ on first access)
@@ -28,7 +29,12 @@ def _version(tensor: Tensor) -> int | None:
 
 
 class _MeanTrack:
-    """Chunk means of one cache layer for one chunk size, extended as keys are appended (fp32 sums).
+    """Chunk means of one cache layer for one chunk size, extended as chunks complete.
+
+    The means come from :func:`moba_compile.ops.chunk_means`, the one computation the prefill gate and the decode
+    kernels use too, so a decode step scores chunks with the very numbers its own prefill scored them with (issue:
+    chunk means were computed four ways and agreed only to fp32 rounding, so near-tied chunks could rank differently).
+    A chunk's mean depends on its own keys only: each newly completed chunk is averaged once, from the keys.
 
     A track describes one keys tensor, the layer's current one. Why identity is safe here: transformers'
     ``DynamicLayer`` never writes its keys in place (``update`` concatenates; ``crop``, ``reorder_cache``, ``batch_*``
@@ -39,12 +45,11 @@ class _MeanTrack:
     see; inference tensors have no version counter, and there the layer methods are the guard.)
     """
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, impl: str) -> None:
         self.chunk_size = chunk_size
+        self.impl = impl  # the attention's impl, so the means come from the path its decode step takes
         self.length = 0
-        self.complete: Tensor | None = None  # [B, H, n_complete, D] fp32 means of full chunks
-        self.partial_sum: Tensor | None = None  # [B, H, D] fp32 sum of the keys of the chunk being filled
-        self.partial_count = 0
+        self.complete: Tensor | None = None  # [B, H, n_complete, D] means of the complete chunks
         self.keys_ref: Callable[[], Tensor | None] = lambda: None
         self.keys_version: int | None = None
 
@@ -57,28 +62,16 @@ class _MeanTrack:
         self.keys_ref = weakref.ref(keys)
         self.keys_version = _version(keys)
 
-    def append(self, new: Tensor) -> None:
-        c, x = self.chunk_size, new.float()
-        b, h, t, d = x.shape
-        pieces = [] if self.complete is None else [self.complete]
-        off = 0
-        if self.partial_count:
-            take = min(c - self.partial_count, t)
-            self.partial_sum = self.partial_sum + x[:, :, :take].sum(2)
-            self.partial_count += take
-            off = take
-            if self.partial_count == c:
-                pieces.append((self.partial_sum / c)[:, :, None])
-                self.partial_sum, self.partial_count = None, 0
-        full = (t - off) // c
-        if full:
-            pieces.append(x[:, :, off : off + full * c].reshape(b, h, full, c, d).sum(3) / c)
-            off += full * c
-        if off < t:
-            self.partial_sum, self.partial_count = x[:, :, off:].sum(2), t - off
-        if pieces:
-            self.complete = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
-        self.length += t
+    def extend(self, keys: Tensor) -> None:
+        """Cover ``keys``, whose first ``self.length`` positions are the ones covered so far: average the chunks that
+        completed since (``O(new chunks * C)``, not the whole cache)."""
+        c = self.chunk_size
+        done = 0 if self.complete is None else self.complete.shape[2]
+        total = keys.shape[-2] // c
+        if total > done:
+            fresh = ops.chunk_means(keys[:, :, done * c : total * c], c, impl=self.impl)
+            self.complete = fresh if self.complete is None else torch.cat([self.complete, fresh], dim=2)
+        self.length = keys.shape[-2]
 
 
 # Layer methods that may change the cached keys other than by appending: each drops the means (rebuilt on next use).
@@ -111,7 +104,7 @@ class _MobaCacheLayer:
                 and track.describes(previous)
                 and keys.shape[-2] == track.length + key_states.shape[-2]
             ):
-                track.append(key_states)
+                track.extend(keys)
                 track.follow(keys)
             else:  # anything but an append of key_states: rebuild on next use
                 del self._tracks()[chunk_size]
@@ -120,12 +113,13 @@ class _MobaCacheLayer:
         keys._moba_cache_layer = weakref.ref(self)
         return keys, values
 
-    def chunk_means(self, chunk_size: int, keys: Tensor) -> Tensor:
-        """fp32 means ``[B, H, n, D]`` of the complete chunks of ``keys`` (this layer's current keys)."""
+    def chunk_means(self, chunk_size: int, keys: Tensor, impl: str = "auto") -> Tensor:
+        """Means ``[B, H, n, D]`` (fp32; fp64 for fp64 keys on the reference path) of the complete chunks of ``keys``
+        (this layer's current keys), by :func:`moba_compile.ops.chunk_means` with the attention's ``impl``."""
         track = self._tracks().get(chunk_size)
-        if track is None or not track.describes(keys):
-            track = _MeanTrack(chunk_size)
-            track.append(keys)
+        if track is None or not track.describes(keys) or track.impl != impl:
+            track = _MeanTrack(chunk_size, impl)
+            track.extend(keys)
             track.follow(keys)
             self._tracks()[chunk_size] = track
         if track.complete is None:
@@ -147,7 +141,8 @@ _MOBA_CACHE_DOC = """A transformers ``DynamicCache`` that also keeps the chunk m
     complete.
 
     With it, a decode step of an ``attn_implementation="moba"`` layer reads the means of complete chunks (fp32,
-    ``[B, Hkv, n, D]``, updated in ``O(new tokens)`` per step) instead of averaging every cached key. Cropping,
+    ``[B, Hkv, n, D]``; each chunk averaged once, when it completes, by :func:`moba_compile.ops.chunk_means`, the
+    computation the prefill gate and the decode kernels use) instead of averaging every cached key. Cropping,
     beam reordering or offloading the cache makes the means rebuild once on the next step. Means are kept per chunk
     size that a layer asks for. ``MobaCache()`` takes no arguments: its layers are created on first use, one per
     attention layer, as a ``DynamicCache`` without a config does.

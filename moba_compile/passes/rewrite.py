@@ -242,11 +242,13 @@ def _check_policy_fit(
     records: list[SiteRecord],
     unmatched: list[str],
     kept_dense: list[str],
+    scope: BlockScope | None = None,
 ) -> None:
     """Warn about what the report alone shows only at INFO: a policy that does not fit the model.
 
     ``kept_dense`` are the reasons of the sites that could run MoBA but that the policy's decision (layers, rules,
-    ``dense_last``) kept dense.
+    ``dense_last``) kept dense. Under :func:`moba_compile.compile_blocks` (``scope``) a graph serves only the blocks
+    decided alike, so a group the policy keeps dense on purpose is no mistake: compile_blocks checks the whole model.
     """
     where = f"policy {policy.source}"
     if not units:
@@ -274,7 +276,12 @@ def _check_policy_fit(
             _warn(f"moba: the attention at {unit.module or '(no module)'} stays dense: {unit.site.blocker}")
     convertible = sum(1 for u in units if u.site.blocker is None)
     # Only the policy's own decisions: decode = "dense" and min_seq_len keeping sites dense are choices, not mistakes.
-    if kept_dense and len(kept_dense) == convertible and not any(r.decision == "moba" for r in records):
+    if (
+        scope is None
+        and kept_dense
+        and len(kept_dense) == convertible
+        and not any(r.decision == "moba" for r in records)
+    ):
         more = f" (and {len(kept_dense) - 1} more sites kept dense likewise)" if len(kept_dense) > 1 else ""
         _warn(f"moba: {where} converts none of the {len(records)} attention sites of this graph: {kept_dense[0]}{more}")
 
@@ -375,7 +382,7 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         owner.graph.lint()
         owner.recompile()
     unmatched = [policy.describe_rule(i) for i in range(len(policy.rules)) if i not in matched_rules]
-    _check_policy_fit(policy, units, attention_layers, records, unmatched, kept_dense)
+    _check_policy_fit(policy, units, attention_layers, records, unmatched, kept_dense, scope)
     return Report(sites=records, unmatched_rules=unmatched, policy_source=policy.source)
 
 
