@@ -290,21 +290,3 @@ def test_hybrid_attention_layers_found_from_the_modules_when_the_config_says_not
         attention(blocks[i], q, k, v, None)
     sites = [(s.module, s.decision) for s in attention.report().sites]
     assert sites == [("layers.1.mixer", "moba"), ("layers.5.mixer", "dense")]
-
-
-def test_moba_cache_means_on_the_triton_path_equal_the_kernels_means_bitwise(monkeypatch):
-    """The cache's means come from the one means computation: on the (interpreted) Triton path, a cache filled by a
-    prefill and then one token at a time holds bitwise the means the gate kernel computes over the whole keys."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cache = moba_compile.hf.MobaCache()
-    torch.manual_seed(3)
-    keys = torch.randn(1, 2, 83, 16)  # the kernels take chunks of a multiple of 16 keys
-    values = torch.randn(1, 2, 83, 16)
-    cache.update(keys[:, :, :20], values[:, :, :20], 0)
-    layer = cache.layers[0]
-    layer.chunk_means(16, layer.keys, "triton")  # the attention function starts a track at its first decode step
-    for t in range(20, 83):
-        cache.update(keys[:, :, t : t + 1], values[:, :, t : t + 1], 0)
-    kept = layer.chunk_means(16, layer.keys, "triton")
-    assert kept.shape == (1, 2, 5, 16)
-    assert torch.equal(kept, moba_compile.ops.chunk_means(keys, 16, impl="triton"))

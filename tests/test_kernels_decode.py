@@ -29,7 +29,7 @@ import triton  # noqa: E402, F401  (a missing triton must fail the tests, not sk
 from conftest import Case, decode_case  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import assert_out_lse_within_budget, on_test_device, prefill_inputs  # noqa: E402
+from kernel_cases import TEST_DEVICE, assert_out_lse_within_budget, on_test_device, prefill_inputs  # noqa: E402
 
 from moba_compile import ops, reference  # noqa: E402
 from moba_compile.kernels import chunk_means_triton  # noqa: E402
@@ -435,3 +435,18 @@ def test_every_kernel_leaves_lengths_unspecialised() -> None:
             assert not missing, f"{module_name}.{name} specialises on length arguments {missing}"
             checked += "Lk" in params or "Lq" in params or "own_len" in params or "N" in params
     assert checked >= 10
+
+
+def test_kv_cache_means_kept_chunk_by_chunk_equal_the_kernels_means_bitwise():
+    """A KV cache's means (moba_compile.hf's tracking, one chunk as each completes) on the Triton path are bitwise the
+    means the gate kernel computes over the whole keys: a decode step ranks chunks with its prefill's numbers."""
+    from moba_compile.hf.cache import _MeanTrack  # the tracking itself needs no transformers
+
+    torch.manual_seed(3)
+    keys = torch.randn(1, 2, 83, 16).to(TEST_DEVICE)  # chunks of 16 keys, the kernels' multiple
+    track = _MeanTrack(16, "triton")
+    track.extend(keys[:, :, :20])  # a prefill of 20 keys: one complete chunk
+    for t in range(21, 84):  # then one key per decode step, the cache growing as transformers' DynamicLayer does
+        track.extend(keys[:, :, :t])
+    assert track.complete.shape == (1, 2, 5, 16) and track.length == 83
+    assert torch.equal(track.complete, ops.chunk_means(keys, 16, impl="triton"))
