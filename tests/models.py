@@ -12,6 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: The tiny Llama-shaped config the Hugging Face tests build from code (no weights can be downloaded): 3 layers,
+#: 4 query and 2 key/value heads of 8, vocabulary 64. Tests override fields with ``{**TINY_LLAMA, ...}``.
+TINY_LLAMA: dict[str, int] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+#: Special token ids for the tests that generate (padding at 0, so left-padded batches mask it).
+TOKEN_IDS: dict[str, int] = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
 
 class CausalSelfAttention(nn.Module):
     """GQA-capable causal self-attention. ``form``: "is_causal", "mask" (bool causal mask arg), "repeat" (repeat_kv)."""

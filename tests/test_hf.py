@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from models import TINY_LLAMA
 from naive import naive_moba
 
 import moba_compile
@@ -47,15 +48,7 @@ AttentionMaskInterface.register("naive_moba", sdpa_mask)
 
 
 def tiny_model(arch: str) -> torch.nn.Module:
-    common = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    common = {**TINY_LLAMA, "num_hidden_layers": LAYERS}
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common)
     elif arch == "qwen2":

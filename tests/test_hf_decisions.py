@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import TINY_LLAMA
 
 import moba_compile
 import moba_compile.hf
@@ -15,15 +16,7 @@ transformers = pytest.importorskip("transformers", reason="the 'test' extra inst
 
 # Layer 0 dense by a rule, layer 1 MoBA, layer 2 dense by dense_last.
 POLICY = {"chunk_size": 8, "topk": 2, "dense_last": 1, "rules": [{"layers": [0], "mode": "dense"}]}
-LLAMA = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+LLAMA = TINY_LLAMA
 
 
 def _tiny_llama(attn: str) -> torch.nn.Module:

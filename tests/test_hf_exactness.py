@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TINY_LLAMA, TOKEN_IDS
 from naive import naive_moba
 
 import moba_compile
@@ -24,18 +25,7 @@ POLICY = {"chunk_size": CHUNK, "topk": TOPK, "dense_last": 1}
 ATOL = 3e-5  # float32 model vs the float64 oracle cast to float32
 MOBA = moba_compile.hf.register(POLICY, name="moba_exact")
 
-LLAMA = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+LLAMA = {**TINY_LLAMA, **TOKEN_IDS}
 
 
 def tiny_llama(attn: str = "moba_exact") -> torch.nn.Module:

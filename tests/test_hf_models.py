@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from models import TINY_LLAMA, TOKEN_IDS
 from naive import naive_moba
 
 import moba_compile.hf
@@ -37,18 +38,7 @@ MOBA = moba_compile.hf.register(POLICY, name="moba_test")
 
 
 def build(arch: str, attn: str = "sdpa", **overrides) -> torch.nn.Module:
-    llama_like = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    llama_like = {**TINY_LLAMA, **TOKEN_IDS, "num_hidden_layers": LAYERS}
     configs = {
         "llama": lambda: transformers.LlamaConfig(**llama_like),
         "qwen2": lambda: transformers.Qwen2Config(**llama_like, use_sliding_window=False),

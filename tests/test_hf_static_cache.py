@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TINY_LLAMA, TOKEN_IDS
 from naive import naive_moba
 
 import moba_compile.hf
@@ -35,18 +36,7 @@ def oracle_attention(module, query, key, value, attention_mask, scaling=None, dr
 AttentionInterface.register("moba_static_oracle", oracle_attention)
 AttentionMaskInterface.register("moba_static_oracle", sdpa_mask)
 
-LLAMA = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+LLAMA = {**TINY_LLAMA, **TOKEN_IDS}
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**LLAMA),
     # hybrid: sliding-window layers 0 and 2 (a rolling static buffer of 12 slots), full layers 1 and 3

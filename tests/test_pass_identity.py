@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from models import TINY_LLAMA
 from torch import fx
 
 import moba_compile
@@ -43,15 +44,7 @@ AttentionMaskInterface.register("pass_identity_reference", sdpa_mask)
 
 
 def tiny_llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    cfg = transformers.LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": LAYERS})
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
 
