@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from report_text import parse_report_table
 
 from moba_compile.cli import load_factory, main, parse_shape
 
@@ -113,22 +114,9 @@ def _rows(out: str) -> dict[str, list[str]]:
 
     A reason moved under the table as a note (``[2]`` in the row) is replaced by the note's text, unwrapped.
     """
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("graph  layer"))
-    notes: dict[str, str] = {}
-    if "notes:" in lines:
-        number = ""
-        for line in lines[lines.index("notes:") + 1 :]:
-            found = re.match(r"(\[\d+\]) (.*)", line)
-            if found:
-                number, notes[found[1]] = found[1], found[2]
-            elif line.startswith("    ") and number:
-                notes[number] += " " + line.strip()
-            else:
-                break
+    table, notes = parse_report_table(out)
     rows = {}
-    for line in lines[start + 2 :]:
-        cells = re.split(r"\s{2,}", line.strip())
+    for cells in table:
         if len(cells) == 9:
             cells[8] = notes.get(cells[8], cells[8])
             rows[cells[2]] = cells

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import json
-import re
 
 import pytest
+from report_text import parse_report_table
 
 import moba_compile.report as report_mod
 from moba_compile.report import TABLE_WIDTH, Report, SiteRecord
@@ -44,34 +44,11 @@ def hf_like_report() -> Report:
     return Report(sites, unmatched, policy_source="examples/policies/hybrid.toml")
 
 
-def parse(text: str) -> tuple[list[list[str]], dict[str, str]]:
-    """The table's rows (9 cells each) and the notes by number (``"[1]"``), their wrapped lines joined."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("graph  layer"))
-    rows = []
-    end = start + 2
-    while end < len(lines) and re.match(r"\d+  ", lines[end]):
-        rows.append(re.split(r"\s{2,}", lines[end].strip()))
-        end += 1
-    notes: dict[str, str] = {}
-    if end < len(lines) and lines[end] == "notes:":
-        number = ""
-        for line in lines[end + 1 :]:
-            found = re.match(r"(\[\d+\]) (.*)", line)
-            if found:
-                number, notes[found[1]] = found[1], found[2]
-            elif line.startswith("    ") and number:
-                notes[number] += " " + line.strip()
-            else:
-                break
-    return rows, notes
-
-
 def test_hf_sized_report_fits_120_columns_and_keeps_every_reason() -> None:
     report = hf_like_report()
     text = str(report)
     assert max(len(line) for line in text.splitlines()) <= TABLE_WIDTH
-    rows, notes = parse(text)
+    rows, notes = parse_report_table(text)
     assert len(rows) == 32 and all(len(r) == 9 for r in rows)
     # Every reason is recoverable, in full, from its row or its note.
     assert [notes.get(r[8], r[8]) for r in rows] == [s.reason for s in report.sites]
@@ -97,7 +74,7 @@ def test_short_reports_keep_reasons_inline() -> None:
 def test_width_is_respected_for_any_width_the_fixed_columns_allow(width: int) -> None:
     report = hf_like_report()
     text = report.format(width=width)
-    rows, notes = parse(text)
+    rows, notes = parse_report_table(text)
     assert max(len(line) for line in text.splitlines()) <= width
     assert [notes.get(r[8], r[8]) for r in rows] == [s.reason for s in report.sites]
 
@@ -109,7 +86,7 @@ def test_dense_sites_show_no_impl() -> None:
     planned = SiteRecord("a", 0, "moba", 8, 2, "default", impl="reference (CPU tensors)", mask_tag="t")
     ended = Report([planned]).with_mask_observations({"t": 2}, {2: "mask not causal"}).sites[0]
     assert (ended.decision, ended.impl, ended.chunk_size, ended.topk) == ("dense", "-", None, None)
-    rows, _ = parse(str(Report([ended])))
+    rows, _ = parse_report_table(str(Report([ended])))
     assert rows[0][7] == "-"
 
 
@@ -122,7 +99,7 @@ def test_effectively_dense_sites_are_marked_and_counted() -> None:
     report = Report(sites)
     text = str(report)
     assert text.splitlines()[0] == "moba-compile report: 2 of 3 attention sites on MoBA (1 effectively dense)"
-    rows, _ = parse(text)
+    rows, _ = parse_report_table(text)
     assert [r[3] for r in rows] == ["moba*", "moba", "dense"]
     assert "moba*: effectively dense" in text
     assert report.effectively_dense_sites == [sites[0]]
