@@ -28,6 +28,7 @@ __all__ = [
     "moba_attention_forward",
     "moba_attention_backward",
     "moba_attention_jvp",
+    "moba_static_decode_forward",
 ]
 
 # Rows per query block: keep the [B, Hq, rows, Lk] temporaries near 2**24 elements (64 MiB in fp32).
@@ -450,3 +451,116 @@ def moba_attention_jvp(
             empty = query.new_zeros(shapes.batch, shapes.heads_q, 0, shapes.head_dim_v)
             return empty, torch.zeros(shapes.batch, shapes.heads_q, 0, dtype=acc, device=query.device)
         return torch.cat(t_outs, dim=2).to(query.dtype), torch.cat(t_lses, dim=2)
+
+
+def moba_static_decode_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    length: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    chunk_means: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MoBA for queries ending a static KV cache whose length is a device tensor (spec section 6, static-cache decode).
+
+    ``key``/``value`` are the cache's buffers of ``slots`` positions; batch row ``b`` holds ``n_b = length[b]`` keys
+    and its ``Lq`` queries sit at positions ``n_b - Lq .. n_b - 1``. The result is
+    :func:`moba_attention_forward` of the queries over ``key[b, :, :n_b]`` (bottom-right aligned) for every row:
+    slots at or after ``n_b`` are never selected or attended. Computed without reading ``length`` on the host (every
+    step masks over the fixed chunk axis), so it is also a graph-safe path, at ``O(Lq * slots)`` cost per head.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, slots, D]``; value: ``[B, Hkv, slots, Dv]``; one floating dtype and
+            device, ``Hq % Hkv == 0``, ``Lq <= slots``.
+        length: integer tensor ``[B]`` or ``[]`` (shared by the batch) on the query's device, ``Lq <= n_b <= slots``
+            (values outside are clamped to ``[Lq, slots]``: they cannot be checked without a host sync).
+        chunk_size, topk, scale, attn_mask: as for :func:`moba_attention_forward` (the mask spans the ``slots``).
+        chunk_means: optional gate means ``[B, Hkv, >= (slots - 1) // C, D]`` (a static cache's buffer), used for
+            chunks ``c < (n_b - 1) // C`` only; rows at or after a row's own chunk may hold anything. Default:
+            :func:`chunk_means` of ``key``.
+
+    Returns:
+        ``(out [B, Hq, Lq, Dv] in the query's dtype, lse [B, Hq, Lq] fp32 (fp64 for fp64))``; a row with no attended
+        key gives ``out = 0``, ``lse = -inf``.
+
+    Raises:
+        ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`; ``length`` not an integer tensor
+            of shape ``[B]`` or ``[]`` on the query's device.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 32, 8)
+        >>> out, _ = moba_static_decode_forward(q, k, k, torch.tensor([20]), chunk_size=4, topk=2)
+        >>> ref, _ = moba_attention_forward(q, k[:, :, :20], k[:, :, :20], chunk_size=4, topk=2)
+        >>> torch.allclose(out, ref)
+        True
+    """
+    shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    b, hq, lq, slots, hkv = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k, shapes.heads_kv
+    if (
+        not isinstance(length, Tensor)
+        or length.dtype.is_floating_point
+        or length.dtype.is_complex
+        or length.dtype == torch.bool
+        or length.dim() > 1
+        or (length.dim() == 1 and length.shape[0] != b)
+        or length.device != query.device
+    ):
+        raise ValueError(
+            f"length must be an integer tensor [B={b}] or [] on {query.device}, got "
+            f"{getattr(length, 'dtype', type(length).__name__)} {tuple(getattr(length, 'shape', ()))}"
+        )
+    # The chunk parameters of the full buffer: a chunk's keys and the top-k count do not depend on the length.
+    chunk_size, topk = bounded_params(slots, chunk_size, topk)
+    scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+    acc = _acc_dtype(query.dtype)
+    n = -(-slots // chunk_size)
+    with torch.no_grad():
+        lengths = length.to(torch.int64).clamp(min=lq, max=slots).expand(b)
+        means = _gate_means(key, chunk_size, chunk_means)  # [B, Hkv, n, D]
+    k32, v32 = key.to(acc), value.to(acc)
+    slot_ids = torch.arange(slots, device=query.device)
+    chunk_ids = torch.arange(n, device=query.device)
+    key_chunk = slot_ids // chunk_size
+    take = min(topk - 1, n)
+    outs, lses = [], []
+    for r0, r1, _ in _blocks(query, key):
+        q_blk = query[:, :, r0:r1]
+        rows = r1 - r0
+        with torch.no_grad():
+            pos = lengths[:, None] - lq + torch.arange(r0, r1, device=query.device)[None, :]  # [B, rows]
+            own = pos // chunk_size
+            allowed = (key_chunk[None, None, :] == own[:, :, None]) & (slot_ids[None, None, :] <= pos[:, :, None])
+            if take > 0:
+                scores = _unfold_heads(_fold_heads(q_blk.to(means.dtype), hkv) @ means.transpose(-1, -2), hq)
+                earlier = chunk_ids[None, None, :] < own[:, :, None]  # [B, rows, n]
+                scores = scores.masked_fill(~earlier[:, None], -math.inf)
+                # Ties go to the later chunk: reverse the chunk order, then a stable descending sort.
+                order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :take]
+                chosen = (n - 1) - order  # [B, Hq, rows, take]
+                valid = chosen < own[:, None, :, None]
+                picked = torch.zeros(b, hq, rows, n + 1, dtype=torch.bool, device=query.device)
+                picked.scatter_(-1, torch.where(valid, chosen, n), True)
+                allowed = allowed[:, None] | picked[..., :n].gather(-1, key_chunk.expand(b, hq, rows, slots))
+            else:
+                allowed = allowed[:, None].expand(b, hq, rows, slots)
+            mask_blk = _mask_rows(attn_mask, (b, hq, lq, slots), r0, r1)
+            if mask_blk is not None:
+                allowed = allowed & mask_blk
+        allowed = _fold_heads(allowed, hkv)
+        s = (_fold_heads(q_blk.to(acc), hkv) @ k32.transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, -math.inf)
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(s - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        out = (p @ v32) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        lse = (row_max + torch.log(denom)).squeeze(-1)
+        outs.append(_unfold_heads(out, hq))
+        lses.append(_unfold_heads(lse.unsqueeze(-1), hq).squeeze(-1))
+    if not outs:
+        return query.new_zeros(b, hq, 0, shapes.head_dim_v), torch.zeros(b, hq, 0, dtype=acc, device=query.device)
+    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)

@@ -7,7 +7,7 @@ Public API (used by :mod:`moba_compile.ops`):
 - :func:`moba_backward_triton`: ``(dq, dk, dv)`` like ``reference.moba_attention_backward`` (atomics for dQ by
   default, bitwise reproducible with ``deterministic=True`` or under ``torch.use_deterministic_algorithms``).
 - :func:`moba_decode_triton`, :func:`decode_unsupported_reason`, :func:`decode_select_chunks_triton`: the decode
-  path (module ``.decode``).
+  path (module ``.decode``); :func:`moba_decode_static_triton`: its static-cache form (length on the device).
 - :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks;
   :func:`launch_chunk_means`: the one means launch (prefill gate, decode, ``moba_compile.ops.chunk_means``).
 
@@ -28,6 +28,7 @@ __all__ = [
     "interpreting",
     "launch_chunk_means",
     "moba_backward_triton",
+    "moba_decode_static_triton",
     "moba_decode_triton",
     "moba_forward_triton",
     "select_chunks_triton",
@@ -39,6 +40,7 @@ _LAZY = {
     "moba_forward_triton": "forward",
     "moba_backward_triton": "backward",
     "moba_decode_triton": "decode",
+    "moba_decode_static_triton": "decode",
     "decode_unsupported_reason": "decode",
     "decode_select_chunks_triton": "decode",
     "chunk_means_triton": "gating",

@@ -60,6 +60,7 @@ __all__ = [
     "decode_chunk_means",
     "decode_select_chunks_triton",
     "decode_unsupported_reason",
+    "moba_decode_static_triton",
     "moba_decode_triton",
 ]
 
@@ -79,6 +80,17 @@ _LOG2E = math.log2(math.e)
 _decode_means_kernel = _chunk_means_kernel
 
 
+@triton.jit
+def _device_length(len_ptr, b, slots):
+    """Batch row ``b``'s key length on a static cache (int64 ``len_ptr[b]``), clamped to ``[1, slots]``.
+
+    A decode step's length counts its own key, so it is >= 1; the clamp keeps a bad value from reading outside the
+    buffer (the op's docstring states the contract). int32, as the kernels' key positions.
+    """
+    n = tl.load(len_ptr + b)
+    return tl.minimum(tl.maximum(n, 1), slots).to(tl.int32)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Gate: scores of the group's query heads against the earlier chunks' means, running top-(K-1)
 # --------------------------------------------------------------------------------------------------------------------
@@ -87,6 +99,8 @@ def _decode_gate_kernel(
     q_ptr,
     means_ptr,
     out_ptr,
+    len_ptr,
+    C,
     G,
     Hkv,
     ROWS,
@@ -106,6 +120,7 @@ def _decode_gate_kernel(
     BLOCK_C: tl.constexpr,
     TOP: tl.constexpr,
     FINAL: tl.constexpr,
+    DEV_LEN: tl.constexpr,
 ):
     prb = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
@@ -114,6 +129,10 @@ def _decode_gate_kernel(
     rb = prb % GB
     b = plane // Hkv
     hkv = plane % Hkv
+    if DEV_LEN:
+        # Static cache: the row's length is read on the device (n_prev is the buffer's bound), so the launch, its
+        # grid and its arguments are the same at every step (CUDA-graph replay).
+        n_prev = tl.minimum(n_prev, (_device_length(len_ptr, b, n_prev * C + C) - 1) // C)
     offs_g = tl.arange(0, BLOCK_G)
     g = rb * ROWS + offs_g
     row_ok = (offs_g < ROWS) & (g < G)
@@ -188,6 +207,7 @@ def _decode_attn_kernel(
     sel_ptr,
     po_ptr,
     plse_ptr,
+    len_ptr,
     G,
     Hkv,
     ROWS,
@@ -223,6 +243,7 @@ def _decode_attn_kernel(
     MASK_HEADS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    DEV_LEN: tl.constexpr,
 ):
     prb = tl.program_id(0).to(tl.int64)
     w = tl.program_id(1)
@@ -231,6 +252,9 @@ def _decode_attn_kernel(
     rb = prb % GB
     b = plane // Hkv
     hkv = plane % Hkv
+    if DEV_LEN:  # static cache: Lk is the buffer's slot count, the row's length is on the device
+        Lk = _device_length(len_ptr, b, Lk)
+        own_chunk = (Lk - 1) // C
     offs_g = tl.arange(0, BLOCK_G)
     g = rb * ROWS + offs_g
     row_ok = (offs_g < ROWS) & (g < G)
@@ -345,6 +369,10 @@ def _decode_combine_kernel(
     sel_ptr,
     out_ptr,
     lse_ptr,
+    len_ptr,
+    Hq,
+    C,
+    Lk,
     KM1,
     KS,
     S,
@@ -352,8 +380,12 @@ def _decode_combine_kernel(
     own_len,
     HEAD_DV: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    DEV_LEN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # flat (batch, query head)
+    if DEV_LEN:  # static cache: the own chunk's length from the row's device length
+        n = _device_length(len_ptr, row // Hq, Lk)
+        own_len = n - ((n - 1) // C) * C
     offs_dv = tl.arange(0, HEAD_DV)
     n_f = KS * S
     # Two passes over the row's cells (a few KiB, L2-resident): the max, then the weighted sum; no rescaling.
@@ -565,8 +597,15 @@ def decode_chunk_means(key: Tensor, chunk_size: int) -> Tensor:
     return launch_chunk_means(key, chunk_size, key.shape[2] // chunk_size)
 
 
-def _launch_gate(query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int) -> Tensor:
-    """``int32 [B, Hq, km1]`` top-``km1`` earlier chunks of the decode query (``km1 <= n_prev``)."""
+def _launch_gate(
+    query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int, chunk_size: int = 1, length: Tensor | None = None
+) -> Tensor:
+    """``int32 [B, Hq, km1]`` top-``km1`` earlier chunks of the decode query (``km1 <= n_prev``).
+
+    ``length`` (int64 ``[B]``, static caches): each row's key count, read on the device; ``n_prev`` is then the
+    buffer's bound ``(slots - 1) // chunk_size`` and slots past a row's ``(length - 1) // chunk_size`` earlier chunks
+    hold ``-1``.
+    """
     b, hq, _, d = query.shape
     group = hq // hkv
     rows, gb, block_g = _rows(group)
@@ -576,16 +615,20 @@ def _launch_gate(query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int) 
     if interpreting():
         speed_up_interpreter()
     sqb, sqh, _, sqd = query.stride()
-    common = dict(HEAD_D=d, BLOCK_G=block_g, BLOCK_C=plan.block_c, TOP=plan.top, num_warps=plan.num_warps)
+    dev_len = length is not None
+    lengths = length if dev_len else query  # never read without DEV_LEN
+    common = dict(
+        HEAD_D=d, BLOCK_G=block_g, BLOCK_C=plan.block_c, TOP=plan.top, DEV_LEN=dev_len, num_warps=plan.num_warps
+    )
     if plan.n_split == 1:
         _decode_gate_kernel[(planes, 1)](
-            query, means, sel, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
+            query, means, sel, lengths, chunk_size, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
             sqb, sqh, sqd, *means.stride(), FINAL=True, **common,
         )  # fmt: skip
         return sel
     cand = empty(planes, plan.n_split, block_g, plan.top, dtype=torch.int64, device=query.device)
     _decode_gate_kernel[(planes, plan.n_split)](
-        query, means, cand, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
+        query, means, cand, lengths, chunk_size, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
         sqb, sqh, sqd, *means.stride(), FINAL=False, **common,
     )  # fmt: skip
     _decode_gate_merge_kernel[(planes,)](
@@ -691,6 +734,82 @@ def moba_decode_triton(
     reason = decode_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, means)
     if reason is not None:
         raise ValueError(f"MoBA decode cannot run: {reason}")
+    return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, None)
+
+
+def moba_decode_static_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    means: Tensor,
+    length: Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    attn_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One MoBA decode step on a static KV cache, graph-safe: each row's key count comes from a device tensor.
+
+    ``key``/``value`` are the cache's whole buffers of ``slots`` positions; row ``b`` holds ``n = length[b]`` keys,
+    its query sits at position ``n - 1`` and attends to its own chunk ``(n - 1) // C`` causally plus the ``topk - 1``
+    best strictly earlier chunks scored against ``means`` (slots ``>= n`` are never read as keys, and means rows
+    ``>= (n - 1) // C`` are never scored). Launch grids, kernel arguments and allocations depend on shapes only, never
+    on ``length``'s value, and nothing synchronises with the host: the call can be captured in a CUDA graph and
+    replayed as ``length`` grows. The result equals :func:`moba_decode_triton` on the first ``n`` keys with the same
+    means (the same kernels, reading the length on the device).
+
+    Args:
+        query: ``[B, Hq, 1, D]``; key: ``[B, Hkv, slots, D]``; value: ``[B, Hkv, slots, Dv]``; as for
+            :func:`moba_decode_triton` (one dtype, CUDA or CPU under ``TRITON_INTERPRET=1``, ``D, Dv`` in
+            :data:`DECODE_HEAD_DIMS`).
+        means: fp32 ``[B, Hkv, >= (slots - 1) // C, D]``, row ``c`` the mean of key chunk ``c`` (by the one means
+            kernel, e.g. kept by ``moba_compile.ops.update_static_chunk_means_``), valid for ``c < (n - 1) // C``.
+        length: int64 ``[B]`` contiguous, on the query's device: each row's key count, ``1 <= n <= slots`` (values
+            outside are clamped to that range on the device; they cannot be checked without a host sync).
+        chunk_size, topk, scale, attn_mask: as for :func:`moba_decode_triton` (the mask spans the ``slots``).
+
+    Returns:
+        ``(out [B, Hq, 1, Dv], lse [B, Hq, 1] fp32)``, as :func:`moba_decode_triton`.
+
+    Raises:
+        ValueError: unsupported inputs (:func:`decode_unsupported_reason`), or ``length`` not int64 ``[B]`` on the
+            query's device.
+
+    Example:
+        >>> q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
+        >>> k = v = torch.randn(1, 2, 128, 64, dtype=torch.float16)
+        >>> means = decode_chunk_means(k, 16)  # doctest: +SKIP
+        >>> out, lse = moba_decode_static_triton(q, k, v, means, torch.tensor([70]), 16, 3, 0.125)  # doctest: +SKIP
+        >>> out.shape
+        torch.Size([1, 4, 1, 64])
+    """
+    reason = decode_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, means)
+    if reason is None and not (
+        isinstance(length, Tensor)
+        and length.dtype == torch.int64
+        and tuple(length.shape) == (query.shape[0],)
+        and length.device == query.device
+        and length.is_contiguous()
+    ):
+        reason = f"length must be a contiguous int64 [B={query.shape[0]}] tensor on {query.device}"
+    if reason is not None:
+        raise ValueError(f"MoBA static-cache decode cannot run: {reason}")
+    return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, length)
+
+
+def _launch_decode(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    attn_mask: Tensor | None,
+    means: Tensor | None,
+    length: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Gate + split-K attention + combine (validated inputs). ``length`` (int64 ``[B]``): a static cache's per-row
+    key counts, read on the device; ``key.shape[2]`` is then the buffer's slot count and the grids depend on it only."""
     b, hq, _, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
     chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
@@ -699,15 +818,18 @@ def moba_decode_triton(
     lse = empty(b, hq, 1, dtype=torch.float32, device=dev)
     if b == 0 or hq == 0:
         return out, lse
+    dev_len = length is not None
+    lengths = length if dev_len else query  # never read without DEV_LEN
     group = hq // hkv
     rows, gb, block_g = _rows(group)
+    # With a device length: the buffer's last chunk as the bound; the kernels read each row's own chunk.
     own_chunk = (lk - 1) // chunk_size
     own_len = lk - own_chunk * chunk_size
     km1 = min(topk - 1, own_chunk)
     if km1 > 0:
         if means is None:
             means = launch_chunk_means(key, chunk_size, own_chunk)
-        sel = _launch_gate(query, means, hkv, own_chunk, km1)
+        sel = _launch_gate(query, means, hkv, own_chunk, km1, chunk_size, length)
     else:
         sel = empty(b, hq, 0, dtype=torch.int32, device=dev)
     work_items = rows * km1 + 1
@@ -730,17 +852,17 @@ def moba_decode_triton(
     upcast = interpreting()
     # fp32 inputs: exact fp32 (FMA) dots; decode is memory-bound, so tf32's speed buys nothing. 16-bit: ignored.
     _decode_attn_kernel[(b * hkv * gb, work_items, plan.n_pieces)](
-        query, key, value, mask, sel, po, plse,
+        query, key, value, mask, sel, po, plse, lengths,
         group, hkv, rows, gb, lk, chunk_size, km1, ks, plan.n_pieces, plan.piece, own_chunk, scale * _LOG2E,
         sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smn,
         HEAD_D=d, HEAD_DV=dv, BLOCK_G=block_g, BLOCK_N=plan.block_n, TOPP=max(2, next_pow2(km1)),
         HAS_MASK=attn_mask is not None, MASK_HEADS=smh != 0, UPCAST=upcast, DOT_PREC=dot_precision(query.dtype),
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        DEV_LEN=dev_len, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     n_f = ks * plan.n_pieces
     block_f = min(64 if dv <= 128 else 32, next_pow2(n_f))
     _decode_combine_kernel[(b * hq,)](
-        po, plse, sel, out, lse, km1, ks, plan.n_pieces, plan.piece, own_len,
-        HEAD_DV=dv, BLOCK_F=max(block_f, 2), num_warps=4,
+        po, plse, sel, out, lse, lengths, hq, chunk_size, lk, km1, ks, plan.n_pieces, plan.piece, own_len,
+        HEAD_DV=dv, BLOCK_F=max(block_f, 2), DEV_LEN=dev_len, num_warps=4,
     )  # fmt: skip
     return out, lse
