@@ -30,6 +30,7 @@ from ..ops import Impl
 from ..policy import Policy, load_policy
 from ..report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, Report, SiteRecord
 from ._deps import _transformers
+from .cache import StaticMeans, static_means
 
 __all__ = ["register", "annotate", "MobaAttention"]
 
@@ -318,9 +319,19 @@ class MobaAttention:
         if lq == lk:
             return lk, None  # the queries end the keys: nothing after them
         if torch.compiler.is_compiling():
+            if static_means(key) is not None and mask.dtype == torch.bool:
+                if self.policy.min_seq_len > 0:
+                    return None, (
+                        f"min_seq_len {self.policy.min_seq_len} on a static cache under torch.compile: the length is "
+                        "only on the device there, so which side of it a step falls cannot be decided"
+                    )
+                # A static cache's buffer seen by an eager step before (its prefill): the graph-safe path reads the
+                # length from the mask on the device (see _mask_length); all slots are handed to the op.
+                return lk, _STATIC_NOTE
             return None, (
                 f"{lq} queries over {lk} keys with a mask under torch.compile: whether the keys are the sequence or a "
-                "static cache's buffer can only be read from the data (graph-safe static-cache MoBA is not done yet)"
+                "static cache's buffer can only be read from the data, and no eager step (a prefill outside "
+                "torch.compile, as generate runs it) set this buffer up for the graph-safe static-cache path"
             )
         # A mask transformers did not build through build_mask (a 4D mask passed to the model, say). If some query
         # sees the key at its bottom-right position, the keys end with the queries (causality bounds every row by
@@ -401,7 +412,10 @@ class MobaAttention:
             # transformers' SDPA path would run in the autocast dtype (it may hand over fp32 q/k with a bf16 v).
             dtype = torch.get_autocast_dtype(device_type)
             query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
-        full_key = key
+        full_key, full_value = key, value
+        compiling = torch.compiler.is_compiling()
+        # A static cache's key buffer (slots after the sequence), or one an earlier step found to be one.
+        state = static_means(key, create=not compiling and real < key.shape[2])
         mask = attention_mask
         if real < key.shape[2]:
             # Slots after the sequence (a static cache's empty ones) are never attended; cut them so that MoBA's
@@ -409,11 +423,24 @@ class MobaAttention:
             key, value = key[:, :, :real], value[:, :, :real]
             if mask is not None and mask.shape[-1] != 1:
                 mask = mask[..., :real]
-        kind = None if mask is None else self._mask_kind(attention_mask, mask, query, key)
-        dense_kind = None if kind is None or torch.compiler.is_compiling() else mask_kind_reason(int(kind))
+        static_step = (
+            state is not None
+            and (compiling or query.shape[2] == 1)
+            and attention_mask is not None
+            and attention_mask.dtype == torch.bool
+        )
+        # Under torch.compile the static path takes transformers' mask as built (classifying it would cost a pass over
+        # it per layer and step, and its verdict could not be acted on without a host read).
+        classify = mask is not None and not (compiling and static_step)
+        kind = self._mask_kind(attention_mask, mask, query, key) if classify else None
+        dense_kind = None if kind is None or compiling else mask_kind_reason(int(kind))
         if dense_kind is not None:
             # The op would run dense SDPA with this mask itself; here the kind is known, so the report can say so.
             return self._dense_call(decided.dense(dense_kind), *dense_args)
+        if static_step:
+            assert state is not None and attention_mask is not None  # static_step says so
+            args = (state, decided, real, query, full_key, full_value, attention_mask, note, dense_args)
+            return self._static_call(*args)
         means = None
         layer_ref = getattr(full_key, "_moba_cache_layer", None)
         if decode and key is full_key and layer_ref is not None and layer_ref() is not None:
@@ -431,9 +458,60 @@ class MobaAttention:
             chunk_means=means,
         )
         notes = [] if note is None else [note]  # what only this path knows, after the shared reason
-        if decode:
+        if state is not None and not compiling:
+            # A static cache's prefill (or chunked prefill) ran on the keys it holds: average its complete chunks once,
+            # so the decode steps (compiled or not) read and extend the means buffer.
+            state.fill(full_key, real, decided.chunk_size, self.impl)
+            notes.append(_STATIC_FILL_NOTE)
+        elif decode:
             notes.append(reason("means_from_cache" if means is not None else "means_from_keys"))
         self._record(module, layer, decode, decided, notes)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _static_call(
+        self,
+        state: StaticMeans,
+        decided: SiteDecision,
+        real: int,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor,
+        note: str | None,
+        dense_args: tuple,
+    ) -> tuple[Tensor, Any]:
+        """A step over a static cache's whole buffers, graph-safe: the length read on the device from the mask, the
+        chunk means kept in the layer's buffer (``moba::update_static_chunk_means_``, ``moba::static_decode``)."""
+        module, layer, decode = dense_args[0], dense_args[1], dense_args[2]
+        chunk_size, topk = decided.chunk_size, decided.topk
+        assert chunk_size is not None and topk is not None  # a MoBA decision has both
+        if chunk_size not in state.ready:
+            if torch.compiler.is_compiling():
+                why = (
+                    f"static cache: the chunk means (chunk size {chunk_size}) were not set up by an eager step; run "
+                    "the prefill outside torch.compile (generate does), then compiled decode steps keep them"
+                )
+                return self._dense_call(decided.dense(why), *dense_args)
+            state.fill(key, real, chunk_size, self.impl)  # eager: the keys before and of this step, O(real) once
+        means = state.buffers[chunk_size]
+        length = _mask_length(attention_mask, query.shape[0])
+        ops.update_static_chunk_means_(
+            means, key, length, new_tokens=query.shape[2], chunk_size=chunk_size, impl=self.impl
+        )
+        out = ops.static_decode(
+            query,
+            key,
+            value,
+            chunk_means=means,
+            length=length,
+            chunk_size=chunk_size,
+            topk=topk,
+            scale=dense_args[8],
+            attn_mask=attention_mask,
+            impl=self.impl,
+        )
+        notes = [] if note is None or note == _STATIC_NOTE else [note]
+        self._record(module, layer, decode, decided, [*notes, _STATIC_NOTE])
         return out.transpose(1, 2).contiguous(), None
 
     def _dense_call(
@@ -452,9 +530,29 @@ class MobaAttention:
     ) -> tuple[Tensor, Any]:
         """Record the site as dense (``decided``) and run the layer's own dense attention on the inputs as given."""
         self._record(module, layer, decode, decided, [])
+        state = static_means(key)
+        if state is not None and not torch.compiler.is_compiling():
+            state.ready.clear()  # this step's keys were not averaged: the next MoBA step refills the means
         skip_cudnn = self.skip_cudnn_in_decode and decode and query.device.type == "cuda"
         with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+_STATIC_NOTE = "static cache: graph-safe step (length read on the device, chunk means kept in a buffer)"
+_STATIC_FILL_NOTE = "static cache: chunk means of the prefill kept for the decode steps"
+
+
+def _mask_length(mask: Tensor, batch: int) -> Tensor:
+    """Keys each batch row holds, from the boolean mask transformers built for a static cache: one past the last slot
+    the step's last query may see (its own key), int64 ``[B]`` on the device, without a host read.
+
+    transformers' static-cache masks allow each query the non-padding slots up to its own position and nothing after
+    it, so the last allowed slot of the last query row is the row's last key (left padding only removes earlier slots).
+    """
+    last = mask[:, :, -1, :].any(dim=1)  # [B or 1, slots]
+    slots = last.shape[-1]
+    # argmax returns the first maximum: on the reversed row, the last allowed slot.
+    return (slots - last.flip(-1).to(torch.uint8).argmax(dim=-1)).expand(batch)
 
 
 def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> tuple[Tensor, Any]:

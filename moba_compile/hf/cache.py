@@ -217,3 +217,48 @@ def cache_keyword() -> str:
 def __dir__() -> list[str]:
     # MobaCache is listed although it is created on first access (see __getattr__).
     return sorted({*globals(), "MobaCache"})
+
+
+class StaticMeans:
+    """The chunk-means buffers of one static-cache layer (transformers' ``StaticLayer``), one per chunk size.
+
+    Kept on the layer's key buffer itself (``keys._moba_static``): transformers hands the attention function the
+    buffer, not the cache, and the buffer is the same tensor object at every step of a generation (it is written in
+    place). Dynamo reads the attribute while tracing, so a compiled decode step finds the same buffers; each is marked
+    as a static address, as transformers marks the key/value buffers, so a CUDA graph replays over them.
+
+    A buffer is ``ready`` once an eager step filled it for the cache's current length (rows of every complete chunk;
+    see :func:`moba_compile.ops.static_chunk_means_buffer`); from there each step through the attention function keeps
+    it current with ``moba::update_static_chunk_means_`` for its own new keys, which is what a compiled step relies on.
+    A step that does not run it (a dense call) marks the buffer stale, and the next eager step refills it.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Tensor] = {}
+        self.ready: set[int] = set()
+
+    def buffer(self, keys: Tensor, chunk_size: int) -> Tensor:
+        """The buffer for ``chunk_size``, allocated (zeros) on first use; call outside torch.compile tracing."""
+        buf = self.buffers.get(chunk_size)
+        if buf is None:
+            buf = ops.static_chunk_means_buffer(keys, chunk_size)
+            torch._dynamo.mark_static_address(buf)  # a CUDA graph then replays over this very buffer
+            self.buffers[chunk_size] = buf
+        return buf
+
+    def fill(self, keys: Tensor, length: int, chunk_size: int, impl: str) -> Tensor:
+        """Average every complete chunk of the first ``length`` keys into the buffer (eager: O(length) once)."""
+        buf = self.buffer(keys, chunk_size)
+        rows = min(length // chunk_size, buf.shape[2])
+        if rows:
+            buf[:, :, :rows].copy_(ops.chunk_means(keys[:, :, : rows * chunk_size], chunk_size, impl=impl))
+        self.ready.add(chunk_size)
+        return buf
+
+
+def static_means(keys: Tensor, create: bool = False) -> StaticMeans | None:
+    """The :class:`StaticMeans` kept on a static cache's key buffer (created when ``create``), else None."""
+    state = getattr(keys, "_moba_static", None)
+    if state is None and create:
+        state = keys._moba_static = StaticMeans()
+    return state
