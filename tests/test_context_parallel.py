@@ -1,0 +1,345 @@
+"""Context parallelism (moba_compile.context_parallel): 2 CPU processes (gloo) against one process, same sequence.
+
+One ``torchrun --nproc-per-node 2`` launch of this very file (its ``__main__`` part, the worker) runs every
+distributed scenario and saves, per rank, its output shards, gradients, losses and the error messages of the bad
+inputs; the tests below compute the single-process results in the pytest process and compare. One launch keeps the
+file well under a minute on 2 cores (each launch costs two interpreter starts with torch and transformers imported).
+
+Scenarios: the op on the reference path (fp32, GQA) and on the interpreted Triton path; the op compiled with
+``torch.compile(backend="moba", fullgraph=True)`` (no graph break); a tiny Llama with ``attn_implementation="moba"``
+under :func:`context_parallel` (3 MoBA layers + 1 dense layer by policy: loss, every parameter's gradient, the report),
+the same compiled, and the same under FSDP2 on a 1 x 2 ("dp", "cp") mesh; bad inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+TIMEOUT = 240
+
+# The op-level case: GQA, fp32, S = 64 tokens per rank, chunks of 16, top-3: rank 1's queries select among chunks
+# held by both ranks, so the gathered keys and the reduce-scattered gradients both matter.
+OP = dict(B=1, HQ=4, HKV=2, L=128, D=16, C=16, K=3)
+# The interpreted Triton case: smaller (the interpreter costs ~2 ms per program-iteration).
+TRITON = dict(B=1, HQ=2, HKV=1, L=64, D=16, C=16, K=2)
+POLICY = {"chunk_size": 16, "topk": 2, "dense_last": 1}
+MODEL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+SEQ = 128
+
+
+def _op_inputs(case: dict[str, int], seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    b, hq, hkv, length, d = case["B"], case["HQ"], case["HKV"], case["L"], case["D"]
+    q = torch.randn(b, hq, length, d, generator=gen)
+    k = torch.randn(b, hkv, length, d, generator=gen)
+    v = torch.randn(b, hkv, length, d, generator=gen)
+    grad = torch.randn(b, hq, length, d, generator=gen)
+    return q, k, v, grad
+
+
+def _build_model() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**MODEL)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, MODEL["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _interpreter_runs_kernels() -> bool:
+    """triton 3.6's CPU interpreter (the oldest environment's) cannot run the forward kernel; CI runs this file on the
+    newest releases only (.ci/run), where it can."""
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The worker (run by torchrun)
+# ----------------------------------------------------------------------------------------------------------------------
+def _error(fn: Any) -> str:
+    try:
+        fn()
+    except Exception as err:  # the message is what the test checks
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _worker(out: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import moba_compile.hf
+    from moba_compile import context_parallel as cp
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
+    result: dict[str, Any] = {}
+
+    def op_case(case: dict[str, int], impl: str, compiled: bool = False) -> dict[str, torch.Tensor]:
+        q, k, v, grad = (cp.shard_sequence(t, mesh, dim=2) for t in _op_inputs(case, seed=0))
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+
+        def fn(q, k, v):
+            return cp.context_parallel_moba_attention(
+                q, k, v, mesh_or_group=mesh, chunk_size=case["C"], topk=case["K"], impl=impl
+            )
+
+        if compiled:
+            fn = torch.compile(fn, backend="moba", fullgraph=True, options={"compiler": "aot_eager"})
+        o = fn(q, k, v)
+        o.backward(grad)
+        return {"out": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+    before = dict(moba_compile.ops.CALLS)
+    result["op_reference"] = op_case(OP, "reference")
+    result["op_compiled"] = op_case(OP, "reference", compiled=True)
+    if _interpreter_runs_kernels():
+        result["op_triton"] = op_case(TRITON, "triton")
+    result["calls"] = {k: v - before.get(k, 0) for k, v in moba_compile.ops.CALLS.items()}
+
+    # A tiny Llama, attn_implementation="moba", under context_parallel: eager, compiled, FSDP2 on a 1 x 2 mesh.
+    attention = moba_compile.hf.register(POLICY, name="moba")
+
+    def model_case(model: torch.nn.Module, run: Any, grad_reduce: Any) -> dict[str, Any]:
+        ids = _ids()
+        labels, positions = cp.shift_labels(ids), cp.global_positions(ids)
+        with cp.context_parallel(mesh, buffers=[ids, positions, labels], buffer_seq_dims=[1, 1, 1]):
+            logits = run(input_ids=ids, position_ids=positions, use_cache=False).logits
+            loss = cp.context_parallel_loss(logits, labels, mesh)
+            grad_reduce(loss)
+        grads = {
+            n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()
+        }
+        return {"loss": loss.detach(), "grads": grads, "ids_restored": ids.shape[1]}
+
+    def plain_backward(model: torch.nn.Module) -> Any:
+        def reduce(loss: torch.Tensor) -> None:
+            loss.backward()
+            cp.reduce_gradients(model, mesh)
+
+        return reduce
+
+    model = _build_model()
+    model.set_attn_implementation("moba")
+    result["model_eager"] = model_case(model, model, plain_backward(model))
+    result["report"] = [(s.layer, s.decision, s.reason) for s in attention.report().sites]
+
+    model = _build_model()
+    model.set_attn_implementation("moba")
+    # The decoder layers compiled (the model's forward, which builds masks and positions, stays eager).
+    for layer in model.model.layers:
+        layer.compile(backend="moba", options={"compiler": "aot_eager"})
+    result["model_compiled"] = model_case(model, model, plain_backward(model))
+
+    from torch.distributed.fsdp import fully_shard
+
+    mesh2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "cp"))
+    model = _build_model()
+    model.set_attn_implementation("moba")
+    # FSDP2 over every rank of the 2-D mesh (dp x cp flattened): its reduce-scatter averages over dp * cp ranks, and
+    # the sequence group's gradients must be summed, so the loss is scaled by the cp size before backward.
+    flat = mesh2d["dp", "cp"]._flatten("dp_cp")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=flat)
+    fully_shard(model, mesh=flat)
+    cp_size = mesh2d["cp"].size()
+    result["model_fsdp2"] = model_case(model, model, lambda loss: (loss * cp_size).backward())
+    dist.barrier()
+
+    # Bad input: each error message, for the test to read.
+    q, k, v, _ = (cp.shard_sequence(t, mesh, dim=2) for t in _op_inputs(OP, seed=0))
+    errors = {
+        "indivisible_world": _error(lambda: cp.shard_sequence(torch.zeros(1, 127), mesh, dim=1)),
+        "indivisible_chunk": _error(
+            lambda: cp.context_parallel_moba_attention(q, k, v, mesh_or_group=mesh, chunk_size=24, topk=2)
+        ),
+        "mesh_without_cp": _error(
+            lambda: cp.context_parallel_moba_attention(
+                q, k, v, mesh_or_group=init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",)), chunk_size=16, topk=2
+            )
+        ),
+        "kv_cache": _error(
+            lambda: cp.context_parallel_moba_attention(q[:, :, -1:], k, v, mesh_or_group=mesh, chunk_size=16, topk=2)
+        ),
+        "mask": _error(
+            lambda: cp.context_parallel_moba_attention(
+                q, k, v, mesh_or_group=mesh, chunk_size=16, topk=2, attn_mask=torch.ones(64, 64, dtype=torch.bool)
+            )
+        ),
+    }
+    model = _build_model()
+    model.set_attn_implementation("moba")
+    ids = _ids()
+    positions = cp.global_positions(ids)
+    padding = torch.ones_like(ids)
+    padding[:, :5] = 0
+
+    def padded() -> None:
+        with cp.context_parallel(mesh, buffers=[ids, positions, padding], buffer_seq_dims=[1, 1, 1]):
+            model(input_ids=ids, position_ids=positions, attention_mask=padding, use_cache=False)
+
+    errors["padding"] = _error(padded)
+
+    def local_positions() -> None:
+        with cp.context_parallel(mesh, buffers=[ids], buffer_seq_dims=[1]):
+            model(input_ids=ids, use_cache=False)
+
+    errors["local_positions"] = _error(local_positions)
+
+    def model_cache() -> None:
+        with cp.context_parallel(mesh, buffers=[ids, positions], buffer_seq_dims=[1, 1]):
+            past = model(input_ids=ids, position_ids=positions, use_cache=True).past_key_values
+            model(input_ids=ids[:, -1:], position_ids=positions[:, -1:] + 1, past_key_values=past, use_cache=True)
+
+    errors["model_kv_cache"] = _error(model_cache)
+
+    def dense_model() -> None:
+        model.set_attn_implementation("sdpa")
+        with cp.context_parallel(mesh, buffers=[ids, positions], buffer_seq_dims=[1, 1]):
+            model(input_ids=ids, position_ids=positions, use_cache=False)
+
+    errors["sdpa_model"] = _error(dense_model)
+    result["errors"] = errors
+    from transformers import AttentionInterface
+
+    result["sdpa_restored"] = AttentionInterface._global_mapping["sdpa"].__name__ == "sdpa_attention_forward"
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tests (pytest process)
+# ----------------------------------------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on a POSIX system")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("cp")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), __file__, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _shards(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    return list(t.chunk(WORLD, dim=dim))
+
+
+def _single_op(case: dict[str, int], impl: str) -> dict[str, torch.Tensor]:
+    from moba_compile import moba_attention
+
+    q, k, v, grad = _op_inputs(case, seed=0)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    o = moba_attention(q, k, v, chunk_size=case["C"], topk=case["K"], impl=impl)
+    o.backward(grad)
+    return {"out": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+@pytest.mark.parametrize("scenario", ["op_reference", "op_compiled"])
+def test_op_matches_single_process(ranks: list[dict[str, Any]], scenario: str) -> None:
+    single = _single_op(OP, "reference")
+    for name, full in single.items():
+        for r, expected in enumerate(_shards(full, 2)):
+            # Same rows, same formulas; only the reduce-scatter's sum of dK/dV over ranks orders additions differently.
+            torch.testing.assert_close(ranks[r][scenario][name], expected, rtol=1e-5, atol=1e-6, msg=f"{name} rank {r}")
+    # The MoBA path really ran (top-3 of up to 7 earlier chunks differs from dense attention).
+    dense = torch.nn.functional.scaled_dot_product_attention(*_op_inputs(OP, 0)[:3], is_causal=True, enable_gqa=True)
+    assert (dense[:, :, 64:] - ranks[1][scenario]["out"]).abs().max() > 1e-2
+
+
+def test_op_triton_interpreted_matches_single_process(ranks: list[dict[str, Any]]) -> None:
+    if not _interpreter_runs_kernels():
+        pytest.skip("triton < 3.7: its CPU interpreter cannot run the kernels (the oldest environment)")
+    single = _single_op(TRITON, "reference")
+    for name, full in single.items():
+        for r, expected in enumerate(_shards(full, 2)):
+            # Interpreted Triton (fp32 tl.dot on numpy) versus the reference: fp32 rounding of another summation order.
+            torch.testing.assert_close(ranks[r]["op_triton"][name], expected, rtol=1e-4, atol=1e-5, msg=f"{name} {r}")
+    assert ranks[0]["calls"].get("attention:triton", 0) >= 1
+    assert ranks[0]["calls"].get("attention_backward:triton", 0) >= 1
+
+
+@pytest.fixture(scope="module")
+def single_model() -> dict[str, Any]:
+    import moba_compile.hf
+
+    moba_compile.hf.register(POLICY, name="moba_single")
+    model = _build_model()
+    model.set_attn_implementation("moba_single")
+    ids = _ids()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("scenario", ["model_eager", "model_compiled", "model_fsdp2"])
+def test_model_loss_and_gradients_match_single_process(
+    ranks: list[dict[str, Any]], single_model: dict[str, Any], scenario: str
+) -> None:
+    for r in range(WORLD):
+        got = ranks[r][scenario]
+        # fp32; the loss sums per-rank partial sums, gradients are summed over ranks: rounding of another order.
+        torch.testing.assert_close(got["loss"], single_model["loss"], rtol=1e-5, atol=1e-6)
+        assert got["grads"].keys() == single_model["grads"].keys()
+        for name, expected in single_model["grads"].items():
+            torch.testing.assert_close(got["grads"][name], expected, rtol=2e-4, atol=2e-6, msg=f"{scenario} {name}")
+        assert got["ids_restored"] == SEQ  # the buffers were restored on exit
+
+
+def test_policy_decides_per_layer_under_context_parallelism(ranks: list[dict[str, Any]]) -> None:
+    decisions = sorted((layer, decision) for layer, decision, _ in ranks[1]["report"])
+    assert decisions == [(0, "moba"), (1, "moba"), (2, "moba"), (3, "dense")]
+    assert all("context parallel" in why for _, decision, why in ranks[1]["report"] if decision == "moba")
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("indivisible_world", "not divisible by the context-parallel world size 2"),
+        ("indivisible_chunk", "not a multiple of chunk_size 24"),
+        ("mesh_without_cp", "no sequence dimension 'cp'"),
+        ("kv_cache", "KV cache"),
+        ("mask", "attention mask"),
+        ("padding", "padding mask is not supported"),
+        ("local_positions", "GLOBAL position ids"),
+        ("model_kv_cache", "KV cache"),
+        ("sdpa_model", "would attend to this rank's shard only"),
+    ],
+)
+def test_bad_input_is_refused(ranks: list[dict[str, Any]], case: str, words: str) -> None:
+    message = ranks[1]["errors"][case]
+    assert message.startswith("ContextParallelError") and words in message, message
+
+
+def test_sdpa_is_restored_after_the_context(ranks: list[dict[str, Any]]) -> None:
+    assert ranks[0]["sdpa_restored"] and ranks[1]["sdpa_restored"]
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
