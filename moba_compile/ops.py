@@ -592,6 +592,13 @@ def _static_means_impl(impl: str, key: Tensor, chunk_size: int) -> str:
     return resolve_impl(impl, key[:, :, :1], key, key, chunk_size, 1)[0]
 
 
+def _no_static_kernel(query, key, value, chunk_size, topk, mask, means) -> str | None:
+    """Why the Triton decode kernel cannot take this static-cache step, or None."""
+    if query.shape[2] != 1:
+        return f"the decode kernel takes one query row, got Lq={query.shape[2]}"
+    return kernels.decode_unsupported_reason(query, key, value, chunk_size, topk, mask, means)
+
+
 def _static_decode_kernel(chosen, query, key, value, chunk_size, topk, mask, means) -> bool:
     """Whether the Triton decode kernel takes this static-cache step (one query row, supported shapes)."""
     if chosen != "triton" or query.shape[2] != 1:
@@ -615,7 +622,11 @@ def _static_decode_op(
     check_moba_params(chunk_size, topk)
     chunk_size, topk = bounded_params(key.shape[2], chunk_size, topk)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)
-    if _static_decode_kernel(chosen, query, key, value, chunk_size, topk, attn_mask, chunk_means):
+    use_kernel = _static_decode_kernel(chosen, query, key, value, chunk_size, topk, attn_mask, chunk_means)
+    if impl == "triton" and not use_kernel:
+        why = _no_static_kernel(query, key, value, chunk_size, topk, attn_mask, chunk_means)
+        raise RuntimeError(f"impl='triton' cannot run this static-cache step: {why}")
+    if use_kernel:
         CALLS["static_decode:triton"] += 1
         out, lse = kernels.moba_decode_static_triton(
             query, key, value, chunk_means, length, chunk_size, topk, scale, attn_mask
@@ -785,7 +796,8 @@ def update_static_chunk_means_(
         )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
-    _static_means_impl(impl, key, chunk_size)  # raises early for an impossible impl
+    if not torch.compiler.is_compiling():  # (traced, the op's body decides at run time; Dynamo cannot trace find_spec)
+        _static_means_impl(impl, key, chunk_size)  # raises early for an impossible impl
     torch.ops.moba.update_static_chunk_means_(
         chunk_means, key, _static_length(length, b, key.device), new_tokens, chunk_size, impl
     )
@@ -863,15 +875,15 @@ def static_decode(
             "static_decode is inference-only (a decode step over a static KV cache): run it under torch.no_grad() "
             "or torch.inference_mode(), or use moba_compile.moba_attention for training"
         )
-    bounded = bounded_params(slots, chunk_size, topk)
-    chosen, _ = resolve_impl(impl, query, key, value, *bounded, attn_mask)
-    if impl == "triton" and not _static_decode_kernel(chosen, query, key, value, *bounded, attn_mask, chunk_means):
-        why = (
-            f"the decode kernel takes one query row, got Lq={query.shape[2]}"
-            if query.shape[2] != 1
-            else kernels.decode_unsupported_reason(query, key, value, *bounded, attn_mask, chunk_means)
-        )
-        raise RuntimeError(f"impl='triton' cannot run this static-cache step: {why}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if not torch.compiler.is_compiling():  # raise early; traced, the op's body decides (and raises) at run time
+        bounded = bounded_params(slots, chunk_size, topk)
+        resolve_impl(impl, query, key, value, *bounded, attn_mask)
+        if impl == "triton":
+            why = _no_static_kernel(query, key, value, *bounded, attn_mask, chunk_means)
+            if why is not None:
+                raise RuntimeError(f"impl='triton' cannot run this static-cache step: {why}")
     out, _ = torch.ops.moba.static_decode(
         query, key, value, chunk_means, _static_length(length, b, query.device), attn_mask, chunk_size, topk,
         _scale(query, scale), impl,

@@ -14,6 +14,7 @@ from models import TINY_LLAMA, TOKEN_IDS
 from naive import naive_moba
 
 import moba_compile.hf
+from moba_compile import ops
 
 transformers = pytest.importorskip("transformers", reason="the 'test' extra installs transformers")
 from transformers import AttentionInterface  # noqa: E402
@@ -150,3 +151,84 @@ def test_chunked_prefill_into_static_cache_equals_dynamic_cache():
     torch.testing.assert_close(logits["static"], logits["dynamic"], atol=1e-6, rtol=0)
     record = {(s.layer, s.form): s for s in MOBA.report().sites}[(0, "kv-cache")]
     assert record.decision == "moba"
+
+
+def _compile_config() -> transformers.CompileConfig:
+    # generate compiles its decode steps only on accelerators unless told otherwise; aot_eager traces the same graph
+    # (fullgraph: a graph break would fail) without Inductor's CPU compile time.
+    config = transformers.CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
+    config._compile_all_devices = True
+    return config
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "left-padding"])
+def test_generate_compile_config_static_cache_equals_dynamic_cache(padding):
+    """The issue's fast path: generate(cache_implementation="static", compile_config=...) compiles the decode step
+    (fullgraph) with the graph-safe MoBA op inside, and gives the tokens of the dynamic-cache MoBA generate, for a
+    batch of 2 (left-padded or not); 40 + 12 tokens over chunks of 8 cross several chunk boundaries."""
+    model = build("llama", "moba_static")
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(8))
+    kw = dict(max_new_tokens=12, do_sample=False)
+    if padding:
+        kw["attention_mask"] = torch.ones_like(ids)
+        kw["attention_mask"][0, :9] = 0
+        ids[0, :9] = 0
+    torch._dynamo.reset()
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kw)
+        ops.CALLS.clear()
+        MOBA.reset_report()
+        compiled = model.generate(ids, cache_implementation="static", compile_config=_compile_config(), **kw)
+    assert torch.equal(compiled, dynamic)
+    # Every decode step of the 2 MoBA layers ran the static op (inside the compiled step: 11 steps after prefill).
+    assert ops.CALLS["static_decode:reference"] == 2 * 11
+    decode = {s.layer: s for s in MOBA.report().sites if s.form == "kv-cache"}
+    assert decode[0].decision == "moba" and "graph-safe step" in decode[0].reason
+    assert decode[2].decision == "dense"
+
+
+def test_static_cache_sampling_and_several_sequences():
+    """Sampling with several sequences per prompt (num_return_sequences) on a static cache: the tokens of the
+    dynamic cache under the same seed."""
+    model = build("llama", "moba_static")
+    ids = torch.randint(3, 64, (1, 30), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=5, num_return_sequences=3)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        dynamic = model.generate(ids, **kw)
+        torch.manual_seed(0)
+        static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
+
+
+def test_max_cache_len_not_a_multiple_of_the_chunk_and_too_short():
+    """max_cache_len 45 with chunk 8 serves exactly; a prompt longer than max_cache_len is refused by the cache with
+    an error, never a wrong token."""
+    model = build("llama", "moba_static")
+    ids = torch.randint(3, 64, (1, 33), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dynamic = model.generate(ids, max_new_tokens=12, do_sample=False)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=45)
+        static = model.generate(ids, max_new_tokens=12, do_sample=False, **{moba_compile.hf.cache_keyword(): cache})
+        assert torch.equal(static, dynamic)
+        short = transformers.StaticCache(config=model.config, max_cache_len=20)
+        with pytest.raises((IndexError, RuntimeError, ValueError)):
+            model.generate(ids, max_new_tokens=2, do_sample=False, **{moba_compile.hf.cache_keyword(): short})
+
+
+def test_compiled_step_without_an_eager_prefill_is_dense_with_the_reason():
+    """A static cache whose first call is compiled (no eager step set up the chunk means): dense, the reason given."""
+    model = moba_compile.hf.annotate(build("llama", "moba_static"))  # first called under tracing: paths given here
+    ids = torch.randint(3, 64, (1, 12), generator=torch.Generator().manual_seed(2))
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    kw = {moba_compile.hf.cache_keyword(): cache}
+    cache.early_initialization(1, model.config.num_key_value_heads, 8, torch.float32, torch.device("cpu"))
+    mask = torch.ones(1, 12, dtype=torch.long)
+    MOBA.reset_report()
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        forward(ids, attention_mask=mask, **kw)
+    sites = [s for s in MOBA.report().sites if s.layer == 0]
+    assert sites and all(s.decision == "dense" for s in sites)
+    assert "no eager step" in sites[0].reason
