@@ -563,7 +563,7 @@ def _backward_variants(d: int) -> list[tuple[str, Any, dict[str, str], dict[str,
     from moba_compile.kernels import backward as bw
 
     io = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "do_ptr": "*bf16", "o_ptr": "*bf16", "mask_ptr": "*u8",
-          "lse_ptr": "*fp32", "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "pdq_ptr": "*fp32", "dk_ptr": "*bf16",
+          "lse_ptr": "*fp32", "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*bf16",
           "dv_ptr": "*bf16", "seg_start_ptr": "*i64"}  # fmt: skip
     out: list[tuple[str, Any, dict[str, str], dict[str, Any], int, int]] = []
     out.append(("bwd_preprocess", bw._bwd_preprocess_kernel, io, {"HEAD_DV": d, "BLOCK_M": 64, "sod": 1, "sdod": 1},
@@ -581,8 +581,7 @@ def _backward_variants(d: int) -> list[tuple[str, Any, dict[str, str], dict[str,
             out.append((name, bw._bwd_dkdv_kernel, ptrs, consts, cfg.kv_warps, cfg.kv_stages))
         consts = {**base, "BLOCK_M": cfg.dq_block_m, "BLOCK_N": cfg.dq_block_n}
         out.append((f"bwd_sparse_dq-{tag}", bw._bwd_sparse_dq_kernel, io, consts, cfg.dq_warps, cfg.dq_stages))
-        out.append((f"bwd_own_dq-{tag}", bw._bwd_own_dq_kernel, {**io, "dq_ptr": "*bf16"}, consts, cfg.dq_warps,
-                    cfg.dq_stages))  # fmt: skip
+        out.append((f"bwd_own_dq-{tag}", bw._bwd_own_dq_kernel, io, consts, cfg.dq_warps, cfg.dq_stages))
     return out
 
 
@@ -611,11 +610,11 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
     flip_ptrs = {"seg_start_ptr": "*i64"}
     variants.append(("flip_count", gt._flip_count_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
     variants.append(("flip_scatter", gt._flip_scatter_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
-    io = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "po_ptr": "*fp32",
-          "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32", "seg_start_ptr": "*i64"}  # fmt: skip
+    io = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "lo_ptr": "*bf16",
+          "out_ptr": "*bf16", "lse_ptr": "*fp32", "seg_start_ptr": "*i64"}  # fmt: skip
     for has_mask in (False, True):
         cfg = fw._fwd_config(d, d, torch.bfloat16, has_mask)
-        consts = {"HEAD_D": d, "HEAD_DV": d, "HAS_MASK": has_mask, "UPCAST": False,
+        consts = {"HEAD_D": d, "HEAD_DV": d, "HAS_MASK": has_mask, "HAS_LO": True, "UPCAST": False,
                   "DOT_PREC": "tf32", "sqd": 1, "skd": 1, "svd": 1}  # fmt: skip
         tag = "mask" if has_mask else "nomask"
         short = fw._fwd_config(d, d, torch.bfloat16, has_mask, chunk_size=512)  # chunks below 1024: own tiles

@@ -229,13 +229,47 @@ def test_flip_lists_every_selection_once() -> None:
     assert [t for t in tiles if t[0] < flip.n_segments] == expect
 
 
-def test_row_slabs_bound_the_partial_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A budget of 24 rows of partials forces 3 slabs of a chunked-prefill call (mask sliced per slab too).
-    case = kernel_case(1, 60, 4, 2, 16, 3, torch.bfloat16, lk=90, mask="random_b1_empty")
-    per_row = case.b * case.hq * (case.k - 1) * (case.d + 1) * 4
-    monkeypatch.setattr(kernel_launch, "PARTIAL_BUFFER_BYTES", 24 * per_row)
+def test_forward_scratch_is_bounded_by_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No (K-1)-fold buffer: every floating buffer the forward allocates is at most the output's size (the output, the
+    # LSE, the bf16 residual of the running output); the index arrays are int32. Chunked prefill with a mask, K=4.
+    case = kernel_case(1, 60, 4, 2, 16, 4, torch.bfloat16, lk=90, mask="random_b1_empty")
+    sizes: list[tuple[int, torch.dtype]] = []
+
+    def spy(*shape, dtype, device):
+        t = kernel_launch.empty(*shape, dtype=dtype, device=device)
+        sizes.append((t.numel(), dtype))
+        return t
+
+    monkeypatch.setattr(kernel_forward, "empty", spy)
     q, k, v, mask = make_inputs(case, seed=11)
     check_forward(q, k, v, case.c, case.k, mask)
+    out_numel = case.b * case.hq * case.lq * case.d
+    floats = [n for n, dt in sizes if dt.is_floating_point]
+    assert len(floats) == 3 and max(floats) == out_numel, sizes
+
+
+def test_flip_by_slot_groups_rows_by_slot_then_chunk() -> None:
+    b, hq, hkv, lq, n, km1 = 2, 4, 2, 37, 6, 3
+    torch.manual_seed(0)
+    sel = torch.randint(-1, n, (b, hq, lq, km1), dtype=torch.int32)
+    by_slot = kernel_gating.flip_by_slot(sel, hkv, n, 16)
+    flip, g = by_slot.flip, hq // hkv
+    for j in range(km1):
+        for bb in range(b):
+            for h in range(hkv):
+                for c in range(n):
+                    s = ((j * b + bb) * hkv + h) * n + c
+                    start, count = int(flip.seg_start[s]), int(flip.counts[s])
+                    got = sorted(flip.lists[start : start + count].tolist())
+                    want = [gg * lq + i for gg in range(g) for i in range(lq) if sel[bb, h * g + gg, i, j] == c]
+                    assert got == want, (j, bb, h, c)
+    # Slot j's tiles are [slot_tiles[j], slot_tiles[j + 1]) and cover exactly its segments.
+    ends = by_slot.slot_tiles.tolist()
+    per_slot = b * hkv * n
+    for j in range(km1):
+        segs = flip.tile_seg[ends[j] : ends[j + 1]]
+        assert bool(((segs >= j * per_slot) & (segs < (j + 1) * per_slot)).all())
+        assert by_slot.grids[j] == ends[j + 1] - ends[j]
 
 
 def test_static_tile_bound_with_padding_tiles(monkeypatch: pytest.MonkeyPatch) -> None:

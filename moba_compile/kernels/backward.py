@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gating import FlipResult, _launch_gate, chunk_means_triton, flip_selection
+from .gating import SlotFlip, _launch_gate, chunk_means_triton, flip_by_slot
 from .jit import kernel_jit
-from .launch import MaskArgs, device_capability, empty, on_device, row_slab, slabs, tuned_for
+from .launch import MaskArgs, device_capability, empty, on_device, tuned_for
 from .support import (
     bounded_params,
     dot_precision,
@@ -44,7 +44,7 @@ from .support import (
     require_triton,
     triton_unsupported_reason,
 )
-from .tiles import key_major_tile, own_chunk_rows, own_chunk_span
+from .tiles import key_major_tile, own_chunk_rows, own_chunk_span, slot_tile
 
 __all__ = ["moba_backward_triton"]
 
@@ -206,6 +206,7 @@ def _bwd_dkdv_kernel(
     lists_ptr,
     seg_start_ptr,
     counts_ptr,
+    B,
     Hq,
     Hkv,
     G,
@@ -301,28 +302,30 @@ def _bwd_dkdv_kernel(
                 HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
             )  # fmt: skip
 
-    # (b) The rows (any head of the group) that chose chunk c, gathered from its flip list. Their chunk is complete and
-    # lies before them: no causal or bounds mask on the keys.
+    # (b) The rows (any head of the group) that chose chunk c, gathered from its lists, one per slot. Their chunk is
+    # complete and lies before them: no causal or bounds mask on the keys. Entry ids are g * Lq + i, decoded in 32-bit
+    # arithmetic (a 64-bit division is a long subroutine per element).
     if HAS_LIST:
-        seg = plane * N + c
-        start = tl.load(seg_start_ptr + seg)
-        count = tl.load(counts_ptr + seg)
-        per_head = Lq * KM1
-        for r0 in range(0, count, BLOCK_M):
-            offs_m = r0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < count
-            local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
-            # (names differ from the own-chunk loop's: Triton wants one type per loop-carried name)
-            row = (local % per_head) // KM1
-            head = hkv * G + local // per_head
-            stat = (b * Hq + head) * Lq + row
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
-                b * sqb + head * sqh + row * sqm, b * sdob + head * sdoh + row * sdom, stat,
-                b * smb + head * smh + row * smm, stat * HEAD_D, row_ok, offs_m, offs_n, key_ok, sqd, sdod, smn,
-                qk_scale, scale,
-                HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
-            )  # fmt: skip
+        for j in range(0, KM1):
+            seg = ((j * B + b) * Hkv + hkv) * N + c
+            start = tl.load(seg_start_ptr + seg)
+            count = tl.load(counts_ptr + seg)
+            for r0 in range(0, count, BLOCK_M):
+                offs_m = r0 + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < count
+                local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0)
+                # (names differ from the own-chunk loop's: Triton wants one type per loop-carried name)
+                g_l = local // Lq
+                row = (local - g_l * Lq).to(tl.int64)
+                head = hkv * G + g_l.to(tl.int64)
+                stat = (b * Hq + head) * Lq + row
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
+                    b * sqb + head * sqh + row * sqm, b * sdob + head * sdoh + row * sdom, stat,
+                    b * smb + head * smh + row * smm, stat * HEAD_D, row_ok, offs_m, offs_n, key_ok, sqd, sdod, smn,
+                    qk_scale, scale,
+                    HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
+                )  # fmt: skip
 
     # dK/dV are contiguous [B, Hkv, Lk, D]: written once, in the key/value dtype.
     rows = plane * Lk + offs_n.to(tl.int64)
@@ -406,13 +409,15 @@ def _bwd_sparse_dq_kernel(
     mask_ptr,
     lse2_ptr,
     delta_ptr,
-    pdq_ptr,
+    dq_ptr,
     lists_ptr,
     seg_start_ptr,
     counts_ptr,
     tile_seg_ptr,
     tile_row0_ptr,
-    n_segments,
+    slot_tiles_ptr,
+    j,
+    B,
     Hq,
     Hkv,
     G,
@@ -420,7 +425,6 @@ def _bwd_sparse_dq_kernel(
     Lk,
     N,
     C,
-    KM1,
     qk_scale,
     scale,
     sqb,
@@ -443,8 +447,6 @@ def _bwd_sparse_dq_kernel(
     smh,
     smm,
     smn,
-    stb,
-    sth,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -453,12 +455,11 @@ def _bwd_sparse_dq_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    seg = tl.load(tile_seg_ptr + t)
-    if seg >= n_segments:  # padding tile of the static-size tile list
+    t, live = slot_tile(slot_tiles_ptr, j)
+    if not live:  # past slot j's last tile (the grid is a static bound)
         return
-    offs_m, row_ok, local, plane, c, b, hkv, hq, i, per_head = key_major_tile(
-        t, seg.to(tl.int64), tile_row0_ptr, seg_start_ptr, counts_ptr, lists_ptr, Hkv, G, Lq, N, KM1, BLOCK_M
+    offs_m, row_ok, b, hkv, c, hq, i = key_major_tile(
+        t, tile_seg_ptr, tile_row0_ptr, seg_start_ptr, counts_ptr, lists_ptr, B, Hkv, G, Lq, N, BLOCK_M
     )
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
     offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
@@ -468,7 +469,7 @@ def _bwd_sparse_dq_kernel(
     do = tl.load(
         do_ptr + (b * sdob + hq * sdoh + i * sdom)[:, None] + offs_dv[None, :] * sdod, mask=row_ok[:, None], other=0.0
     )
-    stat = b * stb + hq * sth + i
+    stat = (b * Hq + hq) * Lq + i
     lse2 = tl.load(lse2_ptr + stat, mask=row_ok, other=_POS_INF)
     delta = tl.load(delta_ptr + stat, mask=row_ok, other=0.0)
     if UPCAST:
@@ -485,8 +486,11 @@ def _bwd_sparse_dq_kernel(
             row_ok, offs_m, offs_m, Lk, mask_ptr, mask_rows, smn,
             HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
         )  # fmt: skip
-    e = plane * G * per_head + local  # flat (b, hq, i, j) slot of the entry
-    tl.store(pdq_ptr + e[:, None] * HEAD_D + offs_d[None, :], dq * scale, mask=row_ok[:, None])
+    # Each row appears once per slot: this program alone adds to these rows' fp32 dQ in this launch, and the slots
+    # are added in order after the own chunk's dQ, so the sum's order is fixed.
+    d_ptrs = dq_ptr + stat[:, None] * HEAD_D + offs_d[None, :]
+    acc = tl.load(d_ptrs, mask=row_ok[:, None], other=0.0)
+    tl.store(d_ptrs, acc + dq * scale, mask=row_ok[:, None])
 
 
 @kernel_jit
@@ -498,15 +502,12 @@ def _bwd_own_dq_kernel(
     mask_ptr,
     lse2_ptr,
     delta_ptr,
-    sel_ptr,
-    pdq_ptr,
     dq_ptr,
     Hq,
     G,
     Lq,
     Lk,
     C,
-    KM1,
     qk_scale,
     scale,
     sqb,
@@ -531,9 +532,6 @@ def _bwd_own_dq_kernel(
     smn,
     stb,
     sth,
-    sdqb,
-    sdqh,
-    sdqm,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -577,17 +575,9 @@ def _bwd_own_dq_kernel(
             row_ok, pos, own_start, Lk, mask_ptr, mask_rows, smn,
             HEAD_D, HEAD_DV, BLOCK_N, True, HAS_MASK, UPCAST, DOT_PREC,
         )  # fmt: skip
-    dq = dq * scale
-    # The key-major slot partials, added in slot order: a fixed summation order, hence bitwise reproducible.
-    slots = ((b * Hq + hq) * Lq + rows64) * KM1
-    for j in range(0, KM1):
-        chosen = tl.load(sel_ptr + slots + j, mask=row_ok, other=-1)
-        part = tl.load(
-            pdq_ptr + (slots + j)[:, None] * HEAD_D + offs_d[None, :], mask=(chosen >= 0)[:, None], other=0.0
-        )
-        dq += part
-    d_ptrs = dq_ptr + b * sdqb + hq * sdqh + rows64[:, None] * sdqm + offs_d[None, :]
-    tl.store(d_ptrs, _round_to(dq, dq_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None])
+    # fp32 dQ of the own chunk: the key-major passes over the slots add the chosen chunks' dQ to it afterwards.
+    d_ptrs = dq_ptr + stat[:, None] * HEAD_D + offs_d[None, :]
+    tl.store(d_ptrs, dq * scale, mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -749,12 +739,12 @@ def moba_backward_triton(
     )  # fmt: skip
     with on_device(dev):
         delta, lse2 = _preprocess(out, grad_out, lse)
-        means, sel, flip, dq_block_m = _gate_and_flip(p)
+        by_slot, dq_block_m = _gate_and_flip(p)
         dq_acc = None if deterministic else torch.zeros(b, hq, lq, d, dtype=torch.float32, device=dev)
-        _dkdv(p, delta, lse2, flip, dq_acc, dk, dv)
+        _dkdv(p, delta, lse2, by_slot, dq_acc, dk, dv)
         if dq_acc is not None:
             return dq_acc.to(query.dtype), dk, dv
-        dq = _deterministic_dq(p, delta, lse2, means, sel, flip, dq_block_m)
+        dq = _deterministic_dq(p, delta, lse2, by_slot, dq_block_m)
     return dq, dk, dv
 
 
@@ -822,32 +812,32 @@ def _preprocess(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Ten
     return delta, lse2
 
 
-def _gate_and_flip(p: _BwdProblem) -> tuple[Tensor | None, Tensor | None, FlipResult | None, int]:
-    """Pass 2: the forward's selection recomputed and inverted: ``(means, sel, flip, dq_block_m)``.
+def _gate_and_flip(p: _BwdProblem) -> tuple[SlotFlip | None, int]:
+    """Pass 2: the forward's selection recomputed and inverted per slot: ``(by_slot, dq_block_m)``.
 
-    ``means``/``sel``/``flip`` are ``None`` when no row has an earlier chunk to choose (``K' = 1``). ``dq_block_m`` is
-    the deterministic dQ kernels' key-major tile height, cut per chunk list.
+    ``by_slot`` is ``None`` when no row has an earlier chunk to choose (``K' = 1``). ``dq_block_m`` is the
+    deterministic dQ kernel's key-major tile height, cut per chunk list.
     """
     query, key, km1 = p.query, p.key, p.km1
     hkv, lk = key.shape[1], key.shape[2]
     if km1 == 0:
-        return None, None, None, p.cfg.dq_block_m
+        return None, p.cfg.dq_block_m
     g, lq = query.shape[1] // hkv, query.shape[2]
     means = chunk_means_triton(key, p.chunk_size)
     sel = _launch_gate(query, means, p.chunk_size, km1, lk)
-    # The deterministic dQ tiles are cut per chunk list: short lists would leave big tiles mostly padding.
-    dq_block_m = list_tile_rows(p.cfg.dq_block_m, g * lq * km1, (lk - 1) // p.chunk_size)
+    # The deterministic dQ tiles are cut per chunk list (one slot's entries): short lists would leave big tiles
+    # mostly padding.
+    dq_block_m = list_tile_rows(p.cfg.dq_block_m, g * lq, (lk - 1) // p.chunk_size)
     # Default mode never uses the flip's tiles: large tiles keep those arrays small.
     block_m = dq_block_m if p.deterministic else 1024
-    flip = flip_selection(sel, hkv, p.n_chunks, block_m, deterministic=p.deterministic)
-    return means, sel, flip, dq_block_m
+    return flip_by_slot(sel, hkv, p.n_chunks, block_m, deterministic=p.deterministic), dq_block_m
 
 
 def _dkdv(
     p: _BwdProblem,
     delta: Tensor,
     lse2: Tensor,
-    flip: FlipResult | None,
+    by_slot: SlotFlip | None,
     dq_acc: Tensor | None,
     dk: Tensor,
     dv: Tensor,
@@ -861,89 +851,42 @@ def _dkdv(
     dummy_i64 = torch.zeros(1, dtype=torch.int64, device=dev)
     strides = (*query.stride(), *key.stride(), *value.stride(), *p.grad_out.stride(), *p.mask.strides)
     kv_block_n = p.block_n(cfg.kv_block_n)
+    flip = by_slot.flip if by_slot is not None else None
     _bwd_dkdv_kernel[(triton.cdiv(lk, kv_block_n), b * hkv)](
         query, key, value, p.grad_out, p.mask.arg, lse2, delta, dq_acc if dq_acc is not None else lse2, dk, dv,
         flip.lists if flip is not None else dummy_i32,
         flip.seg_start if flip is not None else dummy_i64,
         flip.counts if flip is not None else dummy_i32,
-        hq, hkv, hq // hkv, lq, lk, p.n_chunks, p.chunk_size, max(p.km1, 1), p.qk_scale, p.scale, *strides,
+        b, hq, hkv, hq // hkv, lq, lk, p.n_chunks, p.chunk_size, max(p.km1, 1), p.qk_scale, p.scale, *strides,
         BLOCK_M=cfg.kv_block_m, BLOCK_N=kv_block_n, HAS_LIST=flip is not None, ATOMIC_DQ=dq_acc is not None,
         num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **p.common(),
     )  # fmt: skip
 
 
-def _deterministic_dq(
-    p: _BwdProblem,
-    delta: Tensor,
-    lse2: Tensor,
-    means: Tensor | None,
-    sel: Tensor | None,
-    flip: FlipResult | None,
-    dq_block_m: int,
-) -> Tensor:
-    """Pass 4 (deterministic mode): dQ without float atomics, one row slab at a time (slot partials bounded by the
-    partial-buffer budget; see :mod:`.launch`)."""
-    query = p.query
+def _deterministic_dq(p: _BwdProblem, delta: Tensor, lse2: Tensor, by_slot: SlotFlip | None, dq_block_m: int) -> Tensor:
+    """Pass 4 (deterministic mode): dQ without float atomics into an fp32 ``[B, Hq, Lq, D]`` buffer: the own chunk's
+    dQ first (query-major), then one key-major launch per slot adding the chosen chunk's dQ to each of its rows; every
+    row is in one tile per launch, so the sum runs in a fixed order. Returns dQ in the query dtype."""
+    query, key, value, cfg = p.query, p.key, p.value, p.cfg
     b, hq, lq, d = query.shape
-    dev = query.device
-    dq = empty(b, hq, lq, d, dtype=query.dtype, device=dev)
-    slab = row_slab(lq, p.km1, b * hq * max(p.km1, 1) * d * 4, dev)
-    pdq = empty(b * hq * slab * p.km1 * d if p.km1 > 0 else 1, dtype=torch.float32, device=dev)
-    for r0, r1, lk_s in slabs(lq, p.key.shape[2], slab):
-        if r0 == 0 and r1 == lq:  # one slab: the selection and flip of pass 2 serve it
-            _dq_slab(p, r0, r1, lk_s, delta, lse2, means, pdq, dq, dq_block_m, given=(sel, flip))
-        else:
-            _dq_slab(p, r0, r1, lk_s, delta, lse2, means, pdq, dq, dq_block_m)
-    return dq
-
-
-def _dq_slab(
-    p: _BwdProblem,
-    r0: int,
-    r1: int,
-    lk_s: int,
-    delta: Tensor,
-    lse2: Tensor,
-    means: Tensor | None,
-    pdq: Tensor,
-    dq: Tensor,
-    dq_block_m: int,
-    given: tuple[Tensor | None, FlipResult | None] | None = None,
-) -> None:
-    """Deterministic dQ of query rows ``[r0, r1)`` (keys ``[0, lk_s)``): key-major slot partials of the chosen chunks,
-    then the own chunk's dQ plus those partials in slot order. ``given``: the whole call's ``(sel, flip)`` when the
-    slab is every row (else they are recomputed for the slab, sorted)."""
-    key, value, cfg = p.key, p.value, p.cfg
-    hq, hkv = p.query.shape[1], key.shape[1]
-    dev = p.query.device
-    km1_s = min(p.topk - 1, (lk_s - 1) // p.chunk_size)
-    n_s = -(-lk_s // p.chunk_size)
-    q_s, do_s = p.query[:, :, r0:r1], p.grad_out[:, :, r0:r1]
-    m_s = p.mask.slab(r0, r1, lk_s, q_s)
-    s_strides = (*q_s.stride(), *key.stride(), *value.stride(), *do_s.stride(), *m_s.strides)
-    stat_strides = (delta.stride(0), delta.stride(1))
-    lse2_s, delta_s, dq_s = lse2[:, :, r0:r1], delta[:, :, r0:r1], dq[:, :, r0:r1]
+    hkv, lk = key.shape[1], key.shape[2]
+    dq = empty(b, hq, lq, d, dtype=torch.float32, device=query.device)
+    strides = (*query.stride(), *key.stride(), *value.stride(), *p.grad_out.stride(), *p.mask.strides)
     common = dict(p.common(), BLOCK_N=p.block_n(cfg.dq_block_n), num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
-    sel_s: Tensor = torch.zeros(1, dtype=torch.int32, device=dev)  # never read when KM1 = 0
-    if km1_s > 0:
-        assert means is not None
-        if given is not None:
-            sel_g, flip_s = given
-            assert sel_g is not None and flip_s is not None
-            sel_s = sel_g
-        else:
-            sel_s = _launch_gate(q_s, means, p.chunk_size, km1_s, lk_s)
-            flip_s = flip_selection(sel_s, hkv, n_s, dq_block_m, deterministic=True)
-        n_tiles = flip_s.tile_seg.numel()
-        if n_tiles:
-            _bwd_sparse_dq_kernel[(n_tiles,)](
-                q_s, key, value, do_s, m_s.arg, lse2_s, delta_s, pdq,
-                flip_s.lists, flip_s.seg_start, flip_s.counts, flip_s.tile_seg, flip_s.tile_row0,
-                flip_s.n_segments, hq, hkv, hq // hkv, r1 - r0, lk_s, n_s, p.chunk_size, km1_s, p.qk_scale, p.scale,
-                *s_strides, *stat_strides, BLOCK_M=dq_block_m, **common,
-            )  # fmt: skip
-    _bwd_own_dq_kernel[(triton.cdiv(r1 - r0, cfg.dq_block_m), p.query.shape[0] * hq)](
-        q_s, key, value, do_s, m_s.arg, lse2_s, delta_s, sel_s, pdq, dq_s,
-        hq, hq // hkv, r1 - r0, lk_s, p.chunk_size, max(km1_s, 0), p.qk_scale, p.scale, *s_strides, *stat_strides,
-        dq_s.stride(0), dq_s.stride(1), dq_s.stride(2), BLOCK_M=cfg.dq_block_m, **common,
+    _bwd_own_dq_kernel[(triton.cdiv(lq, cfg.dq_block_m), b * hq)](
+        query, key, value, p.grad_out, p.mask.arg, lse2, delta, dq,
+        hq, hq // hkv, lq, lk, p.chunk_size, p.qk_scale, p.scale, *strides, delta.stride(0), delta.stride(1),
+        BLOCK_M=cfg.dq_block_m, **common,
     )  # fmt: skip
+    if by_slot is not None:
+        flip = by_slot.flip
+        for j, grid in enumerate(by_slot.grids):
+            if grid == 0:
+                continue
+            _bwd_sparse_dq_kernel[(grid,)](
+                query, key, value, p.grad_out, p.mask.arg, lse2, delta, dq,
+                flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0, by_slot.slot_tiles, j,
+                b, hq, hkv, hq // hkv, lq, lk, p.n_chunks, p.chunk_size, p.qk_scale, p.scale, *strides,
+                BLOCK_M=dq_block_m, **common,
+            )  # fmt: skip
+    return dq.to(query.dtype)

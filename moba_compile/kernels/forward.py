@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gating import _launch_gate, chunk_means_triton, flip_selection
+from .gating import _launch_gate, chunk_means_triton, flip_by_slot
 from .jit import kernel_jit
-from .launch import MaskArgs, device_capability, empty, on_device, partial_buffer_budget, row_slab, slabs, tuned_for
+from .launch import MaskArgs, device_capability, empty, on_device, tuned_for
 from .support import (
     bounded_params,
     dot_precision,
@@ -34,9 +34,9 @@ from .support import (
     require_triton,
     triton_unsupported_reason,
 )
-from .tiles import key_major_tile, own_chunk_rows, own_chunk_span
+from .tiles import key_major_tile, own_chunk_rows, own_chunk_span, slot_tile
 
-__all__ = ["moba_forward_triton", "partial_buffer_budget"]
+__all__ = ["moba_forward_triton"]
 
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
@@ -112,20 +112,59 @@ def _attend_block(
     return acc, l_i, m_new
 
 
+@triton.jit
+def _merge_into_state(
+    out_ptr, lo_ptr, lse_ptr, rows, row_ok, acc, l_i, m_i, HEAD_DV: tl.constexpr, HAS_LO: tl.constexpr
+):
+    """Fold a partial result (``acc / l_i``, log2 LSE ``m_i + log2(l_i)``) into the rows' running state.
+
+    The state is the normalised output so far, kept as ``out`` (the output dtype) plus ``lo`` (bf16, the rounding
+    residual ``o - out``, when ``HAS_LO``), and its natural-log LSE ``lse``: an exact log-sum-exp merge, since the
+    key sets of the own chunk and the chosen chunks are disjoint. ``out + lo`` carries about 16 significant bits (19
+    for fp16), so the K'-1 merges cost no more than fp32 partials did, and ``out`` after the last merge is the output
+    rounded once. A side with no key (``LSE = -inf``) gets weight 0; two such sides keep ``out = 0``, ``lse = -inf``.
+    """
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    has = l_i > 0.0
+    o_p = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse2_p = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), _NEG_INF)
+    o_ptrs = out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
+    o_s = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if HAS_LO:
+        lo_ptrs = lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
+        o_s += tl.load(lo_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    lse2_s = tl.load(lse_ptr + rows, mask=row_ok, other=_NEG_INF) * _LOG2E_C
+    m = tl.maximum(lse2_s, lse2_p)
+    m_use = tl.where(m == _NEG_INF, 0.0, m)
+    w_s = tl.math.exp2(lse2_s - m_use)
+    w_p = tl.math.exp2(lse2_p - m_use)
+    tot = w_s + w_p
+    tot_safe = tl.where(tot > 0.0, tot, 1.0)
+    o = (o_s * (w_s / tot_safe)[:, None]) + (o_p * (w_p / tot_safe)[:, None])
+    hi = o.to(out_ptr.dtype.element_ty)
+    tl.store(o_ptrs, hi, mask=row_ok[:, None])
+    if HAS_LO:
+        tl.store(lo_ptrs, (o - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + rows, tl.where(tot > 0.0, (m_use + tl.math.log2(tot_safe)) * _LN2, _NEG_INF), mask=row_ok)
+
+
 @kernel_jit
 def _sparse_fwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
     mask_ptr,
-    po_ptr,
-    plse_ptr,
+    out_ptr,
+    lo_ptr,
+    lse_ptr,
     lists_ptr,
     seg_start_ptr,
     counts_ptr,
     tile_seg_ptr,
     tile_row0_ptr,
-    n_segments,
+    slot_tiles_ptr,
+    j,
+    B,
     Hq,
     Hkv,
     G,
@@ -133,7 +172,6 @@ def _sparse_fwd_kernel(
     Lk,
     N,
     C,
-    KM1,
     qk_scale,
     sqb,
     sqh,
@@ -156,15 +194,15 @@ def _sparse_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LO: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    seg = tl.load(tile_seg_ptr + t)
-    if seg >= n_segments:  # padding tile of the static-size tile list
+    t, live = slot_tile(slot_tiles_ptr, j)
+    if not live:  # past slot j's last tile (the grid is a static bound)
         return
-    offs_m, row_ok, local, plane, c, b, hkv, hq, i, per_head = key_major_tile(
-        t, seg.to(tl.int64), tile_row0_ptr, seg_start_ptr, counts_ptr, lists_ptr, Hkv, G, Lq, N, KM1, BLOCK_M
+    offs_m, row_ok, b, hkv, c, hq, i = key_major_tile(
+        t, tile_seg_ptr, tile_row0_ptr, seg_start_ptr, counts_ptr, lists_ptr, B, Hkv, G, Lq, N, BLOCK_M
     )
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
     q = tl.load(
@@ -187,13 +225,8 @@ def _sparse_fwd_kernel(
             row_ok, offs_m, offs_m, Lk, mask_rows, smn,
             HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
         )  # fmt: skip
-    has = l_i > 0.0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * _LN2, _NEG_INF)
-    e = plane * G * per_head + local  # flat (b, hq, i, j) index
-    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
-    tl.store(po_ptr + e[:, None] * HEAD_DV + offs_dv[None, :], o, mask=row_ok[:, None])
-    tl.store(plse_ptr + e, lse, mask=row_ok)
+    # Each row appears once per slot: this program alone updates these rows' state in this launch.
+    _merge_into_state(out_ptr, lo_ptr, lse_ptr, (b * Hq + hq) * Lq + i, row_ok, acc, l_i, m_i, HEAD_DV, HAS_LO)
 
 
 @kernel_jit
@@ -202,17 +235,14 @@ def _own_fwd_kernel(
     k_ptr,
     v_ptr,
     mask_ptr,
-    sel_ptr,
-    po_ptr,
-    plse_ptr,
     out_ptr,
+    lo_ptr,
     lse_ptr,
     Hq,
     G,
     Lq,
     Lk,
     C,
-    KM1,
     qk_scale,
     sqb,
     sqh,
@@ -230,16 +260,12 @@ def _own_fwd_kernel(
     smh,
     smm,
     smn,
-    sob,
-    soh,
-    som,
-    slb,
-    slh,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LO: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -274,29 +300,18 @@ def _own_fwd_kernel(
             HEAD_D, HEAD_DV, BLOCK_N, True, HAS_MASK, UPCAST, DOT_PREC,
         )  # fmt: skip
 
-    # Merge the key-major partials: each is one more "key" with log2-score lse_j * log2(e) and value o_j.
-    rows = ((b * Hq + hq) * Lq + offs_m64) * KM1
-    for j in range(0, KM1):
-        chosen = tl.load(sel_ptr + rows + j, mask=row_ok, other=-1)
-        has = chosen >= 0
-        lse_j = tl.load(plse_ptr + rows + j, mask=has, other=_NEG_INF) * _LOG2E_C
-        o_j = tl.load(po_ptr + (rows + j)[:, None] * HEAD_DV + offs_dv[None, :], mask=has[:, None], other=0.0)
-        m_new = tl.maximum(m_i, lse_j)
-        m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        w = tl.math.exp2(lse_j - m_use)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o_j
-        m_i = m_new
-
+    # The own chunk opens each row's state (the key-major passes over the slots fold into it afterwards).
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * _LN2, _NEG_INF)
-    # out/lse may be row slabs of larger outputs (see moba_forward_triton): strided rows, contiguous head dim.
-    o_ptrs = out_ptr + b * sob + hq * soh + offs_m64[:, None] * som + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + b * slb + hq * slh + offs_m64, lse, mask=row_ok)
+    rows = (b * Hq + hq) * Lq + offs_m64
+    hi = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], hi, mask=row_ok[:, None])
+    if HAS_LO:
+        lo = (out - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty)
+        tl.store(lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], lo, mask=row_ok[:, None])
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
 @dataclass(frozen=True)
@@ -439,72 +454,36 @@ def moba_forward_triton(
     own = dict(shared, BLOCK_N=min(cfg.block_n, whole), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     sparse = dict(shared, BLOCK_N=min(sp_block_n, whole), num_warps=sp_warps, num_stages=sp_stages)
     mask = MaskArgs.build(attn_mask, (b, hq, lq, lk), query)
-    km1_max = min(topk - 1, (lk - 1) // chunk_size)
-    # Row slabs bound the fp32 partial buffer (see .launch); the means of the full key serve every slab.
-    slab = row_slab(lq, km1_max, b * hq * max(km1_max, 1) * (dv + 1) * 4, dev)
-    with on_device(dev):
-        means = chunk_means_triton(key, chunk_size) if km1_max > 0 else None
-        po = plse = None
-        for r0, r1, lk_s in slabs(lq, lk, slab):
-            km1 = min(topk - 1, (lk_s - 1) // chunk_size)
-            if km1 > 0 and po is None:
-                po = empty(b * hq * slab * km1_max, dv, dtype=torch.float32, device=dev)
-                plse = empty(b * hq * slab * km1_max, dtype=torch.float32, device=dev)
-            q_s = query[:, :, r0:r1]
-            _forward_slab(
-                q_s, key, value, mask.slab(r0, r1, lk_s, q_s), means, po, plse, out[:, :, r0:r1], lse[:, :, r0:r1],
-                chunk_size, km1, lk_s, qk_scale, (cfg.block_m, own), (sp_block_m, sparse),
-            )  # fmt: skip
-    return out, lse
-
-
-def _forward_slab(
-    q: Tensor,
-    key: Tensor,
-    value: Tensor,
-    mask: MaskArgs,
-    means: Tensor | None,
-    po: Tensor | None,
-    plse: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    chunk_size: int,
-    km1: int,
-    lk: int,
-    qk_scale: float,
-    own: tuple[int, dict],
-    sparse: tuple[int, dict],
-) -> None:
-    """Gate, flip, key-major and own-chunk passes for rows whose positions are ``lk - Lq' + i`` (keys ``[0, lk)``).
-
-    ``own`` and ``sparse`` are each kernel's ``(BLOCK_M, launch keywords)``."""
-    block_m, own_kw = own
-    sp_block_m, sparse_kw = sparse
-    b, hq, lq, _ = q.shape
+    km1 = min(topk - 1, (lk - 1) // chunk_size)
     hkv = key.shape[1]
     g = hq // hkv
     n_chunks = -(-lk // chunk_size)
-    mask_arg = mask.arg
-    strides = (*q.stride(), *key.stride(), *value.stride(), *mask.strides)
-    sel = q  # placeholder when KM1 = 0 (never read)
-    if km1 > 0:
-        assert means is not None and po is not None and plse is not None
-        sel = _launch_gate(q, means, chunk_size, km1, lk)
-        block_m_sp = list_tile_rows(sp_block_m, g * lq * km1, (lk - 1) // chunk_size)
-        flip = flip_selection(sel, hkv, n_chunks, block_m_sp)
-        n_tiles = flip.tile_seg.numel()
-        if n_tiles:
-            _sparse_fwd_kernel[(n_tiles,)](
-                q, key, value, mask_arg, po, plse,
-                flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0,
-                flip.n_segments, hq, hkv, g, lq, lk, n_chunks, chunk_size, km1, qk_scale, *strides,
-                BLOCK_M=block_m_sp, **sparse_kw,
+    strides = (*query.stride(), *key.stride(), *value.stride(), *mask.strides)
+    # The residual of the running output: only where there is something to merge and the output dtype rounds.
+    has_lo = km1 > 0 and query.dtype != torch.float32
+    lo = empty(b, hq, lq, dv, dtype=torch.bfloat16, device=dev) if has_lo else out
+    with on_device(dev):
+        _own_fwd_kernel[(triton.cdiv(lq, cfg.block_m), b * hq)](
+            query, key, value, mask.arg, out, lo, lse, hq, g, lq, lk, chunk_size, qk_scale, *strides,
+            BLOCK_M=cfg.block_m, HAS_LO=has_lo, **own,
+        )  # fmt: skip
+        if km1 == 0:
+            return out, lse
+        means = chunk_means_triton(key, chunk_size)
+        sel = _launch_gate(query, means, chunk_size, km1, lk)
+        block_m_sp = list_tile_rows(sp_block_m, g * lq, (lk - 1) // chunk_size)  # one slot's entries per plane
+        by_slot = flip_by_slot(sel, hkv, n_chunks, block_m_sp)
+        del sel  # the slot-major copy inside the flip replaces it
+        flip = by_slot.flip
+        # One launch per slot, in slot order: every row is in at most one tile of a launch, so its state is updated
+        # by one program at a time, and the merge order (own chunk, then slots 0 .. K'-2) is fixed.
+        for j, grid in enumerate(by_slot.grids):
+            if grid == 0:
+                continue
+            _sparse_fwd_kernel[(grid,)](
+                query, key, value, mask.arg, out, lo, lse,
+                flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0, by_slot.slot_tiles, j,
+                b, hq, hkv, g, lq, lk, n_chunks, chunk_size, qk_scale, *strides,
+                BLOCK_M=block_m_sp, HAS_LO=has_lo, **sparse,
             )  # fmt: skip
-    po_arg = po if po is not None else q
-    plse_arg = plse if plse is not None else q
-    _own_fwd_kernel[(triton.cdiv(lq, block_m), b * hq)](
-        q, key, value, mask_arg, sel, po_arg, plse_arg, out, lse,
-        hq, g, lq, lk, chunk_size, km1, qk_scale, *strides,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        BLOCK_M=block_m, **own_kw,
-    )  # fmt: skip
+    return out, lse

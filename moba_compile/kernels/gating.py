@@ -27,7 +27,15 @@ from .launch import empty
 from .support import bounded_params, interpreting, next_pow2, speed_up_interpreter
 from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores, query_major_program
 
-__all__ = ["FlipResult", "chunk_means_triton", "flip_selection", "launch_chunk_means", "select_chunks_triton"]
+__all__ = [
+    "FlipResult",
+    "SlotFlip",
+    "chunk_means_triton",
+    "flip_by_slot",
+    "flip_selection",
+    "launch_chunk_means",
+    "select_chunks_triton",
+]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -465,3 +473,69 @@ def flip_selection(
         tile_row0=tile_row0.to(torch.int32),
         n_segments=n_seg,
     )
+
+
+@dataclass(frozen=True)
+class SlotFlip:
+    """The index flip in slot-major order (see :func:`flip_by_slot`).
+
+    Attributes:
+        flip: the :class:`FlipResult` of the slot-major selection: segment ``((j * B + b) * Hkv + hkv) * N + c``,
+            entry ids ``g * Lq + i`` (int32; no slot in the id: the segment carries it).
+        slot_tiles: int32 ``[K' - 1 + 1]`` on the device: slot ``j``'s work tiles are ``[slot_tiles[j],
+            slot_tiles[j + 1])`` of ``flip.tile_seg`` / ``flip.tile_row0``.
+        grids: the grid size of each slot's launch: the exact tile count where the count is read on the host
+            (interpreter), else the static bound ``B*Hq*Lq // block_m + B*Hkv*N`` (no host synchronisation).
+        n_slots: ``K' - 1``.
+        batch: ``B``.
+    """
+
+    flip: FlipResult
+    slot_tiles: Tensor
+    grids: tuple[int, ...]
+    n_slots: int
+    batch: int
+
+
+def flip_by_slot(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int, *, deterministic: bool = False) -> SlotFlip:
+    """Invert the gate per slot: for every (slot ``j``, batch, key head, chunk) the rows whose ``j``-th choice it is.
+
+    Every row appears at most once per slot, so a pass over one slot's tiles may read-modify-write per-row state (the
+    forward's running output, the backward's dQ) without atomics or races, and the passes over the slots in order
+    ``j = 0 .. K'-2`` give a fixed summation order. The segments of one slot are contiguous, and so are its tiles.
+
+    Args:
+        sel: int32 ``[B, Hq, Lq, K'-1]`` contiguous gate output (``-1`` = unused slot), CUDA or interpreted CPU.
+        heads_kv: ``Hkv``, dividing ``Hq``.
+        n_chunks: ``N``, greater than every index in ``sel``.
+        block_m: entries per key-major tile.
+        deterministic: sort each list by entry id (see :func:`flip_selection`).
+
+    Returns:
+        :class:`SlotFlip` on ``sel``'s device.
+
+    Raises:
+        ValueError: as :func:`flip_selection`.
+
+    Example:
+        >>> sel = torch.tensor([[[[-1, -1], [0, -1], [1, 0]]]], dtype=torch.int32)  # B=1, Hq=1, Lq=3, K-1=2
+        >>> sf = flip_by_slot(sel, 1, 2, 16)
+        >>> sf.flip.counts.tolist()  # slot 0: chunk 0 <- row 1, chunk 1 <- row 2; slot 1: chunk 0 <- row 2
+        [1, 1, 1, 0]
+    """
+    if sel.dim() != 4 or sel.dtype != torch.int32:
+        raise ValueError("sel must be an int32 [B, Hq, Lq, K-1] tensor")
+    b, hq, lq, km1 = sel.shape
+    # [K'-1, B, Hq, Lq] as K'-1 batches of one-slot selections: the plain flip then groups segments slot by slot.
+    sel_t = sel.permute(3, 0, 1, 2).reshape(km1 * b, hq, lq, 1).contiguous()
+    flip = flip_selection(sel_t, heads_kv, n_chunks, block_m, deterministic=deterministic)
+    per_slot = b * heads_kv * n_chunks
+    tiles_per = (flip.counts.to(torch.int64) + block_m - 1) // block_m
+    tile_end = torch.nn.functional.pad(torch.cumsum(tiles_per, 0), (1, 0))
+    slot_tiles = tile_end[:: max(per_slot, 1)][: km1 + 1].to(torch.int32)
+    if _exact_tile_count(sel.device):
+        ends = slot_tiles.tolist()
+        grids = tuple(ends[j + 1] - ends[j] for j in range(km1))
+    else:
+        grids = (b * hq * lq // block_m + per_slot,) * km1
+    return SlotFlip(flip=flip, slot_tiles=slot_tiles, grids=grids, n_slots=km1, batch=b)

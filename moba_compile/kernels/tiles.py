@@ -11,6 +11,7 @@ __all__ = [
     "SENTINEL",
     "chunk_indices",
     "key_major_tile",
+    "slot_tile",
     "merge_top",
     "own_chunk_rows",
     "own_chunk_span",
@@ -26,45 +27,58 @@ SENTINEL = tl.constexpr(-(2**63))
 # Work tiles
 # --------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def slot_tile(slot_tiles_ptr, j):
+    """Work tile of program ``tl.program_id(0)`` in the launch for slot ``j``: ``(t, live)``.
+
+    The slot-major flip (:func:`.gating.flip_by_slot`) stores slot ``j``'s tiles at ``[slot_tiles[j],
+    slot_tiles[j + 1])``; a launch's grid is a static bound, so programs past the slot's last tile are not ``live``.
+    """
+    t = tl.load(slot_tiles_ptr + j) + tl.program_id(0)
+    live = t < tl.load(slot_tiles_ptr + j + 1)
+    return t, live
+
+
+@triton.jit
 def key_major_tile(
     t,
-    seg,
+    tile_seg_ptr,
     tile_row0_ptr,
     seg_start_ptr,
     counts_ptr,
     lists_ptr,
+    B,
     Hkv,
     G,
     Lq,
     N,
-    KM1,
     BLOCK_M: tl.constexpr,
 ):
-    """Decode key-major work tile ``t`` of (int64, non-padding) segment ``seg`` of the index flip.
+    """Decode key-major work tile ``t`` (a live tile of the slot-major flip, see :func:`.gating.flip_by_slot`).
 
-    Segment ``seg = (b * Hkv + hkv) * N + c``; its list holds entry ids ``(g * Lq + i) * KM1 + j`` local to the
-    (batch, key head) plane (see :func:`.gating.flip_selection`). The caller checks ``seg < n_segments`` first.
+    Segment ``seg = ((j * B + b) * Hkv + hkv) * N + c``; its list holds int32 entry ids ``g * Lq + i`` (query head
+    ``hkv * G + g``, row ``i``). The ids are decoded in 32-bit arithmetic: a 64-bit division is a ~100-instruction
+    subroutine per element, which made these decodes the hottest code of the key-major kernels.
 
     Returns:
-        ``(offs_m, row_ok, local, plane, c, b, hkv, hq, i, per_head)``: the tile's row offsets and valid rows, each
-        row's entry id (int64), the plane, the chunk, batch and key head, each row's query head and query row, and
-        ``Lq * KM1`` (entries per query head).
+        ``(offs_m, row_ok, b, hkv, c, hq, i)``: the tile's row offsets and valid rows, batch, key head and chunk
+        (int64 scalars), each row's query head and query row (int64).
     """
+    seg = tl.load(tile_seg_ptr + t).to(tl.int64)
     row0 = tl.load(tile_row0_ptr + t)
     start = tl.load(seg_start_ptr + seg) + row0
     n_rows = tl.minimum(tl.load(counts_ptr + seg) - row0, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < n_rows
-    local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0).to(tl.int64)
+    local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0)
     plane = seg // N
     c = seg % N
-    b = plane // Hkv
-    hkv = plane % Hkv
-    per_head = Lq * KM1
-    g = local // per_head
-    i = (local % per_head) // KM1
-    hq = hkv * G + g
-    return offs_m, row_ok, local, plane, c, b, hkv, hq, i, per_head
+    bh = plane % (B * Hkv)
+    b = bh // Hkv
+    hkv = bh % Hkv
+    g = local // Lq
+    i = (local - g * Lq).to(tl.int64)
+    hq = hkv * G + g.to(tl.int64)
+    return offs_m, row_ok, b, hkv, c, hq, i
 
 
 @triton.jit
