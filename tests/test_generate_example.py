@@ -41,6 +41,36 @@ def test_generate_example_reports_both_phases():
         assert line in out
 
 
+def test_generate_example_static_cache_compiled_decode_step():
+    """--cache static --compile: MoBA decode steps run the graph-safe static-cache op inside the compiled step, the
+    warm-up is reported apart from the steady-state rates, and the tokens agree with dense (the scaling-law policy's
+    chunks cover these 305 keys: effectively dense)."""
+    proc = run(
+        "examples/generate.py",
+        "--model", "tiny-llama",
+        "--prompt-len", "300",
+        "--new-tokens", "5",
+        "--policy", "examples/policies/scaling_law.toml",
+        "--cache", "static",
+        "--compile",
+    )  # fmt: skip
+    out = proc.stdout
+    assert "static cache, compiled decode step" in out
+    assert "graph-safe step (length read on the device" in " ".join(out.split())
+    header = next(line for line in out.splitlines() if line.startswith("attention ") and "tok/s" in line)
+    assert header.split()[-2:] == ["warm-up", "s"]
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("moba ", "dense "))}
+    assert set(rows) == {"moba", "dense"} and all(float(r[-1]) > 0 for r in rows.values())
+    assert "generated tokens agreeing: 100%" in out
+    # Progress is shown (no --no-progress): tqdm's bar or, without tqdm, plain step lines, both on stderr.
+    assert "moba decode" in proc.stderr
+
+
+def test_generate_example_compile_needs_the_static_cache():
+    proc = launch("examples/generate.py", "--compile", "--prompt-len", "16", "--new-tokens", "2")
+    assert proc.returncode == 2 and "--compile needs --cache static" in proc.stderr
+
+
 @pytest.mark.parametrize("problem", ["unknown-key", "missing-file"])
 def test_generate_example_bad_policy_is_one_line_and_exit_status_2(tmp_path, problem):
     path = tmp_path / "policy.toml"
