@@ -1,4 +1,4 @@
-"""examples/generate.py and benchmarks/end_to_end.py run end to end on the CPU (small settings)."""
+"""examples/generate.py, benchmarks/end_to_end.py and benchmarks/decode.py run end to end on the CPU (small shapes)."""
 
 from __future__ import annotations
 
@@ -89,3 +89,19 @@ def test_end_to_end_benchmark_smoke_and_dry_run():
     assert "B parameters" in plan and "524288 tokens" in plan
     out = run("-m", "benchmarks.end_to_end", "--smoke", "--repeats", "1", "--decode-steps", "2").stdout
     assert "prefill     512" in out and "decode    1024" in out and "not saved" in out
+
+
+def test_decode_benchmark_bound_is_the_read_only_probe(tmp_path):
+    """benchmarks.decode --smoke: the bound divides the step's bytes by the read-only probe's rate (a sum over a large
+    tensor), not by a copy's; the copy's rates are recorded; the static-cache kernel is timed too."""
+    import json
+
+    run("-m", "benchmarks.decode", "--smoke", "--out-dir", str(tmp_path), "--no-plot")
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    env = result["environment"]
+    assert env["read_gbps"] > 0 and env["copy_read_gbps"] > 0 and "read-only probe" in result["bound"]
+    for row in result["rows"]:
+        assert row["errors"] == {}
+        assert row["bound_ms"] == row["moba_bytes"] / (env["read_gbps"] * 1e6)
+        assert row["moba_static_ms"] > 0
