@@ -477,6 +477,13 @@ def compile_check(arch: int = 90) -> list[dict[str, Any]]:
                              {"po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
                               "len_ptr": "*i64"},
                              {"HEAD_DV": dv, "BLOCK_F": 64, "DEV_LEN": dev_len}, 4, 1))  # fmt: skip
+    for d in (64, 128):  # the static cache's means update: gather the completed chunks, write their means back
+        variants.append((f"static_gather-D{d}", dk._static_gather_chunks_kernel,
+                         {"k_ptr": "*bf16", "len_ptr": "*i64", "out_ptr": "*bf16"},
+                         {"HEAD_D": d, "BLOCK_N": 64, "skd": 1}, 4, 1))  # fmt: skip
+        variants.append((f"static_scatter-D{d}", dk._static_scatter_means_kernel,
+                         {"fresh_ptr": "*fp32", "len_ptr": "*i64", "means_ptr": "*fp32"},
+                         {"HEAD_D": d, "smd": 1}, 1, 1))  # fmt: skip
     return compile_variants(variants, arch, _DIV16, error_chars=400)
 
 

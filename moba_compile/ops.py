@@ -666,6 +666,11 @@ def _update_static_means_op(
         return
     chosen = _static_means_impl(impl, key, chunk_size)
     CALLS[f"update_static_chunk_means:{chosen}"] += 1
+    if chosen == "triton" and chunk_means.dtype == torch.float32:
+        # Three fixed launches (gather the chunks, the one means kernel, write the completed rows): in a captured
+        # decode step the generic path below would be a dozen small kernels per layer.
+        kernels.update_static_means_triton(chunk_means, key, length, new_tokens, chunk_size)
+        return
     dev = key.device
     end = length.to(torch.int64).clamp(0, slots).expand(b)  # keys held after the step
     first = (end - new_tokens).clamp(min=0) // chunk_size  # the first chunk the step's keys can complete

@@ -80,16 +80,17 @@ def test_update_means_across_chunk_boundaries_equals_chunk_means():
             assert bool((means[:, :, done:] == -7.0).all()), (impl, n)
 
 
-def test_update_means_chunked_steps_and_per_row_lengths():
-    """Steps of several keys completing several chunks at once, rows at different lengths."""
-    slots, chunk = 64, 8
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_update_means_chunked_steps_and_per_row_lengths(impl):
+    """Steps of several keys completing several chunks at once, rows at different lengths, on both paths."""
+    slots, chunk = 64, 16
     _, k, _ = _qkv(2, 2, 2, 1, slots, 16, torch.float32, seed=5)
     means = ops.static_chunk_means_buffer(k, chunk)
     # Row 1 is 6 keys ahead of row 0 (the step's keys are shared: a batch's steps have one Lq): steps of 5, 17, 18.
     for end, new in (((5, 11), 5), ((22, 28), 17), ((40, 46), 18)):
-        ops.update_static_chunk_means_(means, k, torch.tensor(end), new_tokens=new, chunk_size=chunk)
+        ops.update_static_chunk_means_(means, k, torch.tensor(end), new_tokens=new, chunk_size=chunk, impl=impl)
         for b, n in enumerate(end):
-            expect = reference.chunk_means(k[b : b + 1, :, :n], chunk)[0, :, : n // chunk]
+            expect = ops.chunk_means(k[b : b + 1, :, :n], chunk, impl=impl)[0]
             assert torch.equal(means[b, :, : n // chunk], expect), (end, b)
     assert bool((means[:, :, 46 // chunk :] == 0).all()), "rows no step completed stay untouched"
 

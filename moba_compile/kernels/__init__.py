@@ -7,7 +7,8 @@ Public API (used by :mod:`moba_compile.ops`):
 - :func:`moba_backward_triton`: ``(dq, dk, dv)`` like ``reference.moba_attention_backward`` (atomics for dQ by
   default, bitwise reproducible with ``deterministic=True`` or under ``torch.use_deterministic_algorithms``).
 - :func:`moba_decode_triton`, :func:`decode_unsupported_reason`, :func:`decode_select_chunks_triton`: the decode
-  path (module ``.decode``); :func:`moba_decode_static_triton`: its static-cache form (length on the device).
+  path (module ``.decode``); :func:`moba_decode_static_triton`: its static-cache form (length on the device), with
+  :func:`update_static_means_triton` (the means of the chunks a static-cache step completed).
 - :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks;
   :func:`launch_chunk_means`: the one means launch (prefill gate, decode, ``moba_compile.ops.chunk_means``).
 
@@ -34,6 +35,7 @@ __all__ = [
     "select_chunks_triton",
     "triton_available",
     "triton_unsupported_reason",
+    "update_static_means_triton",
 ]
 
 _LAZY = {
@@ -41,6 +43,7 @@ _LAZY = {
     "moba_backward_triton": "backward",
     "moba_decode_triton": "decode",
     "moba_decode_static_triton": "decode",
+    "update_static_means_triton": "decode",
     "decode_unsupported_reason": "decode",
     "decode_select_chunks_triton": "decode",
     "chunk_means_triton": "gating",

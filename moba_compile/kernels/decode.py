@@ -62,6 +62,7 @@ __all__ = [
     "decode_unsupported_reason",
     "moba_decode_static_triton",
     "moba_decode_triton",
+    "update_static_means_triton",
 ]
 
 # Head dims the decode kernels are built and tuned for (query/key and value alike); others go to the reference.
@@ -412,6 +413,85 @@ def _decode_combine_kernel(
     lse = tl.where(has, (m_use + tl.math.log2(tl.where(has, l_i, 1.0))) * _LN2, _NEG_INF)
     tl.store(out_ptr + row * HEAD_DV + offs_dv, out.to(out_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Static cache: the chunks a step completed, found on the device (gather to a scratch, scatter the means back)
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD):
+    """Chunk ``c`` of update slot ``i`` for batch row ``b`` and whether the step completed it.
+
+    The step wrote keys ``[end - new_tokens, end)``; it completed chunks ``[first, done)``. The ``N_UPD`` slots cover
+    ``done - N_UPD .. done - 1`` (from 0 when fewer exist): distinct, in range, a superset of the completed ones.
+    """
+    end = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), slots)
+    done = end // C
+    first = tl.maximum(end - new_tokens, 0) // C
+    c = tl.maximum(done - N_UPD, 0) + i
+    return c, (c >= first) & (c < done)
+
+
+@kernel_jit
+def _static_gather_chunks_kernel(
+    k_ptr,
+    len_ptr,
+    out_ptr,
+    Hkv,
+    slots,
+    new_tokens,
+    C,
+    N_UPD,
+    skb,
+    skh,
+    skn,
+    skd,
+    HEAD_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    i = tl.program_id(0)
+    plane = tl.program_id(1).to(tl.int64)
+    b = plane // Hkv
+    h = plane % Hkv
+    c, _ = _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD)
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    src = k_ptr + b * skb + h * skh
+    dst = out_ptr + (plane * N_UPD + i) * C * HEAD_D  # contiguous [B, Hkv, N_UPD * C, D]
+    for n0 in range(0, C, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        keep = rows < C
+        pos = (c * C + rows).to(tl.int64)
+        blk = tl.load(src + pos[:, None] * skn + offs_d[None, :] * skd, mask=keep[:, None], other=0.0)
+        tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], blk, mask=keep[:, None])
+
+
+@kernel_jit
+def _static_scatter_means_kernel(
+    fresh_ptr,
+    len_ptr,
+    means_ptr,
+    Hkv,
+    slots,
+    new_tokens,
+    C,
+    N_UPD,
+    smb,
+    smh,
+    smc,
+    smd,
+    HEAD_D: tl.constexpr,
+):
+    i = tl.program_id(0)
+    plane = tl.program_id(1).to(tl.int64)
+    b = plane // Hkv
+    h = plane % Hkv
+    c, completed = _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD)
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    row = tl.load(fresh_ptr + (plane * N_UPD + i) * HEAD_D + offs_d)
+    # Rows the step did not complete keep their value: no write at all. (A scalar bool and-ed into a tile mask breaks
+    # the interpreter; a column bound does the same.)
+    ok = offs_d < tl.where(completed, HEAD_D, 0)
+    tl.store(means_ptr + b * smb + h * smh + c.to(tl.int64) * smc + offs_d * smd, row, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -795,6 +875,63 @@ def moba_decode_static_triton(
     if reason is not None:
         raise ValueError(f"MoBA static-cache decode cannot run: {reason}")
     return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, length)
+
+
+def update_static_means_triton(means: Tensor, key: Tensor, length: Tensor, new_tokens: int, chunk_size: int) -> None:
+    """Average, in place, the chunks a step completed in a static cache, found from the device length (graph-safe).
+
+    Three launches of fixed grids, no host synchronisation: the chunks the step can complete are copied to a scratch
+    buffer (``new_tokens // C + 1`` of them, found from ``length`` on the device), averaged by the one means kernel
+    (:func:`.gating.launch_chunk_means`, so every row is bitwise the mean the prefill gate and ``decode_chunk_means``
+    compute), and the rows of the chunks the step completed are written to ``means``; the others are not touched.
+
+    Args:
+        means: fp32 ``[B, Hkv, slots // C, D]``, updated in place. key: ``[B, Hkv, slots, D]`` (the cache's buffer,
+            the step's keys written), fp16/bf16/fp32 on CUDA (or CPU under ``TRITON_INTERPRET=1``), ``D`` a power of
+            two. length: contiguous int64 ``[B]``: keys held after the step (clamped to ``[0, slots]``).
+        new_tokens: keys the step wrote (>= 1). chunk_size: ``C``.
+
+    Raises:
+        ValueError: shapes, dtypes or devices that do not match.
+
+    Example:
+        >>> k = torch.randn(1, 2, 64, 64)
+        >>> means = torch.zeros(1, 2, 4, 64)
+        >>> update_static_means_triton(means, k, torch.tensor([40]), 40, 16)  # doctest: +SKIP
+        >>> torch.equal(means[:, :, :2], decode_chunk_means(k[:, :, :40], 16))  # doctest: +SKIP
+        True
+    """
+    b, hkv, slots, d = key.shape
+    if (
+        means.dtype != torch.float32
+        or tuple(means.shape) != (b, hkv, slots // chunk_size, d)
+        or means.device != key.device
+        or length.dtype != torch.int64
+        or tuple(length.shape) != (b,)
+        or not length.is_contiguous()
+        or length.device != key.device
+        or d & (d - 1)
+        or d < 16
+    ):
+        raise ValueError(
+            f"update_static_means_triton: means fp32 {[b, hkv, slots // chunk_size, d]}, length int64 [{b}] "
+            f"contiguous, on {key.device}, D a power of two >= 16; got means {means.dtype} {list(means.shape)} on "
+            f"{means.device}, length {length.dtype} {list(length.shape)} on {length.device}, D={d}"
+        )
+    n_upd = min(new_tokens // chunk_size + 1, slots // chunk_size)
+    if n_upd == 0 or b * hkv == 0:
+        return
+    scratch = empty(b, hkv, n_upd * chunk_size, d, dtype=key.dtype, device=key.device)
+    block_n = min(16 if interpreting() else 64, next_pow2(chunk_size))
+    grid = (n_upd, b * hkv)
+    _static_gather_chunks_kernel[grid](
+        key, length, scratch, hkv, slots, new_tokens, chunk_size, n_upd, *key.stride(), HEAD_D=d, BLOCK_N=block_n,
+        num_warps=4,
+    )  # fmt: skip
+    fresh = launch_chunk_means(scratch, chunk_size, n_upd)  # [B, Hkv, n_upd, D], contiguous
+    _static_scatter_means_kernel[grid](
+        fresh, length, means, hkv, slots, new_tokens, chunk_size, n_upd, *means.stride(), HEAD_D=d, num_warps=1
+    )
 
 
 def _launch_decode(
