@@ -202,8 +202,8 @@ def test_static_cache_sampling_and_several_sequences():
 
 
 def test_max_cache_len_not_a_multiple_of_the_chunk_and_too_short():
-    """max_cache_len 45 with chunk 8 serves exactly; a prompt longer than max_cache_len is refused by the cache with
-    an error, never a wrong token."""
+    """max_cache_len 45 with chunk 8 serves exactly; a prompt longer than max_cache_len, or a step past its end, is
+    refused with an error naming the sizes (before the cache's update would fail on an index), never a wrong token."""
     model = build("llama", "moba_static")
     ids = torch.randint(3, 64, (1, 33), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -212,8 +212,12 @@ def test_max_cache_len_not_a_multiple_of_the_chunk_and_too_short():
         static = model.generate(ids, max_new_tokens=12, do_sample=False, **{moba_compile.hf.cache_keyword(): cache})
         assert torch.equal(static, dynamic)
         short = transformers.StaticCache(config=model.config, max_cache_len=20)
-        with pytest.raises((IndexError, RuntimeError, ValueError)):
+        with pytest.raises(ValueError, match="33 tokens at position 0 end at 33, past the static cache's 20 slots"):
             model.generate(ids, max_new_tokens=2, do_sample=False, **{moba_compile.hf.cache_keyword(): short})
+        # The prompt fits, the generated tokens do not: the step past the end is refused the same way.
+        short = transformers.StaticCache(config=model.config, max_cache_len=36)
+        with pytest.raises(ValueError, match="1 tokens at position 36 end at 37, past the static cache's 36 slots"):
+            model.generate(ids, max_new_tokens=8, do_sample=False, **{moba_compile.hf.cache_keyword(): short})
 
 
 def test_compiled_step_without_an_eager_prefill_is_dense_with_the_reason():

@@ -248,6 +248,8 @@ class MobaAttention:
             ``is_causal`` stands for it.
 
         Raises:
+            ValueError: a step that does not fit a static cache (a prompt longer than ``max_cache_len``, or a step
+                past its end), before the cache's update would fail on an index (on CUDA, a device-side assert).
             Whatever ``sdpa_mask`` raises for its arguments.
 
         Example:
@@ -258,6 +260,8 @@ class MobaAttention:
             torch.Size([1, 1, 1, 24])
         """
         _, _, sdpa_mask, _ = _transformers()
+        if not torch.compiler.is_compiling():
+            _check_fits_static_cache(_mask_signature().bind(*args, **kwargs).arguments)
         mask = sdpa_mask(*args, **kwargs)
         if isinstance(mask, Tensor) and not torch.compiler.is_compiling():
             # generate() makes the mask of a static cache's step contiguous before the forward, which copies an
@@ -553,6 +557,24 @@ def _mask_length(mask: Tensor, batch: int) -> Tensor:
     slots = last.shape[-1]
     # argmax returns the first maximum: on the reversed row, the last allowed slot.
     return (slots - last.flip(-1).to(torch.uint8).argmax(dim=-1)).expand(batch)
+
+
+def _check_fits_static_cache(arguments: dict[str, Any]) -> None:
+    """Raise if a step's queries do not fit a full-attention static cache (eager only: a static cache's ``q_offset``
+    is a device tensor, whose read costs one synchronisation per forward, as ``_built_span``'s does)."""
+    from transformers.masking_utils import causal_mask_function  # imported by register() already: not traced here
+
+    q_offset, kv_offset = arguments.get("q_offset", 0), arguments.get("kv_offset", 0)
+    full = arguments.get("mask_function", causal_mask_function) is causal_mask_function
+    if not full or arguments.get("local_size") is not None or kv_offset != 0:
+        return  # a sliding window's rolling buffer (or another mask), where the offsets mean something else
+    # A dynamic cache's keys always end with the queries (kv_length = past + q_length): only a fixed buffer overflows.
+    end, slots = int(q_offset) + arguments["q_length"], arguments["kv_length"]
+    if end > slots:
+        raise ValueError(
+            f"the step's {arguments['q_length']} tokens at position {int(q_offset)} end at {end}, past the static "
+            f"cache's {slots} slots (max_cache_len): use a larger max_cache_len, or a dynamic cache"
+        )
 
 
 def _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> tuple[Tensor, Any]:
