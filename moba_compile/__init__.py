@@ -33,6 +33,7 @@ __all__ = [
     "SiteRecord",
     "compile_blocks",
     "explain",
+    "export",
     "hf",
     "load_policy",
     "make_backend",
@@ -45,8 +46,8 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Submodules reached as attributes but imported on first use: `moba_compile.hf` needs transformers (an optional extra)
-# and costs its import time only to those who use it.
-_LAZY_SUBMODULES = ("hf",)
+# and costs its import time only to those who use it; `moba_compile.export` (torch.export programs) likewise.
+_LAZY_SUBMODULES = ("hf", "export")
 
 
 def __getattr__(name: str) -> Any:

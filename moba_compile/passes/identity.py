@@ -29,7 +29,9 @@ __all__ = [
     "BlockScope",
     "ModuleIndex",
     "Placement",
+    "exported_path",
     "layer_from_path",
+    "place_exported",
     "place_nodes",
     "source_components",
 ]
@@ -311,6 +313,51 @@ def _variants(
         path = ".".join([*prefix, name, *suffix])
         out.append((path, int(name) if name.isdigit() else layer_from_path(path)))
     return tuple(out)
+
+
+# A module called more than once is recorded as ``name@1``, ``name@2``, ... by torch.export (keys and, on some releases,
+# paths): the call count is not part of the module's path.
+_CALL_COUNT = re.compile(r"@\d+$")
+
+
+def exported_path(node: fx.Node) -> str:
+    """The module path of a node of an exported program (``model.layers.7.self_attn``), "" when it has none.
+
+    ``torch.export`` records ``nn_module_stack`` as ``{key: (fully qualified name, class name)}``, outermost first,
+    the names relative to the exported root, whether the program was traced strictly (keys are module ids) or not
+    (keys are names): the innermost entry's name is the path, no live module is needed.
+
+    Example:
+        >>> exported_path(node)  # doctest: +SKIP
+        'model.layers.7.self_attn'
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    for value in reversed(list(stack.values())):
+        path = value[0] if isinstance(value, (tuple, list)) and value else value
+        if isinstance(path, str):
+            return ".".join(_CALL_COUNT.sub("", part) for part in path.split(".") if part)
+    return ""
+
+
+def place_exported(nodes: Sequence[fx.Node]) -> list[Placement]:
+    """The :class:`Placement` of SDPA calls of an exported program (``torch.export``), read from ``nn_module_stack``.
+
+    An exported program is the whole model in one graph, traced once per layer: each call is its own layer's, so
+    there is nothing to vary (no shared graph, no hidden layers). The layer is the last integer of the path, as for a
+    Dynamo graph; the module objects are not at hand (``layer_idx`` is None).
+
+    Args:
+        nodes: the SDPA call nodes.
+
+    Returns:
+        One placement per node, in order.
+    """
+    out = []
+    for node in nodes:
+        path = exported_path(node)
+        layer = layer_from_path(path)
+        out.append(Placement(path, layer, None, ((path, layer),)))
+    return out
 
 
 def place_nodes(

@@ -21,7 +21,7 @@ from ..ops import resolve_impl
 from ..policy import Decision, Policy, PolicyError
 from ..report import FORM_NONE, Report, SiteRecord
 from .identity import BlockScope
-from .sites import REWRITABLE_REGIONS, SdpaSite, _meta, find_sdpa_sites
+from .sites import CONTEXT_REGIONS, REWRITABLE_REGIONS, SdpaSite, _meta, find_sdpa_sites, is_exported_graph
 
 __all__ = ["MobaCompileWarning", "rewrite_sdpa"]
 
@@ -243,6 +243,7 @@ def _check_policy_fit(
     unmatched: list[str],
     kept_dense: list[str],
     scope: BlockScope | None = None,
+    exported: bool = False,
 ) -> None:
     """Warn about what the report alone shows only at INFO: a policy that does not fit the model.
 
@@ -251,6 +252,14 @@ def _check_policy_fit(
     decided alike, so a group the policy keeps dense on purpose is no mistake: compile_blocks checks the whole model.
     """
     where = f"policy {policy.source}"
+    if not units and exported:
+        _warn(
+            "moba: no attention found in this exported program: no aten.scaled_dot_product_attention call, so nothing "
+            "runs MoBA here (apply the pass before ep.run_decompositions(), which writes SDPA as matmul and softmax; "
+            "attention written with matmul and softmax, or transformers' attn_implementation='eager', is not SDPA; a "
+            "program the pass already rewrote calls moba.attention instead)"
+        )
+        return
     if not units:
         _warn(
             "moba: no attention found in this graph: no scaled_dot_product_attention call, so nothing runs MoBA here "
@@ -286,9 +295,16 @@ def _check_policy_fit(
         _warn(f"moba: {where} converts none of the {len(records)} attention sites of this graph: {kept_dense[0]}{more}")
 
 
-def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scope: BlockScope | None = None) -> Report:
-    """Apply ``policy`` to every SDPA call of a Dynamo graph (and of its higher-order subgraphs), in place, and report
-    each decision.
+def rewrite_sdpa(
+    gm: fx.GraphModule,
+    policy: Policy,
+    *,
+    impl: str = "auto",
+    scope: BlockScope | None = None,
+    exported: bool | None = None,
+) -> Report:
+    """Apply ``policy`` to every SDPA call of a Dynamo graph or an exported program's graph (and of its higher-order
+    subgraphs), in place, and report each decision.
 
     A subgraph that several calls share (a nested compile region run by every layer) is decided per caller; callers
     decided differently get their own copy of it. Warnings (:class:`MobaCompileWarning`, also logged) flag a policy
@@ -296,11 +312,16 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
     found, or no attention at all.
 
     Args:
-        gm: a Dynamo-level ``GraphModule``; it is modified in place and recompiled.
+        gm: a Dynamo-level ``GraphModule``, or the graph module of a ``torch.export`` program (for a whole program
+            use :func:`moba_compile.export.apply`, which rewrites a copy and rebuilds the program); it is modified in
+            place and recompiled.
         policy: a validated :class:`moba_compile.policy.Policy`.
         impl: implementation the inserted ``moba::attention`` calls ask for (``"auto"``, ``"triton"``, ``"reference"``).
         scope: the blocks a :func:`moba_compile.compile_blocks` backend serves (names and layers of its graphs), or
             None.
+        exported: whether ``gm`` is an exported program's graph: module paths come from the names ``torch.export``
+            records, and the inserted nodes get ``val`` fake tensors as ``torch.export`` gives every node. None:
+            :func:`moba_compile.passes.sites.is_exported_graph` tells.
 
     Returns:
         A :class:`moba_compile.report.Report` with one record per SDPA call (per caller of a shared subgraph) and the
@@ -316,8 +337,10 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         >>> print(report)  # doctest: +SKIP
     """
     graph_id = next(_graph_ids)
+    if exported is None:
+        exported = is_exported_graph(gm)
     for _ in range(2):  # a second pass after shared subgraphs were split per decision
-        sites = find_sdpa_sites(gm, scope)
+        sites = find_sdpa_sites(gm, scope, exported=exported)
         units = _units(sites)
         layer_source = _layers(units)
         attention_layers, count_note = _attention_layers(units, layer_source, scope)
@@ -357,7 +380,7 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
         if site.node not in converted:  # a shared subgraph's call is converted once for all its callers
             converted[site.node] = _convert(
-                site, decided.chunk_size, decided.topk, policy, impl, mask_checks, replaced, graph_id
+                site, decided.chunk_size, decided.topk, policy, impl, mask_checks, replaced, graph_id, exported
             )
         impl_note, tag = converted[site.node]
         if site.owner is not None:
@@ -367,9 +390,10 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
             notes.append(f"layer from the {layer_source}")
         if count_note is not None and (policy.dense_last or any(i < 0 for r in policy.rules for i in r.layers or ())):
             notes.append(f"layers counted: {count_note}")
-        if site.region is not None:
+        region = "/".join(p for p in (site.region or "").split("/") if p and p not in CONTEXT_REGIONS)
+        if region:
             shared = f", shared by {len(site.calls)} callers" if len(site.calls) > 1 else ""
-            notes.append(f"inside a subgraph of {site.region}{shared}")
+            notes.append(f"inside a subgraph of {region}{shared}")
         if site.autocast_dtype is not None:
             notes.append(f"inputs cast to {str(site.autocast_dtype).removeprefix('torch.')} as autocast does for SDPA")
         if site.saw_through_repeat:
@@ -382,7 +406,7 @@ def rewrite_sdpa(gm: fx.GraphModule, policy: Policy, *, impl: str = "auto", scop
         owner.graph.lint()
         owner.recompile()
     unmatched = [policy.describe_rule(i) for i in range(len(policy.rules)) if i not in matched_rules]
-    _check_policy_fit(policy, units, attention_layers, records, unmatched, kept_dense, scope)
+    _check_policy_fit(policy, units, attention_layers, records, unmatched, kept_dense, scope, exported)
     return Report(sites=records, unmatched_rules=unmatched, policy_source=policy.source)
 
 
@@ -390,6 +414,32 @@ def _impl_note(impl: str, site: SdpaSite, chunk_size: int, topk: int) -> str:
     q, k, v = _meta(site.query), _meta(site.key), _meta(site.value)
     chosen, why = resolve_impl(impl, q, k, v, chunk_size, topk, _meta(site.attn_mask))
     return chosen if why in ("Triton kernels", f"impl={impl!r} requested") else f"{chosen} ({why})"
+
+
+def _cast(graph: fx.Graph, tensor: fx.Node, dtype: torch.dtype, exported: bool) -> fx.Node:
+    """``tensor.to(dtype)`` in the graph's own spelling: a method call in a Dynamo graph, an ATen op when exported."""
+    if exported:
+        return graph.call_function(torch.ops.aten._to_copy.default, (tensor,), {"dtype": dtype})
+    return graph.call_method("to", (tensor, dtype))
+
+
+def _export_meta(new: fx.Node, sdpa: fx.Node) -> None:
+    """Give a node the pass inserted into an exported program what ``torch.export`` records on every node: ``val``
+    (from the op's fake kernel, under the program's fake mode, so symbolic sizes stay symbolic), and the SDPA call's
+    module stack and stack trace."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in sdpa.meta and key not in new.meta:
+            new.meta[key] = sdpa.meta[key]
+    if "val" in new.meta:
+        return
+    args, kwargs = fx.node.map_arg((new.args, new.kwargs), lambda arg: arg.meta["val"])
+    fakes = [arg.meta["val"] for arg in new.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
+    fake_mode = torch._guards.detect_fake_mode(fakes)
+    if fake_mode is None:
+        new.meta["val"] = new.target(*args, **kwargs)
+        return
+    with fake_mode:
+        new.meta["val"] = new.target(*args, **kwargs)
 
 
 def _drop_if_dead(node: object, graph: fx.Graph) -> None:
@@ -409,11 +459,14 @@ def _convert(
     mask_checks: dict[tuple[fx.Node, str, str], fx.Node],
     replaced: dict[fx.Node, fx.Node],
     graph_id: int,
+    exported: bool = False,
 ) -> tuple[str, str | None]:
     """Replace the site's SDPA call by ``moba::attention`` (and a shared mask check); return the impl the report shows
-    and the mask check's tag (None without a mask)."""
+    and the mask check's tag (None without a mask). In an exported program's graph (``exported``) every inserted node
+    is an ATen or ``moba`` op with the metadata ``torch.export`` gives its nodes."""
     node = site.node
     graph = node.graph
+    inserted: list[fx.Node] = []
 
     def current(arg):
         # Sites were found before any rewrite: an argument that was an SDPA call converted since is its replacement.
@@ -433,15 +486,18 @@ def _convert(
             new_tag = f"g{graph_id}:{attn_mask.name}:{len(mask_checks)}"
             with graph.inserting_before(node):
                 mask_kind = graph.call_function(torch.ops.moba.analyse_mask.default, (attn_mask, query, key, new_tag))
+            inserted.append(mask_kind)
             mask_checks[check_key] = mask_kind
         tag = mask_kind.args[3]
     if site.autocast_dtype is not None:
         # SDPA under autocast runs in the autocast dtype; a custom op is not autocast, so cast as SDPA would.
         with graph.inserting_before(node):
-            query, key, value = (
-                graph.call_method("to", (t, site.autocast_dtype)) if _meta(t).dtype != site.autocast_dtype else t
+            cast = [
+                _cast(graph, t, site.autocast_dtype, exported) if _meta(t).dtype != site.autocast_dtype else None
                 for t in (query, key, value)
-            )
+            ]
+        inserted.extend(c for c in cast if c is not None)
+        query, key, value = (t if c is None else c for t, c in zip((query, key, value), cast))
     with graph.inserting_before(node):
         call = graph.call_function(
             torch.ops.moba.attention.default,
@@ -452,6 +508,9 @@ def _convert(
         new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
     if "example_value" in node.meta:
         out.meta["example_value"] = node.meta["example_value"]
+    if exported:
+        for new in (*inserted, call, out):
+            _export_meta(new, node)
     node.replace_all_uses_with(out)
     replaced[node] = out
     graph.erase_node(node)

@@ -1,7 +1,14 @@
-"""Find the SDPA calls of a Dynamo FX graph, normalise their arguments, and classify each one.
+"""Find the SDPA calls of an FX graph, normalise their arguments, and classify each one.
+
+Two kinds of graph: a Dynamo graph (the ``moba`` backend: Python-level calls, ``example_value`` fake tensors,
+``nn_module_stack`` keyed by live module ids) and the graph of a ``torch.export`` program (ATen ops such as
+``aten.scaled_dot_product_attention.default``, ``val`` fake tensors, ``nn_module_stack`` holding each module's fully
+qualified name). Both spellings of every idiom are recognised here, and both kinds of graph are classified by the same
+code; only where the module path comes from differs (:func:`~moba_compile.passes.identity.place_exported`).
 
 A site is classified without specialising symbolic sizes: equalities are asked of the shape environment with
-``statically_known_true``, never by ``int()`` on a SymInt, so one compile under ``mark_dynamic`` serves every length.
+``statically_known_true``, never by ``int()`` on a SymInt, so one compile under ``mark_dynamic`` (or one export with
+``torch.export.Dim``) serves every length.
 """
 
 from __future__ import annotations
@@ -18,9 +25,18 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..decisions import reason
 from ..report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, Form
-from .identity import BlockScope, Placement, layer_from_path, place_nodes
+from .identity import BlockScope, Placement, layer_from_path, place_exported, place_nodes
 
-__all__ = ["SdpaSite", "find_sdpa_sites", "module_path", "layer_from_path", "SDPA_TARGETS", "REWRITABLE_REGIONS"]
+__all__ = [
+    "CONTEXT_REGIONS",
+    "REWRITABLE_REGIONS",
+    "SDPA_TARGETS",
+    "SdpaSite",
+    "find_sdpa_sites",
+    "is_exported_graph",
+    "layer_from_path",
+    "module_path",
+]
 
 # Every spelling of SDPA a Dynamo graph can hold: the functional API, its C binding, and the ATen op called directly
 # (torch.ops.aten.scaled_dot_product_attention[.default]); all take the same arguments in the same order.
@@ -52,9 +68,23 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 # Higher-order ops whose subgraphs are plain forward code run once per call (or per branch), so an SDPA call inside can
 # become moba::attention like one outside: activation checkpointing (tag_activation_checkpoint), wrap, nested compile
-# regions (invoke_subgraph) and torch.cond branches. Others (autograd_function_apply, whose backward the user wrote
-# for dense attention; loops; maps) keep their SDPA dense with the reason.
-REWRITABLE_REGIONS = ("tag_activation_checkpoint", "wrap", "invoke_subgraph", "cond")
+# regions (invoke_subgraph) and torch.cond branches; in exported programs also the regions torch.export makes of
+# ``torch.no_grad()``/``torch.enable_grad()`` and ``torch.autocast`` blocks inside the model
+# (wrap_with_set_grad_enabled, wrap_with_autocast: the autocast dtype is applied as for an autocast region of a Dynamo
+# graph). Others
+# (autograd_function_apply, whose backward the user wrote for dense attention; loops; maps) keep their SDPA dense with
+# the reason.
+REWRITABLE_REGIONS = (
+    "tag_activation_checkpoint",
+    "wrap",
+    "invoke_subgraph",
+    "cond",
+    "wrap_with_set_grad_enabled",
+    "wrap_with_autocast",
+)
+# The regions torch.export makes of a context manager in the model's code: no subgraph in the code the user wrote, so
+# the report does not name them (a Dynamo graph marks the same blocks with enter/exit nodes).
+CONTEXT_REGIONS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
 
 
 @dataclass
@@ -87,6 +117,46 @@ def _meta(node: object):
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
+def is_exported_graph(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is the graph of a ``torch.export`` program (or its ``module()``), not a Dynamo graph.
+
+    Dynamo records an ``example_value`` on its nodes (placeholders included); an exported program records ``val``
+    only.
+    """
+    return not any("example_value" in node.meta for node in gm.graph.nodes)
+
+
+def _aten(node: object, *names: str) -> bool:
+    """Whether ``node`` calls one of the ATen ops ``names`` (any overload): how an exported program spells a call."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return False
+    target = node.target
+    return (
+        isinstance(target, torch._ops.OpOverload)
+        and target.namespace == "aten"
+        and target.overloadpacket.__name__ in names
+    )
+
+
+def _target_name(node: fx.Node) -> object:
+    """A call's name without its overload (``index_copy_`` for ``aten.index_copy_.default``, a method's name)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return getattr(target, "__name__", target)
+
+
+def _through_full_slices(node: object) -> object:
+    """``node`` seen through ATen slices that keep every element (``x[:, :]`` in an exported program)."""
+    while _aten(node, "slice"):
+        args = list(node.args) + [0, None, None, 1][len(node.args) - 1 :]
+        _, _, start, end, step = args[:5]
+        if start not in (None, 0) or step != 1 or not (end is None or (isinstance(end, int) and end >= 2**62)):
+            break
+        node = node.args[0]
+    return node
+
+
 def module_path(node: fx.Node) -> str:
     """The dotted module path of a node (``model.layers.7.self_attn``) relative to the compiled root; "" if none.
 
@@ -112,19 +182,28 @@ def _normalise(node: fx.Node) -> dict[str, object]:
 def _is_repeat_kv(node: fx.Node) -> fx.Node | None:
     """The unrepeated key/value behind ``x[:, :, None].expand(B, H, n, L, D).reshape(B, H * n, L, D)`` or
     ``x.repeat_interleave(n, dim=1)``; None when ``node`` is neither."""
+    aten_reshape = _aten(node, "reshape", "view", "_unsafe_view")
     if (
         node.op == "call_method"
         and node.target in ("reshape", "view")
         or (node.op == "call_function" and node.target is torch.reshape)
+        or aten_reshape
     ):
         expand = node.args[0]
-        if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
+        if aten_reshape and _aten(expand, "clone"):  # reshape of a non-viewable tensor, decomposed: copy, then view
+            expand = expand.args[0]
+        if not (
+            isinstance(expand, fx.Node)
+            and (expand.op == "call_method" and expand.target == "expand" or _aten(expand, "expand"))
+        ):
             return None
-        unsq = expand.args[0]
+        unsq = _through_full_slices(expand.args[0])
         if not isinstance(unsq, fx.Node):
             return None
         src = None
-        if unsq.op == "call_function" and unsq.target is operator.getitem:
+        if _aten(unsq, "unsqueeze") and unsq.args[1:] == (2,):  # x[:, :, None] in an exported program
+            src = _through_full_slices(unsq.args[0])
+        elif unsq.op == "call_function" and unsq.target is operator.getitem:
             idx = unsq.args[1]
             if (
                 isinstance(idx, tuple)
@@ -150,7 +229,7 @@ def _is_repeat_kv(node: fx.Node) -> fx.Node | None:
             statically_known_true(r.shape[2] == s.shape[2]),
         ]
         return src if all(same) else None
-    if node.target in ("repeat_interleave", torch.repeat_interleave):
+    if node.target in ("repeat_interleave", torch.repeat_interleave) or _aten(node, "repeat_interleave"):
         src = node.args[0]
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
         reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
@@ -161,7 +240,7 @@ def _is_repeat_kv(node: fx.Node) -> fx.Node | None:
 
 def _cached_keys_of_layer(key: fx.Node, sdpa: fx.Node) -> bool:
     """True when ``key`` is ``torch.cat([cache, new], dim=-2)`` and ``new`` was computed in the SDPA call's module."""
-    if not (key.op == "call_function" and key.target is torch.cat):
+    if not (key.op == "call_function" and key.target is torch.cat or _aten(key, "cat")):
         return False
     parts = key.args[0]
     dim = key.kwargs.get("dim", key.args[1] if len(key.args) > 1 else 0)
@@ -173,7 +252,8 @@ def _cached_keys_of_layer(key: fx.Node, sdpa: fx.Node) -> bool:
     new_stack, sdpa_stack = new.meta.get("nn_module_stack"), sdpa.meta.get("nn_module_stack")
     if not (new_stack and sdpa_stack):
         return False  # without module records there is no telling whose keys these are
-    # Dynamo keys the records by module id: the new keys were computed inside the module that calls SDPA.
+    # Dynamo keys the records by module id (torch.export by name): the new keys were computed inside the module that
+    # calls SDPA.
     return list(sdpa_stack)[-1] in new_stack
 
 
@@ -183,7 +263,7 @@ def _static_cache_buffer(key: fx.Node) -> bool:
     filled length is a run-time value, so it cannot be read as the key sequence."""
     return any(
         user.op in ("call_method", "call_function")
-        and getattr(user.target, "__name__", user.target) in ("index_copy_", "index_put_", "copy_")
+        and _target_name(user) in ("index_copy_", "index_put_", "copy_")
         and user.args
         and user.args[0] is key
         for user in key.users
@@ -255,13 +335,21 @@ def _classify(
     return None, "non-causal attention with Lq != Lk and keys not from a KV cache (cross-attention)", False
 
 
-def _autocast_dtype(regions: list[tuple[fx.Node, str, torch.dtype | None]], q) -> torch.dtype | None:
-    """The dtype the innermost autocast region for ``q``'s device gives SDPA, or None (no region, or disabled)."""
+def _autocast_dtype(
+    regions: list[tuple[fx.Node, str, torch.dtype | None]], q, exported: bool = False
+) -> torch.dtype | None:
+    """The dtype the innermost autocast region for ``q``'s device gives SDPA, or None (no region, or disabled).
+
+    An exported program holds every autocast region it runs under; only a Dynamo graph can run under an autocast
+    entered outside it.
+    """
     if q is None:
         return None
     for _, device_type, dtype in reversed(regions):
         if device_type == q.device.type:
             return dtype
+    if exported:
+        return None
     # No region in the graph: autocast entered around the compiled call is global state, which Dynamo guards on.
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
@@ -323,6 +411,12 @@ def _walk(
             continue
         name = _region_name(node)
         if name is not None:
+            inner_autocast = autocast
+            if name == "wrap_with_autocast":  # torch.export's autocast region: (device_type, dtype, enabled, ...)
+                device_type, dtype, enabled = (list(node.args) + [None, None, True])[:3]
+                if device_type is not None and dtype is None:
+                    dtype = torch.get_autocast_dtype(device_type)
+                inner_autocast = [*autocast, (node, device_type, dtype if enabled else None)]
             for sub in _subgraphs(gm, node):
                 if id(sub) in seen:  # a shared subgraph (nested compile region invoked again): one more caller
                     for entry in seen[id(sub)]:
@@ -330,7 +424,7 @@ def _walk(
                     continue
                 before = len(found)
                 inner = name if region is None else f"{region}/{name}"
-                _walk(sub, autocast, inner, [node], found, seen, module_ids)
+                _walk(sub, inner_autocast, inner, [node], found, seen, module_ids)
                 seen[id(sub)] = [entry for entry in found[before:] if entry.owner is sub]
             continue
         if node.op == "call_function" and (node.target in SDPA_TARGETS or node.target in OPAQUE_ATTENTION_TARGETS):
@@ -357,15 +451,21 @@ def _opaque_site(node: fx.Node, index: int, placement, reason: str, entry: _Foun
     )
 
 
-def find_sdpa_sites(gm: fx.GraphModule, scope: BlockScope | None = None) -> list[SdpaSite]:
-    """Every ``scaled_dot_product_attention`` call in a Dynamo graph, in the order they run, normalised and classified.
+def find_sdpa_sites(
+    gm: fx.GraphModule, scope: BlockScope | None = None, *, exported: bool | None = None
+) -> list[SdpaSite]:
+    """Every ``scaled_dot_product_attention`` call in a Dynamo graph or an exported program's graph, in the order they
+    run, normalised and classified.
 
     Calls inside the subgraphs of higher-order ops (activation checkpointing, nested compile regions, ``torch.cond``
     branches, ...) are included; a subgraph several calls share is visited once (``SdpaSite.calls`` lists its callers).
 
     Args:
-        gm: a Dynamo-level ``GraphModule`` (nodes carry ``example_value`` fake tensors and ``nn_module_stack``).
+        gm: a Dynamo-level ``GraphModule`` (nodes carry ``example_value`` fake tensors and ``nn_module_stack``), or
+            the graph module of a ``torch.export`` program (``val`` fake tensors, ``nn_module_stack`` by name).
         scope: the blocks of a :func:`moba_compile.compile_blocks` backend, which name the sites; None otherwise.
+        exported: whether ``gm`` is an exported program's graph (module paths from the names ``torch.export``
+            records, no live modules); None: :func:`is_exported_graph` tells.
 
     Returns:
         One :class:`SdpaSite` per call. ``form`` is set for convertible calls (causal self-attention, a boolean mask to
@@ -376,10 +476,15 @@ def find_sdpa_sites(gm: fx.GraphModule, scope: BlockScope | None = None) -> list
         >>> sites = find_sdpa_sites(gm)  # doctest: +SKIP
         >>> [(s.module, s.form or s.blocker) for s in sites]  # doctest: +SKIP
     """
+    if exported is None:
+        exported = is_exported_graph(gm)
     found: list[_Found] = []
     module_ids: set[int] = set()
     _walk(gm, [], None, [], found, {}, module_ids)
-    placements = place_nodes([f.node for f in found], module_ids, scope) if found else []
+    if exported:
+        placements = place_exported([f.node for f in found])
+    else:
+        placements = place_nodes([f.node for f in found], module_ids, scope) if found else []
     sites: list[SdpaSite] = []
     for entry, placement in zip(found, placements):
         node = entry.node
@@ -395,7 +500,7 @@ def find_sdpa_sites(gm: fx.GraphModule, scope: BlockScope | None = None) -> list
         src_k = _is_repeat_kv(key) if isinstance(key, fx.Node) else None
         src_v = _is_repeat_kv(value) if isinstance(value, fx.Node) else None
         saw = src_k is not None and src_v is not None
-        cast = _autocast_dtype(entry.autocast, q)
+        cast = _autocast_dtype(entry.autocast, q, exported)
         if entry.region is not None and any(part not in REWRITABLE_REGIONS for part in entry.region.split("/")):
             blocked = next(part for part in entry.region.split("/") if part not in REWRITABLE_REGIONS)
             blocker = f"inside a subgraph of torch.ops.higher_order.{blocked}, which the pass does not rewrite"
