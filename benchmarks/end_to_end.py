@@ -8,6 +8,13 @@ context, for the same model with ``attn_implementation="moba"`` (``moba_compile.
 Targets (issue "MoBA decode with a KV cache", H100, bf16): prefill at 512K at least 2.5x faster than dense; decode at
 512K at least 2x more tokens/s than dense. At 128K this policy is still 59% dense, so expect little there.
 
+Decode is measured two ways for both models: eagerly over a dynamic cache (``MobaCache`` / ``DynamicCache``), and on
+each one's fastest path (issue 16): transformers' ``StaticCache`` with the decode step compiled once and replayed
+(``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``: CUDA graphs; MoBA's decode steps run the
+graph-safe static-cache op). The graph rows also give the time a step must take to read the weights and the KV bytes
+it needs (``graph_bound_ms``, at the rate of a read-only probe measured in the same run; MoBA layers counted with
+every selected chunk read once per query head, an upper bound on their bytes).
+
     python -m benchmarks.end_to_end                 # GPU
     python -m benchmarks.end_to_end --dry-run       # the plan (parameters, memory), any machine
     python -m benchmarks.end_to_end --smoke         # a tiny config through the whole script on the CPU (not saved)
@@ -98,6 +105,50 @@ def next_token(model, ids: torch.Tensor, cache) -> torch.Tensor:
 
 
 @torch.no_grad()
+def time_graph_decode(model, ids: torch.Tensor, steps: int) -> float:
+    """Tokens per second of ``steps`` greedy decode steps over a ``StaticCache``, the step compiled once and replayed.
+
+    The prefill runs eagerly (as ``generate`` runs it); 3 untimed steps compile, record and replay the captured step.
+    On CUDA ``mode="reduce-overhead"`` (Inductor, CUDA graphs); on the CPU (``--smoke``) ``aot_eager``.
+    """
+    from transformers import StaticCache
+
+    device = ids.device
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 4)
+    if device.type == "cuda":
+        step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    else:
+        step = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    nxt = next_token(model, ids, cache)
+
+    def one(token: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were consumed
+        return next_token(step, token, cache)
+
+    for _ in range(3):
+        nxt = one(nxt)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        nxt = one(nxt)
+    _sync(device)
+    return ids.shape[0] * steps / (time.perf_counter() - start)
+
+
+def step_bytes(config: dict, params: int, policy: dict, context: int, batch: int, moba: bool) -> float:
+    """Bytes one decode step must read at ``context`` keys: the weights (bf16), and per layer its KV cache (dense) or,
+    for a MoBA layer, the chunk means plus ``topk`` chunks per query head (no GQA sharing: an upper bound)."""
+    layers, hkv, hq, d = (config[k] for k in ("num_hidden_layers", "num_key_value_heads", "num_attention_heads",
+                                              "head_dim"))  # fmt: skip
+    c, k, dense_last = policy["chunk_size"], policy["topk"], policy["dense_last"]
+    dense_kv = batch * context * hkv * d * 2 * 2
+    moba_kv = batch * (hkv * (context // c) * d * 4 + hq * min(k * c, context) * d * 2 * 2)
+    n_moba = layers - dense_last if moba else 0
+    return params * 2 + n_moba * min(moba_kv, dense_kv) + (layers - n_moba) * dense_kv
+
+
+@torch.no_grad()
 def time_decode(model, ids: torch.Tensor, cache_factory, steps: int) -> float:
     """Tokens per second of ``steps`` greedy decode steps after a prefill of ``ids`` (prefill not timed)."""
     cache = cache_factory()
@@ -109,6 +160,19 @@ def time_decode(model, ids: torch.Tensor, cache_factory, steps: int) -> float:
         nxt = next_token(model, nxt, cache)
     _sync(ids.device)
     return ids.shape[0] * steps / (time.perf_counter() - start)
+
+
+def _cpu_read_rate(n_bytes: int) -> dict[str, float]:
+    """The read-only probe on the CPU (``--smoke``): a sum over ``n_bytes`` of fp32, best of 5."""
+    x = torch.ones(n_bytes // 4)
+    best = min(_timed(x.sum) for _ in range(5))
+    return {"read_probe_ms": best * 1e3, "read_probe_bytes": float(n_bytes), "read_gbps": n_bytes / best / 1e9}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _versions() -> dict:
@@ -131,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--prefill", default=None, help="comma-separated prefill lengths (default 32768,131072,524288)")
     parser.add_argument("--decode", default=None, help="comma-separated decode contexts (default 131072,524288)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per decode step (prefill runs batch 1)")
+    parser.add_argument("--no-graph", action="store_true", help="skip the static-cache, graph-captured decode rows")
     args = parser.parse_args(argv)
     config = SMOKE_MODEL if args.smoke else MODEL
     prefill = (512, 1024) if args.smoke else PREFILL_LENGTHS
@@ -196,9 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.smoke:
             save(rows)
         print(f"prefill {n:>7}: moba {row['moba_s']:.3f} s, dense {row['dense_s']:.3f} s, {row['speedup']:.2f}x")
+    if not args.no_graph:
+        from benchmarks.decode import read_bandwidth
+
+        probe = 1 << 24 if args.smoke else 4 << 30
+        meta.update(read_bandwidth(device, probe, 25, 100) if device.type == "cuda" else _cpu_read_rate(probe))
     for n in decode:
-        ids = torch.randint(0, config["vocab_size"], (1, n), generator=gen).to(device)
-        row = {"kind": "decode", "context": n, "steps": args.decode_steps}
+        ids = torch.randint(0, config["vocab_size"], (args.batch, n), generator=gen).to(device)
+        row = {"kind": "decode", "context": n, "steps": args.decode_steps, "batch": args.batch}
         for name, (impl, cache) in variants.items():
             model.set_attn_implementation(impl)
             row[f"{name}_tok_s"] = time_decode(model, ids, cache, args.decode_steps)
@@ -209,6 +280,26 @@ def main(argv: list[str] | None = None) -> int:
         row["moba_cudnn_tok_s"] = time_decode(model, ids, moba_compile.hf.MobaCache, args.decode_steps)
         attention.skip_cudnn_in_decode = True
         row["speedup"] = row["moba_tok_s"] / row["dense_tok_s"]
+        if not args.no_graph:
+            for name, impl in (("moba", "moba"), ("dense", "sdpa")):
+                model.set_attn_implementation(impl)
+                torch._dynamo.reset()  # each model compiles its own step
+                try:
+                    row[f"{name}_graph_tok_s"] = time_graph_decode(model, ids, args.decode_steps)
+                except Exception as exc:  # noqa: BLE001 - recorded, never papered over
+                    row[f"{name}_graph_tok_s"] = None
+                    row.setdefault("errors", {})[f"{name}_graph"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                rate = meta["read_gbps"] * 1e9  # bytes per second
+                byt = step_bytes(config, params, policy, n, args.batch, name == "moba")
+                row[f"{name}_graph_bytes"] = byt
+                row[f"{name}_graph_bound_ms"] = byt / rate * 1e3
+                tok_s = row[f"{name}_graph_tok_s"]
+                if tok_s:
+                    step_ms = args.batch / tok_s * 1e3
+                    row[f"{name}_graph_ms"] = step_ms
+                    row[f"{name}_graph_ratio_to_bound"] = step_ms / row[f"{name}_graph_bound_ms"]
+            if row.get("moba_graph_tok_s") and row.get("dense_graph_tok_s"):
+                row["graph_speedup"] = row["moba_graph_tok_s"] / row["dense_graph_tok_s"]
         rows.append(row)
         if not args.smoke:
             save(rows)
@@ -216,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
             f"decode {n:>7}: moba {row['moba_tok_s']:.1f} tok/s, dense {row['dense_tok_s']:.1f} tok/s, "
             f"{row['speedup']:.2f}x"
         )
+        if "graph_speedup" in row:
+            print(
+                f"  static cache, compiled step (CUDA graphs on CUDA), batch {args.batch}: "
+                f"moba {row['moba_graph_tok_s']:.1f} tok/s "
+                f"({row['moba_graph_ratio_to_bound']:.2f}x its read bound), dense {row['dense_graph_tok_s']:.1f} "
+                f"tok/s ({row['dense_graph_ratio_to_bound']:.2f}x), {row['graph_speedup']:.2f}x"
+            )
+        for field, err in row.get("errors", {}).items():
+            print(f"  {field}: {err}")
     if args.smoke:
         print("smoke run: numbers are not benchmark results and are not saved")
         return 0

@@ -89,6 +89,8 @@ def test_end_to_end_benchmark_smoke_and_dry_run():
     assert "B parameters" in plan and "524288 tokens" in plan
     out = run("-m", "benchmarks.end_to_end", "--smoke", "--repeats", "1", "--decode-steps", "2").stdout
     assert "prefill     512" in out and "decode    1024" in out and "not saved" in out
+    # Both models also on their fastest decode path: a static cache and the step compiled once (issue 16).
+    assert "static cache, compiled step" in out and "its read bound" in out
 
 
 def test_decode_benchmark_bound_is_the_read_only_probe(tmp_path):
