@@ -72,6 +72,7 @@ __all__ = [
     "resolve_impl",
     "static_chunk_means_buffer",
     "static_decode",
+    "static_length_from_mask",
     "update_static_chunk_means_",
 ]
 
@@ -715,6 +716,39 @@ def _static_length(length: Tensor, batch: int, device: torch.device) -> Tensor:
     if length.device != device:
         raise ValueError(f"length is on {length.device}, the cache on {device}: it must stay on the device")
     return length.to(torch.int64).reshape(-1).expand(batch).contiguous()
+
+
+def static_length_from_mask(mask: Tensor, batch: int) -> Tensor:
+    """The keys each batch row of a static KV cache holds, read from the step's boolean mask on the device.
+
+    A static cache's step masks every slot after its queries' positions (and padding before them), so one past the
+    last slot its last query may see is the row's length. No host read, fixed shapes: usable inside a captured step,
+    as the ``length`` of :func:`static_decode` and :func:`update_static_chunk_means_`.
+
+    Args:
+        mask: boolean ``[B or 1, H or 1, Lq, slots]`` (True = may attend), e.g. the mask transformers builds for a
+            static cache's step. A row that allows nothing gives ``slots`` (its queries then attend to nothing).
+        batch: ``B``, the batch the result is expanded to.
+
+    Returns:
+        int64 ``[B]`` on the mask's device.
+
+    Raises:
+        ValueError: ``mask`` is not a 4-D boolean tensor.
+
+    Example:
+        >>> mask = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+        >>> mask[0, ..., :5] = True
+        >>> mask[1, ..., 2:7] = True  # left padding, then 5 keys
+        >>> static_length_from_mask(mask, 2).tolist()
+        [5, 7]
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        raise ValueError(f"mask must be a 4-D boolean tensor [B, H, Lq, slots], got {getattr(mask, 'shape', mask)!r}")
+    last = mask[:, :, -1, :].any(dim=1)  # [B or 1, slots]: the last query row, any head
+    slots = last.shape[-1]
+    # argmax returns the first maximum: on the reversed row, the last allowed slot.
+    return (slots - last.flip(-1).to(torch.uint8).argmax(dim=-1)).expand(batch)
 
 
 def static_chunk_means_buffer(key: Tensor, chunk_size: int) -> Tensor:

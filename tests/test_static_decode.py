@@ -205,6 +205,8 @@ def test_bad_input():
         ops.update_static_chunk_means_(means, k, torch.tensor(3), new_tokens=1, chunk_size=8, impl="cuda")
     with pytest.raises(ValueError, match="key must be a 4-D tensor"):
         ops.static_chunk_means_buffer(k[0], 8)
+    with pytest.raises(ValueError, match="mask must be a 4-D boolean tensor"):
+        ops.static_length_from_mask(torch.ones(2, 1, 1, 32), 2)
     q64, k64, v64 = _qkv(2, 2, 1, 1, 32, 64, torch.float32, seed=1)
     means64 = ops.static_chunk_means_buffer(k64, 16)
     with pytest.raises(ValueError, match="length must be a contiguous int64"):

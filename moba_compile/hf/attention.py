@@ -330,7 +330,7 @@ class MobaAttention:
                         "only on the device there, so which side of it a step falls cannot be decided"
                     )
                 # A static cache's buffer seen by an eager step before (its prefill): the graph-safe path reads the
-                # length from the mask on the device (see _mask_length); all slots are handed to the op.
+                # length from the mask on the device (ops.static_length_from_mask); all slots are handed to the op.
                 return lk, _STATIC_NOTE
             return None, (
                 f"{lq} queries over {lk} keys with a mask under torch.compile: whether the keys are the sequence or a "
@@ -498,7 +498,8 @@ class MobaAttention:
                 return self._dense_call(decided.dense(why), *dense_args)
             state.fill(key, real, chunk_size, self.impl)  # eager: the keys before and of this step, O(real) once
         means = state.buffers[chunk_size]
-        length = _mask_length(attention_mask, query.shape[0])
+        # transformers' static-cache masks allow each query the non-padding slots up to its own position.
+        length = ops.static_length_from_mask(attention_mask, query.shape[0])
         ops.update_static_chunk_means_(
             means, key, length, new_tokens=query.shape[2], chunk_size=chunk_size, impl=self.impl
         )
@@ -544,19 +545,6 @@ class MobaAttention:
 
 _STATIC_NOTE = "static cache: graph-safe step (length read on the device, chunk means kept in a buffer)"
 _STATIC_FILL_NOTE = "static cache: chunk means of the prefill kept for the decode steps"
-
-
-def _mask_length(mask: Tensor, batch: int) -> Tensor:
-    """Keys each batch row holds, from the boolean mask transformers built for a static cache: one past the last slot
-    the step's last query may see (its own key), int64 ``[B]`` on the device, without a host read.
-
-    transformers' static-cache masks allow each query the non-padding slots up to its own position and nothing after
-    it, so the last allowed slot of the last query row is the row's last key (left padding only removes earlier slots).
-    """
-    last = mask[:, :, -1, :].any(dim=1)  # [B or 1, slots]
-    slots = last.shape[-1]
-    # argmax returns the first maximum: on the reversed row, the last allowed slot.
-    return (slots - last.flip(-1).to(torch.uint8).argmax(dim=-1)).expand(batch)
 
 
 def _check_fits_static_cache(arguments: dict[str, Any]) -> None:
