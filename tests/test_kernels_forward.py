@@ -31,6 +31,7 @@ from conftest import Case, kernel_case  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kernel_cases import (  # noqa: E402
+    TEST_DEVICE,
     assert_out_lse_within_budget,
     compile_check_records,
     on_test_device,
@@ -252,7 +253,7 @@ def test_flip_by_slot_groups_rows_by_slot_then_chunk() -> None:
     b, hq, hkv, lq, n, km1 = 2, 4, 2, 37, 6, 3
     torch.manual_seed(0)
     sel = torch.randint(-1, n, (b, hq, lq, km1), dtype=torch.int32)
-    by_slot = kernel_gating.flip_by_slot(sel, hkv, n, 16)
+    by_slot = on_test_device(kernel_gating.flip_by_slot)(sel, hkv, n, 16)
     flip, g = by_slot.flip, hq // hkv
     for j in range(km1):
         for bb in range(b):
@@ -269,7 +270,9 @@ def test_flip_by_slot_groups_rows_by_slot_then_chunk() -> None:
     for j in range(km1):
         segs = flip.tile_seg[ends[j] : ends[j + 1]]
         assert bool(((segs >= j * per_slot) & (segs < (j + 1) * per_slot)).all())
-        assert by_slot.grids[j] == ends[j + 1] - ends[j]
+        # A launch's grid covers its slot's tiles: exactly where the count is read back (CPU), else the static bound.
+        exact = kernel_gating._exact_tile_count(TEST_DEVICE)
+        assert by_slot.grids[j] == ends[j + 1] - ends[j] if exact else by_slot.grids[j] >= ends[j + 1] - ends[j]
 
 
 def test_static_tile_bound_with_padding_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
