@@ -1,4 +1,4 @@
-"""MoBA backward in Triton: ``Delta`` preprocess, key-major dK/dV (written once), dQ by atomics or by slot partials.
+"""MoBA backward in Triton: ``Delta`` preprocess, key-major dK/dV (written once), dQ by atomics or slot by slot.
 
 With ``P = exp(scale * q k^T - lse)`` on the attended keys (0 elsewhere) and ``Delta = rowsum(dO * O)``:
 ``dV = P^T dO``, ``dS = P * (dO V^T - Delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q`` (the formulas of
@@ -9,20 +9,20 @@ Order of launches (all on the query's device, no host synchronisation on CUDA):
 1. ``_bwd_preprocess_kernel``: ``Delta`` (fp32) and the log2-domain LSE, with ``+inf`` for rows that attended no key
    (``lse = -inf``), so that ``exp2(s - lse2)`` is exactly 0 on such rows and nothing on them turns into NaN.
 2. The gate and the index flip are recomputed (the selection is a pure function of ``q`` and ``k``): chunk means,
-   fused top-(K-1) gate, :func:`.gating.flip_selection` (lists sorted in deterministic mode).
+   fused top-(K-1) gate, :func:`.gating.flip_by_slot` (lists sorted in deterministic mode).
 3. ``_bwd_dkdv_kernel``, key-major: one program per (batch, key head, key block of ``BLOCK_N`` keys). The key block
    lies in one chunk ``c``; the program keeps its K/V tile and fp32 dK/dV accumulators on chip, streams (a) the rows of
    every query head of the group whose own chunk is ``c`` and whose position is at or after the block (causal mask on
-   the diagonal tiles only), then (b) the gathered rows of chunk ``c``'s flip list (the rows that chose ``c``; no causal
-   mask: an earlier chunk is complete and before every such row), and writes dK/dV once. No atomics on dK/dV.
+   the diagonal tiles only), then (b) the gathered rows of chunk ``c``'s flip lists, one per slot (the rows that chose
+   ``c``; no causal mask: an earlier chunk is complete and before every such row), and writes dK/dV once. No atomics on
+   dK/dV.
    Default mode: each tile's ``scale * dS K`` is added to an fp32 ``[B, Hq, Lq, D]`` buffer with ``tl.atomic_add``
    (then cast to the query dtype).
-4. Deterministic mode only (no float atomics anywhere):
-   ``_bwd_sparse_dq_kernel``, key-major like the forward: one program per flip tile gathers up to ``BLOCK_M`` entries,
-   streams the chosen chunk's keys and writes each entry's fp32 ``dQ`` partial to its slot ``[B, Hq, Lq, K'-1, D]``;
-   ``_bwd_own_dq_kernel``, query-major: the own chunk's causal ``dQ``, plus the row's slot partials added in slot
-   order ``j = 0 .. K'-2``, written once in the query dtype. The slot buffer is bounded by row slabs (the forward's
-   partial-buffer budget).
+4. Deterministic mode only (no float atomics anywhere): ``_bwd_own_dq_kernel``, query-major, writes the own chunk's
+   causal ``dQ`` to an fp32 ``[B, Hq, Lq, D]`` buffer; then one ``_bwd_sparse_dq_kernel`` launch per slot
+   ``j = 0 .. K'-2``, key-major like the forward (one program per flip tile of that slot gathers up to ``BLOCK_M``
+   rows and streams the chosen chunk's keys), adds each row's ``dQ`` for that chunk to the buffer. A row is in one tile
+   per launch, so there is no race and the summation order is fixed; the buffer is cast to the query dtype at the end.
 """
 
 import math
@@ -336,7 +336,7 @@ def _bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Deterministic dQ: key-major slot partials + query-major own chunk and fixed-order reduction
+# Deterministic dQ: query-major own chunk, then key-major launches slot by slot into one fp32 buffer
 # --------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_block(
@@ -675,10 +675,9 @@ def moba_backward_triton(
     ``tl.atomic_add`` into an fp32 ``[B, Hq, Lq, D]`` buffer (then cast), so its low bits may vary run to run; the order
     of the rows in the index flip's lists (counted with integer atomics) also changes the fp32 summation order of dK/dV.
     dK/dV themselves are never accumulated with atomics: each key block is written once by one program. In
-    deterministic mode there are no float atomics: the flip lists are sorted, ``dQ`` of the selected chunks goes to
-    per-slot fp32 partials ``[.., K'-1, D]`` (bounded by row slabs) that the own-chunk ``dQ`` kernel adds in slot order;
-    results are bitwise reproducible on one GPU and software stack, at the cost of recomputing ``S`` and ``dP`` for
-    ``dQ``.
+    deterministic mode there are no float atomics: the flip lists are sorted, and ``dQ`` is summed in one fp32 buffer
+    in a fixed order (own chunk, then one launch per slot); results are bitwise reproducible on one GPU and software
+    stack, at the cost of recomputing ``S`` and ``dP`` for ``dQ``.
 
     Args:
         grad_out: ``[B, Hq, Lq, Dv]``, the gradient of ``out`` (cast to the query dtype if it differs); any strides.
@@ -697,8 +696,8 @@ def moba_backward_triton(
 
     Returns:
         ``(dq, dk, dv)``, contiguous, shaped and typed like ``query``, ``key`` and ``value``. Extra memory: fp32
-        ``Delta``/LSE ``[B, Hq, Lq]``, about 12 bytes per (row, head, slot) of index arrays, and either the fp32 dQ
-        buffer (default) or the fp32 slot partials capped by ``launch.partial_buffer_budget`` (deterministic).
+        ``Delta``/LSE ``[B, Hq, Lq]``, about 16 bytes per (row, head, slot) of index arrays, and the fp32 dQ buffer
+        ``[B, Hq, Lq, D]`` (both modes).
 
     Raises:
         RuntimeError: Triton is not installed.

@@ -1,15 +1,17 @@
-"""MoBA forward in Triton: key-major attention over the selected earlier chunks, then the own-chunk pass and merge.
+"""MoBA forward in Triton: the own-chunk pass opens a running state per row; key-major passes merge each chosen chunk.
 
 Order of launches (all on the query's device, no host synchronisation on CUDA):
 
-1. chunk means + fused gate (:mod:`.gating`), only when some row has an earlier chunk and ``topk > 1``;
-2. index flip (:func:`.gating.flip_selection`): per (batch, key head, chunk) lists of the (head, row, slot) entries;
-3. ``_sparse_fwd_kernel``, key-major: one program per tile of up to ``BLOCK_M`` entries of one segment; it gathers
-   their query rows into a dense tile, streams that chunk's keys/values once, and writes each entry's normalised
-   partial output (fp32) and log-sum-exp to a ``[B*Hq*Lq*(K-1)]`` slot buffer;
-4. ``_own_fwd_kernel``, query-major: causal attention to each row's own chunk (the block diagonal) with an online
-   softmax, then the row's partials are folded in as extra "keys" of score ``lse_j`` and value ``o_j`` (an exact
-   log-sum-exp merge; the key sets are disjoint), and ``out``/``lse`` are written once.
+1. ``_own_fwd_kernel``, query-major: causal attention to each row's own chunk (the block diagonal) with an online
+   softmax; writes the row's state: normalised ``out`` (output dtype), its bf16 rounding residual ``lo`` (when there is
+   anything to merge) and ``lse``;
+2. chunk means + fused gate (:mod:`.gating`), only when some row has an earlier chunk and ``topk > 1``;
+3. index flip by slot (:func:`.gating.flip_by_slot`): per (slot, batch, key head, chunk) lists of the (head, row)
+   entries whose slot-``j`` choice the chunk is;
+4. ``_sparse_fwd_kernel``, key-major, one launch per slot ``j = 0 .. K'-2``: one program per tile of up to ``BLOCK_M``
+   entries of one segment gathers their query rows into a dense tile, streams that chunk's keys/values once, and merges
+   the result into each row's state (an exact log-sum-exp merge; the key sets are disjoint). A row is in one tile per
+   launch, so no two programs touch its state at once and the merge order is fixed.
 
 Softmax runs in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores); ``lse`` is returned in
 natural log. Rows with no attended key get ``out = 0`` and ``lse = -inf``.
@@ -419,8 +421,9 @@ def moba_forward_triton(
     Returns:
         ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` contiguous in the query's dtype; ``lse [B, Hq, Lq]`` contiguous fp32,
         the natural log-sum-exp of the scaled scores over the attended keys. Rows with no attended key (all masked)
-        give ``out = 0`` and ``lse = -inf``. Extra memory: ``4 * B*Hq*Lq*(K'-1) * (Dv + 1)`` bytes of fp32 partials,
-        ``K' = min(K, ceil(Lk / C))``, plus int32 index arrays of the same entry count.
+        give ``out = 0`` and ``lse = -inf``. Extra memory: a bf16 residual the size of ``out`` (when ``K' > 1`` and the
+        dtype is not fp32), plus about 16 bytes of int32 index arrays per (row, head, slot), ``K' = min(K,
+        ceil(Lk / C))``.
 
     Raises:
         RuntimeError: Triton is not installed.

@@ -1,18 +1,16 @@
 """The launch prologue the forward and backward launchers share: device context, GPU architecture, mask arguments and
-row slabs. Importing this module does not import Triton.
+buffer allocation. Importing this module does not import Triton.
 
 Every launcher needs the same few decisions before its first kernel: run on the query's CUDA device
 (:func:`on_device`), pick tiles for the GPU it runs on (:func:`device_capability`), turn an optional boolean mask into
-kernel arguments (:class:`MaskArgs`), and bound its fp32 partial buffers by cutting the query rows into slabs
-(:func:`row_slab`, :func:`slabs`). A slab ``[r0, r1)`` is the same MoBA problem with ``Lq' = r1 - r0`` and keys cut at
-``Lk' = Lk - Lq + r1`` (its last row's position + 1): rows are independent, and the earlier chunks of the slab's rows
-are complete within ``Lk'``, so one set of chunk means serves every slab.
+kernel arguments (:class:`MaskArgs`), and allocate its buffers (:func:`empty`). (Row slabs, which bounded the former
+fp32 per-slot partial buffers, are gone with those buffers: the forward merges each slot into a per-row running state
+and deterministic dQ adds each slot into one buffer; see docs/kernels.md.)
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,16 +20,12 @@ from torch import Tensor
 from .support import mask_bytes
 
 __all__ = [
-    "PARTIAL_BUFFER_BYTES",
     "POISON_BUFFERS",
     "TUNED_CAPABILITY",
     "MaskArgs",
     "device_capability",
     "empty",
     "on_device",
-    "partial_buffer_budget",
-    "row_slab",
-    "slabs",
     "tuned_for",
 ]
 
@@ -141,60 +135,3 @@ class MaskArgs:
     def present(self) -> bool:
         """Whether a mask is applied (the kernels' ``HAS_MASK``)."""
         return self.mask is not None
-
-    def slab(self, r0: int, r1: int, len_k: int, placeholder: Tensor) -> MaskArgs:
-        """The arguments for query rows ``[r0, r1)`` and keys ``[0, len_k)`` (a row slab).
-
-        Example:
-            >>> MaskArgs.of(None, torch.zeros(1)).slab(0, 2, 4, torch.zeros(1)).present
-            False
-        """
-        return MaskArgs.of(self.mask[:, :, r0:r1, :len_k] if self.mask is not None else None, placeholder)
-
-
-# Override of the fp32 partial-buffer budget in bytes (None: a quarter of the GPU's memory, 1 GiB when interpreted).
-PARTIAL_BUFFER_BYTES: int | None = None
-
-
-def partial_buffer_budget(device: torch.device) -> int:
-    """Bytes a launcher may spend on its fp32 partials (forward outputs, deterministic dQ) before it cuts row slabs.
-
-    The forward's buffer holds ``B * Hq * rows * (K-1) * (Dv + 1) * 4`` bytes. Fewer, larger slabs keep each chunk's
-    list of choosing rows long (full 128-row key-major tiles) at the cost of memory: a quarter of the device's memory
-    (20 GB on an 80 GB H100) holds a 128K-token, 32-head, K=12 call in two slabs, and FlashMoBA's 512K-token B=2, H=16,
-    K=8 setting (60 GB of partials) in three. ``PARTIAL_BUFFER_BYTES`` overrides it.
-
-    Example:
-        >>> partial_buffer_budget(torch.device("cpu")) > 0
-        True
-    """
-    if PARTIAL_BUFFER_BYTES is not None:
-        return int(PARTIAL_BUFFER_BYTES)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
-    return 1 << 30
-
-
-def row_slab(len_q: int, km1: int, bytes_per_row: int, device: torch.device) -> int:
-    """Rows per slab: all of them without partials (``km1 == 0``), else as many as :func:`partial_buffer_budget`
-    holds at ``bytes_per_row`` (at least one).
-
-    Example:
-        >>> row_slab(100, 0, 10**9, torch.device("cpu")), row_slab(100, 2, 2**29, torch.device("cpu"))
-        (100, 2)
-    """
-    if km1 == 0:
-        return len_q
-    return max(1, min(len_q, partial_buffer_budget(device) // bytes_per_row))
-
-
-def slabs(len_q: int, len_k: int, slab: int) -> Iterator[tuple[int, int, int]]:
-    """``(r0, r1, Lk')`` of every row slab: rows ``[r0, r1)`` see keys ``[0, Lk')``, ``Lk' = Lk - Lq + r1``.
-
-    Example:
-        >>> list(slabs(5, 9, 2))
-        [(0, 2, 6), (2, 4, 8), (4, 5, 9)]
-    """
-    for r0 in range(0, len_q, slab):
-        r1 = min(len_q, r0 + slab)
-        yield r0, r1, len_k - len_q + r1
