@@ -118,22 +118,23 @@ def expected_moba_pairs(cfg: BenchConfig) -> int:
     return cfg.batch * cfg.heads * (own_chunk_pairs(n, n, c) + c * int(selected.sum()))
 
 
-def estimate_memory(cfg: BenchConfig, partial_budget: int) -> dict[str, float]:
-    """Rough GiB needed by the MoBA forward (inputs, output, gate/flip arrays, fp32 partials) and Flex's block mask."""
+def estimate_memory(cfg: BenchConfig) -> dict[str, float]:
+    """Rough GiB needed by the MoBA forward (inputs, output, its bf16 residual, gate/flip arrays) and Flex's block
+    mask."""
     b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
     km1 = min(k - 1, (n - 1) // c)
     inputs = 3 * b * h * n * d * 2
     out = b * h * n * d * 2 + b * h * n * 4
     entries = b * h * n * km1
-    index = entries * 4 * 3  # sel, rank, lists (int32)
-    partials = min(entries * (d + 1) * 4, max(partial_budget, b * h * km1 * (d + 1) * 4))
+    index = entries * 4 * 4  # sel in both layouts, rank, lists (int32)
+    residual = b * h * n * d * 2 if km1 > 0 else 0  # bf16 residual of the running output
     n_blocks = -(-n // c)
     flex_mask = 4 * b * h * n_blocks * n_blocks * 4  # partial + full kv indices and their q-major transposes (int32)
     # Backward (default mode): dq/dk/dv, the fp32 dQ buffer, fp32 Delta and log2 LSE, the recomputed gate and flip.
     backward = inputs + b * h * n * d * 4 + 2 * b * h * n * 4 + index
     return {
         "inputs_gib": inputs / GiB,
-        "moba_extra_gib": (out + index + partials) / GiB,
+        "moba_extra_gib": (out + index + residual) / GiB,
         "moba_backward_extra_gib": backward / GiB,
         "flex_block_mask_gib": flex_mask / GiB,
     }
@@ -678,13 +679,12 @@ def select_configs(args: argparse.Namespace) -> list[BenchConfig]:
 
 
 def dry_run(configs: list[BenchConfig]) -> None:
-    budget = 80 * 10**9 // 4  # the forward's default partial-buffer budget on an 80 GB H100 (a quarter of memory)
     print(f"{'config':<44} {'chunks':>6} {'dense TFLOP':>11} {'MoBA TFLOP':>10} {'density':>8} {'inputs GiB':>10} "
           f"{'MoBA+ GiB':>9} {'bwd+ GiB':>8} {'flex mask GiB':>13}")  # fmt: skip
     for cfg in configs:
         dense = 4 * cfg.head_dim * cfg.batch * cfg.heads * dense_causal_pairs(cfg.seq_len, cfg.seq_len)
         useful = 4 * cfg.head_dim * expected_moba_pairs(cfg)
-        mem = estimate_memory(cfg, budget)
+        mem = estimate_memory(cfg)
         print(
             f"{cfg.name:<44} {-(-cfg.seq_len // cfg.chunk_size):>6} {dense / 1e12:>11.2f} {useful / 1e12:>10.2f} "
             f"{useful / dense:>8.3f} {mem['inputs_gib']:>10.2f} {mem['moba_extra_gib']:>9.2f} "
@@ -696,7 +696,7 @@ def dry_run(configs: list[BenchConfig]) -> None:
     print(
         "fwd+bwd work is 3.5x the forward's. bwd+ GiB: the backward's allocations (grads, fp32 dQ, gate/flip arrays);"
     )
-    print("memory assumes an 80 GB GPU (partial outputs capped at a quarter of it; longer inputs run in row slabs).")
+    print("MoBA+ GiB: the forward's output, its bf16 residual and the int32 gate/flip arrays.")
 
 
 def main(argv: list[str] | None = None) -> int:
