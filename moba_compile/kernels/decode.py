@@ -446,23 +446,30 @@ def _static_gather_chunks_kernel(
     skh,
     skn,
     skd,
+    PIECE,
     HEAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     i = tl.program_id(0)
     plane = tl.program_id(1).to(tl.int64)
+    piece = tl.program_id(2)
     b = plane // Hkv
     h = plane % Hkv
-    c, _ = _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD)
-    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
-    src = k_ptr + b * skb + h * skh
-    dst = out_ptr + (plane * N_UPD + i) * C * HEAD_D  # contiguous [B, Hkv, N_UPD * C, D]
-    for n0 in range(0, C, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        keep = rows < C
-        pos = (c * C + rows).to(tl.int64)
-        blk = tl.load(src + pos[:, None] * skn + offs_d[None, :] * skd, mask=keep[:, None], other=0.0)
-        tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], blk, mask=keep[:, None])
+    c, completed = _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD)
+    # Most decode steps complete no chunk: then nothing is copied (the scratch row is garbage, its mean is computed
+    # and never written back), so such a step costs the means kernel's read of the scratch, not a copy as well.
+    if completed:
+        offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+        src = k_ptr + b * skb + h * skh
+        dst = out_ptr + (plane * N_UPD + i) * C * HEAD_D  # contiguous [B, Hkv, N_UPD * C, D]
+        lo = piece * PIECE
+        hi = tl.minimum(lo + PIECE, C)
+        for n0 in range(lo, hi, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            keep = rows < hi
+            pos = (c * C + rows).to(tl.int64)
+            blk = tl.load(src + pos[:, None] * skn + offs_d[None, :] * skd, mask=keep[:, None], other=0.0)
+            tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], blk, mask=keep[:, None])
 
 
 @kernel_jit
@@ -880,8 +887,9 @@ def moba_decode_static_triton(
 def update_static_means_triton(means: Tensor, key: Tensor, length: Tensor, new_tokens: int, chunk_size: int) -> None:
     """Average, in place, the chunks a step completed in a static cache, found from the device length (graph-safe).
 
-    Three launches of fixed grids, no host synchronisation: the chunks the step can complete are copied to a scratch
-    buffer (``new_tokens // C + 1`` of them, found from ``length`` on the device), averaged by the one means kernel
+    Three launches of fixed grids, no host synchronisation: the chunks the step completed are copied to a scratch
+    buffer (``new_tokens // C + 1`` slots, found from ``length`` on the device; a slot whose chunk did not complete is
+    not copied), averaged by the one means kernel
     (:func:`.gating.launch_chunk_means`, so every row is bitwise the mean the prefill gate and ``decode_chunk_means``
     compute), and the rows of the chunks the step completed are written to ``means``; the others are not touched.
 
@@ -923,10 +931,13 @@ def update_static_means_triton(means: Tensor, key: Tensor, length: Tensor, new_t
         return
     scratch = empty(b, hkv, n_upd * chunk_size, d, dtype=key.dtype, device=key.device)
     block_n = min(16 if interpreting() else 64, next_pow2(chunk_size))
+    # Pieces of 512 keys (one program each) so that a chunk of 4096 keys is copied by 8 programs per (batch, head),
+    # not one: at batch 1 with 4 key heads a single program per plane would copy 1 MiB at one SM's bandwidth.
+    piece = max(block_n, 32 if interpreting() else 512)
     grid = (n_upd, b * hkv)
-    _static_gather_chunks_kernel[grid](
-        key, length, scratch, hkv, slots, new_tokens, chunk_size, n_upd, *key.stride(), HEAD_D=d, BLOCK_N=block_n,
-        num_warps=4,
+    _static_gather_chunks_kernel[(*grid, -(-chunk_size // piece))](
+        key, length, scratch, hkv, slots, new_tokens, chunk_size, n_upd, *key.stride(), piece, HEAD_D=d,
+        BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
     fresh = launch_chunk_means(scratch, chunk_size, n_upd)  # [B, Hkv, n_upd, D], contiguous
     _static_scatter_means_kernel[grid](
