@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"{args.cache} cache" + (", compiled decode step" if args.compile else "")
     print(f"{what}; prompt {args.batch} x {args.prompt_len}, {args.new_tokens} new tokens, policy {args.policy}")
     print(f"{mode}; warm-up (compilation, autotuning) timed apart from the steady-state rates")
+    if device.type == "cuda" and not args.compile:
+        print("note: --cache static --compile captures each decode step in a CUDA graph (docs/generation.md)")
     runs = []
     for name, impl in (("moba", "moba"), ("dense", "sdpa")):
         model.set_attn_implementation(impl)
