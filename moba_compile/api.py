@@ -20,6 +20,7 @@ def moba_attention(
     scale: float | None = None,
     attn_mask: Tensor | None = None,
     impl: Impl = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """MoBA (Mixture of Block Attention) in the layout of ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -45,6 +46,12 @@ def moba_attention(
         impl: ``"auto"`` (Triton kernels on CUDA where they support the inputs, else the reference), ``"triton"``
             (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"reference"``. An explicit ``impl`` that cannot run
             raises; it never falls back silently.
+        cu_seqlens: packed sequences: int32/int64 ``[n_docs + 1]`` document boundaries on the query's device,
+            ``0 = cu[0] < cu[1] < ... < cu[n] = L`` (the FlashAttention-varlen / fla convention), with ``Lq == Lk == L``
+            and no ``attn_mask``. Every document ``[cu[d], cu[d + 1])`` of every batch row (usually ``B = 1``) is MoBA
+            on its own: chunks cut from its first token, the gate over its own earlier chunks, never a key of another
+            document; the result equals running the documents one by one. The boundaries are read on the host once
+            per call.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query's dtype, on its device. Differentiable with respect to query, key and value
@@ -54,7 +61,8 @@ def moba_attention(
 
     Raises:
         TypeError, ValueError: malformed inputs, naming the argument (shapes, dtypes, devices, mask kind, parameters,
-            including non-int ``chunk_size``/``topk`` and values beyond int64).
+            including non-int ``chunk_size``/``topk`` and values beyond int64; ``cu_seqlens`` that do not start at 0,
+            end at the length or increase, or come with a mask or ``Lq != Lk``).
         RuntimeError: ``impl="triton"`` on inputs the kernels cannot run, with the reason.
 
     Example:
@@ -65,6 +73,15 @@ def moba_attention(
         >>> moba_attention(q, k, v, chunk_size=128, topk=3).shape
         torch.Size([1, 8, 1024, 64])
     """
+    if cu_seqlens is not None:
+        if attn_mask is not None:
+            raise ValueError(
+                "attn_mask cannot be combined with cu_seqlens (packed documents): a padding mask and packing together "
+                "are ambiguous; pack only the real tokens and let cu_seqlens give the documents"
+            )
+        return ops.packed_attention(
+            query, key, value, cu_seqlens, chunk_size=chunk_size, topk=topk, scale=scale, impl=impl
+        )
     return ops.attention(
         query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=attn_mask, impl=impl
     )

@@ -1,8 +1,10 @@
 """Boolean attention masks against MoBA's causality: the ``moba::analyse_mask`` op and what its answer means.
 
 A boolean ``attn_mask`` reaching a MoBA call is classified once per forward (the compile pass shares one
-``moba::analyse_mask`` per mask node) into one of four kinds; ``moba::attention`` then drops it (``MASK_CAUSAL``),
-intersects it with the selection (``MASK_APPLY``) or runs dense SDPA with it (:data:`DENSE_MASK_KINDS`).
+``moba::analyse_mask`` per mask node) into one of five kinds; ``moba::attention`` then drops it (``MASK_CAUSAL``),
+intersects it with the selection (``MASK_APPLY``), runs document-aware MoBA on the documents it describes
+(``MASK_DOCUMENTS``: packed sequences, :func:`documents_from_mask`) or runs dense SDPA with it
+(:data:`DENSE_MASK_KINDS`).
 
 - ``moba::analyse_mask(attn_mask, query, key, tag) -> int64 scalar on the CPU``: one read of a boolean mask per
   forward, classified against the bottom-right causality of ``query``/``key`` lengths.
@@ -22,11 +24,14 @@ __all__ = [
     "DENSE_MASK_KINDS",
     "MASK_APPLY",
     "MASK_CAUSAL",
+    "MASK_DOCUMENTS",
     "MASK_KIND_REASONS",
     "MASK_NOT_CAUSAL",
     "MASK_OBSERVATIONS",
     "MASK_PER_ROW",
     "analyse_mask",
+    "documents_from_mask",
+    "mask_severity",
 ]
 
 # Values of moba::analyse_mask.
@@ -36,7 +41,13 @@ MASK_NOT_CAUSAL = 2  # lets some query see a later key: not MoBA, dense SDPA wit
 # Causal, but hides past keys from some rows that later rows see (sliding window, packed documents): such layers are
 # not MoBA layers (they bound attention their own way), so they run dense SDPA with the mask.
 MASK_PER_ROW = 3
+# Exactly the block-diagonal causal mask of packed documents (transformers builds it from position ids that restart at
+# 0): every row sees the keys from its document's first token to itself. MoBA runs on each document alone.
+MASK_DOCUMENTS = 4
 DENSE_MASK_KINDS = (MASK_NOT_CAUSAL, MASK_PER_ROW)
+# Which observation a report keeps when one mask check sees several kinds over a run: the one furthest from plain MoBA
+# (a dense one above all). Not the kinds' values: MASK_DOCUMENTS came last but runs MoBA.
+_SEVERITY = {MASK_CAUSAL: 0, MASK_APPLY: 1, MASK_DOCUMENTS: 2, MASK_NOT_CAUSAL: 3, MASK_PER_ROW: 4}
 MASK_KIND_REASONS = {
     MASK_NOT_CAUSAL: "boolean mask lets a query see later keys (checked at run time): dense SDPA with the mask",
     MASK_PER_ROW: "boolean mask hides past keys per query row, e.g. a sliding window (checked at run time): "
@@ -68,10 +79,62 @@ def _classify_mask(attn_mask: Tensor, lq: int, lk: int) -> int:
         kind = MASK_CAUSAL
     elif bool(((mask != mask[..., -1:, :]) & ~future).any()):
         # Padding masks the same keys for every row; the last row (position Lk - 1) sees every key it may.
-        kind = MASK_PER_ROW
+        kind = MASK_DOCUMENTS if _is_documents(mask, lq, lk) else MASK_PER_ROW
     else:
         kind = MASK_APPLY
     return kind
+
+
+def _starts(mask: Tensor, lq: int) -> Tensor:
+    """Bool ``[L]``: where a document starts, read from the first batch/head entry's sub-diagonal (``[i, i - 1]``)."""
+    first = mask.reshape(-1, lq, mask.shape[-1])[0]
+    starts = torch.ones(lq, dtype=torch.bool, device=mask.device)
+    starts[1:] = ~first.diagonal(offset=-1)
+    return starts
+
+
+def _is_documents(mask: Tensor, lq: int, lk: int) -> bool:
+    """Whether ``mask`` (expanded to ``[..., lq, lk]``) is exactly block-diagonal causal, the same for every entry."""
+    if lq != lk or lq < 2:
+        return False  # a KV-cache step is per sequence; packing is a training/prefill layout
+    doc = torch.cumsum(_starts(mask, lq).to(torch.int64), 0)
+    pos = torch.arange(lq, device=mask.device)
+    expected = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    return bool((mask == expected).all())
+
+
+def mask_severity(kind: int) -> int:
+    """The rank a report uses to keep the most telling of several observed kinds (dense kinds rank highest).
+
+    Example:
+        >>> mask_severity(MASK_PER_ROW) > mask_severity(MASK_DOCUMENTS) > mask_severity(MASK_APPLY)
+        True
+    """
+    return _SEVERITY[kind]
+
+
+def documents_from_mask(attn_mask: Tensor, len_q: int) -> Tensor:
+    """The document boundaries of a mask :func:`analyse_mask` classified :data:`MASK_DOCUMENTS`: ``cu_seqlens``.
+
+    Reads only the mask's sub-diagonal (``O(L)``, one host transfer): a document starts where a row may not see the
+    key just before it. The mask is not checked again (the caller has its kind).
+
+    Args:
+        attn_mask: bool ``[B or 1, H or 1, L, L]`` block-diagonal causal mask; len_q: ``L``.
+
+    Returns:
+        int64 ``[n_docs + 1]`` on the CPU: ``[0, start_1, ..., L]``.
+
+    Example:
+        >>> pos = torch.arange(5)
+        >>> doc = torch.tensor([0, 0, 1, 1, 1])
+        >>> mask = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+        >>> documents_from_mask(mask, 5).tolist()
+        [0, 2, 5]
+    """
+    mask = attn_mask.expand(*attn_mask.shape[:-2], len_q, attn_mask.shape[-1])
+    starts = torch.nonzero(_starts(mask, len_q)).flatten().cpu()
+    return torch.cat([starts, torch.tensor([len_q])])
 
 
 @torch.library.custom_op("moba::analyse_mask", mutates_args=())
@@ -80,7 +143,7 @@ def _analyse_mask_op(attn_mask: Tensor, query: Tensor, key: Tensor, tag: str) ->
     kind = _classify_mask(attn_mask, query.shape[2], key.shape[2])
     CALLS["analyse_mask"] += 1
     if tag:
-        MASK_OBSERVATIONS[tag] = max(kind, MASK_OBSERVATIONS.get(tag, MASK_CAUSAL))
+        MASK_OBSERVATIONS[tag] = max(kind, MASK_OBSERVATIONS.get(tag, MASK_CAUSAL), key=mask_severity)
     # On the CPU, so that each layer's moba::attention reads it without a device synchronisation.
     return torch.tensor(kind, dtype=torch.int64)
 
@@ -99,9 +162,11 @@ def analyse_mask(attn_mask: Tensor, len_q: int, len_k: int) -> int:
 
     Returns:
         :data:`MASK_CAUSAL` (exactly causal: MoBA can ignore it), :data:`MASK_APPLY` (causal with the same extra keys
-        masked for every row, e.g. padding: intersect with the selection), :data:`MASK_PER_ROW` (causal, but some row
-        loses past keys a later row sees: a sliding window or packed documents) or :data:`MASK_NOT_CAUSAL` (some query
-        may see a later key).
+        masked for every row, e.g. padding: intersect with the selection), :data:`MASK_DOCUMENTS` (``len_q ==
+        len_k`` and exactly block-diagonal causal, the same for every batch row and head: packed documents, each run
+        as MoBA on its own), :data:`MASK_PER_ROW` (causal, but some row loses past keys a later row sees otherwise: a
+        sliding window, documents plus padding, documents differing between batch rows) or :data:`MASK_NOT_CAUSAL`
+        (some query may see a later key).
 
     Raises:
         ValueError: ``attn_mask`` is not boolean.

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .validation import bounded_params, check_moba_inputs
+from .validation import bounded_params, check_moba_inputs, check_packed_inputs
 
 __all__ = [
     "chunk_means",
@@ -29,6 +29,9 @@ __all__ = [
     "moba_attention_backward",
     "moba_attention_jvp",
     "moba_static_decode_forward",
+    "moba_attention_packed",
+    "moba_attention_packed_forward",
+    "moba_attention_packed_backward",
 ]
 
 # Rows per query block: keep the [B, Hq, rows, Lk] temporaries near 2**24 elements (64 MiB in fp32).
@@ -564,3 +567,136 @@ def moba_static_decode_forward(
     if not outs:
         return query.new_zeros(b, hq, 0, shapes.head_dim_v), torch.zeros(b, hq, 0, dtype=acc, device=query.device)
     return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Packed sequences (docs/semantics.md, "Packed sequences"): every document is MoBA on its own
+# --------------------------------------------------------------------------------------------------------------------
+def _documents(bounds: list[int]):
+    for d in range(len(bounds) - 1):
+        yield bounds[d], bounds[d + 1]
+
+
+def moba_attention_packed_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MoBA over packed documents, and its log-sum-exp: :func:`moba_attention_forward` on every document alone.
+
+    Document ``d`` is positions ``[cu_seqlens[d], cu_seqlens[d + 1])`` of every batch row. Its chunks are cut from its
+    own first token (its last chunk may be partial), a query attends causally in its own chunk and to the top
+    ``topk - 1`` strictly earlier chunks of its own document (same fp32 gate and tie rule), never across documents.
+    Written as the definition: the result is the concatenation of the per-document results.
+
+    Args:
+        query: ``[B, Hq, T, D]``; key: ``[B, Hkv, T, D]``; value: ``[B, Hkv, T, Dv]`` (``T`` the packed length; the
+            usual packed layout has ``B = 1``; several rows share the boundaries); one floating dtype and device.
+        cu_seqlens: int32/int64 ``[n_docs + 1]`` on the query's device, ``0 = cu[0] < cu[1] < ... < cu[n] = T``.
+        chunk_size, topk, scale: as for :func:`moba_attention_forward`; bounded per document (a document shorter
+            than a chunk is one chunk: dense causal inside it).
+
+    Returns:
+        ``(out [B, Hq, T, Dv]`` in the query's dtype, ``lse [B, Hq, T]`` fp32, fp64 for fp64 inputs``)``.
+
+    Raises:
+        ValueError, TypeError: as :func:`moba_compile.validation.check_packed_inputs` (bad boundaries, ``Lq != Lk``).
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 12, 8)
+        >>> cu = torch.tensor([0, 5, 12])
+        >>> out, _ = moba_attention_packed_forward(q, k, v, cu, chunk_size=2, topk=2)
+        >>> torch.allclose(out[:, :, 5:], moba_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], chunk_size=2, topk=2))
+        True
+    """
+    _, bounds = check_packed_inputs(query, key, value, cu_seqlens, chunk_size, topk, scale)
+    outs, lses = [], []
+    for s, e in _documents(bounds):
+        o, lse = moba_attention_forward(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], chunk_size=chunk_size, topk=topk, scale=scale
+        )
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def moba_attention_packed(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+) -> Tensor:
+    """MoBA over packed documents, output only; see :func:`moba_attention_packed_forward`.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1, 6, 4)
+        >>> moba_attention_packed(q, k, v, torch.tensor([0, 1, 6]), chunk_size=2, topk=1).shape
+        torch.Size([1, 1, 6, 4])
+    """
+    return moba_attention_packed_forward(query, key, value, cu_seqlens, chunk_size=chunk_size, topk=topk, scale=scale)[
+        0
+    ]
+
+
+def moba_attention_packed_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Hand-written gradients of :func:`moba_attention_packed_forward`: :func:`moba_attention_backward` per document.
+
+    Documents share no attended pair, so each document's gradients come from its own rows and keys only.
+
+    Args:
+        grad_out: ``[B, Hq, T, Dv]``; query, key, value, cu_seqlens, chunk_size, topk, scale: as for the forward;
+            out, lse: the forward's results.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped and typed like ``query``, ``key``, ``value``.
+
+    Raises:
+        ValueError, TypeError: as :func:`moba_compile.validation.check_packed_inputs`.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 1, 6, 4)
+        >>> cu = torch.tensor([0, 2, 6])
+        >>> o, lse = moba_attention_packed_forward(q, k, v, cu, chunk_size=2, topk=1)
+        >>> dq, dk, dv = moba_attention_packed_backward(torch.ones_like(o), q, k, v, o, lse, cu, chunk_size=2, topk=1)
+        >>> dq.shape
+        torch.Size([1, 1, 6, 4])
+    """
+    _, bounds = check_packed_inputs(query, key, value, cu_seqlens, chunk_size, topk, scale)
+    grads: list[tuple[Tensor, Tensor, Tensor]] = []
+    for s, e in _documents(bounds):
+        grads.append(
+            moba_attention_backward(
+                grad_out[:, :, s:e],
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                out[:, :, s:e],
+                lse[:, :, s:e],
+                chunk_size=chunk_size,
+                topk=topk,
+                scale=scale,
+            )
+        )
+    dq, dk, dv = (torch.cat(parts, dim=2) for parts in zip(*grads))
+    return dq, dk, dv

@@ -11,7 +11,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["INT64_MAX", "MobaShapes", "bounded_params", "check_moba_inputs", "check_moba_params"]
+__all__ = [
+    "INT64_MAX",
+    "MobaShapes",
+    "bounded_params",
+    "check_cu_seqlens",
+    "check_moba_inputs",
+    "check_moba_params",
+    "check_packed_inputs",
+]
 
 # The ops' schemas take ``int`` parameters as int64: a larger value cannot reach any implementation.
 INT64_MAX = 2**63 - 1
@@ -150,3 +158,104 @@ def check_moba_inputs(
                 f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = {[b, hq, lq, lk]}"
             )
     return MobaShapes(query, key, value)
+
+
+def check_cu_seqlens(
+    cu_seqlens: object, total: int, device: torch.device | None = None, *, read_values: bool = True
+) -> list[int]:
+    """Check packed-sequence document boundaries and return them as Python ints (one host read of the tensor).
+
+    The packed layout (the fla / FlashAttention-varlen convention): ``query [B, Hq, total, D]``, usually ``B = 1``,
+    holds ``n`` documents one after another; document ``d`` is positions ``[cu_seqlens[d], cu_seqlens[d + 1])`` of
+    every batch row (all batch rows share the boundaries).
+
+    Args:
+        cu_seqlens: int32 or int64 tensor ``[n + 1]``, ``n >= 1``, strictly increasing (every document has at least
+            one token), starting at 0 and ending at ``total``.
+        total: the packed sequence length (``Lq == Lk``).
+        device: where the tensor must live (the query's device), or ``None`` to skip that check.
+        read_values: ``False`` checks only the dtype, shape and device (no host read: under ``torch.compile``, where
+            the op's body checks the values at run time) and returns ``[]``.
+
+    Returns:
+        The boundaries as a list of ``n + 1`` Python ints (``[]`` when ``read_values`` is false).
+
+    Raises:
+        TypeError: ``cu_seqlens`` is not a tensor.
+        ValueError: wrong dtype, rank, length, device; a first value other than 0, a last value other than ``total``,
+            or boundaries that do not increase; the message names the problem and shows the values.
+
+    Example:
+        >>> check_cu_seqlens(torch.tensor([0, 3, 8], dtype=torch.int32), 8)
+        [0, 3, 8]
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor [n_docs + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64 (document boundaries), got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D [n_docs + 1] with n_docs >= 1 (e.g. [0, len0, len0 + len1, ...]), got shape "
+            f"{tuple(cu_seqlens.shape)}"
+        )
+    if device is not None and cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but query is on {device}")
+    if not read_values:
+        return []
+    bounds = [int(v) for v in cu_seqlens.tolist()]
+    shown = bounds if len(bounds) <= 12 else [*bounds[:6], "...", *bounds[-5:]]
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]} (cu_seqlens = {shown})")
+    if bounds[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must end at the packed sequence length {total}, got {bounds[-1]}: the boundaries disagree "
+            f"with the tensor shapes (cu_seqlens = {shown})"
+        )
+    for d in range(len(bounds) - 1):
+        if bounds[d + 1] <= bounds[d]:
+            raise ValueError(
+                f"cu_seqlens must be strictly increasing (every document at least one token), but document {d} is "
+                f"[{bounds[d]}, {bounds[d + 1]}) (cu_seqlens = {shown})"
+            )
+    return bounds
+
+
+def check_packed_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens: object,
+    chunk_size: object,
+    topk: object,
+    scale: object = None,
+    attn_mask: object = None,
+    *,
+    read_values: bool = True,
+) -> tuple[MobaShapes, list[int]]:
+    """Check a packed-sequence MoBA call (``cu_seqlens`` given) and return its sizes and document boundaries.
+
+    On top of :func:`check_moba_inputs`: the queries and keys are the same packed sequence (``Lq == Lk``: a KV-cache
+    step is per sequence, not packed), no ``attn_mask`` (a padding mask combined with packing is ambiguous: pack only
+    real tokens, so that the documents say everything), and :func:`check_cu_seqlens` on ``Lk`` (``read_values`` is
+    passed on).
+
+    Raises:
+        TypeError, ValueError: naming the argument and the problem.
+
+    Example:
+        >>> q = torch.zeros(1, 2, 8, 16)
+        >>> check_packed_inputs(q, q, q, torch.tensor([0, 5, 8]), 4, 2)[1]
+        [0, 5, 8]
+    """
+    shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale)
+    if attn_mask is not None:
+        raise ValueError(
+            "attn_mask cannot be combined with cu_seqlens (packed documents): a padding mask and packing together are "
+            "ambiguous; pack only the real tokens and let cu_seqlens give the documents"
+        )
+    if shapes.len_q != shapes.len_k:
+        raise ValueError(
+            f"packed sequences (cu_seqlens) need queries and keys of one packed sequence, Lq == Lk; got "
+            f"Lq={shapes.len_q}, Lk={shapes.len_k} (decode and chunked prefill run per sequence, without cu_seqlens)"
+        )
+    return shapes, check_cu_seqlens(cu_seqlens, shapes.len_k, query.device, read_values=read_values)

@@ -234,7 +234,11 @@ def test_analyse_mask_classification() -> None:
     assert ops.analyse_mask(make_mask("left_pad", 3, 1, 1, 8), 1, 8) == MASK_APPLY  # padded decode [B, 1, 1, Lk]
     # Causal, but rows lose past keys that later rows see: dense with the mask.
     assert ops.analyse_mask(sliding_window(8, 8, 3), 8, 8) == MASK_PER_ROW
-    assert ops.analyse_mask(causal & own_chunk_causal(8, 8, 4), 8, 8) == MASK_PER_ROW  # two packed documents
+    # Two packed documents: the block-diagonal causal mask is MoBA per document (issue 17); with a padded key, dense.
+    assert ops.analyse_mask(causal & own_chunk_causal(8, 8, 4), 8, 8) == ops.MASK_DOCUMENTS
+    padded_docs = causal & own_chunk_causal(8, 8, 4)
+    padded_docs[:, 5] = False
+    assert ops.analyse_mask(padded_docs, 8, 8) == MASK_PER_ROW
     # Top-left causality (SDPA's is_causal) is not MoBA's when Lq < Lk: it hides keys a bottom-right row may see.
     assert ops.analyse_mask(torch.ones(3, 8, dtype=torch.bool).tril(), 3, 8) == MASK_PER_ROW
     # Anything seeing a later key.
