@@ -110,3 +110,19 @@ def compile_check_records(args: list[str]) -> dict[str, dict[str, Any]]:
     res = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     return {r["kernel"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
+
+
+def record_allocations(monkeypatch: Any, module: Any) -> list[tuple[int, torch.dtype]]:
+    """``(numel, dtype)`` of every buffer ``module`` allocates through ``launch.empty`` from now on (the list fills as
+    the launcher runs): how the kernel tests bound a launcher's scratch memory."""
+    from moba_compile.kernels import launch
+
+    sizes: list[tuple[int, torch.dtype]] = []
+
+    def spy(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = launch.empty(*shape, dtype=dtype, device=device)
+        sizes.append((t.numel(), dtype))
+        return t
+
+    monkeypatch.setattr(module, "empty", spy)
+    return sizes

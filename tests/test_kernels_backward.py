@@ -32,7 +32,13 @@ import triton  # noqa: E402, F401  (a missing triton must fail the tests, not sk
 from conftest import Case, kernel_case, own_chunk_causal  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import TEST_DEVICE, compile_check_records, on_test_device, prefill_inputs  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    TEST_DEVICE,
+    compile_check_records,
+    on_test_device,
+    prefill_inputs,
+    record_allocations,
+)
 
 import moba_compile  # noqa: E402
 from moba_compile import ops, reference  # noqa: E402
@@ -40,7 +46,6 @@ from moba_compile.kernels import backward as kernel_backward  # noqa: E402
 from moba_compile.kernels import flip_selection, moba_backward_triton, moba_forward_triton  # noqa: E402
 from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
-from moba_compile.kernels import launch as kernel_launch  # noqa: E402
 
 # MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
 flip_selection = on_test_device(flip_selection)
@@ -251,14 +256,7 @@ def test_deterministic_dq_is_bitwise_stable_without_partials(monkeypatch: pytest
     # floating scratch is at most [B, Hq, Lq, D], and two runs agree bitwise.
     case = kernel_case(1, 40, 4, 2, 16, 4, torch.bfloat16, lk=90, mask="random_b1_empty")
     q, k, v, do, mask = make_inputs(case, seed=9)
-    sizes: list[tuple[int, torch.dtype]] = []
-
-    def spy(*shape, dtype, device):
-        t = kernel_launch.empty(*shape, dtype=dtype, device=device)
-        sizes.append((t.numel(), dtype))
-        return t
-
-    monkeypatch.setattr(kernel_backward, "empty", spy)
+    sizes = record_allocations(monkeypatch, kernel_backward)
     first = check_backward(q, k, v, do, case.c, case.k, mask, deterministic=True)
     second = check_backward(q, k, v, do, case.c, case.k, mask, deterministic=True)
     for a, b in zip(first, second):

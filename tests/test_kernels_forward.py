@@ -36,6 +36,7 @@ from kernel_cases import (  # noqa: E402
     compile_check_records,
     on_test_device,
     prefill_inputs,
+    record_allocations,
 )
 from naive import naive_moba  # noqa: E402
 
@@ -49,7 +50,6 @@ from moba_compile.kernels import (  # noqa: E402
 )
 from moba_compile.kernels import forward as kernel_forward  # noqa: E402
 from moba_compile.kernels import gating as kernel_gating  # noqa: E402
-from moba_compile.kernels import launch as kernel_launch  # noqa: E402
 from moba_compile.kernels import support as kernel_support  # noqa: E402
 
 # MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
@@ -234,14 +234,7 @@ def test_forward_scratch_is_bounded_by_the_output(monkeypatch: pytest.MonkeyPatc
     # No (K-1)-fold buffer: every floating buffer the forward allocates is at most the output's size (the output, the
     # LSE, the bf16 residual of the running output); the index arrays are int32. Chunked prefill with a mask, K=4.
     case = kernel_case(1, 60, 4, 2, 16, 4, torch.bfloat16, lk=90, mask="random_b1_empty")
-    sizes: list[tuple[int, torch.dtype]] = []
-
-    def spy(*shape, dtype, device):
-        t = kernel_launch.empty(*shape, dtype=dtype, device=device)
-        sizes.append((t.numel(), dtype))
-        return t
-
-    monkeypatch.setattr(kernel_forward, "empty", spy)
+    sizes = record_allocations(monkeypatch, kernel_forward)
     q, k, v, mask = make_inputs(case, seed=11)
     check_forward(q, k, v, case.c, case.k, mask)
     out_numel = case.b * case.hq * case.lq * case.d
