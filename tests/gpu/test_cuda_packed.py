@@ -6,9 +6,11 @@ Collected only where CUDA is available. Run on the GPU machine with::
     TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest tests/gpu/test_cuda_packed.py -q
 
 Budgets: packed and unpacked run the same kernels on the same numbers per document, so they must agree bitwise
-(outputs and the three gradients). Against the float64 reference (computed on the GPU from the same bf16 inputs), the
-relative error ``||x - x64|| / ||x64||`` is at most ``2 * ref_err + eps(bf16)``, with ``ref_err`` the reference's own
-error on the same inputs in fp32 math (as ``tests/gpu/test_cuda.py``).
+(outputs and the three gradients), in the backward's deterministic mode (``torch.use_deterministic_algorithms``: the
+default dQ atomics would make even two unpacked runs differ in the last bits). Against the float64 reference
+(computed on the GPU from the same bf16 inputs), the relative error ``||x - x64|| / ||x64||`` is at most
+``2 * ref_err + eps(bf16)``, with ``ref_err`` the reference's own error on the same inputs in fp32 math (as
+``tests/gpu/test_cuda.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from moba_compile import moba_attention, ops, reference
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("0", ""), "run the GPU tests with TRITON_INTERPRET=0"
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    # warn_only: the float64 oracle's cuBLAS matmuls need not be deterministic, only the MoBA backward must be.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
