@@ -58,6 +58,8 @@ __all__ = [
     "make_optimizer",
     "moba_counts",
     "moba_implementations",
+    "packed_counts",
+    "packed_step_batch",
     "print_reports",
     "step_batch",
     "train_steps",
@@ -138,6 +140,25 @@ class CausalLM:
         if self.hf:
             return fn(input_ids=inputs, labels=inputs, **self.call_kwargs).loss.float()
         return fn(inputs, targets).float().mean()
+
+    def packed_loss(self, fn: Callable[..., Any], inputs: Tensor, labels: Tensor, position_ids: Tensor) -> Tensor:
+        """The mean next-token loss of one packed row (a transformers model only), computed by ``fn``.
+
+        ``position_ids`` restart at 0 at every document, which is how transformers recognises packed documents: its
+        SDPA path then builds the block-diagonal causal mask, and MoBA runs every document on its own. The model is
+        called with ``use_cache=False``: with a cache object transformers does not look for packed documents.
+
+        Args:
+            fn: the compiled model. inputs: ``int64 [1, T]`` token ids. labels: ``int64 [1, T]``, ``-100`` at every
+                document's first token (nothing predicts it across the boundary). position_ids: ``int64 [1, T]``.
+
+        Returns:
+            A scalar float32 tensor: the mean cross-entropy in nats over the scored tokens.
+        """
+        if not self.hf:
+            raise ValueError("packed documents need a transformers model (position ids); the GPT has none")
+        kwargs = {**self.call_kwargs, "use_cache": False}
+        return fn(input_ids=inputs, labels=labels, position_ids=position_ids, **kwargs).loss.float()
 
 
 @dataclass
@@ -343,6 +364,62 @@ def step_batch(
     return inputs + byte_offset, targets + byte_offset
 
 
+def packed_step_batch(
+    corpus: corpus_mod.Corpus,
+    *,
+    seed: int,
+    step: int,
+    total: int,
+    min_doc: int,
+    max_doc: int,
+    byte_offset: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """One packed row of ``total`` tokens: documents of the training corpus back to back, a pure function of
+    ``(seed, step)``.
+
+    Documents are windows of the training split with lengths drawn uniformly from ``[min_doc, max_doc]`` (the last
+    one takes the remainder, so it may be shorter) at random offsets.
+
+    Args:
+        corpus: the stdlib-bytes corpus. seed: the run's seed. step: 0-based step. total: tokens in the row.
+        min_doc, max_doc: the document length range, ``1 <= min_doc <= max_doc``. byte_offset: added to every byte.
+
+    Returns:
+        ``(inputs, labels, position_ids, lengths)``: ``int64 [1, total]`` token ids; the labels (the inputs, ``-100``
+        at every document's first token so no document predicts across a boundary); position ids restarting at 0 at
+        every document; the document lengths.
+
+    Raises:
+        ValueError: a bad length range, or a training split shorter than ``max_doc``.
+    """
+    if not 1 <= min_doc <= max_doc:
+        raise ValueError(f"need 1 <= min_doc <= max_doc, got {min_doc}, {max_doc}")
+    span = corpus.train.numel() - max_doc
+    if span <= 0:
+        raise ValueError(f"training split ({corpus.train.numel()} bytes) shorter than a document of {max_doc}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_777_777)
+    docs, lengths, left = [], [], total
+    while left > 0:
+        n = min(int(torch.randint(min_doc, max_doc + 1, (), generator=gen)), left)
+        offset = int(torch.randint(0, span, (), generator=gen))
+        docs.append(corpus.train[offset : offset + n].long())
+        lengths.append(n)
+        left -= n
+    inputs = torch.cat(docs)[None] + byte_offset
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = inputs.masked_fill(position_ids == 0, -100)
+    return inputs, labels, position_ids, lengths
+
+
+def packed_counts() -> int:
+    """Documents run as MoBA so far in this process (forward): the ``attention:packed:*`` counts of ``ops.CALLS``.
+
+    Returns:
+        The number of (layer, document) forward executions of document-aware MoBA.
+    """
+    return sum(n for key, n in ops.CALLS.items() if key.startswith("attention:packed:"))
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` in ``dtype`` on ``device``, or nothing for float32.
 
@@ -428,7 +505,8 @@ def train_steps(
     Args:
         lm: the model. fn: what computes it (compiled, or a DDP/FSDP2 wrapper). optimizer: over ``lm``'s parameters.
         corpus: the training corpus. args: ``seed``, ``batch``, ``seq_len``, ``byte_offset``, ``dtype``,
-            ``log_every``, ``no_progress``.
+            ``log_every``, ``no_progress``; with ``pack`` (``train.py --pack``) each step is one packed row of
+            ``batch * seq_len`` tokens of documents of ``[min_doc, max_doc]`` tokens (:func:`packed_step_batch`).
         steps: how many steps. tag: names the run in the output (``[tag] step 3/20  loss ...``).
         device: where the model is. rows: the rows of the global batch this process trains on.
         reduce_loss: turns this process's loss into the global batch's (an all-reduce average across ranks).
@@ -444,12 +522,21 @@ def train_steps(
     with _progress(steps, tag, verbose and not args.no_progress) as bar:
         for step in range(steps):
             start = time.perf_counter()
-            inputs, targets = step_batch(
-                corpus, seed=args.seed, step=step, batch=args.batch, seq_len=args.seq_len, byte_offset=args.byte_offset
-            )
-            inputs, targets = inputs[rows].to(device), targets[rows].to(device)
-            with autocast(device, dtype):
-                loss = lm.loss(fn, inputs, targets)
+            if getattr(args, "pack", False):  # train.py --pack: one row of batch * seq_len tokens of documents
+                inputs, labels, position_ids, _ = packed_step_batch(
+                    corpus, seed=args.seed, step=step, total=args.batch * args.seq_len, min_doc=args.min_doc,
+                    max_doc=args.max_doc, byte_offset=args.byte_offset,
+                )  # fmt: skip
+                with autocast(device, dtype):
+                    loss = lm.packed_loss(fn, inputs.to(device), labels.to(device), position_ids.to(device))
+            else:
+                inputs, targets = step_batch(
+                    corpus, seed=args.seed, step=step, batch=args.batch, seq_len=args.seq_len,
+                    byte_offset=args.byte_offset,
+                )  # fmt: skip
+                inputs, targets = inputs[rows].to(device), targets[rows].to(device)
+                with autocast(device, dtype):
+                    loss = lm.loss(fn, inputs, targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

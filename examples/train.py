@@ -6,6 +6,7 @@ Run from the repository root (CPU is enough for the tiny settings: about 10 s, m
     python examples/train.py --model tiny-qwen2 --policy my_policy.toml --steps 200 --seq-len 4096 --dtype bfloat16
     python examples/train.py --model gpt --steps 50 --seq-len 1024
     python examples/train.py --model path/to/checkpoint_dir --byte-offset 3 --steps 100 --seq-len 8192
+    python examples/train.py --pack --steps 3 --seq-len 128 --min-doc 16 --max-doc 96
 
 What it does:
 
@@ -24,6 +25,13 @@ What it does:
    first, which compiles) and their ratio;
 5. checks that the MoBA op really ran: ``moba_compile.ops.CALLS`` grew for ``attention`` and ``attention_backward``
    during the MoBA run, and did not grow during the dense run.
+
+``--pack`` trains on packed documents instead (a Hugging Face model only): each step is one row of ``--batch *
+--seq-len`` tokens holding documents of ``[--min-doc, --max-doc]`` tokens back to back (windows of the corpus), with
+position ids restarting at 0 at every document, as ``DataCollatorWithFlattening`` gives them, and no label across a
+document boundary. transformers then builds the block-diagonal causal mask, and MoBA runs on every document on its
+own (docs/semantics.md, "Packed sequences"); the check also requires that document-aware MoBA ran
+(``ops.CALLS["attention:packed:*"]``). The dense run trains on the same packed rows with SDPA and that mask.
 
 Tokens: the corpus is bytes. A byte ``b`` becomes the token id ``b + --byte-offset`` (default 0), which needs a
 vocabulary of at least ``256 + offset`` ids (the tiny presets have 512). That is not a checkpoint's own tokenizer: on a
@@ -81,8 +89,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="steps of the all-dense timing run (min(--steps, 10)); at least 2",
     )
+    parser.add_argument(
+        "--pack", action="store_true", help="train on packed documents (one row of batch * seq-len tokens per step)"
+    )
+    parser.add_argument("--min-doc", type=int, default=0, metavar="N", help="--pack: shortest document (seq-len/8)")
+    parser.add_argument("--max-doc", type=int, default=0, metavar="N", help="--pack: longest document (seq-len)")
     args = parser.parse_args(argv)
     training.check_common_args(parser, args)
+    if args.pack:
+        args.min_doc = args.min_doc or max(1, args.seq_len // 8)
+        args.max_doc = args.max_doc or args.seq_len
+        if not 1 <= args.min_doc <= args.max_doc:
+            parser.error(f"--min-doc and --max-doc must satisfy 1 <= min <= max, got {args.min_doc}, {args.max_doc}")
+    elif args.min_doc or args.max_doc:
+        parser.error("--min-doc and --max-doc need --pack")
     if args.steps < 2:
         parser.error(
             f"--steps must be >= 2 (the first step compiles; the step time is taken after it), got {args.steps}"
@@ -117,12 +137,19 @@ def main(argv: list[str] | None = None) -> int:
         lm, policy = training.build(args)
     except (CliError, moba_compile.PolicyError) as err:
         return training.user_error(err)
+    if args.pack and not lm.hf:
+        return training.user_error(CliError("--pack needs a Hugging Face model (position ids); the GPT has none"))
     corpus = corpus_mod.load_corpus()
     lm.module.to(device)
     training.describe(lm, policy)
+    layout = (
+        f"packed rows of {args.batch * args.seq_len} tokens (documents of {args.min_doc}-{args.max_doc})"
+        if args.pack
+        else f"batch {args.batch} x {args.seq_len} tokens"
+    )
     print(
-        f"device: {device}, compiler: {args.compiler}, dtype: {args.dtype}, batch {args.batch} x {args.seq_len} "
-        f"tokens, corpus: {corpus.train.numel():,} bytes of Python {corpus.python} stdlib sources"
+        f"device: {device}, compiler: {args.compiler}, dtype: {args.dtype}, {layout}, "
+        f"corpus: {corpus.train.numel():,} bytes of Python {corpus.python} stdlib sources"
     )
     initial = {k: v.detach().to("cpu", copy=True) for k, v in lm.module.state_dict().items()}
 
@@ -130,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     fn = _compile(lm, policy, args.compiler)
     optimizer = training.make_optimizer(lm.module, args.lr)
     before = training.moba_counts()
+    packed_before = training.packed_counts()
     with collect_reports() as reports:
         moba = training.train_steps(lm, fn, optimizer, corpus, args, steps=args.steps, tag="moba", device=device)
     fwd, bwd = (after - prior for after, prior in zip(training.moba_counts(), before))
+    packed_docs = training.packed_counts() - packed_before
     training.print_reports(reports, "per-layer decisions of the MoBA run (backend report):")
     moba_sites = [s for r in reports for s in r.moba_sites]
-    if moba_sites and all(args.seq_len <= s.chunk_size * s.topk for s in moba_sites):
+    longest = args.max_doc if args.pack else args.seq_len
+    if moba_sites and all(longest <= s.chunk_size * s.topk for s in moba_sites):
         print(
             f"note: {args.seq_len} tokens fit in chunk_size * topk in every MoBA layer, so MoBA selects every chunk "
             "and equals dense attention here; use a longer --seq-len or a policy with a smaller chunk_size to train "
@@ -171,7 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         f"({training.moba_implementations()})"
     )
 
+    if args.pack:
+        print(f"document-aware MoBA in the MoBA run: {packed_docs} (layer, document) forward executions")
     status = 0
+    if args.pack and packed_docs == 0:
+        print(
+            "FAILED: --pack, but document-aware MoBA never ran (ops.CALLS['attention:packed:*'] did not grow): the "
+            "packed rows' block-diagonal mask was not recognised",
+            file=sys.stderr,
+        )
+        status = 1
     if not all(math.isfinite(x) for x in moba.losses + dense.losses):
         print("FAILED: a loss is not finite", file=sys.stderr)
         status = 1
