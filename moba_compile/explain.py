@@ -81,7 +81,7 @@ def explain(
     for number, report in enumerate(reports):  # number graphs from 0 within this call
         report = Report([replace(s, graph=number) for s in report.sites], report.unmatched_rules, report.policy_source)
         merged = merged.merge(report)
-    return merged.with_mask_observations(observed, ops.MASK_KIND_REASONS)
+    return merged.with_mask_observations(observed, ops.MASK_KIND_REASONS, {ops.MASK_DOCUMENTS: ops.MASK_DOCUMENTS_NOTE})
 
 
 _OWN_KEYWORDS = ("policy", "impl", "compiler")

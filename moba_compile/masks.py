@@ -25,6 +25,7 @@ __all__ = [
     "MASK_APPLY",
     "MASK_CAUSAL",
     "MASK_DOCUMENTS",
+    "MASK_DOCUMENTS_NOTE",
     "MASK_KIND_REASONS",
     "MASK_NOT_CAUSAL",
     "MASK_OBSERVATIONS",
@@ -45,6 +46,8 @@ MASK_PER_ROW = 3
 # 0): every row sees the keys from its document's first token to itself. MoBA runs on each document alone.
 MASK_DOCUMENTS = 4
 DENSE_MASK_KINDS = (MASK_NOT_CAUSAL, MASK_PER_ROW)
+#: What a report adds to a MoBA site whose mask was found to be packed documents (its form is then "packed").
+MASK_DOCUMENTS_NOTE = "packed documents (block-diagonal causal mask, checked at run time): MoBA per document"
 # Which observation a report keeps when one mask check sees several kinds over a run: the one furthest from plain MoBA
 # (a dense one above all). Not the kinds' values: MASK_DOCUMENTS came last but runs MoBA.
 _SEVERITY = {MASK_CAUSAL: 0, MASK_APPLY: 1, MASK_DOCUMENTS: 2, MASK_NOT_CAUSAL: 3, MASK_PER_ROW: 4}

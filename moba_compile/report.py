@@ -27,6 +27,7 @@ __all__ = [
     "FORM_DECODE",
     "FORM_MASK",
     "FORM_NONE",
+    "FORM_PACKED",
     "Form",
     "SiteRecord",
     "Report",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 #: How an attention call was recognised, the same values from the compile pass and the Hugging Face attention function:
-Form = Literal["is_causal", "mask", "kv-cache", "-"]
+Form = Literal["is_causal", "mask", "kv-cache", "packed", "-"]
 #: causal self-attention without a mask, ``Lq == Lk`` (SDPA's ``is_causal=True``; a causal transformers module handed
 #: no mask, which its SDPA call runs as ``is_causal``).
 FORM_CAUSAL: Form = "is_causal"
@@ -42,9 +43,12 @@ FORM_CAUSAL: Form = "is_causal"
 FORM_MASK: Form = "mask"
 #: queries ending this layer's cached keys, ``Lq < Lk`` (a decode step or chunked prefill), with or without a mask.
 FORM_DECODE: Form = "kv-cache"
+#: packed documents: ``cu_seqlens`` (``cu_seq_lens_q`` of transformers), or a boolean mask found at run time to be the
+#: block-diagonal causal mask of packed documents; every document runs as MoBA on its own.
+FORM_PACKED: Form = "packed"
 #: a call MoBA does not serve (the record's reason says why); it runs dense.
 FORM_NONE: Form = "-"
-FORMS: tuple[Form, ...] = (FORM_CAUSAL, FORM_MASK, FORM_DECODE, FORM_NONE)
+FORMS: tuple[Form, ...] = (FORM_CAUSAL, FORM_MASK, FORM_DECODE, FORM_PACKED, FORM_NONE)
 
 #: The width ``str(report)`` keeps its lines within (a module path longer than about 50 characters can exceed it).
 TABLE_WIDTH = 120
@@ -66,8 +70,9 @@ class SiteRecord:
         reason: why, in words (policy rule, default, or what made the call unconvertible).
         form: how the call was recognised, one of :data:`FORMS`: ``"is_causal"`` (causal, no mask, ``Lq == Lk``),
             ``"mask"`` (boolean mask, ``Lq == Lk``), ``"kv-cache"`` (queries ending this layer's cached keys: decode or
-            chunked prefill), or ``"-"`` (not a call MoBA serves). Both paths (compile pass, Hugging Face attention
-            function) use these values with these meanings.
+            chunked prefill), ``"packed"`` (packed documents: ``cu_seqlens``, or a mask found at run time to be their
+            block-diagonal causal mask), or ``"-"`` (not a call MoBA serves). Both paths (compile pass, Hugging Face
+            attention function) use these values with these meanings.
         impl: ``"triton"`` or ``"reference"`` for converted sites, with the reason when the Triton kernels cannot run;
             always ``"-"`` for a dense site (set so on construction: a dense site runs SDPA, not a MoBA kernel).
         graph: index of the compiled graph (graph breaks give several) the site belongs to.
@@ -144,15 +149,20 @@ class Report:
         """The MoBA sites whose top-k covers every chunk (``effectively_dense``): dense attention computed as MoBA."""
         return [s for s in self.sites if s.effectively_dense]
 
-    def with_mask_observations(self, observed: dict[str, int], dense_reasons: dict[int, str]) -> Report:
-        """A copy in which sites whose shared mask was found unfit for MoBA at run time are reported dense.
+    def with_mask_observations(
+        self, observed: dict[str, int], dense_reasons: dict[int, str], packed: dict[int, str] | None = None
+    ) -> Report:
+        """A copy in which sites whose shared mask was found unfit for MoBA at run time are reported dense, and those
+        whose mask was found to describe packed documents are reported with the form ``"packed"``.
 
         Args:
             observed: mask-check tags (``SiteRecord.mask_tag``) mapped to the mask kind seen at run time.
             dense_reasons: the mask kinds that run dense SDPA, mapped to why.
+            packed: the mask kinds that run MoBA per packed document, mapped to the note added to the reason.
 
         Returns:
-            A new report; the matching MoBA sites become dense with that reason (and no chunk size, top-k or impl).
+            A new report; the matching MoBA sites become dense with that reason (and no chunk size, top-k or impl), or
+            take the form ``"packed"`` with the note after their reason.
 
         Raises:
             Nothing.
@@ -167,6 +177,8 @@ class Report:
             kind = observed.get(s.mask_tag) if s.mask_tag is not None else None
             if s.decision == "moba" and kind in dense_reasons:
                 s = replace(s, decision="dense", chunk_size=None, topk=None, reason=dense_reasons[kind])
+            elif s.decision == "moba" and packed and kind in packed:
+                s = replace(s, form=FORM_PACKED, reason=f"{s.reason}; {packed[kind]}")
             sites.append(s)
         return Report(sites=sites, unmatched_rules=list(self.unmatched_rules), policy_source=self.policy_source)
 
