@@ -53,7 +53,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import ops
-from .decisions import decide_site, layer_decision
+from .decisions import decide_site
 from .ops import Impl
 from .report import FORM_CAUSAL
 
@@ -507,12 +507,8 @@ class ContextParallelAttention:
                 )
         if layer in (None, 0):
             self._check_positions(kwargs.get("position_ids"), query.shape[2])
-        path = inner._path(module)
-        num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-        decision = layer_decision(
-            inner.policy, path, layer, attention_layers=inner._attention_layers(module), num_layers=num_layers
-        )
-        blocker = inner._dense_reason(module, query, key, None, {"dropout": dropout, **kwargs})
+        path, _, decision = inner.layer_decision(module)
+        blocker = inner.dense_reason(module, query, key, None, {"dropout": dropout, **kwargs})
         full = query.shape[2] * group.size
         decided = decide_site(
             inner.policy, module=path, layer=layer, form=FORM_CAUSAL, blocker=blocker, len_k=full, decision=decision
@@ -540,7 +536,7 @@ class ContextParallelAttention:
                 scale=scaling,
                 impl=inner.impl,
             )
-        inner._record(module, layer, False, decided, [note])
+        inner.record(module, layer, decided, [note])
         return out.transpose(1, 2).contiguous(), None
 
     def _check_positions(self, position_ids: Tensor | None, local: int) -> None:

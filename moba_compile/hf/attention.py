@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import ops
 from ..decisions import SiteDecision, decide_site, layer_decision, mask_kind_reason, reason
 from ..ops import Impl
-from ..policy import Policy, load_policy
+from ..policy import Decision, Policy, load_policy
 from ..report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, Report, SiteRecord
 from ._deps import _transformers
 from .cache import StaticMeans, static_means
@@ -181,6 +181,51 @@ class MobaAttention:
             >>> print(attention.report())  # this generation only  # doctest: +SKIP
         """
         self._records.clear()
+
+    def layer_decision(self, module: torch.nn.Module) -> tuple[str, int | None, Decision]:
+        """What the policy says for the layer of ``module``: ``(path, layer, decision)``.
+
+        ``path`` is the module's path in the model ("" where it cannot be known: first called under tracing with a
+        policy that has no module rules); ``layer`` its ``layer_idx``; ``decision`` the policy's
+        :class:`~moba_compile.policy.Decision` (attention layers counted as :meth:`Policy.decide` counts them).
+        The one place both this attention function and :mod:`moba_compile.context_parallel` ask it.
+
+        Raises:
+            RuntimeError: a rule needs the module path or the attention-layer count, and the module is first called
+                under torch.compile tracing (run the model once first, or ``moba_compile.hf.annotate(model)``).
+
+        Example:
+            >>> path, layer, decision = attention.layer_decision(model.model.layers[0].self_attn)  # doctest: +SKIP
+            >>> decision.mode  # doctest: +SKIP
+            'moba'
+        """
+        layer = getattr(module, "layer_idx", None)
+        path = self._path(module)
+        num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        decision = layer_decision(
+            self.policy, path, layer, attention_layers=self._attention_layers(module), num_layers=num_layers
+        )
+        return path, layer, decision
+
+    def dense_reason(
+        self, module: torch.nn.Module, query: Tensor, key: Tensor, mask: Tensor | None, kwargs: dict[str, Any]
+    ) -> str | None:
+        """Why this call cannot be MoBA (soft-capping, a sliding window, sinks, dropout, non-causal...), worded as the
+        compile pass words the same case, or ``None``. ``kwargs``: the call's keyword arguments, ``dropout`` included.
+
+        Example:
+            >>> attention.dense_reason(module, q, k, None, {"dropout": 0.1}) is not None  # doctest: +SKIP
+            True
+        """
+        return self._dense_reason(module, query, key, mask, kwargs)
+
+    def record(self, module: torch.nn.Module, layer: int | None, decided: SiteDecision, notes: list[str]) -> None:
+        """Add a prefill/training call's decision to :meth:`report` (the latest call per module and layer wins).
+
+        Example:
+            >>> attention.record(module, 0, decided, ["context parallel"])  # doctest: +SKIP
+        """
+        self._record(module, layer, False, decided, notes)
 
     def _record(
         self, module: torch.nn.Module, layer: int | None, decode: bool, decided: SiteDecision, notes: list[str]
@@ -379,12 +424,7 @@ class MobaAttention:
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
         """transformers' attention-function protocol: ``[B, H, L, D]`` in, ``([B, Lq, Hq, Dv], None)`` out."""
-        layer = getattr(module, "layer_idx", None)
-        path = self._path(module)
-        num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-        decision = layer_decision(
-            self.policy, path, layer, attention_layers=self._attention_layers(module), num_layers=num_layers
-        )
+        path, layer, decision = self.layer_decision(module)
         blocker = self._dense_reason(module, query, key, attention_mask, {"dropout": dropout, **kwargs})
         span, note = None, None
         if blocker is None and decision.mode == "moba":
