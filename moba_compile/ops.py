@@ -83,6 +83,7 @@ __all__ = [
     "attention",
     "chunk_means",
     "packed_attention",
+    "SHARED_LAUNCH_BELOW",
     "resolve_impl",
     "static_chunk_means_buffer",
     "static_decode",
@@ -640,21 +641,93 @@ def _doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl):
     return calls
 
 
+# Documents shorter than this share their launches on the Triton path (see _PackedPlan); longer ones run alone on
+# their slice, where one launch sequence is small next to their attention and padding would only waste work.
+SHARED_LAUNCH_BELOW = 4096
+
+
+class _PackedPlan:
+    """How the documents of one packed call run: each alone on its slice, or several in one batched launch.
+
+    On the Triton path, documents shorter than :data:`SHARED_LAUNCH_BELOW` are grouped by their length rounded up to a
+    power of two (at least 16) and by their MoBA parameters, and each group of two or more runs as one batch of
+    documents right-padded to that length. Padding is exact for the real rows: a padded key sits after every real
+    row (never in a real row's causal own chunk), a chunk of padding only is never an earlier chunk of a real row, and
+    the one chunk that mixes real and padded keys is the document's last, never an earlier chunk of its own rows. In
+    the backward the padded rows get ``lse = -inf`` (their probabilities are exactly 0) and ``dO = 0``, so they add
+    nothing to a real key's gradients. A document then costs a share of one launch sequence, not one of its own.
+    """
+
+    def __init__(self, calls, chunk_size: int, topk: int) -> None:
+        self.alone = []
+        groups: dict[tuple[int, int, int], list] = {}
+        for call in calls:
+            s, e, cs, tk, chosen = call
+            n = e - s
+            if chosen != "triton" or n >= SHARED_LAUNCH_BELOW:
+                self.alone.append(call)
+                continue
+            padded = max(16, 1 << (n - 1).bit_length())
+            # The parameters the padded rows run: every chunk where the document selects all of its own (its top-k
+            # covers them, or min_seq_len widened it), else the document's top-k; real rows select the same.
+            every = tk >= -(-n // cs)
+            cs_p, tk_p = bounded_params(padded, chunk_size, padded if every else tk)
+            groups.setdefault((padded, cs_p, tk_p), []).append(call)
+        self.shared = []
+        for (padded, cs_p, tk_p), members in groups.items():
+            if len(members) == 1:
+                self.alone.append(members[0])
+            else:
+                self.shared.append((padded, cs_p, tk_p, [(s, e) for s, e, *_ in members]))
+
+
+def _gather_documents(x: Tensor, docs: list[tuple[int, int]], padded: int, fill: float = 0.0) -> Tensor:
+    """``x [B, H, T, ...]`` -> ``[n_docs * B, H, padded, ...]``: each document's rows, right-padded with ``fill``."""
+    starts = torch.tensor([s for s, _ in docs], device=x.device)
+    lengths = torch.tensor([e - s for s, e in docs], device=x.device)
+    offs = torch.arange(padded, device=x.device)
+    valid = offs[None, :] < lengths[:, None]  # [n_docs, padded]
+    idx = torch.where(valid, starts[:, None] + offs[None, :], 0)
+    taken = x.index_select(2, idx.flatten()).unflatten(2, idx.shape)  # [B, H, n_docs, padded, ...]
+    shape = (1, 1, *valid.shape, *([1] * (x.dim() - 3)))
+    taken = torch.where(valid.view(shape), taken, torch.full((), fill, dtype=x.dtype, device=x.device))
+    taken = taken.movedim(2, 0)  # [n_docs, B, H, padded, ...]
+    return taken.reshape(taken.shape[0] * taken.shape[1], *taken.shape[2:]).contiguous()
+
+
+def _scatter_documents(dst: Tensor, src: Tensor, docs: list[tuple[int, int]], padded: int) -> None:
+    """Write the real rows of ``src [n_docs * B, H, padded, ...]`` (from :func:`_gather_documents`) into ``dst``."""
+    b = dst.shape[0]
+    rows = torch.cat([torch.arange(s, e) for s, e in docs]).to(dst.device)
+    flat = torch.cat([i * padded + torch.arange(e - s) for i, (s, e) in enumerate(docs)]).to(dst.device)
+    src = src.unflatten(0, (len(docs), b)).movedim(0, 2)  # [B, H, n_docs, padded, ...]
+    src = src.reshape(*src.shape[:2], len(docs) * padded, *src.shape[4:])
+    dst.index_copy_(2, rows, src.index_select(2, flat).to(dst.dtype))
+
+
 def _packed_forward(query, key, value, bounds, chunk_size, topk, scale, min_seq_len, impl, counter):
     b, hq, total, _ = query.shape
     out = query.new_empty((b, hq, total, value.shape[-1]))
     lse = query.new_empty((b, hq, total), dtype=_lse_dtype(query))
-    for s, e, cs, tk, chosen in _doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl):
+    plan = _PackedPlan(_doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl), chunk_size, topk)
+    for s, e, cs, tk, chosen in plan.alone:
         CALLS[f"{counter}:{chosen}"] += 1
         q_d, k_d, v_d = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
         if chosen == "triton":
-            # One launch sequence per document on the unchanged kernels: a document's chunk grid starts at its first
-            # token because its slice does, so no kernel reads a per-(row, key) mask or a boundary table.
+            # The unchanged kernels on the document's slice: its chunk grid starts at its first token because the
+            # slice does, so no kernel reads a per-(row, key) mask or a boundary table.
             o_d, lse_d = kernels.moba_forward_triton(q_d, k_d, v_d, cs, tk, scale, None)
         else:
             o_d, lse_d = reference.moba_attention_forward(q_d, k_d, v_d, chunk_size=cs, topk=tk, scale=scale)
         out[:, :, s:e] = o_d
         lse[:, :, s:e] = lse_d
+    for padded, cs, tk, docs in plan.shared:
+        CALLS[f"{counter}:triton"] += len(docs)
+        CALLS[f"{counter}:triton-shared-launch"] += 1
+        q_p, k_p, v_p = (_gather_documents(x, docs, padded) for x in (query, key, value))
+        o_p, lse_p = kernels.moba_forward_triton(q_p, k_p, v_p, cs, tk, scale, None)
+        _scatter_documents(out, o_p, docs, padded)
+        _scatter_documents(lse, lse_p, docs, padded)
     return out, lse
 
 
@@ -662,7 +735,8 @@ def _packed_backward(
     grad_out, query, key, value, out, lse, bounds, chunk_size, topk, scale, min_seq_len, impl, counter
 ):
     dq, dk, dv = query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
-    for s, e, cs, tk, chosen in _doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl):
+    plan = _PackedPlan(_doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl), chunk_size, topk)
+    for s, e, cs, tk, chosen in plan.alone:
         CALLS[f"{counter}:{chosen}"] += 1
         args = (grad_out[:, :, s:e], query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], out[:, :, s:e], lse[:, :, s:e])
         if chosen == "triton":
@@ -670,6 +744,14 @@ def _packed_backward(
         else:
             g = reference.moba_attention_backward(*args, chunk_size=cs, topk=tk, scale=scale)
         dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = g
+    for padded, cs, tk, docs in plan.shared:
+        CALLS[f"{counter}:triton"] += len(docs)
+        CALLS[f"{counter}:triton-shared-launch"] += 1
+        q_p, k_p, v_p, do_p, o_p = (_gather_documents(x, docs, padded) for x in (query, key, value, grad_out, out))
+        # Padded rows attended nothing as far as the backward knows (lse = -inf: P = 0), so they add nothing.
+        lse_p = _gather_documents(lse, docs, padded, fill=-math.inf)
+        for dst, g in zip((dq, dk, dv), kernels.moba_backward_triton(do_p, q_p, k_p, v_p, o_p, lse_p, cs, tk, scale)):
+            _scatter_documents(dst, g, docs, padded)
     return dq, dk, dv
 
 
@@ -895,7 +977,8 @@ def packed_attention(
     Every document ``[cu_seqlens[d], cu_seqlens[d + 1])`` is MoBA on its own (docs/semantics.md, "Packed sequences"):
     chunks from its first token, the gate over its own earlier chunks, never a key of another document. The result
     equals running each document as its own sequence, outputs and gradients. The boundaries are read on the host once
-    per call (one device synchronisation): each document runs the Triton kernels (or the reference) on its slice.
+    per call (one device synchronisation): each document runs the Triton kernels (or the reference) on its slice, and
+    documents shorter than :data:`SHARED_LAUNCH_BELOW` share launches, right-padded to a common length (exact).
 
     Args:
         query: ``[B, Hq, T, D]``; key: ``[B, Hkv, T, D]``; value: ``[B, Hkv, T, Dv]``: as for :func:`attention` with

@@ -186,6 +186,7 @@ def test_triton_packed_equals_unpacked_bitwise_and_the_oracle(lengths, chunk, to
     q, k, v = packed_inputs(lengths, hq=hq, hkv=hkv, d=16, dtype=dtype, seed=7)
     cu = cu_of(lengths)
     before = ops.CALLS["packed_attention:triton"], ops.CALLS["packed_attention_backward:triton"]
+    shared_before = ops.CALLS["packed_attention:triton-shared-launch"]
 
     def packed(q, k, v):
         return moba_attention(q, k, v, chunk_size=chunk, topk=topk, cu_seqlens=cu, impl="triton")
@@ -195,15 +196,36 @@ def test_triton_packed_equals_unpacked_bitwise_and_the_oracle(lengths, chunk, to
 
     got = grads(packed, q, k, v)
     want = grads(lambda q, k, v: unpacked(one, q, k, v, lengths), q, k, v)
-    # Every document runs the same kernels on the same numbers as its own sequence: bitwise equal.
+    # Every document runs the same kernels on the same numbers as its own sequence (alone, or right-padded in a shared
+    # launch, which changes no real row's arithmetic): bitwise equal.
     for x, y in zip(got, want):
         assert torch.equal(x, y)
     assert ops.CALLS["packed_attention:triton"] - before[0] == len(lengths)
     assert ops.CALLS["packed_attention_backward:triton"] - before[1] == len(lengths)
+    # Short documents of one padded length and parameters share a launch (the first case: {1, 1, 9} padded to 16
+    # tokens, {40, 33} to 64); documents alone in their group run on their slice.
+    shared = ops.CALLS["packed_attention:triton-shared-launch"] - shared_before
+    assert shared == {5: 2, 3: 0, 1: 0}[len(lengths)]
     # And the packed result is packed MoBA: within the low-precision budget of the float64 oracle.
     exact = oracle(q, k, v, lengths, chunk, topk)
     budget = 4 * torch.finfo(dtype).eps * float(exact.abs().max()) + 1e-6
     assert float((got[0].double() - exact).abs().max()) <= budget
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=6), topk=st.integers(1, 3), seed=st.integers(0, 99))
+def test_triton_hypothesis_packed_equals_unpacked(lengths, topk, seed):
+    q, k, v = packed_inputs(lengths, hq=2, hkv=1, d=16, dtype=torch.float32, seed=seed)
+    cu = cu_of(lengths)
+
+    def packed(q, k, v):
+        return moba_attention(q, k, v, chunk_size=16, topk=topk, cu_seqlens=cu, impl="triton")
+
+    def one(q, k, v):
+        return moba_attention(q, k, v, chunk_size=16, topk=topk, impl="triton")
+
+    for x, y in zip(grads(packed, q, k, v), grads(lambda q, k, v: unpacked(one, q, k, v, lengths), q, k, v)):
+        assert torch.equal(x, y)
 
 
 def test_triton_gradients_equal_the_reference():
