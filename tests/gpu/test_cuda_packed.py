@@ -100,6 +100,14 @@ def test_packed_equals_unpacked_and_the_float64_oracle(lengths, chunk, topk, hq,
     _check(lengths, chunk, topk, hq, hkv, d, seed=0)
 
 
+def test_many_short_documents_share_launches():
+    # 150 documents of 20-900 tokens: grouped by padded length, a handful of launch sequences instead of 150.
+    lengths = torch.randint(20, 901, (150,), generator=torch.Generator().manual_seed(0)).tolist()
+    before = ops.CALLS["packed_attention:triton-shared-launch"]
+    _check(lengths, 128, 3, 4, 2, 128, seed=1)
+    assert 0 < ops.CALLS["packed_attention:triton-shared-launch"] - before <= 8
+
+
 @settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.generate])
 @given(
     lengths=st.lists(st.integers(1, 1500), min_size=1, max_size=6),
