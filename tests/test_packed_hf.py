@@ -100,3 +100,64 @@ def test_attention_function_on_a_packed_row_equals_its_documents_one_by_one() ->
     torch.testing.assert_close(packed, alone, **F64)
     decisions = {s.layer: s.decision for s in attention.report().sites}
     assert decisions == {0: "moba", 1: "moba", 2: "dense"}
+
+
+def _cu() -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def test_attention_function_takes_cu_seq_lens_and_reports_the_form() -> None:
+    model = _model()
+    ids, positions = _packed_inputs()
+    attention = moba_compile.hf.register(POLICY, name="moba_packed_cu")
+    model.set_attn_implementation("moba_packed_cu")
+    cu = _cu()
+    flash_kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": 30, "max_length_k": 30}
+    with torch.no_grad():
+        alone = _per_document(lambda x: model(input_ids=x, use_cache=False).logits, ids)
+        # The boundaries alone (no position ids, so the rotary positions run on over the row and no mask is built):
+        # the boundaries give the documents, every MoBA layer runs them.
+        before = ops.CALLS["packed_attention:reference"]
+        model(input_ids=ids, use_cache=False, **flash_kwargs)
+        assert ops.CALLS["packed_attention:reference"] - before == 2 * len(LENGTHS)
+        forms = {s.layer: (s.decision, s.form) for s in attention.report().sites}
+        # Both, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives them: they must agree, and the
+        # row then gives its documents' logits.
+        both = model(input_ids=ids, position_ids=positions, use_cache=False, **flash_kwargs).logits
+    torch.testing.assert_close(both, alone, **F64)
+    # The dense layer (dense_last) attends per document too: SDPA alone would attend across them.
+    assert forms == {0: ("moba", "packed"), 1: ("moba", "packed"), 2: ("dense", "packed")}
+    sites = {s.layer: s for s in attention.report().sites}
+    assert sites[0].form == "packed" and "MoBA per document" in sites[0].reason
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("disagree", "disagree with the attention mask's documents"),
+        ("short", "must end at the packed sequence length 64"),
+        ("q_only", "only one of them is given"),
+    ],
+)
+def test_attention_function_refuses_bad_cu_seq_lens_visibly(case: str, match: str) -> None:
+    model = _model()
+    ids, positions = _packed_inputs()
+    attention = moba_compile.hf.register(POLICY, name=f"moba_packed_bad_{case}")
+    model.set_attn_implementation(f"moba_packed_bad_{case}")
+    cu = _cu()
+    kwargs = {"position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    if case == "disagree":
+        kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = torch.tensor([0, 10, 64], dtype=torch.int32)
+    elif case == "short":
+        kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = torch.tensor([0, 10, 60], dtype=torch.int32)
+    else:
+        del kwargs["cu_seq_lens_k"]
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False, **kwargs).logits
+    sites = {s.layer: s for s in attention.report().sites}
+    assert all(sites[layer].decision == "dense" and match in sites[layer].reason for layer in (0, 1)), sites
+    # Dense attention with transformers' own (position-id) mask: the documents of the position ids, one by one.
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        want = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(out, want, **F64)

@@ -18,7 +18,7 @@ import inspect
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,14 +28,18 @@ from .. import ops
 from ..decisions import SiteDecision, decide_site, layer_decision, mask_kind_reason, reason
 from ..ops import Impl
 from ..policy import Decision, Policy, load_policy
-from ..report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, Report, SiteRecord
+from ..report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, FORM_PACKED, Report, SiteRecord
+from ..validation import check_cu_seqlens
 from ._deps import _transformers
 from .cache import StaticMeans, static_means
 
 __all__ = ["register", "annotate", "MobaAttention"]
 
 # Keywords the attention function reads itself (above and in _dense_reason).
-_HANDLED_KWARGS = frozenset({"dropout", "softcap", "sliding_window", "s_aux", "is_causal"})
+_HANDLED_KWARGS = frozenset({"dropout", "softcap", "sliding_window", "s_aux", "is_causal", *("cu_seq_lens_q",
+                             "cu_seq_lens_k", "max_length_q", "max_length_k")})  # fmt: skip
+# Packed documents (DataCollatorWithFlattening(return_flash_attn_kwargs=True)): the documents' boundaries.
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k")
 # Keywords transformers' attention modules pass that leave attention unchanged, seen on transformers 5.17 and 5.24
 # (Llama, Qwen2, Qwen3, Mistral, Phi3, GPT2, Gemma2, Gemma3, Jamba, T5): output and caching flags, and position ids (a
 # key's MoBA position is its index; packed documents come with their block mask, which is classified per call).
@@ -258,6 +262,10 @@ class MobaAttention:
             return reason("float_mask", dtype=mask.dtype)
         if query.shape[1] % key.shape[1] != 0:
             return reason("heads", hq=query.shape[1], hkv=key.shape[1])
+        if any(kw.get(name) is not None for name in _PACKED_KWARGS):
+            why = _packed_blocker(query, key, kw)
+            if why is not None:
+                return f"cu_seq_lens_q/cu_seq_lens_k (packed documents): {why}; dense attention"
         unknown = [
             name
             for name, value in kw.items()
@@ -449,6 +457,9 @@ class MobaAttention:
         # The dense path always gets the inputs as given: transformers' own attention over them is the right result.
         dense_args = (module, layer, decode, query, key, value, attention_mask, dropout, scaling, kwargs)
         if decided.mode == "dense":
+            if blocker is None and attention_mask is None and kwargs.get("cu_seq_lens_q") is not None:
+                # Dense by policy, packed documents given by their boundaries only: SDPA would attend across them.
+                return self._dense_documents(decided, dense_args, kwargs["cu_seq_lens_q"])
             return self._dense_call(decided, *dense_args)
         assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
         device_type = query.device.type
@@ -456,6 +467,15 @@ class MobaAttention:
             # transformers' SDPA path would run in the autocast dtype (it may hand over fp32 q/k with a bf16 v).
             dtype = torch.get_autocast_dtype(device_type)
             query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is not None and attention_mask is None:
+            # Packed documents given by their boundaries (no mask to agree with): every document is MoBA on its own.
+            out = ops.packed_attention(
+                query, key, value, cu_seqlens.to(query.device), chunk_size=decided.chunk_size, topk=decided.topk,
+                scale=scaling, impl=self.impl,
+            )  # fmt: skip
+            self._record(module, layer, decode, replace(decided, form=FORM_PACKED), [_PACKED_NOTE])
+            return out.transpose(1, 2).contiguous(), None
         full_key, full_value = key, value
         compiling = torch.compiler.is_compiling()
         # A static cache's key buffer (slots after the sequence), or one an earlier step found to be one.
@@ -481,6 +501,14 @@ class MobaAttention:
         if dense_kind is not None:
             # The op would run dense SDPA with this mask itself; here the kind is known, so the report can say so.
             return self._dense_call(decided.dense(dense_kind), *dense_args)
+        if kind is not None and not compiling and int(kind) == ops.MASK_DOCUMENTS:
+            decided = replace(decided, form=FORM_PACKED)  # the mask is packed documents: MoBA runs per document
+            if cu_seqlens is not None and ops.documents_from_mask(mask, query.shape[2]).tolist() != cu_seqlens.tolist():
+                why = "cu_seq_lens_q/cu_seq_lens_k (packed documents) disagree with the attention mask's documents"
+                return self._dense_call(decided.dense(f"{why}; dense attention with the mask"), *dense_args)
+        elif cu_seqlens is not None and not compiling and not (kind == ops.MASK_CAUSAL and cu_seqlens.numel() == 2):
+            why = "cu_seq_lens_q/cu_seq_lens_k (packed documents) come with a mask that is not their documents' mask"
+            return self._dense_call(decided.dense(f"{why}; dense attention with the mask"), *dense_args)
         if static_step:
             assert state is not None and attention_mask is not None  # static_step says so
             args = (state, decided, real, query, full_key, full_value, attention_mask, note, dense_args)
@@ -502,6 +530,8 @@ class MobaAttention:
             chunk_means=means,
         )
         notes = [] if note is None else [note]  # what only this path knows, after the shared reason
+        if decided.form == FORM_PACKED:
+            notes.append(ops.MASK_DOCUMENTS_NOTE)
         if state is not None and not compiling:
             # A static cache's prefill (or chunked prefill) ran on the keys it holds: average its complete chunks once,
             # so the decode steps (compiled or not) read and extend the means buffer.
@@ -559,6 +589,31 @@ class MobaAttention:
         self._record(module, layer, decode, decided, [*notes, _STATIC_NOTE])
         return out.transpose(1, 2).contiguous(), None
 
+    def _dense_documents(self, decided: SiteDecision, dense_args: tuple, cu_seqlens: Tensor) -> tuple[Tensor, Any]:
+        """A dense layer on packed documents given by ``cu_seq_lens_q`` only: dense causal attention per document."""
+        module, layer, decode, query, key, value, _, _, scaling, _ = dense_args
+        if torch.compiler.is_compiling():
+            # No host read in a graph: MoBA with every earlier chunk selected is dense causal attention, per document.
+            out = ops.packed_attention(
+                query, key, value, cu_seqlens.to(query.device), chunk_size=max(8192, -(-key.shape[2] // 16) * 16),
+                topk=1, scale=scaling, impl=self.impl,
+            )  # fmt: skip
+        else:
+            bounds = cu_seqlens.tolist()
+            gqa = query.shape[1] != key.shape[1]
+            out = torch.cat(
+                [
+                    torch.nn.functional.scaled_dot_product_attention(
+                        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
+                        enable_gqa=gqa,
+                    )
+                    for s, e in zip(bounds[:-1], bounds[1:])
+                ],
+                dim=2,
+            )  # fmt: skip
+        self._record(module, layer, decode, replace(decided, form=FORM_PACKED), [_DENSE_PACKED_NOTE])
+        return out.transpose(1, 2).contiguous(), None
+
     def _dense_call(
         self,
         decided: SiteDecision,
@@ -581,6 +636,36 @@ class MobaAttention:
         skip_cudnn = self.skip_cudnn_in_decode and decode and query.device.type == "cuda"
         with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+_PACKED_NOTE = "packed documents (cu_seq_lens_q): MoBA per document"
+_DENSE_PACKED_NOTE = "packed documents (cu_seq_lens_q): dense causal attention per document"
+
+
+def _packed_blocker(query: Tensor, key: Tensor, kw: dict[str, Any]) -> str | None:
+    """Why ``cu_seq_lens_q``/``cu_seq_lens_k`` cannot be served as packed documents, or None.
+
+    Both must be given, for one packed row (``B = 1``) of queries that are its keys (no cache), and, outside
+    torch.compile (where reading them would need a host synchronisation in the graph), be the same valid boundaries.
+    """
+    cu_q, cu_k = kw.get("cu_seq_lens_q"), kw.get("cu_seq_lens_k")
+    if not isinstance(cu_q, Tensor) or not isinstance(cu_k, Tensor):
+        return "only one of them is given" if cu_q is None or cu_k is None else "they are not tensors"
+    if query.shape[2] != key.shape[2]:
+        return f"{query.shape[2]} queries over {key.shape[2]} keys (a cache step runs per sequence)"
+    if query.shape[0] != 1:
+        return f"a batch of {query.shape[0]} rows (packed documents come in one row)"
+    if cu_q.shape != cu_k.shape:
+        return f"their shapes differ ({list(cu_q.shape)} and {list(cu_k.shape)})"
+    if torch.compiler.is_compiling():
+        return None  # the op checks cu_seq_lens_q against the length at run time
+    try:
+        check_cu_seqlens(cu_q, query.shape[2])
+    except (TypeError, ValueError) as err:
+        return str(err)
+    if not torch.equal(cu_q.cpu(), cu_k.cpu()):
+        return "they differ (queries and keys are one packed sequence)"
+    return None
 
 
 _STATIC_NOTE = "static cache: graph-safe step (length read on the device, chunk means kept in a buffer)"
