@@ -5,9 +5,11 @@ Collected only where CUDA is available. Run on the GPU machine with::
 
     TRITON_INTERPRET=0 PYTHONPATH=. python -m pytest tests/gpu/test_cuda_packed.py -q
 
-Budgets: packed and unpacked run the same kernels on the same numbers per document, so they must agree bitwise
-(outputs and the three gradients), in the backward's deterministic mode (``torch.use_deterministic_algorithms``: the
-default dQ atomics would make even two unpacked runs differ in the last bits). Against the float64 reference
+Budgets: packed and unpacked run the same kernels on the same numbers per document, so they must agree to one bf16
+rounding of the largest value (bitwise under the interpreter; a shared launch of padded short documents compiles for
+other lengths), outputs and the three gradients, in the backward's deterministic mode
+(``torch.use_deterministic_algorithms``: the default dQ atomics would make even two unpacked runs differ in the last
+bits). Against the float64 reference
 (computed on the GPU from the same bf16 inputs), the relative error ``||x - x64|| / ||x64||`` is at most
 ``2 * ref_err + eps(bf16)``, with ``ref_err`` the reference's own error on the same inputs in fp32 math (as
 ``tests/gpu/test_cuda.py``).
@@ -74,7 +76,10 @@ def _check(lengths: list[int], chunk: int, topk: int, hq: int, hkv: int, d: int,
             *(x[:, :, s:e].contiguous() for x in (q, k, v, do)),
         )
         for x, y in zip(got, one):
-            assert torch.equal(x[:, :, s:e], y), (s, e)
+            # Interpreted they are bitwise equal; compiled, a padded shared launch specialises on other lengths, so
+            # allow one bf16 rounding of the largest value (a wrong key or chunk moves results by far more).
+            atol = torch.finfo(torch.bfloat16).eps * float(y.abs().max())
+            torch.testing.assert_close(x[:, :, s:e], y, rtol=0, atol=atol, msg=f"document [{s}, {e})")
     # Against float64 (and the reference's own fp32 error on the same bf16 inputs).
     q64, k64, v64, do64 = (x.double() for x in (q, k, v, do))
     q32, k32, v32, do32 = (x.float() for x in (q, k, v, do))
