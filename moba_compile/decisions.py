@@ -53,7 +53,8 @@ REASONS: dict[str, str] = {
     "sinks": "attention sinks (not MoBA)",
     "static_cache_buffer": (
         "keys are a static KV cache buffer (max_cache_len slots written in place; its filled length is known only at "
-        "run time): static-cache MoBA decode is not supported yet, so dense SDPA over the buffer with its mask"
+        "run time): static-cache MoBA decode serves one query per step with the cache's boolean mask ({why}), so "
+        "dense SDPA over the buffer with its mask"
     ),
     # The policy's choices after the layer's decision.
     "decode_dense": "decode/chunked prefill over the KV cache, and the policy has decode = 'dense'",
@@ -67,6 +68,14 @@ REASONS: dict[str, str] = {
     "static_cache_slots": "static cache: the first {len_k} of {slots} key slots",
     "means_from_cache": "chunk means from MobaCache",
     "means_from_keys": "each step averages every cached key for the gate (moba_compile.hf.MobaCache avoids this)",
+    "static_cache_step": (
+        "static cache: the length read from the mask on the device, and each step averages every chunk of the buffer "
+        "for the gate (a compiled graph keeps no means between steps; attn_implementation='moba' does)"
+    ),
+    "static_min_seq_len": (
+        "static KV cache buffer under the compile backend with min_seq_len {min_seq_len}: the length is known only on "
+        "the device, so the threshold cannot be applied"
+    ),
 }
 
 _FORM_NOTES: dict[Form, str] = {

@@ -1,8 +1,9 @@
 """The compile pass on a static KV cache and on sites whose top-k covers every chunk.
 
 A static cache hands SDPA its whole ``max_cache_len`` buffer; reading it as the key sequence would put a decode step's
-query at the buffer's last slot and average empty slots into the gate. Until static-cache MoBA decode exists, such
-sites must stay dense SDPA (exact, with the mask) and say why.
+query at the buffer's last slot and average empty slots into the gate. A one-query step with the cache's boolean mask
+runs ``moba::static_decode`` (the length read from the mask on the device); every other call over the buffer stays
+dense SDPA (exact, with the mask) and says why.
 """
 
 from __future__ import annotations
@@ -29,29 +30,60 @@ def _tiny_llama():
     return cfg, transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
-def test_static_cache_decode_step_stays_dense_with_the_reason_and_equals_sdpa():
+def _prefilled(cfg, model, ids: torch.Tensor, cache) -> dict:
+    """A cache holding the prompt's keys from an eager dense prefill (the same keys for every cache type)."""
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    return {"past_key_values": cache, "use_cache": True, "cache_position": torch.tensor([ids.shape[1]])}
+
+
+def test_static_cache_decode_step_runs_moba_over_the_filled_slots():
+    # A 48-slot static cache holding 37 prompt keys: the compiled decode step runs moba::static_decode with the length
+    # read from the mask, and equals the same step over a dynamic cache holding the same 37 keys (moba::attention).
     cfg, model = _tiny_llama()
-    ids = torch.randint(0, 64, (1, 9))
+    ids = torch.randint(0, 64, (1, 37))
     step = torch.randint(0, 64, (1, 1))
     policy = {"chunk_size": 8, "topk": 2, "dense_last": 0}
 
-    def prefilled():  # a new 24-slot static cache holding the 9 prompt keys (it keeps state, so one per call)
-        cache = transformers.StaticCache(config=cfg, max_cache_len=24)
-        with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
-        return {"past_key_values": cache, "use_cache": True, "cache_position": torch.tensor([9])}
+    def static():  # a new static cache per call (it keeps state)
+        return _prefilled(cfg, model, ids, transformers.StaticCache(config=cfg, max_cache_len=48))
 
-    with torch.no_grad():
-        expected = model(step, **prefilled()).logits
+    report = explain(model, step, **static(), policy=policy)
+    assert [(s.decision, s.form) for s in report.sites] == [("moba", "kv-cache"), ("moba", "kv-cache")]
+    assert all("static cache: the length read from the mask" in s.reason for s in report.sites)
     before = ops.CALLS.copy()
-    report = explain(model, step, **prefilled(), policy=policy)
-    assert [s.decision for s in report.sites] == ["dense", "dense"]
-    assert all("static KV cache buffer" in s.reason for s in report.sites)
-    assert ops.CALLS == before  # no MoBA op ran: the buffer was never read as a sequence
     compiled = torch.compile(model, backend="moba", options={"policy": policy})
     with torch.no_grad():
-        got = compiled(step, **prefilled()).logits
+        got = compiled(step, **static()).logits
+    assert ops.CALLS["static_decode:reference"] - before["static_decode:reference"] == 2
+    torch._dynamo.reset()
+    dynamic = torch.compile(model, backend="moba", options={"policy": policy})
+    with torch.no_grad():
+        expected = dynamic(step, **_prefilled(cfg, model, ids, transformers.DynamicCache(config=cfg))).logits
     torch.testing.assert_close(got, expected)
+    with torch.no_grad():  # and MoBA really ran: dense attention over the 38 keys differs
+        dense = model(step, **static()).logits
+    assert not torch.allclose(got, dense, atol=1e-4)
+
+
+def test_static_cache_calls_moba_cannot_serve_stay_dense_with_the_reason():
+    cfg, model = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 37))
+    policy = {"chunk_size": 8, "topk": 2, "dense_last": 0}
+    # A chunked prefill of 5 more tokens into the buffer: the graph-safe path would be O(Lq * slots); dense, exact,
+    # with the reason.
+    more = torch.randint(0, 64, (1, 5))
+    kwargs = _prefilled(cfg, model, ids, transformers.StaticCache(config=cfg, max_cache_len=48))
+    kwargs["cache_position"] = torch.arange(37, 42)
+    report = explain(model, more, **kwargs, policy=policy)
+    assert [s.decision for s in report.sites] == ["dense", "dense"]
+    assert all("static KV cache buffer" in s.reason and "5 queries" in s.reason for s in report.sites)
+    # min_seq_len cannot be applied to a length known only on the device.
+    step = torch.randint(0, 64, (1, 1))
+    kwargs = _prefilled(cfg, model, ids, transformers.StaticCache(config=cfg, max_cache_len=48))
+    report = explain(model, step, **kwargs, policy={**policy, "min_seq_len": 16})
+    assert [s.decision for s in report.sites] == ["dense", "dense"]
+    assert all("min_seq_len 16" in s.reason for s in report.sites)
 
 
 def test_sites_whose_topk_covers_every_chunk_are_flagged_effectively_dense():

@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
+from .. import ops
 from ..decisions import decide_site, layer_decision, reason
 from ..ops import resolve_impl
 from ..policy import Decision, Policy, PolicyError
@@ -372,6 +373,8 @@ def rewrite_sdpa(
             len_k=site.static_len_k,
             decision=decision,
         )
+        if decided.mode == "moba" and site.static_cache and policy.min_seq_len > 0:
+            decided = decided.dense(reason("static_min_seq_len", min_seq_len=policy.min_seq_len))
         if decided.mode == "dense":
             records.append(decided.record(unit.module, layer, graph=graph_id))
             if decided.by_policy:
@@ -398,7 +401,9 @@ def rewrite_sdpa(
             notes.append(f"inputs cast to {str(site.autocast_dtype).removeprefix('torch.')} as autocast does for SDPA")
         if site.saw_through_repeat:
             notes.append("repeat_kv seen through (key/value not repeated)")
-        if site.decode:
+        if site.static_cache:
+            notes.append(reason("static_cache_step"))
+        elif site.decode:
             # A compiled graph gets the cache as plain tensors, so nothing keeps the means between steps.
             notes.append(reason("means_from_keys"))
         records.append(decided.record(unit.module, layer, notes, graph=graph_id, impl=impl_note, mask_tag=tag))
@@ -450,6 +455,69 @@ def _drop_if_dead(node: object, graph: fx.Graph) -> None:
         node = parent
 
 
+def _static_step_length(mask: Tensor) -> Tensor:
+    """The keys each batch row of a static cache holds, from the step's boolean mask (``[B or 1]``, on the device)."""
+    return ops.static_length_from_mask(mask, mask.shape[0])
+
+
+def _convert_static_step(
+    site: SdpaSite,
+    query: fx.Node,
+    key: fx.Node,
+    value: fx.Node,
+    attn_mask: fx.Node,
+    scale: object,
+    chunk_size: int,
+    topk: int,
+    impl: str,
+    replaced: dict[fx.Node, fx.Node],
+) -> str:
+    """Replace a one-query SDPA call over a static KV cache's buffer by ``moba::static_decode`` (Dynamo graphs only).
+
+    The step's length comes from its boolean mask on the device and the gate's means from the whole buffer
+    (``ops.chunk_means``, the one means computation, so the scores are the prefill's): no host read and the same work
+    at every length, so the step can be captured in a CUDA graph. Slots at or after the length are never selected or
+    attended; the mask (padding) is intersected with the selection. Returns the impl the report shows.
+    """
+    node = site.node
+    graph = node.graph
+    with graph.inserting_before(node):
+        query_in, key_in, value_in = query, key, value
+        if site.autocast_dtype is not None:
+            query_in, key_in, value_in = (
+                _cast(graph, t, site.autocast_dtype, False) if _meta(t).dtype != site.autocast_dtype else t
+                for t in (query, key, value)
+            )
+        length = graph.call_function(_static_step_length, (attn_mask,))
+        means = graph.call_function(ops.chunk_means, (key_in, chunk_size), {"impl": impl})
+        out = graph.call_function(
+            ops.static_decode,
+            (query_in, key_in, value_in),
+            {
+                "chunk_means": means,
+                "length": length,
+                "chunk_size": chunk_size,
+                "topk": topk,
+                "scale": scale,
+                "attn_mask": attn_mask,
+                "impl": impl,
+            },
+        )
+    out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    if "example_value" in node.meta:
+        out.meta["example_value"] = node.meta["example_value"]
+    node.replace_all_uses_with(out)
+    replaced[node] = out
+    graph.erase_node(node)
+    if site.saw_through_repeat:
+        _drop_if_dead(replaced.get(site.raw_key, site.raw_key), graph)
+        _drop_if_dead(replaced.get(site.raw_value, site.raw_value), graph)
+    q, k, v = _meta(site.query), _meta(site.key), _meta(site.value)
+    chosen, why = resolve_impl(impl, q, k, v, chunk_size, topk, None)
+    note = chosen if why in ("Triton kernels", f"impl={impl!r} requested") else f"{chosen} ({why})"
+    return f"{note}, static_decode"
+
+
 def _convert(
     site: SdpaSite,
     chunk_size: int,
@@ -475,6 +543,8 @@ def _convert(
     args = (site.query, site.key, site.value, site.attn_mask, site.scale)
     query, key, value, attn_mask, scale = (current(a) for a in args)
     impl_note = _impl_note(impl, site, chunk_size, topk)
+    if site.static_cache:
+        return _convert_static_step(site, query, key, value, attn_mask, scale, chunk_size, topk, impl, replaced), None
     mask_kind = None
     tag = None
     if attn_mask is not None:

@@ -104,6 +104,7 @@ class SdpaSite:
     saw_through_repeat: bool = False
     static_len_k: int | None = None  # Lk when it is a plain int
     decode: bool = False  # Lq may be shorter than Lk (KV cache)
+    static_cache: bool = False  # a decode step over a static KV cache's whole buffer (moba::static_decode)
     autocast_dtype: torch.dtype | None = None  # SDPA runs in this dtype (an enclosing autocast region)
     placement: Placement | None = None  # module objects, layer and the layers the graph serves
     raw_key: object = None  # the key/value arguments as written (before seeing through repeat_kv)
@@ -279,11 +280,37 @@ def _is_float_node(value: object) -> bool:
     return isinstance(example, (float, torch.SymFloat))
 
 
+def _static_step_blocker(bound: dict[str, object], q, mask_meta, exported: bool) -> str | None:
+    """Why an SDPA call over a static KV cache buffer cannot run ``moba::static_decode``, or None.
+
+    The step's length is read from its boolean mask on the device (``ops.static_length_from_mask``): one query per
+    step (several would need the graph-safe reference, ``O(Lq * slots)``: a prefill into the buffer stays dense), a
+    boolean mask, and a Dynamo graph (the length helper is Python, not an ATen op an exported program could hold).
+    """
+    if exported:
+        return "not in an exported program"
+    if bound["attn_mask"] is None or mask_meta is None or mask_meta.dtype != torch.bool:
+        return "this call has no boolean mask to read the length from"
+    if bound["is_causal"]:
+        return "this call also sets is_causal"
+    if not statically_known_true(q.shape[2] == 1):
+        return f"this call has {q.shape[2]} queries"
+    return None
+
+
 def _classify(
-    bound: dict[str, object], sdpa: fx.Node, q, k, v, mask_meta, key_source: object, autocast: torch.dtype | None
+    bound: dict[str, object],
+    sdpa: fx.Node,
+    q,
+    k,
+    v,
+    mask_meta,
+    key_source: object,
+    autocast: torch.dtype | None,
+    exported: bool = False,
 ) -> tuple[Form | None, str | None, bool]:
-    """(form, blocker, decode) for normalised SDPA arguments, their fake tensors, the unrepeated key node, and the
-    dtype an enclosing autocast region gives SDPA (None outside autocast)."""
+    """(form, blocker, decode) for normalised SDPA arguments, their fake tensors, the unrepeated key node, the
+    dtype an enclosing autocast region gives SDPA (None outside autocast), and whether the graph is exported."""
     dropout = bound["dropout_p"]
     if not (isinstance(dropout, (int, float)) and dropout == 0):
         return None, reason("dropout", p=dropout), False
@@ -307,7 +334,10 @@ def _classify(
         return None, f"query heads {hq} != key heads {hkv} without enable_gqa", False
     same_len = statically_known_true(q.shape[2] == k.shape[2])
     if isinstance(key_source, fx.Node) and _static_cache_buffer(key_source):
-        return None, reason("static_cache_buffer"), False
+        why = _static_step_blocker(bound, q, mask_meta, exported)
+        if why is not None:
+            return None, reason("static_cache_buffer", why=why), False
+        return FORM_DECODE, None, True
     cached = isinstance(key_source, fx.Node) and _cached_keys_of_layer(key_source, sdpa)
     mask = bound["attn_mask"]
     if mask is not None:
@@ -508,7 +538,9 @@ def find_sdpa_sites(
         elif bound["attn_mask"] is not None and mask is None:
             form, blocker, decode = None, "attn_mask is not a tensor", False
         else:
-            form, blocker, decode = _classify(bound, node, q, k, v, mask_meta, src_k if saw else key, cast)
+            form, blocker, decode = _classify(bound, node, q, k, v, mask_meta, src_k if saw else key, cast, exported)
+        key_node = src_k if saw else key
+        static = form is not None and isinstance(key_node, fx.Node) and _static_cache_buffer(key_node)
         scale = bound["scale"]
         if form is not None and scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
@@ -528,6 +560,7 @@ def find_sdpa_sites(
                 saw_through_repeat=saw,
                 static_len_k=len_k if isinstance(len_k, int) else None,
                 decode=decode,
+                static_cache=static,
                 autocast_dtype=cast,
                 placement=placement,
                 raw_key=key,
