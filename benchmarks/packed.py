@@ -251,7 +251,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             parts = leaves(*(x[:, :, s:e].contiguous() for x in (q, key, val)))
             o = moba_attention(*parts, chunk_size=c, topk=k, impl="triton")
             o.backward(grad[:, :, s:e].contiguous())
-            diffs["out"] = max(diffs["out"], float((o - out_p[:, :, s:e]).abs().max()))
+            diffs["out"] = max(diffs["out"], float((o.detach() - out_p[:, :, s:e]).abs().max()))
             for name, x, part in zip(("dq", "dk", "dv"), ins, parts):
                 assert x.grad is not None and part.grad is not None
                 diffs[name] = max(diffs[name], float((part.grad - x.grad[:, :, s:e]).abs().max()))

@@ -58,10 +58,15 @@ def test_train_pack_runs_document_aware_moba(tmp_path: Path) -> None:
     assert "OK: MoBA ran in 3 of 4 layers" in result.stdout
 
 
-def test_train_pack_refuses_the_gpt() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "examples/train.py", "--pack", "--model", "gpt", "--steps", "2", "--no-progress"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2 and "--pack needs a Hugging Face model" in result.stderr
+def test_train_pack_refuses_the_gpt_and_bad_ranges(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(REPO))
+    from examples import train
+
+    assert train.main(["--pack", "--model", "gpt", "--steps", "2", "--no-progress", "--device", "cpu"]) == 2
+    assert "--pack needs a Hugging Face model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--pack", "--min-doc", "9", "--max-doc", "8", "--steps", "2", "--device", "cpu"])
+    assert exc.value.code == 2 and "1 <= min <= max" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--max-doc", "8", "--steps", "2", "--device", "cpu"])
+    assert "--min-doc and --max-doc need --pack" in capsys.readouterr().err
