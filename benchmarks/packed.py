@@ -230,7 +230,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             def document_causal(b, hh, qi, ki):
                 return (doc_id[qi] == doc_id[ki]) & (ki <= qi)
 
-            block_mask = create_block_mask(document_causal, 1, None, t, t, device=device)
+            # _compile: the mask is evaluated block by block instead of as a [T, T] tensor (16 GiB of bool at 128K).
+            block_mask = create_block_mask(document_causal, 1, None, t, t, device=device, _compile=True)
             compiled = torch.compile(flex_attention, dynamic=False)
 
             def run_flex(q_, k_, v_):
