@@ -47,6 +47,8 @@ MASK_PER_ROW = 3
 MASK_DOCUMENTS = 4
 DENSE_MASK_KINDS = (MASK_NOT_CAUSAL, MASK_PER_ROW)
 #: What a report adds to a MoBA site whose mask was found to be packed documents (its form is then "packed").
+# Rows per block of the documents check: keeps its temporaries near 2**26 elements whatever the length.
+_ROWS_ELEMENTS = 1 << 26
 MASK_DOCUMENTS_NOTE = "packed documents (block-diagonal causal mask, checked at run time): MoBA per document"
 # Which observation a report keeps when one mask check sees several kinds over a run: the one furthest from plain MoBA
 # (a dense one above all). Not the kinds' values: MASK_DOCUMENTS came last but runs MoBA.
@@ -97,13 +99,25 @@ def _starts(mask: Tensor, lq: int) -> Tensor:
 
 
 def _is_documents(mask: Tensor, lq: int, lk: int) -> bool:
-    """Whether ``mask`` (expanded to ``[..., lq, lk]``) is exactly block-diagonal causal, the same for every entry."""
+    """Whether ``mask`` (expanded to ``[..., lq, lk]``) is exactly block-diagonal causal, the same for every entry.
+
+    The documents come from the sub-diagonal (:func:`_starts`); every row is then compared with ``[its document's
+    first key, itself]``, a block of rows at a time so that no ``[L, L]`` temporary is made (16 GiB at 128K), with one
+    host read at the end.
+    """
     if lq != lk or lq < 2:
         return False  # a KV-cache step is per sequence; packing is a training/prefill layout
-    doc = torch.cumsum(_starts(mask, lq).to(torch.int64), 0)
+    starts = _starts(mask, lq)
     pos = torch.arange(lq, device=mask.device)
-    expected = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
-    return bool((mask == expected).all())
+    first = torch.cummax(torch.where(starts, pos, 0), dim=0).values  # each row's document start
+    keys = torch.arange(lk, device=mask.device)
+    rows = max(1, _ROWS_ELEMENTS // max(1, lk * mask[..., :1, :1].numel()))  # the leading dims multiply a block
+    same = torch.ones((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, lq, rows):
+        r1 = min(lq, r0 + rows)
+        expected = (keys[None, :] >= first[r0:r1, None]) & (keys[None, :] <= pos[r0:r1, None])
+        same = same & (mask[..., r0:r1, :] == expected).all()
+    return bool(same)
 
 
 def mask_severity(kind: int) -> int:

@@ -287,6 +287,20 @@ def test_masks_that_are_not_exactly_documents_stay_per_row():
     del q
 
 
+def test_documents_check_in_row_blocks(monkeypatch: pytest.MonkeyPatch):
+    # Blocks of 3 rows (the check never builds an [L, L] temporary): the verdict does not depend on the blocking.
+    from moba_compile import masks
+
+    monkeypatch.setattr(masks, "_ROWS_ELEMENTS", 60)
+    mask = block_diagonal_mask([4, 6, 1, 9])
+    assert ops.analyse_mask(mask, 20, 20) == ops.MASK_DOCUMENTS
+    assert ops.analyse_mask(mask.expand(2, 3, 20, 20), 20, 20) == ops.MASK_DOCUMENTS
+    for row, key in ((17, 12), (19, 19), (3, 0), (10, 10)):  # a hole in a late block, the diagonal, the first block
+        hole = mask.clone()
+        hole[..., row, key] = False
+        assert ops.analyse_mask(hole, 20, 20) == ops.MASK_PER_ROW, (row, key)
+
+
 def test_observations_keep_the_dense_kind_over_documents():
     tag = "test_packed:severity"
     mask = block_diagonal_mask([4, 6])
