@@ -62,12 +62,23 @@ def draw_documents(total: int, min_doc: int, max_doc: int, seed: int) -> list[in
 
 
 def causal_pairs(lengths: list[int]) -> int:
-    """Attended (row, key) pairs of dense causal attention inside each document."""
+    """Attended (row, key) pairs of dense causal attention inside each document (per head).
+
+    Example:
+        >>> causal_pairs([3, 2])
+        9
+    """
     return sum(n * (n + 1) // 2 for n in lengths)
 
 
 def moba_pairs_bound(lengths: list[int], chunk: int, topk: int) -> int:
-    """Upper bound of MoBA's attended pairs: a row sees its own chunk causally and ``min(topk-1, earlier)`` chunks."""
+    """Upper bound of MoBA's attended pairs per head: a row sees its own chunk causally and ``min(topk-1, earlier)``
+    whole earlier chunks of its document.
+
+    Example:
+        >>> moba_pairs_bound([5], 2, 2)  # chunks {0,1} {2,3} {4}: 3 + (3 + 2*2) + (1 + 1*2)
+        13
+    """
     total = 0
     for n in lengths:
         for c0 in range(0, n, chunk):
@@ -78,6 +89,12 @@ def moba_pairs_bound(lengths: list[int], chunk: int, topk: int) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``--smoke`` replaces the shapes by tiny CPU ones); argparse exits 2 on a bad option.
+
+    Example:
+        >>> parse_args(["--smoke"]).total
+        96
+    """
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.packed",
         description="Packed documents: MoBA (cu_seqlens) against dense SDPA with the document mask, FlexAttention "
@@ -124,7 +141,19 @@ def _record(row: dict[str, Any], device: torch.device) -> Callable[[str, Callabl
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Measure one packed row; every failure is recorded in ``errors``, never papered over."""
+    """Measure one packed row; every failure (out of memory, compile errors) is recorded in ``errors``, never papered
+    over.
+
+    Args:
+        args: :func:`parse_args`'s result. device: CUDA, or the CPU for ``--smoke`` (fp32, interpreted Triton).
+
+    Returns:
+        The row: shapes, the documents, every ``*_ms`` column (``None`` where it failed or was skipped), the ratios
+        ``packed_over_unpacked_fwd_bwd`` and ``speedup_vs_*``, the checks and the ``packed_attention`` call counts.
+
+    Example:
+        >>> row = run(parse_args(["--smoke"]), torch.device("cpu"))  # doctest: +SKIP
+    """
     from moba_compile import moba_attention, ops
 
     lengths = draw_documents(args.total, args.min_doc, args.max_doc, args.seed)
@@ -297,6 +326,11 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 def print_row(row: dict[str, Any]) -> None:
+    """Print one measured row (times, ratios, checks, errors) on stdout.
+
+    Example:
+        >>> print_row(run(parse_args(["--smoke"]), torch.device("cpu")))  # doctest: +SKIP
+    """
     print(
         f"T={row['total']} docs={row['n_documents']} H={row['heads']}/{row['kv_heads']} D={row['head_dim']} "
         f"C={row['chunk_size']} K={row['topk']} {row['dtype']}"
@@ -310,7 +344,11 @@ def print_row(row: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns a process exit code."""
+    """Run the benchmark; returns a process exit code (0, or 2 without a CUDA GPU for a real run).
+
+    Example:
+        >>> main(["--dry-run"])  # doctest: +SKIP
+    """
     args = parse_args(argv)
     if args.dry_run:
         lengths = draw_documents(args.total, args.min_doc, args.max_doc, args.seed)

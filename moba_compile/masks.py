@@ -123,6 +123,15 @@ def _is_documents(mask: Tensor, lq: int, lk: int) -> bool:
 def mask_severity(kind: int) -> int:
     """The rank a report uses to keep the most telling of several observed kinds (dense kinds rank highest).
 
+    Args:
+        kind: a ``MASK_*`` kind.
+
+    Returns:
+        Its rank: causal < padding < packed documents < not causal < per row.
+
+    Raises:
+        KeyError: ``kind`` is not a ``MASK_*`` kind.
+
     Example:
         >>> mask_severity(MASK_PER_ROW) > mask_severity(MASK_DOCUMENTS) > mask_severity(MASK_APPLY)
         True
@@ -137,10 +146,13 @@ def documents_from_mask(attn_mask: Tensor, len_q: int) -> Tensor:
     key just before it. The mask is not checked again (the caller has its kind).
 
     Args:
-        attn_mask: bool ``[B or 1, H or 1, L, L]`` block-diagonal causal mask; len_q: ``L``.
+        attn_mask: bool ``[B or 1, H or 1, L, L]`` block-diagonal causal mask, any device; len_q: ``L``.
 
     Returns:
         int64 ``[n_docs + 1]`` on the CPU: ``[0, start_1, ..., L]``.
+
+    Raises:
+        Nothing for a mask of that kind; for any other mask the boundaries mean nothing (not checked).
 
     Example:
         >>> pos = torch.arange(5)

@@ -624,7 +624,20 @@ def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Packed sequences (issue 17): every document is MoBA on its own
 # --------------------------------------------------------------------------------------------------------------------
-def _doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl):
+# One document's call: (start, end, chunk size, top-k, chosen implementation).
+_DocCall = tuple[int, int, int, int, str]
+
+
+def _doc_calls(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    bounds: list[int],
+    chunk_size: int,
+    topk: int,
+    min_seq_len: int,
+    impl: str,
+) -> list[_DocCall]:
     """Per document: ``(start, end, chunk_size', topk', chosen impl)``, each bounded and resolved on its own slice.
 
     A document is a sequence of its own (spec, "Packed sequences"): its chunk size and top-k are clamped to its
@@ -658,9 +671,9 @@ class _PackedPlan:
     nothing to a real key's gradients. A document then costs a share of one launch sequence, not one of its own.
     """
 
-    def __init__(self, calls, chunk_size: int, topk: int) -> None:
-        self.alone = []
-        groups: dict[tuple[int, int, int], list] = {}
+    def __init__(self, calls: list[_DocCall], chunk_size: int, topk: int) -> None:
+        self.alone: list[_DocCall] = []
+        groups: dict[tuple[int, int, int], list[_DocCall]] = {}
         for call in calls:
             s, e, cs, tk, chosen = call
             n = e - s
@@ -673,7 +686,7 @@ class _PackedPlan:
             every = tk >= -(-n // cs)
             cs_p, tk_p = bounded_params(padded, chunk_size, padded if every else tk)
             groups.setdefault((padded, cs_p, tk_p), []).append(call)
-        self.shared = []
+        self.shared: list[tuple[int, int, int, list[tuple[int, int]]]] = []  # (padded, chunk, topk, documents)
         for (padded, cs_p, tk_p), members in groups.items():
             if len(members) == 1:
                 self.alone.append(members[0])
@@ -705,7 +718,18 @@ def _scatter_documents(dst: Tensor, src: Tensor, docs: list[tuple[int, int]], pa
     dst.index_copy_(2, rows, src.index_select(2, flat).to(dst.dtype))
 
 
-def _packed_forward(query, key, value, bounds, chunk_size, topk, scale, min_seq_len, impl, counter):
+def _packed_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    bounds: list[int],
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    min_seq_len: int,
+    impl: str,
+    counter: str,
+) -> tuple[Tensor, Tensor]:
     b, hq, total, _ = query.shape
     out = query.new_empty((b, hq, total, value.shape[-1]))
     lse = query.new_empty((b, hq, total), dtype=_lse_dtype(query))
@@ -732,8 +756,20 @@ def _packed_forward(query, key, value, bounds, chunk_size, topk, scale, min_seq_
 
 
 def _packed_backward(
-    grad_out, query, key, value, out, lse, bounds, chunk_size, topk, scale, min_seq_len, impl, counter
-):
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bounds: list[int],
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    min_seq_len: int,
+    impl: str,
+    counter: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
     plan = _PackedPlan(_doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl), chunk_size, topk)
     for s, e, cs, tk, chosen in plan.alone:
@@ -755,7 +791,19 @@ def _packed_backward(
     return dq, dk, dv
 
 
-def _packed_jvp(query, key, value, tangents, bounds, chunk_size, topk, scale, min_seq_len, impl, counter):
+def _packed_jvp(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+    bounds: list[int],
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    min_seq_len: int,
+    impl: str,
+    counter: str,
+) -> tuple[Tensor, Tensor]:
     b, hq, total, _ = query.shape
     t_out = query.new_empty((b, hq, total, value.shape[-1]))
     t_lse = query.new_empty((b, hq, total), dtype=_lse_dtype(query))
