@@ -567,7 +567,10 @@ def attention(
         raise TypeError(f"min_seq_len must be an int >= 0, got {min_seq_len!r} ({type(min_seq_len).__name__})")
     if not 0 <= min_seq_len <= INT64_MAX:
         raise ValueError(f"min_seq_len must be in [0, 2**63 - 1], got {min_seq_len}")
-    resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)  # raises early for an impossible impl
+    if not torch.compiler.is_compiling():
+        # Raise early for an impossible impl. Traced, the op's body decides (and raises) at run time: torch 2.11's
+        # Dynamo cannot trace the Triton install check (importlib's find_spec) and would break the graph here.
+        resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)
     args = (query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl)
     if not torch.compiler.is_compiling() and _needs_autograd_function(query, key, value):
         out, _ = _AttentionFunction.apply(*args, chunk_means)
