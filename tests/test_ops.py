@@ -454,8 +454,9 @@ def test_chunk_means_entry_for_kv_caches() -> None:
 def test_docstring_examples_of_the_moved_modules_run() -> None:
     import doctest
 
+    from moba_compile import packed_ops, static_decode_ops
     from moba_compile.kernels import launch
 
-    for module in (masks, launch, ops):
+    for module in (masks, launch, ops, static_decode_ops, packed_ops):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -1,0 +1,360 @@
+"""The static-cache decode ops: ``moba::static_decode`` and ``moba::update_static_chunk_means_`` (the one mutating
+op), graph-safe decode over a static KV cache whose length is a device tensor (issue 16; ``docs/generation.md``).
+
+Split from :mod:`moba_compile.ops`, which re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels, reference
+from .ops import CALLS, IMPLS, _lse_dtype, _scale, resolve_impl
+from .validation import bounded_params, check_moba_inputs, check_moba_params
+
+__all__ = ["static_chunk_means_buffer", "static_decode", "static_length_from_mask", "update_static_chunk_means_"]
+
+
+def _static_means_impl(impl: str, key: Tensor, chunk_size: int) -> str:
+    """The implementation that averages a static cache's chunks: :func:`chunk_means`'s choice for these keys."""
+    return resolve_impl(impl, key[:, :, :1], key, key, chunk_size, 1)[0]
+
+
+def _no_static_kernel(query, key, value, chunk_size, topk, mask, means) -> str | None:
+    """Why the Triton decode kernel cannot take this static-cache step, or None."""
+    if query.shape[2] != 1:
+        return f"the decode kernel takes one query row, got Lq={query.shape[2]}"
+    return kernels.decode_unsupported_reason(query, key, value, chunk_size, topk, mask, means)
+
+
+def _static_decode_kernel(chosen, query, key, value, chunk_size, topk, mask, means) -> bool:
+    """Whether the Triton decode kernel takes this static-cache step (one query row, supported shapes)."""
+    if chosen != "triton" or query.shape[2] != 1:
+        return False
+    return kernels.decode_unsupported_reason(query, key, value, chunk_size, topk, mask, means) is None
+
+
+@torch.library.custom_op("moba::static_decode", mutates_args=())
+def _static_decode_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    chunk_means: Tensor,
+    length: Tensor,
+    attn_mask: Tensor | None,
+    chunk_size: int,
+    topk: int,
+    scale: float,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    check_moba_params(chunk_size, topk)
+    chunk_size, topk = bounded_params(key.shape[2], chunk_size, topk)
+    chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)
+    use_kernel = _static_decode_kernel(chosen, query, key, value, chunk_size, topk, attn_mask, chunk_means)
+    if impl == "triton" and not use_kernel:
+        why = _no_static_kernel(query, key, value, chunk_size, topk, attn_mask, chunk_means)
+        raise RuntimeError(f"impl='triton' cannot run this static-cache step: {why}")
+    if use_kernel:
+        CALLS["static_decode:triton"] += 1
+        out, lse = kernels.moba_decode_static_triton(
+            query, key, value, chunk_means, length, chunk_size, topk, scale, attn_mask
+        )
+    else:
+        # Several query rows (a chunked step), or inputs the decode kernel does not take: the reference, which masks
+        # over the fixed chunk axis too (no host read of the length), at O(Lq * slots) per head.
+        CALLS["static_decode:reference"] += 1
+        out, lse = reference.moba_static_decode_forward(
+            query,
+            key,
+            value,
+            length,
+            chunk_size=chunk_size,
+            topk=topk,
+            scale=scale,
+            attn_mask=attn_mask,
+            chunk_means=chunk_means,
+        )
+    return out.contiguous(), lse.contiguous()
+
+
+@_static_decode_op.register_fake
+def _static_decode_fake(query, key, value, chunk_means, length, attn_mask, chunk_size, topk, scale, impl):
+    b, hq, lq, _ = query.shape
+    return query.new_empty((b, hq, lq, value.shape[-1])), query.new_empty((b, hq, lq), dtype=_lse_dtype(query))
+
+
+@torch.library.custom_op("moba::update_static_chunk_means_", mutates_args=("chunk_means",))
+def _update_static_means_op(
+    chunk_means: Tensor, key: Tensor, length: Tensor, new_tokens: int, chunk_size: int, impl: str
+) -> None:
+    b, hkv, slots, d = key.shape
+    rows = chunk_means.shape[2]
+    n_upd = min(new_tokens // chunk_size + 1, rows)  # chunks a step of new_tokens keys can complete
+    if n_upd == 0 or b == 0:
+        return
+    chosen = _static_means_impl(impl, key, chunk_size)
+    CALLS[f"update_static_chunk_means:{chosen}"] += 1
+    if chosen == "triton" and chunk_means.dtype == torch.float32:
+        # Three fixed launches (gather the chunks, the one means kernel, write the completed rows): in a captured
+        # decode step the generic path below would be a dozen small kernels per layer.
+        kernels.update_static_means_triton(chunk_means, key, length, new_tokens, chunk_size)
+        return
+    dev = key.device
+    end = length.to(torch.int64).clamp(0, slots).expand(b)  # keys held after the step
+    first = (end - new_tokens).clamp(min=0) // chunk_size  # the first chunk the step's keys can complete
+    done = end // chunk_size  # chunks complete after the step
+    # n_upd distinct chunk rows covering [first, done): a fixed count whatever the lengths, rows in range.
+    start = (done - n_upd).clamp(min=0)
+    chunks = start[:, None] + torch.arange(n_upd, device=dev)[None, :]  # [B, n_upd]
+    fresh_rows = (chunks >= first[:, None]) & (chunks < done[:, None])
+    slots_idx = (chunks[:, :, None] * chunk_size + torch.arange(chunk_size, device=dev)).reshape(b, 1, -1, 1)
+    gathered = key.gather(2, slots_idx.expand(b, hkv, n_upd * chunk_size, d))
+    # The one means computation of the path (the kernel the prefill gate uses, or the reference's): a chunk's mean
+    # depends on its own keys only, so these rows are bitwise the means of the chunks in place.
+    if chosen == "triton":
+        fresh = kernels.launch_chunk_means(gathered, chunk_size, n_upd)
+    else:
+        fresh = reference.chunk_means(gathered, chunk_size)
+    where = chunks.reshape(b, 1, n_upd, 1).expand(b, hkv, n_upd, d)
+    kept = chunk_means.gather(2, where)
+    chunk_means.scatter_(2, where, torch.where(fresh_rows[:, None, :, None], fresh.to(chunk_means.dtype), kept))
+
+
+@_update_static_means_op.register_fake
+def _update_static_means_fake(chunk_means, key, length, new_tokens, chunk_size, impl) -> None:
+    return None
+
+
+def _static_length(length: Tensor, batch: int, device: torch.device) -> Tensor:
+    """``length`` as the ops take it: contiguous int64 ``[B]`` on the query's device (no host read)."""
+    if (
+        not isinstance(length, Tensor)
+        or length.dtype.is_floating_point
+        or length.dtype.is_complex
+        or length.dtype == torch.bool
+        or length.dim() > 1
+        or (length.dim() == 1 and length.shape[0] not in (1, batch))
+    ):
+        raise ValueError(
+            f"length must be an integer tensor of shape [B={batch}], [1] or [] (the keys each batch row holds, on "
+            f"the device), got {getattr(length, 'dtype', type(length).__name__)} "
+            f"{tuple(getattr(length, 'shape', ()))}"
+        )
+    if length.device != device:
+        raise ValueError(f"length is on {length.device}, the cache on {device}: it must stay on the device")
+    return length.to(torch.int64).reshape(-1).expand(batch).contiguous()
+
+
+def static_length_from_mask(mask: Tensor, batch: int) -> Tensor:
+    """The keys each batch row of a static KV cache holds, read from the step's boolean mask on the device.
+
+    A static cache's step masks every slot after its queries' positions (and padding before them), so one past the
+    last slot its last query may see is the row's length. No host read, fixed shapes: usable inside a captured step,
+    as the ``length`` of :func:`static_decode` and :func:`update_static_chunk_means_`.
+
+    Args:
+        mask: boolean ``[B or 1, H or 1, Lq, slots]`` (True = may attend), e.g. the mask transformers builds for a
+            static cache's step. A row that allows nothing gives ``slots`` (its queries then attend to nothing).
+        batch: ``B``, the batch the result is expanded to.
+
+    Returns:
+        int64 ``[B]`` on the mask's device.
+
+    Raises:
+        ValueError: ``mask`` is not a 4-D boolean tensor.
+
+    Example:
+        >>> mask = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+        >>> mask[0, ..., :5] = True
+        >>> mask[1, ..., 2:7] = True  # left padding, then 5 keys
+        >>> static_length_from_mask(mask, 2).tolist()
+        [5, 7]
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        raise ValueError(f"mask must be a 4-D boolean tensor [B, H, Lq, slots], got {getattr(mask, 'shape', mask)!r}")
+    last = mask[:, :, -1, :].any(dim=1)  # [B or 1, slots]: the last query row, any head
+    slots = last.shape[-1]
+    # argmax returns the first maximum: on the reversed row, the last allowed slot.
+    return (slots - last.flip(-1).to(torch.uint8).argmax(dim=-1)).expand(batch)
+
+
+def static_chunk_means_buffer(key: Tensor, chunk_size: int) -> Tensor:
+    """A zeroed chunk-means buffer for a static KV cache of ``key``'s shape: what :func:`static_decode` reads.
+
+    Args:
+        key: the cache's key buffer ``[B, Hkv, slots, D]`` (only its shape, dtype and device are read).
+        chunk_size: ``C >= 1``, the MoBA chunk size of the layer.
+
+    Returns:
+        fp32 (fp64 for fp64 keys, as the reference path averages) ``[B, Hkv, slots // C, D]`` zeros on ``key``'s
+        device, for :func:`update_static_chunk_means_` to fill. ``slots`` need not be a multiple of ``C``: a partial
+        last chunk is never an earlier chunk of any position in the buffer, so it needs no mean.
+
+    Raises:
+        ValueError: ``key`` is not 4-D or ``chunk_size`` is not an int >= 1.
+
+    Example:
+        >>> static_chunk_means_buffer(torch.zeros(2, 4, 100, 16), 32).shape
+        torch.Size([2, 4, 3, 16])
+    """
+    if not isinstance(key, Tensor) or key.dim() != 4:
+        raise ValueError(f"key must be a 4-D tensor [B, Hkv, slots, D], got {getattr(key, 'shape', key)!r}")
+    check_moba_params(chunk_size, 1)
+    b, hkv, slots, d = key.shape
+    dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
+    return torch.zeros(b, hkv, slots // chunk_size, d, dtype=dtype, device=key.device)
+
+
+def update_static_chunk_means_(
+    chunk_means: Tensor, key: Tensor, length: Tensor, *, new_tokens: int, chunk_size: int, impl: str = "auto"
+) -> None:
+    """Average, in place, the chunks a step's new keys completed in a static cache (``moba::update_static_chunk_means_``
+    behind it).
+
+    Call it after the step's ``new_tokens`` keys were written to ``key`` at positions ``length - new_tokens ..
+    length - 1`` and before :func:`static_decode`. It writes row ``c`` of ``chunk_means`` for every chunk ``c`` whose
+    last key is among the new ones, and leaves the other rows alone; so rows ``c < length // C`` hold the means of the
+    chunks as they are, provided every write to the cache went through such a step (a reset cache is refilled from
+    position 0, which rewrites every chunk as it completes again). Graph-safe: the work is the same at every length
+    (``new_tokens // C + 1`` chunks are gathered and averaged, the rows that did not complete are rewritten with their
+    old value), no host synchronisation, fixed shapes: it can run under CUDA-graph capture.
+
+    The means come from the computation :func:`chunk_means` would use for these keys (the one Triton means kernel on
+    CUDA, which the prefill gate uses too; the reference's on CPU), so a decode step scores chunks bitwise as its own
+    prefill did.
+
+    Args:
+        chunk_means: the buffer of :func:`static_chunk_means_buffer` (``[B, Hkv, slots // C, D]``), updated in place.
+        key: the cache's key buffer ``[B, Hkv, slots, D]``, floating, on the buffer's device.
+        length: integer tensor ``[B]``, ``[1]`` or ``[]`` on the device: keys held after the step (values outside
+            ``[0, slots]`` are clamped; they cannot be checked without a host sync).
+        new_tokens: keys the step wrote (``Lq``), an int >= 1.
+        chunk_size: ``C``, the buffer's chunk size.
+        impl: as for :func:`chunk_means`.
+
+    Raises:
+        ValueError: shapes, dtypes or devices that do not match, or a bad ``new_tokens``/``chunk_size``/``impl``.
+        RuntimeError: ``impl="triton"`` cannot run these keys.
+
+    Example:
+        >>> key = torch.randn(1, 2, 64, 16)
+        >>> means = static_chunk_means_buffer(key, 16)
+        >>> update_static_chunk_means_(means, key, torch.tensor(40), new_tokens=40, chunk_size=16)
+        >>> from moba_compile.ops import chunk_means
+        >>> torch.equal(means[:, :, :2], chunk_means(key[:, :, :40], 16))
+        True
+    """
+    if not isinstance(key, Tensor) or key.dim() != 4 or not key.is_floating_point():
+        raise ValueError(f"key must be a floating 4-D tensor [B, Hkv, slots, D], got {getattr(key, 'shape', key)!r}")
+    check_moba_params(chunk_size, 1)
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be an int >= 1 (the keys the step wrote), got {new_tokens!r}")
+    b, hkv, slots, d = key.shape
+    want = (b, hkv, slots // chunk_size, d)
+    if not isinstance(chunk_means, Tensor) or tuple(chunk_means.shape) != want:
+        raise ValueError(
+            f"chunk_means must be [B, Hkv, slots // C, D] = {list(want)} for key {list(key.shape)} and chunk_size "
+            f"{chunk_size}, got {list(getattr(chunk_means, 'shape', []))} (see static_chunk_means_buffer)"
+        )
+    if chunk_means.dtype not in (torch.float32, torch.float64) or chunk_means.device != key.device:
+        raise ValueError(
+            f"chunk_means must be fp32 (fp64 for fp64 keys) on {key.device}, got {chunk_means.dtype} on "
+            f"{chunk_means.device}"
+        )
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if not torch.compiler.is_compiling():  # (traced, the op's body decides at run time; Dynamo cannot trace find_spec)
+        _static_means_impl(impl, key, chunk_size)  # raises early for an impossible impl
+    torch.ops.moba.update_static_chunk_means_(
+        chunk_means, key, _static_length(length, b, key.device), new_tokens, chunk_size, impl
+    )
+
+
+def static_decode(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    chunk_means: Tensor,
+    length: Tensor,
+    chunk_size: int,
+    topk: int,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """MoBA for the queries of a step ending a static KV cache, the length read on the device (``moba::static_decode``).
+
+    ``key``/``value`` are the cache's buffers of ``slots`` positions; batch row ``b`` holds ``length[b]`` keys (the
+    step's own included) and its ``Lq`` queries sit at positions ``length[b] - Lq .. length[b] - 1``. The result is
+    MoBA of those queries over the row's first ``length[b]`` keys (spec section 1, and section 6 "static-cache
+    decode"): slots at or after the length are never selected or attended, however the buffer was filled. The gate
+    scores the earlier chunks against ``chunk_means`` (kept by :func:`update_static_chunk_means_`, which must have run
+    for this step's keys). Graph-safe: no host synchronisation, no data-dependent shape, the same launches at every
+    length, so a decode step can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``) and replayed
+    while the length grows. ``Lq == 1`` runs the Triton decode kernel (CUDA); several query rows (a chunked step) and
+    inputs the kernel does not take run the reference, also graph-safe but ``O(Lq * slots)``.
+
+    Inference only: no gradient is defined (it raises if one would be needed).
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, slots, D]``; value: ``[B, Hkv, slots, Dv]``: as for
+            :func:`moba_compile.moba_attention` (one dtype and device, ``Hq % Hkv == 0``).
+        chunk_means: the buffer of :func:`static_chunk_means_buffer`, ``[B, Hkv, slots // C, D]``.
+        length: integer tensor ``[B]``, ``[1]`` or ``[]`` on the device, ``Lq <= length <= slots`` (clamped to that
+            range on the device: it cannot be checked without a host sync).
+        chunk_size, topk, scale: MoBA parameters, as for :func:`attention`.
+        attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, slots]`` (True = may attend; e.g. the
+            padding mask transformers builds for a static cache), intersected with the selection; the gate ignores it.
+        impl: as for :func:`attention`.
+
+    Returns:
+        ``[B, Hq, Lq, Dv]`` contiguous in the query's dtype; a row with no attended key gives zeros.
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices or parameters (naming the argument), or ``chunk_means`` not
+            shaped for ``key`` and ``chunk_size``.
+        RuntimeError: ``impl="triton"`` cannot run the step (the reason is given), or a gradient would be needed.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 64, 16)
+        >>> means = static_chunk_means_buffer(k, 8)
+        >>> update_static_chunk_means_(means, k, torch.tensor(30), new_tokens=30, chunk_size=8)
+        >>> out = static_decode(q, k, k, chunk_means=means, length=torch.tensor(30), chunk_size=8, topk=2)
+        >>> from moba_compile.ops import attention
+        >>> torch.allclose(out, attention(q, k[:, :, :30], k[:, :, :30], chunk_size=8, topk=2), atol=1e-6)
+        True
+    """
+    check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    b, hkv, slots, d = key.shape
+    want = (b, hkv, slots // chunk_size, d)
+    if not isinstance(chunk_means, Tensor) or tuple(chunk_means.shape) != want:
+        raise ValueError(
+            f"chunk_means must be [B, Hkv, slots // C, D] = {list(want)} for key {list(key.shape)} and chunk_size "
+            f"{chunk_size}, got {list(getattr(chunk_means, 'shape', []))} (see static_chunk_means_buffer)"
+        )
+    if chunk_means.dtype not in (torch.float32, torch.float64) or chunk_means.device != key.device:
+        raise ValueError(
+            f"chunk_means must be fp32 (fp64 for fp64 keys) on {key.device}, got {chunk_means.dtype} on "
+            f"{chunk_means.device}"
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise RuntimeError(
+            "static_decode is inference-only (a decode step over a static KV cache): run it under torch.no_grad() "
+            "or torch.inference_mode(), or use moba_compile.moba_attention for training"
+        )
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if not torch.compiler.is_compiling():  # raise early; traced, the op's body decides (and raises) at run time
+        bounded = bounded_params(slots, chunk_size, topk)
+        resolve_impl(impl, query, key, value, *bounded, attn_mask)
+        if impl == "triton":
+            why = _no_static_kernel(query, key, value, *bounded, attn_mask, chunk_means)
+            if why is not None:
+                raise RuntimeError(f"impl='triton' cannot run this static-cache step: {why}")
+    out, _ = torch.ops.moba.static_decode(
+        query, key, value, chunk_means, _static_length(length, b, query.device), attn_mask, chunk_size, topk,
+        _scale(query, scale), impl,
+    )  # fmt: skip
+    return out
