@@ -465,27 +465,28 @@ _SECOND_ORDER = (
 )
 
 
-class _AttentionBackwardFunction(torch.autograd.Function):
-    """``moba::attention_backward`` where its own derivatives could be asked for: first-order use works under every
-    transform; a second-order derivative raises :data:`_SECOND_ORDER` instead of a zero or an unrelated error."""
+def _first_order_only(op: Callable[..., tuple], name: str) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` that runs the backward op ``op`` where its own derivatives could be asked for:
+    first-order use works under every transform (vmap rules generated from the op's own); a second-order derivative
+    raises :data:`_SECOND_ORDER` instead of a zero or an unrelated error. Shared by the attention and packed ops."""
 
-    generate_vmap_rule = True
-
-    @staticmethod
     def forward(*args):
-        return torch.ops.moba.attention_backward(*args)
+        return op(*args)
 
-    @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         pass
 
-    @staticmethod
-    def backward(ctx, *grads):
+    def refuse(ctx, *grads):
         raise NotImplementedError(_SECOND_ORDER)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_SECOND_ORDER)
+    body = {"generate_vmap_rule": True, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context)}
+    body.update(
+        backward=staticmethod(refuse), jvp=staticmethod(refuse), __doc__=f"``{name}``: {_first_order_only.__doc__}"
+    )
+    return type(name, (torch.autograd.Function,), body)
+
+
+_AttentionBackwardFunction = _first_order_only(torch.ops.moba.attention_backward, "_AttentionBackwardFunction")
 
 
 class _AttentionFunction(torch.autograd.Function):

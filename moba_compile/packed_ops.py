@@ -17,11 +17,11 @@ from torch import Tensor
 
 from . import kernels, reference
 from .ops import (
-    _SECOND_ORDER,
     CALLS,
     IMPLS,
     _attention_fake,
     _bounded_call,
+    _first_order_only,
     _kernel_selection,
     _lse_dtype,
     _needs_autograd_function,
@@ -359,27 +359,7 @@ _packed_attention_backward_op.register_vmap(_packed_vmap(torch.ops.moba.packed_a
 _packed_attention_jvp_op.register_vmap(_packed_vmap(torch.ops.moba.packed_attention_jvp.default, 3))
 
 
-class _PackedBackwardFunction(torch.autograd.Function):
-    """``moba::packed_attention_backward`` where its own derivatives could be asked for: a second-order derivative
-    raises :data:`_SECOND_ORDER` (as :class:`_AttentionBackwardFunction`)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(*args):
-        return torch.ops.moba.packed_attention_backward(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_SECOND_ORDER)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_SECOND_ORDER)
+_PackedBackwardFunction = _first_order_only(torch.ops.moba.packed_attention_backward, "_PackedBackwardFunction")
 
 
 class _PackedAttentionFunction(torch.autograd.Function):
