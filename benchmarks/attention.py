@@ -126,7 +126,7 @@ def estimate_memory(cfg: BenchConfig) -> dict[str, float]:
     inputs = 3 * b * h * n * d * 2
     out = b * h * n * d * 2 + b * h * n * 4
     entries = b * h * n * km1
-    index = entries * 4 * 4  # sel in both layouts, rank, lists (int32)
+    index = entries * 4 * 3  # the slot-major selection, ranks, lists (int32)
     residual = b * h * n * d * 2 if km1 > 0 else 0  # bf16 residual of the running output
     n_blocks = -(-n // c)
     flex_mask = 4 * b * h * n_blocks * n_blocks * 4  # partial + full kv indices and their q-major transposes (int32)

@@ -208,15 +208,15 @@ def test_deterministic_results_do_not_depend_on_the_flip_order(monkeypatch: pyte
 
 @pytest.fixture
 def flip_modes(monkeypatch: pytest.MonkeyPatch) -> list:
-    """The ``deterministic`` argument of every ``flip_by_slot`` call the backward makes: the mode it chose."""
+    """The ``deterministic`` argument of every ``flip_slot_major`` call the backward makes: the mode it chose."""
     seen: list = []
-    real_flip = kernel_backward.flip_by_slot
+    real_flip = kernel_backward.flip_slot_major
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("deterministic"))
         return real_flip(*args, **kwargs)
 
-    monkeypatch.setattr(kernel_backward, "flip_by_slot", spy)
+    monkeypatch.setattr(kernel_backward, "flip_slot_major", spy)
     return seen
 
 

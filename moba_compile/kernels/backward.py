@@ -9,7 +9,8 @@ Order of launches (all on the query's device, no host synchronisation on CUDA):
 1. ``_bwd_preprocess_kernel``: ``Delta`` (fp32) and the log2-domain LSE, with ``+inf`` for rows that attended no key
    (``lse = -inf``), so that ``exp2(s - lse2)`` is exactly 0 on such rows and nothing on them turns into NaN.
 2. The gate and the index flip are recomputed (the selection is a pure function of ``q`` and ``k``): chunk means,
-   fused top-(K-1) gate, :func:`.gating.flip_by_slot` (lists sorted in deterministic mode).
+   fused top-(K-1) gate writing its selection slot-major, :func:`.gating.flip_slot_major` (lists sorted in
+   deterministic mode).
 3. ``_bwd_dkdv_kernel``, key-major: one program per (batch, key head, key block of ``BLOCK_N`` keys). The key block
    lies in one chunk ``c``; the program keeps its K/V tile and fp32 dK/dV accumulators on chip, streams (a) the rows of
    every query head of the group whose own chunk is ``c`` and whose position is at or after the block (causal mask on
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gating import SlotFlip, _launch_gate, chunk_means_triton, flip_by_slot
+from .gating import SlotFlip, _launch_gate, chunk_means_triton, flip_slot_major
 from .jit import kernel_jit
 from .launch import MaskArgs, device_capability, empty, on_device, tuned_for
 from .support import (
@@ -823,13 +824,13 @@ def _gate_and_flip(p: _BwdProblem) -> tuple[SlotFlip | None, int]:
         return None, p.cfg.dq_block_m
     g, lq = query.shape[1] // hkv, query.shape[2]
     means = chunk_means_triton(key, p.chunk_size)
-    sel = _launch_gate(query, means, p.chunk_size, km1, lk)
+    sel = _launch_gate(query, means, p.chunk_size, km1, lk, slot_major=True)
     # The deterministic dQ tiles are cut per chunk list (one slot's entries): short lists would leave big tiles
     # mostly padding.
     dq_block_m = list_tile_rows(p.cfg.dq_block_m, g * lq, (lk - 1) // p.chunk_size)
     # Default mode never uses the flip's tiles: large tiles keep those arrays small.
     block_m = dq_block_m if p.deterministic else 1024
-    return flip_by_slot(sel, hkv, p.n_chunks, block_m, deterministic=p.deterministic), dq_block_m
+    return flip_slot_major(sel, hkv, p.n_chunks, block_m, deterministic=p.deterministic), dq_block_m
 
 
 def _dkdv(

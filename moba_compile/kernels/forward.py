@@ -6,8 +6,8 @@ Order of launches (all on the query's device, no host synchronisation on CUDA):
    softmax; writes the row's state: normalised ``out`` (output dtype), its bf16 rounding residual ``lo`` (when there is
    anything to merge) and ``lse``;
 2. chunk means + fused gate (:mod:`.gating`), only when some row has an earlier chunk and ``topk > 1``;
-3. index flip by slot (:func:`.gating.flip_by_slot`): per (slot, batch, key head, chunk) lists of the (head, row)
-   entries whose slot-``j`` choice the chunk is;
+3. index flip by slot (:func:`.gating.flip_slot_major`, on the gate's slot-major output): per (slot, batch, key
+   head, chunk) lists of the (head, row) entries whose slot-``j`` choice the chunk is;
 4. ``_sparse_fwd_kernel``, key-major, one launch per slot ``j = 0 .. K'-2``: one program per tile of up to ``BLOCK_M``
    entries of one segment gathers their query rows into a dense tile, streams that chunk's keys/values once, and merges
    the result into each row's state (an exact log-sum-exp merge; the key sets are disjoint). A row is in one tile per
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gating import _launch_gate, chunk_means_triton, flip_by_slot
+from .gating import _launch_gate, chunk_means_triton, flip_slot_major
 from .jit import kernel_jit
 from .launch import MaskArgs, device_capability, empty, on_device, tuned_for
 from .support import (
@@ -473,10 +473,10 @@ def moba_forward_triton(
         if km1 == 0:
             return out, lse
         means = chunk_means_triton(key, chunk_size)
-        sel = _launch_gate(query, means, chunk_size, km1, lk)
+        sel = _launch_gate(query, means, chunk_size, km1, lk, slot_major=True)
         block_m_sp = list_tile_rows(sp_block_m, g * lq, (lk - 1) // chunk_size)  # one slot's entries per plane
-        by_slot = flip_by_slot(sel, hkv, n_chunks, block_m_sp)
-        del sel  # the slot-major copy inside the flip replaces it
+        by_slot = flip_slot_major(sel, hkv, n_chunks, block_m_sp)
+        del sel  # the flip's lists replace it
         flip = by_slot.flip
         # One launch per slot, in slot order: every row is in at most one tile of a launch, so its state is updated
         # by one program at a time, and the merge order (own chunk, then slots 0 .. K'-2) is fixed.

@@ -32,6 +32,7 @@ __all__ = [
     "SlotFlip",
     "chunk_means_triton",
     "flip_by_slot",
+    "flip_slot_major",
     "flip_selection",
     "launch_chunk_means",
     "select_chunks_triton",
@@ -153,6 +154,8 @@ def _gate_kernel(
     N,
     C,
     KM1,
+    s_row,
+    s_slot,
     sqb,
     sqh,
     sqm,
@@ -211,8 +214,11 @@ def _gate_kernel(
         top = merge_top(top, packed, TOP)
     slot = TOP - 1 - tl.arange(0, TOP)  # descending score order, like the reference
     idx = chunk_indices(top)
-    out_rows = ((b * Hq + hq) * Lq + offs_m.to(tl.int64)) * KM1
-    tl.store(sel_ptr + out_rows[:, None] + slot[None, :], idx, mask=row_ok[:, None] & (slot[None, :] < KM1))
+    # Row r = (b, hq, i) and slot j go to r * s_row + j * s_slot: [B, Hq, Lq, K'-1] (s_row = K'-1, s_slot = 1) or
+    # slot-major [K'-1, B, Hq, Lq] (s_row = 1, s_slot = B*Hq*Lq), the layout the index flip by slot reads.
+    out_rows = ((b * Hq + hq) * Lq + offs_m.to(tl.int64)) * s_row
+    out = sel_ptr + out_rows[:, None] + slot.to(tl.int64)[None, :] * s_slot
+    tl.store(out, idx, mask=row_ok[:, None] & (slot[None, :] < KM1))
 
 
 @dataclass(frozen=True)
@@ -243,10 +249,16 @@ def _gate_dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if interpreting() else "tf32x3"
 
 
-def _launch_gate(query: Tensor, means: Tensor, chunk_size: int, km1: int, len_k: int) -> Tensor:
+def _launch_gate(
+    query: Tensor, means: Tensor, chunk_size: int, km1: int, len_k: int, *, slot_major: bool = False
+) -> Tensor:
+    """The fused gate's int32 selection: ``[B, Hq, Lq, K'-1]``, or ``[K'-1, B, Hq, Lq]`` with ``slot_major`` (what
+    :func:`flip_slot_major` takes, without a transposed copy)."""
     b, hq, lq, d = query.shape
     hkv, n = means.shape[1], means.shape[2]
-    sel = empty(b, hq, lq, km1, dtype=torch.int32, device=query.device)
+    shape = (km1, b, hq, lq) if slot_major else (b, hq, lq, km1)
+    sel = empty(*shape, dtype=torch.int32, device=query.device)
+    s_row, s_slot = (1, b * hq * lq) if slot_major else (km1, 1)
     if sel.numel() == 0:
         return sel
     cfg = _gate_config(d, n, km1)
@@ -264,6 +276,8 @@ def _launch_gate(query: Tensor, means: Tensor, chunk_size: int, km1: int, len_k:
         n,
         chunk_size,
         km1,
+        s_row,
+        s_slot,
         *query.stride(),
         HEAD_D=d,
         BLOCK_M=cfg.block_m,
@@ -525,15 +539,34 @@ def flip_by_slot(sel: Tensor, heads_kv: int, n_chunks: int, block_m: int, *, det
     """
     if sel.dim() != 4 or sel.dtype != torch.int32:
         raise ValueError("sel must be an int32 [B, Hq, Lq, K-1] tensor")
-    b, hq, lq, km1 = sel.shape
-    # [K'-1, B, Hq, Lq] as K'-1 batches of one-slot selections: the plain flip then groups segments slot by slot.
-    sel_t = sel.permute(3, 0, 1, 2).reshape(km1 * b, hq, lq, 1).contiguous()
-    flip = flip_selection(sel_t, heads_kv, n_chunks, block_m, deterministic=deterministic)
+    sel_t = sel.permute(3, 0, 1, 2).contiguous()
+    return flip_slot_major(sel_t, heads_kv, n_chunks, block_m, deterministic=deterministic)
+
+
+def flip_slot_major(
+    sel_t: Tensor, heads_kv: int, n_chunks: int, block_m: int, *, deterministic: bool = False
+) -> SlotFlip:
+    """:func:`flip_by_slot` of a selection already in slot-major layout, ``[K'-1, B, Hq, Lq]`` contiguous int32 (the
+    fused gate writes it so with ``slot_major=True``): no transposed copy of the selection is made.
+
+    Raises:
+        ValueError: ``sel_t`` is not a contiguous int32 4-D tensor, or ``Hq % heads_kv != 0``.
+
+    Example:
+        >>> sel_t = torch.tensor([[[[-1, 0, 1]]], [[[-1, -1, 0]]]], dtype=torch.int32)  # K-1=2, B=1, Hq=1, Lq=3
+        >>> flip_slot_major(sel_t, 1, 2, 16).flip.counts.tolist()
+        [1, 1, 1, 0]
+    """
+    if sel_t.dim() != 4 or sel_t.dtype != torch.int32 or not sel_t.is_contiguous():
+        raise ValueError("sel_t must be a contiguous int32 [K-1, B, Hq, Lq] tensor")
+    km1, b, hq, lq = sel_t.shape
+    # K'-1 batches of one-slot selections: the plain flip then groups segments slot by slot.
+    flip = flip_selection(sel_t.view(km1 * b, hq, lq, 1), heads_kv, n_chunks, block_m, deterministic=deterministic)
     per_slot = b * heads_kv * n_chunks
     tiles_per = (flip.counts.to(torch.int64) + block_m - 1) // block_m
     tile_end = torch.nn.functional.pad(torch.cumsum(tiles_per, 0), (1, 0))
     slot_tiles = tile_end[:: max(per_slot, 1)][: km1 + 1].to(torch.int32)
-    if _exact_tile_count(sel.device):
+    if _exact_tile_count(sel_t.device):
         ends = slot_tiles.tolist()
         grids = tuple(ends[j + 1] - ends[j] for j in range(km1))
     else:
