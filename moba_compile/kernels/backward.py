@@ -697,7 +697,7 @@ def moba_backward_triton(
 
     Returns:
         ``(dq, dk, dv)``, contiguous, shaped and typed like ``query``, ``key`` and ``value``. Extra memory: fp32
-        ``Delta``/LSE ``[B, Hq, Lq]``, about 16 bytes per (row, head, slot) of index arrays, and the fp32 dQ buffer
+        ``Delta``/LSE ``[B, Hq, Lq]``, about 12 bytes per (row, head, slot) of index arrays, and the fp32 dQ buffer
         ``[B, Hq, Lq, D]`` (both modes).
 
     Raises:

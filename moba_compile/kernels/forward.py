@@ -422,7 +422,7 @@ def moba_forward_triton(
         ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` contiguous in the query's dtype; ``lse [B, Hq, Lq]`` contiguous fp32,
         the natural log-sum-exp of the scaled scores over the attended keys. Rows with no attended key (all masked)
         give ``out = 0`` and ``lse = -inf``. Extra memory: a bf16 residual the size of ``out`` (when ``K' > 1`` and the
-        dtype is not fp32), plus about 16 bytes of int32 index arrays per (row, head, slot), ``K' = min(K,
+        dtype is not fp32), plus about 12 bytes of int32 index arrays per (row, head, slot), ``K' = min(K,
         ceil(Lk / C))``.
 
     Raises:
