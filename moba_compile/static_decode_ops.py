@@ -146,6 +146,23 @@ def _static_length(length: Tensor, batch: int, device: torch.device) -> Tensor:
     return length.to(torch.int64).reshape(-1).expand(batch).contiguous()
 
 
+def _check_means_buffer(chunk_means: object, key: Tensor, chunk_size: int) -> None:
+    """Raise ``ValueError`` unless ``chunk_means`` is the buffer :func:`static_chunk_means_buffer` makes for ``key``:
+    ``[B, Hkv, slots // C, D]``, fp32 (fp64 for fp64 keys), on the key's device."""
+    b, hkv, slots, d = key.shape
+    want = (b, hkv, slots // chunk_size, d)
+    if not isinstance(chunk_means, Tensor) or tuple(chunk_means.shape) != want:
+        raise ValueError(
+            f"chunk_means must be [B, Hkv, slots // C, D] = {list(want)} for key {list(key.shape)} and chunk_size "
+            f"{chunk_size}, got {list(getattr(chunk_means, 'shape', []))} (see static_chunk_means_buffer)"
+        )
+    if chunk_means.dtype not in (torch.float32, torch.float64) or chunk_means.device != key.device:
+        raise ValueError(
+            f"chunk_means must be fp32 (fp64 for fp64 keys) on {key.device}, got {chunk_means.dtype} on "
+            f"{chunk_means.device}"
+        )
+
+
 def static_length_from_mask(mask: Tensor, batch: int) -> Tensor:
     """The keys each batch row of a static KV cache holds, read from the step's boolean mask on the device.
 
@@ -250,18 +267,8 @@ def update_static_chunk_means_(
     check_moba_params(chunk_size, 1)
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens must be an int >= 1 (the keys the step wrote), got {new_tokens!r}")
-    b, hkv, slots, d = key.shape
-    want = (b, hkv, slots // chunk_size, d)
-    if not isinstance(chunk_means, Tensor) or tuple(chunk_means.shape) != want:
-        raise ValueError(
-            f"chunk_means must be [B, Hkv, slots // C, D] = {list(want)} for key {list(key.shape)} and chunk_size "
-            f"{chunk_size}, got {list(getattr(chunk_means, 'shape', []))} (see static_chunk_means_buffer)"
-        )
-    if chunk_means.dtype not in (torch.float32, torch.float64) or chunk_means.device != key.device:
-        raise ValueError(
-            f"chunk_means must be fp32 (fp64 for fp64 keys) on {key.device}, got {chunk_means.dtype} on "
-            f"{chunk_means.device}"
-        )
+    b = key.shape[0]
+    _check_means_buffer(chunk_means, key, chunk_size)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
     if not torch.compiler.is_compiling():  # (traced, the op's body decides at run time; Dynamo cannot trace find_spec)
@@ -327,18 +334,8 @@ def static_decode(
         True
     """
     check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
-    b, hkv, slots, d = key.shape
-    want = (b, hkv, slots // chunk_size, d)
-    if not isinstance(chunk_means, Tensor) or tuple(chunk_means.shape) != want:
-        raise ValueError(
-            f"chunk_means must be [B, Hkv, slots // C, D] = {list(want)} for key {list(key.shape)} and chunk_size "
-            f"{chunk_size}, got {list(getattr(chunk_means, 'shape', []))} (see static_chunk_means_buffer)"
-        )
-    if chunk_means.dtype not in (torch.float32, torch.float64) or chunk_means.device != key.device:
-        raise ValueError(
-            f"chunk_means must be fp32 (fp64 for fp64 keys) on {key.device}, got {chunk_means.dtype} on "
-            f"{chunk_means.device}"
-        )
+    b, slots = key.shape[0], key.shape[2]
+    _check_means_buffer(chunk_means, key, chunk_size)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         raise RuntimeError(
             "static_decode is inference-only (a decode step over a static KV cache): run it under torch.no_grad() "
