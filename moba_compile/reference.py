@@ -198,6 +198,17 @@ def _blocks(query: Tensor, key: Tensor):
         yield r0, r1, torch.arange(r0, r1, device=query.device) + (lk - lq)
 
 
+def _cat_row_blocks(
+    outs: list[Tensor], lses: list[Tensor], query: Tensor, head_dim_v: int, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The row blocks' outputs ``[B, Hq, rows, Dv]`` and LSEs ``[B, Hq, rows]`` joined along the rows: ``(out`` in the
+    query's dtype, ``lse`` in ``acc)``; empty tensors of those shapes when there are no rows."""
+    if not outs:
+        b, hq = query.shape[0], query.shape[1]
+        return query.new_zeros(b, hq, 0, head_dim_v), torch.zeros(b, hq, 0, dtype=acc, device=query.device)
+    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+
+
 def moba_attention_forward(
     query: Tensor,
     key: Tensor,
@@ -261,10 +272,7 @@ def moba_attention_forward(
         lse = (row_max + torch.log(denom)).squeeze(-1)
         outs.append(_unfold_heads(out, shapes.heads_q))
         lses.append(_unfold_heads(lse.unsqueeze(-1), shapes.heads_q).squeeze(-1))
-    if not outs:
-        empty = query.new_zeros(shapes.batch, shapes.heads_q, 0, shapes.head_dim_v)
-        return empty, torch.zeros(shapes.batch, shapes.heads_q, 0, dtype=acc, device=query.device)
-    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+    return _cat_row_blocks(outs, lses, query, shapes.head_dim_v, acc)
 
 
 def moba_attention(
@@ -450,10 +458,7 @@ def moba_attention_jvp(
                 t_out += p @ tv32
             t_outs.append(_unfold_heads(t_out, shapes.heads_q))
             t_lses.append(_unfold_heads(t_lse, shapes.heads_q).squeeze(-1))
-        if not t_outs:
-            empty = query.new_zeros(shapes.batch, shapes.heads_q, 0, shapes.head_dim_v)
-            return empty, torch.zeros(shapes.batch, shapes.heads_q, 0, dtype=acc, device=query.device)
-        return torch.cat(t_outs, dim=2).to(query.dtype), torch.cat(t_lses, dim=2)
+        return _cat_row_blocks(t_outs, t_lses, query, shapes.head_dim_v, acc)
 
 
 def moba_static_decode_forward(
@@ -564,9 +569,7 @@ def moba_static_decode_forward(
         lse = (row_max + torch.log(denom)).squeeze(-1)
         outs.append(_unfold_heads(out, hq))
         lses.append(_unfold_heads(lse.unsqueeze(-1), hq).squeeze(-1))
-    if not outs:
-        return query.new_zeros(b, hq, 0, shapes.head_dim_v), torch.zeros(b, hq, 0, dtype=acc, device=query.device)
-    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+    return _cat_row_blocks(outs, lses, query, shapes.head_dim_v, acc)
 
 
 # --------------------------------------------------------------------------------------------------------------------
