@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import TINY_LLAMA
 
 from moba_compile import explain, ops
 
@@ -17,15 +18,7 @@ transformers = pytest.importorskip("transformers", reason="the 'test' extra inst
 
 
 def _tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = transformers.LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": 2})
     torch.manual_seed(0)
     return cfg, transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
