@@ -614,6 +614,13 @@ def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
     if not isinstance(key, Tensor) or key.dim() != 4:
         raise ValueError(f"key must be a 4-D tensor [B, Hkv, Lk, D], got {getattr(key, 'shape', key)!r}")
     check_moba_params(chunk_size, 1)
+    # Through the op, not the launcher: a compiled graph (the static-cache decode step, a cache traced by Dynamo)
+    # propagates fake tensors through its nodes, and a Triton launch cannot run on those.
+    return _chunk_means_op(key, chunk_size, impl)
+
+
+@torch.library.custom_op("moba::chunk_means", mutates_args=())
+def _chunk_means_op(key: Tensor, chunk_size: int, impl: str) -> Tensor:
     n_complete = key.shape[2] // chunk_size
     # The decode step this cache serves: one query row per key head (only metadata is read). An empty cache has no
     # step to serve yet: its query is as empty as its keys, which every implementation answers with zero rows.
@@ -624,6 +631,12 @@ def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
         return kernels.launch_chunk_means(key, chunk_size, n_complete)
     # Sliced from the means of every chunk, as the reference op computes them when no means are given.
     return reference.chunk_means(key, chunk_size)[:, :, :n_complete].contiguous()
+
+
+@_chunk_means_op.register_fake
+def _(key: Tensor, chunk_size: int, impl: str) -> Tensor:
+    b, h, lk, d = key.shape
+    return key.new_empty((b, h, lk // chunk_size, d), dtype=torch.float64 if key.dtype == torch.float64 else torch.float32)
 
 
 # The packed-sequence and static-cache ops live in their own modules; these names stay reachable as ``ops.<name>``

@@ -489,7 +489,7 @@ def _convert_static_step(
                 for t in (query, key, value)
             )
         length = graph.call_function(_static_step_length, (attn_mask,))
-        means = graph.call_function(ops.chunk_means, (key_in, chunk_size), {"impl": impl})
+        means = graph.call_function(torch.ops.moba.chunk_means.default, (key_in, chunk_size, impl))
         out = graph.call_function(
             ops.static_decode,
             (query_in, key_in, value_in),
