@@ -82,6 +82,7 @@ __all__ = [
     "Impl",
     "analyse_mask",
     "attention",
+    "dense_attention",
     "chunk_means",
     "packed_attention",
     "SHARED_LAUNCH_BELOW",
@@ -626,9 +627,10 @@ def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
     return reference.chunk_means(key, chunk_size)[:, :, :n_complete].contiguous()
 
 
-# The packed-sequence and static-cache ops live in their own modules; these names stay reachable as ``ops.<name>``
-# (and ``moba::attention`` runs a packed-documents mask through the packed module's forward). Imported last: those
-# modules import from this one.
+# The packed-sequence, static-cache and dense-site ops live in their own modules; these names stay reachable as
+# ``ops.<name>`` (and ``moba::attention`` runs a packed-documents mask through the packed module's forward). Imported
+# last: those modules import from this one.
+from .dense_ops import dense_attention  # noqa: E402
 from .packed_ops import (  # noqa: E402
     SHARED_LAUNCH_BELOW,
     _packed_backward,
