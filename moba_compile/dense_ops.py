@@ -39,7 +39,14 @@ from torch import Tensor
 
 from .masks import CALLS, MASK_CAUSAL
 
-__all__ = ["FLASH_CPU_DTYPES", "FLASH_CUDA_DTYPES", "dense_attention", "flash_branch", "flash_unsupported_reason"]
+__all__ = [
+    "FLASH_CPU_DTYPES",
+    "FLASH_CUDA_DTYPES",
+    "dense_attention",
+    "flash_branch",
+    "flash_kernel_unsupported_reason",
+    "flash_unsupported_reason",
+]
 
 #: Dtypes the flash kernels take: CUDA's flash attention (fp16/bf16 only) and the CPU's flash kernel.
 FLASH_CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -47,8 +54,43 @@ FLASH_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLASH_MAX_HEAD_DIM = 256  # CUDA flash attention's largest head dim
 
 
+def flash_kernel_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dims: tuple[int, ...]) -> str | None:
+    """Why no flash kernel takes inputs of this device, dtype and head dims, or None when one does.
+
+    Reads no shape but the head dims, so the compile pass asks it of a site's fake tensors without a guard on a
+    symbolic length; :func:`flash_unsupported_reason` adds the checks of whole shapes at run time.
+
+    Args:
+        device: the inputs' device. dtype: their dtype (query, key and value share it).
+        head_dims: the head dims of query, key and value.
+
+    Returns:
+        The reason, or None.
+
+    Example:
+        >>> flash_kernel_unsupported_reason(torch.device("cpu"), torch.int32, (16, 16, 16))
+        'flash attention does not take torch.int32 on cpu'
+    """
+    dtypes = {"cuda": FLASH_CUDA_DTYPES, "cpu": FLASH_CPU_DTYPES}.get(device.type)
+    if dtypes is None:
+        return f"no flash kernel on {device.type} tensors"
+    if dtype not in dtypes:
+        return f"flash attention does not take {dtype} on {device.type}"
+    d = head_dims[0]
+    if any(other != d for other in head_dims):
+        return f"flash attention needs one head dim for query, key and value (got {', '.join(map(str, head_dims))})"
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_flash_attention_available():
+            return "this torch build has no CUDA flash attention"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "CUDA flash attention needs compute capability 8.0 or newer"
+        if d % 8 != 0 or d > _FLASH_MAX_HEAD_DIM:
+            return f"CUDA flash attention needs a head dim that is a multiple of 8 up to 256 (got {d})"
+    return None
+
+
 def flash_unsupported_reason(query: Tensor, key: Tensor, value: Tensor) -> str | None:
-    """Why the flash kernels cannot run these inputs (metadata only: real or fake tensors), or None when they can.
+    """Why the flash kernels cannot run these inputs (metadata only), or None when they can.
 
     Both ops ask this of the same tensors, so the forward and its backward always take the same branch; it reads no
     global switch (``torch.backends.cuda.flash_sdp_enabled()``, an ``sdpa_kernel`` block) that could differ between
@@ -64,29 +106,18 @@ def flash_unsupported_reason(query: Tensor, key: Tensor, value: Tensor) -> str |
         >>> q = torch.randn(1, 4, 8, 16)
         >>> flash_unsupported_reason(q, q[:, :2], q[:, :2]) is None
         True
-        >>> flash_unsupported_reason(q.to(torch.int32), q, q)
-        'flash attention does not take torch.int32 on cpu'
+        >>> flash_unsupported_reason(q, q[:, :3], q[:, :3])
+        'flash attention needs one batch size and query heads a multiple of key heads'
     """
-    device = query.device.type
-    dtypes = {"cuda": FLASH_CUDA_DTYPES, "cpu": FLASH_CPU_DTYPES}.get(device)
-    if dtypes is None:
-        return f"no flash kernel on {device} tensors"
-    if query.dtype not in dtypes or not query.dtype == key.dtype == value.dtype:
-        return f"flash attention does not take {query.dtype} on {device}"
-    d = query.shape[-1]
-    if key.shape[-1] != d or value.shape[-1] != d:
-        return (
-            f"flash attention needs one head dim for query, key and value (got {d}, {key.shape[-1]}, {value.shape[-1]})"
-        )
+    if not query.dtype == key.dtype == value.dtype:
+        return f"query, key and value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})"
+    why = flash_kernel_unsupported_reason(query.device, query.dtype, (query.shape[-1], key.shape[-1], value.shape[-1]))
+    if why is not None:
+        return why
     if query.shape[0] != key.shape[0] or key.shape[:3] != value.shape[:3] or query.shape[1] % key.shape[1] != 0:
         return "flash attention needs one batch size and query heads a multiple of key heads"
-    if device == "cuda":
-        if not torch.backends.cuda.is_flash_attention_available():
-            return "this torch build has no CUDA flash attention"
-        if torch.cuda.get_device_capability(query.device) < (8, 0):
-            return "CUDA flash attention needs compute capability 8.0 or newer"
-        if d % 8 != 0 or d > _FLASH_MAX_HEAD_DIM:
-            return f"CUDA flash attention needs a head dim that is a multiple of 8 up to 256 (got {d})"
+    if any(t.stride(-1) != 1 for t in (query, key, value)):
+        return "flash attention needs a unit stride in the head dim"
     return None
 
 
