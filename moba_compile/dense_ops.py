@@ -243,7 +243,8 @@ def _dense_attention_op(
     if is_causal is None:
         CALLS["dense_attention:masked"] += 1
         out = _masked_sdpa(query, key, value, attn_mask, scale, n_rep, enable_gqa)
-        return _in_layout(out, lambda device=None: _out_buffer(query, value, device)), _lse_buffer(query)
+        # The masked branch's backward recomputes; its log-sum-exp is never read, but an output is deterministic.
+        return _in_layout(out, lambda device=None: _out_buffer(query, value, device)), _lse_buffer(query).zero_()
     CALLS["dense_attention:flash"] += 1
     out, lse = _flash_forward(query, key, value, is_causal, scale)
     out = _in_layout(out, lambda device=None: _out_buffer(query, value, device))
