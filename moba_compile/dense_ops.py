@@ -14,8 +14,9 @@ its mask (the ``moba::analyse_mask`` result the pass shares per mask node, a CPU
 
 Both branches are one opaque op with one fake kernel, so the traced graph and the strides of its outputs and gradients
 do not depend on the branch (a ``torch.cond`` on the kind failed there: its branches' gradients had different strides).
-The output takes the layout ``torch.empty_like(query)`` gives (the flash kernels write it so, and a model's
-``out.transpose(1, 2).contiguous()`` is then free); each gradient takes its input's (``empty_like``).
+The output and the gradients are ``[B, H, L, D]`` stored as ``[B, L, H, D]``, whatever the branch and the inputs'
+strides: what the flash kernels write for a model's query, and what a model's ``out.transpose(1, 2).contiguous()``
+reads without a copy; a kernel that wrote another layout is copied into it.
 
 Ops:
 
@@ -164,12 +165,21 @@ def _masked_sdpa(
     )
 
 
+def _heads_inner(like: Tensor, shape: tuple, device: str | None = None) -> Tensor:
+    """An empty ``[B, H, L, D]`` tensor stored as ``[B, L, H, D]``: the op's one layout for its output and gradients.
+
+    Fixed by the shape alone, so the fake kernel and every branch agree whatever strides the inputs arrive with
+    (Inductor checks a custom op's output strides against its fake's). It is the layout the flash kernels write for a
+    model's query (``view(B, L, H, D).transpose(1, 2)``) and the one its ``out.transpose(1, 2).contiguous()`` reads
+    for free.
+    """
+    b, h, length, d = shape
+    return like.new_empty((b, length, h, d), device=device).transpose(1, 2)
+
+
 def _out_buffer(query: Tensor, value: Tensor, device: str | None = None) -> Tensor:
-    """An empty output in the op's one layout: ``empty_like(query)`` (the flash kernels' own), contiguous when the
-    value head dim differs (only the masked branch serves that)."""
-    if value.shape[-1] == query.shape[-1]:
-        return torch.empty_like(query, device=device)
-    return query.new_empty((*query.shape[:3], value.shape[-1]), device=device)
+    """An empty output ``[B, Hq, Lq, Dv]`` in the op's layout (:func:`_heads_inner`)."""
+    return _heads_inner(query, (*query.shape[:3], value.shape[-1]), device)
 
 
 def _lse_buffer(query: Tensor, device: str | None = None) -> Tensor:
@@ -278,7 +288,7 @@ def _dense_attention_backward_op(
         CALLS["dense_attention_backward:flash"] += 1
         dq, dk, dv = _flash_backward(grad_out, query, key, value, out, lse, is_causal, scale)
     return tuple(
-        _in_layout(g, lambda device=None, ref=ref: torch.empty_like(ref, device=device))
+        _in_layout(g, lambda device=None, ref=ref: _heads_inner(ref, ref.shape, device))
         for g, ref in ((dq, query), (dk, key), (dv, value))
     )
 
@@ -310,7 +320,7 @@ def _masked_recompute_backward(
 def _dense_attention_backward_fake(
     grad_out, query, key, value, attn_mask, mask_kind, out, lse, scale, n_rep, enable_gqa
 ):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    return tuple(_heads_inner(t, t.shape) for t in (query, key, value))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -357,7 +367,7 @@ def dense_attention(
         enable_gqa: the SDPA call's own ``enable_gqa``.
 
     Returns:
-        ``[B, Hq, Lq, Dv]`` in the layout ``torch.empty_like(query)`` gives (contiguous when ``Dv != D``).
+        ``[B, Hq, Lq, Dv]``, stored as ``[B, Lq, Hq, Dv]``.
 
     Example:
         >>> from moba_compile.masks import analyse_mask
