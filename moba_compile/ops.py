@@ -82,6 +82,7 @@ __all__ = [
     "Impl",
     "analyse_mask",
     "attention",
+    "dense_attention",
     "chunk_means",
     "packed_attention",
     "SHARED_LAUNCH_BELOW",
@@ -636,12 +637,14 @@ def _chunk_means_op(key: Tensor, chunk_size: int, impl: str) -> Tensor:
 @_chunk_means_op.register_fake
 def _(key: Tensor, chunk_size: int, impl: str) -> Tensor:
     b, h, lk, d = key.shape
-    return key.new_empty((b, h, lk // chunk_size, d), dtype=torch.float64 if key.dtype == torch.float64 else torch.float32)
+    dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
+    return key.new_empty((b, h, lk // chunk_size, d), dtype=dtype)
 
 
-# The packed-sequence and static-cache ops live in their own modules; these names stay reachable as ``ops.<name>``
-# (and ``moba::attention`` runs a packed-documents mask through the packed module's forward). Imported last: those
-# modules import from this one.
+# The packed-sequence, static-cache and dense-site ops live in their own modules; these names stay reachable as
+# ``ops.<name>`` (and ``moba::attention`` runs a packed-documents mask through the packed module's forward). Imported
+# last: those modules import from this one.
+from .dense_ops import dense_attention  # noqa: E402
 from .packed_ops import (  # noqa: E402
     SHARED_LAUNCH_BELOW,
     _packed_backward,

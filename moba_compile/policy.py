@@ -29,7 +29,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DEFAULT_POLICY", "MAX_INT", "MODES", "Decision", "Mode", "Policy", "PolicyError", "Rule", "load_policy"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "DENSE_SDPA",
+    "MAX_INT",
+    "MODES",
+    "Decision",
+    "DenseSdpa",
+    "Mode",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "load_policy",
+]
 
 #: The largest value of every integer in a policy (``chunk_size``, ``topk``, ``dense_last``, ``num_layers``,
 #: ``min_seq_len``, a rule's ``chunk_size``/``topk``) and the largest magnitude of a layer index: 2**31 - 1. No run
@@ -42,6 +54,13 @@ MAX_INT = 2**31 - 1
 Mode = Literal["moba", "dense"]
 #: The values of :data:`Mode`, in the order messages list them.
 MODES: tuple[Mode, ...] = get_args(Mode)
+#: How the compile backend runs the dense SDPA sites it could have converted (the policy's ``dense_sdpa``):
+#: ``"as_is"`` leaves the call untouched, bit for bit (spec section 3); ``"flash_when_causal"`` runs flash attention on
+#: unrepeated key/value wherever the call's boolean mask is found exactly causal at run time (``is_causal=True`` with
+#: ``Lq == Lk``; no mask for a one-query decode step), and the call as it was elsewhere (:mod:`moba_compile.dense_ops`).
+DenseSdpa = Literal["as_is", "flash_when_causal"]
+#: The values of :data:`DenseSdpa`, in the order messages list them.
+DENSE_SDPA: tuple[DenseSdpa, ...] = get_args(DenseSdpa)
 
 _REGEX_PREFIX = "re:"
 _AUTOMATIC_SOURCE = "<default>"  # the source of DEFAULT_POLICY, the policy used when none is given
@@ -50,6 +69,7 @@ _TOP_KEYS: tuple[str, ...] = (
     "chunk_size",
     "decode",
     "dense_last",
+    "dense_sdpa",
     "min_seq_len",
     "num_layers",
     "rules",
@@ -389,6 +409,9 @@ class Policy:
             graph breaks hide layers); None to use the graph's count.
         min_seq_len: Key sequences shorter than this run dense (>= 0; applied at run time by the backend).
         decode: ``"moba"`` or ``"dense"``: how decode steps (``Lq < Lk`` on a cache) of converted sites run.
+        dense_sdpa: ``"as_is"`` (default: dense sites keep their SDPA call bit for bit) or ``"flash_when_causal"``
+            (the compile backend runs flash attention at dense sites whose boolean mask is exactly causal at run
+            time; numerics change within the flash kernel's rounding): see :data:`DenseSdpa`.
         rules: Ordered rules.
         source: Where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` for one built in code), for
             messages; ``"<default>"`` marks the automatic policy (:data:`DEFAULT_POLICY`, see :attr:`automatic`).
@@ -409,6 +432,7 @@ class Policy:
     num_layers: int | None = None
     min_seq_len: int = 0
     decode: Mode = "moba"
+    dense_sdpa: DenseSdpa = "as_is"
     rules: tuple[Rule, ...] = ()
     source: str = field(default="<Policy>", compare=False)
 
@@ -423,6 +447,7 @@ class Policy:
             _check_int(where, "num_layers", self.num_layers, 1)
         _check_int(where, "min_seq_len", self.min_seq_len, 0)
         _check_choice(where, "decode", self.decode, MODES)
+        _check_choice(where, "dense_sdpa", self.dense_sdpa, DENSE_SDPA)
         rules = self.rules
         if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, (list, tuple)):
             _fail(where, "rules", rules, "a list of tables ([[rules]] in TOML)")
@@ -568,8 +593,8 @@ class Policy:
         one site, for code that builds its backends by hand (``moba_compile.make_backend({"policy": ...})``).
 
         The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``, this policy's
-        ``min_seq_len`` and ``decode`` (applied at run time, so they stay the caller's), and no rules when the
-        decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``, since without
+        ``min_seq_len``, ``decode`` and ``dense_sdpa`` (applied per site, so they stay the caller's), and no rules when
+        the decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``, since without
         a layer index nothing else can make a site dense. It decides every site alike, whatever its path or layer.
         It stays automatic (:attr:`automatic`) when this policy is, so the automatic policy's dense fallback for
         sites it cannot serve exactly still applies.
@@ -591,7 +616,7 @@ class Policy:
         Example:
             >>> policy = Policy(chunk_size=512, topk=3, dense_last=1)
             >>> policy.for_site("layers.0.attn", 0, 4).to_dict()
-            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'rules': []}
+            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'rules': []}
             >>> policy.for_site("layers.3.attn", 3, 4).decide("attn", None, None).mode
             'dense'
         """  # noqa: E501
@@ -604,6 +629,7 @@ class Policy:
             dense_last=0,
             min_seq_len=self.min_seq_len,
             decode=self.decode,
+            dense_sdpa=self.dense_sdpa,
             rules=rules,
             source=source,
         )
@@ -707,14 +733,14 @@ class Policy:
 
         Returns:
             A new dict: ``version``, ``chunk_size``, ``topk``, ``dense_last``, [``num_layers``], ``min_seq_len``,
-            ``decode``, ``rules``.
+            ``decode``, ``dense_sdpa``, ``rules``.
 
         Raises:
             Nothing.
 
         Example:
             >>> DEFAULT_POLICY.to_dict()
-            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'rules': []}
+            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'rules': []}
         """  # noqa: E501
         out: dict[str, Any] = {
             "version": self.version,
@@ -726,6 +752,7 @@ class Policy:
             out["num_layers"] = self.num_layers
         out["min_seq_len"] = self.min_seq_len
         out["decode"] = self.decode
+        out["dense_sdpa"] = self.dense_sdpa
         out["rules"] = [rule.to_dict() for rule in self.rules]
         return out
 
@@ -801,7 +828,7 @@ def load_policy(spec: str | os.PathLike[str] | Mapping[str, Any] | Policy | None
         >>> load_policy({"chunk": 512})
         Traceback (most recent call last):
         ...
-        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, min_seq_len, num_layers, rules, topk, version (did you mean 'chunk_size'?)
+        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, rules, topk, version (did you mean 'chunk_size'?)
     """  # noqa: E501
     if spec is None:
         return DEFAULT_POLICY
