@@ -115,8 +115,9 @@ def greedy(
     cache: Any,
     label: str,
     progress: bool,
+    prefill_chunk: int | None = None,
 ) -> tuple[float, float, torch.Tensor]:
-    """Prefill ``ids`` once (eagerly), then decode ``new_tokens - 1`` more greedily through ``step``, timed apart.
+    """Prefill ``ids`` (eagerly), then decode ``new_tokens - 1`` more greedily through ``step``, timed apart.
 
     Args:
         model: a transformers causal LM. step: what decode steps call (:func:`decode_step`).
@@ -124,6 +125,9 @@ def greedy(
         cache: a transformers cache object, filled in place (passed as ``cache=``, or ``past_key_values=`` on
             transformers versions before the rename: :func:`moba_compile.hf.cache_keyword`).
         label: the progress bar's label. progress: show progress.
+        prefill_chunk: prefill the prompt in pieces of this many tokens through the same cache (a chunked prefill:
+            a prompt longer than one forward's activation memory; MoBA's result is the same, the cache keeping the
+            earlier pieces' keys and chunk means), or in one forward (``None``).
 
     Returns:
         ``(prefill seconds, decode seconds, generated tokens [B, new_tokens])``.
@@ -135,7 +139,11 @@ def greedy(
     with_cache = {moba_compile.hf.cache_keyword(): cache}
     _sync(device)
     start = time.perf_counter()
-    out = model(ids, **with_cache, use_cache=True)
+    for start_pos in range(0, ids.shape[1], prefill_chunk or ids.shape[1]):
+        piece = ids[:, start_pos : start_pos + (prefill_chunk or ids.shape[1])]
+        # transformers derives positions and the mask from the cache's length (cache_position), so each piece
+        # continues where the previous one ended.
+        out = model(piece, **with_cache, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill = time.perf_counter() - start
@@ -164,13 +172,15 @@ def timed_run(name: str, model: torch.nn.Module, ids: torch.Tensor, args: argpar
     warm_tokens = min(args.new_tokens, 4)  # decode steps 1-3 compile, record and replay the captured step
     _sync(ids.device)
     start = time.perf_counter()
-    greedy(model, step, ids, warm_tokens, cache, f"{name} warm-up", progress)
+    greedy(model, step, ids, warm_tokens, cache, f"{name} warm-up", progress, args.prefill_chunk)
     warmup = time.perf_counter() - start
     if args.cache == "static":
         cache.reset()  # the same buffers (their addresses are in the captured graph), zeroed
     else:
         cache = make_cache(args.cache, name, model, max_len)
-    prefill, decode, tokens = greedy(model, step, ids, args.new_tokens, cache, f"{name} decode", progress)
+    prefill, decode, tokens = greedy(
+        model, step, ids, args.new_tokens, cache, f"{name} decode", progress, args.prefill_chunk
+    )
     return Run(name, prefill, decode, tokens, warmup)
 
 
@@ -199,11 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compile the decode step once (CUDA: mode='reduce-overhead', i.e. CUDA graphs); needs --cache static",
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prefill the prompt in pieces of this many tokens through the same cache (long prompts)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.new_tokens < 1 or args.prompt_len < 1:
         parser.error("--prompt-len and --new-tokens must be >= 1")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        parser.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.compile and args.cache != "static":
         parser.error("--compile needs --cache static: a dynamic cache changes the decode step's shapes every token")
     try:

@@ -107,3 +107,14 @@ def test_decode_benchmark_bound_is_the_read_only_probe(tmp_path):
         assert row["errors"] == {}
         assert row["bound_ms"] == row["moba_bytes"] / (env["read_gbps"] * 1e6)
         assert row["moba_static_ms"] > 0
+
+
+def test_generate_example_chunked_prefill_on_a_static_cache():
+    proc = launch(
+        "examples/generate.py", "--cache", "static", "--prefill-chunk", "8", "--prompt-len", "20", "--new-tokens", "3",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "generated tokens agreeing: 100%" in proc.stdout
+    bad = launch("examples/generate.py", "--prefill-chunk", "0", "--prompt-len", "16", "--new-tokens", "2")
+    assert bad.returncode == 2 and "--prefill-chunk must be >= 1, got 0" in bad.stderr

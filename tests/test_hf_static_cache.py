@@ -239,3 +239,31 @@ def test_compiled_step_without_an_eager_prefill_is_dense_with_the_reason():
     sites = [s for s in MOBA.report().sites if s.layer == 0]
     assert sites and all(s.decision == "dense" for s in sites)
     assert "no eager step" in sites[0].reason
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "left-padding"])
+def test_chunked_prefill_through_generate_equals_one_prefill(cache, padding):
+    """A prompt prefilled in pieces (generate's ``prefill_chunk_size``, for prompts longer than one forward's memory)
+    gives the tokens and scores of one prefill: each piece's queries reach the earlier pieces' keys through the cache,
+    with the gate's means of the chunks they completed, as the same rows of one whole-prompt MoBA would."""
+    model = build("llama", "moba_static")
+    ids = torch.randint(3, 64, (2, 45), generator=torch.Generator().manual_seed(11))
+    kw = dict(GEN, max_new_tokens=10)
+    if padding:
+        kw["attention_mask"] = torch.ones_like(ids)
+        kw["attention_mask"][1, :13] = 0
+        ids[1, :13] = 0
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        whole = model.generate(ids, **kw)
+        MOBA.reset_report()
+        ops.CALLS.clear()
+        pieces = model.generate(ids, prefill_chunk_size=12, **kw)  # pieces of 12 cut chunks of 8 mid-chunk
+    assert torch.equal(pieces.sequences, whole.sequences)
+    for got, want in zip(pieces.scores, whole.scores, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # The later pieces are MoBA over the cache (several queries after cached keys), not a dense fallback.
+    assert any(s.layer == 0 and s.decision == "moba" and s.form == "kv-cache" for s in MOBA.report().sites)
+    assert sum(n for name, n in ops.CALLS.items() if name.startswith("attention:")) > 0
