@@ -1,4 +1,4 @@
-"""The per-layer MoBA policy: which attention sites run MoBA, with which chunk size and top-k.
+"""The per-layer MoBA policy: which attention sites run MoBA, with which chunk size, top-k and routing.
 
 A policy is a frozen :class:`Policy` (top-level defaults plus ordered :class:`Rule` objects). It can be written in code,
 or loaded from a TOML or JSON file (same schema, ``version = 1``) or a plain dict by :func:`load_policy`. Every
@@ -10,7 +10,7 @@ Example:
     >>> policy.decide("model.layers.0.self_attn", 0, 32).mode
     'dense'
     >>> policy.decide("model.layers.7.self_attn", 7, 32)
-    Decision(mode='moba', chunk_size=2048, topk=3, reason='default policy', rule_index=None)
+    Decision(mode='moba', chunk_size=2048, topk=3, reason='default policy', rule_index=None, routing='head')
 """
 
 from __future__ import annotations
@@ -24,12 +24,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, get_args
 
+from .validation import ROUTINGS as _ROUTING_VALUES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DEFAULT_POLICY", "MAX_INT", "MODES", "Decision", "Mode", "Policy", "PolicyError", "Rule", "load_policy"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "MAX_INT",
+    "MODES",
+    "ROUTINGS",
+    "Decision",
+    "Mode",
+    "Policy",
+    "PolicyError",
+    "Routing",
+    "Rule",
+    "load_policy",
+]
 
 #: The largest value of every integer in a policy (``chunk_size``, ``topk``, ``dense_last``, ``num_layers``,
 #: ``min_seq_len``, a rule's ``chunk_size``/``topk``) and the largest magnitude of a layer index: 2**31 - 1. No run
@@ -42,6 +56,14 @@ MAX_INT = 2**31 - 1
 Mode = Literal["moba", "dense"]
 #: The values of :data:`Mode`, in the order messages list them.
 MODES: tuple[Mode, ...] = get_args(Mode)
+#: How a MoBA site's gate selects chunks (spec section 6): ``"head"`` (the default, the MoBA paper's: every query head
+#: chooses its own chunks) or ``"group"`` (GQA/MQA: one choice per key head and position, from the scores summed
+#: over the group's query heads, shared by them).
+Routing = Literal["head", "group"]
+#: The values of :data:`Routing`, in the order messages list them (the ops accept exactly these).
+ROUTINGS: tuple[Routing, ...] = get_args(Routing)
+if ROUTINGS != _ROUTING_VALUES:  # pragma: no cover - one list for the policy and the ops
+    raise ImportError(f"policy routings {ROUTINGS} differ from the ops' {_ROUTING_VALUES}")
 
 _REGEX_PREFIX = "re:"
 _AUTOMATIC_SOURCE = "<default>"  # the source of DEFAULT_POLICY, the policy used when none is given
@@ -52,13 +74,14 @@ _TOP_KEYS: tuple[str, ...] = (
     "dense_last",
     "min_seq_len",
     "num_layers",
+    "routing",
     "rules",
     "topk",
     "version",
 )
-_RULE_KEYS: tuple[str, ...] = ("chunk_size", "layers", "mode", "module", "topk")
+_RULE_KEYS: tuple[str, ...] = ("chunk_size", "layers", "mode", "module", "routing", "topk")
 _RULE_SELECTORS: tuple[str, ...] = ("layers", "module")
-_RULE_SETTINGS: tuple[str, ...] = ("mode", "chunk_size", "topk")
+_RULE_SETTINGS: tuple[str, ...] = ("mode", "chunk_size", "topk", "routing")
 
 
 class PolicyError(ValueError):
@@ -157,7 +180,8 @@ def _check_rule(
     mode: object,
     chunk_size: object,
     topk: object,
-) -> tuple[tuple[int, ...] | None, str | None, str | None, int | None, int | None]:
+    routing: object = None,
+) -> tuple[tuple[int, ...] | None, str | None, str | None, int | None, int | None, str | None]:
     """Validate one rule's fields; return them normalised (``layers`` as a tuple)."""
     name = path or "rule"
     if layers is None and module is None:
@@ -165,9 +189,10 @@ def _check_rule(
             f"{where}: {name} sets neither 'layers' nor 'module'; a rule needs at least one selector "
             "(layers = [...] and/or module = '...')"
         )
-    if mode is None and chunk_size is None and topk is None:
+    if mode is None and chunk_size is None and topk is None and routing is None:
         raise PolicyError(
-            f"{where}: {name} sets none of 'mode', 'chunk_size', 'topk'; a rule must change at least one setting"
+            f"{where}: {name} sets none of 'mode', 'chunk_size', 'topk', 'routing'; a rule must change at least one "
+            "setting"
         )
     return (
         None if layers is None else _check_layers(where, _join(path, "layers"), layers),
@@ -175,6 +200,7 @@ def _check_rule(
         None if mode is None else _check_choice(where, _join(path, "mode"), mode, MODES),
         None if chunk_size is None else _check_int(where, _join(path, "chunk_size"), chunk_size, 1),
         None if topk is None else _check_int(where, _join(path, "topk"), topk, 1),
+        None if routing is None else _check_choice(where, _join(path, "routing"), routing, ROUTINGS),
     )
 
 
@@ -184,7 +210,7 @@ def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
         _fail(where, path, table, f"a table with the keys {', '.join(_RULE_KEYS)}")
     misplaced = tuple(k for k in _TOP_KEYS if k not in _RULE_KEYS)
     _check_keys(where, table, _RULE_KEYS, f"in {path}", misplaced, "is a top-level key, not a rule key")
-    layers, module, mode, chunk_size, topk = _check_rule(
+    layers, module, mode, chunk_size, topk, routing = _check_rule(
         where,
         path,
         table.get("layers"),
@@ -192,8 +218,9 @@ def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
         table.get("mode"),
         table.get("chunk_size"),
         table.get("topk"),
+        table.get("routing"),
     )
-    return Rule(layers=layers, module=module, mode=mode, chunk_size=chunk_size, topk=topk)
+    return Rule(layers=layers, module=module, mode=mode, chunk_size=chunk_size, topk=topk, routing=routing)
 
 
 def _spans(indices: Sequence[int]) -> str:
@@ -226,8 +253,8 @@ class Rule:
     """One policy rule: a selector (layer indices and/or a module path) and the settings it overrides.
 
     A rule must set at least one selector (``layers``, ``module``) and at least one setting (``mode``, ``chunk_size``,
-    ``topk``). When both selectors are set, both must hold. Unset settings inherit the policy's default decision for
-    the site. ``layers`` given as a list is stored as a tuple.
+    ``topk``, ``routing``). When both selectors are set, both must hold. Unset settings inherit the policy's default
+    decision for the site. ``layers`` given as a list is stored as a tuple.
 
     Args:
         layers: Layer indices (0-based); a negative index counts from the end (``-1`` is the last layer) and needs
@@ -237,6 +264,7 @@ class Rule:
         mode: ``"moba"``, ``"dense"``, or None to keep the default decision's mode.
         chunk_size: MoBA chunk size (1 to :data:`MAX_INT`), or None to keep the default.
         topk: MoBA top-k (1 to :data:`MAX_INT`, counts the query's own chunk), or None to keep the default.
+        routing: The gate's routing (:data:`ROUTINGS`: ``"head"`` or ``"group"``), or None to keep the default.
 
     Raises:
         PolicyError: A field has a bad type or value, or the rule has no selector or no setting.
@@ -254,10 +282,13 @@ class Rule:
     mode: Mode | None = None
     chunk_size: int | None = None
     topk: int | None = None
+    routing: Routing | None = None
 
     def __post_init__(self) -> None:
-        layers, _, _, _, _ = _check_rule("<Rule>", "", self.layers, self.module, self.mode, self.chunk_size, self.topk)
-        object.__setattr__(self, "layers", layers)
+        checked = _check_rule(
+            "<Rule>", "", self.layers, self.module, self.mode, self.chunk_size, self.topk, self.routing
+        )
+        object.__setattr__(self, "layers", checked[0])
 
     def matches(
         self, module: str, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
@@ -341,7 +372,7 @@ class Rule:
         out: dict[str, Any] = {}
         if self.layers is not None:
             out["layers"] = list(self.layers)
-        for key in ("module", "mode", "chunk_size", "topk"):
+        for key in ("module", "mode", "chunk_size", "topk", "routing"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -359,6 +390,7 @@ class Decision:
         reason: Why, in words: ``"default policy"``, ``"rule 0 (layers=[0])"``,
             ``"dense_last=3: layer 30 is among the last 3 of 32 attention layers"``, ...
         rule_index: The index of the rule that matched, or None if no rule matched.
+        routing: The gate's routing, ``"head"`` or ``"group"`` (meaningful when ``mode == "moba"``).
 
     Example:
         >>> DEFAULT_POLICY.decide("model.layers.31.self_attn", 31, 32).reason
@@ -370,6 +402,7 @@ class Decision:
     topk: int
     reason: str
     rule_index: int | None = None
+    routing: Routing = "head"
 
 
 @dataclass(frozen=True)
@@ -389,6 +422,7 @@ class Policy:
             graph breaks hide layers); None to use the graph's count.
         min_seq_len: Key sequences shorter than this run dense (>= 0; applied at run time by the backend).
         decode: ``"moba"`` or ``"dense"``: how decode steps (``Lq < Lk`` on a cache) of converted sites run.
+        routing: Default gate routing of MoBA sites (:data:`ROUTINGS`): ``"head"`` (the paper's) or ``"group"``.
         rules: Ordered rules.
         source: Where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` for one built in code), for
             messages; ``"<default>"`` marks the automatic policy (:data:`DEFAULT_POLICY`, see :attr:`automatic`).
@@ -411,6 +445,7 @@ class Policy:
     decode: Mode = "moba"
     rules: tuple[Rule, ...] = ()
     source: str = field(default="<Policy>", compare=False)
+    routing: Routing = "head"
 
     def __post_init__(self) -> None:
         where = "<Policy>" if self.source == _AUTOMATIC_SOURCE else str(self.source)
@@ -423,6 +458,7 @@ class Policy:
             _check_int(where, "num_layers", self.num_layers, 1)
         _check_int(where, "min_seq_len", self.min_seq_len, 0)
         _check_choice(where, "decode", self.decode, MODES)
+        _check_choice(where, "routing", self.routing, ROUTINGS)
         rules = self.rules
         if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, (list, tuple)):
             _fail(where, "rules", rules, "a list of tables ([[rules]] in TOML)")
@@ -501,14 +537,14 @@ class Policy:
                     f"dense_last={self.dense_last}: layer {layer} is among the last {self.dense_last} of "
                     f"{len(order)} attention layers"
                 )
-                return Decision("dense", self.chunk_size, self.topk, reason, None)
+                return Decision("dense", self.chunk_size, self.topk, reason, None, self.routing)
             if layer is None:
                 reason = f"default policy (dense_last={self.dense_last} not applied: layer unknown)"
-                return Decision("moba", self.chunk_size, self.topk, reason, None)
+                return Decision("moba", self.chunk_size, self.topk, reason, None, self.routing)
             if order is None:
                 reason = f"default policy (dense_last={self.dense_last} not applied: number of layers unknown)"
-                return Decision("moba", self.chunk_size, self.topk, reason, None)
-        return Decision("moba", self.chunk_size, self.topk, "default policy", None)
+                return Decision("moba", self.chunk_size, self.topk, reason, None, self.routing)
+        return Decision("moba", self.chunk_size, self.topk, "default policy", None, self.routing)
 
     def decide(
         self, module: str, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
@@ -537,7 +573,7 @@ class Policy:
         Example:
             >>> policy = load_policy({"rules": [{"module": "re:.*layers\\\\.(4|5)\\\\.self_attn", "topk": 3}]})
             >>> policy.decide("model.layers.5.self_attn", 5, 32)
-            Decision(mode='moba', chunk_size=4096, topk=3, reason="rule 0 (module='re:.*layers\\\\\\\\.(4|5)\\\\\\\\.self_attn')", rule_index=0)
+            Decision(mode='moba', chunk_size=4096, topk=3, reason="rule 0 (module='re:.*layers\\\\\\\\.(4|5)\\\\\\\\.self_attn')", rule_index=0, routing='head')
         """  # noqa: E501
         order = self.attention_order(num_layers, attention_layers)
         base = self.default_decision(layer, num_layers, attention_layers)
@@ -553,6 +589,7 @@ class Policy:
                 topk=rule.topk if rule.topk is not None else base.topk,
                 reason=reason,
                 rule_index=i,
+                routing=rule.routing if rule.routing is not None else base.routing,
             )
         return base
 
@@ -567,7 +604,7 @@ class Policy:
         own. :func:`moba_compile.compile_blocks` does this for every block; this method is the same decision for
         one site, for code that builds its backends by hand (``moba_compile.make_backend({"policy": ...})``).
 
-        The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``, this policy's
+        The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``/``routing``, this policy's
         ``min_seq_len`` and ``decode`` (applied at run time, so they stay the caller's), and no rules when the
         decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``, since without
         a layer index nothing else can make a site dense. It decides every site alike, whatever its path or layer.
@@ -582,7 +619,7 @@ class Policy:
                 :meth:`decide`.
 
         Returns:
-            A new :class:`Policy`; ``for_site(...).decide(m, None, None)`` has the mode, chunk size and top-k of
+            A new :class:`Policy`; ``for_site(...).decide(m, None, None)`` has the mode, chunk size, top-k and routing of
             ``decide(module, layer, num_layers, attention_layers)`` for every path ``m``. Its source names the site.
 
         Raises:
@@ -601,6 +638,7 @@ class Policy:
         return Policy(
             chunk_size=decision.chunk_size,
             topk=decision.topk,
+            routing=decision.routing,
             dense_last=0,
             min_seq_len=self.min_seq_len,
             decode=self.decode,
@@ -702,12 +740,13 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         """The policy as a plain dict in the file schema; ``load_policy(policy.to_dict()) == policy``.
 
-        Every top-level key is written (``num_layers`` only when set, since TOML has no null); each rule holds only
+        Every top-level key is written (``num_layers`` only when set, since TOML has no null; ``routing`` only when it
+        is not the default ``"head"``, so policies written before it existed keep their form); each rule holds only
         the fields it sets. The result is JSON-serialisable. ``source`` is not part of the schema and is left out.
 
         Returns:
             A new dict: ``version``, ``chunk_size``, ``topk``, ``dense_last``, [``num_layers``], ``min_seq_len``,
-            ``decode``, ``rules``.
+            ``decode``, [``routing``], ``rules``.
 
         Raises:
             Nothing.
@@ -726,6 +765,8 @@ class Policy:
             out["num_layers"] = self.num_layers
         out["min_seq_len"] = self.min_seq_len
         out["decode"] = self.decode
+        if self.routing != "head":
+            out["routing"] = self.routing
         out["rules"] = [rule.to_dict() for rule in self.rules]
         return out
 
@@ -801,7 +842,7 @@ def load_policy(spec: str | os.PathLike[str] | Mapping[str, Any] | Policy | None
         >>> load_policy({"chunk": 512})
         Traceback (most recent call last):
         ...
-        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, min_seq_len, num_layers, rules, topk, version (did you mean 'chunk_size'?)
+        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, min_seq_len, num_layers, routing, rules, topk, version (did you mean 'chunk_size'?)
     """  # noqa: E501
     if spec is None:
         return DEFAULT_POLICY

@@ -16,8 +16,8 @@ import moba_compile.policy as policy_mod
 from moba_compile.policy import DEFAULT_POLICY, Decision, Policy, PolicyError, Rule, load_policy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
-TOP_KEYS = "chunk_size, decode, dense_last, min_seq_len, num_layers, rules, topk, version"
-RULE_KEYS = "chunk_size, layers, mode, module, topk"
+TOP_KEYS = "chunk_size, decode, dense_last, min_seq_len, num_layers, routing, rules, topk, version"
+RULE_KEYS = "chunk_size, layers, mode, module, routing, topk"
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -493,10 +493,10 @@ def test_rule_without_selector() -> None:
 
 def test_rule_without_settings() -> None:
     assert rule_error({"layers": [3]}) == (
-        "<dict>: rules[1] sets none of 'mode', 'chunk_size', 'topk'; a rule must change at least one setting"
+        "<dict>: rules[1] sets none of 'mode', 'chunk_size', 'topk', 'routing'; a rule must change at least one setting"
     )
     assert rule_error({"module": "x", "mode": None}).startswith("<dict>: rules[1] sets none of")
-    with pytest.raises(PolicyError, match=r"^<Rule>: rule sets none of 'mode', 'chunk_size', 'topk'"):
+    with pytest.raises(PolicyError, match=r"^<Rule>: rule sets none of 'mode', 'chunk_size', 'topk', 'routing'"):
         Rule(layers=(0,))
 
 
