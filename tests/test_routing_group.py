@@ -460,3 +460,44 @@ def test_explain_reports_the_routing() -> None:
     assert [s.routing for s in report.sites] == ["group", "head", "group"]
     header = str(report).splitlines()[2].split()
     assert header[6] == "routing"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hugging Face attention function (attn_implementation="moba")
+# --------------------------------------------------------------------------------------------------------------------
+def test_hf_attention_function_routes_by_group_prefill_and_decode() -> None:
+    transformers = pytest.importorskip("transformers", reason="the 'test' extra installs transformers")
+    from models import TINY_LLAMA, TOKEN_IDS
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    import moba_compile.hf
+
+    def oracle(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out = reference.moba_attention(query, key, value, chunk_size=8, topk=2, scale=scaling, routing="group")
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("group_oracle", oracle)
+    AttentionMaskInterface.register("group_oracle", sdpa_mask)
+    attention = moba_compile.hf.register({**POLICY, "rules": []}, name="moba_group")  # every layer group-routed
+    # One config object per model: the attention implementation is read from the (shared) config at every call.
+    config = {**TINY_LLAMA, **TOKEN_IDS}  # 4 query heads, 2 key/value heads
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**config), attn_implementation="moba_group"
+    ).eval()
+    twin = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**config), attn_implementation="group_oracle"
+    ).eval()
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 64, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = twin(ids).logits
+    torch.testing.assert_close(logits, expected, atol=3e-5, rtol=0)  # fp32 model, same reference math per layer
+    assert {s.routing for s in attention.report().sites} == {"group"}
+    # A decode step over the KV cache (the last row of a prefill over the same keys) takes the same routing.
+    with torch.no_grad():
+        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        step = model(ids[:, -1:], **{moba_compile.hf.cache_keyword(): cache}, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, expected[:, -1], atol=3e-5, rtol=0)
