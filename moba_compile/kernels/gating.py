@@ -5,7 +5,8 @@ Pipeline (one forward):
 1. :func:`chunk_means_triton`: ``[B, Hkv, N, D]`` fp32 means of the key chunks (``N = ceil(Lk / C)``).
 2. :func:`select_chunks_triton`: per query tile, the scores against the mean tiles of strictly earlier chunks, packed
    with the chunk index into one int64 key and reduced to a running top-(K-1) in registers. Never materialises
-   ``[B, H, Lq, N]``.
+   ``[B, H, Lq, N]``. Group routing (``routing="group"``): one program per key head sums its ``G`` query heads' scores
+   and writes the one top-(K-1) to each of them, so everything downstream runs unchanged.
 3. :func:`flip_selection`: per (batch, key head, chunk) the list of (query head, row, slot) entries that chose that
    chunk (count with atomics, prefix sum, scatter), plus the list of row tiles the key-major forward launches.
 
