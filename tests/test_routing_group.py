@@ -30,7 +30,7 @@ import triton  # noqa: E402, F401  (a missing triton must fail the tests, not sk
 from conftest import F64, decode_case, kernel_case, masked_attention  # noqa: E402
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kernel_cases import assert_out_lse_within_budget, on_test_device, prefill_inputs  # noqa: E402
+from kernel_cases import TEST_DEVICE, assert_out_lse_within_budget, on_test_device, prefill_inputs  # noqa: E402
 from models import TinyLM  # noqa: E402
 from test_kernels_backward import check_backward  # noqa: E402
 from test_kernels_decode import check_decode  # noqa: E402
@@ -351,18 +351,22 @@ def test_triton_static_decode_matches_the_reference() -> None:
 
 def test_through_the_op_on_the_triton_path() -> None:
     # The op's forward and registered backward must hand routing to the launchers: its results are bitwise the group
-    # launchers' (the interpreter runs programs in order, so even dQ's atomics sum alike), and differ from head's.
+    # launchers' (deterministic mode: no float atomics, also on a GPU), and differ from head routing's.
     q, k, v, do, _ = prefill_inputs(kernel_case(1, 64, 4, 2, 16, 3, torch.float16), grad_out=True)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves = [t.clone().to(TEST_DEVICE).requires_grad_() for t in (q, k, v)]
     before = ops.CALLS["attention_backward:triton"]
-    out = moba_compile.moba_attention(*leaves, chunk_size=16, topk=3, routing="group", impl="triton")
-    out.backward(do)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # the op's backward then takes the deterministic path
+    try:
+        out = moba_compile.moba_attention(*leaves, chunk_size=16, topk=3, routing="group", impl="triton")
+        out.backward(do.to(TEST_DEVICE))
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert ops.CALLS["attention_backward:triton"] == before + 1
     for routing, same in (("group", True), ("head", False)):
         o, lse = moba_forward_triton(q, k, v, 16, 3, 0.125, routing=routing)
-        grads = moba_backward_triton(do, q, k, v, o, lse, 16, 3, 0.125, routing=routing)
-        assert torch.equal(out, o) is same
-        assert all(torch.equal(leaf.grad, g) for leaf, g in zip(leaves, grads)) is same
+        grads = moba_backward_triton(do, q, k, v, o, lse, 16, 3, 0.125, deterministic=True, routing=routing)
+        assert torch.equal(out.detach().cpu(), o) is same
+        assert all(torch.equal(leaf.grad.cpu(), g) for leaf, g in zip(leaves, grads)) is same
 
 
 # --------------------------------------------------------------------------------------------------------------------
