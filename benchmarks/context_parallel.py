@@ -18,7 +18,9 @@ Per variant and length: step time (one warm-up step at the first length, then ``
 peak memory per GPU, and the bytes each rank receives per layer per step, COMPUTED from the shapes (not measured):
 MoBA gathers K and V (``Hkv`` heads) in the forward and again in the recomputation, and its backward reduce-scatters
 dK and dV; dense all-gathers K and V (``Hq`` heads, repeated) in the forward and the recomputation and, in the
-backward, all-gathers them again and reduce-scatters their gradients. Results go to
+backward, all-gathers them again and reduce-scatters their gradients. MEASURED per length before the steps: one MoBA
+layer's attention forward + backward under context parallelism, and the MoBA layer's collectives alone
+(``exchange_share_of_attention``; ``--no-layer-timing`` skips it). Results go to
 ``benchmarks/results/context_parallel-<gpu>-<date>.json``, one row at a time (a run cut short keeps what it measured).
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
@@ -113,6 +115,69 @@ def _exchanged_bytes(config: dict, tokens: int, world: int, variant: str) -> int
     return 2 * one * (3 if variant == "moba" else 4)
 
 
+def _median_ms(fn: Any, group: Any, device: torch.device, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms on every rank together (barrier before, device synchronised after)."""
+    fn()  # warm-up: kernels compiled, communicators set up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier(group)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _layer_timing(config: dict, policy: dict, tokens: int, mesh: Any, device: torch.device) -> dict[str, float]:
+    """One MoBA layer's attention under context parallelism against its key/value exchange alone (measured).
+
+    ``moba_layer_attention_ms``: forward + backward of ``context_parallel_moba_attention`` on random bf16 shards of
+    the model's shapes (its all-gathers and reduce-scatter included). ``moba_layer_exchange_ms``: the collectives a
+    checkpointed MoBA layer runs per step, alone: key and value all-gathered twice (forward and recomputation) and
+    their gradients reduce-scattered once. Their ratio is issue 19's "communication per layer / attention time".
+    """
+    from moba_compile import context_parallel as cp
+
+    group = mesh.get_group()
+    world = dist.get_world_size(group)
+    shard, d = tokens // world, config["head_dim"]
+    hq, hkv = config["num_attention_heads"], config["num_key_value_heads"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(dist.get_rank())
+    q = torch.randn(1, hq, shard, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(1, hkv, shard, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(1, hkv, shard, d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    grad = torch.randn_like(q)
+
+    def attention() -> None:
+        out = cp.context_parallel_moba_attention(
+            q, k, v, mesh_or_group=mesh, chunk_size=policy["chunk_size"], topk=policy["topk"]
+        )
+        out.backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    gathered = torch.empty(world * k.numel(), device=device, dtype=dtype)
+    scattered = torch.empty(k.numel(), device=device, dtype=dtype)
+    flat = k.detach().reshape(-1)
+
+    def exchange() -> None:
+        for _ in range(4):  # K and V, forward and recomputation
+            dist.all_gather_into_tensor(gathered, flat, group=group)
+        for _ in range(2):  # dK and dV back to their owners
+            dist.reduce_scatter_tensor(scattered, gathered, group=group)
+
+    attention_ms = _median_ms(attention, group, device)
+    exchange_ms = _median_ms(exchange, group, device)
+    return {
+        "moba_layer_attention_ms": attention_ms,
+        "moba_layer_exchange_ms": exchange_ms,
+        "exchange_share_of_attention": exchange_ms / attention_ms,
+    }
+
+
 def _step(model: torch.nn.Module, variant: str, mesh: Any, ids: torch.Tensor) -> float:
     from moba_compile import context_parallel as cp
 
@@ -151,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default=None, help="comma-separated tokens per sequence (default 256K,512K,1M)")
     parser.add_argument("--dense-lengths", default=None, help="lengths dense also runs (default 256K,512K)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--no-layer-timing", action="store_true", help="skip the per-layer attention vs exchange timing (measured)"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
@@ -205,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     warmed: set[str] = set()
     for n in lengths:
         row: dict[str, Any] = {"tokens": n, "tokens_per_rank": n // world}
+        if not args.no_layer_timing:
+            try:
+                row.update(_layer_timing(config, policy, n, mesh, device))
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                row["layer_timing_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         for variant in ("moba", "dense"):
             if variant == "dense" and n not in dense_lengths:
                 row["dense_note"] = "not run (--dense-lengths): its step would not fit one 10-minute GPU call"

@@ -15,6 +15,14 @@ graph-safe static-cache op). The graph rows also give the time a step must take 
 it needs (``graph_bound_ms``, at the rate of a read-only probe measured in the same run; MoBA layers counted with
 every selected chunk read once per query head, an upper bound on their bytes).
 
+``--dense-compiled`` adds two dense prefill baselines through ``torch.compile(backend="moba")`` with every layer
+dense: ``dense_compiled_masked_s`` (``dense_sdpa = "as_is"``: SDPA as transformers hands it under torch.compile, on
+torch 2.11 a boolean mask and repeated key/value, so a masked kernel) and ``dense_compiled_flash_s``
+(``dense_sdpa = "flash_when_causal"``: flash wherever the mask is exactly causal). The eager dense rows above need
+neither: eager transformers passes no mask there (``is_causal=True`` on unrepeated key/value). The compiled model
+builds an ``[L, L]`` boolean mask (16 GiB at 128K) and the masked kernel an additive bias from it, so these rows are
+taken up to ``--dense-compiled-max`` tokens (65536) and skipped, with the reason, above.
+
     python -m benchmarks.end_to_end                 # GPU
     python -m benchmarks.end_to_end --dry-run       # the plan (parameters, memory), any machine
     python -m benchmarks.end_to_end --smoke         # a tiny config through the whole script on the CPU (not saved)
@@ -162,6 +170,30 @@ def time_decode(model, ids: torch.Tensor, cache_factory, steps: int) -> float:
     return ids.shape[0] * steps / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def time_compiled_dense_prefill(model, ids: torch.Tensor, dense_sdpa: str, repeats: int) -> tuple[float, dict]:
+    """Median seconds of a prefill of ``model`` compiled through the ``moba`` backend with every layer dense and the
+    policy's ``dense_sdpa`` (after an untimed call that compiles), and the ``moba::dense_attention`` executions of the
+    timed calls by branch (``ops.CALLS``; none under ``"as_is"``)."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    import moba_compile
+    from moba_compile import ops
+
+    policy = {"version": 1, "rules": [{"module": "re:.*", "mode": "dense"}], "dense_sdpa": dense_sdpa}
+    torch._dynamo.reset()  # each baseline compiles its own graphs
+    compiled = torch.compile(model, backend="moba", options={"policy": policy})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moba_compile.MobaCompileWarning)  # "converts none": all dense on purpose
+        time_prefill(compiled, ids, DynamicCache, 1)
+        before = {k: n for k, n in ops.CALLS.items() if k.startswith("dense_attention")}
+        seconds = time_prefill(compiled, ids, DynamicCache, repeats)
+    ran = {k: n - before.get(k, 0) for k, n in ops.CALLS.items() if k.startswith("dense_attention")}
+    return seconds, {k: n for k, n in ran.items() if n}
+
+
 def _cpu_read_rate(n_bytes: int) -> dict[str, float]:
     """The read-only probe on the CPU (``--smoke``): a sum over ``n_bytes`` of fp32, best of 5."""
     x = torch.ones(n_bytes // 4)
@@ -197,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", default=None, help="comma-separated decode contexts (default 131072,524288)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per decode step (prefill runs batch 1)")
     parser.add_argument("--no-graph", action="store_true", help="skip the static-cache, graph-captured decode rows")
+    parser.add_argument(
+        "--dense-compiled",
+        action="store_true",
+        help="also time the dense prefill compiled through backend='moba' with dense_sdpa as_is (masked) and "
+        "flash_when_causal",
+    )
+    parser.add_argument("--dense-compiled-max", type=int, default=65536, help="longest prefill for --dense-compiled")
     args = parser.parse_args(argv)
     config = SMOKE_MODEL if args.smoke else MODEL
     prefill = (512, 1024) if args.smoke else PREFILL_LENGTHS
@@ -258,10 +297,23 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["speedup"] = row["dense_s"] / row["moba_s"]
+        if args.dense_compiled and n > args.dense_compiled_max:
+            row["dense_compiled_skipped"] = f"{n} tokens > --dense-compiled-max {args.dense_compiled_max}"
+        elif args.dense_compiled:
+            model.set_attn_implementation("sdpa")
+            for mode, key in (("as_is", "dense_compiled_masked"), ("flash_when_causal", "dense_compiled_flash")):
+                row[f"{key}_s"], row[f"{key}_ran"] = time_compiled_dense_prefill(model, ids, mode, args.repeats)
+            row["speedup_vs_compiled_masked"] = row["dense_compiled_masked_s"] / row["moba_s"]
+            row["speedup_vs_compiled_flash"] = row["dense_compiled_flash_s"] / row["moba_s"]
         rows.append(row)
         if not args.smoke:
             save(rows)
         print(f"prefill {n:>7}: moba {row['moba_s']:.3f} s, dense {row['dense_s']:.3f} s, {row['speedup']:.2f}x")
+        if "dense_compiled_flash_s" in row:
+            print(
+                f"  dense compiled (backend='moba', all dense): masked {row['dense_compiled_masked_s']:.3f} s, "
+                f"flash causal {row['dense_compiled_flash_s']:.3f} s ({row['dense_compiled_flash_ran'] or 'no op ran'})"
+            )
     if not args.no_graph:
         from benchmarks.decode import read_bandwidth
 

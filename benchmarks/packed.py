@@ -117,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=None, help=f"where to write the JSON (default {RESULTS_DIR})")
     p.add_argument("--dry-run", action="store_true", help="print the documents and the work, measure nothing")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU via TRITON_INTERPRET=1")
+    p.add_argument("--plot", type=Path, default=None, help="redraw the PNG of a saved result JSON, measure nothing")
     args = p.parse_args(argv)
     if args.smoke:
         args.total, args.min_doc, args.max_doc = 96, 8, 64
@@ -343,13 +344,70 @@ def print_row(row: dict[str, Any]) -> None:
         print(f"  error {field}: {error}")
 
 
+_PLOTTED = (
+    ("moba_packed_fwd_bwd_ms", "MoBA packed (cu_seqlens)"),
+    ("moba_unpacked_sum_fwd_bwd_ms", "MoBA per document, summed"),
+    ("dense_varlen_sum_fwd_bwd_ms", "dense causal per document, summed"),
+    ("flex_document_fwd_bwd_ms", "FlexAttention, document mask"),
+    ("dense_mask_fwd_bwd_ms", "dense SDPA, [T, T] document mask"),
+)
+
+
+def plot(row: dict[str, Any], env: dict[str, Any], path: Path) -> bool:
+    """Forward+backward time of each variant of one measured row (horizontal bars, log scale); needs matplotlib.
+
+    Returns whether a PNG was written (``False`` without matplotlib or without any measured variant).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return False
+    bars = [(label, row[field]) for field, label in _PLOTTED if row.get(field)]
+    if not bars:
+        return False
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    labels, values = zip(*bars, strict=True)
+    ax.barh(
+        range(len(values)), values, color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange", "tab:red"][: len(values)]
+    )
+    ax.set_yticks(range(len(values)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(min(values) / 1.5, max(values) * 3)  # room for the labels
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.1f} ms", va="center")
+    ax.set_xlabel("forward + backward, ms (log scale)")
+    ax.set_title(
+        f"{row['n_documents']} documents packed into T={row['total']}, H={row['heads']}/{row['kv_heads']} "
+        f"D={row['head_dim']} C={row['chunk_size']} K={row['topk']} {row['dtype']}",
+        fontsize=10,
+    )
+    fig.suptitle(f"{env.get('gpu')} - torch {env.get('torch')} - triton {env.get('triton')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code (0, or 2 without a CUDA GPU for a real run).
+
+    ``--plot RESULT.json`` only redraws the PNG of a saved result next to it (no GPU needed).
 
     Example:
         >>> main(["--dry-run"])  # doctest: +SKIP
     """
     args = parse_args(argv)
+    if args.plot is not None:
+        saved = json.loads(args.plot.read_text())
+        png = args.plot.with_suffix(".png")
+        if plot(saved["rows"][0], saved["environment"], png):
+            print(f"wrote {png}")
+        return 0
     if args.dry_run:
         lengths = draw_documents(args.total, args.min_doc, args.max_doc, args.seed)
         dense, moba = causal_pairs(lengths), moba_pairs_bound(lengths, args.chunk_size, args.topk)
@@ -370,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         path = results_path(out_dir, "packed", env)
         path.write_text(json.dumps({"environment": env, "rows": [row]}, indent=1) + "\n")
         print(f"wrote {path}")
+        if plot(row, env, path.with_suffix(".png")):
+            print(f"wrote {path.with_suffix('.png')}")
     return 0
 
 

@@ -22,7 +22,11 @@ What it does:
    stderr, the loss every ``--log-every`` steps and the backend's per-layer report on stdout;
 4. restores the initial weights and trains ``--dense-steps`` steps on the same batches, compiled through the same
    backend with a policy that keeps every layer dense, and prints both step times (median of the steps after the
-   first, which compiles) and their ratio;
+   first, which compiles) and their ratio. Two dense baselines with ``--dense-sdpa flash_when_causal`` (the default):
+   SDPA as transformers runs it (on torch 2.11 a masked kernel on repeated key/value), and flash attention wherever
+   the mask is exactly causal (the policy's ``dense_sdpa = "flash_when_causal"``, which the MoBA run's dense layers
+   use too; docs/semantics.md, "Dense layers at full speed"); ``--dense-sdpa as_is`` runs the first only and leaves
+   the MoBA run's dense layers as transformers runs them;
 5. checks that the MoBA op really ran: ``moba_compile.ops.CALLS`` grew for ``attention`` and ``attention_backward``
    during the MoBA run, and did not grow during the dense run.
 
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -90,6 +95,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="steps of the all-dense timing run (min(--steps, 10)); at least 2",
     )
     parser.add_argument(
+        "--dense-sdpa",
+        choices=moba_compile.policy.DENSE_SDPA,
+        default="flash_when_causal",
+        help="the policy's dense_sdpa for the MoBA run's dense layers; flash_when_causal (default) also times the "
+        "flash-causal dense baseline next to the masked one",
+    )
+    parser.add_argument(
         "--pack", action="store_true", help="train on packed documents (one row of batch * seq-len tokens per step)"
     )
     parser.add_argument("--min-doc", type=int, default=0, metavar="N", help="--pack: shortest document (seq-len/8)")
@@ -112,6 +124,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dense_steps < 2:
         parser.error(f"--dense-steps must be >= 2, got {args.dense_steps}")
     return args
+
+
+def _dense_branches() -> dict[str, int]:
+    """The executions of ``moba::dense_attention`` so far, by branch (``ops.CALLS``: ``dense_attention:flash``, ...)."""
+    return {k: n for k, n in moba_compile.ops.CALLS.items() if k.startswith("dense_attention")}
 
 
 def _compile(lm: training.CausalLM, policy: moba_compile.Policy | dict[str, Any], compiler: str) -> Callable[..., Any]:
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return training.user_error(err)
     if args.pack and not lm.hf:
         return training.user_error(CliError("--pack needs a Hugging Face model (position ids); the GPT has none"))
+    policy = dataclasses.replace(policy, dense_sdpa=args.dense_sdpa)
     corpus = corpus_mod.load_corpus()
     lm.module.to(device)
     training.describe(lm, policy)
@@ -181,6 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     dense = training.train_steps(lm, fn, optimizer, corpus, args, steps=args.dense_steps, tag="dense", device=device)
     dense_calls = sum(after - prior for after, prior in zip(training.moba_counts(), before_dense))
 
+    # The second dense baseline: every layer dense, flash wherever the mask is exactly causal (dense_sdpa).
+    flash = None
+    if args.dense_sdpa == "flash_when_causal":
+        del optimizer, fn
+        lm.module.load_state_dict(initial)
+        fn = _compile(lm, {**copy.deepcopy(training.DENSE_POLICY), "dense_sdpa": args.dense_sdpa}, args.compiler)
+        optimizer = training.make_optimizer(lm.module, args.lr)
+        before_flash, branches_before = training.moba_counts(), _dense_branches()
+        flash = training.train_steps(
+            lm, fn, optimizer, corpus, args, steps=args.dense_steps, tag="dense-flash", device=device
+        )
+        dense_calls += sum(after - prior for after, prior in zip(training.moba_counts(), before_flash))
+        flash_branches = {k: n - branches_before.get(k, 0) for k, n in _dense_branches().items()}
+
     moba_time, dense_time = moba.step_time(), dense.step_time()
     print(
         f"MoBA step time: {moba_time:.4f} s (median of {len(moba.times) - 1} steps after the first, "
@@ -188,9 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"dense step time: {dense_time:.4f} s (median of {len(dense.times) - 1} steps after the first, "
-        f"which compiled in {dense.times[0]:.2f} s)"
+        f"which compiled in {dense.times[0]:.2f} s; SDPA as transformers runs it)"
     )
+    if flash is not None:
+        flash_time = flash.step_time()
+        ran = ", ".join(f"{k} x{n}" for k, n in sorted(flash_branches.items()) if n) or "none: no masked SDPA call"
+        print(
+            f"dense (flash causal) step time: {flash_time:.4f} s (median of {len(flash.times) - 1} steps after the "
+            f"first, which compiled in {flash.times[0]:.2f} s; dense_sdpa = 'flash_when_causal', ran {ran})"
+        )
     print(f"MoBA/dense step time ratio: {moba_time / dense_time:.3f}")
+    if flash is not None:
+        print(f"MoBA/dense (flash causal) step time ratio: {moba_time / flash_time:.3f}")
     shared = min(len(moba.losses), len(dense.losses))
     print(
         f"loss after {shared} steps: MoBA {moba.losses[shared - 1]:.4f}, dense {dense.losses[shared - 1]:.4f} "

@@ -73,6 +73,12 @@ REASONS: dict[str, str] = {
         "static cache: the length read from the mask on the device, and each step averages every chunk of the buffer "
         "for the gate (a compiled graph keeps no means between steps; attn_implementation='moba' does)"
     ),
+    # A dense site under the policy's dense_sdpa = "flash_when_causal" (the compile pass; moba_compile.dense_ops).
+    "dense_flash": (
+        "dense_sdpa = 'flash_when_causal': flash attention (is_causal, or no mask for one decode query) on unrepeated "
+        "key/value when the mask is exactly causal, checked at run time; else this masked SDPA call"
+    ),
+    "dense_flash_not": "dense_sdpa = 'flash_when_causal' does not apply ({why}): SDPA as is",
     "static_min_seq_len": (
         "static KV cache buffer under the compile backend with min_seq_len {min_seq_len}: the length is known only on "
         "the device, so the threshold cannot be applied"

@@ -43,8 +43,9 @@ def explain(
     Returns:
         :class:`moba_compile.Report` merged over all graphs (graph breaks give several): ``report.sites`` has one record
         per SDPA call (``module``, ``layer``, ``decision``, ``chunk_size``, ``topk``, ``reason``, ...), sites whose
-        boolean mask proved non-causal during the run are reported dense, and ``report.unmatched_rules`` lists the
-        policy rules that matched no site. ``print(report)`` shows a table.
+        boolean mask proved non-causal during the run are reported dense, dense sites run by ``moba::dense_attention``
+        (``dense_sdpa = "flash_when_causal"``) say whether flash or their masked SDPA call ran, and
+        ``report.unmatched_rules`` lists the policy rules that matched no site. ``print(report)`` shows a table.
 
     Raises:
         moba_compile.PolicyError: malformed policy. ValueError: bad ``impl``/``compiler``.
@@ -81,7 +82,9 @@ def explain(
     for number, report in enumerate(reports):  # number graphs from 0 within this call
         report = Report([replace(s, graph=number) for s in report.sites], report.unmatched_rules, report.policy_source)
         merged = merged.merge(report)
-    return merged.with_mask_observations(observed, ops.MASK_KIND_REASONS, {ops.MASK_DOCUMENTS: ops.MASK_DOCUMENTS_NOTE})
+    return merged.with_mask_observations(
+        observed, ops.MASK_KIND_REASONS, {ops.MASK_DOCUMENTS: ops.MASK_DOCUMENTS_NOTE}, flash_kinds=(ops.MASK_CAUSAL,)
+    )
 
 
 _OWN_KEYWORDS = ("policy", "impl", "compiler")

@@ -86,6 +86,7 @@ __all__ = [
     "Impl",
     "analyse_mask",
     "attention",
+    "dense_attention",
     "chunk_means",
     "packed_attention",
     "SHARED_LAUNCH_BELOW",
@@ -655,6 +656,13 @@ def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
     if not isinstance(key, Tensor) or key.dim() != 4:
         raise ValueError(f"key must be a 4-D tensor [B, Hkv, Lk, D], got {getattr(key, 'shape', key)!r}")
     check_moba_params(chunk_size, 1)
+    # Through the op, not the launcher: a compiled graph (the static-cache decode step, a cache traced by Dynamo)
+    # propagates fake tensors through its nodes, and a Triton launch cannot run on those.
+    return _chunk_means_op(key, chunk_size, impl)
+
+
+@torch.library.custom_op("moba::chunk_means", mutates_args=())
+def _chunk_means_op(key: Tensor, chunk_size: int, impl: str) -> Tensor:
     n_complete = key.shape[2] // chunk_size
     # The decode step this cache serves: one query row per key head (only metadata is read). An empty cache has no
     # step to serve yet: its query is as empty as its keys, which every implementation answers with zero rows.
@@ -667,9 +675,17 @@ def chunk_means(key: Tensor, chunk_size: int, *, impl: str = "auto") -> Tensor:
     return reference.chunk_means(key, chunk_size)[:, :, :n_complete].contiguous()
 
 
-# The packed-sequence and static-cache ops live in their own modules; these names stay reachable as ``ops.<name>``
-# (and ``moba::attention`` runs a packed-documents mask through the packed module's forward). Imported last: those
-# modules import from this one.
+@_chunk_means_op.register_fake
+def _(key: Tensor, chunk_size: int, impl: str) -> Tensor:
+    b, h, lk, d = key.shape
+    dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
+    return key.new_empty((b, h, lk // chunk_size, d), dtype=dtype)
+
+
+# The packed-sequence, static-cache and dense-site ops live in their own modules; these names stay reachable as
+# ``ops.<name>`` (and ``moba::attention`` runs a packed-documents mask through the packed module's forward). Imported
+# last: those modules import from this one.
+from .dense_ops import dense_attention  # noqa: E402
 from .packed_ops import (  # noqa: E402
     SHARED_LAUNCH_BELOW,
     _packed_backward,

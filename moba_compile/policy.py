@@ -33,10 +33,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "DEFAULT_POLICY",
+    "DENSE_SDPA",
     "MAX_INT",
     "MODES",
     "ROUTINGS",
     "Decision",
+    "DenseSdpa",
     "Mode",
     "Policy",
     "PolicyError",
@@ -56,6 +58,13 @@ MAX_INT = 2**31 - 1
 Mode = Literal["moba", "dense"]
 #: The values of :data:`Mode`, in the order messages list them.
 MODES: tuple[Mode, ...] = get_args(Mode)
+#: How the compile backend runs the dense SDPA sites it could have converted (the policy's ``dense_sdpa``):
+#: ``"as_is"`` leaves the call untouched, bit for bit (spec section 3); ``"flash_when_causal"`` runs flash attention on
+#: unrepeated key/value wherever the call's boolean mask is found exactly causal at run time (``is_causal=True`` with
+#: ``Lq == Lk``; no mask for a one-query decode step), and the call as it was elsewhere (:mod:`moba_compile.dense_ops`).
+DenseSdpa = Literal["as_is", "flash_when_causal"]
+#: The values of :data:`DenseSdpa`, in the order messages list them.
+DENSE_SDPA: tuple[DenseSdpa, ...] = get_args(DenseSdpa)
 #: How a MoBA site's gate selects chunks (spec section 6): ``"head"`` (the default, the MoBA paper's: every query head
 #: chooses its own chunks) or ``"group"`` (GQA/MQA: one choice per key head and position, from the scores summed
 #: over the group's query heads, shared by them).
@@ -72,6 +81,7 @@ _TOP_KEYS: tuple[str, ...] = (
     "chunk_size",
     "decode",
     "dense_last",
+    "dense_sdpa",
     "min_seq_len",
     "num_layers",
     "routing",
@@ -423,6 +433,9 @@ class Policy:
         min_seq_len: Key sequences shorter than this run dense (>= 0; applied at run time by the backend).
         decode: ``"moba"`` or ``"dense"``: how decode steps (``Lq < Lk`` on a cache) of converted sites run.
         routing: Default gate routing of MoBA sites (:data:`ROUTINGS`): ``"head"`` (the paper's) or ``"group"``.
+        dense_sdpa: ``"as_is"`` (default: dense sites keep their SDPA call bit for bit) or ``"flash_when_causal"``
+            (the compile backend runs flash attention at dense sites whose boolean mask is exactly causal at run
+            time; numerics change within the flash kernel's rounding): see :data:`DenseSdpa`.
         rules: Ordered rules.
         source: Where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` for one built in code), for
             messages; ``"<default>"`` marks the automatic policy (:data:`DEFAULT_POLICY`, see :attr:`automatic`).
@@ -443,6 +456,7 @@ class Policy:
     num_layers: int | None = None
     min_seq_len: int = 0
     decode: Mode = "moba"
+    dense_sdpa: DenseSdpa = "as_is"
     rules: tuple[Rule, ...] = ()
     source: str = field(default="<Policy>", compare=False)
     routing: Routing = "head"
@@ -458,6 +472,7 @@ class Policy:
             _check_int(where, "num_layers", self.num_layers, 1)
         _check_int(where, "min_seq_len", self.min_seq_len, 0)
         _check_choice(where, "decode", self.decode, MODES)
+        _check_choice(where, "dense_sdpa", self.dense_sdpa, DENSE_SDPA)
         _check_choice(where, "routing", self.routing, ROUTINGS)
         rules = self.rules
         if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, (list, tuple)):
@@ -604,10 +619,11 @@ class Policy:
         own. :func:`moba_compile.compile_blocks` does this for every block; this method is the same decision for
         one site, for code that builds its backends by hand (``moba_compile.make_backend({"policy": ...})``).
 
-        The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``/``routing``, this policy's
-        ``min_seq_len`` and ``decode`` (applied at run time, so they stay the caller's), and no rules when the
-        decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``, since without
-        a layer index nothing else can make a site dense. It decides every site alike, whatever its path or layer.
+        The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``/``routing``, this
+        policy's ``min_seq_len``, ``decode`` and ``dense_sdpa`` (applied per site, so they stay the caller's), and no
+        rules when the decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``,
+        since without a layer index nothing else can make a site dense. It decides every site alike, whatever its path
+        or layer.
         It stays automatic (:attr:`automatic`) when this policy is, so the automatic policy's dense fallback for
         sites it cannot serve exactly still applies.
 
@@ -628,7 +644,7 @@ class Policy:
         Example:
             >>> policy = Policy(chunk_size=512, topk=3, dense_last=1)
             >>> policy.for_site("layers.0.attn", 0, 4).to_dict()
-            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'rules': []}
+            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'routing': 'head', 'rules': []}
             >>> policy.for_site("layers.3.attn", 3, 4).decide("attn", None, None).mode
             'dense'
         """  # noqa: E501
@@ -642,6 +658,7 @@ class Policy:
             dense_last=0,
             min_seq_len=self.min_seq_len,
             decode=self.decode,
+            dense_sdpa=self.dense_sdpa,
             rules=rules,
             source=source,
         )
@@ -740,20 +757,19 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         """The policy as a plain dict in the file schema; ``load_policy(policy.to_dict()) == policy``.
 
-        Every top-level key is written (``num_layers`` only when set, since TOML has no null; ``routing`` only when it
-        is not the default ``"head"``, so policies written before it existed keep their form); each rule holds only
+        Every top-level key is written (``num_layers`` only when set, since TOML has no null); each rule holds only
         the fields it sets. The result is JSON-serialisable. ``source`` is not part of the schema and is left out.
 
         Returns:
             A new dict: ``version``, ``chunk_size``, ``topk``, ``dense_last``, [``num_layers``], ``min_seq_len``,
-            ``decode``, [``routing``], ``rules``.
+            ``decode``, ``dense_sdpa``, ``routing``, ``rules``.
 
         Raises:
             Nothing.
 
         Example:
             >>> DEFAULT_POLICY.to_dict()
-            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'rules': []}
+            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'routing': 'head', 'rules': []}
         """  # noqa: E501
         out: dict[str, Any] = {
             "version": self.version,
@@ -765,8 +781,8 @@ class Policy:
             out["num_layers"] = self.num_layers
         out["min_seq_len"] = self.min_seq_len
         out["decode"] = self.decode
-        if self.routing != "head":
-            out["routing"] = self.routing
+        out["dense_sdpa"] = self.dense_sdpa
+        out["routing"] = self.routing
         out["rules"] = [rule.to_dict() for rule in self.rules]
         return out
 
@@ -842,7 +858,7 @@ def load_policy(spec: str | os.PathLike[str] | Mapping[str, Any] | Policy | None
         >>> load_policy({"chunk": 512})
         Traceback (most recent call last):
         ...
-        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, min_seq_len, num_layers, routing, rules, topk, version (did you mean 'chunk_size'?)
+        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version (did you mean 'chunk_size'?)
     """  # noqa: E501
     if spec is None:
         return DEFAULT_POLICY

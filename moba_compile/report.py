@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -26,8 +27,10 @@ __all__ = [
     "FORM_CAUSAL",
     "FORM_DECODE",
     "FORM_MASK",
+    "FLASH_RAN",
     "FORM_NONE",
     "FORM_PACKED",
+    "MASKED_RAN",
     "Form",
     "SiteRecord",
     "Report",
@@ -49,6 +52,11 @@ FORM_PACKED: Form = "packed"
 #: a call MoBA does not serve (the record's reason says why); it runs dense.
 FORM_NONE: Form = "-"
 FORMS: tuple[Form, ...] = (FORM_CAUSAL, FORM_MASK, FORM_DECODE, FORM_PACKED, FORM_NONE)
+
+#: What :meth:`Report.with_mask_observations` adds to a dense site run by ``moba::dense_attention``, by the branch that
+#: ran (the mask check's observation).
+FLASH_RAN = "ran: flash (mask exactly causal)"
+MASKED_RAN = "ran: the masked SDPA call (mask not exactly causal)"
 
 #: The width ``str(report)`` keeps its lines within (a module path longer than about 50 characters can exceed it).
 TABLE_WIDTH = 120
@@ -78,7 +86,9 @@ class SiteRecord:
         impl: ``"triton"`` or ``"reference"`` for converted sites, with the reason when the Triton kernels cannot run;
             always ``"-"`` for a dense site (set so on construction: a dense site runs SDPA, not a MoBA kernel).
         graph: index of the compiled graph (graph breaks give several) the site belongs to.
-        mask_tag: identifier of the shared run-time mask check, when the site has one.
+        mask_tag: identifier of the shared run-time mask check, when the site has one: a MoBA site with a mask, or a
+            dense site run by ``moba::dense_attention`` (the policy's ``dense_sdpa = "flash_when_causal"``), which
+            takes flash where that check finds the mask exactly causal.
         effectively_dense: a MoBA site whose top-k covers every chunk of its key length
             (``topk * chunk_size >= key length``, known when the length is static): it computes exactly dense causal
             attention, so MoBA saves nothing there. Always False for a dense site. The table marks it ``moba*``.
@@ -161,19 +171,27 @@ class Report:
         return [s for s in self.sites if s.effectively_dense]
 
     def with_mask_observations(
-        self, observed: dict[str, int], dense_reasons: dict[int, str], packed: dict[int, str] | None = None
+        self,
+        observed: dict[str, int],
+        dense_reasons: dict[int, str],
+        packed: dict[int, str] | None = None,
+        flash_kinds: Collection[int] = (),
     ) -> Report:
-        """A copy in which sites whose shared mask was found unfit for MoBA at run time are reported dense, and those
-        whose mask was found to describe packed documents are reported with the form ``"packed"``.
+        """A copy in which sites whose shared mask was found unfit for MoBA at run time are reported dense, those
+        whose mask was found to describe packed documents are reported with the form ``"packed"``, and dense sites
+        with a mask check (``dense_sdpa = "flash_when_causal"``) say which SDPA ran.
 
         Args:
             observed: mask-check tags (``SiteRecord.mask_tag``) mapped to the mask kind seen at run time.
             dense_reasons: the mask kinds that run dense SDPA, mapped to why.
             packed: the mask kinds that run MoBA per packed document, mapped to the note added to the reason.
+            flash_kinds: the mask kinds under which a dense site with a mask check runs flash attention (the exactly
+                causal kind); under any other its masked SDPA call ran.
 
         Returns:
             A new report; the matching MoBA sites become dense with that reason (and no chunk size, top-k or impl), or
-            take the form ``"packed"`` with the note after their reason.
+            take the form ``"packed"`` with the note after their reason; a dense site with a mask check gets
+            ``"ran: flash (mask exactly causal)"`` or ``"ran: the masked SDPA call (mask not exactly causal)"``.
 
         Raises:
             Nothing.
@@ -190,6 +208,9 @@ class Report:
                 s = replace(s, decision="dense", chunk_size=None, topk=None, reason=dense_reasons[kind])
             elif s.decision == "moba" and packed and kind in packed:
                 s = replace(s, form=FORM_PACKED, reason=f"{s.reason}; {packed[kind]}")
+            elif s.decision == "dense" and kind is not None:
+                ran = FLASH_RAN if kind in flash_kinds else MASKED_RAN
+                s = replace(s, reason=f"{s.reason}; {ran}")
             sites.append(s)
         return Report(sites=sites, unmatched_rules=list(self.unmatched_rules), policy_source=self.policy_source)
 

@@ -44,7 +44,9 @@ from moba_compile.kernels.decode import (  # noqa: E402
 # MOBA_TEST_DEVICE=cuda: the launchers run compiled on the GPU (kernel_cases.on_test_device); identity on the CPU.
 decode_chunk_means = on_test_device(decode_chunk_means)
 decode_select_chunks_triton = on_test_device(decode_select_chunks_triton)
-decode_unsupported_reason = on_test_device(decode_unsupported_reason)
+# The reason checks read metadata only and stay on the CPU: moving their inputs would materialise the expanded
+# 2**29-key tensors of the int32 cases (512 GiB) and turn the CPU-routing cases into CUDA ones.
+cpu_decode_unsupported_reason = decode_unsupported_reason
 moba_decode_triton = on_test_device(moba_decode_triton)
 chunk_means_triton = on_test_device(chunk_means_triton)
 ops_chunk_means = on_test_device(ops.chunk_means)
@@ -380,10 +382,12 @@ _REASONS = {
 
 
 @pytest.mark.parametrize("name", list(_REASONS))
-def test_unsupported_reasons(name: str) -> None:
+def test_unsupported_reasons(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     make, expected = _REASONS[name]
     args = make()
-    reason = decode_unsupported_reason(*args)
+    monkeypatch.setattr(ksupport, "interpreting", lambda: True)  # as under the CPU run, also with MOBA_TEST_DEVICE=cuda
+    reason = cpu_decode_unsupported_reason(*args)
+    monkeypatch.undo()
     if expected is None:
         assert reason is None
     else:
@@ -405,9 +409,9 @@ def test_unsupported_without_triton_or_interpreter(monkeypatch: pytest.MonkeyPat
     q, k, v = _qkv()
     # The shared checks live in kernels/support.py.
     monkeypatch.setattr(ksupport, "interpreting", lambda: False)
-    assert decode_unsupported_reason(q, k, v, 16, 3, None) == "CPU tensors need TRITON_INTERPRET=1"
+    assert cpu_decode_unsupported_reason(q, k, v, 16, 3, None) == "CPU tensors need TRITON_INTERPRET=1"
     monkeypatch.setattr(ksupport, "triton_available", lambda: False)
-    assert decode_unsupported_reason(q, k, v, 16, 3, None) == "triton is not installed"
+    assert cpu_decode_unsupported_reason(q, k, v, 16, 3, None) == "triton is not installed"
 
 
 def test_every_kernel_leaves_lengths_unspecialised() -> None:

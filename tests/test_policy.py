@@ -16,7 +16,7 @@ import moba_compile.policy as policy_mod
 from moba_compile.policy import DEFAULT_POLICY, Decision, Policy, PolicyError, Rule, load_policy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
-TOP_KEYS = "chunk_size, decode, dense_last, min_seq_len, num_layers, routing, rules, topk, version"
+TOP_KEYS = "chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version"
 RULE_KEYS = "chunk_size, layers, mode, module, routing, topk"
 
 
@@ -119,6 +119,8 @@ dense_last = 2
 num_layers = 16
 min_seq_len = 128
 decode = "dense"
+dense_sdpa = "flash_when_causal"
+routing = "group"
 
 [[rules]]
 layers = [0, -1]
@@ -138,6 +140,8 @@ JSON_DATA = {
     "num_layers": 16,
     "min_seq_len": 128,
     "decode": "dense",
+    "dense_sdpa": "flash_when_causal",
+    "routing": "group",
     "rules": [
         {"layers": [0, -1], "mode": "dense"},
         {"module": "re:.*layers\\.(4|5)\\.self_attn", "chunk_size": 1024, "topk": 2},
@@ -304,6 +308,9 @@ LAYER_INDEX = "an integer layer index from -2147483647 to 2147483647 (negative c
         ("decode", "MOBA", "'moba', 'dense'"),
         ("decode", None, "'moba', 'dense'"),
         ("decode", 1, "'moba', 'dense'"),
+        ("dense_sdpa", "flash", "'as_is', 'flash_when_causal'"),
+        ("dense_sdpa", True, "'as_is', 'flash_when_causal'"),
+        ("dense_sdpa", None, "'as_is', 'flash_when_causal'"),
         ("rules", "dense", "a list of tables ([[rules]] in TOML)"),
         ("rules", {"layers": [0]}, "a list of tables ([[rules]] in TOML)"),
         ("rules", 3, "a list of tables ([[rules]] in TOML)"),
@@ -324,6 +331,7 @@ def test_top_level_bad_values(key: str, value: object, allowed: str) -> None:
         ({"num_layers": 0}, "num_layers"),
         ({"min_seq_len": -5}, "min_seq_len"),
         ({"decode": "x"}, "decode"),
+        ({"dense_sdpa": "x"}, "dense_sdpa"),
         ({"rules": "x"}, "rules"),
     ],
 )
@@ -385,6 +393,8 @@ def test_valid_edge_values() -> None:
     assert (p.chunk_size, p.topk, p.dense_last, p.num_layers) == (1, 1, 0, 1)
     assert load_policy({"num_layers": None}).num_layers is None
     assert load_policy({"decode": "dense"}).decode == "dense"
+    assert load_policy({"dense_sdpa": "flash_when_causal"}).dense_sdpa == "flash_when_causal"
+    assert DEFAULT_POLICY.dense_sdpa == "as_is"  # spec section 3: a site left dense keeps its SDPA call bit for bit
     assert load_policy({"rules": ()}).rules == ()
 
 
@@ -702,6 +712,8 @@ def test_to_dict_round_trip() -> None:
         "dense_last": 3,
         "min_seq_len": 0,
         "decode": "moba",
+        "dense_sdpa": "as_is",
+        "routing": "head",
         "rules": [],
     }
     assert load_policy(DEFAULT_POLICY.to_dict()) == DEFAULT_POLICY
@@ -912,6 +924,7 @@ def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
             "dense_last": 1,
             "min_seq_len": 100,
             "decode": "dense",
+            "dense_sdpa": "flash_when_causal",
             "rules": [{"layers": [1], "topk": 5}],
         }
     )
@@ -924,6 +937,8 @@ def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
         "dense_last": 0,
         "min_seq_len": 100,
         "decode": "dense",
+        "dense_sdpa": "flash_when_causal",
+        "routing": "head",
         "rules": [],
     }
     assert site.source == "<dict> for model.layers.1.self_attn" and not site.automatic
@@ -966,3 +981,10 @@ def test_for_site_round_trips_and_is_frozen():
     assert load_policy(site.to_dict()) == site
     with pytest.raises(dataclasses.FrozenInstanceError):
         site.topk = 1  # type: ignore[misc]
+
+
+def test_dense_sdpa_bad_value_in_a_file_names_the_file_key_and_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.toml", 'version = 1\ndense_sdpa = "flash"\n')
+    assert error_of(path) == f"{path}: dense_sdpa = 'flash' is not valid; allowed: 'as_is', 'flash_when_causal'"
+    path = write(tmp_path, "p.json", json.dumps({"dense_sdpa": 1}))
+    assert error_of(path) == f"{path}: dense_sdpa = 1 is not valid; allowed: 'as_is', 'flash_when_causal'"

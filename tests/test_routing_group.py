@@ -382,7 +382,7 @@ def test_policy_routing_at_top_level_and_per_rule(tmp_path: Path) -> None:
     assert policy.rules[0] == Rule(layers=(1,), routing="head")  # a rule may set routing alone
     assert load_policy(policy.to_dict()) == policy
     assert policy.to_dict()["routing"] == "group" and policy.to_dict()["rules"][0]["routing"] == "head"
-    assert "routing" not in Policy().to_dict()  # the default is not written: older files keep their form
+    assert Policy().to_dict()["routing"] == "head"  # every top-level key is written
     assert policy.for_site("layers.0.attn", 0, 3).decide("x", None, None).routing == "group"
     assert Policy().decide("layers.0.attn", 0, 8).routing == "head"
 

@@ -220,3 +220,14 @@ def test_fake_kernels_and_opcheck():
     length = torch.tensor([17])
     torch.library.opcheck(torch.ops.moba.update_static_chunk_means_.default, (means, k, length, 1, 8, "reference"))
     torch.library.opcheck(torch.ops.moba.static_decode.default, (q, k, v, means, length, None, 8, 2, 0.25, "reference"))
+
+
+def test_chunk_means_is_an_op_a_compiled_graph_can_trace() -> None:
+    # A compiled static-cache step computes the gate's means in its graph. On the Triton path they must come from the
+    # moba::chunk_means op: tracing the launcher itself would hand the kernel fake tensors (the H200 run of
+    # tests/gpu/test_cuda_pass_static_cache.py failed so: "Cannot access data pointer of Tensor").
+    key = torch.randn(1, 2, 72, 16)
+    compiled = torch.compile(lambda k: ops.chunk_means(k, 16, impl="triton"), backend="aot_eager", fullgraph=True)
+    got = compiled(key)
+    assert got.shape == (1, 2, 4, 16) and got.dtype == torch.float32
+    assert torch.equal(got, ops.chunk_means(key, 16, impl="triton"))

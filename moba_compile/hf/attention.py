@@ -635,7 +635,14 @@ class MobaAttention:
         state = static_means(key)
         if state is not None and not torch.compiler.is_compiling():
             state.ready.clear()  # this step's keys were not averaged: the next MoBA step refills the means
-        skip_cudnn = self.skip_cudnn_in_decode and decode and query.device.type == "cuda"
+        # Eager decode only: the backend flags cannot be read inside a Dynamo graph (fullgraph=True would fail), and a
+        # compiled step runs on a static cache, whose fixed key length never makes cuDNN rebuild a graph.
+        skip_cudnn = (
+            self.skip_cudnn_in_decode
+            and decode
+            and query.device.type == "cuda"
+            and not torch.compiler.is_compiling()
+        )
         with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 

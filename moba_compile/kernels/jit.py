@@ -35,6 +35,9 @@ LENGTH_ARGS = (
     "sth",
     "slb",
     "slh",
+    "s_row",  # the gate's slot-major selection [K-1, B, Hq, Lq]: its slot stride is B * Hq * Lq
+    "s_slot",
+    "new_tokens",  # a static cache's update: the prompt's length in prefill, 1 in decode
 )
 
 kernel_jit = triton.jit(do_not_specialize=LENGTH_ARGS)

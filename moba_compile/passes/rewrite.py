@@ -1,6 +1,9 @@
 """Decide every SDPA site from the policy and replace the converted ones by ``moba::attention``.
 
-Sites that are not converted are left untouched, so they keep dense SDPA bit for bit.
+Sites that are not converted are left untouched, so they keep dense SDPA bit for bit; except, when the policy sets
+``dense_sdpa = "flash_when_causal"``, the dense sites the pass could have converted that carry a boolean mask: those
+become ``moba::dense_attention`` (flash where the mask proves exactly causal at run time, the same SDPA call
+elsewhere; :mod:`moba_compile.dense_ops`).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .. import ops
+from .. import dense_ops, ops
 from ..decisions import decide_site, layer_decision, reason
 from ..ops import resolve_impl
 from ..policy import Decision, Policy, PolicyError
@@ -353,6 +358,7 @@ def rewrite_sdpa(
     mask_checks: dict[tuple[fx.Node, str, str], fx.Node] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # converted SDPA node -> its replacement (a later site may consume it)
     converted: dict[fx.Node, tuple[str, str | None]] = {}  # converted SDPA node -> (impl note, mask tag)
+    dense_converted: dict[fx.Node, str] = {}  # dense SDPA node run by moba::dense_attention -> its mask tag
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     records: list[SiteRecord] = []
     kept_dense: list[str] = []  # why the policy kept a convertible site dense
@@ -377,7 +383,20 @@ def rewrite_sdpa(
         if decided.mode == "moba" and site.static_cache and policy.min_seq_len > 0:
             decided = decided.dense(reason("static_min_seq_len", min_seq_len=policy.min_seq_len))
         if decided.mode == "dense":
-            records.append(decided.record(unit.module, layer, graph=graph_id))
+            record = decided.record(unit.module, layer, graph=graph_id)
+            if policy.dense_sdpa == "flash_when_causal" and site.blocker is None and site.attn_mask is not None:
+                # A site the pass could have converted, kept dense: the policy asks for flash where its mask allows.
+                why_not = None if site.node in dense_converted else _dense_flash_blocker(site, exported)
+                if why_not is None and site.node not in converted:
+                    if site.node not in dense_converted:
+                        dense_converted[site.node] = _convert_dense(site, mask_checks, replaced, graph_id)
+                    if site.owner is not None:
+                        touched[id(site.owner)] = site.owner
+                    note = reason("dense_flash")
+                    record = replace(record, reason=f"{record.reason}; {note}", mask_tag=dense_converted[site.node])
+                elif why_not is not None:
+                    record = replace(record, reason=f"{record.reason}; {reason('dense_flash_not', why=why_not)}")
+            records.append(record)
             if decided.by_policy:
                 kept_dense.append(decided.reason)
             continue
@@ -492,7 +511,7 @@ def _convert_static_step(
                 for t in (query, key, value)
             )
         length = graph.call_function(_static_step_length, (attn_mask,))
-        means = graph.call_function(ops.chunk_means, (key_in, chunk_size), {"impl": impl})
+        means = graph.call_function(torch.ops.moba.chunk_means.default, (key_in, chunk_size, impl))
         out = graph.call_function(
             ops.static_decode,
             (query_in, key_in, value_in),
@@ -520,6 +539,107 @@ def _convert_static_step(
     chosen, why = resolve_impl(impl, q, k, v, chunk_size, topk, None)
     note = chosen if why in ("Triton kernels", f"impl={impl!r} requested") else f"{chosen} ({why})"
     return f"{note}, static_decode"
+
+
+def _mask_check(
+    site: SdpaSite,
+    query: fx.Node,
+    key: fx.Node,
+    attn_mask: fx.Node,
+    mask_checks: dict[tuple[fx.Node, str, str], fx.Node],
+    graph_id: int,
+    inserted: list[fx.Node],
+) -> fx.Node:
+    """The ``moba::analyse_mask`` node of the site's mask: the graph's one check per (mask, Lq, Lk), inserted before
+    the site when no earlier site made it (``inserted`` gets it then). Its tag (``args[3]``) names it in reports."""
+    # One run-time causality check per (mask, Lq, Lk): Hugging Face shares one mask node across all layers, so MoBA
+    # and dense sites of one forward read it once between them.
+    q, k = _meta(site.query), _meta(site.key)
+    check_key = (attn_mask, str(q.shape[2]), str(k.shape[2]))
+    mask_kind = mask_checks.get(check_key)
+    if mask_kind is None:
+        graph = site.node.graph
+        new_tag = f"g{graph_id}:{attn_mask.name}:{len(mask_checks)}"
+        with graph.inserting_before(site.node):
+            mask_kind = graph.call_function(torch.ops.moba.analyse_mask.default, (attn_mask, query, key, new_tag))
+        inserted.append(mask_kind)
+        mask_checks[check_key] = mask_kind
+    return mask_kind
+
+
+def _autocast_inputs(
+    site: SdpaSite, query: fx.Node, key: fx.Node, value: fx.Node, exported: bool, inserted: list[fx.Node]
+) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """Query, key and value cast to the site's autocast dtype where SDPA would have cast them (a custom op is not
+    autocast), else as given; casts inserted before the site go to ``inserted``."""
+    if site.autocast_dtype is None:
+        return query, key, value
+    graph = site.node.graph
+    with graph.inserting_before(site.node):
+        cast = [
+            _cast(graph, t, site.autocast_dtype, exported) if _meta(t).dtype != site.autocast_dtype else None
+            for t in (query, key, value)
+        ]
+    inserted.extend(c for c in cast if c is not None)
+    query, key, value = (t if c is None else c for t, c in zip((query, key, value), cast))
+    return query, key, value
+
+
+def _dense_flash_blocker(site: SdpaSite, exported: bool) -> str | None:
+    """Why a dense site with a boolean mask cannot run ``moba::dense_attention``'s flash branch, or None when it can
+    (at run time, where its mask proves exactly causal). Reads only static metadata: no guard on a symbolic length."""
+    if exported:
+        return "not in an exported program"
+    if site.static_cache:
+        # Its mask hides the buffer's unfilled slots (never exactly causal), and a run-time check would add a host
+        # read to a step meant for CUDA-graph capture.
+        return "a static KV cache step"
+    if not isinstance(site.enable_gqa, bool):
+        return "enable_gqa is not a constant"
+    q, k, v = _meta(site.query), _meta(site.key), _meta(site.value)
+    if not (statically_known_true(q.shape[2] == k.shape[2]) or statically_known_true(q.shape[2] == 1)):
+        return "several queries over a longer KV cache: flash's is_causal is top-left aligned"
+    if site.saw_through_repeat and not isinstance(_meta(site.raw_key).shape[1], int):
+        return "the repeated key heads are symbolic"
+    dtype = site.autocast_dtype or q.dtype
+    return dense_ops.flash_kernel_unsupported_reason(q.device, dtype, (q.shape[-1], k.shape[-1], v.shape[-1]))
+
+
+def _convert_dense(
+    site: SdpaSite,
+    mask_checks: dict[tuple[fx.Node, str, str], fx.Node],
+    replaced: dict[fx.Node, fx.Node],
+    graph_id: int,
+) -> str:
+    """Replace a dense site's masked SDPA call by ``moba::dense_attention`` (sharing the graph's mask check) and
+    return the check's tag. Key/value go in unrepeated where the pass saw through ``repeat_kv`` (the op repeats them
+    again for the masked call only). Dynamo graphs only (:func:`_dense_flash_blocker`)."""
+    node = site.node
+    graph = node.graph
+    inserted: list[fx.Node] = []
+
+    def current(arg: Any) -> Any:
+        return replaced.get(arg, arg) if isinstance(arg, fx.Node) else arg
+
+    query, key, value, attn_mask = (current(a) for a in (site.query, site.key, site.value, site.attn_mask))
+    mask_kind = _mask_check(site, query, key, attn_mask, mask_checks, graph_id, inserted)
+    query, key, value = _autocast_inputs(site, query, key, value, False, inserted)
+    n_rep = _meta(site.raw_key).shape[1] // _meta(site.key).shape[1] if site.saw_through_repeat else 1
+    args = (query, key, value, attn_mask, mask_kind, site.scale, n_rep, bool(site.enable_gqa))
+    with graph.inserting_before(node):
+        call = graph.call_function(torch.ops.moba.dense_attention.default, args)
+        out = graph.call_function(operator.getitem, (call, 0))
+    for new in (call, out):
+        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    if "example_value" in node.meta:
+        out.meta["example_value"] = node.meta["example_value"]
+    node.replace_all_uses_with(out)
+    replaced[node] = out
+    graph.erase_node(node)
+    if site.saw_through_repeat:
+        _drop_if_dead(current(site.raw_key), graph)
+        _drop_if_dead(current(site.raw_value), graph)
+    return mask_kind.args[3]
 
 
 def _convert(
@@ -557,26 +677,9 @@ def _convert(
     mask_kind = None
     tag = None
     if attn_mask is not None:
-        # One run-time causality check per (mask, Lq, Lk): Hugging Face shares one mask node across all layers.
-        q, k = _meta(site.query), _meta(site.key)
-        check_key = (attn_mask, str(q.shape[2]), str(k.shape[2]))
-        mask_kind = mask_checks.get(check_key)
-        if mask_kind is None:
-            new_tag = f"g{graph_id}:{attn_mask.name}:{len(mask_checks)}"
-            with graph.inserting_before(node):
-                mask_kind = graph.call_function(torch.ops.moba.analyse_mask.default, (attn_mask, query, key, new_tag))
-            inserted.append(mask_kind)
-            mask_checks[check_key] = mask_kind
+        mask_kind = _mask_check(site, query, key, attn_mask, mask_checks, graph_id, inserted)
         tag = mask_kind.args[3]
-    if site.autocast_dtype is not None:
-        # SDPA under autocast runs in the autocast dtype; a custom op is not autocast, so cast as SDPA would.
-        with graph.inserting_before(node):
-            cast = [
-                _cast(graph, t, site.autocast_dtype, exported) if _meta(t).dtype != site.autocast_dtype else None
-                for t in (query, key, value)
-            ]
-        inserted.extend(c for c in cast if c is not None)
-        query, key, value = (t if c is None else c for t, c in zip((query, key, value), cast))
+    query, key, value = _autocast_inputs(site, query, key, value, exported, inserted)
     with graph.inserting_before(node):
         call = graph.call_function(
             torch.ops.moba.attention.default,

@@ -109,6 +109,7 @@ class SdpaSite:
     placement: Placement | None = None  # module objects, layer and the layers the graph serves
     raw_key: object = None  # the key/value arguments as written (before seeing through repeat_kv)
     raw_value: object = None
+    enable_gqa: object = False  # the call's enable_gqa as written (a dense site's masked call keeps it)
     owner: fx.GraphModule | None = field(default=None, repr=False)  # the (sub)graph module holding the call
     region: str | None = None  # the higher-order op whose subgraph holds the call ("tag_activation_checkpoint", ...)
     calls: tuple[fx.Node, ...] = ()  # the higher-order calls that run ``owner`` (several for a shared subgraph)
@@ -565,6 +566,7 @@ def find_sdpa_sites(
                 placement=placement,
                 raw_key=key,
                 raw_value=value,
+                enable_gqa=bound["enable_gqa"],
                 owner=entry.owner,
                 region=entry.region,
                 calls=tuple(entry.calls),
