@@ -7,6 +7,8 @@ Usage (a CUDA GPU is needed for real numbers)::
     python -m benchmarks.attention --max-len 131072   # skip longer sequences
     python -m benchmarks.attention --dry-run          # print the plan (shapes, FLOPs, memory); no GPU needed
     python -m benchmarks.attention --compile-check    # compile every kernel for sm_90 (no GPU): registers, spills
+    python -m benchmarks.attention --suite spec --kv-heads 8 --routing both   # GQA (32 query heads, 8 key heads):
+                                                      # head vs group routing, each shape twice in the same run
     python -m benchmarks.attention --smoke            # tiny shapes on CPU through the Triton interpreter: checks the
                                                       # script end to end; its timings mean nothing, nothing is saved
 
@@ -30,6 +32,7 @@ next to it when matplotlib is installed. Nothing is estimated in place of a meas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -57,7 +60,8 @@ from benchmarks.common import (
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark shape: prefill (``Lq == Lk``), causal, bf16, MHA."""
+    """One benchmark shape: prefill (``Lq == Lk``), causal, bf16; MHA unless ``kv_heads`` is set (GQA/MQA: ``heads``
+    query heads share ``kv_heads`` key/value heads); ``routing`` is the gate's (``"head"`` or ``"group"``)."""
 
     suite: str
     batch: int
@@ -66,12 +70,25 @@ class BenchConfig:
     head_dim: int
     chunk_size: int
     topk: int
+    kv_heads: int | None = None
+    routing: str = "head"
+
+    @property
+    def heads_kv(self) -> int:
+        """Key/value heads (``heads`` for MHA)."""
+        return self.heads if self.kv_heads is None else self.kv_heads
 
     @property
     def name(self) -> str:
         n = self.seq_len
         size = f"{n // 1024}K" if n % 1024 == 0 else str(n)
-        return f"{self.suite}-B{self.batch}-H{self.heads}-N{size}-D{self.head_dim}-C{self.chunk_size}-K{self.topk}"
+        name = f"{self.suite}-B{self.batch}-H{self.heads}-N{size}-D{self.head_dim}-C{self.chunk_size}-K{self.topk}"
+        # MHA with head routing keeps the names of earlier result files.
+        if self.kv_heads is not None:
+            name += f"-Hkv{self.kv_heads}"
+        if self.routing != "head":
+            name += f"-{self.routing}"
+        return name
 
 
 # moba-spec.md section 5 (B=1, H=32, D=128).
@@ -123,7 +140,7 @@ def estimate_memory(cfg: BenchConfig) -> dict[str, float]:
     mask."""
     b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
     km1 = min(k - 1, (n - 1) // c)
-    inputs = 3 * b * h * n * d * 2
+    inputs = (h + 2 * cfg.heads_kv) * b * n * d * 2
     out = b * h * n * d * 2 + b * h * n * 4
     entries = b * h * n * km1
     index = entries * 4 * 3  # the slot-major selection, ranks, lists (int32)
@@ -131,7 +148,7 @@ def estimate_memory(cfg: BenchConfig) -> dict[str, float]:
     n_blocks = -(-n // c)
     flex_mask = 4 * b * h * n_blocks * n_blocks * 4  # partial + full kv indices and their q-major transposes (int32)
     # Backward (default mode): dq/dk/dv, the fp32 dQ buffer, fp32 Delta and log2 LSE, the recomputed gate and flip.
-    backward = inputs + b * h * n * d * 4 + 2 * b * h * n * 4 + index
+    backward = inputs + b * h * n * d * 4 + 2 * b * h * n * 4 + index  # (both routings store a selection per head)
     return {
         "inputs_gib": inputs / GiB,
         "moba_extra_gib": (out + index + residual) / GiB,
@@ -240,12 +257,14 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     from moba_compile.kernels import flip_selection, moba_backward_triton, moba_forward_triton, select_chunks_triton
 
     b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
+    hkv, routing = cfg.heads_kv, cfg.routing
+    gqa = hkv != h
     dtype = torch.bfloat16
     row: dict[str, Any] = {**asdict(cfg), "name": cfg.name, "dtype": "bfloat16", "errors": {}}
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
-    key = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
-    val = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
+    key = torch.randn(b, hkv, n, d, device=device, dtype=dtype, generator=gen)
+    val = torch.randn(b, hkv, n, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
 
     def record(field: str, fn: Callable[[], Any]) -> None:
@@ -264,7 +283,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     mask_holder: dict[str, Any] = {}
 
     def gate() -> torch.Tensor:
-        return select_chunks_triton(q, key, c, k)
+        return select_chunks_triton(q, key, c, k, routing=routing)
 
     def measure_gate() -> float:
         sel_holder["sel"] = gate()
@@ -276,18 +295,18 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
         block_m = 128  # the forward's tile for D=128 on CUDA; the flip cost hardly depends on it
         record(
             "flip_ms",
-            lambda: time_ms(lambda: flip_selection(sel, h, -(-n // c), block_m), device, args.warmup, args.rep),
+            lambda: time_ms(lambda: flip_selection(sel, hkv, -(-n // c), block_m), device, args.warmup, args.rep),
         )
     else:
         row["flip_ms"] = None
 
     # Forward.
-    fwd = lambda: moba_forward_triton(q, key, val, c, k, scale)  # noqa: E731
+    fwd = lambda: moba_forward_triton(q, key, val, c, k, scale, routing=routing)  # noqa: E731
     record("forward_ms", lambda: time_ms(fwd, device, args.warmup, args.rep))
     record("forward_peak_gib", lambda: peak_gib(fwd, device))
 
     # Dense causal SDPA (Lq == Lk, so is_causal is MoBA's bottom-right causality).
-    dense = lambda: F.scaled_dot_product_attention(q, key, val, is_causal=True, scale=scale)  # noqa: E731
+    dense = lambda: F.scaled_dot_product_attention(q, key, val, is_causal=True, scale=scale, enable_gqa=gqa)  # noqa: E731
     record("dense_ms", lambda: time_ms(dense, device, args.warmup, args.rep))
     record("dense_peak_gib", lambda: peak_gib(dense, device))
 
@@ -301,6 +320,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     else:
         d_out = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen)
         saved: dict[str, Any] = {}
+        bwd_kw = {"routing": routing}
 
         def measure_backward(deterministic: bool) -> float:
             if "fwd" not in saved:
@@ -308,14 +328,16 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
             out, lse = saved["fwd"]
 
             def bwd() -> Any:
-                return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, deterministic=deterministic)
+                return moba_backward_triton(
+                    d_out, q, key, val, out, lse, c, k, scale, deterministic=deterministic, **bwd_kw
+                )
 
             return time_ms(bwd, device, args.warmup, args.rep)
 
         def fwd_bwd() -> Any:
-            out, lse = moba_forward_triton(q, key, val, c, k, scale)
+            out, lse = moba_forward_triton(q, key, val, c, k, scale, routing=routing)
             # The library's default mode (deterministic=None): dQ atomics below chunk 1024, slot partials from there on.
-            return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale)
+            return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, **bwd_kw)
 
         record("backward_ms", lambda: measure_backward(False))
         record("backward_deterministic_ms", lambda: measure_backward(True))
@@ -329,11 +351,11 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, key, val))
 
         def dense_fwd_bwd() -> Any:
-            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale, enable_gqa=gqa)
             return torch.autograd.grad(o, (qg, kg, vg), d_out)
 
         def measure_dense_backward() -> float:
-            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale, enable_gqa=gqa)
             return time_ms(lambda: torch.autograd.grad(o, (qg, kg, vg), d_out, retain_graph=True), device, args.warmup,
                            args.rep)  # fmt: skip
 
@@ -355,13 +377,15 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
 
         def measure_flex() -> float:
             mask_holder["mask"] = flex_moba_block_mask(sel, n, n, c)
-            fn = lambda: flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale)  # noqa: E731
+            fn = lambda: flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale, enable_gqa=gqa)  # noqa: E731
             fn()  # compile outside the timed region
             return time_ms(fn, device, args.warmup, args.rep)
 
         record("flex_ms", measure_flex)
         if "mask" in mask_holder:
-            flex_call = lambda: flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale)  # noqa: E731
+            flex_call = lambda: flex_fn(  # noqa: E731
+                q, key, val, block_mask=mask_holder["mask"], scale=scale, enable_gqa=gqa
+            )
             record("flex_peak_gib", lambda: peak_gib(flex_call, device))
 
     # Work accounting from the actual selection.
@@ -405,8 +429,9 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
 
         def check() -> dict[str, float]:
             out, lse = fwd()
-            ref_out, ref_lse = reference.moba_attention_forward(q, key, val, chunk_size=c, topk=k, scale=scale)
-            ref_sel = reference.select_chunks(q, key, chunk_size=c, topk=k)
+            ref_kw = {"chunk_size": c, "topk": k, "scale": scale, "routing": routing}
+            ref_out, ref_lse = reference.moba_attention_forward(q, key, val, **ref_kw)
+            ref_sel = reference.select_chunks(q, key, chunk_size=c, topk=k, routing=routing)
             same = (sel.long().sort(-1).values == ref_sel.sort(-1).values).all(-1) if sel is not None else None
             result = {
                 "max_abs_err_vs_reference": (out.float() - ref_out.float()).abs().max().item(),
@@ -415,15 +440,13 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
                 "reference_max_abs": ref_out.float().abs().max().item(),
             }
             # Backward: the kernel's gradients against the reference's formulas on the same (out, lse).
-            grads = moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale)
-            ref_grads = reference.moba_attention_backward(
-                d_out, q, key, val, out, lse, chunk_size=c, topk=k, scale=scale
-            )
+            grads = moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, **bwd_kw)
+            ref_grads = reference.moba_attention_backward(d_out, q, key, val, out, lse, **ref_kw)
             for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
                 result[f"max_abs_{name}_err_vs_reference"] = (got.float() - ref.float()).abs().max().item()
                 result[f"reference_{name}_max_abs"] = ref.float().abs().max().item()
             if "mask" in mask_holder:  # the FlexAttention baseline must compute the same MoBA attention
-                flex_out = flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale)
+                flex_out = flex_fn(q, key, val, block_mask=mask_holder["mask"], scale=scale, enable_gqa=gqa)
                 result["flex_max_abs_err_vs_reference"] = (flex_out.float() - ref_out.float()).abs().max().item()
             return result
 
@@ -604,10 +627,13 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
     for km1 in (2, 7, 63):
         g = gt._gate_config(d, 1024, km1)
         for dtype, split, prec in (("bf16", True, "tf32"), ("fp16", False, "tf32x3")):
-            consts = {"HEAD_D": d, "BLOCK_M": g.block_m, "BLOCK_C": g.block_c, "TOP": g.top, "SPLIT_BF16": split,
-                      "UPCAST": False, "DOT_PREC": prec, "sqd": 1}  # fmt: skip
-            ptrs = {"q_ptr": f"*{dtype}", "means_ptr": "*fp32", "sel_ptr": "*i32"}
-            variants.append((f"gate-{dtype}-K{km1 + 1}", gt._gate_kernel, ptrs, consts, g.num_warps, g.num_stages))
+            for group in (False, True):  # head routing, and group routing (spec 6: one top-k per key head)
+                consts = {"HEAD_D": d, "BLOCK_M": g.block_m, "BLOCK_C": g.block_c, "TOP": g.top, "SPLIT_BF16": split,
+                          "UPCAST": False, "DOT_PREC": prec, "GROUP": group, "sqd": 1}  # fmt: skip
+                ptrs = {"q_ptr": f"*{dtype}", "means_ptr": "*fp32", "sel_ptr": "*i32"}
+                name = f"gate-{dtype}-K{km1 + 1}{'-group' if group else ''}"
+                stages = 1 if group else g.num_stages  # as gating._launch_gate
+                variants.append((name, gt._gate_kernel, ptrs, consts, g.num_warps, stages))
     flip_ptrs = {"seg_start_ptr": "*i64"}
     variants.append(("flip_count", gt._flip_count_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
     variants.append(("flip_scatter", gt._flip_scatter_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
@@ -664,18 +690,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke", action="store_true", help="tiny shapes on the CPU via TRITON_INTERPRET=1; writes only to --out-dir"
     )
     p.add_argument("--table-from", type=Path, default=None, help="print the tables and draw the PNG of a results JSON")
+    p.add_argument(
+        "--routing",
+        choices=("head", "group", "both"),
+        default="head",
+        help="the gate's routing; 'both' runs every shape with head then group routing in the same run",
+    )
+    p.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="key/value heads (GQA/MQA, dividing every shape's query heads); default: as many as query heads (MHA), "
+        "where group routing is head routing",
+    )
     return p.parse_args(argv)
 
 
 def select_configs(args: argparse.Namespace) -> list[BenchConfig]:
     if args.smoke:
-        return list(SMOKE_CONFIGS)
+        return with_routing(list(SMOKE_CONFIGS), args.routing, args.kv_heads)
     configs = []
     if args.suite in ("all", "spec"):
         configs += SPEC_CONFIGS
     if args.suite in ("all", "flashmoba"):
         configs += FLASHMOBA_CONFIGS
-    return [c for c in configs if args.min_len <= c.seq_len <= args.max_len]
+    configs = [c for c in configs if args.min_len <= c.seq_len <= args.max_len]
+    return with_routing(configs, getattr(args, "routing", "head"), getattr(args, "kv_heads", None))
+
+
+def with_routing(configs: list[BenchConfig], routing: str, kv_heads: int | None) -> list[BenchConfig]:
+    """``configs`` with ``kv_heads`` key/value heads and the gate's ``routing`` (``"both"``: each shape with head,
+    then group routing, side by side in the run's rows).
+
+    Raises:
+        SystemExit: ``kv_heads`` does not divide a shape's query heads.
+
+    Example:
+        >>> [c.name for c in with_routing(SMOKE_CONFIGS[:1], "both", 1)]
+        ['smoke-B1-H2-N128-D64-C32-K2-Hkv1', 'smoke-B1-H2-N128-D64-C32-K2-Hkv1-group']
+    """
+    routings = ("head", "group") if routing == "both" else (routing,)
+    out = []
+    for cfg in configs:
+        if kv_heads is not None and (kv_heads < 1 or cfg.heads % kv_heads):
+            raise SystemExit(f"--kv-heads {kv_heads} does not divide the {cfg.heads} query heads of {cfg.name}")
+        for r in routings:
+            out.append(dataclasses.replace(cfg, kv_heads=kv_heads, routing=r))
+    return out
 
 
 def dry_run(configs: list[BenchConfig]) -> None:

@@ -437,12 +437,15 @@ def compile_check(arch: int = 90) -> list[dict[str, Any]]:
     for group, km1 in ((4, 11), (8, 63), (1, 1), (64, 11)):
         _, _, block_g = dk._rows(group)
         g = dk._gate_plan(8, block_g, 4096, km1, cpu)
-        for final, dev_len in ((True, False), (False, False), (True, True)):
+        # Group routing (GROUP) only where a group has several heads; its split and static forms share the code.
+        modes = ((True, False, False), (False, False, False), (True, True, False))
+        modes += ((True, False, True), (False, True, True)) if group > 1 else ()
+        for final, dev_len, grouped in modes:
             consts = {"HEAD_D": 128, "BLOCK_G": block_g, "BLOCK_C": g.block_c, "TOP": g.top, "FINAL": final,
-                      "DEV_LEN": dev_len, "sqd": 1, "smd": 1}  # fmt: skip
+                      "DEV_LEN": dev_len, "GROUP": grouped, "sqd": 1, "smd": 1}  # fmt: skip
             ptrs = {"q_ptr": "*bf16", "means_ptr": "*fp32", "out_ptr": "*i32" if final else "*i64",
                     "len_ptr": "*i64"}  # fmt: skip
-            tag = ("final" if final else "split") + ("-static" if dev_len else "")
+            tag = ("final" if final else "split") + ("-static" if dev_len else "") + ("-group" if grouped else "")
             variants.append((f"gate-G{group}-K{km1 + 1}-{tag}", dk._decode_gate_kernel, ptrs, consts, g.num_warps, 1))
         merge_ptrs = {"cand_ptr": "*i64", "sel_ptr": "*i32"}
         merge_consts = {"BLOCK_G": block_g, "TOP": g.top}

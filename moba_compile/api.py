@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import ops
 from .ops import Impl
+from .policy import Routing
 
 __all__ = ["moba_attention"]
 
@@ -21,6 +22,7 @@ def moba_attention(
     attn_mask: Tensor | None = None,
     impl: Impl = "auto",
     cu_seqlens: Tensor | None = None,
+    routing: Routing = "head",
 ) -> Tensor:
     """MoBA (Mixture of Block Attention) in the layout of ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -52,6 +54,9 @@ def moba_attention(
             on its own: chunks cut from its first token, the gate over its own earlier chunks, never a key of another
             document; the result equals running the documents one by one. The boundaries are read on the host once
             per call.
+        routing: ``"head"`` (default, the MoBA paper's gate: every query head chooses its own chunks) or ``"group"``
+            (GQA/MQA: one choice per key head and query position, the top-(K-1) of the scores summed over the group's
+            query heads, shared by all of them; spec section 6). With ``Hq == Hkv`` the two are the same.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query's dtype, on its device. Differentiable with respect to query, key and value
@@ -62,7 +67,8 @@ def moba_attention(
     Raises:
         TypeError, ValueError: malformed inputs, naming the argument (shapes, dtypes, devices, mask kind, parameters,
             including non-int ``chunk_size``/``topk`` and values beyond int64; ``cu_seqlens`` that do not start at 0,
-            end at the length or increase, or come with a mask or ``Lq != Lk``).
+            end at the length or increase, or come with a mask or ``Lq != Lk``; a ``routing`` other than ``"head"`` or
+            ``"group"``).
         RuntimeError: ``impl="triton"`` on inputs the kernels cannot run, with the reason.
 
     Example:
@@ -80,8 +86,9 @@ def moba_attention(
                 "are ambiguous; pack only the real tokens and let cu_seqlens give the documents"
             )
         return ops.packed_attention(
-            query, key, value, cu_seqlens, chunk_size=chunk_size, topk=topk, scale=scale, impl=impl
+            query, key, value, cu_seqlens, chunk_size=chunk_size, topk=topk, scale=scale, impl=impl, routing=routing
         )
     return ops.attention(
-        query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=attn_mask, impl=impl
-    )
+        query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=attn_mask, impl=impl,
+        routing=routing,
+    )  # fmt: skip

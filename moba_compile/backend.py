@@ -384,12 +384,12 @@ def compile_blocks(
     for path, layer, block in named:
         # Every module of the block may call SDPA: the block's decisions are those of all its module paths.
         signature = tuple(
-            (rel, d.mode, d.chunk_size, d.topk)
+            (rel, d.mode, d.chunk_size, d.topk, d.routing)
             for rel, _ in block.named_modules()
             for d in [opts.policy.decide(f"{path}.{rel}".strip("."), layer, num_layers, layers)]
         )
         groups.setdefault(signature, []).append((path, layer, block))
-    if all(mode == "dense" for signature in groups for _, mode, _, _ in signature):
+    if all(mode == "dense" for signature in groups for _, mode, *_ in signature):
         # The per-graph check cannot see this (each graph serves one group), so the whole model is checked here.
         message = f"moba: compile_blocks: policy {opts.policy.source} keeps all {len(named)} blocks dense"
         logger.warning("%s", message)

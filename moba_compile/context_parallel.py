@@ -55,6 +55,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from . import ops
 from .decisions import decide_site
 from .ops import Impl
+from .policy import Routing
 from .report import FORM_CAUSAL
 
 __all__ = [
@@ -293,6 +294,7 @@ def context_parallel_moba_attention(
     min_seq_len: int = 0,
     impl: Impl = "auto",
     seq_dim: str = SEQ_DIM,
+    routing: Routing = "head",
 ) -> Tensor:
     """MoBA of this rank's queries over a sequence sharded contiguously across the sequence group: exactly the rows
     ``[r * S, (r + 1) * S)`` of single-device :func:`moba_compile.moba_attention` on the whole sequence, and the
@@ -306,7 +308,8 @@ def context_parallel_moba_attention(
         query: ``[B, Hq, S, D]`` this rank's queries. key: ``[B, Hkv, S, D]``. value: ``[B, Hkv, S, Dv]``;
             ``Hq % Hkv == 0``; floating dtype (fp32, bf16, fp16, fp64), on the group backend's device.
         mesh_or_group: the sequence group (see :func:`sequence_group`).
-        chunk_size, topk, scale, impl: as in :func:`moba_compile.moba_attention`.
+        chunk_size, topk, scale, impl, routing: as in :func:`moba_compile.moba_attention` (the gate of a row reads
+            only the gathered prefix, so group routing is as exact across shards as head routing).
         attn_mask: must be None (padding masks are refused under context parallelism).
         min_seq_len: a GLOBAL sequence ``W * S`` shorter than this runs dense causal attention (the policy's
             ``min_seq_len``), on every rank alike.
@@ -336,7 +339,7 @@ def context_parallel_moba_attention(
         # Dense causal attention is MoBA with every chunk selected; decided on the global length, not the prefix's.
         topk = max(topk, -(-full // chunk_size))
     key, value = _gathered_prefix(key, value, group)
-    return ops.attention(query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, impl=impl)
+    return ops.attention(query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, impl=impl, routing=routing)
 
 
 def context_parallel_dense_attention(
@@ -535,6 +538,7 @@ class ContextParallelAttention:
                 topk=decided.topk,
                 scale=scaling,
                 impl=inner.impl,
+                routing=decided.routing or "head",
             )
         inner.record(module, layer, decided, [note])
         return out.transpose(1, 2).contiguous(), None

@@ -14,7 +14,8 @@ The order of the checks (the first that applies gives the reason):
 2. the policy's decision for the layer (rules, ``dense_last``): dense;
 3. ``decode = "dense"`` in the policy, for a step over the KV cache;
 4. a key length below ``min_seq_len`` (known at decision time);
-5. otherwise MoBA, with the policy's chunk size and top-k; flagged effectively dense where top-k chunks cover every key.
+5. otherwise MoBA, with the policy's chunk size, top-k and routing; flagged effectively dense where top-k chunks cover
+   every key.
 
 A converted site can still run dense when its boolean mask proves not causal at run time: :func:`mask_kind_reason`
 words that case for both paths.
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .policy import Decision, Mode, Policy
+from .policy import Decision, Mode, Policy, Routing
 from .report import FORM_CAUSAL, FORM_DECODE, FORM_MASK, FORM_NONE, Form, SiteRecord
 
 __all__ = ["REASONS", "SiteDecision", "decide_site", "layer_decision", "mask_kind_reason", "reason"]
@@ -146,6 +147,7 @@ class SiteDecision:
         effectively_dense: MoBA whose top-k chunks cover every key of the known key length: exactly dense attention.
         tail: the notes that end a MoBA site's reason (``min_seq_len`` at run time, effectively dense): a path's own
             notes go before them (:meth:`record`).
+        routing: the gate's routing of a MoBA site (``"head"`` or ``"group"``, from the policy); None when dense.
     """
 
     mode: Mode
@@ -157,6 +159,7 @@ class SiteDecision:
     by_policy: bool = False
     effectively_dense: bool = False
     tail: tuple[str, ...] = field(default=(), repr=False)
+    routing: Routing | None = None
 
     def record(self, module: str, layer: int | None, notes: Sequence[str] = (), **fields: Any) -> SiteRecord:
         """The report's record of this decision, with the path's own ``notes`` after the shared reason.
@@ -189,6 +192,7 @@ class SiteDecision:
             reason=text,
             form=self.form,
             effectively_dense=self.effectively_dense,
+            routing=self.routing,
             **fields,
         )
 
@@ -201,7 +205,9 @@ class SiteDecision:
             >>> d.dense("mask not causal").mode
             'dense'
         """
-        return replace(self, mode="dense", chunk_size=None, topk=None, reason=why, effectively_dense=False, tail=())
+        return replace(
+            self, mode="dense", chunk_size=None, topk=None, reason=why, effectively_dense=False, tail=(), routing=None
+        )
 
 
 def layer_decision(
@@ -299,4 +305,7 @@ def decide_site(
     if covers:
         tail.append(reason("effectively_dense", topk=topk, chunk_size=chunk_size, len_k=len_k))
     text = "; ".join([*notes, *tail])
-    return SiteDecision("moba", chunk_size, topk, text, form, decision, effectively_dense=covers, tail=tuple(tail))
+    return SiteDecision(
+        "moba", chunk_size, topk, text, form, decision, effectively_dense=covers, tail=tuple(tail),
+        routing=decision.routing,
+    )  # fmt: skip

@@ -3,13 +3,16 @@
 Ops (all functional but ``moba::update_static_chunk_means_``, which fills a static cache's means buffer):
 
 - ``moba::attention(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl,
-  chunk_means=None) -> (out, lse)``: MoBA attention in the SDPA layout. ``mask_kind`` is an optional result of
-  ``moba::analyse_mask`` (the compile pass shares one per mask node): ``MASK_CAUSAL`` drops the mask (MoBA is
+  chunk_means=None, routing="head") -> (out, lse)``: MoBA attention in the SDPA layout. ``mask_kind`` is an optional
+  result of ``moba::analyse_mask`` (the compile pass shares one per mask node): ``MASK_CAUSAL`` drops the mask (MoBA is
   already causal), ``MASK_APPLY`` intersects it with the selection (padding), ``MASK_NOT_CAUSAL`` and
   ``MASK_PER_ROW`` (sliding windows) run dense SDPA with the mask instead: not MoBA; ``MASK_DOCUMENTS`` (the
   block-diagonal causal mask of packed documents) runs every document as MoBA on its own.
   ``min_seq_len``: key sequences shorter than this run dense causal attention. ``chunk_means``: gate means kept by a
-  KV cache, so that a decode step need not average every key.
+  KV cache, so that a decode step need not average every key. ``routing``: ``"head"`` (the paper's gate, one top-k per
+  query head) or ``"group"`` (one top-k per key head from the group-summed scores; spec section 6). Every ``moba::``
+  attention op (backward, jvp, packed, static decode) takes ``routing`` as its last argument, defaulting to
+  ``"head"``, so calls written before it existed are unchanged.
 - ``moba::attention_backward(...) -> (dq, dk, dv)``: the registered backward of ``moba::attention``.
 - ``moba::attention_jvp(query, key, value, attn_mask, mask_kind, tangent_query, tangent_key, tangent_value, ...)
   -> (tangent_out, tangent_lse)``: forward-mode derivative (plain PyTorch formulas; on the Triton path over the
@@ -65,6 +68,7 @@ from .validation import (
     bounded_params,
     check_moba_inputs,
     check_moba_params,
+    check_routing,
 )
 
 __all__ = [
@@ -192,7 +196,9 @@ def _attention_op(
     min_seq_len: int,
     impl: str,
     chunk_means: Tensor | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
+    check_routing(routing)  # the op can be called directly (the pass does)
     mask, kind = mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
         CALLS["attention:dense-sdpa"] += 1
@@ -203,7 +209,7 @@ def _attention_op(
         # Packed documents (a block-diagonal causal mask, checked this forward): each document is MoBA on its own.
         bounds = documents_from_mask(attn_mask, query.shape[2]).tolist()
         out, lse = _packed_forward(
-            query, key, value, bounds, chunk_size, topk, scale, min_seq_len, impl, "attention:packed"
+            query, key, value, bounds, chunk_size, topk, scale, min_seq_len, impl, "attention:packed", routing
         )
         return out.contiguous(), lse.contiguous()
     chunk_size, topk = _bounded_call(key, chunk_size, topk, min_seq_len)
@@ -211,15 +217,16 @@ def _attention_op(
     decode = _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_means)
     CALLS[f"attention:{chosen}{'-decode' if decode is not None else ''}"] += 1
     if decode is not None:
-        out, lse = decode(query, key, value, chunk_size, topk, scale, mask, chunk_means)
+        out, lse = decode(query, key, value, chunk_size, topk, scale, mask, chunk_means, routing=routing)
     elif chosen == "triton":
         # The forward kernel averages the keys itself, with the one means kernel that chunk_means() and the decode
         # kernel use: means a cache took from chunk_means() are bitwise these numbers.
-        out, lse = kernels.moba_forward_triton(query, key, value, chunk_size, topk, scale, mask)
+        out, lse = kernels.moba_forward_triton(query, key, value, chunk_size, topk, scale, mask, routing=routing)
     else:
         out, lse = reference.moba_attention_forward(
-            query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, chunk_means=chunk_means
-        )
+            query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, chunk_means=chunk_means,
+            routing=routing,
+        )  # fmt: skip
     return out.contiguous(), lse.contiguous()
 
 
@@ -234,7 +241,18 @@ def _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_mean
 
 @_attention_op.register_fake
 def _attention_fake(
-    query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means=None
+    query,
+    key,
+    value,
+    attn_mask,
+    mask_kind,
+    chunk_size,
+    topk,
+    scale,
+    min_seq_len,
+    impl,
+    chunk_means=None,
+    routing="head",
 ):
     b, hq, lq, _ = query.shape
     out = query.new_empty((b, hq, lq, value.shape[-1]))
@@ -258,7 +276,9 @@ def _attention_backward_op(
     min_seq_len: int,
     impl: str,
     chunk_means: Tensor | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor, Tensor]:
+    check_routing(routing)
     mask, kind = mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
         CALLS["attention_backward:dense-sdpa"] += 1
@@ -267,14 +287,16 @@ def _attention_backward_op(
         bounds = documents_from_mask(attn_mask, query.shape[2]).tolist()
         grads = _packed_backward(
             grad_out, query, key, value, out, lse, bounds, chunk_size, topk, scale, min_seq_len, impl,
-            "attention_backward:packed",
+            "attention_backward:packed", routing,
         )  # fmt: skip
         return tuple(g.contiguous() for g in grads)
     chunk_size, topk = _bounded_call(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
     CALLS[f"attention_backward:{chosen}"] += 1
     if chosen == "triton":
-        dq, dk, dv = kernels.moba_backward_triton(grad_out, query, key, value, out, lse, chunk_size, topk, scale, mask)
+        dq, dk, dv = kernels.moba_backward_triton(
+            grad_out, query, key, value, out, lse, chunk_size, topk, scale, mask, routing=routing
+        )
     else:
         # The reference's hand-written gradient formulas (plain PyTorch ops): CPU tensors, or Triton cannot run them.
         dq, dk, dv = reference.moba_attention_backward(
@@ -289,6 +311,7 @@ def _attention_backward_op(
             scale=scale,
             attn_mask=mask,
             chunk_means=chunk_means,
+            routing=routing,
         )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -309,24 +332,26 @@ def _attention_backward_fake(
     min_seq_len,
     impl,
     chunk_means=None,
+    routing="head",
 ):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means = inputs
+    query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means, routing = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, attn_mask, mask_kind, out, lse, chunk_means)
     ctx.params = (chunk_size, topk, scale, min_seq_len, impl)
+    ctx.routing = routing
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, attn_mask, mask_kind, out, lse, chunk_means = ctx.saved_tensors
     dq, dk, dv = torch.ops.moba.attention_backward(
-        grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params, chunk_means
+        grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params, chunk_means, ctx.routing
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -348,7 +373,9 @@ def _attention_jvp_op(
     min_seq_len: int,
     impl: str,
     chunk_means: Tensor | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
+    check_routing(routing)
     mask, kind = mask_for_moba(attn_mask, mask_kind)
     if kind in DENSE_MASK_KINDS:
         CALLS["attention_jvp:dense-sdpa"] += 1
@@ -357,14 +384,15 @@ def _attention_jvp_op(
         bounds = documents_from_mask(attn_mask, query.shape[2]).tolist()
         tangents = (tangent_query, tangent_key, tangent_value)
         t_out, t_lse = _packed_jvp(
-            query, key, value, tangents, bounds, chunk_size, topk, scale, min_seq_len, impl, "attention_jvp:packed"
-        )
+            query, key, value, tangents, bounds, chunk_size, topk, scale, min_seq_len, impl, "attention_jvp:packed",
+            routing,
+        )  # fmt: skip
         return t_out.contiguous(), t_lse.contiguous()
     chunk_size, topk = _bounded_call(key, chunk_size, topk, min_seq_len)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, mask)
     # There is no Triton JVP kernel: the reference's formulas run (plain PyTorch, O(rows * Lk) blocks), over the
     # selection the Triton forward made when it ran, so tangents belong to the output the forward returned.
-    selection = _kernel_selection(chosen, query, key, value, chunk_size, topk, mask, chunk_means)
+    selection = _kernel_selection(chosen, query, key, value, chunk_size, topk, mask, chunk_means, routing)
     CALLS[f"attention_jvp:reference{'' if selection is None else '-triton-gate'}"] += 1
     t_out, t_lse = reference.moba_attention_jvp(
         query,
@@ -379,6 +407,7 @@ def _attention_jvp_op(
         attn_mask=mask,
         chunk_means=chunk_means,
         selection=selection,
+        routing=routing,
     )
     return t_out.contiguous(), t_lse.contiguous()
 
@@ -392,13 +421,15 @@ def _kernel_selection(
     topk: int,
     mask: Tensor | None,
     chunk_means: Tensor | None,
+    routing: str = "head",
 ) -> Tensor | None:
     """The Triton gate's selection ``[B, Hq, Lq, S]`` that ``moba::attention`` used on the Triton path, else None."""
     if chosen != "triton" or topk <= 1:
         return None
     if _decode_kernel(chosen, query, key, value, chunk_size, topk, mask, chunk_means) is not None:
-        return kernels.decode_select_chunks_triton(query, key, chunk_size, topk, means=chunk_means).unsqueeze(2)
-    return kernels.select_chunks_triton(query, key, chunk_size, topk)
+        sel = kernels.decode_select_chunks_triton(query, key, chunk_size, topk, means=chunk_means, routing=routing)
+        return sel.unsqueeze(2)
+    return kernels.select_chunks_triton(query, key, chunk_size, topk, routing=routing)
 
 
 @_attention_jvp_op.register_fake
@@ -417,6 +448,7 @@ def _attention_jvp_fake(
     min_seq_len,
     impl,
     chunk_means=None,
+    routing="head",
 ):
     return _attention_fake(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl)
 
@@ -431,7 +463,8 @@ def _vmap_by_folding(op: torch._ops.OpOverload, n_args: int, mask_index: int) ->
     kind_index = mask_index + 1
 
     def rule(info, in_dims, *args):
-        args = (*args, *([None] * (n_args - len(args))))  # defaulted trailing arguments
+        # Defaulted trailing arguments left out by the caller (chunk_means=None, routing="head"), from the schema.
+        args = (*args, *(a.default_value for a in op._schema.arguments[len(args) : n_args]))
         in_dims = (*in_dims, *([None] * (n_args - len(in_dims))))
         v = info.batch_size
         if in_dims[kind_index] is not None:
@@ -454,9 +487,9 @@ def _vmap_by_folding(op: torch._ops.OpOverload, n_args: int, mask_index: int) ->
     return rule
 
 
-_attention_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention.default, 11, 3))
-_attention_backward_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention_backward.default, 14, 4))
-_attention_jvp_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention_jvp.default, 14, 3))
+_attention_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention.default, 12, 3))
+_attention_backward_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention_backward.default, 15, 4))
+_attention_jvp_op.register_vmap(_vmap_by_folding(torch.ops.moba.attention_jvp.default, 15, 3))
 
 
 _SECOND_ORDER = (
@@ -501,35 +534,41 @@ class _AttentionFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means):
+    def forward(
+        query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means, routing
+    ):
         return torch.ops.moba.attention(
-            query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means
+            query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, min_seq_len, impl, chunk_means, routing
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _setup_context(ctx, inputs, output)
-        query, key, value, attn_mask, mask_kind, *_, chunk_means = inputs
+        query, key, value, attn_mask, mask_kind, *_, chunk_means, _ = inputs
         ctx.save_for_forward(query, key, value, attn_mask, mask_kind, chunk_means)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         query, key, value, attn_mask, mask_kind, out, lse, chunk_means = ctx.saved_tensors
-        args = (grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params, chunk_means)
+        args = (
+            grad_out.contiguous(), query, key, value, attn_mask, mask_kind, out, lse, *ctx.params, chunk_means,
+            ctx.routing,
+        )  # fmt: skip
         if torch._C._are_functorch_transforms_active() or torch.is_grad_enabled():
             # torch.func and create_graph=True differentiate the backward too: the op's generated autograd would be
             # rejected by torch.func (no setup_context) or fail with a message that does not name moba_attention.
             dq, dk, dv = _AttentionBackwardFunction.apply(*args)
         else:
             dq, dk, dv = torch.ops.moba.attention_backward(*args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, tangent_query, tangent_key, tangent_value, *_):
         query, key, value, attn_mask, mask_kind, chunk_means = ctx.saved_tensors
         t_out, _ = torch.ops.moba.attention_jvp(
-            query, key, value, attn_mask, mask_kind, tangent_query, tangent_key, tangent_value, *ctx.params, chunk_means
-        )
+            query, key, value, attn_mask, mask_kind, tangent_query, tangent_key, tangent_value, *ctx.params,
+            chunk_means, ctx.routing,
+        )  # fmt: skip
         return t_out, None  # lse is marked non-differentiable (it is an internal output)
 
 
@@ -553,12 +592,13 @@ def attention(
     min_seq_len: int = 0,
     impl: str = "auto",
     chunk_means: Tensor | None = None,
+    routing: str = "head",
 ) -> Tensor:
     """Validate a MoBA call and run ``moba::attention``; differentiable; returns only the output.
 
-    See :func:`moba_compile.moba_attention` for shapes, dtypes and errors. ``mask_kind`` and ``min_seq_len`` are the
-    compile pass's knobs (see the module docstring); ``chunk_means`` are gate means a KV cache kept
-    (:class:`moba_compile.hf.MobaCache`), so a decode step need not average every key.
+    See :func:`moba_compile.moba_attention` for shapes, dtypes, ``routing`` and errors. ``mask_kind`` and
+    ``min_seq_len`` are the compile pass's knobs (see the module docstring); ``chunk_means`` are gate means a KV cache
+    kept (:class:`moba_compile.hf.MobaCache`), so a decode step need not average every key.
 
     Example:
         >>> q = torch.randn(1, 2, 16, 8)
@@ -566,6 +606,7 @@ def attention(
         torch.Size([1, 2, 16, 8])
     """
     check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    check_routing(routing)
     if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int):
         raise TypeError(f"min_seq_len must be an int >= 0, got {min_seq_len!r} ({type(min_seq_len).__name__})")
     if not 0 <= min_seq_len <= INT64_MAX:
@@ -576,9 +617,9 @@ def attention(
         resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)
     args = (query, key, value, attn_mask, mask_kind, chunk_size, topk, _scale(query, scale), min_seq_len, impl)
     if not torch.compiler.is_compiling() and _needs_autograd_function(query, key, value):
-        out, _ = _AttentionFunction.apply(*args, chunk_means)
+        out, _ = _AttentionFunction.apply(*args, chunk_means, routing)
     else:
-        out, _ = torch.ops.moba.attention(*args, chunk_means)
+        out, _ = torch.ops.moba.attention(*args, chunk_means, routing)
     return out
 
 

@@ -28,7 +28,14 @@ from .ops import (
     _scale,
     resolve_impl,
 )
-from .validation import INT64_MAX, bounded_params, check_cu_seqlens, check_moba_params, check_packed_inputs
+from .validation import (
+    INT64_MAX,
+    bounded_params,
+    check_cu_seqlens,
+    check_moba_params,
+    check_packed_inputs,
+    check_routing,
+)
 
 __all__ = ["SHARED_LAUNCH_BELOW", "packed_attention"]
 
@@ -138,6 +145,7 @@ def _packed_forward(
     min_seq_len: int,
     impl: str,
     counter: str,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     b, hq, total, _ = query.shape
     out = query.new_empty((b, hq, total, value.shape[-1]))
@@ -149,16 +157,18 @@ def _packed_forward(
         if chosen == "triton":
             # The unchanged kernels on the document's slice: its chunk grid starts at its first token because the
             # slice does, so no kernel reads a per-(row, key) mask or a boundary table.
-            o_d, lse_d = kernels.moba_forward_triton(q_d, k_d, v_d, cs, tk, scale, None)
+            o_d, lse_d = kernels.moba_forward_triton(q_d, k_d, v_d, cs, tk, scale, None, routing=routing)
         else:
-            o_d, lse_d = reference.moba_attention_forward(q_d, k_d, v_d, chunk_size=cs, topk=tk, scale=scale)
+            o_d, lse_d = reference.moba_attention_forward(
+                q_d, k_d, v_d, chunk_size=cs, topk=tk, scale=scale, routing=routing
+            )
         out[:, :, s:e] = o_d
         lse[:, :, s:e] = lse_d
     for padded, cs, tk, docs in plan.shared:
         CALLS[f"{counter}:triton"] += len(docs)
         CALLS[f"{counter}:triton-shared-launch"] += 1
         q_p, k_p, v_p = (_gather_documents(x, docs, padded) for x in (query, key, value))
-        o_p, lse_p = kernels.moba_forward_triton(q_p, k_p, v_p, cs, tk, scale, None)
+        o_p, lse_p = kernels.moba_forward_triton(q_p, k_p, v_p, cs, tk, scale, None, routing=routing)
         _scatter_documents(out, o_p, docs, padded)
         _scatter_documents(lse, lse_p, docs, padded)
     return out, lse
@@ -178,6 +188,7 @@ def _packed_backward(
     min_seq_len: int,
     impl: str,
     counter: str,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
     plan = _PackedPlan(_doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl), chunk_size, topk)
@@ -185,9 +196,9 @@ def _packed_backward(
         CALLS[f"{counter}:{chosen}"] += 1
         args = (grad_out[:, :, s:e], query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], out[:, :, s:e], lse[:, :, s:e])
         if chosen == "triton":
-            g = kernels.moba_backward_triton(*args, cs, tk, scale, None)
+            g = kernels.moba_backward_triton(*args, cs, tk, scale, None, routing=routing)
         else:
-            g = reference.moba_attention_backward(*args, chunk_size=cs, topk=tk, scale=scale)
+            g = reference.moba_attention_backward(*args, chunk_size=cs, topk=tk, scale=scale, routing=routing)
         dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = g
     for padded, cs, tk, docs in plan.shared:
         CALLS[f"{counter}:triton"] += len(docs)
@@ -195,7 +206,8 @@ def _packed_backward(
         q_p, k_p, v_p, do_p, o_p = (_gather_documents(x, docs, padded) for x in (query, key, value, grad_out, out))
         # Padded rows attended nothing as far as the backward knows (lse = -inf: P = 0), so they add nothing.
         lse_p = _gather_documents(lse, docs, padded, fill=-math.inf)
-        for dst, g in zip((dq, dk, dv), kernels.moba_backward_triton(do_p, q_p, k_p, v_p, o_p, lse_p, cs, tk, scale)):
+        grads = kernels.moba_backward_triton(do_p, q_p, k_p, v_p, o_p, lse_p, cs, tk, scale, routing=routing)
+        for dst, g in zip((dq, dk, dv), grads):
             _scatter_documents(dst, g, docs, padded)
     return dq, dk, dv
 
@@ -212,6 +224,7 @@ def _packed_jvp(
     min_seq_len: int,
     impl: str,
     counter: str,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     b, hq, total, _ = query.shape
     t_out = query.new_empty((b, hq, total, value.shape[-1]))
@@ -219,11 +232,11 @@ def _packed_jvp(
     for s, e, cs, tk, chosen in _doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl):
         q_d, k_d, v_d = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
         # As moba::attention_jvp: the reference's formulas over the selection the forward made (the Triton gate's).
-        selection = _kernel_selection(chosen, q_d, k_d, v_d, cs, tk, None, None)
+        selection = _kernel_selection(chosen, q_d, k_d, v_d, cs, tk, None, None, routing)
         CALLS[f"{counter}:reference{'' if selection is None else '-triton-gate'}"] += 1
         t = [None if x is None else x[:, :, s:e] for x in tangents]
         t_out[:, :, s:e], t_lse[:, :, s:e] = reference.moba_attention_jvp(
-            q_d, k_d, v_d, *t, chunk_size=cs, topk=tk, scale=scale, selection=selection
+            q_d, k_d, v_d, *t, chunk_size=cs, topk=tk, scale=scale, selection=selection, routing=routing
         )
     return t_out, t_lse
 
@@ -239,17 +252,19 @@ def _packed_attention_op(
     scale: float,
     min_seq_len: int,
     impl: str,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     check_moba_params(chunk_size, topk)
+    check_routing(routing)
     bounds = check_cu_seqlens(cu_seqlens, key.shape[2])  # the op may be called directly: check before slicing
     out, lse = _packed_forward(
-        query, key, value, bounds, chunk_size, topk, scale, min_seq_len, impl, "packed_attention"
+        query, key, value, bounds, chunk_size, topk, scale, min_seq_len, impl, "packed_attention", routing
     )
     return out.contiguous(), lse.contiguous()
 
 
 @_packed_attention_op.register_fake
-def _packed_attention_fake(query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl):
+def _packed_attention_fake(query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl, routing="head"):
     return _attention_fake(query, key, value, None, None, chunk_size, topk, scale, min_seq_len, impl)
 
 
@@ -267,28 +282,30 @@ def _packed_attention_backward_op(
     scale: float,
     min_seq_len: int,
     impl: str,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_moba_params(chunk_size, topk)
+    check_routing(routing)
     bounds = check_cu_seqlens(cu_seqlens, key.shape[2])
     grads = _packed_backward(
         grad_out, query, key, value, out, lse, bounds, chunk_size, topk, scale, min_seq_len, impl,
-        "packed_attention_backward",
+        "packed_attention_backward", routing,
     )  # fmt: skip
     return tuple(g.contiguous() for g in grads)
 
 
 @_packed_attention_backward_op.register_fake
 def _packed_attention_backward_fake(
-    grad_out, query, key, value, cu_seqlens, out, lse, chunk_size, topk, scale, min_seq_len, impl
+    grad_out, query, key, value, cu_seqlens, out, lse, chunk_size, topk, scale, min_seq_len, impl, routing="head"
 ):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _packed_setup_context(ctx, inputs, output) -> None:
-    query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl = inputs
+    query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl, routing = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, cu_seqlens, out, lse)
-    ctx.params = (chunk_size, topk, scale, min_seq_len, impl)
+    ctx.params = (chunk_size, topk, scale, min_seq_len, impl, routing)
     ctx.mark_non_differentiable(lse)
 
 
@@ -297,7 +314,7 @@ def _packed_backward_rule(ctx, grad_out, grad_lse):
     dq, dk, dv = torch.ops.moba.packed_attention_backward(
         grad_out.contiguous(), query, key, value, cu_seqlens, out, lse, *ctx.params
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _packed_attention_op.register_autograd(_packed_backward_rule, setup_context=_packed_setup_context)
@@ -317,19 +334,34 @@ def _packed_attention_jvp_op(
     scale: float,
     min_seq_len: int,
     impl: str,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     check_moba_params(chunk_size, topk)
+    check_routing(routing)
     bounds = check_cu_seqlens(cu_seqlens, key.shape[2])
     tangents = (tangent_query, tangent_key, tangent_value)
     t_out, t_lse = _packed_jvp(
-        query, key, value, tangents, bounds, chunk_size, topk, scale, min_seq_len, impl, "packed_attention_jvp"
-    )
+        query, key, value, tangents, bounds, chunk_size, topk, scale, min_seq_len, impl, "packed_attention_jvp",
+        routing,
+    )  # fmt: skip
     return t_out.contiguous(), t_lse.contiguous()
 
 
 @_packed_attention_jvp_op.register_fake
 def _packed_attention_jvp_fake(
-    query, key, value, cu_seqlens, tangent_query, tangent_key, tangent_value, chunk_size, topk, scale, min_seq_len, impl
+    query,
+    key,
+    value,
+    cu_seqlens,
+    tangent_query,
+    tangent_key,
+    tangent_value,
+    chunk_size,
+    topk,
+    scale,
+    min_seq_len,
+    impl,
+    routing="head",
 ):
     return _attention_fake(query, key, value, None, None, chunk_size, topk, scale, min_seq_len, impl)
 
@@ -340,6 +372,9 @@ def _packed_vmap(op: torch._ops.OpOverload, cu_index: int) -> Callable[..., tupl
 
     def rule(info, in_dims, *args):
         v = info.batch_size
+        if len(args) < len(op._schema.arguments):  # trailing defaults (routing) left out by the caller
+            args = (*args, *(a.default_value for a in op._schema.arguments[len(args) :]))
+            in_dims = (*in_dims, *([None] * (len(args) - len(in_dims))))
         if in_dims[cu_index] is not None:
             per_entry = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))) for i in range(v)]
             return tuple(torch.stack(parts) for parts in zip(*per_entry)), tuple(0 for _ in per_entry[0])
@@ -368,9 +403,9 @@ class _PackedAttentionFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl):
+    def forward(query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl, routing):
         return torch.ops.moba.packed_attention(
-            query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl
+            query, key, value, cu_seqlens, chunk_size, topk, scale, min_seq_len, impl, routing
         )
 
     @staticmethod
@@ -386,7 +421,7 @@ class _PackedAttentionFunction(torch.autograd.Function):
             dq, dk, dv = _PackedBackwardFunction.apply(*args)
         else:
             dq, dk, dv = torch.ops.moba.packed_attention_backward(*args)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, tangent_query, tangent_key, tangent_value, *_):
@@ -408,6 +443,7 @@ def packed_attention(
     scale: float | None = None,
     min_seq_len: int = 0,
     impl: str = "auto",
+    routing: str = "head",
 ) -> Tensor:
     """Validate a packed-sequence MoBA call and run ``moba::packed_attention``; differentiable; the output only.
 
@@ -423,13 +459,15 @@ def packed_attention(
         cu_seqlens: int32/int64 ``[n_docs + 1]`` on the query's device, ``0 = cu[0] < ... < cu[n] = T``.
         chunk_size, topk, scale, impl: as for :func:`attention`, applied per document. min_seq_len: documents shorter
             than this run dense causal attention (inside the document).
+        routing: ``"head"`` (default) or ``"group"``, as for :func:`attention`, in every document.
 
     Returns:
         ``[B, Hq, T, Dv]`` in the query's dtype. Reverse and forward mode and ``torch.func`` transforms as
         :func:`attention` (first order).
 
     Raises:
-        TypeError, ValueError: as :func:`moba_compile.validation.check_packed_inputs`, or a bad ``min_seq_len``.
+        TypeError, ValueError: as :func:`moba_compile.validation.check_packed_inputs`, a bad ``min_seq_len`` or
+            ``routing``.
         RuntimeError: ``impl="triton"`` cannot run some document (the reason is given).
 
     Example:
@@ -452,9 +490,10 @@ def packed_attention(
         raise ValueError(f"min_seq_len must be in [0, 2**63 - 1], got {min_seq_len}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    check_routing(routing)
     if read:
         _doc_calls(query, key, value, bounds, chunk_size, topk, min_seq_len, impl)  # raises early for impl="triton"
-    args = (query, key, value, cu_seqlens, chunk_size, topk, _scale(query, scale), min_seq_len, impl)
+    args = (query, key, value, cu_seqlens, chunk_size, topk, _scale(query, scale), min_seq_len, impl, routing)
     if not compiling and _needs_autograd_function(query, key, value):
         out, _ = _PackedAttentionFunction.apply(*args)
     else:

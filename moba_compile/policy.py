@@ -1,4 +1,4 @@
-"""The per-layer MoBA policy: which attention sites run MoBA, with which chunk size and top-k.
+"""The per-layer MoBA policy: which attention sites run MoBA, with which chunk size, top-k and routing.
 
 A policy is a frozen :class:`Policy` (top-level defaults plus ordered :class:`Rule` objects). It can be written in code,
 or loaded from a TOML or JSON file (same schema, ``version = 1``) or a plain dict by :func:`load_policy`. Every
@@ -10,7 +10,7 @@ Example:
     >>> policy.decide("model.layers.0.self_attn", 0, 32).mode
     'dense'
     >>> policy.decide("model.layers.7.self_attn", 7, 32)
-    Decision(mode='moba', chunk_size=2048, topk=3, reason='default policy', rule_index=None)
+    Decision(mode='moba', chunk_size=2048, topk=3, reason='default policy', rule_index=None, routing='head')
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, get_args
 
+from .validation import ROUTINGS as _ROUTING_VALUES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -34,11 +36,13 @@ __all__ = [
     "DENSE_SDPA",
     "MAX_INT",
     "MODES",
+    "ROUTINGS",
     "Decision",
     "DenseSdpa",
     "Mode",
     "Policy",
     "PolicyError",
+    "Routing",
     "Rule",
     "load_policy",
 ]
@@ -61,6 +65,14 @@ MODES: tuple[Mode, ...] = get_args(Mode)
 DenseSdpa = Literal["as_is", "flash_when_causal"]
 #: The values of :data:`DenseSdpa`, in the order messages list them.
 DENSE_SDPA: tuple[DenseSdpa, ...] = get_args(DenseSdpa)
+#: How a MoBA site's gate selects chunks (spec section 6): ``"head"`` (the default, the MoBA paper's: every query head
+#: chooses its own chunks) or ``"group"`` (GQA/MQA: one choice per key head and position, from the scores summed
+#: over the group's query heads, shared by them).
+Routing = Literal["head", "group"]
+#: The values of :data:`Routing`, in the order messages list them (the ops accept exactly these).
+ROUTINGS: tuple[Routing, ...] = get_args(Routing)
+if ROUTINGS != _ROUTING_VALUES:  # pragma: no cover - one list for the policy and the ops
+    raise ImportError(f"policy routings {ROUTINGS} differ from the ops' {_ROUTING_VALUES}")
 
 _REGEX_PREFIX = "re:"
 _AUTOMATIC_SOURCE = "<default>"  # the source of DEFAULT_POLICY, the policy used when none is given
@@ -72,13 +84,14 @@ _TOP_KEYS: tuple[str, ...] = (
     "dense_sdpa",
     "min_seq_len",
     "num_layers",
+    "routing",
     "rules",
     "topk",
     "version",
 )
-_RULE_KEYS: tuple[str, ...] = ("chunk_size", "layers", "mode", "module", "topk")
+_RULE_KEYS: tuple[str, ...] = ("chunk_size", "layers", "mode", "module", "routing", "topk")
 _RULE_SELECTORS: tuple[str, ...] = ("layers", "module")
-_RULE_SETTINGS: tuple[str, ...] = ("mode", "chunk_size", "topk")
+_RULE_SETTINGS: tuple[str, ...] = ("mode", "chunk_size", "topk", "routing")
 
 
 class PolicyError(ValueError):
@@ -177,7 +190,8 @@ def _check_rule(
     mode: object,
     chunk_size: object,
     topk: object,
-) -> tuple[tuple[int, ...] | None, str | None, str | None, int | None, int | None]:
+    routing: object = None,
+) -> tuple[tuple[int, ...] | None, str | None, str | None, int | None, int | None, str | None]:
     """Validate one rule's fields; return them normalised (``layers`` as a tuple)."""
     name = path or "rule"
     if layers is None and module is None:
@@ -185,9 +199,10 @@ def _check_rule(
             f"{where}: {name} sets neither 'layers' nor 'module'; a rule needs at least one selector "
             "(layers = [...] and/or module = '...')"
         )
-    if mode is None and chunk_size is None and topk is None:
+    if mode is None and chunk_size is None and topk is None and routing is None:
         raise PolicyError(
-            f"{where}: {name} sets none of 'mode', 'chunk_size', 'topk'; a rule must change at least one setting"
+            f"{where}: {name} sets none of 'mode', 'chunk_size', 'topk', 'routing'; a rule must change at least one "
+            "setting"
         )
     return (
         None if layers is None else _check_layers(where, _join(path, "layers"), layers),
@@ -195,6 +210,7 @@ def _check_rule(
         None if mode is None else _check_choice(where, _join(path, "mode"), mode, MODES),
         None if chunk_size is None else _check_int(where, _join(path, "chunk_size"), chunk_size, 1),
         None if topk is None else _check_int(where, _join(path, "topk"), topk, 1),
+        None if routing is None else _check_choice(where, _join(path, "routing"), routing, ROUTINGS),
     )
 
 
@@ -204,7 +220,7 @@ def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
         _fail(where, path, table, f"a table with the keys {', '.join(_RULE_KEYS)}")
     misplaced = tuple(k for k in _TOP_KEYS if k not in _RULE_KEYS)
     _check_keys(where, table, _RULE_KEYS, f"in {path}", misplaced, "is a top-level key, not a rule key")
-    layers, module, mode, chunk_size, topk = _check_rule(
+    layers, module, mode, chunk_size, topk, routing = _check_rule(
         where,
         path,
         table.get("layers"),
@@ -212,8 +228,9 @@ def _rule_from_mapping(where: str, index: int, table: object) -> Rule:
         table.get("mode"),
         table.get("chunk_size"),
         table.get("topk"),
+        table.get("routing"),
     )
-    return Rule(layers=layers, module=module, mode=mode, chunk_size=chunk_size, topk=topk)
+    return Rule(layers=layers, module=module, mode=mode, chunk_size=chunk_size, topk=topk, routing=routing)
 
 
 def _spans(indices: Sequence[int]) -> str:
@@ -246,8 +263,8 @@ class Rule:
     """One policy rule: a selector (layer indices and/or a module path) and the settings it overrides.
 
     A rule must set at least one selector (``layers``, ``module``) and at least one setting (``mode``, ``chunk_size``,
-    ``topk``). When both selectors are set, both must hold. Unset settings inherit the policy's default decision for
-    the site. ``layers`` given as a list is stored as a tuple.
+    ``topk``, ``routing``). When both selectors are set, both must hold. Unset settings inherit the policy's default
+    decision for the site. ``layers`` given as a list is stored as a tuple.
 
     Args:
         layers: Layer indices (0-based); a negative index counts from the end (``-1`` is the last layer) and needs
@@ -257,6 +274,7 @@ class Rule:
         mode: ``"moba"``, ``"dense"``, or None to keep the default decision's mode.
         chunk_size: MoBA chunk size (1 to :data:`MAX_INT`), or None to keep the default.
         topk: MoBA top-k (1 to :data:`MAX_INT`, counts the query's own chunk), or None to keep the default.
+        routing: The gate's routing (:data:`ROUTINGS`: ``"head"`` or ``"group"``), or None to keep the default.
 
     Raises:
         PolicyError: A field has a bad type or value, or the rule has no selector or no setting.
@@ -274,10 +292,13 @@ class Rule:
     mode: Mode | None = None
     chunk_size: int | None = None
     topk: int | None = None
+    routing: Routing | None = None
 
     def __post_init__(self) -> None:
-        layers, _, _, _, _ = _check_rule("<Rule>", "", self.layers, self.module, self.mode, self.chunk_size, self.topk)
-        object.__setattr__(self, "layers", layers)
+        checked = _check_rule(
+            "<Rule>", "", self.layers, self.module, self.mode, self.chunk_size, self.topk, self.routing
+        )
+        object.__setattr__(self, "layers", checked[0])
 
     def matches(
         self, module: str, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
@@ -361,7 +382,7 @@ class Rule:
         out: dict[str, Any] = {}
         if self.layers is not None:
             out["layers"] = list(self.layers)
-        for key in ("module", "mode", "chunk_size", "topk"):
+        for key in ("module", "mode", "chunk_size", "topk", "routing"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -379,6 +400,7 @@ class Decision:
         reason: Why, in words: ``"default policy"``, ``"rule 0 (layers=[0])"``,
             ``"dense_last=3: layer 30 is among the last 3 of 32 attention layers"``, ...
         rule_index: The index of the rule that matched, or None if no rule matched.
+        routing: The gate's routing, ``"head"`` or ``"group"`` (meaningful when ``mode == "moba"``).
 
     Example:
         >>> DEFAULT_POLICY.decide("model.layers.31.self_attn", 31, 32).reason
@@ -390,6 +412,7 @@ class Decision:
     topk: int
     reason: str
     rule_index: int | None = None
+    routing: Routing = "head"
 
 
 @dataclass(frozen=True)
@@ -409,6 +432,7 @@ class Policy:
             graph breaks hide layers); None to use the graph's count.
         min_seq_len: Key sequences shorter than this run dense (>= 0; applied at run time by the backend).
         decode: ``"moba"`` or ``"dense"``: how decode steps (``Lq < Lk`` on a cache) of converted sites run.
+        routing: Default gate routing of MoBA sites (:data:`ROUTINGS`): ``"head"`` (the paper's) or ``"group"``.
         dense_sdpa: ``"as_is"`` (default: dense sites keep their SDPA call bit for bit) or ``"flash_when_causal"``
             (the compile backend runs flash attention at dense sites whose boolean mask is exactly causal at run
             time; numerics change within the flash kernel's rounding): see :data:`DenseSdpa`.
@@ -435,6 +459,7 @@ class Policy:
     dense_sdpa: DenseSdpa = "as_is"
     rules: tuple[Rule, ...] = ()
     source: str = field(default="<Policy>", compare=False)
+    routing: Routing = "head"
 
     def __post_init__(self) -> None:
         where = "<Policy>" if self.source == _AUTOMATIC_SOURCE else str(self.source)
@@ -448,6 +473,7 @@ class Policy:
         _check_int(where, "min_seq_len", self.min_seq_len, 0)
         _check_choice(where, "decode", self.decode, MODES)
         _check_choice(where, "dense_sdpa", self.dense_sdpa, DENSE_SDPA)
+        _check_choice(where, "routing", self.routing, ROUTINGS)
         rules = self.rules
         if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, (list, tuple)):
             _fail(where, "rules", rules, "a list of tables ([[rules]] in TOML)")
@@ -526,14 +552,14 @@ class Policy:
                     f"dense_last={self.dense_last}: layer {layer} is among the last {self.dense_last} of "
                     f"{len(order)} attention layers"
                 )
-                return Decision("dense", self.chunk_size, self.topk, reason, None)
+                return Decision("dense", self.chunk_size, self.topk, reason, None, self.routing)
             if layer is None:
                 reason = f"default policy (dense_last={self.dense_last} not applied: layer unknown)"
-                return Decision("moba", self.chunk_size, self.topk, reason, None)
+                return Decision("moba", self.chunk_size, self.topk, reason, None, self.routing)
             if order is None:
                 reason = f"default policy (dense_last={self.dense_last} not applied: number of layers unknown)"
-                return Decision("moba", self.chunk_size, self.topk, reason, None)
-        return Decision("moba", self.chunk_size, self.topk, "default policy", None)
+                return Decision("moba", self.chunk_size, self.topk, reason, None, self.routing)
+        return Decision("moba", self.chunk_size, self.topk, "default policy", None, self.routing)
 
     def decide(
         self, module: str, layer: int | None, num_layers: int | None, attention_layers: Sequence[int] | None = None
@@ -562,7 +588,7 @@ class Policy:
         Example:
             >>> policy = load_policy({"rules": [{"module": "re:.*layers\\\\.(4|5)\\\\.self_attn", "topk": 3}]})
             >>> policy.decide("model.layers.5.self_attn", 5, 32)
-            Decision(mode='moba', chunk_size=4096, topk=3, reason="rule 0 (module='re:.*layers\\\\\\\\.(4|5)\\\\\\\\.self_attn')", rule_index=0)
+            Decision(mode='moba', chunk_size=4096, topk=3, reason="rule 0 (module='re:.*layers\\\\\\\\.(4|5)\\\\\\\\.self_attn')", rule_index=0, routing='head')
         """  # noqa: E501
         order = self.attention_order(num_layers, attention_layers)
         base = self.default_decision(layer, num_layers, attention_layers)
@@ -578,6 +604,7 @@ class Policy:
                 topk=rule.topk if rule.topk is not None else base.topk,
                 reason=reason,
                 rule_index=i,
+                routing=rule.routing if rule.routing is not None else base.routing,
             )
         return base
 
@@ -592,10 +619,11 @@ class Policy:
         own. :func:`moba_compile.compile_blocks` does this for every block; this method is the same decision for
         one site, for code that builds its backends by hand (``moba_compile.make_backend({"policy": ...})``).
 
-        The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``, this policy's
-        ``min_seq_len``, ``decode`` and ``dense_sdpa`` (applied per site, so they stay the caller's), and no rules when
-        the decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``, since without
-        a layer index nothing else can make a site dense. It decides every site alike, whatever its path or layer.
+        The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``/``routing``, this
+        policy's ``min_seq_len``, ``decode`` and ``dense_sdpa`` (applied per site, so they stay the caller's), and no
+        rules when the decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``,
+        since without a layer index nothing else can make a site dense. It decides every site alike, whatever its path
+        or layer.
         It stays automatic (:attr:`automatic`) when this policy is, so the automatic policy's dense fallback for
         sites it cannot serve exactly still applies.
 
@@ -607,7 +635,7 @@ class Policy:
                 :meth:`decide`.
 
         Returns:
-            A new :class:`Policy`; ``for_site(...).decide(m, None, None)`` has the mode, chunk size and top-k of
+            A new :class:`Policy`; ``for_site(...).decide(m, None, None)`` has the mode, chunk size, top-k and routing of
             ``decide(module, layer, num_layers, attention_layers)`` for every path ``m``. Its source names the site.
 
         Raises:
@@ -616,7 +644,7 @@ class Policy:
         Example:
             >>> policy = Policy(chunk_size=512, topk=3, dense_last=1)
             >>> policy.for_site("layers.0.attn", 0, 4).to_dict()
-            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'rules': []}
+            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'routing': 'head', 'rules': []}
             >>> policy.for_site("layers.3.attn", 3, 4).decide("attn", None, None).mode
             'dense'
         """  # noqa: E501
@@ -626,6 +654,7 @@ class Policy:
         return Policy(
             chunk_size=decision.chunk_size,
             topk=decision.topk,
+            routing=decision.routing,
             dense_last=0,
             min_seq_len=self.min_seq_len,
             decode=self.decode,
@@ -733,14 +762,14 @@ class Policy:
 
         Returns:
             A new dict: ``version``, ``chunk_size``, ``topk``, ``dense_last``, [``num_layers``], ``min_seq_len``,
-            ``decode``, ``dense_sdpa``, ``rules``.
+            ``decode``, ``dense_sdpa``, ``routing``, ``rules``.
 
         Raises:
             Nothing.
 
         Example:
             >>> DEFAULT_POLICY.to_dict()
-            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'rules': []}
+            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'routing': 'head', 'rules': []}
         """  # noqa: E501
         out: dict[str, Any] = {
             "version": self.version,
@@ -753,6 +782,7 @@ class Policy:
         out["min_seq_len"] = self.min_seq_len
         out["decode"] = self.decode
         out["dense_sdpa"] = self.dense_sdpa
+        out["routing"] = self.routing
         out["rules"] = [rule.to_dict() for rule in self.rules]
         return out
 
@@ -828,7 +858,7 @@ def load_policy(spec: str | os.PathLike[str] | Mapping[str, Any] | Policy | None
         >>> load_policy({"chunk": 512})
         Traceback (most recent call last):
         ...
-        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, rules, topk, version (did you mean 'chunk_size'?)
+        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version (did you mean 'chunk_size'?)
     """  # noqa: E501
     if spec is None:
         return DEFAULT_POLICY

@@ -6,6 +6,10 @@ Query row ``i`` sits at absolute position ``p = Lk - Lq + i`` (causal, bottom-ri
 chunks whose fp32 gate score ``q_p . mean(key[c])`` is highest (ties to the later chunk), intersected with an optional
 boolean ``attn_mask``. Softmax is exact over that union, accumulated in fp32 (fp64 for fp64 inputs).
 
+``routing="group"`` (spec section 6): for GQA/MQA the score of chunk ``c`` at row ``i`` is the sum over the group's
+query heads of ``q_h . mean(key[c])`` (fp32), and its top-(K-1) is shared by every query head of the group. ``"head"``
+(the default) is the per-head gate above; with ``Hq == Hkv`` the two are the same.
+
 Memory: queries are processed in blocks of rows, so the largest temporary is ``[B, Hq, rows, Lk]`` rather than
 ``[B, Hq, Lq, Lk]``; GQA folds the query heads of a group into the row dimension, so key/value are never repeated.
 
@@ -19,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .validation import bounded_params, check_moba_inputs, check_packed_inputs
+from .validation import bounded_params, check_moba_inputs, check_packed_inputs, check_routing
 
 __all__ = [
     "chunk_means",
@@ -107,41 +111,70 @@ def _unfold_heads(x: Tensor, heads_q: int) -> Tensor:
     return x.reshape(b, heads_q, grows * x.shape[1] // heads_q, last)
 
 
-def _select_block(query_blk: Tensor, means: Tensor, positions: Tensor, chunk_size: int, topk: int) -> Tensor:
-    """Top-(K-1) earlier chunks for one block of query rows; ``-1`` marks an unused slot. ``[B, Hq, rows, K-1]``."""
+def _gate_scores(query_blk: Tensor, means: Tensor, routing: str) -> Tensor:
+    """fp32 (fp64) gate scores of a block of rows against every chunk mean: ``[B, Hq, rows, n]`` per query head
+    (``routing="head"``), or ``[B, Hkv, rows, n]`` summed over each group's query heads (``routing="group"``)."""
     b, hq, rows, _ = query_blk.shape
     heads_kv, n = means.shape[1], means.shape[2]
+    scores = _fold_heads(query_blk.to(means.dtype), heads_kv) @ means.transpose(-1, -2)  # [B, Hkv, G * rows, n]
+    if routing == "group":
+        # The spec's sum of per-head fp32 dot products (not a dot with the summed queries: another rounding).
+        return scores.view(b, heads_kv, hq // heads_kv, rows, n).sum(dim=2)
+    return _unfold_heads(scores, hq)
+
+
+def _spread_groups(selected: Tensor, heads_q: int) -> Tensor:
+    """``[B, Hkv, rows, S] -> [B, Hq, rows, S]``: a group's selection given to each of its query heads."""
+    b, hkv, rows, slots = selected.shape
+    return selected[:, :, None].expand(b, hkv, heads_q // hkv, rows, slots).reshape(b, heads_q, rows, slots)
+
+
+def _top_earlier(scores: Tensor, own: Tensor, take: int) -> Tensor:
+    """The ``take`` best strictly earlier chunks per row of ``scores [..., rows, n]`` (``own`` broadcastable to
+    ``[..., rows]``: each row's own chunk), best first, ties to the later chunk; ``-1`` where a row has fewer."""
+    n = scores.shape[-1]
+    chunk_ids = torch.arange(n, device=scores.device)
+    scores = scores.masked_fill(~(chunk_ids < own[..., None]), -math.inf)
+    # Ties go to the later chunk: reverse the chunk order, then a stable descending sort keeps later chunks first.
+    order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :take]
+    chosen = (n - 1) - order
+    return torch.where(chosen < own[..., None], chosen, torch.full_like(chosen, -1))
+
+
+def _select_block(
+    query_blk: Tensor, means: Tensor, positions: Tensor, chunk_size: int, topk: int, routing: str = "head"
+) -> Tensor:
+    """Top-(K-1) earlier chunks for one block of query rows; ``-1`` marks an unused slot. ``[B, Hq, rows, K-1]``."""
+    b, hq, rows, _ = query_blk.shape
+    n = means.shape[2]
     want = topk - 1
     out = torch.full((b, hq, rows, want), -1, dtype=torch.long, device=query_blk.device)
     take = min(want, n)
     if take == 0:
         return out
-    scores = _fold_heads(query_blk.to(means.dtype), heads_kv) @ means.transpose(-1, -2)
-    scores = _unfold_heads(scores, hq)  # [B, Hq, rows, n]
-    own = positions // chunk_size  # [rows]
-    chunk_ids = torch.arange(n, device=query_blk.device)
-    earlier = chunk_ids[None, :] < own[:, None]  # [rows, n]
-    scores = scores.masked_fill(~earlier, -math.inf)
-    # Ties go to the later chunk: reverse the chunk order, then a stable descending sort keeps later chunks first.
-    order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :take]
-    chosen = (n - 1) - order
-    valid = chosen < own[None, None, :, None]
-    out[..., :take] = torch.where(valid, chosen, torch.full_like(chosen, -1))
+    chosen = _top_earlier(_gate_scores(query_blk, means, routing), positions // chunk_size, take)
+    out[..., :take] = _spread_groups(chosen, hq) if routing == "group" else chosen
     return out
 
 
-def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int) -> Tensor:
+def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int, routing: str = "head") -> Tensor:
     """The MoBA gate: the earlier chunks each query row attends to besides its own.
 
     Args:
         query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` and ``Lq <= Lk``.
         chunk_size, topk: MoBA parameters (``topk`` counts the own chunk).
+        routing: ``"head"`` (one selection per query head) or ``"group"`` (one per key head and row, from the scores
+            summed over the group's query heads, the same for every head of the group).
 
     Returns:
         ``int64 [B, Hq, Lq, K' - 1]`` with ``K' = min(topk, ceil(Lk / chunk_size))`` (no row has more than ``K' - 1``
         earlier chunks, so a larger ``topk`` selects the same and costs no memory): chunk indices in descending score
         order (ties: later chunk first), ``-1`` where the row has fewer than ``K' - 1`` earlier chunks. No gradient
         flows through the gate.
+
+    Raises:
+        ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`; ``routing`` not in
+            :data:`moba_compile.validation.ROUTINGS`.
 
     Example:
         >>> q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
@@ -150,6 +183,7 @@ def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int) -> 
         [0, 2]
     """
     shapes = check_moba_inputs(query, key, key, chunk_size, topk)
+    check_routing(routing)
     chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
     with torch.no_grad():
         means = chunk_means(key, chunk_size)
@@ -158,7 +192,7 @@ def select_chunks(query: Tensor, key: Tensor, *, chunk_size: int, topk: int) -> 
         for r0 in range(0, shapes.len_q, rows):
             r1 = min(shapes.len_q, r0 + rows)
             pos = torch.arange(r0, r1, device=query.device) + (shapes.len_k - shapes.len_q)
-            blocks.append(_select_block(query[:, :, r0:r1], means, pos, chunk_size, topk))
+            blocks.append(_select_block(query[:, :, r0:r1], means, pos, chunk_size, topk, routing))
         if not blocks:
             return torch.empty(shapes.batch, shapes.heads_q, 0, topk - 1, dtype=torch.long, device=query.device)
         return torch.cat(blocks, dim=2)
@@ -219,6 +253,7 @@ def moba_attention_forward(
     scale: float | None = None,
     attn_mask: Tensor | None = None,
     chunk_means: Tensor | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """MoBA attention and its log-sum-exp, differentiable by PyTorch autograd (the gate excepted).
 
@@ -231,6 +266,8 @@ def moba_attention_forward(
             the MoBA selection; the gate ignores it.
         chunk_means: optional precomputed gate means ``[B, Hkv, >= (Lk - 1) // C, D]`` (what a KV cache keeps), used
             instead of averaging ``key``; they must equal :func:`chunk_means` of ``key`` for the result to be MoBA's.
+        routing: ``"head"`` (default, the paper's gate) or ``"group"`` (one selection per key head and row from the
+            group-summed scores, shared by the group's query heads); see :func:`select_chunks`.
 
     Returns:
         ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` in the query's dtype; ``lse [B, Hq, Lq]`` in fp32 (fp64 for fp64
@@ -238,7 +275,7 @@ def moba_attention_forward(
         ``out = 0`` and ``lse = -inf``.
 
     Raises:
-        ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`.
+        ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`; an unknown ``routing``.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 16, 8)
@@ -247,6 +284,7 @@ def moba_attention_forward(
         (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16]))
     """
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    check_routing(routing)
     # Identical results; no temporary then grows with a topk or chunk_size beyond what Lk keys can use.
     chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
@@ -259,7 +297,7 @@ def moba_attention_forward(
     for r0, r1, pos in _blocks(query, key):
         q_blk = query[:, :, r0:r1]
         with torch.no_grad():
-            sel = _select_block(q_blk, means, pos, chunk_size, topk)
+            sel = _select_block(q_blk, means, pos, chunk_size, topk, routing)
             allowed = _allowed_block(sel, pos, shapes.len_k, chunk_size, _mask_rows(attn_mask, full, r0, r1))
         allowed = _fold_heads(allowed, shapes.heads_kv)
         s = (_fold_heads(q_blk.to(acc), shapes.heads_kv) @ k32.transpose(-1, -2)) * scale
@@ -284,8 +322,9 @@ def moba_attention(
     topk: int,
     scale: float | None = None,
     attn_mask: Tensor | None = None,
+    routing: str = "head",
 ) -> Tensor:
-    """MoBA attention output only; see :func:`moba_attention_forward` for shapes, dtypes and errors.
+    """MoBA attention output only; see :func:`moba_attention_forward` for shapes, dtypes, ``routing`` and errors.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 16, 8)
@@ -293,7 +332,7 @@ def moba_attention(
         torch.Size([1, 2, 16, 8])
     """
     out, _ = moba_attention_forward(
-        query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=attn_mask
+        query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=attn_mask, routing=routing
     )
     return out
 
@@ -311,6 +350,7 @@ def moba_attention_backward(
     scale: float | None = None,
     attn_mask: Tensor | None = None,
     chunk_means: Tensor | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hand-written gradients of :func:`moba_attention_forward` (the formulas the kernels implement).
 
@@ -320,7 +360,7 @@ def moba_attention_backward(
 
     Args:
         grad_out: ``[B, Hq, Lq, Dv]``, the gradient of ``out``.
-        query, key, value, chunk_size, topk, scale, attn_mask, chunk_means: as given to the forward.
+        query, key, value, chunk_size, topk, scale, attn_mask, chunk_means, routing: as given to the forward.
         out, lse: the forward's results.
 
     Returns:
@@ -333,6 +373,7 @@ def moba_attention_backward(
         [torch.Size([1, 1, 8, 4]), torch.Size([1, 1, 8, 4]), torch.Size([1, 1, 8, 4])]
     """
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
+    check_routing(routing)
     # Identical results; no temporary then grows with a topk or chunk_size beyond what Lk keys can use.
     chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
@@ -347,7 +388,7 @@ def moba_attention_backward(
         dq_blocks = []
         for r0, r1, pos in _blocks(query, key):
             q_blk = query[:, :, r0:r1]
-            sel = _select_block(q_blk, means, pos, chunk_size, topk)
+            sel = _select_block(q_blk, means, pos, chunk_size, topk, routing)
             allowed = _fold_heads(
                 _allowed_block(sel, pos, shapes.len_k, chunk_size, _mask_rows(attn_mask, full, r0, r1)), hkv
             )
@@ -385,6 +426,7 @@ def moba_attention_jvp(
     attn_mask: Tensor | None = None,
     chunk_means: Tensor | None = None,
     selection: Tensor | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """Forward-mode derivative of :func:`moba_attention_forward`: the tangents of ``out`` and ``lse``.
 
@@ -399,6 +441,7 @@ def moba_attention_jvp(
             for a zero tangent.
         selection: optional int ``[B, Hq, Lq, S]`` earlier chunks per row (``-1`` = unused slot), e.g. a Triton gate's
             output, so the JVP follows the selection the forward that ran actually made; default: this module's gate.
+        routing: the gate's routing (see :func:`moba_attention_forward`), used when ``selection`` is None.
 
     Returns:
         ``(tangent_out, tangent_lse)``: ``[B, Hq, Lq, Dv]`` in the query's dtype and ``[B, Hq, Lq]`` in fp32 (fp64 for
@@ -422,6 +465,7 @@ def moba_attention_jvp(
     ):
         if tangent is not None and tangent.shape != primal.shape:
             raise ValueError(f"{name} has shape {tuple(tangent.shape)}, its primal {tuple(primal.shape)}")
+    check_routing(routing)
     chunk_size, topk = bounded_params(shapes.len_k, chunk_size, topk)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
     acc = _acc_dtype(query.dtype)
@@ -436,7 +480,7 @@ def moba_attention_jvp(
         for r0, r1, pos in _blocks(query, key):
             q_blk = query[:, :, r0:r1]
             if selection is None:
-                sel = _select_block(q_blk, means, pos, chunk_size, topk)
+                sel = _select_block(q_blk, means, pos, chunk_size, topk, routing)
             else:
                 sel = selection[:, :, r0:r1].long()
             allowed = _fold_heads(
@@ -472,6 +516,7 @@ def moba_static_decode_forward(
     scale: float | None = None,
     attn_mask: Tensor | None = None,
     chunk_means: Tensor | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """MoBA for queries ending a static KV cache whose length is a device tensor (spec section 6, static-cache decode).
 
@@ -490,6 +535,7 @@ def moba_static_decode_forward(
         chunk_means: optional gate means ``[B, Hkv, >= (slots - 1) // C, D]`` (a static cache's buffer), used for
             chunks ``c < (n_b - 1) // C`` only; rows at or after a row's own chunk may hold anything. Default:
             :func:`chunk_means` of ``key``.
+        routing: ``"head"`` or ``"group"``, as for :func:`moba_attention_forward`.
 
     Returns:
         ``(out [B, Hq, Lq, Dv] in the query's dtype, lse [B, Hq, Lq] fp32 (fp64 for fp64))``; a row with no attended
@@ -497,7 +543,7 @@ def moba_static_decode_forward(
 
     Raises:
         ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`; ``length`` not an integer tensor
-            of shape ``[B]`` or ``[]`` on the query's device.
+            of shape ``[B]`` or ``[]`` on the query's device; an unknown ``routing``.
 
     Example:
         >>> q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 32, 8)
@@ -508,6 +554,7 @@ def moba_static_decode_forward(
     """
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
     b, hq, lq, slots, hkv = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k, shapes.heads_kv
+    check_routing(routing)
     if (
         not isinstance(length, Tensor)
         or length.dtype.is_floating_point
@@ -531,7 +578,6 @@ def moba_static_decode_forward(
         means = _gate_means(key, chunk_size, chunk_means)  # [B, Hkv, n, D]
     k32, v32 = key.to(acc), value.to(acc)
     slot_ids = torch.arange(slots, device=query.device)
-    chunk_ids = torch.arange(n, device=query.device)
     key_chunk = slot_ids // chunk_size
     take = min(topk - 1, n)
     outs, lses = [], []
@@ -543,15 +589,12 @@ def moba_static_decode_forward(
             own = pos // chunk_size
             allowed = (key_chunk[None, None, :] == own[:, :, None]) & (slot_ids[None, None, :] <= pos[:, :, None])
             if take > 0:
-                scores = _unfold_heads(_fold_heads(q_blk.to(means.dtype), hkv) @ means.transpose(-1, -2), hq)
-                earlier = chunk_ids[None, None, :] < own[:, :, None]  # [B, rows, n]
-                scores = scores.masked_fill(~earlier[:, None], -math.inf)
-                # Ties go to the later chunk: reverse the chunk order, then a stable descending sort.
-                order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :take]
-                chosen = (n - 1) - order  # [B, Hq, rows, take]
-                valid = chosen < own[:, None, :, None]
+                # Each batch row's own chunk comes from its device length ([B, 1, rows] broadcasts over the heads).
+                chosen = _top_earlier(_gate_scores(q_blk, means, routing), own[:, None], take)
+                if routing == "group":
+                    chosen = _spread_groups(chosen, hq)  # [B, Hq, rows, take]
                 picked = torch.zeros(b, hq, rows, n + 1, dtype=torch.bool, device=query.device)
-                picked.scatter_(-1, torch.where(valid, chosen, n), True)
+                picked.scatter_(-1, torch.where(chosen >= 0, chosen, n), True)
                 allowed = allowed[:, None] | picked[..., :n].gather(-1, key_chunk.expand(b, hq, rows, slots))
             else:
                 allowed = allowed[:, None].expand(b, hq, rows, slots)
@@ -589,6 +632,7 @@ def moba_attention_packed_forward(
     chunk_size: int,
     topk: int,
     scale: float | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """MoBA over packed documents, and its log-sum-exp: :func:`moba_attention_forward` on every document alone.
 
@@ -603,6 +647,7 @@ def moba_attention_packed_forward(
         cu_seqlens: int32/int64 ``[n_docs + 1]`` on the query's device, ``0 = cu[0] < cu[1] < ... < cu[n] = T``.
         chunk_size, topk, scale: as for :func:`moba_attention_forward`; bounded per document (a document shorter
             than a chunk is one chunk: dense causal inside it).
+        routing: ``"head"`` or ``"group"``, as for :func:`moba_attention_forward`.
 
     Returns:
         ``(out [B, Hq, T, Dv]`` in the query's dtype, ``lse [B, Hq, T]`` fp32, fp64 for fp64 inputs``)``.
@@ -621,7 +666,13 @@ def moba_attention_packed_forward(
     outs, lses = [], []
     for s, e in _documents(bounds):
         o, lse = moba_attention_forward(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], chunk_size=chunk_size, topk=topk, scale=scale
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            chunk_size=chunk_size,
+            topk=topk,
+            scale=scale,
+            routing=routing,
         )
         outs.append(o)
         lses.append(lse)
@@ -637,17 +688,18 @@ def moba_attention_packed(
     chunk_size: int,
     topk: int,
     scale: float | None = None,
+    routing: str = "head",
 ) -> Tensor:
-    """MoBA over packed documents, output only; see :func:`moba_attention_packed_forward`.
+    """MoBA over packed documents, output only; see :func:`moba_attention_packed_forward` (also for ``routing``).
 
     Example:
         >>> q = k = v = torch.randn(1, 1, 6, 4)
         >>> moba_attention_packed(q, k, v, torch.tensor([0, 1, 6]), chunk_size=2, topk=1).shape
         torch.Size([1, 1, 6, 4])
     """
-    return moba_attention_packed_forward(query, key, value, cu_seqlens, chunk_size=chunk_size, topk=topk, scale=scale)[
-        0
-    ]
+    return moba_attention_packed_forward(
+        query, key, value, cu_seqlens, chunk_size=chunk_size, topk=topk, scale=scale, routing=routing
+    )[0]
 
 
 def moba_attention_packed_backward(
@@ -662,13 +714,15 @@ def moba_attention_packed_backward(
     chunk_size: int,
     topk: int,
     scale: float | None = None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hand-written gradients of :func:`moba_attention_packed_forward`: :func:`moba_attention_backward` per document.
 
     Documents share no attended pair, so each document's gradients come from its own rows and keys only.
 
     Args:
-        grad_out: ``[B, Hq, T, Dv]``; query, key, value, cu_seqlens, chunk_size, topk, scale: as for the forward;
+        grad_out: ``[B, Hq, T, Dv]``; query, key, value, cu_seqlens, chunk_size, topk, scale, routing: as for the
+            forward;
             out, lse: the forward's results.
 
     Returns:
@@ -699,6 +753,7 @@ def moba_attention_packed_backward(
                 chunk_size=chunk_size,
                 topk=topk,
                 scale=scale,
+                routing=routing,
             )
         )
     dq, dk, dv = (torch.cat(parts, dim=2) for parts in zip(*grads))

@@ -20,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from .policy import MODES, Mode
+from .policy import MODES, ROUTINGS, Mode, Routing
 
 __all__ = [
     "FORMS",
@@ -61,7 +61,9 @@ MASKED_RAN = "ran: the masked SDPA call (mask not exactly causal)"
 #: The width ``str(report)`` keeps its lines within (a module path longer than about 50 characters can exceed it).
 TABLE_WIDTH = 120
 
-_HEADER = ("graph", "layer", "module", "decision", "chunk", "topk", "form", "impl", "reason")
+_HEADER = ("graph", "layer", "module", "decision", "chunk", "topk", "routing", "form", "impl", "reason")
+# The routing column's index in _HEADER: shown only when a MoBA site routes by group (see Report.format).
+_ROUTING_COLUMN = _HEADER.index("routing")
 # Marks an effectively dense MoBA site in the decision column; the legend under the table says what it means.
 _EFFECTIVELY_DENSE_MARK = "*"
 
@@ -90,9 +92,13 @@ class SiteRecord:
         effectively_dense: a MoBA site whose top-k covers every chunk of its key length
             (``topk * chunk_size >= key length``, known when the length is static): it computes exactly dense causal
             attention, so MoBA saves nothing there. Always False for a dense site. The table marks it ``moba*``.
+        routing: the gate's routing of a converted site, ``"head"`` (one choice per query head, the default) or
+            ``"group"`` (one per key head, shared by its query heads; spec section 6); None for a dense site (set so on
+            construction).
 
     Raises:
-        ValueError: ``decision`` is not ``"moba"`` or ``"dense"``, or ``form`` is not one of :data:`FORMS`.
+        ValueError: ``decision`` is not ``"moba"`` or ``"dense"``, ``form`` is not one of :data:`FORMS`, or
+            ``routing`` is not one of :data:`~moba_compile.policy.ROUTINGS` (or None).
 
     Example:
         >>> SiteRecord("layers.3.attn", 3, "dense", None, None, "dense_last=1", impl="reference").impl
@@ -110,17 +116,22 @@ class SiteRecord:
     graph: int = 0
     mask_tag: str | None = None
     effectively_dense: bool = False
+    routing: Routing | None = "head"
 
     def __post_init__(self) -> None:
         if self.decision not in MODES:
             raise ValueError(f"SiteRecord.decision = {self.decision!r} is not valid; allowed: 'moba', 'dense'")
         if self.form not in FORMS:
             raise ValueError(f"SiteRecord.form = {self.form!r} is not valid; allowed: {', '.join(map(repr, FORMS))}")
+        if self.routing is not None and self.routing not in ROUTINGS:
+            allowed = ", ".join(map(repr, ROUTINGS))
+            raise ValueError(f"SiteRecord.routing = {self.routing!r} is not valid; allowed: {allowed} or None")
         if self.decision == "dense":
             # A site that ended dense (by policy, or by a run-time mask check after a MoBA plan) runs SDPA: a kernel
-            # name or an effectively-dense flag carried over from the plan would misreport it.
+            # name, a routing or an effectively-dense flag carried over from the plan would misreport it.
             object.__setattr__(self, "impl", "-")
             object.__setattr__(self, "effectively_dense", False)
+            object.__setattr__(self, "routing", None)
 
 
 @dataclass
@@ -261,7 +272,9 @@ class Report:
         A reason that would push its row past ``width`` is replaced by a note number (``[1]``) and written in full,
         wrapped, under the table; sites with the same reason share one note. Only a module path or impl note too long
         to fit even then can make a row wider. An effectively dense MoBA site reads ``moba*`` in the decision column,
-        explained by a line under the table.
+        explained by a line under the table. The ``routing`` column (``head`` or ``group`` for a MoBA site, ``-`` for
+        a dense one) is shown when some MoBA site routes by group; without it every MoBA site routes per head (the
+        default), and the table keeps the width it had before routing existed.
 
         Args:
             width: the line width to keep within (``str(report)`` uses :data:`TABLE_WIDTH`, 120).
@@ -284,6 +297,13 @@ class Report:
             notes:
             [1] default policy; x x x x x x x x x x x x x x x x x x x x x x x x x x x x x x x x
                 x x x x x x x x x x x x x x x x x x x x x x x x x x x x
+            >>> grouped = SiteRecord("layers.1.attn", 1, "moba", 64, 2, "rule 0", impl="reference", routing="group")
+            >>> print(Report([grouped]).format())  # doctest: +NORMALIZE_WHITESPACE
+            moba-compile report: 1 of 1 attention sites on MoBA
+            policy: <default>
+            graph  layer  module         decision  chunk  topk  routing  form  impl       reason
+            -----  -----  -------------  --------  -----  ----  -------  ----  ---------  ------
+            0      1      layers.1.attn  moba      64     2     group    -     reference  rule 0
         """
         cells = [
             (
@@ -293,12 +313,17 @@ class Report:
                 s.decision + (_EFFECTIVELY_DENSE_MARK if s.effectively_dense else ""),
                 "-" if s.chunk_size is None else str(s.chunk_size),
                 "-" if s.topk is None else str(s.topk),
+                "-" if s.routing is None else s.routing,
                 s.form,
                 s.impl,
             )
             for s in self.sites
         ]
-        widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(_HEADER[:-1])]
+        header = _HEADER
+        if not any(s.routing == "group" for s in self.sites):
+            header = header[:_ROUTING_COLUMN] + header[_ROUTING_COLUMN + 1 :]
+            cells = [c[:_ROUTING_COLUMN] + c[_ROUTING_COLUMN + 1 :] for c in cells]
+        widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(header[:-1])]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
         notes: dict[str, int] = {}  # reason -> note number, in order of first use
         rows = []
@@ -315,8 +340,8 @@ class Report:
         lines = [
             summary,
             f"policy: {self.policy_source}",
-            fmt.format(*_HEADER),
-            fmt.format(*("-" * w for w in widths), "-" * len(_HEADER[-1])),
+            fmt.format(*header),
+            fmt.format(*("-" * w for w in widths), "-" * len(header[-1])),
             *rows,
         ]
         if not rows:

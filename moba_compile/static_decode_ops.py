@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import kernels, reference
 from .ops import CALLS, IMPLS, _lse_dtype, _scale, resolve_impl
-from .validation import bounded_params, check_moba_inputs, check_moba_params
+from .validation import bounded_params, check_moba_inputs, check_moba_params, check_routing
 
 __all__ = ["static_chunk_means_buffer", "static_decode", "static_length_from_mask", "update_static_chunk_means_"]
 
@@ -47,8 +47,10 @@ def _static_decode_op(
     topk: int,
     scale: float,
     impl: str,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     check_moba_params(chunk_size, topk)
+    check_routing(routing)
     chunk_size, topk = bounded_params(key.shape[2], chunk_size, topk)
     chosen, _ = resolve_impl(impl, query, key, value, chunk_size, topk, attn_mask)
     use_kernel = _static_decode_kernel(chosen, query, key, value, chunk_size, topk, attn_mask, chunk_means)
@@ -58,7 +60,7 @@ def _static_decode_op(
     if use_kernel:
         CALLS["static_decode:triton"] += 1
         out, lse = kernels.moba_decode_static_triton(
-            query, key, value, chunk_means, length, chunk_size, topk, scale, attn_mask
+            query, key, value, chunk_means, length, chunk_size, topk, scale, attn_mask, routing=routing
         )
     else:
         # Several query rows (a chunked step), or inputs the decode kernel does not take: the reference, which masks
@@ -74,12 +76,15 @@ def _static_decode_op(
             scale=scale,
             attn_mask=attn_mask,
             chunk_means=chunk_means,
+            routing=routing,
         )
     return out.contiguous(), lse.contiguous()
 
 
 @_static_decode_op.register_fake
-def _static_decode_fake(query, key, value, chunk_means, length, attn_mask, chunk_size, topk, scale, impl):
+def _static_decode_fake(
+    query, key, value, chunk_means, length, attn_mask, chunk_size, topk, scale, impl, routing="head"
+):
     b, hq, lq, _ = query.shape
     return query.new_empty((b, hq, lq, value.shape[-1])), query.new_empty((b, hq, lq), dtype=_lse_dtype(query))
 
@@ -290,6 +295,7 @@ def static_decode(
     scale: float | None = None,
     attn_mask: Tensor | None = None,
     impl: str = "auto",
+    routing: str = "head",
 ) -> Tensor:
     """MoBA for the queries of a step ending a static KV cache, the length read on the device (``moba::static_decode``).
 
@@ -314,14 +320,14 @@ def static_decode(
         chunk_size, topk, scale: MoBA parameters, as for :func:`attention`.
         attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, slots]`` (True = may attend; e.g. the
             padding mask transformers builds for a static cache), intersected with the selection; the gate ignores it.
-        impl: as for :func:`attention`.
+        impl, routing: as for :func:`attention`.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` contiguous in the query's dtype; a row with no attended key gives zeros.
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes, devices or parameters (naming the argument), or ``chunk_means`` not
-            shaped for ``key`` and ``chunk_size``.
+            shaped for ``key`` and ``chunk_size``; an unknown ``routing``.
         RuntimeError: ``impl="triton"`` cannot run the step (the reason is given), or a gradient would be needed.
 
     Example:
@@ -343,6 +349,7 @@ def static_decode(
         )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    check_routing(routing)
     if not torch.compiler.is_compiling():  # raise early; traced, the op's body decides (and raises) at run time
         bounded = bounded_params(slots, chunk_size, topk)
         resolve_impl(impl, query, key, value, *bounded, attn_mask)
@@ -352,6 +359,6 @@ def static_decode(
                 raise RuntimeError(f"impl='triton' cannot run this static-cache step: {why}")
     out, _ = torch.ops.moba.static_decode(
         query, key, value, chunk_means, _static_length(length, b, query.device), attn_mask, chunk_size, topk,
-        _scale(query, scale), impl,
+        _scale(query, scale), impl, routing,
     )  # fmt: skip
     return out

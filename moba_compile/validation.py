@@ -13,13 +13,20 @@ from torch import Tensor
 
 __all__ = [
     "INT64_MAX",
+    "ROUTINGS",
     "MobaShapes",
     "bounded_params",
     "check_cu_seqlens",
     "check_moba_inputs",
     "check_moba_params",
     "check_packed_inputs",
+    "check_routing",
 ]
+
+#: How the gate selects chunks (spec section 6, "Group routing"): ``"head"`` (the default, the MoBA paper's): one
+#: top-k per query head; ``"group"``: one top-k per key head of a GQA/MQA group, from the scores summed over the
+#: group's query heads, shared by all of them. With ``Hq == Hkv`` both select the same.
+ROUTINGS: tuple[str, ...] = ("head", "group")
 
 # The ops' schemas take ``int`` parameters as int64: a larger value cannot reach any implementation.
 INT64_MAX = 2**63 - 1
@@ -59,6 +66,31 @@ def check_moba_params(chunk_size: object, topk: object, scale: object = None) ->
             raise TypeError(f"scale must be a float or None, got {scale!r} ({type(scale).__name__})")
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale!r}")
+
+
+def check_routing(routing: object) -> str:
+    """Check a ``routing`` argument; return it.
+
+    Args:
+        routing: ``"head"`` or ``"group"`` (:data:`ROUTINGS`).
+
+    Returns:
+        ``routing`` unchanged.
+
+    Raises:
+        ValueError: any other value; the message names the value and the allowed ones.
+
+    Example:
+        >>> check_routing("group")
+        'group'
+        >>> check_routing("token")
+        Traceback (most recent call last):
+        ...
+        ValueError: routing must be one of 'head', 'group'; got 'token'
+    """
+    if not isinstance(routing, str) or routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {', '.join(map(repr, ROUTINGS))}; got {routing!r}")
+    return routing
 
 
 def bounded_params(len_k: int, chunk_size: int, topk: int) -> tuple[int, int]:

@@ -98,13 +98,15 @@ def _worker(out: Path) -> None:
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
     result: dict[str, Any] = {}
 
-    def op_case(case: dict[str, int], impl: str, compiled: bool = False) -> dict[str, torch.Tensor]:
+    def op_case(
+        case: dict[str, int], impl: str, compiled: bool = False, routing: str = "head"
+    ) -> dict[str, torch.Tensor]:
         q, k, v, grad = (cp.shard_sequence(t, mesh, dim=2) for t in _op_inputs(case, seed=0))
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
 
         def fn(q, k, v):
             return cp.context_parallel_moba_attention(
-                q, k, v, mesh_or_group=mesh, chunk_size=case["C"], topk=case["K"], impl=impl
+                q, k, v, mesh_or_group=mesh, chunk_size=case["C"], topk=case["K"], impl=impl, routing=routing
             )
 
         if compiled:
@@ -116,6 +118,7 @@ def _worker(out: Path) -> None:
     before = dict(moba_compile.ops.CALLS)
     result["op_reference"] = op_case(OP, "reference")
     result["op_compiled"] = op_case(OP, "reference", compiled=True)
+    result["op_group"] = op_case(OP, "reference", routing="group")  # spec 6: group routing across shards
     if _interpreter_runs_kernels():
         result["op_triton"] = op_case(TRITON, "triton")
     result["calls"] = {k: v - before.get(k, 0) for k, v in moba_compile.ops.CALLS.items()}
@@ -239,19 +242,19 @@ def _shards(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
     return list(t.chunk(WORLD, dim=dim))
 
 
-def _single_op(case: dict[str, int], impl: str) -> dict[str, torch.Tensor]:
+def _single_op(case: dict[str, int], impl: str, routing: str = "head") -> dict[str, torch.Tensor]:
     from moba_compile import moba_attention
 
     q, k, v, grad = _op_inputs(case, seed=0)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    o = moba_attention(q, k, v, chunk_size=case["C"], topk=case["K"], impl=impl)
+    o = moba_attention(q, k, v, chunk_size=case["C"], topk=case["K"], impl=impl, routing=routing)
     o.backward(grad)
     return {"out": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-@pytest.mark.parametrize("scenario", ["op_reference", "op_compiled"])
+@pytest.mark.parametrize("scenario", ["op_reference", "op_compiled", "op_group"])
 def test_op_matches_single_process(ranks: list[dict[str, Any]], scenario: str) -> None:
-    single = _single_op(OP, "reference")
+    single = _single_op(OP, "reference", routing="group" if scenario == "op_group" else "head")
     for name, full in single.items():
         for r, expected in enumerate(_shards(full, 2)):
             # Same rows, same formulas; only the reduce-scatter's sum of dK/dV over ranks orders additions differently.

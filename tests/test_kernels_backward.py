@@ -60,13 +60,15 @@ def make_inputs(case: Case, seed: int = 0):
     return prefill_inputs(case, seed, grad_out=True)
 
 
-def dense_allowed(q: torch.Tensor, k: torch.Tensor, c: int, topk: int, mask: torch.Tensor | None) -> torch.Tensor:
+def dense_allowed(
+    q: torch.Tensor, k: torch.Tensor, c: int, topk: int, mask: torch.Tensor | None, routing: str = "head"
+) -> torch.Tensor:
     """Bool ``[B, Hq, Lq, Lk]``: the attended set, from ``reference.select_chunks`` (own chunk causal, chosen chunks,
     AND the mask)."""
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
     n = -(-lk // c)
-    sel = reference.select_chunks(q, k, chunk_size=c, topk=topk)
+    sel = reference.select_chunks(q, k, chunk_size=c, topk=topk, routing=routing)
     chosen = torch.zeros(b, hq, lq, n + 1, dtype=torch.bool)
     chosen.scatter_(-1, torch.where(sel < 0, n, sel), True)
     key_chunk = torch.arange(lk) // c
@@ -95,15 +97,19 @@ def rounding_bounds(q, k, v, do, out, lse, allowed, scale) -> Grads:
     return bq, bk, bv
 
 
-def check_backward(q, k, v, do, chunk_size: int, topk: int, mask=None, deterministic: bool = False) -> Grads:
+def check_backward(
+    q, k, v, do, chunk_size: int, topk: int, mask=None, deterministic: bool = False, routing: str = "head"
+) -> Grads:
     """Run forward + kernel backward and check the gradients against the float64 reference (budget above)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse = moba_forward_triton(q, k, v, chunk_size, topk, scale, mask)
-    grads = moba_backward_triton(do, q, k, v, out, lse, chunk_size, topk, scale, mask, deterministic=deterministic)
-    kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask)
+    out, lse = moba_forward_triton(q, k, v, chunk_size, topk, scale, mask, routing=routing)
+    grads = moba_backward_triton(
+        do, q, k, v, out, lse, chunk_size, topk, scale, mask, deterministic=deterministic, routing=routing
+    )
+    kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, routing=routing)
     ref64 = reference.moba_attention_backward(*(t.double() for t in (do, q, k, v, out, lse)), **kw)
     ref_lp = reference.moba_attention_backward(do, q, k, v, out, lse, **kw)
-    allowed = dense_allowed(q, k, chunk_size, topk, mask)
+    allowed = dense_allowed(q, k, chunk_size, topk, mask, routing)
     bounds = rounding_bounds(q, k, v, do, out, lse, allowed, scale)
     eps = torch.finfo(q.dtype).eps
     for name, got, r64, rlp, bound, like in zip("qkv", grads, ref64, ref_lp, bounds, (q, k, v)):

@@ -81,19 +81,21 @@ def oracle(q, k, v, sel: torch.Tensor, chunk_size: int, scale: float, mask) -> t
     return (p @ vr) / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def check_decode(q, k, v, chunk_size: int, topk: int, mask=None, means=None, scale: float | None = None):
+def check_decode(
+    q, k, v, chunk_size: int, topk: int, mask=None, means=None, scale: float | None = None, routing: str = "head"
+):
     """Run the kernel and compare (out, lse) and the gate with the reference under the budgets above."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = moba_decode_triton(q, k, v, chunk_size, topk, scale, attn_mask=mask, means=means)
+    out, lse = moba_decode_triton(q, k, v, chunk_size, topk, scale, attn_mask=mask, means=means, routing=routing)
     assert out.dtype == q.dtype and out.is_contiguous() and out.shape == (*q.shape[:3], v.shape[-1])
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
 
-    ref_sel = reference.select_chunks(q, k, chunk_size=chunk_size, topk=topk)[:, :, 0]
-    sel = decode_select_chunks_triton(q, k, chunk_size, topk, means=means)
+    ref_sel = reference.select_chunks(q, k, chunk_size=chunk_size, topk=topk, routing=routing)[:, :, 0]
+    sel = decode_select_chunks_triton(q, k, chunk_size, topk, means=means, routing=routing)
     assert sel.dtype == torch.int32 and sel.shape == ref_sel.shape
     assert torch.equal(sel.long().sort(-1).values, ref_sel.sort(-1).values), "gate index sets differ"
 
-    kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask)
+    kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, routing=routing)
     out_lp, lse_lp = reference.moba_attention_forward(q, k, v, **kw)
     _, lse64 = reference.moba_attention_forward(q.double(), k.double(), v.double(), **kw)
     out64 = oracle(q, k, v, ref_sel, chunk_size, scale, mask)

@@ -64,22 +64,22 @@ def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
     return prefill_inputs(case, seed)
 
 
-def check_forward(q, k, v, chunk_size: int, topk: int, mask=None, scale: float | None = None):
+def check_forward(q, k, v, chunk_size: int, topk: int, mask=None, scale: float | None = None, routing: str = "head"):
     """Run the kernel and compare (out, lse) with the float64 reference under the data-derived budget above."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = moba_forward_triton(q, k, v, chunk_size, topk, scale, mask)
+    out, lse = moba_forward_triton(q, k, v, chunk_size, topk, scale, mask, routing=routing)
     assert out.dtype == q.dtype and out.is_contiguous() and out.shape == (*q.shape[:3], v.shape[-1])
     assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == q.shape[:3]
-    kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask)
+    kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, routing=routing)
     out64, lse64 = reference.moba_attention_forward(q.double(), k.double(), v.double(), **kw)
     out_lp, lse_lp = reference.moba_attention_forward(q, k, v, **kw)
     assert_out_lse_within_budget(out, lse, out64, out_lp, lse64, lse_lp, torch.isinf(lse64), q.dtype)
     return out, lse, out64
 
 
-def check_gate(q, k, chunk_size: int, topk: int) -> torch.Tensor:
-    sel = select_chunks_triton(q, k, chunk_size, topk)
-    ref = reference.select_chunks(q, k, chunk_size=chunk_size, topk=topk)
+def check_gate(q, k, chunk_size: int, topk: int, routing: str = "head") -> torch.Tensor:
+    sel = select_chunks_triton(q, k, chunk_size, topk, routing=routing)
+    ref = reference.select_chunks(q, k, chunk_size=chunk_size, topk=topk, routing=routing)
     assert sel.shape == ref.shape and sel.dtype == torch.int32
     assert torch.equal(sel.long().sort(-1).values, ref.sort(-1).values), "gate index sets differ from the reference"
     return sel

@@ -16,8 +16,8 @@ import moba_compile.policy as policy_mod
 from moba_compile.policy import DEFAULT_POLICY, Decision, Policy, PolicyError, Rule, load_policy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
-TOP_KEYS = "chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, rules, topk, version"
-RULE_KEYS = "chunk_size, layers, mode, module, topk"
+TOP_KEYS = "chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version"
+RULE_KEYS = "chunk_size, layers, mode, module, routing, topk"
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -120,6 +120,7 @@ num_layers = 16
 min_seq_len = 128
 decode = "dense"
 dense_sdpa = "flash_when_causal"
+routing = "group"
 
 [[rules]]
 layers = [0, -1]
@@ -140,6 +141,7 @@ JSON_DATA = {
     "min_seq_len": 128,
     "decode": "dense",
     "dense_sdpa": "flash_when_causal",
+    "routing": "group",
     "rules": [
         {"layers": [0, -1], "mode": "dense"},
         {"module": "re:.*layers\\.(4|5)\\.self_attn", "chunk_size": 1024, "topk": 2},
@@ -501,10 +503,10 @@ def test_rule_without_selector() -> None:
 
 def test_rule_without_settings() -> None:
     assert rule_error({"layers": [3]}) == (
-        "<dict>: rules[1] sets none of 'mode', 'chunk_size', 'topk'; a rule must change at least one setting"
+        "<dict>: rules[1] sets none of 'mode', 'chunk_size', 'topk', 'routing'; a rule must change at least one setting"
     )
     assert rule_error({"module": "x", "mode": None}).startswith("<dict>: rules[1] sets none of")
-    with pytest.raises(PolicyError, match=r"^<Rule>: rule sets none of 'mode', 'chunk_size', 'topk'"):
+    with pytest.raises(PolicyError, match=r"^<Rule>: rule sets none of 'mode', 'chunk_size', 'topk', 'routing'"):
         Rule(layers=(0,))
 
 
@@ -711,6 +713,7 @@ def test_to_dict_round_trip() -> None:
         "min_seq_len": 0,
         "decode": "moba",
         "dense_sdpa": "as_is",
+        "routing": "head",
         "rules": [],
     }
     assert load_policy(DEFAULT_POLICY.to_dict()) == DEFAULT_POLICY
@@ -935,6 +938,7 @@ def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
         "min_seq_len": 100,
         "decode": "dense",
         "dense_sdpa": "flash_when_causal",
+        "routing": "head",
         "rules": [],
     }
     assert site.source == "<dict> for model.layers.1.self_attn" and not site.automatic

@@ -472,7 +472,7 @@ class MobaAttention:
             # Packed documents given by their boundaries (no mask to agree with): every document is MoBA on its own.
             out = ops.packed_attention(
                 query, key, value, cu_seqlens.to(query.device), chunk_size=decided.chunk_size, topk=decided.topk,
-                scale=scaling, impl=self.impl,
+                scale=scaling, impl=self.impl, routing=decided.routing or "head",
             )  # fmt: skip
             self._record(module, layer, decode, replace(decided, form=FORM_PACKED), [_PACKED_NOTE])
             return out.transpose(1, 2).contiguous(), None
@@ -528,6 +528,7 @@ class MobaAttention:
             mask_kind=kind,
             impl=self.impl,
             chunk_means=means,
+            routing=decided.routing or "head",
         )
         notes = [] if note is None else [note]  # what only this path knows, after the shared reason
         if decided.form == FORM_PACKED:
@@ -584,6 +585,7 @@ class MobaAttention:
             scale=dense_args[8],
             attn_mask=attention_mask,
             impl=self.impl,
+            routing=decided.routing or "head",
         )
         notes = [] if note is None or note == _STATIC_NOTE else [note]
         self._record(module, layer, decode, decided, [*notes, _STATIC_NOTE])

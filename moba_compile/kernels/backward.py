@@ -39,6 +39,7 @@ from .jit import kernel_jit
 from .launch import MaskArgs, device_capability, empty, on_device, tuned_for
 from .support import (
     bounded_params,
+    check_routing,
     dot_precision,
     interpreting,
     list_tile_rows,
@@ -664,6 +665,8 @@ def moba_backward_triton(
     scale: float | None,
     attn_mask: Tensor | None = None,
     deterministic: bool | None = None,
+    *,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of MoBA attention with the Triton kernels: ``(dq, dk, dv)`` as ``reference.moba_attention_backward``.
 
@@ -694,6 +697,7 @@ def moba_backward_triton(
         deterministic: ``True`` for bitwise reproducible results (no float atomics); ``False`` for dQ by atomics;
             ``None``: deterministic when ``torch.are_deterministic_algorithms_enabled()`` or when ``chunk_size >=``
             :data:`PARTIALS_FROM_CHUNK` (1024), where the atomic-free path is also the faster one.
+        routing: the forward's routing, ``"head"`` or ``"group"`` (the selection is recomputed with it).
 
     Returns:
         ``(dq, dk, dv)``, contiguous, shaped and typed like ``query``, ``key`` and ``value``. Extra memory: fp32
@@ -702,7 +706,8 @@ def moba_backward_triton(
 
     Raises:
         RuntimeError: Triton is not installed.
-        ValueError: :func:`triton_unsupported_reason` gives a reason, or ``grad_out``/``out``/``lse`` do not match.
+        ValueError: :func:`triton_unsupported_reason` gives a reason, ``grad_out``/``out``/``lse`` do not match, or
+            an unknown ``routing``.
 
     Example:
         >>> q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -713,6 +718,7 @@ def moba_backward_triton(
         (torch.Size([1, 4, 128, 64]), torch.bfloat16)
     """
     require_triton()
+    check_routing(routing)
     reason = triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
     if reason is not None:
         raise ValueError(f"moba_backward_triton cannot run this call: {reason}")
@@ -735,7 +741,7 @@ def moba_backward_triton(
     p = _BwdProblem(
         query=query, key=key, value=value, grad_out=grad_out, mask=MaskArgs.build(attn_mask, (b, hq, lq, lk), query),
         chunk_size=chunk_size, topk=topk, km1=min(topk - 1, (lk - 1) // chunk_size), scale=scale,
-        qk_scale=scale * _LOG2E, cfg=cfg, deterministic=deterministic,
+        qk_scale=scale * _LOG2E, cfg=cfg, deterministic=deterministic, routing=routing,
     )  # fmt: skip
     with on_device(dev):
         delta, lse2 = _preprocess(out, grad_out, lse)
@@ -765,6 +771,7 @@ class _BwdProblem:
     qk_scale: float
     cfg: _BwdConfig
     deterministic: bool
+    routing: str = "head"
 
     @property
     def n_chunks(self) -> int:
@@ -824,7 +831,7 @@ def _gate_and_flip(p: _BwdProblem) -> tuple[SlotFlip | None, int]:
         return None, p.cfg.dq_block_m
     g, lq = query.shape[1] // hkv, query.shape[2]
     means = chunk_means_triton(key, p.chunk_size)
-    sel = _launch_gate(query, means, p.chunk_size, km1, lk, slot_major=True)
+    sel = _launch_gate(query, means, p.chunk_size, km1, lk, slot_major=True, routing=p.routing)
     # The deterministic dQ tiles are cut per chunk list (one slot's entries): short lists would leave big tiles
     # mostly padding.
     dq_block_m = list_tile_rows(p.cfg.dq_block_m, g * lq, (lk - 1) // p.chunk_size)

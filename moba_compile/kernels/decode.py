@@ -47,6 +47,7 @@ from .launch import device_capability, empty, tuned_for
 from .support import (
     MAX_CHUNK,
     bounded_params,
+    check_routing,
     dot_precision,
     interpreting,
     next_pow2,
@@ -122,6 +123,7 @@ def _decode_gate_kernel(
     TOP: tl.constexpr,
     FINAL: tl.constexpr,
     DEV_LEN: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     prb = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
@@ -149,7 +151,22 @@ def _decode_gate_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < c_hi
         mt = tl.load(m_base + offs_c.to(tl.int64)[:, None] * smc + offs_d[None, :] * smd, mask=c_ok[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(mt), input_precision="ieee")
+        if GROUP:
+            # Group routing: every row scores the sum over all G query heads of the group (in every row block, in the
+            # same order), so the rows' top-k are one and the same selection, whichever block holds them.
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for r in range(0, GB):
+                gr = r * ROWS + offs_g
+                ok_r = (offs_g < ROWS) & (gr < G)
+                q_r = tl.load(
+                    q_ptr + b * sqb + (hkv * G + gr)[:, None] * sqh + offs_d[None, :] * sqd,
+                    mask=ok_r[:, None],
+                    other=0.0,
+                )
+                total += tl.sum(tl.dot(q_r.to(tl.float32), tl.trans(mt), input_precision="ieee"), axis=0)
+            sc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32) + total[None, :]
+        else:
+            sc = tl.dot(q, tl.trans(mt), input_precision="ieee")
         packed = tl.where(c_ok[None, :], pack_scores(sc, offs_c), SENTINEL)
         top = merge_top(top, packed, TOP)
     slot = TOP - 1 - tl.arange(0, TOP)  # reversed: descending score order
@@ -685,13 +702,20 @@ def decode_chunk_means(key: Tensor, chunk_size: int) -> Tensor:
 
 
 def _launch_gate(
-    query: Tensor, means: Tensor, hkv: int, n_prev: int, km1: int, chunk_size: int = 1, length: Tensor | None = None
+    query: Tensor,
+    means: Tensor,
+    hkv: int,
+    n_prev: int,
+    km1: int,
+    chunk_size: int = 1,
+    length: Tensor | None = None,
+    routing: str = "head",
 ) -> Tensor:
     """``int32 [B, Hq, km1]`` top-``km1`` earlier chunks of the decode query (``km1 <= n_prev``).
 
     ``length`` (int64 ``[B]``, static caches): each row's key count, read on the device; ``n_prev`` is then the
     buffer's bound ``(slots - 1) // chunk_size`` and slots past a row's ``(length - 1) // chunk_size`` earlier chunks
-    hold ``-1``.
+    hold ``-1``. ``routing="group"``: every query head of a group gets the top-k of the group-summed scores.
     """
     b, hq, _, d = query.shape
     group = hq // hkv
@@ -705,8 +729,9 @@ def _launch_gate(
     dev_len = length is not None
     lengths = length if dev_len else query  # never read without DEV_LEN
     common = dict(
-        HEAD_D=d, BLOCK_G=block_g, BLOCK_C=plan.block_c, TOP=plan.top, DEV_LEN=dev_len, num_warps=plan.num_warps
-    )
+        HEAD_D=d, BLOCK_G=block_g, BLOCK_C=plan.block_c, TOP=plan.top, DEV_LEN=dev_len, num_warps=plan.num_warps,
+        GROUP=routing == "group" and group > 1,
+    )  # fmt: skip
     if plan.n_split == 1:
         _decode_gate_kernel[(planes, 1)](
             query, means, sel, lengths, chunk_size, group, hkv, rows, gb, n_prev, plan.chunks_per_split, km1,
@@ -725,7 +750,7 @@ def _launch_gate(
 
 
 def decode_select_chunks_triton(
-    query: Tensor, key: Tensor, chunk_size: int, topk: int, *, means: Tensor | None = None
+    query: Tensor, key: Tensor, chunk_size: int, topk: int, *, means: Tensor | None = None, routing: str = "head"
 ) -> Tensor:
     """The decode gate alone: the ``topk - 1`` earlier chunks each query head of a decode step attends to.
 
@@ -734,6 +759,7 @@ def decode_select_chunks_triton(
             fp16/bf16/fp32 on CUDA (or CPU under ``TRITON_INTERPRET=1``); see :func:`decode_unsupported_reason`.
         chunk_size, topk: MoBA parameters (``topk`` counts the own chunk).
         means: optional fp32 ``[B, Hkv, n_means >= (Lk - 1) // chunk_size, D]`` chunk means (else computed, O(Lk)).
+        routing: ``"head"`` or ``"group"`` (the group-summed scores' top-k, the same for each head of a group).
 
     Returns:
         ``int32 [B, Hq, K' - 1]``, ``K' = min(topk, ceil(Lk / chunk_size))`` (as ``reference.select_chunks``),
@@ -743,13 +769,15 @@ def decode_select_chunks_triton(
         rounding of differently ordered sums.
 
     Raises:
-        ValueError: the inputs are unsupported (the reason of :func:`decode_unsupported_reason`).
+        ValueError: the inputs are unsupported (the reason of :func:`decode_unsupported_reason`), or an unknown
+            ``routing``.
 
     Example:
         >>> q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 1, 80, 64)
         >>> decode_select_chunks_triton(q, k, 16, 3).shape  # doctest: +SKIP
         torch.Size([1, 2, 2])
     """
+    check_routing(routing)
     reason = decode_unsupported_reason(query, key, key, chunk_size, topk, None, means)
     if reason is not None:
         raise ValueError(f"MoBA decode gate cannot run: {reason}")
@@ -762,7 +790,7 @@ def decode_select_chunks_triton(
         return torch.full((b, hq, topk - 1), -1, dtype=torch.int32, device=query.device)
     if means is None:
         means = launch_chunk_means(key, chunk_size, n_prev)
-    sel = _launch_gate(query, means, hkv, n_prev, km1)
+    sel = _launch_gate(query, means, hkv, n_prev, km1, routing=routing)
     if km1 < topk - 1:
         sel = torch.nn.functional.pad(sel, (0, topk - 1 - km1), value=-1)
     return sel
@@ -777,6 +805,8 @@ def moba_decode_triton(
     scale: float,
     attn_mask: Tensor | None = None,
     means: Tensor | None = None,
+    *,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """One MoBA decode step: the query at position ``Lk - 1`` against the whole KV cache, read sparsely.
 
@@ -802,6 +832,7 @@ def moba_decode_triton(
             ``[B, 1, 1, Lk]`` padding mask. The gate ignores it.
         means: optional fp32 ``[B, Hkv, n_means, D]``, ``n_means >= (Lk - 1) // C``: row ``c`` the mean of key
             chunk ``c`` (rows beyond ``(Lk - 1) // C`` are ignored).
+        routing: ``"head"`` (default) or ``"group"`` (one selection per key head from the group-summed scores).
 
     Returns:
         ``(out, lse)``: ``out [B, Hq, 1, Dv]`` contiguous in the query's dtype; ``lse [B, Hq, 1]`` fp32, the natural
@@ -809,7 +840,7 @@ def moba_decode_triton(
         ``out = 0`` and ``lse = -inf``.
 
     Raises:
-        ValueError: unsupported inputs, with the reason of :func:`decode_unsupported_reason`.
+        ValueError: unsupported inputs, with the reason of :func:`decode_unsupported_reason`; an unknown ``routing``.
 
     Example:
         >>> q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
@@ -818,10 +849,11 @@ def moba_decode_triton(
         >>> out.shape, lse.shape
         (torch.Size([1, 4, 1, 64]), torch.Size([1, 4, 1]))
     """
+    check_routing(routing)
     reason = decode_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, means)
     if reason is not None:
         raise ValueError(f"MoBA decode cannot run: {reason}")
-    return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, None)
+    return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, None, routing)
 
 
 def moba_decode_static_triton(
@@ -834,6 +866,8 @@ def moba_decode_static_triton(
     topk: int,
     scale: float,
     attn_mask: Tensor | None = None,
+    *,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """One MoBA decode step on a static KV cache, graph-safe: each row's key count comes from a device tensor.
 
@@ -853,14 +887,14 @@ def moba_decode_static_triton(
             kernel, e.g. kept by ``moba_compile.ops.update_static_chunk_means_``), valid for ``c < (n - 1) // C``.
         length: int64 ``[B]`` contiguous, on the query's device: each row's key count, ``1 <= n <= slots`` (values
             outside are clamped to that range on the device; they cannot be checked without a host sync).
-        chunk_size, topk, scale, attn_mask: as for :func:`moba_decode_triton` (the mask spans the ``slots``).
+        chunk_size, topk, scale, attn_mask, routing: as for :func:`moba_decode_triton` (the mask spans the ``slots``).
 
     Returns:
         ``(out [B, Hq, 1, Dv], lse [B, Hq, 1] fp32)``, as :func:`moba_decode_triton`.
 
     Raises:
-        ValueError: unsupported inputs (:func:`decode_unsupported_reason`), or ``length`` not int64 ``[B]`` on the
-            query's device.
+        ValueError: unsupported inputs (:func:`decode_unsupported_reason`), ``length`` not int64 ``[B]`` on the
+            query's device, or an unknown ``routing``.
 
     Example:
         >>> q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
@@ -870,6 +904,7 @@ def moba_decode_static_triton(
         >>> out.shape
         torch.Size([1, 4, 1, 64])
     """
+    check_routing(routing)
     reason = decode_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, means)
     if reason is None and not (
         isinstance(length, Tensor)
@@ -881,7 +916,7 @@ def moba_decode_static_triton(
         reason = f"length must be a contiguous int64 [B={query.shape[0]}] tensor on {query.device}"
     if reason is not None:
         raise ValueError(f"MoBA static-cache decode cannot run: {reason}")
-    return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, length)
+    return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, length, routing)
 
 
 def update_static_means_triton(means: Tensor, key: Tensor, length: Tensor, new_tokens: int, chunk_size: int) -> None:
@@ -955,6 +990,7 @@ def _launch_decode(
     attn_mask: Tensor | None,
     means: Tensor | None,
     length: Tensor | None,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """Gate + split-K attention + combine (validated inputs). ``length`` (int64 ``[B]``): a static cache's per-row
     key counts, read on the device; ``key.shape[2]`` is then the buffer's slot count and the grids depend on it only."""
@@ -977,7 +1013,7 @@ def _launch_decode(
     if km1 > 0:
         if means is None:
             means = launch_chunk_means(key, chunk_size, own_chunk)
-        sel = _launch_gate(query, means, hkv, own_chunk, km1, chunk_size, length)
+        sel = _launch_gate(query, means, hkv, own_chunk, km1, chunk_size, length, routing)
     else:
         sel = empty(b, hq, 0, dtype=torch.int32, device=dev)
     work_items = rows * km1 + 1

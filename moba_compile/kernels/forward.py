@@ -30,6 +30,7 @@ from .jit import kernel_jit
 from .launch import MaskArgs, device_capability, empty, on_device, tuned_for
 from .support import (
     bounded_params,
+    check_routing,
     dot_precision,
     interpreting,
     list_tile_rows,
@@ -400,6 +401,8 @@ def moba_forward_triton(
     topk: int,
     scale: float | None,
     attn_mask: Tensor | None = None,
+    *,
+    routing: str = "head",
 ) -> tuple[Tensor, Tensor]:
     """MoBA attention forward with the Triton kernels: ``(out, lse)`` exactly as ``reference.moba_attention_forward``.
 
@@ -417,6 +420,8 @@ def moba_forward_triton(
         scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
         attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), on the same device;
             the gate ignores it.
+        routing: ``"head"`` (the default: one top-k per query head) or ``"group"`` (one per key head and row, from
+            the group-summed scores, given to every query head of the group; the attention kernels are the same).
 
     Returns:
         ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` contiguous in the query's dtype; ``lse [B, Hq, Lq]`` contiguous fp32,
@@ -427,7 +432,8 @@ def moba_forward_triton(
 
     Raises:
         RuntimeError: Triton is not installed.
-        ValueError: :func:`triton_unsupported_reason` gives a reason (the message contains it).
+        ValueError: :func:`triton_unsupported_reason` gives a reason (the message contains it); an unknown
+            ``routing``.
 
     Example:
         >>> q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -437,6 +443,7 @@ def moba_forward_triton(
         (torch.Size([1, 4, 128, 64]), torch.float32)
     """
     require_triton()
+    check_routing(routing)
     reason = triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
     if reason is not None:
         raise ValueError(f"moba_forward_triton cannot run this call: {reason}")
@@ -473,7 +480,7 @@ def moba_forward_triton(
         if km1 == 0:
             return out, lse
         means = chunk_means_triton(key, chunk_size)
-        sel = _launch_gate(query, means, chunk_size, km1, lk, slot_major=True)
+        sel = _launch_gate(query, means, chunk_size, km1, lk, slot_major=True, routing=routing)
         block_m_sp = list_tile_rows(sp_block_m, g * lq, (lk - 1) // chunk_size)  # one slot's entries per plane
         by_slot = flip_slot_major(sel, hkv, n_chunks, block_m_sp)
         del sel  # the flip's lists replace it

@@ -5,7 +5,8 @@ Pipeline (one forward):
 1. :func:`chunk_means_triton`: ``[B, Hkv, N, D]`` fp32 means of the key chunks (``N = ceil(Lk / C)``).
 2. :func:`select_chunks_triton`: per query tile, the scores against the mean tiles of strictly earlier chunks, packed
    with the chunk index into one int64 key and reduced to a running top-(K-1) in registers. Never materialises
-   ``[B, H, Lq, N]``.
+   ``[B, H, Lq, N]``. Group routing (``routing="group"``): one program per key head sums its ``G`` query heads' scores
+   and writes the one top-(K-1) to each of them, so everything downstream runs unchanged.
 3. :func:`flip_selection`: per (batch, key head, chunk) the list of (query head, row, slot) entries that chose that
    chunk (count with atomics, prefix sum, scatter), plus the list of row tiles the key-major forward launches.
 
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from .jit import kernel_jit
 from .launch import empty
-from .support import bounded_params, interpreting, next_pow2, speed_up_interpreter
+from .support import bounded_params, check_routing, interpreting, next_pow2, speed_up_interpreter
 from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores, query_major_program
 
 __all__ = [
@@ -142,6 +143,40 @@ def launch_chunk_means(key: Tensor, chunk_size: int, n_chunks: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Fused gate: scores against the mean tiles + running top-(K-1)
 # --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gate_query(q_ptr, b, hq, offs_m, row_ok, offs_d, sqb, sqh, sqm, sqd, SPLIT_BF16, UPCAST):
+    """One query head's ``[BLOCK_M, D]`` tile, in the dtype the gate's dots take."""
+    q = tl.load(
+        q_ptr + b * sqb + hq * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    if SPLIT_BF16:
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; bf16 -> fp32 is exact
+            q = q.to(tl.float32)
+    else:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _gate_scores(q, mt, hi, mid, lo, sc, SPLIT_BF16, UPCAST, DOT_PREC):
+    """``sc + q . mt^T`` in fp32: three exact bf16 passes over ``mt = hi + mid + lo`` for bf16 queries, else one dot
+    at ``DOT_PREC``."""
+    if SPLIT_BF16:
+        if UPCAST:
+            sc = tl.dot(q, tl.trans(lo.to(tl.float32)), sc)
+            sc = tl.dot(q, tl.trans(mid.to(tl.float32)), sc)
+            sc = tl.dot(q, tl.trans(hi.to(tl.float32)), sc)
+        else:
+            sc = tl.dot(q, tl.trans(lo), sc)
+            sc = tl.dot(q, tl.trans(mid), sc)
+            sc = tl.dot(q, tl.trans(hi), sc)
+    else:
+        sc = tl.dot(q, tl.trans(mt), sc, input_precision=DOT_PREC)
+    return sc
+
+
 @kernel_jit
 def _gate_kernel(
     q_ptr,
@@ -167,22 +202,24 @@ def _gate_kernel(
     SPLIT_BF16: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    pid_m, b, hq, hkv = query_major_program(Hq, G)
+    if GROUP:
+        # Group routing: one program per (row tile, batch, key head); its score sums the G query heads' dots and its
+        # one top-k is written to each of them (grid (row tiles, B * Hkv)).
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        b = pid_bh // (Hq // G)
+        hkv = pid_bh % (Hq // G)
+        hq = hkv * G
+    else:
+        pid_m, b, hq, hkv = query_major_program(Hq, G)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Lq
     own = (Lk - Lq + offs_m) // C
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
-    q = tl.load(
-        q_ptr + b * sqb + hq * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd,
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    if SPLIT_BF16:
-        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; bf16 -> fp32 is exact
-            q = q.to(tl.float32)
-    else:
-        q = q.to(tl.float32)
+    if not GROUP:
+        q = _gate_query(q_ptr, b, hq, offs_m, row_ok, offs_d, sqb, sqh, sqm, sqd, SPLIT_BF16, UPCAST)
     m_base = means_ptr + (b * (Hq // G) + hkv) * N * HEAD_D
     # The running top keeps TOP keys per row in ascending order (bitonic_merge below needs one ascending input).
     top = tl.full([BLOCK_M, TOP], SENTINEL, tl.int64)
@@ -200,25 +237,35 @@ def _gate_kernel(
             r1 = mt - hi.to(tl.float32)
             mid = r1.to(tl.bfloat16)
             lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-            if UPCAST:
-                sc = tl.dot(q, tl.trans(lo.to(tl.float32)))
-                sc = tl.dot(q, tl.trans(mid.to(tl.float32)), sc)
-                sc = tl.dot(q, tl.trans(hi.to(tl.float32)), sc)
-            else:
-                sc = tl.dot(q, tl.trans(lo))
-                sc = tl.dot(q, tl.trans(mid), sc)
-                sc = tl.dot(q, tl.trans(hi), sc)
         else:
-            sc = tl.dot(q, tl.trans(mt), input_precision=DOT_PREC)
+            hi = mt
+            mid = mt
+            lo = mt
+        sc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        if GROUP:
+            # The group's query tiles are re-read per mean tile (L1/L2 hits): holding G tiles in registers would
+            # need G known at compile time. One fp32 accumulator sums every head's dots, in head order.
+            for g in range(0, G):
+                qg = _gate_query(q_ptr, b, hq + g, offs_m, row_ok, offs_d, sqb, sqh, sqm, sqd, SPLIT_BF16, UPCAST)
+                sc = _gate_scores(qg, mt, hi, mid, lo, sc, SPLIT_BF16, UPCAST, DOT_PREC)
+        else:
+            sc = _gate_scores(q, mt, hi, mid, lo, sc, SPLIT_BF16, UPCAST, DOT_PREC)
         packed = tl.where(offs_c[None, :] < own[:, None], pack_scores(sc, offs_c), SENTINEL)
         top = merge_top(top, packed, TOP)
     slot = TOP - 1 - tl.arange(0, TOP)  # descending score order, like the reference
     idx = chunk_indices(top)
     # Row r = (b, hq, i) and slot j go to r * s_row + j * s_slot: [B, Hq, Lq, K'-1] (s_row = K'-1, s_slot = 1) or
     # slot-major [K'-1, B, Hq, Lq] (s_row = 1, s_slot = B*Hq*Lq), the layout the index flip by slot reads.
-    out_rows = ((b * Hq + hq) * Lq + offs_m.to(tl.int64)) * s_row
-    out = sel_ptr + out_rows[:, None] + slot.to(tl.int64)[None, :] * s_slot
-    tl.store(out, idx, mask=row_ok[:, None] & (slot[None, :] < KM1))
+    keep = row_ok[:, None] & (slot[None, :] < KM1)
+    if GROUP:
+        # Every query head of the group gets the group's selection, so the key-major kernels run unchanged.
+        for g in range(0, G):
+            out_rows = ((b * Hq + hq + g) * Lq + offs_m.to(tl.int64)) * s_row
+            tl.store(sel_ptr + out_rows[:, None] + slot.to(tl.int64)[None, :] * s_slot, idx, mask=keep)
+    else:
+        out_rows = ((b * Hq + hq) * Lq + offs_m.to(tl.int64)) * s_row
+        out = sel_ptr + out_rows[:, None] + slot.to(tl.int64)[None, :] * s_slot
+        tl.store(out, idx, mask=keep)
 
 
 @dataclass(frozen=True)
@@ -250,10 +297,18 @@ def _gate_dot_precision(dtype: torch.dtype) -> str:
 
 
 def _launch_gate(
-    query: Tensor, means: Tensor, chunk_size: int, km1: int, len_k: int, *, slot_major: bool = False
+    query: Tensor,
+    means: Tensor,
+    chunk_size: int,
+    km1: int,
+    len_k: int,
+    *,
+    slot_major: bool = False,
+    routing: str = "head",
 ) -> Tensor:
     """The fused gate's int32 selection: ``[B, Hq, Lq, K'-1]``, or ``[K'-1, B, Hq, Lq]`` with ``slot_major`` (what
-    :func:`flip_slot_major` takes, without a transposed copy)."""
+    :func:`flip_slot_major` takes, without a transposed copy). ``routing="group"``: one top-k per (batch, key head,
+    row) from the group-summed scores, written to every query head of the group."""
     b, hq, lq, d = query.shape
     hkv, n = means.shape[1], means.shape[2]
     shape = (km1, b, hq, lq) if slot_major else (b, hq, lq, km1)
@@ -264,7 +319,8 @@ def _launch_gate(
     cfg = _gate_config(d, n, km1)
     if interpreting():
         speed_up_interpreter()
-    grid = (triton.cdiv(lq, cfg.block_m), b * hq)
+    group = routing == "group" and hq != hkv  # with Hq == Hkv the two routings are the same computation
+    grid = (triton.cdiv(lq, cfg.block_m), b * (hkv if group else hq))
     _gate_kernel[grid](
         query,
         means,
@@ -286,14 +342,17 @@ def _launch_gate(
         SPLIT_BF16=query.dtype == torch.bfloat16,
         UPCAST=interpreting(),
         DOT_PREC=_gate_dot_precision(query.dtype),
+        GROUP=group,
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        # Group routing: pipelining the per-head query loads of the inner loop took the tile to 255 registers (sm_90
+        # compile check, bf16 D=128: 255 with 2 stages, 168-248 and no spills with 1).
+        num_stages=1 if group else cfg.num_stages,
     )
     return sel
 
 
 def select_chunks_triton(
-    query: Tensor, key: Tensor, chunk_size: int, topk: int, *, means: Tensor | None = None
+    query: Tensor, key: Tensor, chunk_size: int, topk: int, *, means: Tensor | None = None, routing: str = "head"
 ) -> Tensor:
     """The MoBA gate in Triton: for every query row, the ``topk - 1`` strictly earlier chunks with the best score.
 
@@ -307,6 +366,8 @@ def select_chunks_triton(
         chunk_size: ``C >= 1``; topk: counts the own chunk; ``1 <= K' <= 64`` for
             ``K' = min(topk, ceil(Lk / C))`` (larger values select the same: they are clamped).
         means: optional precomputed :func:`chunk_means_triton` result.
+        routing: ``"head"`` (one top-k per query head) or ``"group"`` (one per key head and row, from the scores
+            summed over the group's query heads in fp32, the same for each head of the group).
 
     Returns:
         ``int32 [B, Hq, Lq, K' - 1]`` (as ``reference.select_chunks``), contiguous: chunk indices in descending score
@@ -315,7 +376,7 @@ def select_chunks_triton(
         ordered) sums.
 
     Raises:
-        ValueError: bad shapes, or ``topk`` outside ``[1, 64]``.
+        ValueError: bad shapes, ``topk`` outside ``[1, 64]``, or an unknown ``routing``.
 
     Example:
         >>> q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16)
@@ -335,6 +396,7 @@ def select_chunks_triton(
         raise ValueError(f"topk must be in [1, 64] once clamped to the chunk count, got {topk}")
     if hkv == 0 or hq % hkv or lq > lk:
         raise ValueError(f"need Hq % Hkv == 0 and Lq <= Lk, got Hq={hq}, Hkv={hkv}, Lq={lq}, Lk={lk}")
+    check_routing(routing)
     km1 = topk - 1
     # No row has more than (Lk - 1) // C earlier chunks: gate only that many slots, pad the rest with -1.
     km1_eff = min(km1, (lk - 1) // chunk_size)
@@ -342,7 +404,7 @@ def select_chunks_triton(
         return torch.full((b, hq, lq, km1), -1, dtype=torch.int32, device=query.device)
     if means is None:
         means = chunk_means_triton(key, chunk_size)
-    sel = _launch_gate(query, means, chunk_size, km1_eff, lk)
+    sel = _launch_gate(query, means, chunk_size, km1_eff, lk, routing=routing)
     if km1_eff < km1:
         sel = torch.nn.functional.pad(sel, (0, km1 - km1_eff), value=-1)
     return sel

@@ -11,11 +11,12 @@ import os
 import torch
 from torch import Tensor
 
-from ..validation import bounded_params
+from ..validation import bounded_params, check_routing
 
 __all__ = [
     "HEAD_DIMS",
     "bounded_params",
+    "check_routing",
     "MAX_CHUNK",
     "MAX_TOPK",
     "dot_precision",

@@ -158,14 +158,15 @@ def _shared_decision(policy: Policy, unit: _Unit, decisions: list[Decision]) -> 
     under the automatic policy the site stays dense, under an explicit one it is an error.
     """
     decision = decisions[0]
-    distinct = {(d.mode, d.chunk_size, d.topk) for d in decisions}
+    distinct = {(d.mode, d.chunk_size, d.topk, d.routing) for d in decisions}
     layers = sorted({layer for _, layer in unit.variants if layer is not None})
     served = f"layers {_span(layers)}" if layers else ", ".join(path for path, _ in unit.variants)
     if len(distinct) == 1:
         return replace(decision, reason=f"{decision.reason}; this graph serves {served}, decided alike")
     ordered = sorted(zip(unit.variants, decisions), key=lambda vd: (vd[0][1] is None, vd[0][1] or 0, vd[0][0]))
     shown = [
-        f"{path}: {d.mode}" + (f" C{d.chunk_size} K{d.topk}" if d.mode == "moba" else "") for (path, _), d in ordered
+        f"{path}: {d.mode}" + (f" C{d.chunk_size} K{d.topk} {d.routing}" if d.mode == "moba" else "")
+        for (path, _), d in ordered
     ]
     differ = "; ".join(shown if len(shown) <= 6 else [*shown[:3], "...", *shown[-2:]])
     where = "a nested compile region shared by several layers" if not unit.identified else "a layer"
@@ -200,7 +201,7 @@ def _split_shared_subgraphs(units: list[_Unit], decide: Callable[[str, int | Non
         for start in range(0, len(owned), per_site):
             for call, unit in zip(site.calls, owned[start : start + per_site]):
                 d = decide(unit.module, unit.layer)
-                vectors[call].append(None if unit.site.blocker else (d.mode, d.chunk_size, d.topk))
+                vectors[call].append(None if unit.site.blocker else (d.mode, d.chunk_size, d.topk, d.routing))
         groups: dict[tuple, list[fx.Node]] = {}
         for call, vector in vectors.items():
             groups.setdefault(tuple(vector), []).append(call)
@@ -402,8 +403,9 @@ def rewrite_sdpa(
         assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
         if site.node not in converted:  # a shared subgraph's call is converted once for all its callers
             converted[site.node] = _convert(
-                site, decided.chunk_size, decided.topk, policy, impl, mask_checks, replaced, graph_id, exported
-            )
+                site, decided.chunk_size, decided.topk, policy, impl, mask_checks, replaced, graph_id, exported,
+                routing=decided.routing or "head",
+            )  # fmt: skip
         impl_note, tag = converted[site.node]
         if site.owner is not None:
             touched[id(site.owner)] = site.owner
@@ -490,6 +492,7 @@ def _convert_static_step(
     topk: int,
     impl: str,
     replaced: dict[fx.Node, fx.Node],
+    routing: str = "head",
 ) -> str:
     """Replace a one-query SDPA call over a static KV cache's buffer by ``moba::static_decode`` (Dynamo graphs only).
 
@@ -520,6 +523,7 @@ def _convert_static_step(
                 "scale": scale,
                 "attn_mask": attn_mask,
                 "impl": impl,
+                "routing": routing,
             },
         )
     out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
@@ -648,10 +652,12 @@ def _convert(
     replaced: dict[fx.Node, fx.Node],
     graph_id: int,
     exported: bool = False,
+    routing: str = "head",
 ) -> tuple[str, str | None]:
-    """Replace the site's SDPA call by ``moba::attention`` (and a shared mask check); return the impl the report shows
-    and the mask check's tag (None without a mask). In an exported program's graph (``exported``) every inserted node
-    is an ATen or ``moba`` op with the metadata ``torch.export`` gives its nodes."""
+    """Replace the site's SDPA call by ``moba::attention`` (and a shared mask check), with the decision's gate
+    ``routing``; return the impl the report shows and the mask check's tag (None without a mask). In an exported
+    program's graph (``exported``) every inserted node is an ATen or ``moba`` op with the metadata ``torch.export``
+    gives its nodes."""
     node = site.node
     graph = node.graph
     inserted: list[fx.Node] = []
@@ -664,7 +670,10 @@ def _convert(
     query, key, value, attn_mask, scale = (current(a) for a in args)
     impl_note = _impl_note(impl, site, chunk_size, topk)
     if site.static_cache:
-        return _convert_static_step(site, query, key, value, attn_mask, scale, chunk_size, topk, impl, replaced), None
+        note = _convert_static_step(
+            site, query, key, value, attn_mask, scale, chunk_size, topk, impl, replaced, routing
+        )
+        return note, None
     mask_kind = None
     tag = None
     if attn_mask is not None:
@@ -674,7 +683,8 @@ def _convert(
     with graph.inserting_before(node):
         call = graph.call_function(
             torch.ops.moba.attention.default,
-            (query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, policy.min_seq_len, impl),
+            # chunk_means None: a compiled graph keeps no means between steps; the op averages the keys.
+            (query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, policy.min_seq_len, impl, None, routing),
         )
         out = graph.call_function(operator.getitem, (call, 0))
     for new in (call, out):
