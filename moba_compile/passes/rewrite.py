@@ -476,6 +476,27 @@ def _drop_if_dead(node: object, graph: fx.Graph) -> None:
         node = parent
 
 
+def _replace_site(
+    site: SdpaSite, out: fx.Node, labelled: tuple[fx.Node, ...], replaced: dict[fx.Node, fx.Node]
+) -> None:
+    """Put ``out`` in place of the site's SDPA node: module path on the ``labelled`` new nodes, Dynamo's example
+    value on ``out``, every use rewired, the node erased and recorded in ``replaced`` (later sites of the graph read
+    their arguments through it), and the ``repeat_kv`` chains the site saw through erased if nothing else reads them.
+    """
+    node = site.node
+    graph = node.graph
+    for new in labelled:
+        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    if "example_value" in node.meta:
+        out.meta["example_value"] = node.meta["example_value"]
+    node.replace_all_uses_with(out)
+    replaced[node] = out
+    graph.erase_node(node)
+    if site.saw_through_repeat:
+        _drop_if_dead(replaced.get(site.raw_key, site.raw_key), graph)
+        _drop_if_dead(replaced.get(site.raw_value, site.raw_value), graph)
+
+
 def _static_step_length(mask: Tensor) -> Tensor:
     """The keys each batch row of a static cache holds, from the step's boolean mask (``[B or 1]``, on the device)."""
     return ops.static_length_from_mask(mask, mask.shape[0])
@@ -526,15 +547,7 @@ def _convert_static_step(
                 "routing": routing,
             },
         )
-    out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-    if "example_value" in node.meta:
-        out.meta["example_value"] = node.meta["example_value"]
-    node.replace_all_uses_with(out)
-    replaced[node] = out
-    graph.erase_node(node)
-    if site.saw_through_repeat:
-        _drop_if_dead(replaced.get(site.raw_key, site.raw_key), graph)
-        _drop_if_dead(replaced.get(site.raw_value, site.raw_value), graph)
+    _replace_site(site, out, (out,), replaced)
     q, k, v = _meta(site.query), _meta(site.key), _meta(site.value)
     chosen, why = resolve_impl(impl, q, k, v, chunk_size, topk, None)
     note = chosen if why in ("Triton kernels", f"impl={impl!r} requested") else f"{chosen} ({why})"
@@ -629,16 +642,7 @@ def _convert_dense(
     with graph.inserting_before(node):
         call = graph.call_function(torch.ops.moba.dense_attention.default, args)
         out = graph.call_function(operator.getitem, (call, 0))
-    for new in (call, out):
-        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-    if "example_value" in node.meta:
-        out.meta["example_value"] = node.meta["example_value"]
-    node.replace_all_uses_with(out)
-    replaced[node] = out
-    graph.erase_node(node)
-    if site.saw_through_repeat:
-        _drop_if_dead(current(site.raw_key), graph)
-        _drop_if_dead(current(site.raw_value), graph)
+    _replace_site(site, out, (call, out), replaced)
     return mask_kind.args[3]
 
 
@@ -687,17 +691,8 @@ def _convert(
             (query, key, value, attn_mask, mask_kind, chunk_size, topk, scale, policy.min_seq_len, impl, None, routing),
         )
         out = graph.call_function(operator.getitem, (call, 0))
-    for new in (call, out):
-        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-    if "example_value" in node.meta:
-        out.meta["example_value"] = node.meta["example_value"]
     if exported:
         for new in (*inserted, call, out):
             _export_meta(new, node)
-    node.replace_all_uses_with(out)
-    replaced[node] = out
-    graph.erase_node(node)
-    if site.saw_through_repeat:
-        _drop_if_dead(current(site.raw_key), graph)
-        _drop_if_dead(current(site.raw_value), graph)
+    _replace_site(site, out, (call, out), replaced)
     return impl_note, tag
