@@ -6,7 +6,10 @@ A MoBA attention site all-gathers the keys and values of the group (``all_gather
 reduce-scatter that sums every rank's key/value gradients back to their owner), keeps the prefix ``[0, (r + 1) * S)``
 that causality lets the local queries see, and calls ``moba::attention`` with the ``S`` local queries. The op places
 query row ``i`` at position ``Lk - Lq + i = r * S + i`` (bottom-right alignment, spec section 1), so every local row is
-exactly the row of single-device MoBA over the whole sequence, forward and backward.
+exactly the row of single-device MoBA over the whole sequence, forward and backward. The policy's dense layers
+attend to the same gathered prefix on the flash kernels (:mod:`moba_compile.flash_merge`: the earlier ranks' keys
+unmasked plus the own keys square-causal, merged exactly by log-sum-exp), or with SDPA and a lower-right causal mask
+where flash cannot take the inputs (:func:`dense_attention_kernel`).
 
 Contiguous shards are balanced for MoBA: a query attends to about ``topk * chunk_size`` keys wherever it sits. Dense
 causal attention is not (the last rank's queries see ``W`` times more keys than the first's), which is why upstream
@@ -41,6 +44,7 @@ Example (2 processes, ``torchrun --nproc-per-node 2``):
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +58,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import ops
 from .decisions import decide_site
+from .flash_merge import causal_flash_attention, flash_unsupported_reason
 from .ops import Impl
 from .policy import Routing
 from .report import FORM_CAUSAL
@@ -67,12 +72,17 @@ __all__ = [
     "context_parallel_dense_attention",
     "context_parallel_loss",
     "context_parallel_moba_attention",
+    "dense_attention_kernel",
     "global_positions",
     "reduce_gradients",
     "sequence_group",
     "shard_sequence",
     "shift_labels",
 ]
+
+_log = logging.getLogger(__name__)
+# The dense-kernel choices already logged (a log line per distinct choice, not per layer and step).
+_LOGGED_KERNELS: set[tuple[str, str | None]] = set()
 
 #: The default name of the sequence dimension of a DeviceMesh (as in torchtitan's ``("dp", "cp")`` meshes).
 SEQ_DIM = "cp"
@@ -342,6 +352,28 @@ def context_parallel_moba_attention(
     return ops.attention(query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, impl=impl, routing=routing)
 
 
+def dense_attention_kernel(query: Tensor, key: Tensor, value: Tensor) -> tuple[str, str | None]:
+    """Which kernel :func:`context_parallel_dense_attention` runs for these shards, and why not flash.
+
+    Args:
+        query, key, value: this rank's ``[B, H, S, D]`` shards (or the gathered keys and values: only dtypes, devices
+            and head shapes matter).
+
+    Returns:
+        ``("flash", None)`` when the flash kernels take the inputs (:mod:`moba_compile.flash_merge`: CPU in any
+        floating dtype, CUDA in fp16/bf16 with a head dim flash takes), else ``("sdpa", reason)``: SDPA with the
+        causal mask aligned bottom-right (the memory-efficient or math kernel), e.g. for fp32 on CUDA.
+
+    Example:
+        >>> dense_attention_kernel(torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+        ('flash', None)
+        >>> dense_attention_kernel(*(torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, device="meta"),) * 3)
+        ('sdpa', 'no flash kernel on meta')
+    """
+    reason = flash_unsupported_reason(query, key, value)
+    return ("flash", None) if reason is None else ("sdpa", reason)
+
+
 def context_parallel_dense_attention(
     query: Tensor,
     key: Tensor,
@@ -352,14 +384,27 @@ def context_parallel_dense_attention(
     seq_dim: str = SEQ_DIM,
 ) -> Tensor:
     """Dense causal attention of this rank's queries over the sharded sequence (a policy's dense layers under context
-    parallelism): SDPA over the gathered prefix ``[0, (r + 1) * S)`` with the causal mask aligned bottom-right.
+    parallelism): exactly the rows ``[r * S, (r + 1) * S)`` of single-device causal SDPA over the whole sequence,
+    forward and backward.
+
+    Keys and values are all-gathered (differentiably) and the prefix ``[0, (r + 1) * S)`` is attended with the rows
+    aligned bottom-right. Where the flash kernels take the inputs (:func:`dense_attention_kernel`), it runs as two
+    flash calls merged by their log-sum-exps (:func:`moba_compile.flash_merge.causal_flash_attention`): the ``r * S``
+    keys of earlier ranks without a mask, the ``S`` own keys square-causal, grouped heads unrepeated; the backward
+    calls each part's flash backward with the merged output and log-sum-exp, which is the exact gradient. Elsewhere
+    (fp32 on CUDA, head dims flash refuses, other devices) it runs SDPA with a ``causal_lower_right`` mask over
+    key/value heads repeated to the query's. The choice is counted in :data:`moba_compile.ops.CALLS`:
+    ``"cp_dense:flash"`` and ``"cp_dense_backward:flash"`` (per call, inside the ops) or ``"cp_dense:sdpa"`` (per
+    eager call; per trace under ``torch.compile``), and logged once per choice (logger
+    ``moba_compile.context_parallel``, level INFO, with the reason flash was not taken).
 
     Args:
         query: ``[B, Hq, S, D]``; key ``[B, Hkv, S, D]``; value ``[B, Hkv, S, Dv]``; ``Hq % Hkv == 0``.
         mesh_or_group, scale, seq_dim: as in :func:`context_parallel_moba_attention`.
 
     Returns:
-        ``[B, Hq, S, Dv]``, the rows ``[r * S, (r + 1) * S)`` of dense causal SDPA over the whole sequence.
+        ``[B, Hq, S, Dv]`` in the query's dtype, the rows ``[r * S, (r + 1) * S)`` of dense causal SDPA over the whole
+        sequence.
 
     Raises:
         ContextParallelError: shards of different lengths (a KV cache), a mesh without ``seq_dim``.
@@ -370,6 +415,16 @@ def context_parallel_dense_attention(
     _check_shards(query, key, value, None)
     group = sequence_group(mesh_or_group, seq_dim=seq_dim)
     key, value = _gathered_prefix(key, value, group)
+    kernel, why_not = dense_attention_kernel(query, key, value)
+    if (kernel, why_not) not in _LOGGED_KERNELS:  # once per choice and reason, not per layer and step
+        _LOGGED_KERNELS.add((kernel, why_not))
+        if why_not is None:
+            _log.info("context-parallel dense attention on flash (earlier keys + own keys causal, merged by lse)")
+        else:
+            _log.info("context-parallel dense attention on SDPA, lower-right causal mask: no flash (%s)", why_not)
+    if kernel == "flash":
+        return causal_flash_attention(query, key, value, scale=scale)
+    ops.CALLS["cp_dense:sdpa"] += 1
     if query.shape[1] != key.shape[1]:
         repeat = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)

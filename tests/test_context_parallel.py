@@ -6,10 +6,12 @@ inputs; the tests below compute the single-process results in the pytest process
 file well under a minute on 2 cores (each launch costs two interpreter starts with torch and transformers imported).
 
 Scenarios: the op on the reference path (fp32, GQA) and on the interpreted Triton path; the op compiled with
-``torch.compile(backend="moba", fullgraph=True)`` (no graph break); a tiny Llama with ``attn_implementation="moba"``
-under :func:`context_parallel` (3 MoBA layers + 1 dense layer by policy: loss, every parameter's gradient, the report),
-the same with its decoder layers compiled; bad inputs. Then ``examples/train_context_parallel.py`` on a 2 x 2
-("dp", "cp") mesh of 4 processes with FSDP2 (it compares its losses and gradient norms with one process itself).
+``torch.compile(backend="moba", fullgraph=True)`` (no graph break); the dense layers' op (fp32 and bf16 on the flash
+pair, eager and compiled, and its SDPA fallback) against single-process causal SDPA; a tiny Llama with
+``attn_implementation="moba"`` under :func:`context_parallel` (3 MoBA layers + 1 dense layer by policy: loss, every
+parameter's gradient, the report), the same with its decoder layers compiled; bad inputs. Then
+``examples/train_context_parallel.py`` on a 2 x 2 ("dp", "cp") mesh of 4 processes with FSDP2 (it compares its losses
+and gradient norms with one process itself).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ OP = dict(B=1, HQ=4, HKV=2, L=128, D=16, C=16, K=3)
 # The interpreted Triton case: smaller (the interpreter costs ~2 ms per program-iteration).
 TRITON = dict(B=1, HQ=2, HKV=1, L=64, D=16, C=16, K=2)
 POLICY = {"chunk_size": 16, "topk": 2, "dense_last": 1}
+# The dense layers' op: GQA 4/2, S = 64 per rank; "fallback" has Dv != D, which the flash kernels refuse (SDPA path).
+DENSE = {
+    "dense_fp32": dict(dtype=torch.float32, DV=16),
+    "dense_bf16": dict(dtype=torch.bfloat16, DV=16),
+    "dense_fallback": dict(dtype=torch.float32, DV=8),
+}
 MODEL = dict(
     vocab_size=64,
     hidden_size=32,
@@ -53,6 +61,14 @@ def _op_inputs(case: dict[str, int], seed: int) -> tuple[torch.Tensor, ...]:
     v = torch.randn(b, hkv, length, d, generator=gen)
     grad = torch.randn(b, hq, length, d, generator=gen)
     return q, k, v, grad
+
+
+def _dense_inputs(name: str) -> tuple[torch.Tensor, ...]:
+    case = DENSE[name]
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, length, d = OP["B"], OP["HQ"], OP["HKV"], OP["L"], OP["D"]
+    shapes = ((b, hq, length, d), (b, hkv, length, d), (b, hkv, length, case["DV"]), (b, hq, length, case["DV"]))
+    return tuple(torch.randn(s, generator=gen).to(case["dtype"]) for s in shapes)
 
 
 def _build_model() -> torch.nn.Module:
@@ -123,20 +139,41 @@ def _worker(out: Path) -> None:
         result["op_triton"] = op_case(TRITON, "triton")
     result["calls"] = {k: v - before.get(k, 0) for k, v in moba_compile.ops.CALLS.items()}
 
+    def dense_case(name: str, compiled: bool = False) -> dict[str, Any]:
+        q, k, v, grad = (cp.shard_sequence(t, mesh, dim=2) for t in _dense_inputs(name))
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+
+        def fn(q, k, v):
+            return cp.context_parallel_dense_attention(q, k, v, mesh_or_group=mesh)
+
+        if compiled:
+            fn = torch.compile(fn, backend="moba", fullgraph=True, options={"compiler": "aot_eager"})
+        calls = dict(moba_compile.ops.CALLS)
+        o = fn(q, k, v)
+        o.backward(grad)
+        used = {k: n - calls.get(k, 0) for k, n in moba_compile.ops.CALLS.items() if n != calls.get(k, 0)}
+        return {"out": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "calls": used}
+
+    for name in DENSE:
+        result[name] = dense_case(name)
+    result["dense_compiled"] = dense_case("dense_fp32", compiled=True)
+
     # A tiny Llama, attn_implementation="moba", under context_parallel: eager, compiled, FSDP2 on a 1 x 2 mesh.
     attention = moba_compile.hf.register(POLICY, name="moba")
 
     def model_case(model: torch.nn.Module, run: Any, grad_reduce: Any) -> dict[str, Any]:
         ids = _ids()
         labels, positions = cp.shift_labels(ids), cp.global_positions(ids)
+        calls = dict(moba_compile.ops.CALLS)
         with cp.context_parallel(mesh, buffers=[ids, positions, labels], buffer_seq_dims=[1, 1, 1]):
             logits = run(input_ids=ids, position_ids=positions, use_cache=False).logits
             loss = cp.context_parallel_loss(logits, labels, mesh)
             grad_reduce(loss)
+        used = {k: n - calls.get(k, 0) for k, n in moba_compile.ops.CALLS.items() if n != calls.get(k, 0)}
         grads = {
             n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()
         }
-        return {"loss": loss.detach(), "grads": grads, "ids_restored": ids.shape[1]}
+        return {"loss": loss.detach(), "grads": grads, "ids_restored": ids.shape[1], "calls": used}
 
     def plain_backward(model: torch.nn.Module) -> Any:
         def reduce(loss: torch.Tensor) -> None:
@@ -276,6 +313,59 @@ def test_op_triton_interpreted_matches_single_process(ranks: list[dict[str, Any]
     assert ranks[0]["calls"].get("attention_backward:triton", 0) >= 1
 
 
+def _single_dense(name: str) -> dict[str, torch.Tensor]:
+    q, k, v, grad = _dense_inputs(name)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    o.backward(grad)
+    return {"out": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+@pytest.mark.parametrize(
+    ("scenario", "case", "kernel"),
+    [
+        ("dense_fp32", "dense_fp32", "flash"),
+        ("dense_bf16", "dense_bf16", "flash"),
+        ("dense_compiled", "dense_fp32", "flash"),
+        ("dense_fallback", "dense_fallback", "sdpa"),
+    ],
+)
+def test_dense_layer_matches_single_process(ranks: list[dict[str, Any]], scenario: str, case: str, kernel: str) -> None:
+    single = _single_dense(case)
+    # fp32: same softmax, other summation orders (the two-part merge, dK/dV summed over ranks). bf16: both sides
+    # round their outputs and gradients to bf16 (here: the parts' dq and the merged output too), a few bf16 ulps.
+    tol = dict(rtol=1e-5, atol=2e-6) if DENSE[case]["dtype"] == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, full in single.items():
+        for r, expected in enumerate(_shards(full, 2)):
+            got = ranks[r][scenario][name]
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected, **tol, msg=f"{scenario} {name} rank {r}")
+    for r in range(WORLD):
+        calls = ranks[r][scenario]["calls"]
+        if kernel == "flash" and scenario != "dense_compiled":
+            # The flash pair ran forward and backward, the SDPA path not at all (rank 0 too: one causal part).
+            assert calls == {"cp_dense:flash": 1, "cp_dense_backward:flash": 1}, calls
+        elif kernel == "flash":
+            assert calls.get("cp_dense:flash") == 1 and calls.get("cp_dense_backward:flash") == 1, calls
+            assert "cp_dense:sdpa" not in calls, calls
+        else:
+            assert calls == {"cp_dense:sdpa": 1}, calls
+
+
+def test_dense_layer_bf16_error_is_single_process_bf16_error(ranks: list[dict[str, Any]]) -> None:
+    # Against the fp64 truth, the merged flash pair under context parallelism is no less accurate than single-process
+    # bf16 SDPA (each up to bf16 rounding): the merge adds no error of its own beyond a rounding.
+    q, k, v, grad = (t.double().requires_grad_() for t in _dense_inputs("dense_bf16"))
+    truth = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    truth.backward(grad.double())
+    exact = {"out": truth.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    single = _single_dense("dense_bf16")
+    for name, full in exact.items():
+        got = torch.cat([ranks[r]["dense_bf16"][name] for r in range(WORLD)], dim=2).double()
+        err_cp, err_single = (got - full).abs().max(), (single[name].double() - full).abs().max()
+        assert err_cp <= 2 * err_single + 1e-3, f"{name}: context parallel {err_cp:.2e}, one process {err_single:.2e}"
+
+
 @pytest.fixture(scope="module")
 def single_model() -> dict[str, Any]:
     import moba_compile.hf
@@ -307,6 +397,11 @@ def test_policy_decides_per_layer_under_context_parallelism(ranks: list[dict[str
     decisions = sorted((layer, decision) for layer, decision, _ in ranks[1]["report"])
     assert decisions == [(0, "moba"), (1, "moba"), (2, "moba"), (3, "dense")]
     assert all("context parallel" in why for _, decision, why in ranks[1]["report"] if decision == "moba")
+    # The dense layer ran on the flash pair, forward and backward (once per model call), never on SDPA.
+    for r in range(WORLD):
+        calls = ranks[r]["model_eager"]["calls"]
+        assert calls.get("cp_dense:flash") == 1 and calls.get("cp_dense_backward:flash") == 1, calls
+        assert "cp_dense:sdpa" not in calls, calls
 
 
 @pytest.mark.parametrize(
