@@ -19,7 +19,9 @@ as they are: both accept ``Hq % Hkv == 0`` and reduce the key/value gradients ov
 The two passes are the ``moba::cp_dense_flash`` / ``moba::cp_dense_flash_backward`` custom ops (opaque to
 ``torch.compile``; fake kernels give the shapes), counted in :data:`moba_compile.ops.CALLS` as
 ``"cp_dense:flash"`` and ``"cp_dense_backward:flash"``. :func:`flash_unsupported_reason` says when the kernels cannot
-take the inputs (fp32 on CUDA, head dims flash refuses, other devices); callers then keep their SDPA path.
+take the inputs (fp32 on CUDA, head dims flash refuses, other devices); callers then keep their SDPA path. The
+ATen calls themselves (the CUDA/CPU flash forward and backward) are :mod:`moba_compile.dense_ops`' (the dense sites'
+``moba::dense_attention``, which serves ``Lq == Lk`` and one-query decode; this module serves ``Lq < Lk``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dense_ops import _flash_backward, _flash_forward, _in_layout, _out_buffer
 from .masks import CALLS
 
 __all__ = ["causal_flash_attention", "flash_unsupported_reason"]
@@ -59,7 +62,7 @@ def flash_unsupported_reason(query: Tensor, key: Tensor, value: Tensor) -> str |
     Returns:
         None, or a short reason: a device without a flash kernel, a dtype it does not take (fp32/fp64 on CUDA),
         mixed dtypes, ``Dv != D``, a head dim CUDA's flash refuses (not a multiple of 8, above 256), ``Hq % Hkv``,
-        an empty batch or sequence, or ``Lk < Lq``.
+        an empty batch or sequence, ``Lk < Lq``, or a head dim that is not contiguous.
 
     Example:
         >>> q = torch.randn(1, 4, 8, 16); k = v = torch.randn(1, 2, 16, 16)
@@ -84,6 +87,8 @@ def flash_unsupported_reason(query: Tensor, key: Tensor, value: Tensor) -> str |
         return "an empty batch or sequence"
     if lk < lq:
         return f"fewer keys ({lk}) than queries ({lq})"
+    if any(t.stride(-1) != 1 for t in (query, key, value)):
+        return "a head dim without unit stride"
     if device == "cpu":
         if query.dtype not in _CPU_DTYPES:
             return f"{query.dtype} on the CPU"
@@ -103,38 +108,6 @@ def _lse_dtype(query: Tensor) -> torch.dtype:
     return torch.float64 if query.dtype == torch.float64 else torch.float32
 
 
-def _flash_forward(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    if query.device.type == "cuda":
-        flash = torch.ops.aten._scaled_dot_product_flash_attention
-        out, lse = flash(query, key, value, 0.0, causal, False, scale=scale)[:2]
-        return out, lse
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, scale=scale)
-
-
-def _flash_backward(
-    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    if query.device.type == "cuda":
-        # No dropout: the kernel never reads the RNG state (empty tensors of the forward's dtypes); dense, so no
-        # cumulative sequence lengths (None = undefined tensor, as the forward returns them).
-        seed = torch.empty(2, dtype=torch.uint64, device=query.device)
-        offset = torch.empty((), dtype=torch.uint64, device=query.device)
-        lq, lk = query.shape[2], key.shape[2]
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, query, key, value, out, lse, None, None, lq, lk, 0.0, causal, seed, offset, scale=scale
-        )
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, query, key, value, out, lse, 0.0, causal, scale=scale
-    )
-
-
-def _new_out(query: Tensor, dv: int) -> Tensor:
-    # [B, Hq, Lq, Dv] stored as [B, Lq, Hq, Dv]: the layout the attention output is transposed to next (a free
-    # transpose), and the one CUDA's flash backward wants its output and output gradient in (no copy there).
-    b, hq, lq, _ = query.shape
-    return query.new_empty((b, lq, hq, dv)).transpose(1, 2)
-
-
 def _merge(out: Tensor, parts: tuple[tuple[Tensor, Tensor], ...], lse: Tensor) -> None:
     """``out[..., rows, :] = sum_i exp(lse_i - lse) * out_i`` in the lse's precision, one block of rows at a time."""
     b, h, lq, d = out.shape
@@ -150,15 +123,17 @@ def _merge(out: Tensor, parts: tuple[tuple[Tensor, Tensor], ...], lse: Tensor) -
         out[:, :, start:end] = block
 
 
+# The output is [B, Hq, Lq, Dv] stored as [B, Lq, Hq, Dv] (dense_ops' layout): what the attention output is
+# transposed to next (for free), and what CUDA's flash backward wants its output and output gradient in (no copy).
 @torch.library.custom_op("moba::cp_dense_flash", mutates_args=())
 def _cp_dense_flash_op(query: Tensor, key: Tensor, value: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     CALLS["cp_dense:flash"] += 1
     prefix = key.shape[2] - query.shape[2]
-    out = _new_out(query, value.shape[3])
     if prefix == 0:
         part, lse = _flash_forward(query, key, value, True, scale)
-        out.copy_(part)
-        return out, lse.contiguous()
+        # CUDA's flash writes this layout already (no copy); the CPU kernel writes [B, H, L, D] (one copy).
+        return _in_layout(part, lambda device=None: _out_buffer(query, value, device)), lse.contiguous()
+    out = _out_buffer(query, value)
     # Earlier keys: every local row sees all of them. Own keys: Lq == Lk, so the top-left causal mask is right.
     out_a, lse_a = _flash_forward(query, key[:, :, :prefix], value[:, :, :prefix], False, scale)
     out_b, lse_b = _flash_forward(query, key[:, :, prefix:], value[:, :, prefix:], True, scale)
@@ -171,7 +146,7 @@ def _cp_dense_flash_op(query: Tensor, key: Tensor, value: Tensor, scale: float) 
 @_cp_dense_flash_op.register_fake
 def _cp_dense_flash_fake(query: Tensor, key: Tensor, value: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     b, hq, lq, _ = query.shape
-    return _new_out(query, value.shape[3]), query.new_empty((b, hq, lq), dtype=_lse_dtype(query))
+    return _out_buffer(query, value), query.new_empty((b, hq, lq), dtype=_lse_dtype(query))
 
 
 @torch.library.custom_op("moba::cp_dense_flash_backward", mutates_args=())
