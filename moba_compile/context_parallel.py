@@ -102,6 +102,13 @@ def _all_gather_autograd() -> Any:
     return getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 
 
+def _all_to_all_autograd() -> Any:
+    # The functional all-to-all with autograd (its backward is the reverse all-to-all); the same name on 2.11 and 2.13.
+    from torch.distributed import _functional_collectives as fc
+
+    return fc.all_to_all_single_autograd
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the gradient contiguous: torch 2.11's reduce-scatter (the all-gather's backward)
     requires a contiguous input, and the gradient of a moved dimension is a strided view."""
@@ -374,6 +381,67 @@ def dense_attention_kernel(query: Tensor, key: Tensor, value: Tensor) -> tuple[s
     return ("flash", None) if reason is None else ("sdpa", reason)
 
 
+def _count(name: str) -> None:
+    """Count a Python-side choice in :data:`moba_compile.ops.CALLS`, in eager calls only: Dynamo replays a traced
+    mutation of a global dict after the graph by restoring the dict it traced, which would erase the counts the ops
+    added while the graph ran (the flash ops count themselves, at run time, compiled or not)."""
+    if not torch.compiler.is_compiling():
+        ops.CALLS[name] += 1
+
+
+def _head_tail_plan(rank: int, size: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The exchange of the balanced dense layer: the sequence in ``2W`` half-shards, rank ``r`` holding halves ``2r``
+    and ``2r + 1`` and computing halves ``r`` and ``2W - 1 - r`` (upstream's head-tail order).
+
+    Returns:
+        ``send``: this rank's halves (0 = first, 1 = second) in the order they leave (by destination rank, ties in
+        sequence order); ``send_splits``: halves per destination; ``recv``: the halves it computes (0 = half ``r``,
+        1 = half ``2W - 1 - r``) in the order they arrive (by source rank, ties in sequence order);
+        ``recv_splits``: halves per source. The splits count halves; multiply by the half length.
+    """
+    owner = [i if i < size else 2 * size - 1 - i for i in range(2 * size)]  # half -> the rank computing it
+    send = sorted((0, 1), key=lambda h: (owner[2 * rank + h], h))
+    send_splits = [sum(owner[2 * rank + h] == dest for h in (0, 1)) for dest in range(size)]
+    computed = (rank, 2 * size - 1 - rank)
+    recv = sorted((0, 1), key=lambda j: (computed[j] // 2, j))
+    recv_splits = [sum(computed[j] // 2 == src for j in (0, 1)) for src in range(size)]
+    return send, send_splits, recv, recv_splits
+
+
+def _balanced_flash(query: Tensor, key: Tensor, value: Tensor, group: SequenceGroup, scale: float | None) -> Tensor:
+    """Dense causal rows of this rank's queries, computed head-tail balanced: every rank attends the same number of
+    scores. Rank ``r`` sends its two query halves to the ranks that compute them, computes halves ``r`` and
+    ``2W - 1 - r`` (each a flash pair over its prefix of the gathered keys) and sends their outputs back; the
+    all-to-alls' backward is the reverse exchange, so gradients reach their owners."""
+    size, rank, half = group.size, group.rank, query.shape[2] // 2
+    send, send_splits, recv, recv_splits = _head_tail_plan(rank, size)
+    all_to_all = _all_to_all_autograd()
+    full_key, full_value = group.gather(key, 2), group.gather(value, 2)
+    # Sequence first: all_to_all splits dim 0.
+    mine = query.movedim(2, 0).split(half)
+    arrived = all_to_all(
+        torch.cat([mine[h] for h in send]).contiguous(),
+        [n * half for n in recv_splits],
+        [n * half for n in send_splits],
+        group.group,
+    )
+    pieces = _ContiguousGrad.apply(arrived).split(half)
+    computed = (rank, 2 * size - 1 - rank)
+    outs: dict[int, Tensor] = {}
+    for piece, j in zip(pieces, recv):
+        end = (computed[j] + 1) * half  # half i attends to keys [0, (i + 1) * half)
+        rows = piece.movedim(0, 2)
+        outs[j] = causal_flash_attention(rows, full_key[:, :, :end], full_value[:, :, :end], scale=scale)
+    back = all_to_all(
+        torch.cat([outs[j].movedim(2, 0) for j in recv]).contiguous(),
+        [n * half for n in send_splits],
+        [n * half for n in recv_splits],
+        group.group,
+    )
+    returned = dict(zip(send, _ContiguousGrad.apply(back).split(half)))
+    return torch.cat([returned[0], returned[1]]).movedim(0, 2)
+
+
 def context_parallel_dense_attention(
     query: Tensor,
     key: Tensor,
@@ -381,6 +449,7 @@ def context_parallel_dense_attention(
     *,
     mesh_or_group: MeshOrGroup | SequenceGroup,
     scale: float | None = None,
+    balance: bool = True,
     seq_dim: str = SEQ_DIM,
 ) -> Tensor:
     """Dense causal attention of this rank's queries over the sharded sequence (a policy's dense layers under context
@@ -394,13 +463,23 @@ def context_parallel_dense_attention(
     calls each part's flash backward with the merged output and log-sum-exp, which is the exact gradient. Elsewhere
     (fp32 on CUDA, head dims flash refuses, other devices) it runs SDPA with a ``causal_lower_right`` mask over
     key/value heads repeated to the query's. The choice is counted in :data:`moba_compile.ops.CALLS`:
-    ``"cp_dense:flash"`` and ``"cp_dense_backward:flash"`` (per call, inside the ops) or ``"cp_dense:sdpa"`` (per
-    eager call; per trace under ``torch.compile``), and logged once per choice (logger
+    ``"cp_dense:flash"`` and ``"cp_dense_backward:flash"`` (per call, inside the ops, compiled or not) or
+    ``"cp_dense:sdpa"`` (eager calls only), and logged once per choice by eager calls (logger
     ``moba_compile.context_parallel``, level INFO, with the reason flash was not taken).
+
+    Balance: contiguous shards give rank ``r`` ``r + 1/2`` blocks of ``S x S`` scores (on 2 ranks, rank 1 does 3/4 of
+    the work). With ``balance`` (the flash path, ``W > 1``, ``S`` even) the rows are computed in upstream's head-tail
+    order instead: rank ``r`` computes the half-shards ``r`` and ``2W - 1 - r`` of the sequence (the same number of
+    scores on every rank), its queries and outputs exchanged by two all-to-alls with autograd (at most ``S * Hq * D``
+    elements sent per rank each way, forward and backward; on 2 ranks half of it); the shards, the keys' all-gather
+    and the result are as without it. Counted as ``"cp_dense:balanced"`` in :data:`moba_compile.ops.CALLS` (eager
+    calls only), with two flash pairs per call.
 
     Args:
         query: ``[B, Hq, S, D]``; key ``[B, Hkv, S, D]``; value ``[B, Hkv, S, Dv]``; ``Hq % Hkv == 0``.
         mesh_or_group, scale, seq_dim: as in :func:`context_parallel_moba_attention`.
+        balance: compute the rows head-tail balanced (above) where the flash path runs; False keeps each rank's
+            rows on the rank (the MoBA layers' layout, unbalanced).
 
     Returns:
         ``[B, Hq, S, Dv]`` in the query's dtype, the rows ``[r * S, (r + 1) * S)`` of dense causal SDPA over the whole
@@ -414,17 +493,21 @@ def context_parallel_dense_attention(
     """
     _check_shards(query, key, value, None)
     group = sequence_group(mesh_or_group, seq_dim=seq_dim)
-    key, value = _gathered_prefix(key, value, group)
     kernel, why_not = dense_attention_kernel(query, key, value)
-    if (kernel, why_not) not in _LOGGED_KERNELS:  # once per choice and reason, not per layer and step
+    # Once per choice and reason, not per layer and step; eager calls only (Dynamo cannot trace a logger call).
+    if not torch.compiler.is_compiling() and (kernel, why_not) not in _LOGGED_KERNELS:
         _LOGGED_KERNELS.add((kernel, why_not))
         if why_not is None:
             _log.info("context-parallel dense attention on flash (earlier keys + own keys causal, merged by lse)")
         else:
             _log.info("context-parallel dense attention on SDPA, lower-right causal mask: no flash (%s)", why_not)
+    if kernel == "flash" and balance and group.size > 1 and query.shape[2] % 2 == 0:
+        _count("cp_dense:balanced")
+        return _balanced_flash(query, key, value, group, scale)
+    key, value = _gathered_prefix(key, value, group)
     if kernel == "flash":
         return causal_flash_attention(query, key, value, scale=scale)
-    ops.CALLS["cp_dense:sdpa"] += 1
+    _count("cp_dense:sdpa")
     if query.shape[1] != key.shape[1]:
         repeat = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
@@ -530,10 +613,12 @@ class ContextParallelAttention:
 
     Attributes:
         inner: the registered ``MobaAttention``. group: the sequence group.
+        dense_balance: the dense layers' ``balance`` (:func:`context_parallel_dense_attention`).
     """
 
     inner: Any
     group: SequenceGroup
+    dense_balance: bool = True
 
     def __call__(
         self,
@@ -581,7 +666,9 @@ class ContextParallelAttention:
             query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
         note = f"context parallel: keys and values gathered over {group.size} ranks"
         if decided.mode == "dense":
-            out = context_parallel_dense_attention(query, key, value, mesh_or_group=group, scale=scaling)
+            out = context_parallel_dense_attention(
+                query, key, value, mesh_or_group=group, scale=scaling, balance=self.dense_balance
+            )
         else:
             assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
             out = context_parallel_moba_attention(
@@ -668,6 +755,7 @@ def context_parallel(
     no_restore_buffers: Sequence[Tensor] = (),
     attention: str = "moba",
     seq_dim: str = SEQ_DIM,
+    dense_balance: bool = True,
 ) -> Iterator[SequenceGroup]:
     """Run a Hugging Face model's MoBA attention context-parallel: shard ``buffers`` in place and make every layer of
     the attention implementation ``attention`` gather keys and values over the sequence group.
@@ -686,6 +774,9 @@ def context_parallel(
         mesh_or_group: see :func:`sequence_group`. buffers, buffer_seq_dims, no_restore_buffers: as upstream.
         attention: the attention implementation name given to :func:`moba_compile.hf.register`.
         seq_dim: the mesh dimension name of the sequence.
+        dense_balance: compute the policy's dense layers head-tail balanced across the ranks (see
+            :func:`context_parallel_dense_attention`; the shards and every MoBA layer are unchanged). False: each rank
+            computes its own rows (rank ``W - 1`` the most).
 
     Yields:
         The :class:`SequenceGroup`.
@@ -720,7 +811,7 @@ def context_parallel(
     shards = [shard_sequence(b, group, dim=d).clone() for b, d in zip(buffers, buffer_seq_dims)]
     originals = [None if any(b is n for n in no_restore_buffers) else b.clone() for b in buffers]
     old_mask = mask_interface._global_mapping.get(attention)
-    wrapper = ContextParallelAttention(inner=inner, group=group)
+    wrapper = ContextParallelAttention(inner=inner, group=group, dense_balance=dense_balance)
     with torch.no_grad():
         for buffer, shard in zip(buffers, shards):
             buffer.resize_(shard.shape)

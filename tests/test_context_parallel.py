@@ -7,9 +7,9 @@ file well under a minute on 2 cores (each launch costs two interpreter starts wi
 
 Scenarios: the op on the reference path (fp32, GQA) and on the interpreted Triton path; the op compiled with
 ``torch.compile(backend="moba", fullgraph=True)`` (no graph break); the dense layers' op (fp32 and bf16 on the flash
-pair, eager and compiled, and its SDPA fallback) against single-process causal SDPA; a tiny Llama with
-``attn_implementation="moba"`` under :func:`context_parallel` (3 MoBA layers + 1 dense layer by policy: loss, every
-parameter's gradient, the report), the same with its decoder layers compiled; bad inputs. Then
+pair, head-tail balanced and not, eager and compiled, and its SDPA fallback) against single-process causal SDPA; a
+tiny Llama with ``attn_implementation="moba"`` under :func:`context_parallel` (3 MoBA layers + 1 dense layer by
+policy: loss, every parameter's gradient, the report), the same with its decoder layers compiled; bad inputs. Then
 ``examples/train_context_parallel.py`` on a 2 x 2 ("dp", "cp") mesh of 4 processes with FSDP2 (it compares its losses
 and gradient norms with one process itself).
 """
@@ -35,11 +35,13 @@ OP = dict(B=1, HQ=4, HKV=2, L=128, D=16, C=16, K=3)
 # The interpreted Triton case: smaller (the interpreter costs ~2 ms per program-iteration).
 TRITON = dict(B=1, HQ=2, HKV=1, L=64, D=16, C=16, K=2)
 POLICY = {"chunk_size": 16, "topk": 2, "dense_last": 1}
-# The dense layers' op: GQA 4/2, S = 64 per rank; "fallback" has Dv != D, which the flash kernels refuse (SDPA path).
+# The dense layers' op: GQA 4/2, S = 64 per rank, head-tail balanced unless "balance" is False; "fallback" has
+# Dv != D, which the flash kernels refuse (SDPA path).
 DENSE = {
-    "dense_fp32": dict(dtype=torch.float32, DV=16),
-    "dense_bf16": dict(dtype=torch.bfloat16, DV=16),
-    "dense_fallback": dict(dtype=torch.float32, DV=8),
+    "dense_fp32": dict(dtype=torch.float32, DV=16, balance=True),
+    "dense_bf16": dict(dtype=torch.bfloat16, DV=16, balance=True),
+    "dense_unbalanced": dict(dtype=torch.float32, DV=16, balance=False),
+    "dense_fallback": dict(dtype=torch.float32, DV=8, balance=True),
 }
 MODEL = dict(
     vocab_size=64,
@@ -144,7 +146,7 @@ def _worker(out: Path) -> None:
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
 
         def fn(q, k, v):
-            return cp.context_parallel_dense_attention(q, k, v, mesh_or_group=mesh)
+            return cp.context_parallel_dense_attention(q, k, v, mesh_or_group=mesh, balance=DENSE[name]["balance"])
 
         if compiled:
             fn = torch.compile(fn, backend="moba", fullgraph=True, options={"compiler": "aot_eager"})
@@ -322,15 +324,20 @@ def _single_dense(name: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("scenario", "case", "kernel"),
+    ("scenario", "case", "expected_calls"),
     [
-        ("dense_fp32", "dense_fp32", "flash"),
-        ("dense_bf16", "dense_bf16", "flash"),
-        ("dense_compiled", "dense_fp32", "flash"),
-        ("dense_fallback", "dense_fallback", "sdpa"),
+        # Balanced: the two half-shards each rank computes are one flash pair each, forward and backward.
+        ("dense_fp32", "dense_fp32", {"cp_dense:balanced": 1, "cp_dense:flash": 2, "cp_dense_backward:flash": 2}),
+        ("dense_bf16", "dense_bf16", {"cp_dense:balanced": 1, "cp_dense:flash": 2, "cp_dense_backward:flash": 2}),
+        ("dense_compiled", "dense_fp32", {"cp_dense:flash": 2, "cp_dense_backward:flash": 2}),
+        # Rank 0 too: its one causal part is one flash call.
+        ("dense_unbalanced", "dense_unbalanced", {"cp_dense:flash": 1, "cp_dense_backward:flash": 1}),
+        ("dense_fallback", "dense_fallback", {"cp_dense:sdpa": 1}),
     ],
 )
-def test_dense_layer_matches_single_process(ranks: list[dict[str, Any]], scenario: str, case: str, kernel: str) -> None:
+def test_dense_layer_matches_single_process(
+    ranks: list[dict[str, Any]], scenario: str, case: str, expected_calls: dict[str, int]
+) -> None:
     single = _single_dense(case)
     # fp32: same softmax, other summation orders (the two-part merge, dK/dV summed over ranks). bf16: both sides
     # round their outputs and gradients to bf16 (here: the parts' dq and the merged output too), a few bf16 ulps.
@@ -341,15 +348,30 @@ def test_dense_layer_matches_single_process(ranks: list[dict[str, Any]], scenari
             assert got.dtype == expected.dtype
             torch.testing.assert_close(got, expected, **tol, msg=f"{scenario} {name} rank {r}")
     for r in range(WORLD):
-        calls = ranks[r][scenario]["calls"]
-        if kernel == "flash" and scenario != "dense_compiled":
-            # The flash pair ran forward and backward, the SDPA path not at all (rank 0 too: one causal part).
-            assert calls == {"cp_dense:flash": 1, "cp_dense_backward:flash": 1}, calls
-        elif kernel == "flash":
-            assert calls.get("cp_dense:flash") == 1 and calls.get("cp_dense_backward:flash") == 1, calls
-            assert "cp_dense:sdpa" not in calls, calls
-        else:
-            assert calls == {"cp_dense:sdpa": 1}, calls
+        # Compiled, only the ops count (at run time); the Python-side "balanced" count is for eager calls.
+        assert ranks[r][scenario]["calls"] == expected_calls, f"rank {r}: {ranks[r][scenario]['calls']}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_head_tail_plan_routes_every_half_and_balances(world: int) -> None:
+    from moba_compile.context_parallel import _head_tail_plan
+
+    plans = [_head_tail_plan(r, world) for r in range(world)]
+    # The all-to-all, simulated on half indices: rank r's outgoing halves in its send order, cut by its splits.
+    inbox: list[list[int]] = [[] for _ in range(world)]
+    for src, (send, send_splits, _, _) in enumerate(plans):
+        out = [2 * src + h for h in send]
+        for dest, n in enumerate(send_splits):
+            inbox[dest] += out[:n]
+            out = out[n:]
+    work = []
+    for r, (_, _, recv, recv_splits) in enumerate(plans):
+        computed = (r, 2 * world - 1 - r)
+        assert inbox[r] == [computed[j] for j in recv]  # arrives where the plan expects it
+        assert recv_splits == [sum(h // 2 == src for h in inbox[r]) for src in range(world)]
+        work.append(sum(h + 0.5 for h in computed))  # half i: i full half-blocks of earlier keys + its causal half
+    assert sorted(h for box in inbox for h in box) == list(range(2 * world))  # every half computed exactly once
+    assert len(set(work)) == 1  # every rank attends the same number of scores
 
 
 def test_dense_layer_bf16_error_is_single_process_bf16_error(ranks: list[dict[str, Any]]) -> None:
@@ -397,11 +419,11 @@ def test_policy_decides_per_layer_under_context_parallelism(ranks: list[dict[str
     decisions = sorted((layer, decision) for layer, decision, _ in ranks[1]["report"])
     assert decisions == [(0, "moba"), (1, "moba"), (2, "moba"), (3, "dense")]
     assert all("context parallel" in why for _, decision, why in ranks[1]["report"] if decision == "moba")
-    # The dense layer ran on the flash pair, forward and backward (once per model call), never on SDPA.
+    # The dense layer ran balanced on flash pairs (two per rank), forward and backward, never on SDPA.
     for r in range(WORLD):
         calls = ranks[r]["model_eager"]["calls"]
-        assert calls.get("cp_dense:flash") == 1 and calls.get("cp_dense_backward:flash") == 1, calls
-        assert "cp_dense:sdpa" not in calls, calls
+        assert calls.get("cp_dense:flash") == 2 and calls.get("cp_dense_backward:flash") == 2, calls
+        assert calls.get("cp_dense:balanced") == 1 and "cp_dense:sdpa" not in calls, calls
 
 
 @pytest.mark.parametrize(
