@@ -1,6 +1,6 @@
 """Context parallelism on 2 GPUs of one host (NCCL): the Triton kernels over a sequence sharded across ranks equal one
-GPU on the whole sequence; so do the dense layers, on the flash pair in bf16/fp16 (checked to have run) and on SDPA in
-fp32; the training example agrees with one process in bf16.
+GPU on the whole sequence; so do the dense layers, on flash pairs in bf16/fp16 (head-tail balanced and not; checked to
+have run) and on SDPA in fp32; the training example agrees with one process in bf16.
 
 Skipped with fewer than 2 GPUs. Run on the 2-GPU machine with::
 
@@ -31,12 +31,24 @@ CASES = {
     "fp16-L8192-C256-K4": dict(B=2, HQ=4, HKV=4, L=8192, D=64, C=256, K=4, dtype=torch.float16),
 }
 
-# The dense layers' op (a policy's dense layers): the 1.2B model's heads (16/4 of 128) in bf16 on the flash pair, fp16
-# with a head dim of 64 and no GQA, and fp32, which CUDA's flash does not take (SDPA with a lower-right mask).
+# The dense layers' op (a policy's dense layers): the 1.2B model's heads (16/4 of 128) in bf16 on flash pairs, head-tail
+# balanced (the default) and not; fp16 with a head dim of 64 and no GQA; fp32, which CUDA's flash does not take (SDPA
+# with a lower-right mask). "calls": what moba_compile.ops.CALLS must count on every rank for one forward + backward.
+_BALANCED = {"cp_dense:balanced": 1, "cp_dense:flash": 2, "cp_dense_backward:flash": 2}
 DENSE = {
-    "dense-bf16-L16384-16/4x128": dict(B=1, HQ=16, HKV=4, L=16384, D=128, dtype=torch.bfloat16, kernel="flash"),
-    "dense-fp16-L8192-4/4x64": dict(B=2, HQ=4, HKV=4, L=8192, D=64, dtype=torch.float16, kernel="flash"),
-    "dense-fp32-L4096-8/2x64": dict(B=1, HQ=8, HKV=2, L=4096, D=64, dtype=torch.float32, kernel="sdpa"),
+    "dense-bf16-L16384-16/4x128": dict(B=1, HQ=16, HKV=4, L=16384, D=128, dtype=torch.bfloat16, calls=_BALANCED),
+    "dense-bf16-L16384-16/4x128-unbalanced": dict(
+        B=1,
+        HQ=16,
+        HKV=4,
+        L=16384,
+        D=128,
+        dtype=torch.bfloat16,
+        balance=False,
+        calls={"cp_dense:flash": 1, "cp_dense_backward:flash": 1},
+    ),
+    "dense-fp16-L8192-4/4x64": dict(B=2, HQ=4, HKV=4, L=8192, D=64, dtype=torch.float16, calls=_BALANCED),
+    "dense-fp32-L4096-8/2x64": dict(B=1, HQ=8, HKV=2, L=4096, D=64, dtype=torch.float32, calls={"cp_dense:sdpa": 1}),
 }
 
 
@@ -71,7 +83,7 @@ def _worker(out: Path) -> None:
         q, k, v, grad = (cp.shard_sequence(t, mesh, dim=2) for t in _inputs(case, torch.device("cuda")))
         q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
         calls = dict(CALLS)
-        o = cp.context_parallel_dense_attention(q, k, v, mesh_or_group=mesh)
+        o = cp.context_parallel_dense_attention(q, k, v, mesh_or_group=mesh, balance=case.get("balance", True))
         o.backward(grad.contiguous())
         torch.cuda.synchronize()
         used = {k: n - calls.get(k, 0) for k, n in CALLS.items() if n != calls.get(k, 0)}
@@ -142,11 +154,7 @@ def test_dense_context_parallel_matches_one_gpu(ranks: list[dict[str, Any]], nam
             budget = (2e-2 if part in ("dk", "dv") else 1e-2) if low else 1e-3
             assert _rel(got, expected) <= budget, f"{name} {part} rank {r}: {_rel(got, expected):.2e}"
     for r in range(WORLD):
-        calls = ranks[r][name]["calls"]
-        if case["kernel"] == "flash":
-            assert calls == {"cp_dense:flash": 1, "cp_dense_backward:flash": 1}, f"rank {r}: {calls}"
-        else:
-            assert calls == {"cp_dense:sdpa": 1}, f"rank {r}: {calls}"
+        assert ranks[r][name]["calls"] == case["calls"], f"rank {r}: {ranks[r][name]['calls']}"
 
 
 def test_flash_merge_matches_lower_right_sdpa_on_one_gpu() -> None:
