@@ -352,6 +352,69 @@ def test_dense_layer_matches_single_process(
         assert ranks[r][scenario]["calls"] == expected_calls, f"rank {r}: {ranks[r][scenario]['calls']}"
 
 
+@pytest.mark.parametrize("prefix", [0, 8, 40])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flash_pair_equals_lower_right_causal_attention(prefix: int, dtype: torch.dtype) -> None:
+    # One process: the merged flash pair (earlier keys unmasked + own keys causal) against SDPA with the lower-right
+    # causal mask, outputs and gradients, GQA 4/2 and a batch of 2; fp64 shows the merge and backward rule are exact.
+    from torch.nn.attention.bias import causal_lower_right
+
+    from moba_compile.flash_merge import causal_flash_attention
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = ((2, 4, 8, 16), (2, 2, prefix + 8, 16), (2, 2, prefix + 8, 16), (2, 4, 8, 16))
+    q, k, v, grad = (torch.randn(s, generator=gen, dtype=dtype) for s in shapes)
+    results = []
+    for fn in (
+        lambda q, k, v: causal_flash_attention(q, k, v, scale=0.3),
+        lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(8, prefix + 8), scale=0.3, enable_gqa=True
+        ),
+    ):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        results.append([out, *(t.grad for t in leaves)])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, expected, **tol, msg=name)
+
+
+def test_flash_pair_ops_pass_opcheck() -> None:
+    # Fake kernels (shapes, strides), autograd registration and schema of moba::cp_dense_flash and its backward.
+    import moba_compile.flash_merge  # noqa: F401  (registers the ops)
+
+    gen = torch.Generator().manual_seed(5)
+    for prefix in (0, 8):
+        q = torch.randn(1, 4, 8, 16, generator=gen, requires_grad=True)
+        k, v = (torch.randn(1, 2, prefix + 8, 16, generator=gen, requires_grad=True) for _ in "kv")
+        torch.library.opcheck(torch.ops.moba.cp_dense_flash.default, (q, k, v, 0.25))
+        out, lse = torch.ops.moba.cp_dense_flash(q, k, v, 0.25)
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.25)
+        torch.library.opcheck(torch.ops.moba.cp_dense_flash_backward.default, args)
+
+
+def test_flash_pair_refuses_what_flash_cannot_take() -> None:
+    from moba_compile.flash_merge import causal_flash_attention, flash_unsupported_reason
+
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    assert flash_unsupported_reason(q, k, k[..., :8]) == "value head dim 8 differs from the query's 16"
+    assert flash_unsupported_reason(q, k[:, :, :4], k[:, :, :4]) == "fewer keys (4) than queries (8)"
+    assert flash_unsupported_reason(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)) is not None
+    with pytest.raises(ValueError, match="cannot take these inputs: mixed dtypes"):
+        causal_flash_attention(q.double(), k, k)
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    from moba_compile import context_parallel, flash_merge
+
+    for module in (context_parallel, flash_merge):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
 def test_head_tail_plan_routes_every_half_and_balances(world: int) -> None:
     from moba_compile.context_parallel import _head_tail_plan
