@@ -6,7 +6,10 @@ A MoBA attention site all-gathers the keys and values of the group (``all_gather
 reduce-scatter that sums every rank's key/value gradients back to their owner), keeps the prefix ``[0, (r + 1) * S)``
 that causality lets the local queries see, and calls ``moba::attention`` with the ``S`` local queries. The op places
 query row ``i`` at position ``Lk - Lq + i = r * S + i`` (bottom-right alignment, spec section 1), so every local row is
-exactly the row of single-device MoBA over the whole sequence, forward and backward.
+exactly the row of single-device MoBA over the whole sequence, forward and backward. The policy's dense layers
+attend to the same gathered prefix on the flash kernels (:mod:`moba_compile.flash_merge`: the earlier ranks' keys
+unmasked plus the own keys square-causal, merged exactly by log-sum-exp), or with SDPA and a lower-right causal mask
+where flash cannot take the inputs (:func:`dense_attention_kernel`).
 
 Contiguous shards are balanced for MoBA: a query attends to about ``topk * chunk_size`` keys wherever it sits. Dense
 causal attention is not (the last rank's queries see ``W`` times more keys than the first's), which is why upstream
@@ -41,6 +44,7 @@ Example (2 processes, ``torchrun --nproc-per-node 2``):
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +58,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import ops
 from .decisions import decide_site
+from .flash_merge import causal_flash_attention, flash_unsupported_reason
 from .ops import Impl
 from .policy import Routing
 from .report import FORM_CAUSAL
@@ -67,12 +72,17 @@ __all__ = [
     "context_parallel_dense_attention",
     "context_parallel_loss",
     "context_parallel_moba_attention",
+    "dense_attention_kernel",
     "global_positions",
     "reduce_gradients",
     "sequence_group",
     "shard_sequence",
     "shift_labels",
 ]
+
+_log = logging.getLogger(__name__)
+# The dense-kernel choices already logged (a log line per distinct choice, not per layer and step).
+_LOGGED_KERNELS: set[tuple[str, str | None]] = set()
 
 #: The default name of the sequence dimension of a DeviceMesh (as in torchtitan's ``("dp", "cp")`` meshes).
 SEQ_DIM = "cp"
@@ -90,6 +100,13 @@ def _all_gather_autograd() -> Any:
     from torch.distributed import _functional_collectives as fc
 
     return getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+
+
+def _all_to_all_autograd() -> Any:
+    # The functional all-to-all with autograd (its backward is the reverse all-to-all); the same name on 2.11 and 2.13.
+    from torch.distributed import _functional_collectives as fc
+
+    return fc.all_to_all_single_autograd
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -342,6 +359,89 @@ def context_parallel_moba_attention(
     return ops.attention(query, key, value, chunk_size=chunk_size, topk=topk, scale=scale, impl=impl, routing=routing)
 
 
+def dense_attention_kernel(query: Tensor, key: Tensor, value: Tensor) -> tuple[str, str | None]:
+    """Which kernel :func:`context_parallel_dense_attention` runs for these shards, and why not flash.
+
+    Args:
+        query, key, value: this rank's ``[B, H, S, D]`` shards (or the gathered keys and values: only dtypes, devices
+            and head shapes matter).
+
+    Returns:
+        ``("flash", None)`` when the flash kernels take the inputs (:mod:`moba_compile.flash_merge`: CPU in any
+        floating dtype, CUDA in fp16/bf16 with a head dim flash takes), else ``("sdpa", reason)``: SDPA with the
+        causal mask aligned bottom-right (the memory-efficient or math kernel), e.g. for fp32 on CUDA.
+
+    Example:
+        >>> dense_attention_kernel(torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+        ('flash', None)
+        >>> dense_attention_kernel(*(torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, device="meta"),) * 3)
+        ('sdpa', 'no flash kernel on meta')
+    """
+    reason = flash_unsupported_reason(query, key, value)
+    return ("flash", None) if reason is None else ("sdpa", reason)
+
+
+def _count(name: str) -> None:
+    """Count a Python-side choice in :data:`moba_compile.ops.CALLS`, in eager calls only: Dynamo replays a traced
+    mutation of a global dict after the graph by restoring the dict it traced, which would erase the counts the ops
+    added while the graph ran (the flash ops count themselves, at run time, compiled or not)."""
+    if not torch.compiler.is_compiling():
+        ops.CALLS[name] += 1
+
+
+def _head_tail_plan(rank: int, size: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The exchange of the balanced dense layer: the sequence in ``2W`` half-shards, rank ``r`` holding halves ``2r``
+    and ``2r + 1`` and computing halves ``r`` and ``2W - 1 - r`` (upstream's head-tail order).
+
+    Returns:
+        ``send``: this rank's halves (0 = first, 1 = second) in the order they leave (by destination rank, ties in
+        sequence order); ``send_splits``: halves per destination; ``recv``: the halves it computes (0 = half ``r``,
+        1 = half ``2W - 1 - r``) in the order they arrive (by source rank, ties in sequence order);
+        ``recv_splits``: halves per source. The splits count halves; multiply by the half length.
+    """
+    owner = [i if i < size else 2 * size - 1 - i for i in range(2 * size)]  # half -> the rank computing it
+    send = sorted((0, 1), key=lambda h: (owner[2 * rank + h], h))
+    send_splits = [sum(owner[2 * rank + h] == dest for h in (0, 1)) for dest in range(size)]
+    computed = (rank, 2 * size - 1 - rank)
+    recv = sorted((0, 1), key=lambda j: (computed[j] // 2, j))
+    recv_splits = [sum(computed[j] // 2 == src for j in (0, 1)) for src in range(size)]
+    return send, send_splits, recv, recv_splits
+
+
+def _balanced_flash(query: Tensor, key: Tensor, value: Tensor, group: SequenceGroup, scale: float | None) -> Tensor:
+    """Dense causal rows of this rank's queries, computed head-tail balanced: every rank attends the same number of
+    scores. Rank ``r`` sends its two query halves to the ranks that compute them, computes halves ``r`` and
+    ``2W - 1 - r`` (each a flash pair over its prefix of the gathered keys) and sends their outputs back; the
+    all-to-alls' backward is the reverse exchange, so gradients reach their owners."""
+    size, rank, half = group.size, group.rank, query.shape[2] // 2
+    send, send_splits, recv, recv_splits = _head_tail_plan(rank, size)
+    all_to_all = _all_to_all_autograd()
+    full_key, full_value = group.gather(key, 2), group.gather(value, 2)
+    # Sequence first: all_to_all splits dim 0.
+    mine = query.movedim(2, 0).split(half)
+    arrived = all_to_all(
+        torch.cat([mine[h] for h in send]).contiguous(),
+        [n * half for n in recv_splits],
+        [n * half for n in send_splits],
+        group.group,
+    )
+    pieces = _ContiguousGrad.apply(arrived).split(half)
+    computed = (rank, 2 * size - 1 - rank)
+    outs: dict[int, Tensor] = {}
+    for piece, j in zip(pieces, recv):
+        end = (computed[j] + 1) * half  # half i attends to keys [0, (i + 1) * half)
+        rows = piece.movedim(0, 2)
+        outs[j] = causal_flash_attention(rows, full_key[:, :, :end], full_value[:, :, :end], scale=scale)
+    back = all_to_all(
+        torch.cat([outs[j].movedim(2, 0) for j in recv]).contiguous(),
+        [n * half for n in send_splits],
+        [n * half for n in recv_splits],
+        group.group,
+    )
+    returned = dict(zip(send, _ContiguousGrad.apply(back).split(half)))
+    return torch.cat([returned[0], returned[1]]).movedim(0, 2)
+
+
 def context_parallel_dense_attention(
     query: Tensor,
     key: Tensor,
@@ -349,17 +449,41 @@ def context_parallel_dense_attention(
     *,
     mesh_or_group: MeshOrGroup | SequenceGroup,
     scale: float | None = None,
+    balance: bool = True,
     seq_dim: str = SEQ_DIM,
 ) -> Tensor:
     """Dense causal attention of this rank's queries over the sharded sequence (a policy's dense layers under context
-    parallelism): SDPA over the gathered prefix ``[0, (r + 1) * S)`` with the causal mask aligned bottom-right.
+    parallelism): exactly the rows ``[r * S, (r + 1) * S)`` of single-device causal SDPA over the whole sequence,
+    forward and backward.
+
+    Keys and values are all-gathered (differentiably) and the prefix ``[0, (r + 1) * S)`` is attended with the rows
+    aligned bottom-right. Where the flash kernels take the inputs (:func:`dense_attention_kernel`), it runs as two
+    flash calls merged by their log-sum-exps (:func:`moba_compile.flash_merge.causal_flash_attention`): the ``r * S``
+    keys of earlier ranks without a mask, the ``S`` own keys square-causal, grouped heads unrepeated; the backward
+    calls each part's flash backward with the merged output and log-sum-exp, which is the exact gradient. Elsewhere
+    (fp32 on CUDA, head dims flash refuses, other devices) it runs SDPA with a ``causal_lower_right`` mask over
+    key/value heads repeated to the query's. The choice is counted in :data:`moba_compile.ops.CALLS`:
+    ``"cp_dense:flash"`` and ``"cp_dense_backward:flash"`` (per call, inside the ops, compiled or not) or
+    ``"cp_dense:sdpa"`` (eager calls only), and logged once per choice by eager calls (logger
+    ``moba_compile.context_parallel``, level INFO, with the reason flash was not taken).
+
+    Balance: contiguous shards give rank ``r`` ``r + 1/2`` blocks of ``S x S`` scores (on 2 ranks, rank 1 does 3/4 of
+    the work). With ``balance`` (the flash path, ``W > 1``, ``S`` even) the rows are computed in upstream's head-tail
+    order instead: rank ``r`` computes the half-shards ``r`` and ``2W - 1 - r`` of the sequence (the same number of
+    scores on every rank), its queries and outputs exchanged by two all-to-alls with autograd (at most ``S * Hq * D``
+    elements sent per rank each way, forward and backward; on 2 ranks half of it); the shards, the keys' all-gather
+    and the result are as without it. Counted as ``"cp_dense:balanced"`` in :data:`moba_compile.ops.CALLS` (eager
+    calls only), with two flash pairs per call.
 
     Args:
         query: ``[B, Hq, S, D]``; key ``[B, Hkv, S, D]``; value ``[B, Hkv, S, Dv]``; ``Hq % Hkv == 0``.
         mesh_or_group, scale, seq_dim: as in :func:`context_parallel_moba_attention`.
+        balance: compute the rows head-tail balanced (above) where the flash path runs; False keeps each rank's
+            rows on the rank (the MoBA layers' layout, unbalanced).
 
     Returns:
-        ``[B, Hq, S, Dv]``, the rows ``[r * S, (r + 1) * S)`` of dense causal SDPA over the whole sequence.
+        ``[B, Hq, S, Dv]`` in the query's dtype, the rows ``[r * S, (r + 1) * S)`` of dense causal SDPA over the whole
+        sequence.
 
     Raises:
         ContextParallelError: shards of different lengths (a KV cache), a mesh without ``seq_dim``.
@@ -369,7 +493,21 @@ def context_parallel_dense_attention(
     """
     _check_shards(query, key, value, None)
     group = sequence_group(mesh_or_group, seq_dim=seq_dim)
+    kernel, why_not = dense_attention_kernel(query, key, value)
+    # Once per choice and reason, not per layer and step; eager calls only (Dynamo cannot trace a logger call).
+    if not torch.compiler.is_compiling() and (kernel, why_not) not in _LOGGED_KERNELS:
+        _LOGGED_KERNELS.add((kernel, why_not))
+        if why_not is None:
+            _log.info("context-parallel dense attention on flash (earlier keys + own keys causal, merged by lse)")
+        else:
+            _log.info("context-parallel dense attention on SDPA, lower-right causal mask: no flash (%s)", why_not)
+    if kernel == "flash" and balance and group.size > 1 and query.shape[2] % 2 == 0:
+        _count("cp_dense:balanced")
+        return _balanced_flash(query, key, value, group, scale)
     key, value = _gathered_prefix(key, value, group)
+    if kernel == "flash":
+        return causal_flash_attention(query, key, value, scale=scale)
+    _count("cp_dense:sdpa")
     if query.shape[1] != key.shape[1]:
         repeat = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
@@ -475,10 +613,12 @@ class ContextParallelAttention:
 
     Attributes:
         inner: the registered ``MobaAttention``. group: the sequence group.
+        dense_balance: the dense layers' ``balance`` (:func:`context_parallel_dense_attention`).
     """
 
     inner: Any
     group: SequenceGroup
+    dense_balance: bool = True
 
     def __call__(
         self,
@@ -526,7 +666,9 @@ class ContextParallelAttention:
             query, key, value = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
         note = f"context parallel: keys and values gathered over {group.size} ranks"
         if decided.mode == "dense":
-            out = context_parallel_dense_attention(query, key, value, mesh_or_group=group, scale=scaling)
+            out = context_parallel_dense_attention(
+                query, key, value, mesh_or_group=group, scale=scaling, balance=self.dense_balance
+            )
         else:
             assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
             out = context_parallel_moba_attention(
@@ -613,6 +755,7 @@ def context_parallel(
     no_restore_buffers: Sequence[Tensor] = (),
     attention: str = "moba",
     seq_dim: str = SEQ_DIM,
+    dense_balance: bool = True,
 ) -> Iterator[SequenceGroup]:
     """Run a Hugging Face model's MoBA attention context-parallel: shard ``buffers`` in place and make every layer of
     the attention implementation ``attention`` gather keys and values over the sequence group.
@@ -631,6 +774,9 @@ def context_parallel(
         mesh_or_group: see :func:`sequence_group`. buffers, buffer_seq_dims, no_restore_buffers: as upstream.
         attention: the attention implementation name given to :func:`moba_compile.hf.register`.
         seq_dim: the mesh dimension name of the sequence.
+        dense_balance: compute the policy's dense layers head-tail balanced across the ranks (see
+            :func:`context_parallel_dense_attention`; the shards and every MoBA layer are unchanged). False: each rank
+            computes its own rows (rank ``W - 1`` the most).
 
     Yields:
         The :class:`SequenceGroup`.
@@ -665,7 +811,7 @@ def context_parallel(
     shards = [shard_sequence(b, group, dim=d).clone() for b, d in zip(buffers, buffer_seq_dims)]
     originals = [None if any(b is n for n in no_restore_buffers) else b.clone() for b in buffers]
     old_mask = mask_interface._global_mapping.get(attention)
-    wrapper = ContextParallelAttention(inner=inner, group=group)
+    wrapper = ContextParallelAttention(inner=inner, group=group, dense_balance=dense_balance)
     with torch.no_grad():
         for buffer, shard in zip(buffers, shards):
             buffer.resize_(shard.shape)

@@ -6,10 +6,12 @@ inputs; the tests below compute the single-process results in the pytest process
 file well under a minute on 2 cores (each launch costs two interpreter starts with torch and transformers imported).
 
 Scenarios: the op on the reference path (fp32, GQA) and on the interpreted Triton path; the op compiled with
-``torch.compile(backend="moba", fullgraph=True)`` (no graph break); a tiny Llama with ``attn_implementation="moba"``
-under :func:`context_parallel` (3 MoBA layers + 1 dense layer by policy: loss, every parameter's gradient, the report),
-the same with its decoder layers compiled; bad inputs. Then ``examples/train_context_parallel.py`` on a 2 x 2
-("dp", "cp") mesh of 4 processes with FSDP2 (it compares its losses and gradient norms with one process itself).
+``torch.compile(backend="moba", fullgraph=True)`` (no graph break); the dense layers' op (fp32 and bf16 on the flash
+pair, head-tail balanced and not, eager and compiled, and its SDPA fallback) against single-process causal SDPA; a
+tiny Llama with ``attn_implementation="moba"`` under :func:`context_parallel` (3 MoBA layers + 1 dense layer by
+policy: loss, every parameter's gradient, the report), the same with its decoder layers compiled; bad inputs. Then
+``examples/train_context_parallel.py`` on a 2 x 2 ("dp", "cp") mesh of 4 processes with FSDP2 (it compares its losses
+and gradient norms with one process itself).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ OP = dict(B=1, HQ=4, HKV=2, L=128, D=16, C=16, K=3)
 # The interpreted Triton case: smaller (the interpreter costs ~2 ms per program-iteration).
 TRITON = dict(B=1, HQ=2, HKV=1, L=64, D=16, C=16, K=2)
 POLICY = {"chunk_size": 16, "topk": 2, "dense_last": 1}
+# The dense layers' op: GQA 4/2, S = 64 per rank, head-tail balanced unless "balance" is False; "fallback" has
+# Dv != D, which the flash kernels refuse (SDPA path).
+DENSE = {
+    "dense_fp32": dict(dtype=torch.float32, DV=16, balance=True),
+    "dense_bf16": dict(dtype=torch.bfloat16, DV=16, balance=True),
+    "dense_unbalanced": dict(dtype=torch.float32, DV=16, balance=False),
+    "dense_fallback": dict(dtype=torch.float32, DV=8, balance=True),
+}
 MODEL = dict(
     vocab_size=64,
     hidden_size=32,
@@ -53,6 +63,14 @@ def _op_inputs(case: dict[str, int], seed: int) -> tuple[torch.Tensor, ...]:
     v = torch.randn(b, hkv, length, d, generator=gen)
     grad = torch.randn(b, hq, length, d, generator=gen)
     return q, k, v, grad
+
+
+def _dense_inputs(name: str) -> tuple[torch.Tensor, ...]:
+    case = DENSE[name]
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, length, d = OP["B"], OP["HQ"], OP["HKV"], OP["L"], OP["D"]
+    shapes = ((b, hq, length, d), (b, hkv, length, d), (b, hkv, length, case["DV"]), (b, hq, length, case["DV"]))
+    return tuple(torch.randn(s, generator=gen).to(case["dtype"]) for s in shapes)
 
 
 def _build_model() -> torch.nn.Module:
@@ -123,20 +141,41 @@ def _worker(out: Path) -> None:
         result["op_triton"] = op_case(TRITON, "triton")
     result["calls"] = {k: v - before.get(k, 0) for k, v in moba_compile.ops.CALLS.items()}
 
+    def dense_case(name: str, compiled: bool = False) -> dict[str, Any]:
+        q, k, v, grad = (cp.shard_sequence(t, mesh, dim=2) for t in _dense_inputs(name))
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+
+        def fn(q, k, v):
+            return cp.context_parallel_dense_attention(q, k, v, mesh_or_group=mesh, balance=DENSE[name]["balance"])
+
+        if compiled:
+            fn = torch.compile(fn, backend="moba", fullgraph=True, options={"compiler": "aot_eager"})
+        calls = dict(moba_compile.ops.CALLS)
+        o = fn(q, k, v)
+        o.backward(grad)
+        used = {k: n - calls.get(k, 0) for k, n in moba_compile.ops.CALLS.items() if n != calls.get(k, 0)}
+        return {"out": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "calls": used}
+
+    for name in DENSE:
+        result[name] = dense_case(name)
+    result["dense_compiled"] = dense_case("dense_fp32", compiled=True)
+
     # A tiny Llama, attn_implementation="moba", under context_parallel: eager, compiled, FSDP2 on a 1 x 2 mesh.
     attention = moba_compile.hf.register(POLICY, name="moba")
 
     def model_case(model: torch.nn.Module, run: Any, grad_reduce: Any) -> dict[str, Any]:
         ids = _ids()
         labels, positions = cp.shift_labels(ids), cp.global_positions(ids)
+        calls = dict(moba_compile.ops.CALLS)
         with cp.context_parallel(mesh, buffers=[ids, positions, labels], buffer_seq_dims=[1, 1, 1]):
             logits = run(input_ids=ids, position_ids=positions, use_cache=False).logits
             loss = cp.context_parallel_loss(logits, labels, mesh)
             grad_reduce(loss)
+        used = {k: n - calls.get(k, 0) for k, n in moba_compile.ops.CALLS.items() if n != calls.get(k, 0)}
         grads = {
             n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()
         }
-        return {"loss": loss.detach(), "grads": grads, "ids_restored": ids.shape[1]}
+        return {"loss": loss.detach(), "grads": grads, "ids_restored": ids.shape[1], "calls": used}
 
     def plain_backward(model: torch.nn.Module) -> Any:
         def reduce(loss: torch.Tensor) -> None:
@@ -276,6 +315,142 @@ def test_op_triton_interpreted_matches_single_process(ranks: list[dict[str, Any]
     assert ranks[0]["calls"].get("attention_backward:triton", 0) >= 1
 
 
+def _single_dense(name: str) -> dict[str, torch.Tensor]:
+    q, k, v, grad = _dense_inputs(name)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    o.backward(grad)
+    return {"out": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+@pytest.mark.parametrize(
+    ("scenario", "case", "expected_calls"),
+    [
+        # Balanced: the two half-shards each rank computes are one flash pair each, forward and backward.
+        ("dense_fp32", "dense_fp32", {"cp_dense:balanced": 1, "cp_dense:flash": 2, "cp_dense_backward:flash": 2}),
+        ("dense_bf16", "dense_bf16", {"cp_dense:balanced": 1, "cp_dense:flash": 2, "cp_dense_backward:flash": 2}),
+        ("dense_compiled", "dense_fp32", {"cp_dense:flash": 2, "cp_dense_backward:flash": 2}),
+        # Rank 0 too: its one causal part is one flash call.
+        ("dense_unbalanced", "dense_unbalanced", {"cp_dense:flash": 1, "cp_dense_backward:flash": 1}),
+        ("dense_fallback", "dense_fallback", {"cp_dense:sdpa": 1}),
+    ],
+)
+def test_dense_layer_matches_single_process(
+    ranks: list[dict[str, Any]], scenario: str, case: str, expected_calls: dict[str, int]
+) -> None:
+    single = _single_dense(case)
+    # fp32: same softmax, other summation orders (the two-part merge, dK/dV summed over ranks). bf16: both sides
+    # round their outputs and gradients to bf16 (here: the parts' dq and the merged output too), a few bf16 ulps.
+    tol = dict(rtol=1e-5, atol=2e-6) if DENSE[case]["dtype"] == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, full in single.items():
+        for r, expected in enumerate(_shards(full, 2)):
+            got = ranks[r][scenario][name]
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected, **tol, msg=f"{scenario} {name} rank {r}")
+    for r in range(WORLD):
+        # Compiled, only the ops count (at run time); the Python-side "balanced" count is for eager calls.
+        assert ranks[r][scenario]["calls"] == expected_calls, f"rank {r}: {ranks[r][scenario]['calls']}"
+
+
+@pytest.mark.parametrize("prefix", [0, 8, 40])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flash_pair_equals_lower_right_causal_attention(prefix: int, dtype: torch.dtype) -> None:
+    # One process: the merged flash pair (earlier keys unmasked + own keys causal) against SDPA with the lower-right
+    # causal mask, outputs and gradients, GQA 4/2 and a batch of 2; fp64 shows the merge and backward rule are exact.
+    from torch.nn.attention.bias import causal_lower_right
+
+    from moba_compile.flash_merge import causal_flash_attention
+
+    gen = torch.Generator().manual_seed(4)
+    shapes = ((2, 4, 8, 16), (2, 2, prefix + 8, 16), (2, 2, prefix + 8, 16), (2, 4, 8, 16))
+    q, k, v, grad = (torch.randn(s, generator=gen, dtype=dtype) for s in shapes)
+    results = []
+    for fn in (
+        lambda q, k, v: causal_flash_attention(q, k, v, scale=0.3),
+        lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(8, prefix + 8), scale=0.3, enable_gqa=True
+        ),
+    ):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        results.append([out, *(t.grad for t in leaves)])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, expected, **tol, msg=name)
+
+
+def test_flash_pair_ops_pass_opcheck() -> None:
+    # Fake kernels (shapes, strides), autograd registration and schema of moba::cp_dense_flash and its backward.
+    import moba_compile.flash_merge  # noqa: F401  (registers the ops)
+
+    gen = torch.Generator().manual_seed(5)
+    for prefix in (0, 8):
+        q = torch.randn(1, 4, 8, 16, generator=gen, requires_grad=True)
+        k, v = (torch.randn(1, 2, prefix + 8, 16, generator=gen, requires_grad=True) for _ in "kv")
+        torch.library.opcheck(torch.ops.moba.cp_dense_flash.default, (q, k, v, 0.25))
+        out, lse = torch.ops.moba.cp_dense_flash(q, k, v, 0.25)
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.25)
+        torch.library.opcheck(torch.ops.moba.cp_dense_flash_backward.default, args)
+
+
+def test_flash_pair_refuses_what_flash_cannot_take() -> None:
+    from moba_compile.flash_merge import causal_flash_attention, flash_unsupported_reason
+
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    assert flash_unsupported_reason(q, k, k[..., :8]) == "value head dim 8 differs from the query's 16"
+    assert flash_unsupported_reason(q, k[:, :, :4], k[:, :, :4]) == "fewer keys (4) than queries (8)"
+    assert flash_unsupported_reason(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)) is not None
+    with pytest.raises(ValueError, match="cannot take these inputs: mixed dtypes"):
+        causal_flash_attention(q.double(), k, k)
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    from moba_compile import context_parallel, flash_merge
+
+    for module in (context_parallel, flash_merge):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_head_tail_plan_routes_every_half_and_balances(world: int) -> None:
+    from moba_compile.context_parallel import _head_tail_plan
+
+    plans = [_head_tail_plan(r, world) for r in range(world)]
+    # The all-to-all, simulated on half indices: rank r's outgoing halves in its send order, cut by its splits.
+    inbox: list[list[int]] = [[] for _ in range(world)]
+    for src, (send, send_splits, _, _) in enumerate(plans):
+        out = [2 * src + h for h in send]
+        for dest, n in enumerate(send_splits):
+            inbox[dest] += out[:n]
+            out = out[n:]
+    work = []
+    for r, (_, _, recv, recv_splits) in enumerate(plans):
+        computed = (r, 2 * world - 1 - r)
+        assert inbox[r] == [computed[j] for j in recv]  # arrives where the plan expects it
+        assert recv_splits == [sum(h // 2 == src for h in inbox[r]) for src in range(world)]
+        work.append(sum(h + 0.5 for h in computed))  # half i: i full half-blocks of earlier keys + its causal half
+    assert sorted(h for box in inbox for h in box) == list(range(2 * world))  # every half computed exactly once
+    assert len(set(work)) == 1  # every rank attends the same number of scores
+
+
+def test_dense_layer_bf16_error_is_single_process_bf16_error(ranks: list[dict[str, Any]]) -> None:
+    # Against the fp64 truth, the merged flash pair under context parallelism is no less accurate than single-process
+    # bf16 SDPA (each up to bf16 rounding): the merge adds no error of its own beyond a rounding.
+    q, k, v, grad = (t.double().requires_grad_() for t in _dense_inputs("dense_bf16"))
+    truth = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    truth.backward(grad.double())
+    exact = {"out": truth.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    single = _single_dense("dense_bf16")
+    for name, full in exact.items():
+        got = torch.cat([ranks[r]["dense_bf16"][name] for r in range(WORLD)], dim=2).double()
+        err_cp, err_single = (got - full).abs().max(), (single[name].double() - full).abs().max()
+        assert err_cp <= 2 * err_single + 1e-3, f"{name}: context parallel {err_cp:.2e}, one process {err_single:.2e}"
+
+
 @pytest.fixture(scope="module")
 def single_model() -> dict[str, Any]:
     import moba_compile.hf
@@ -307,6 +482,11 @@ def test_policy_decides_per_layer_under_context_parallelism(ranks: list[dict[str
     decisions = sorted((layer, decision) for layer, decision, _ in ranks[1]["report"])
     assert decisions == [(0, "moba"), (1, "moba"), (2, "moba"), (3, "dense")]
     assert all("context parallel" in why for _, decision, why in ranks[1]["report"] if decision == "moba")
+    # The dense layer ran balanced on flash pairs (two per rank), forward and backward, never on SDPA.
+    for r in range(WORLD):
+        calls = ranks[r]["model_eager"]["calls"]
+        assert calls.get("cp_dense:flash") == 2 and calls.get("cp_dense_backward:flash") == 2, calls
+        assert calls.get("cp_dense:balanced") == 1 and "cp_dense:sdpa" not in calls, calls
 
 
 @pytest.mark.parametrize(
