@@ -9,7 +9,9 @@ layer is checkpointed (activation recomputation), in both variants. No optimiser
 
 - ``moba``: ``attn_implementation="moba"`` with the policy of ``benchmarks.end_to_end`` (chunk 4096, top-k 12, last 3
   layers dense) inside ``moba_compile.context_parallel.context_parallel``: contiguous shards, keys and values
-  all-gathered per layer (the dense layers too, as causal SDPA aligned bottom-right).
+  all-gathered per layer. The policy's dense layers run on the flash kernel (earlier ranks' keys unmasked plus the
+  rank's own keys causal, merged exactly by log-sum-exp) and, by default, head-tail balanced across the ranks
+  (``--dense-balance off`` keeps each rank's rows on the rank); ``moba_calls`` in the JSON says which paths ran.
 - ``dense``: an attention function calling ``scaled_dot_product_attention(is_causal=True)`` (key/value heads
   repeated: upstream context parallelism takes no ``enable_gqa``) inside upstream ``context_parallel`` (head-tail
   load balancing, all-gather rotation), the buffers sharded by it.
@@ -106,13 +108,23 @@ def _loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, gr
 
 
 def _exchanged_bytes(config: dict, tokens: int, world: int, variant: str) -> int:
-    """Bytes one rank receives per layer per step (computed from the shapes, see the module docstring)."""
+    """Bytes one rank receives per layer per step (computed from the shapes, see the module docstring).
+
+    For ``"moba_dense_balanced"`` (a policy dense layer of the MoBA variant, head-tail balanced): the key/value
+    exchange of a MoBA layer plus the balancing all-to-alls, in which a rank sends away half of its query rows and
+    receives another rank's half, and the same for the outputs, in the forward, the recomputation and (gradients of
+    both) the backward.
+    """
     shard = tokens // world
-    heads = config["num_key_value_heads"] if variant == "moba" else config["num_attention_heads"]
+    heads = config["num_key_value_heads"] if variant != "dense" else config["num_attention_heads"]
     one = (world - 1) * shard * heads * config["head_dim"] * 2  # one bf16 tensor's other shards
     # moba: K,V gathered twice (forward, recomputation) + dK,dV reduce-scattered; dense: K,V gathered three times
     # (forward, recomputation, backward) + dK,dV reduce-scattered.
-    return 2 * one * (3 if variant == "moba" else 4)
+    kv = 2 * one * (4 if variant == "dense" else 3)
+    if variant != "moba_dense_balanced" or world == 1:
+        return kv
+    half_rows = (shard // 2) * config["num_attention_heads"] * config["head_dim"] * 2  # bf16 half of a shard's q/out
+    return kv + half_rows * 2 * 3  # (queries + outputs) x (forward, recomputation, backward)
 
 
 def _median_ms(fn: Any, group: Any, device: torch.device, repeats: int = 5) -> float:
@@ -178,7 +190,7 @@ def _layer_timing(config: dict, policy: dict, tokens: int, mesh: Any, device: to
     }
 
 
-def _step(model: torch.nn.Module, variant: str, mesh: Any, ids: torch.Tensor) -> float:
+def _step(model: torch.nn.Module, variant: str, mesh: Any, ids: torch.Tensor, dense_balance: bool = True) -> float:
     from moba_compile import context_parallel as cp
 
     group = mesh.get_group()
@@ -189,7 +201,9 @@ def _step(model: torch.nn.Module, variant: str, mesh: Any, ids: torch.Tensor) ->
     dist.barrier(group)
     start = time.perf_counter()
     if variant == "moba":
-        context = cp.context_parallel(mesh, buffers=[ids, positions, labels], buffer_seq_dims=[1, 1, 1])
+        context = cp.context_parallel(
+            mesh, buffers=[ids, positions, labels], buffer_seq_dims=[1, 1, 1], dense_balance=dense_balance
+        )
     else:
         from torch.distributed.tensor.experimental import context_parallel
 
@@ -219,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-layer-timing", action="store_true", help="skip the per-layer attention vs exchange timing (measured)"
     )
+    parser.add_argument(
+        "--dense-balance",
+        choices=["on", "off"],
+        default="on",
+        help="MoBA variant: the policy's dense layers head-tail balanced across the ranks (on) or not (off)",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
@@ -239,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.device_mesh import init_device_mesh
 
     import moba_compile.hf
+    from moba_compile import ops
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("cp",))
@@ -257,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "policy": policy,
         "step": "forward + loss + backward + gradient sum over ranks, every layer checkpointed, no optimiser",
         "exchanged_bytes": "per rank per layer per step, computed from the shapes (module docstring), not measured",
+        "dense_balance": args.dense_balance,
     }
     rows: list[dict[str, Any]] = []
 
@@ -287,13 +309,17 @@ def main(argv: list[str] | None = None) -> int:
             model.set_attn_implementation("moba" if variant == "moba" else "cp_dense")
             ids = torch.randint(0, config["vocab_size"], (1, n), generator=gen).to(device)
             try:
+                balance = args.dense_balance == "on"
                 if variant not in warmed:  # kernels compiled and loaded, untimed
-                    _step(model, variant, mesh, ids.clone())
+                    _step(model, variant, mesh, ids.clone(), balance)
                     warmed.add(variant)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                times = [_step(model, variant, mesh, ids.clone()) for _ in range(args.repeats)]
+                before = ops.CALLS.copy()
+                times = [_step(model, variant, mesh, ids.clone(), balance) for _ in range(args.repeats)]
                 row[f"{variant}_s"] = statistics.median(times)
+                if variant == "moba":  # which paths the timed steps ran (MoBA kernels, flash / balanced dense)
+                    row["moba_calls"] = {k: n - before[k] for k, n in ops.CALLS.items() if n != before[k]}
                 if device.type == "cuda":
                     row[f"{variant}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -302,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             row[f"{variant}_exchanged_bytes_per_layer"] = _exchanged_bytes(config, n, world, variant)
+            if variant == "moba" and args.dense_balance == "on":
+                row["moba_dense_layer_exchanged_bytes"] = _exchanged_bytes(config, n, world, "moba_dense_balanced")
         if "moba_s" in row and "dense_s" in row:
             row["speedup"] = row["dense_s"] / row["moba_s"]
         rows.append(row)
