@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session's stages, each under its own time limit, all output appended to $LOG. Used on the lent H100 (the
+# One GPU session's stages, each under its own time limit, all output appended to $LOG. Used on the lent H100/H200 (the
 # device machine: torch/triton preinstalled, no network) as:
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh env tests "attention:--suite spec --no-flex" decode e2e train
 #
 # Stages, each STAGE or STAGE:ARGS (ARGS split as shell words): env | tests | gputests | attention | decode | e2e |
-# train | tune | tune_forward | profile_decode | profile_forward | reproduce. A stage that fails or runs out of time is logged and the next one still runs (a
+# train | tune | tune_forward | profile_decode | profile_forward | reproduce | packed | cp (2 GPUs, torchrun) | aoti.
+# A stage that fails or runs out of time is logged and the next one still runs (a
 # failure in one must not cost the measurements of the others). Limits: <STAGE>_LIMIT variables, in seconds.
 # Wheels in .whl/ (git-ignored; e.g. `pip download --no-deps -d .whl hypothesis sortedcontainers attrs tqdm`) are
 # installed to /tmp/site when the GPU machine, which has no network, lacks hypothesis or tqdm.
@@ -24,7 +25,8 @@ stage() {  # stage NAME SECONDS CMD...
   shift 2
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  # SIGINT first: pytest and the benchmarks then print what they have (failures so far, rows measured) before exiting.
+  timeout -s INT --kill-after=30 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
 }
@@ -64,6 +66,13 @@ print(torch.__version__, triton.__version__, transformers.__version__, torch.cud
       stage profile_decode "${PROFILE_DECODE_LIMIT:-90}" python3 -m benchmarks.profile_decode "${extra[@]}" ;;
     reproduce)
       stage reproduce "${REPRODUCE_LIMIT:-420}" python3 -m examples.reproduce "${extra[@]}" ;;
+    packed)
+      stage packed "${PACKED_LIMIT:-200}" python3 -m benchmarks.packed --out-dir "$OUT" "${extra[@]}" ;;
+    cp)  # context parallelism over the machine's GPUs; NVLink multicast stays off (the device README)
+      stage cp "${CP_LIMIT:-420}" env NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" -m benchmarks.context_parallel --out "$OUT" "${extra[@]}" ;;
+    aoti)
+      stage aoti "${AOTI_LIMIT:-240}" python3 -m benchmarks.aoti_probe "${extra[@]}" ;;
     *) echo "unknown stage $name" | tee -a "$LOG" ;;
   esac
 done
