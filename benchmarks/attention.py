@@ -707,13 +707,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def select_configs(args: argparse.Namespace) -> list[BenchConfig]:
-    if args.smoke:
-        return with_routing(list(SMOKE_CONFIGS), args.routing, args.kv_heads)
     configs = []
-    if args.suite in ("all", "spec"):
-        configs += SPEC_CONFIGS
-    if args.suite in ("all", "flashmoba"):
-        configs += FLASHMOBA_CONFIGS
+    if args.smoke:  # the length window applies to the smoke shapes too
+        configs += SMOKE_CONFIGS
+    else:
+        if args.suite in ("all", "spec"):
+            configs += SPEC_CONFIGS
+        if args.suite in ("all", "flashmoba"):
+            configs += FLASHMOBA_CONFIGS
     configs = [c for c in configs if args.min_len <= c.seq_len <= args.max_len]
     return with_routing(configs, getattr(args, "routing", "head"), getattr(args, "kv_heads", None))
 

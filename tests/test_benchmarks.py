@@ -69,14 +69,13 @@ def test_environment_records_the_commit_measured(monkeypatch: pytest.MonkeyPatch
 
 
 def test_routing_both_measures_head_and_group_at_each_gqa_shape(tmp_path: Path) -> None:
-    # One run, each smoke shape twice (head then group routing) over one key head: the rows the comparison needs.
+    # One run, the first smoke shape twice (head then group routing) over one key head: the rows the comparison
+    # needs (one shape keeps the interpreted run short on CI's two cores).
     run("-m", "benchmarks.attention", "--smoke", "--out-dir", str(tmp_path), "--routing", "both", "--kv-heads", "1",
-        "--no-flex", "--warmup", "1", "--rep", "1")  # fmt: skip
+        "--no-flex", "--warmup", "1", "--rep", "1", "--max-len", "128")  # fmt: skip
     (result,) = tmp_path.glob("attention-*.json")
     rows = json.loads(result.read_text())["rows"]
-    assert [(r["seq_len"], r["routing"], r["kv_heads"]) for r in rows] == [
-        (128, "head", 1), (128, "group", 1), (192, "head", 1), (192, "group", 1)
-    ]  # fmt: skip
+    assert [(r["seq_len"], r["routing"], r["kv_heads"]) for r in rows] == [(128, "head", 1), (128, "group", 1)]
     assert [r["name"] for r in rows][:2] == [
         "smoke-B1-H2-N128-D64-C32-K2-Hkv1",
         "smoke-B1-H2-N128-D64-C32-K2-Hkv1-group",
