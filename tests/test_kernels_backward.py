@@ -34,6 +34,7 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kernel_cases import (  # noqa: E402
     TEST_DEVICE,
+    assert_out_lse_within_budget,
     compile_check_records,
     on_test_device,
     prefill_inputs,
@@ -284,6 +285,28 @@ def test_unchosen_chunks_get_exact_zeros() -> None:
         for c in unchosen:
             assert torch.all(dk[:, :, c * 16 : (c + 1) * 16] == 0) and torch.all(dv[:, :, c * 16 : (c + 1) * 16] == 0)
         assert dk[:, :, sel[0, 0, 0, 0] * 16].abs().sum() > 0, "a chosen chunk gets a gradient"
+
+
+def test_every_row_choosing_one_chunk_spans_many_tiles() -> None:
+    # Chunk 0's keys point along every query: each row's one chosen chunk (K = 2) is chunk 0, so its entry list holds
+    # every (head, row) pair past the first chunk (2 heads x 240 rows = 480 entries, beyond any tile's rows): the
+    # forward's and backward's list walks then span many tiles of one segment, while chunks 1-14 are chosen by nobody.
+    case = kernel_case(1, 256, 2, 1, 16, 2, torch.bfloat16)
+    q, k, v, do, _ = make_inputs(case, seed=4)
+    direction = torch.ones(case.d) / math.sqrt(case.d)
+    q = (q.float().abs() * 0.5 + direction).to(q.dtype)  # every query has a positive dot with the direction
+    k = k.clone()
+    k[:, :, :16] = (4.0 * direction).to(k.dtype)  # chunk 0's mean scores far above every other chunk's
+    sel = reference.select_chunks(q, k, chunk_size=16, topk=2)
+    assert torch.all(sel[:, :, 16:] == 0), "the construction must make chunk 0 every row's choice"
+    scale = 1.0 / math.sqrt(case.d)
+    out, lse = moba_forward_triton(q, k, v, 16, 2, scale)
+    kw = dict(chunk_size=16, topk=2, scale=scale)
+    out64, lse64 = reference.moba_attention_forward(q.double(), k.double(), v.double(), **kw)
+    out_lp, lse_lp = reference.moba_attention_forward(q, k, v, **kw)
+    assert_out_lse_within_budget(out, lse, out64, out_lp, lse64, lse_lp, torch.isinf(lse64), q.dtype)
+    for det in (False, True):
+        check_backward(q, k, v, do, case.c, case.k, deterministic=det)  # gradients, and exact zeros where unattended
 
 
 def test_everything_masked_gives_zero_gradients() -> None:
