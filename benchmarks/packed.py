@@ -12,7 +12,7 @@ One run measures, for one packed row of ``--total`` tokens cut into documents dr
 - ``flex_document``: FlexAttention with a document-causal block mask (compiled), the sparse dense baseline;
 - ``dense_varlen_sum``: SDPA ``is_causal`` per document, summed (what a FlashAttention varlen kernel computes);
 - the check: packed == unpacked (outputs and the three gradients, max abs difference, deterministic backward; the
-  per-document dispatch makes them bitwise equal) and, up to ``--check-max-len``, MoBA with ``topk`` covering every
+  same keys are attended, and documents sharing a padded launch may differ in the last bit of a dK/dV sum) and, up to ``--check-max-len``, MoBA with ``topk`` covering every
   chunk against dense.
 
 ``--smoke`` runs tiny shapes on the CPU under ``TRITON_INTERPRET=1`` (no FlexAttention) so that a test exercises the

@@ -181,8 +181,22 @@ TRITON_CASES = [
 ]
 
 
+def assert_packed_equals_unpacked(got, want) -> None:
+    """Packed against the documents run one by one: equal up to the order of fp32 sums.
+
+    A document alone runs the same kernels on the same numbers as its own sequence; one right-padded into a shared
+    launch attends exactly the same keys (padding adds exact zeros), but its key blocks' dK/dV sums may group the rows
+    differently, which moved single entries by 1 ulp (hypothesis found lengths [45, 43], top-3, fp32). So the budget
+    is a few roundings of the largest value: a wrongly chosen or crossed chunk moves results by orders of magnitude
+    more.
+    """
+    for x, y in zip(got, want, strict=True):
+        atol = 4 * torch.finfo(y.dtype).eps * float(y.abs().max())
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("lengths,chunk,topk,hq,hkv,dtype", TRITON_CASES)
-def test_triton_packed_equals_unpacked_bitwise_and_the_oracle(lengths, chunk, topk, hq, hkv, dtype):
+def test_triton_packed_equals_unpacked_and_the_oracle(lengths, chunk, topk, hq, hkv, dtype):
     q, k, v = packed_inputs(lengths, hq=hq, hkv=hkv, d=16, dtype=dtype, seed=7)
     cu = cu_of(lengths)
     before = ops.CALLS["packed_attention:triton"], ops.CALLS["packed_attention_backward:triton"]
@@ -196,10 +210,7 @@ def test_triton_packed_equals_unpacked_bitwise_and_the_oracle(lengths, chunk, to
 
     got = grads(packed, q, k, v)
     want = grads(lambda q, k, v: unpacked(one, q, k, v, lengths), q, k, v)
-    # Every document runs the same kernels on the same numbers as its own sequence (alone, or right-padded in a shared
-    # launch, which changes no real row's arithmetic): bitwise equal.
-    for x, y in zip(got, want):
-        assert torch.equal(x, y)
+    assert_packed_equals_unpacked(got, want)
     assert ops.CALLS["packed_attention:triton"] - before[0] == len(lengths)
     assert ops.CALLS["packed_attention_backward:triton"] - before[1] == len(lengths)
     # Short documents of one padded length and parameters share a launch (the first case: {1, 1, 9} padded to 16
@@ -214,6 +225,7 @@ def test_triton_packed_equals_unpacked_bitwise_and_the_oracle(lengths, chunk, to
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=6), topk=st.integers(1, 3), seed=st.integers(0, 99))
+@example(lengths=[45, 43], topk=3, seed=2)  # a shared padded launch whose dK/dV sums differ by 1 ulp from alone
 def test_triton_hypothesis_packed_equals_unpacked(lengths, topk, seed):
     q, k, v = packed_inputs(lengths, hq=2, hkv=1, d=16, dtype=torch.float32, seed=seed)
     cu = cu_of(lengths)
@@ -224,8 +236,9 @@ def test_triton_hypothesis_packed_equals_unpacked(lengths, topk, seed):
     def one(q, k, v):
         return moba_attention(q, k, v, chunk_size=16, topk=topk, impl="triton")
 
-    for x, y in zip(grads(packed, q, k, v), grads(lambda q, k, v: unpacked(one, q, k, v, lengths), q, k, v)):
-        assert torch.equal(x, y)
+    assert_packed_equals_unpacked(
+        grads(packed, q, k, v), grads(lambda q, k, v: unpacked(one, q, k, v, lengths), q, k, v)
+    )
 
 
 def test_triton_gradients_equal_the_reference():
