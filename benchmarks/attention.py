@@ -50,6 +50,7 @@ from benchmarks.common import (
     bench_device,
     compile_variants,
     environment,
+    field_recorder,
     print_compile_records,
     release,
     require_compiled_kernels,
@@ -267,16 +268,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     val = torch.randn(b, hkv, n, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
 
-    def record(field: str, fn: Callable[[], Any]) -> None:
-        try:
-            row[field] = fn()
-        except torch.OutOfMemoryError as exc:
-            row[field] = None
-            row["errors"][field] = f"out of memory: {str(exc).splitlines()[0]}"
-        except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and moves on
-            row[field] = None
-            row["errors"][field] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        release(device)
+    record = field_recorder(row, device)
 
     # Gate (means + fused top-k) and index flip.
     sel_holder: dict[str, torch.Tensor] = {}

@@ -52,6 +52,26 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def field_recorder(row: dict[str, Any], device: torch.device | None) -> Callable[[str, Callable[[], Any]], None]:
+    """``record(field, fn)``: ``row[field] = fn()``, or ``None`` with the failure's first line in ``row["errors"]``
+    (out of memory named as such), so one failed measurement never costs the others; then, with a ``device``, the
+    memory it held is released (:func:`release`)."""
+
+    def record(field: str, fn: Callable[[], Any]) -> None:
+        try:
+            row[field] = fn()
+        except torch.OutOfMemoryError as exc:
+            row[field] = None
+            row["errors"][field] = f"out of memory: {str(exc).splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and moves on
+            row[field] = None
+            row["errors"][field] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if device is not None:
+            release(device)
+
+    return record
+
+
 def bench_device(args: argparse.Namespace) -> torch.device | None:
     """The device a run measures on: the CPU interpreter for ``--smoke`` (no warmup/repetitions), else CUDA.
 

@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from benchmarks.common import (
     bench_device,
     compile_variants,
     environment,
+    field_recorder,
     print_compile_records,
     release,
     require_compiled_kernels,
@@ -236,15 +236,7 @@ def run_config(cfg: DecodeConfig, args: argparse.Namespace, device: torch.device
     val = torch.randn(b, hkv, lk, d, device=device, dtype=dtype, generator=gen)
     scale = 1.0 / math.sqrt(d)
 
-    def record(field: str, fn: Callable[[], Any]) -> None:
-        try:
-            row[field] = fn()
-        except torch.OutOfMemoryError as exc:
-            row[field] = None
-            row["errors"][field] = f"out of memory: {str(exc).splitlines()[0]}"
-        except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and moves on
-            row[field] = None
-            row["errors"][field] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    record = field_recorder(row, None)
 
     held: dict[str, torch.Tensor] = {}
 

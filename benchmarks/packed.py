@@ -12,8 +12,8 @@ One run measures, for one packed row of ``--total`` tokens cut into documents dr
 - ``flex_document``: FlexAttention with a document-causal block mask (compiled), the sparse dense baseline;
 - ``dense_varlen_sum``: SDPA ``is_causal`` per document, summed (what a FlashAttention varlen kernel computes);
 - the check: packed == unpacked (outputs and the three gradients, max abs difference, deterministic backward; the
-  same keys are attended, and documents sharing a padded launch may differ in the last bit of a dK/dV sum) and, up to ``--check-max-len``, MoBA with ``topk`` covering every
-  chunk against dense.
+  same keys are attended, and documents sharing a padded launch may differ in the last bit of a dK/dV sum) and, up
+  to ``--check-max-len``, MoBA with ``topk`` covering every chunk against dense.
 
 ``--smoke`` runs tiny shapes on the CPU under ``TRITON_INTERPRET=1`` (no FlexAttention) so that a test exercises the
 script; ``--dry-run`` prints the documents and the work. Results: ``benchmarks/results/packed-<gpu>-<date>.json``.
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS_DIR, bench_device, environment, release, results_path, time_ms
+from benchmarks.common import RESULTS_DIR, bench_device, environment, field_recorder, results_path, time_ms
 
 
 def draw_documents(total: int, min_doc: int, max_doc: int, seed: int) -> list[int]:
@@ -126,21 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _record(row: dict[str, Any], device: torch.device) -> Callable[[str, Callable[[], Any]], None]:
-    def record(field: str, fn: Callable[[], Any]) -> None:
-        try:
-            row[field] = fn()
-        except torch.OutOfMemoryError as exc:
-            row[field] = None
-            row["errors"][field] = f"out of memory: {str(exc).splitlines()[0]}"
-        except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and moves on
-            row[field] = None
-            row["errors"][field] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        release(device)
-
-    return record
-
-
 def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Measure one packed row; every failure (out of memory, compile errors) is recorded in ``errors``, never papered
     over.
@@ -174,7 +159,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "causal_pairs": causal_pairs(lengths) * h, "moba_pairs_bound": moba_pairs_bound(lengths, c, k) * h,
         "errors": {},
     }  # fmt: skip
-    record = _record(row, device)
+    record = field_recorder(row, device)
     gqa = h != hkv
 
     def leaves(*xs: torch.Tensor) -> list[torch.Tensor]:
