@@ -638,10 +638,7 @@ class MobaAttention:
         # Eager decode only: the backend flags cannot be read inside a Dynamo graph (fullgraph=True would fail), and a
         # compiled step runs on a static cache, whose fixed key length never makes cuDNN rebuild a graph.
         skip_cudnn = (
-            self.skip_cudnn_in_decode
-            and decode
-            and query.device.type == "cuda"
-            and not torch.compiler.is_compiling()
+            self.skip_cudnn_in_decode and decode and query.device.type == "cuda" and not torch.compiler.is_compiling()
         )
         with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
