@@ -15,6 +15,11 @@ graph-safe static-cache op). The graph rows also give the time a step must take 
 it needs (``graph_bound_ms``, at the rate of a read-only probe measured in the same run; MoBA layers counted with
 every selected chunk read once per query head, an upper bound on their bytes).
 
+Decode contexts are filled with random keys and values through ``Cache.update`` (:func:`fill_cache`), not by a
+prefill: a step's cost does not depend on how its cache was filled, and the dense prefills that would fill it cost
+minutes each at 512K-1M (batch included). ``--profile-prefill N`` profiles one prefill of each model at ``N`` tokens
+(kernel time by kind: attention, matmul, other; and the host gap). ``--tag`` names runs split across processes.
+
 ``--dense-compiled`` adds two dense prefill baselines through ``torch.compile(backend="moba")`` with every layer
 dense: ``dense_compiled_masked_s`` (``dense_sdpa = "as_is"``: SDPA as transformers hands it under torch.compile, on
 torch 2.11 a boolean mask and repeated key/value, so a masked kernel) and ``dense_compiled_flash_s``
@@ -53,7 +58,7 @@ MODEL = dict(
     num_attention_heads=16,
     num_key_value_heads=4,
     head_dim=128,
-    max_position_embeddings=1 << 20,
+    max_position_embeddings=1 << 21,  # above the 1M decode context plus its new tokens
     rope_theta=10_000_000.0,
 )
 SMOKE_MODEL = dict(
@@ -113,21 +118,44 @@ def next_token(model, ids: torch.Tensor, cache) -> torch.Tensor:
 
 
 @torch.no_grad()
-def time_graph_decode(model, ids: torch.Tensor, steps: int) -> float:
-    """Tokens per second of ``steps`` greedy decode steps over a ``StaticCache``, the step compiled once and replayed.
+def fill_cache(cache, config: dict, batch: int, context: int, device: torch.device, dtype: torch.dtype):
+    """Write ``context`` random keys and values (standard normal, seeded) into every layer of ``cache`` through the
+    ``Cache.update`` API, as a prefill would; returns ``cache``.
 
-    The prefill runs eagerly (as ``generate`` runs it); 3 untimed steps compile, record and replay the captured step.
-    On CUDA ``mode="reduce-overhead"`` (Inductor, CUDA graphs); on the CPU (``--smoke``) ``aot_eager``.
+    Why not a real prefill: a decode step's cost depends on the cache's length and on which chunks its gate selects,
+    not on how the cache was filled, while the dense prefill that would fill it costs minutes at 1M tokens (and 5 of
+    them per context, batch included). Prefill is measured in its own rows. MoBA's chunk means are computed from
+    these keys by the first (untimed) step, exactly as after a prefill.
+    """
+    layers, hkv, d = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+    gen = torch.Generator(device=device).manual_seed(1)
+    for layer in range(layers):
+        k = torch.randn((batch, hkv, context, d), generator=gen, device=device, dtype=dtype)
+        v = torch.randn((batch, hkv, context, d), generator=gen, device=device, dtype=dtype)
+        cache.update(k, v, layer)
+        del k, v
+    return cache
+
+
+@torch.no_grad()
+def time_graph_decode(model, token: torch.Tensor, context: int, steps: int, config: dict) -> float:
+    """Tokens per second of ``steps`` greedy decode steps over a ``StaticCache`` of ``context`` filled positions (see
+    :func:`fill_cache`), the step compiled once and replayed.
+
+    The first step after the fill runs eagerly (as ``generate`` runs its prefill; it sets up MoBA's chunk-means
+    buffers); 3 untimed steps compile, record and replay the captured step. On CUDA ``mode="reduce-overhead"``
+    (Inductor, CUDA graphs); on the CPU (``--smoke``) ``aot_eager``.
     """
     from transformers import StaticCache
 
-    device = ids.device
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 4)
+    device = token.device
+    cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)
+    fill_cache(cache, config, token.shape[0], context, device, model.dtype)
     if device.type == "cuda":
         step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     else:
         step = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
-    nxt = next_token(model, ids, cache)
+    nxt = next_token(model, token, cache)
 
     def one(token: torch.Tensor) -> torch.Tensor:
         if device.type == "cuda":
@@ -141,7 +169,7 @@ def time_graph_decode(model, ids: torch.Tensor, steps: int) -> float:
     for _ in range(steps):
         nxt = one(nxt)
     _sync(device)
-    return ids.shape[0] * steps / (time.perf_counter() - start)
+    return token.shape[0] * steps / (time.perf_counter() - start)
 
 
 def step_bytes(config: dict, params: int, policy: dict, context: int, batch: int, moba: bool) -> float:
@@ -157,17 +185,17 @@ def step_bytes(config: dict, params: int, policy: dict, context: int, batch: int
 
 
 @torch.no_grad()
-def time_decode(model, ids: torch.Tensor, cache_factory, steps: int) -> float:
-    """Tokens per second of ``steps`` greedy decode steps after a prefill of ``ids`` (prefill not timed)."""
-    cache = cache_factory()
-    nxt = next_token(model, ids, cache)
+def time_decode(model, token: torch.Tensor, cache, steps: int) -> float:
+    """Tokens per second of ``steps`` greedy decode steps from ``token`` ``[B, 1]`` over a filled ``cache`` (two
+    untimed steps first: the first sets up MoBA's chunk means)."""
+    nxt = next_token(model, token, cache)
     nxt = next_token(model, nxt, cache)  # warm-up step
-    _sync(ids.device)
+    _sync(token.device)
     start = time.perf_counter()
     for _ in range(steps):
         nxt = next_token(model, nxt, cache)
-    _sync(ids.device)
-    return ids.shape[0] * steps / (time.perf_counter() - start)
+    _sync(token.device)
+    return token.shape[0] * steps / (time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -192,6 +220,61 @@ def time_compiled_dense_prefill(model, ids: torch.Tensor, dense_sdpa: str, repea
         seconds = time_prefill(compiled, ids, DynamicCache, repeats)
     ran = {k: n - before.get(k, 0) for k, n in ops.CALLS.items() if k.startswith("dense_attention")}
     return seconds, {k: n for k, n in ran.items() if n}
+
+
+_ATTENTION_NAMES = ("moba", "attention", "attn", "flash", "fmha", "sdpa", "cudnn", "_fwd_kernel", "gate", "chunk_mean")
+_MATMUL_NAMES = ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "matmul", "mm_", "aten::mm", "aten::addmm", "linear")
+
+
+def _kind_of(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in _ATTENTION_NAMES):
+        return "attention"
+    if any(k in low for k in _MATMUL_NAMES):
+        return "matmul"
+    return "other"
+
+
+@torch.no_grad()
+def profile_prefill(model, ids: torch.Tensor, cache_factory, top: int = 15) -> dict:
+    """One prefill of ``ids`` under ``torch.profiler`` (after an untimed one): its wall time, the summed GPU kernel
+    time by kind (attention incl. gate and chunk means, matmul, other), the gap (wall minus kernel time: host work and
+    idle GPU), and the ``top`` kernels by total time. On the CPU (``--smoke``) the ops' self CPU time instead.
+
+    The kinds are matched on kernel names (``_ATTENTION_NAMES``, ``_MATMUL_NAMES``); anything unmatched is "other":
+    norms, RoPE, activations, copies, mask building, casts, which is what issue 16 asks to remove.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.device.type == "cuda"
+    time_prefill(model, ids, cache_factory, 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        wall = time_prefill(model, ids, cache_factory, 1)
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if cuda:
+            if evt.device_type != DeviceType.CUDA:
+                continue
+            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+        else:
+            us = evt.self_cpu_time_total
+        if us > 0:
+            totals[evt.key] = totals.get(evt.key, 0.0) + us
+    by_kind = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    for name, us in totals.items():
+        by_kind[_kind_of(name)] += us / 1e3
+    busy_ms = sum(by_kind.values())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "tokens": ids.shape[1],
+        "wall_ms": wall * 1e3,
+        "kernel_ms": busy_ms,
+        "by_kind_ms": by_kind,
+        "gap_ms": wall * 1e3 - busy_ms,
+        "top": [{"name": name[:120], "ms": us / 1e3, "kind": _kind_of(name)} for name, us in ranked],
+    }
 
 
 def _cpu_read_rate(n_bytes: int) -> dict[str, float]:
@@ -234,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the dense prefill compiled through backend='moba' with dense_sdpa as_is (masked) and "
         "flash_when_causal",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the JSON's name, for runs split across processes")
+    parser.add_argument(
+        "--profile-prefill",
+        type=int,
+        default=0,
+        help="also profile one MoBA and one dense prefill of this many tokens (torch.profiler; the GPU kernels with "
+        "the largest total time, and the share that is neither attention nor matmul)",
     )
     parser.add_argument("--dense-compiled-max", type=int, default=65536, help="longest prefill for --dense-compiled")
     args = parser.parse_args(argv)
@@ -279,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         record = {**meta, "date": date, "model": config, "params": params, "policy": policy, "rows": done}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"end_to_end-{meta['gpu'].replace(' ', '_')}-{date}.json"
+        tag = f"-{args.tag}" if args.tag else ""
+        path = out / f"end_to_end-{meta['gpu'].replace(' ', '_')}-{date}{tag}.json"
         path.write_text(json.dumps(record, indent=2))
         return path
 
@@ -314,22 +406,44 @@ def main(argv: list[str] | None = None) -> int:
                 f"  dense compiled (backend='moba', all dense): masked {row['dense_compiled_masked_s']:.3f} s, "
                 f"flash causal {row['dense_compiled_flash_s']:.3f} s ({row['dense_compiled_flash_ran'] or 'no op ran'})"
             )
+    if args.profile_prefill:
+        n = args.profile_prefill
+        ids = torch.randint(0, config["vocab_size"], (1, n), generator=gen).to(device)
+        row = {"kind": "prefill_profile", "tokens": n}
+        for name, (impl, cache) in variants.items():
+            model.set_attn_implementation(impl)
+            row[name] = profile_prefill(model, ids, cache)
+            p = row[name]
+            print(
+                f"prefill profile {name} {n}: wall {p['wall_ms']:.1f} ms, kernels {p['kernel_ms']:.1f} ms "
+                + ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind_ms"].items())
+                + f", gap {p['gap_ms']:.1f} ms"
+            )
+            for t in p["top"][:8]:
+                print(f"    {t['ms']:9.2f} ms  {t['kind']:<9} {t['name'][:90]}")
+        rows.append(row)
+        if not args.smoke:
+            save(rows)
     if not args.no_graph:
         from benchmarks.decode import read_bandwidth
 
         probe = 1 << 24 if args.smoke else 4 << 30
         meta.update(read_bandwidth(device, probe, 25, 100) if device.type == "cuda" else _cpu_read_rate(probe))
     for n in decode:
-        ids = torch.randint(0, config["vocab_size"], (args.batch, n), generator=gen).to(device)
-        row = {"kind": "decode", "context": n, "steps": args.decode_steps, "batch": args.batch}
+        token = torch.randint(0, config["vocab_size"], (args.batch, 1), generator=gen).to(device)
+        row = {"kind": "decode", "context": n, "steps": args.decode_steps, "batch": args.batch, "fill": "random"}
+
+        def filled(factory, n=n):
+            return fill_cache(factory(), config, args.batch, n, device, dtype)
+
         for name, (impl, cache) in variants.items():
             model.set_attn_implementation(impl)
-            row[f"{name}_tok_s"] = time_decode(model, ids, cache, args.decode_steps)
+            row[f"{name}_tok_s"] = time_decode(model, token, filled(cache), args.decode_steps)
         # The MoBA model's dense layers through cuDNN's SDPA as well (the library leaves cuDNN out of dense decode
         # layers by default, see moba_compile.hf): the effect of that choice, measured in the same run.
         attention.skip_cudnn_in_decode = False
         model.set_attn_implementation("moba")
-        row["moba_cudnn_tok_s"] = time_decode(model, ids, moba_compile.hf.MobaCache, args.decode_steps)
+        row["moba_cudnn_tok_s"] = time_decode(model, token, filled(moba_compile.hf.MobaCache), args.decode_steps)
         attention.skip_cudnn_in_decode = True
         row["speedup"] = row["moba_tok_s"] / row["dense_tok_s"]
         if not args.no_graph:
@@ -337,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 model.set_attn_implementation(impl)
                 torch._dynamo.reset()  # each model compiles its own step
                 try:
-                    row[f"{name}_graph_tok_s"] = time_graph_decode(model, ids, args.decode_steps)
+                    row[f"{name}_graph_tok_s"] = time_graph_decode(model, token, n, args.decode_steps, config)
                 except Exception as exc:  # noqa: BLE001 - recorded, never papered over
                     row[f"{name}_graph_tok_s"] = None
                     row.setdefault("errors", {})[f"{name}_graph"] = f"{type(exc).__name__}: {exc}".splitlines()[0]

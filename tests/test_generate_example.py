@@ -87,8 +87,11 @@ def test_generate_example_bad_policy_is_one_line_and_exit_status_2(tmp_path, pro
 def test_end_to_end_benchmark_smoke_and_dry_run():
     plan = run("-m", "benchmarks.end_to_end", "--dry-run").stdout
     assert "B parameters" in plan and "524288 tokens" in plan
-    out = run("-m", "benchmarks.end_to_end", "--smoke", "--repeats", "1", "--decode-steps", "2").stdout
+    out = run(
+        "-m", "benchmarks.end_to_end", "--smoke", "--repeats", "1", "--decode-steps", "2", "--profile-prefill", "256"
+    ).stdout
     assert "prefill     512" in out and "decode    1024" in out and "not saved" in out
+    assert "prefill profile moba 256" in out and "prefill profile dense 256" in out
     # Both models also on their fastest decode path: a static cache and the step compiled once (issue 16).
     assert "static cache, compiled step" in out and "its read bound" in out
 
@@ -118,3 +121,21 @@ def test_generate_example_chunked_prefill_on_a_static_cache():
     assert "generated tokens agreeing: 100%" in proc.stdout
     bad = launch("examples/generate.py", "--prefill-chunk", "0", "--prompt-len", "16", "--new-tokens", "2")
     assert bad.returncode == 2 and "--prefill-chunk must be >= 1, got 0" in bad.stderr
+
+
+def test_end_to_end_fill_cache_gives_every_cache_type_its_length():
+    """The decode rows fill caches with random keys/values instead of a prefill: every cache type the benchmark
+    times must then report the context as its length (the next step's position) and hold the written keys."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig, StaticCache
+
+    from benchmarks.end_to_end import SMOKE_MODEL, fill_cache
+    from moba_compile.hf import MobaCache
+
+    config = LlamaConfig(**SMOKE_MODEL)
+    for cache in (DynamicCache(), MobaCache(), StaticCache(config=config, max_cache_len=80)):
+        fill_cache(cache, SMOKE_MODEL, 2, 70, torch.device("cpu"), torch.float32)
+        assert int(cache.get_seq_length()) == 70, type(cache).__name__
+        keys = cache.layers[SMOKE_MODEL["num_hidden_layers"] - 1].keys
+        assert keys.shape[:2] == (2, SMOKE_MODEL["num_key_value_heads"])
+        assert keys[:, :, :70].abs().sum() > 0 and not keys[:, :, 70:].any()
