@@ -138,14 +138,18 @@ def fill_cache(cache, config: dict, batch: int, context: int, device: torch.devi
 
 
 @torch.no_grad()
-def time_graph_decode(model, token: torch.Tensor, context: int, steps: int, config: dict) -> float:
+def time_graph_decode(
+    model, token: torch.Tensor, context: int, steps: int, config: dict, profile_steps: int = 0
+) -> tuple[float, dict | None]:
     """Tokens per second of ``steps`` greedy decode steps over a ``StaticCache`` of ``context`` filled positions (see
     :func:`fill_cache`), the step compiled once and replayed.
 
     The first step after the fill runs eagerly (as ``generate`` runs its prefill; it sets up MoBA's chunk-means
     buffers); 3 untimed steps compile, record and replay the captured step. On CUDA ``mode="reduce-overhead"``
-    (Inductor, CUDA graphs); on the CPU (``--smoke``) ``aot_eager``.
+    (Inductor, CUDA graphs); on the CPU (``--smoke``) ``aot_eager``. With ``profile_steps``, that many more replays
+    run under ``torch.profiler`` and their :func:`kernel_breakdown` (per step) is returned beside the rate.
     """
+    from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
 
     device = token.device
@@ -169,7 +173,21 @@ def time_graph_decode(model, token: torch.Tensor, context: int, steps: int, conf
     for _ in range(steps):
         nxt = one(nxt)
     _sync(device)
-    return token.shape[0] * steps / (time.perf_counter() - start)
+    rate = token.shape[0] * steps / (time.perf_counter() - start)
+    if not profile_steps:
+        return rate, None
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        for _ in range(profile_steps):
+            nxt = one(nxt)
+        _sync(device)
+        wall = time.perf_counter() - start
+    breakdown = kernel_breakdown(prof, wall, cuda)
+    per_step = {k: v / profile_steps for k, v in breakdown.items() if isinstance(v, float)}
+    per_step["by_kind_ms"] = {k: v / profile_steps for k, v in breakdown["by_kind_ms"].items()}
+    per_step["top"] = [dict(t, ms=t["ms"] / profile_steps) for t in breakdown["top"]]
+    return rate, {"steps": profile_steps, **per_step}
 
 
 def step_bytes(config: dict, params: int, policy: dict, context: int, batch: int, moba: bool) -> float:
@@ -244,7 +262,6 @@ def profile_prefill(model, ids: torch.Tensor, cache_factory, top: int = 15) -> d
     The kinds are matched on kernel names (``_ATTENTION_NAMES``, ``_MATMUL_NAMES``); anything unmatched is "other":
     norms, RoPE, activations, copies, mask building, casts, which is what issue 16 asks to remove.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = ids.device.type == "cuda"
@@ -252,6 +269,15 @@ def profile_prefill(model, ids: torch.Tensor, cache_factory, top: int = 15) -> d
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         wall = time_prefill(model, ids, cache_factory, 1)
+    return {"tokens": ids.shape[1], **kernel_breakdown(prof, wall, cuda, top)}
+
+
+def kernel_breakdown(prof, wall_s: float, cuda: bool, top: int = 15) -> dict:
+    """The profiled region's wall time (``wall_s``, seconds), its summed GPU kernel time by kind (attention incl.
+    gate and chunk means, matmul, other), the gap (wall minus kernel time: host work and idle GPU) and the ``top``
+    kernels by total time, all in ms; on the CPU the ops' self CPU time instead of kernels."""
+    from torch.autograd import DeviceType
+
     totals: dict[str, float] = {}
     for evt in prof.key_averages():
         if cuda:
@@ -268,11 +294,10 @@ def profile_prefill(model, ids: torch.Tensor, cache_factory, top: int = 15) -> d
     busy_ms = sum(by_kind.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     return {
-        "tokens": ids.shape[1],
-        "wall_ms": wall * 1e3,
+        "wall_ms": wall_s * 1e3,
         "kernel_ms": busy_ms,
         "by_kind_ms": by_kind,
-        "gap_ms": wall * 1e3 - busy_ms,
+        "gap_ms": wall_s * 1e3 - busy_ms,
         "top": [{"name": name[:120], "ms": us / 1e3, "kind": _kind_of(name)} for name, us in ranked],
     }
 
@@ -325,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="also profile one MoBA and one dense prefill of this many tokens (torch.profiler; the GPU kernels with "
         "the largest total time, and the share that is neither attention nor matmul)",
+    )
+    parser.add_argument(
+        "--profile-decode", type=int, default=0, help="profile this many replays of each graph-captured decode step"
     )
     parser.add_argument("--dense-compiled-max", type=int, default=65536, help="longest prefill for --dense-compiled")
     args = parser.parse_args(argv)
@@ -451,7 +479,19 @@ def main(argv: list[str] | None = None) -> int:
                 model.set_attn_implementation(impl)
                 torch._dynamo.reset()  # each model compiles its own step
                 try:
-                    row[f"{name}_graph_tok_s"] = time_graph_decode(model, token, n, args.decode_steps, config)
+                    row[f"{name}_graph_tok_s"], prof = time_graph_decode(
+                        model, token, n, args.decode_steps, config, args.profile_decode
+                    )
+                    if prof is not None:
+                        row[f"{name}_graph_profile"] = prof
+                        print(
+                            f"  {name} graph step profile (per step): wall {prof['wall_ms']:.2f} ms, kernels "
+                            f"{prof['kernel_ms']:.2f} ms ("
+                            + ", ".join(f"{k} {v:.2f}" for k, v in prof["by_kind_ms"].items())
+                            + ")"
+                        )
+                        for t in prof["top"][:8]:
+                            print(f"    {t['ms']:8.3f} ms  {t['kind']:<9} {t['name'][:90]}")
                 except Exception as exc:  # noqa: BLE001 - recorded, never papered over
                     row[f"{name}_graph_tok_s"] = None
                     row.setdefault("errors", {})[f"{name}_graph"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
