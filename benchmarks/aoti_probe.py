@@ -39,13 +39,33 @@ def build(path: str, device: str) -> float:
     return time.perf_counter() - start
 
 
-def load_and_run(path: str, device: str) -> int:
-    """Load the package, run it once and compare with the eager model; prints each phase. Returns the exit status."""
+def _extract_so(path: str) -> str:
+    """Unpack the package's compiled model library (``*.so``, weights inside it by default) next to ``path``."""
+    import zipfile
+
+    out = path + ".unpacked"
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".so")]
+        if not names:
+            raise SystemExit(f"{path}: no .so in the package ({archive.namelist()})")
+        archive.extractall(out)
+    return f"{out}/{names[0]}"
+
+
+def load_and_run(path: str, device: str, loader: str = "package") -> int:
+    """Load the package (``loader="package"``: ``aoti_load_package``; ``"so"``: its model library alone through
+    ``torch._export.aot_load``, bypassing the package loader), run it once and compare with the eager model; prints
+    each phase. Returns the exit status."""
     faulthandler.enable()
     model, x = _model_and_input(device)
-    print(f"loading {path}", flush=True)
+    print(f"loading {path} ({loader})", flush=True)
     start = time.perf_counter()
-    runner = torch._inductor.aoti_load_package(path)
+    if loader == "so":
+        so = _extract_so(path)
+        print(f"model library {so}", flush=True)
+        runner = torch._export.aot_load(so, device)
+    else:
+        runner = torch._inductor.aoti_load_package(path)
     print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
     with torch.no_grad():
         got, want = runner(x), model(x)
@@ -60,15 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stage", choices=["both", "build", "load"], default="both")
     parser.add_argument("--path", default="/tmp/aoti_probe.pt2")
+    parser.add_argument(
+        "--loader", choices=["package", "so"], default="package", help="aoti_load_package, or the .so alone"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds the loading child may take")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, device {args.device}", flush=True)
     if args.stage in ("both", "build"):
         print(f"built {args.path} in {build(args.path, args.device):.1f} s", flush=True)
     if args.stage == "load":
-        return load_and_run(args.path, args.device)
+        return load_and_run(args.path, args.device, args.loader)
     if args.stage == "both":
         cmd = [sys.executable, "-m", "benchmarks.aoti_probe", "--stage", "load", "--device", args.device]
+        cmd += ["--loader", args.loader]
         try:
             child = subprocess.run([*cmd, "--path", args.path], timeout=args.timeout)
         except subprocess.TimeoutExpired:
