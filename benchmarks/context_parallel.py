@@ -16,7 +16,8 @@ layer is checkpointed (activation recomputation), in both variants. No optimiser
   repeated: upstream context parallelism takes no ``enable_gqa``) inside upstream ``context_parallel`` (head-tail
   load balancing, all-gather rotation), the buffers sharded by it.
 
-Per variant and length: step time (one warm-up step at the first length, then ``--repeats`` timed steps, median),
+Per variant and length: step time (one untimed warm-up step at the first length or ``--warmup-tokens``, then
+``--repeats`` timed steps, median),
 peak memory per GPU, and the bytes each rank receives per layer per step, COMPUTED from the shapes (not measured):
 MoBA gathers K and V (``Hkv`` heads) in the forward and again in the recomputation, and its backward reduce-scatters
 dK and dV; dense all-gathers K and V (``Hq`` heads, repeated) in the forward and the recomputation and, in the
@@ -239,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         default="on",
         help="MoBA variant: the policy's dense layers head-tail balanced across the ranks (on) or not (off)",
     )
+    parser.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=None,
+        help="length of each variant's untimed warm-up step (default: the first length); any length of at least "
+        "topk chunks per rank compiles the same kernels, and a short one saves a long step's time",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
@@ -246,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     smoke = args.smoke
     parse = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
-    lengths = parse(args.lengths) if args.lengths else ((256, 512) if smoke else LENGTHS)
-    dense_lengths = parse(args.dense_lengths) if args.dense_lengths else ((256, 512) if smoke else DENSE_LENGTHS)
+    # An empty --dense-lengths "" means no dense run at all, not the default.
+    lengths = parse(args.lengths) if args.lengths is not None else ((256, 512) if smoke else LENGTHS)
+    dense_lengths = (
+        parse(args.dense_lengths) if args.dense_lengths is not None else ((256, 512) if smoke else DENSE_LENGTHS)
+    )
     config, policy = (SMOKE_MODEL, SMOKE_POLICY) if smoke else (MODEL, POLICY)
     if smoke:
         device = torch.device("cpu")
@@ -311,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 balance = args.dense_balance == "on"
                 if variant not in warmed:  # kernels compiled and loaded, untimed
-                    _step(model, variant, mesh, ids.clone(), balance)
+                    warm = ids[:, : args.warmup_tokens].clone() if args.warmup_tokens else ids.clone()
+                    _step(model, variant, mesh, warm, balance)
                     warmed.add(variant)
+                    del warm
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 before = ops.CALLS.copy()
