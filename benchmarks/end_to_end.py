@@ -153,7 +153,9 @@ def time_graph_decode(
     from transformers import StaticCache
 
     device = token.device
-    cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)
+    # Room for every step this function runs: 1 eager + 3 untimed + the timed and the profiled ones. (A replay past
+    # max_cache_len indexes outside the buffer: transformers' index_copy_ fails a device-side assert.)
+    cache = StaticCache(config=model.config, max_cache_len=context + 1 + 3 + steps + profile_steps + 4)
     fill_cache(cache, config, token.shape[0], context, device, model.dtype)
     if device.type == "cuda":
         step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)

@@ -139,3 +139,17 @@ def test_end_to_end_fill_cache_gives_every_cache_type_its_length():
         keys = cache.layers[SMOKE_MODEL["num_hidden_layers"] - 1].keys
         assert keys.shape[:2] == (2, SMOKE_MODEL["num_key_value_heads"])
         assert keys[:, :, :70].abs().sum() > 0 and not keys[:, :, 70:].any()
+
+
+def test_end_to_end_graph_decode_cache_holds_every_step_it_runs():
+    """The graph-captured decode rows run 1 eager, 3 untimed, the timed and the profiled steps over one StaticCache:
+    the cache must hold all of them (on the H200, 5 profiled steps past a cache sized for the timed ones indexed
+    outside the buffer and failed a device-side assert, losing the 512K and 1M rows)."""
+    import torch
+
+    from benchmarks.end_to_end import SMOKE_MODEL, build, time_graph_decode
+
+    model = build(SMOKE_MODEL, torch.float32, torch.device("cpu"))
+    token = torch.zeros((1, 1), dtype=torch.long)
+    rate, prof = time_graph_decode(model, token, 64, 2, SMOKE_MODEL, profile_steps=12)
+    assert rate > 0 and prof is not None and prof["steps"] == 12
