@@ -327,6 +327,57 @@ def _versions() -> dict:
     return {"gpu": gpu, "torch": env["torch"], "triton": env["triton"], "transformers": transformers.__version__}
 
 
+def plot(paths: list[Path], out: Path) -> Path | None:
+    """Draw the prefill rows (seconds against tokens, log-log) and the graph-captured decode rows (tokens/s per
+    context and batch) of the result files ``paths`` into one PNG at ``out``; None when matplotlib is missing.
+
+    Only measured rows are drawn; a row whose graph decode failed is left out (its error stays in its JSON).
+
+    Example:
+        >>> plot(sorted(Path("benchmarks/results").glob("end_to_end-nvidia-h200-20261130-*.json")),
+        ...      Path("/tmp/e2e.png"))  # doctest: +SKIP
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for p in paths for r in json.loads(p.read_text())["rows"]]
+    meta = json.loads(paths[0].read_text()) if paths else {}
+    prefill = sorted((r for r in rows if r["kind"] == "prefill"), key=lambda r: r["tokens"])
+    decode = sorted(
+        (r for r in rows if r["kind"] == "decode" and r.get("graph_speedup")), key=lambda r: (r["batch"], r["context"])
+    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if prefill:
+        n = [r["tokens"] for r in prefill]
+        left.loglog(n, [r["moba_s"] for r in prefill], "o-", label="MoBA (chunk 4096, top-12, last 3 dense)")
+        left.loglog(n, [r["dense_s"] for r in prefill], "s-", label="dense SDPA")
+        for r in prefill:
+            left.annotate(
+                f"{r['speedup']:.2f}x", (r["tokens"], r["moba_s"]), textcoords="offset points", xytext=(4, -12)
+            )
+        left.set(xlabel="prompt tokens", ylabel="prefill seconds", title="prefill, batch 1")
+        left.legend()
+    if decode:
+        labels = [f"{r['context'] // 1024}K b{r['batch']}" for r in decode]
+        x = range(len(decode))
+        right.bar([i - 0.2 for i in x], [r["moba_graph_tok_s"] for r in decode], 0.4, label="MoBA")
+        right.bar([i + 0.2 for i in x], [r["dense_graph_tok_s"] for r in decode], 0.4, label="dense SDPA")
+        right.set_xticks(list(x), labels)
+        right.set(ylabel="tokens/s", title="decode, static cache + CUDA graphs")
+        right.legend()
+    fig.suptitle(
+        f"end to end, {meta.get('gpu', '?')}, torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or its dry run / smoke mode) and print a table; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -345,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the dense prefill compiled through backend='moba' with dense_sdpa as_is (masked) and "
         "flash_when_causal",
     )
+    parser.add_argument(
+        "--plot-from", nargs="+", type=Path, default=None, help="draw the PNG of these result JSONs (no run) and exit"
+    )
+    parser.add_argument(
+        "--plot-out", type=Path, default=None, help="the PNG's path (default: --out/end_to_end-plot.png)"
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON's name, for runs split across processes")
     parser.add_argument(
         "--profile-prefill",
@@ -358,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dense-compiled-max", type=int, default=65536, help="longest prefill for --dense-compiled")
     args = parser.parse_args(argv)
+    if args.plot_from:
+        drawn = plot(args.plot_from, args.plot_out or Path(args.out) / "end_to_end-plot.png")
+        print(f"wrote {drawn}" if drawn else "matplotlib is not installed: no plot")
+        return 0
     config = SMOKE_MODEL if args.smoke else MODEL
     prefill = (512, 1024) if args.smoke else PREFILL_LENGTHS
     decode = (1024,) if args.smoke else DECODE_CONTEXTS

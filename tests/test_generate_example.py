@@ -153,3 +153,22 @@ def test_end_to_end_graph_decode_cache_holds_every_step_it_runs():
     token = torch.zeros((1, 1), dtype=torch.long)
     rate, prof = time_graph_decode(model, token, 64, 2, SMOKE_MODEL, profile_steps=12)
     assert rate > 0 and prof is not None and prof["steps"] == 12
+
+
+def test_end_to_end_plot_draws_measured_rows_and_skips_failed_ones(tmp_path):
+    """--plot-from draws prefill and graph-decode rows from result files; a decode row whose graph run failed (no
+    graph_speedup) is left out rather than drawn as zero."""
+    import json
+
+    from benchmarks.end_to_end import plot  # matplotlib is in the test extra: no skip
+
+    rows = [
+        {"kind": "prefill", "tokens": 1024, "moba_s": 1.0, "dense_s": 2.0, "speedup": 2.0},
+        {"kind": "decode", "context": 1024, "batch": 1, "moba_graph_tok_s": 9.0, "dense_graph_tok_s": 3.0,
+         "graph_speedup": 3.0},
+        {"kind": "decode", "context": 2048, "batch": 1, "moba_graph_tok_s": None, "errors": {"moba_graph": "x"}},
+    ]  # fmt: skip
+    src = tmp_path / "e2e.json"
+    src.write_text(json.dumps({"gpu": "test", "torch": "t", "triton": "t", "rows": rows}))
+    out = plot([src], tmp_path / "e2e.png")
+    assert out is not None and out.stat().st_size > 1000
