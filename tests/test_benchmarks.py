@@ -82,3 +82,15 @@ def test_routing_both_measures_head_and_group_at_each_gqa_shape(tmp_path: Path) 
     ]
     for r in rows:  # measured, and checked against the reference with the same routing
         assert r["forward_ms"] is not None and r["check"]["gate_rows_equal_fraction"] == 1.0, r["errors"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on a POSIX system")
+def test_context_parallel_smoke_with_no_dense_lengths_runs_moba_only() -> None:
+    """benchmarks.context_parallel on 2 CPU processes (gloo): ``--dense-lengths ""`` must mean "no dense run" (it used
+    to fall back to the default lengths, which would have cost a 1M dense step on the GPU), and a short
+    ``--warmup-tokens`` warm-up must leave the timed MoBA step and its per-layer timing in place."""
+    out = run("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "benchmarks.context_parallel", "--smoke",
+              "--lengths", "512", "--dense-lengths", "", "--warmup-tokens", "256")  # fmt: skip
+    row = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert row["tokens"] == 512 and row["moba_s"] > 0 and "moba_layer_exchange_ms" in row
+    assert "dense_s" not in row and "dense_error" not in row and row["dense_note"].startswith("not run")
