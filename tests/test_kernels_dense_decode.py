@@ -211,3 +211,35 @@ def test_compiled_static_step_replays_with_a_growing_length():
             want, _ = oracle(q, k, v, length.tolist(), None)
             torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=0)
             length += 31  # in place, as a static cache's counter
+
+
+def test_split_k_runs_the_kernel_through_the_hf_path():
+    """Head dim 64 (a kernel head dim) and impl="triton": the dense layers' decode steps of a tiny Llama run the
+    split-K kernels, interpreted, over a left-padded static cache (eager), and give the tokens of SDPA. Every layer is
+    dense, so only the dense decode runs Triton (the prefill is SDPA)."""
+    transformers = pytest.importorskip("transformers", reason="the 'test' extra installs transformers")
+    from models import TINY_LLAMA, TOKEN_IDS
+
+    import moba_compile.hf
+
+    attention = moba_compile.hf.register({"dense_last": 2, "dense_decode": "split_k"}, name="dd_kernel", impl="triton")
+    moba_compile.hf.register({"dense_last": 2}, name="dd_kernel_sdpa", impl="triton")
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **TOKEN_IDS, "num_hidden_layers": 2, "head_dim": 64})
+
+    def build(attn: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+    ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ids[0, :7] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        want = build("dd_kernel_sdpa").generate(ids, **kw)
+        ops.CALLS.clear()
+        got = build("dd_kernel").generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert ops.CALLS["dense_decode:triton"] == 2 * 3 and ops.CALLS["dense_decode:reference"] == 0
+    decode = {s.layer: s for s in attention.report().sites if s.form == "kv-cache"}
+    assert all(decode[i].decision == "dense" and "dense_decode = 'split_k'" in decode[i].reason for i in (0, 1))

@@ -1039,7 +1039,7 @@ def dense_decode_triton(
         >>> q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
         >>> k = v = torch.randn(1, 2, 128, 64, dtype=torch.float16)
         >>> out, lse = dense_decode_triton(q, k, v, 0.125, length=torch.tensor([70]))  # doctest: +SKIP
-        >>> out.shape, lse.shape
+        >>> out.shape, lse.shape  # doctest: +SKIP
         (torch.Size([1, 4, 1, 64]), torch.Size([1, 4, 1]))
     """
     reason = dense_decode_unsupported_reason(query, key, value, attn_mask, chunk_size)
