@@ -942,10 +942,11 @@ def moba_decode_static_triton(
 # Dense decode's internal chunk: only the unit of its work grid (a work item per chunk, cut into pieces by _attn_plan),
 # never a MoBA parameter. Parallelism comes from both: at 32K keys the 8 chunks are cut into pieces of >= 512 keys until
 # the grid has ~8 programs per SM; at 1M the 256 chunks alone give B * Hkv * 256 work items. The chunk bounds the rest:
-# the selection (slots / C int32 per row) and the combine's partial cells (slots / piece per row, Dv fp32 each: ~0.4% of
-# the key/value bytes at 1M keys and pieces of 2048) stay small, and a static buffer holding n of its slots runs
-# (slots - n) / piece programs that exit before reading a key. A smaller chunk adds cells and slots for no parallelism
-# the pieces do not give already. Interpreted: 64, so that tests at ~100 keys cross chunk boundaries.
+# the selection (slots / C int32 per row) and the combine's partial cells (slots / piece per row, Dv fp32 each: ~0.4%
+# of the bf16 key/value bytes at 1M keys, pieces of 2048, 8 query heads per key head) stay small, and a static buffer
+# holding n of its slots runs (slots - n) / piece programs that exit before reading a key. A smaller chunk adds cells
+# and slots for no parallelism the pieces do not give already. Interpreted: 64, so that tests at ~100 keys cross chunk
+# boundaries.
 DENSE_DECODE_CHUNK = 4096
 _DENSE_DECODE_CHUNK_INTERPRETED = 64
 # CUDA's limit on the grid's second dimension (the attention kernel's work items: one per chunk, plus the own chunk).
