@@ -79,6 +79,11 @@ REASONS: dict[str, str] = {
         "key/value when the mask is exactly causal, checked at run time; else this masked SDPA call"
     ),
     "dense_flash_not": "dense_sdpa = 'flash_when_causal' does not apply ({why}): SDPA as is",
+    # A dense decode step of the Hugging Face path under the policy's dense_decode = "split_k" (moba::dense_decode).
+    "dense_split_k": (
+        "dense_decode = 'split_k': one-query decode step on MoBA's split-K decode kernels with every earlier chunk "
+        "(moba::dense_decode, exact dense attention; {how})"
+    ),
     "static_min_seq_len": (
         "static KV cache buffer under the compile backend with min_seq_len {min_seq_len}: the length is known only on "
         "the device, so the threshold cannot be applied"

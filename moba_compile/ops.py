@@ -22,6 +22,10 @@ Ops (all functional but ``moba::update_static_chunk_means_``, which fills a stat
   (the one mutating op, ``mutates_args=("chunk_means",)``): graph-safe decode on a static KV cache whose length is a
   device tensor (:func:`static_decode`, :func:`update_static_chunk_means_`); inference only. Defined in
   :mod:`moba_compile.static_decode_ops`, re-exported here.
+- ``moba::dense_decode(query, key, value, length, attn_mask, scale, impl) -> (out, lse)``: dense causal attention of
+  a decode step on MoBA's split-K decode kernels (every earlier chunk selected, no gate), graph-safe on a static cache
+  (``length`` a device tensor or None); inference only (:func:`dense_decode`, the policy's ``dense_decode =
+  "split_k"``). Defined in :mod:`moba_compile.static_decode_ops`, re-exported here.
 - ``moba::packed_attention`` (and its backward and forward-mode ops): packed documents given by ``cu_seqlens``, each
   MoBA on its own (:func:`packed_attention`). Defined in :mod:`moba_compile.packed_ops`, re-exported here.
 
@@ -92,6 +96,7 @@ __all__ = [
     "SHARED_LAUNCH_BELOW",
     "resolve_impl",
     "static_chunk_means_buffer",
+    "dense_decode",
     "static_decode",
     "static_length_from_mask",
     "update_static_chunk_means_",
@@ -694,6 +699,7 @@ from .packed_ops import (  # noqa: E402
     packed_attention,
 )
 from .static_decode_ops import (  # noqa: E402
+    dense_decode,
     static_chunk_means_buffer,
     static_decode,
     static_length_from_mask,

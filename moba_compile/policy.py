@@ -33,6 +33,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "DEFAULT_POLICY",
+    "DENSE_DECODE",
     "DENSE_SDPA",
     "MAX_INT",
     "MODES",
@@ -65,6 +66,13 @@ MODES: tuple[Mode, ...] = get_args(Mode)
 DenseSdpa = Literal["as_is", "flash_when_causal"]
 #: The values of :data:`DenseSdpa`, in the order messages list them.
 DENSE_SDPA: tuple[DenseSdpa, ...] = get_args(DenseSdpa)
+#: How the dense layers of a one-query decode step run on the Hugging Face path (the policy's ``dense_decode``):
+#: ``"sdpa"`` (the default) runs the layer's own SDPA call; ``"split_k"`` runs MoBA's split-K decode kernels with every
+#: earlier chunk selected and no gate (``moba::dense_decode``): the same attention, split over the keys so that a small
+#: batch fills the GPU, graph-safe on a static cache.
+DenseDecode = Literal["sdpa", "split_k"]
+#: The values of :data:`DenseDecode`, in the order messages list them.
+DENSE_DECODE: tuple[DenseDecode, ...] = get_args(DenseDecode)
 #: How a MoBA site's gate selects chunks (spec section 6): ``"head"`` (the default, the MoBA paper's: every query head
 #: chooses its own chunks) or ``"group"`` (GQA/MQA: one choice per key head and position, from the scores summed
 #: over the group's query heads, shared by them).
@@ -80,6 +88,7 @@ _SUFFIXES: tuple[str, ...] = (".toml", ".json")
 _TOP_KEYS: tuple[str, ...] = (
     "chunk_size",
     "decode",
+    "dense_decode",
     "dense_last",
     "dense_sdpa",
     "min_seq_len",
@@ -436,6 +445,10 @@ class Policy:
         dense_sdpa: ``"as_is"`` (default: dense sites keep their SDPA call bit for bit) or ``"flash_when_causal"``
             (the compile backend runs flash attention at dense sites whose boolean mask is exactly causal at run
             time; numerics change within the flash kernel's rounding): see :data:`DenseSdpa`.
+        dense_decode: ``"sdpa"`` (default: the dense layers of a decode step run their SDPA call) or ``"split_k"``
+            (on the Hugging Face path, a one-query decode step of a layer dense by the policy runs MoBA's split-K
+            decode kernels with every earlier chunk selected: exact dense attention, graph-safe on a static cache):
+            see :data:`DenseDecode`.
         rules: Ordered rules.
         source: Where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` for one built in code), for
             messages; ``"<default>"`` marks the automatic policy (:data:`DEFAULT_POLICY`, see :attr:`automatic`).
@@ -460,6 +473,7 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     source: str = field(default="<Policy>", compare=False)
     routing: Routing = "head"
+    dense_decode: DenseDecode = "sdpa"
 
     def __post_init__(self) -> None:
         where = "<Policy>" if self.source == _AUTOMATIC_SOURCE else str(self.source)
@@ -473,6 +487,7 @@ class Policy:
         _check_int(where, "min_seq_len", self.min_seq_len, 0)
         _check_choice(where, "decode", self.decode, MODES)
         _check_choice(where, "dense_sdpa", self.dense_sdpa, DENSE_SDPA)
+        _check_choice(where, "dense_decode", self.dense_decode, DENSE_DECODE)
         _check_choice(where, "routing", self.routing, ROUTINGS)
         rules = self.rules
         if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, (list, tuple)):
@@ -620,8 +635,8 @@ class Policy:
         one site, for code that builds its backends by hand (``moba_compile.make_backend({"policy": ...})``).
 
         The result has ``dense_last = 0``, no ``num_layers``, the decision's ``chunk_size``/``topk``/``routing``, this
-        policy's ``min_seq_len``, ``decode`` and ``dense_sdpa`` (applied per site, so they stay the caller's), and no
-        rules when the decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``,
+        policy's ``min_seq_len``, ``decode``, ``dense_sdpa`` and ``dense_decode`` (applied per site, so they stay the
+        caller's), and no rules when the decision is MoBA; a dense decision is the single rule ``{"module": "re:.*", "mode": "dense"}``,
         since without a layer index nothing else can make a site dense. It decides every site alike, whatever its path
         or layer.
         It stays automatic (:attr:`automatic`) when this policy is, so the automatic policy's dense fallback for
@@ -644,7 +659,7 @@ class Policy:
         Example:
             >>> policy = Policy(chunk_size=512, topk=3, dense_last=1)
             >>> policy.for_site("layers.0.attn", 0, 4).to_dict()
-            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'routing': 'head', 'rules': []}
+            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'dense_decode': 'sdpa', 'routing': 'head', 'rules': []}
             >>> policy.for_site("layers.3.attn", 3, 4).decide("attn", None, None).mode
             'dense'
         """  # noqa: E501
@@ -659,6 +674,7 @@ class Policy:
             min_seq_len=self.min_seq_len,
             decode=self.decode,
             dense_sdpa=self.dense_sdpa,
+            dense_decode=self.dense_decode,
             rules=rules,
             source=source,
         )
@@ -762,14 +778,14 @@ class Policy:
 
         Returns:
             A new dict: ``version``, ``chunk_size``, ``topk``, ``dense_last``, [``num_layers``], ``min_seq_len``,
-            ``decode``, ``dense_sdpa``, ``routing``, ``rules``.
+            ``decode``, ``dense_sdpa``, ``dense_decode``, ``routing``, ``rules``.
 
         Raises:
             Nothing.
 
         Example:
             >>> DEFAULT_POLICY.to_dict()
-            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'routing': 'head', 'rules': []}
+            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'dense_decode': 'sdpa', 'routing': 'head', 'rules': []}
         """  # noqa: E501
         out: dict[str, Any] = {
             "version": self.version,
@@ -782,6 +798,7 @@ class Policy:
         out["min_seq_len"] = self.min_seq_len
         out["decode"] = self.decode
         out["dense_sdpa"] = self.dense_sdpa
+        out["dense_decode"] = self.dense_decode
         out["routing"] = self.routing
         out["rules"] = [rule.to_dict() for rule in self.rules]
         return out
@@ -858,7 +875,7 @@ def load_policy(spec: str | os.PathLike[str] | Mapping[str, Any] | Policy | None
         >>> load_policy({"chunk": 512})
         Traceback (most recent call last):
         ...
-        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version (did you mean 'chunk_size'?)
+        moba_compile.policy.PolicyError: <dict>: unknown key 'chunk' at top level; valid keys: chunk_size, decode, dense_decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version (did you mean 'chunk_size'?)
     """  # noqa: E501
     if spec is None:
         return DEFAULT_POLICY

@@ -33,6 +33,7 @@ __all__ = [
     "moba_attention_backward",
     "moba_attention_jvp",
     "moba_static_decode_forward",
+    "dense_static_decode_forward",
     "moba_attention_packed",
     "moba_attention_packed_forward",
     "moba_attention_packed_backward",
@@ -603,6 +604,89 @@ def moba_static_decode_forward(
                 allowed = allowed & mask_blk
         allowed = _fold_heads(allowed, hkv)
         s = (_fold_heads(q_blk.to(acc), hkv) @ k32.transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, -math.inf)
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(s - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        out = (p @ v32) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        lse = (row_max + torch.log(denom)).squeeze(-1)
+        outs.append(_unfold_heads(out, hq))
+        lses.append(_unfold_heads(lse.unsqueeze(-1), hq).squeeze(-1))
+    return _cat_row_blocks(outs, lses, query, shapes.head_dim_v, acc)
+
+
+def dense_static_decode_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    length: Tensor | None,
+    *,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Dense causal attention of the queries ending a KV cache, the length a device tensor: graph-safe.
+
+    Row ``b`` holds ``n_b = length[b]`` keys (``length=None``: every slot) and its ``Lq`` queries sit at positions
+    ``n_b - Lq .. n_b - 1``; query ``p`` attends to keys ``0 .. p`` (intersected with ``attn_mask``). This is
+    :func:`moba_static_decode_forward` with every earlier chunk selected, written as masked softmax attention over all
+    ``slots`` (the mask built on the device from ``length``): no host read, fixed shapes, ``O(Lq * slots)`` per head.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, slots, D]``; value: ``[B, Hkv, slots, Dv]``; one floating dtype and
+            device, ``Hq % Hkv == 0``, ``Lq <= slots``.
+        length: None, or an integer tensor ``[B]`` or ``[]`` on the query's device (clamped to ``[Lq, slots]``).
+        scale: softmax scale (None: ``1 / sqrt(D)``). attn_mask: optional boolean mask broadcastable to
+            ``[B, Hq, Lq, slots]`` (True = may attend).
+
+    Returns:
+        ``(out [B, Hq, Lq, Dv] in the query's dtype, lse [B, Hq, Lq] fp32 (fp64 for fp64))``; a row with no attended
+        key gives ``out = 0``, ``lse = -inf``.
+
+    Raises:
+        ValueError, TypeError: as :func:`moba_compile.validation.check_moba_inputs`; ``length`` not an integer tensor
+            of shape ``[B]`` or ``[]`` on the query's device.
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 32, 8)
+        >>> out, _ = dense_static_decode_forward(q, k, k, torch.tensor([20]))
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :20], k[:, :, :20], enable_gqa=True)
+        >>> torch.allclose(out, ref, atol=1e-6)
+        True
+    """
+    shapes = check_moba_inputs(query, key, value, 1, 1, scale, attn_mask)
+    b, hq, lq, slots, hkv = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k, shapes.heads_kv
+    if length is not None and (
+        not isinstance(length, Tensor)
+        or length.dtype.is_floating_point
+        or length.dtype.is_complex
+        or length.dtype == torch.bool
+        or length.dim() > 1
+        or (length.dim() == 1 and length.shape[0] != b)
+        or length.device != query.device
+    ):
+        raise ValueError(
+            f"length must be None or an integer tensor [B={b}] or [] on {query.device}, got "
+            f"{getattr(length, 'dtype', type(length).__name__)} {tuple(getattr(length, 'shape', ()))}"
+        )
+    scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+    acc = _acc_dtype(query.dtype)
+    slot_ids = torch.arange(slots, device=query.device)
+    if length is None:
+        lengths = torch.full((b,), slots, dtype=torch.int64, device=query.device)
+    else:
+        lengths = length.to(torch.int64).clamp(min=lq, max=slots).expand(b)
+    k32, v32 = key.to(acc), value.to(acc)
+    outs, lses = [], []
+    for r0, r1, _ in _blocks(query, key):
+        with torch.no_grad():
+            pos = lengths[:, None] - lq + torch.arange(r0, r1, device=query.device)[None, :]  # [B, rows]
+            allowed = (slot_ids[None, None, :] <= pos[:, :, None])[:, None].expand(b, hq, r1 - r0, slots)
+            mask_blk = _mask_rows(attn_mask, (b, hq, lq, slots), r0, r1)
+            if mask_blk is not None:
+                allowed = allowed & mask_blk
+        allowed = _fold_heads(allowed, hkv)
+        s = (_fold_heads(query[:, :, r0:r1].to(acc), hkv) @ k32.transpose(-1, -2)) * scale
         s = s.masked_fill(~allowed, -math.inf)
         row_max = s.amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))

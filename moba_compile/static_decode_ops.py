@@ -1,5 +1,6 @@
 """The static-cache decode ops: ``moba::static_decode`` and ``moba::update_static_chunk_means_`` (the one mutating
-op), graph-safe decode over a static KV cache whose length is a device tensor (issue 16; ``docs/generation.md``).
+op), graph-safe decode over a static KV cache whose length is a device tensor (issue 16; ``docs/generation.md``), and
+``moba::dense_decode``: a dense layer's decode step on the same split-K kernels (the policy's ``dense_decode``).
 
 Split from :mod:`moba_compile.ops`, which re-exports the public names.
 """
@@ -13,7 +14,13 @@ from . import kernels, reference
 from .ops import CALLS, IMPLS, _lse_dtype, _scale, resolve_impl
 from .validation import bounded_params, check_moba_inputs, check_moba_params, check_routing
 
-__all__ = ["static_chunk_means_buffer", "static_decode", "static_length_from_mask", "update_static_chunk_means_"]
+__all__ = [
+    "dense_decode",
+    "static_chunk_means_buffer",
+    "static_decode",
+    "static_length_from_mask",
+    "update_static_chunk_means_",
+]
 
 
 def _static_means_impl(impl: str, key: Tensor, chunk_size: int) -> str:
@@ -361,4 +368,124 @@ def static_decode(
         query, key, value, chunk_means, _static_length(length, b, query.device), attn_mask, chunk_size, topk,
         _scale(query, scale), impl, routing,
     )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dense decode on the split-K kernels (the policy's dense_decode = "split_k")
+# --------------------------------------------------------------------------------------------------------------------
+def _no_dense_decode_kernel(impl: str, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> str | None:
+    """Why the split-K dense decode kernel does not take this call under ``impl``, or None when it does."""
+    if impl == "reference":
+        return "impl='reference' requested"
+    if not kernels.triton_available():
+        return "triton is not installed"
+    if impl == "auto" and query.device.type != "cuda":
+        # The interpreter (TRITON_INTERPRET=1) is for testing the kernels, far too slow to pick automatically.
+        return f"{query.device.type.upper()} tensors"
+    return kernels.dense_decode_unsupported_reason(query, key, value, mask)
+
+
+@torch.library.custom_op("moba::dense_decode", mutates_args=())
+def _dense_decode_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    length: Tensor | None,
+    attn_mask: Tensor | None,
+    scale: float,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    why = _no_dense_decode_kernel(impl, query, key, value, attn_mask)
+    if why is not None and impl == "triton":
+        raise RuntimeError(f"impl='triton' cannot run this dense decode step: {why}")
+    if why is None:
+        CALLS["dense_decode:triton"] += 1
+        out, lse = kernels.dense_decode_triton(query, key, value, scale, attn_mask, length)
+    else:
+        # Inputs the kernel does not take (CPU, head dims, fp64, several query rows): masked softmax over every slot,
+        # the mask built from the device length, so this path is graph-safe too, at O(Lq * slots) per head.
+        CALLS["dense_decode:reference"] += 1
+        out, lse = reference.dense_static_decode_forward(query, key, value, length, scale=scale, attn_mask=attn_mask)
+    return out.contiguous(), lse.contiguous()
+
+
+@_dense_decode_op.register_fake
+def _dense_decode_fake(query, key, value, length, attn_mask, scale, impl):
+    b, hq, lq, _ = query.shape
+    return query.new_empty((b, hq, lq, value.shape[-1])), query.new_empty((b, hq, lq), dtype=_lse_dtype(query))
+
+
+def dense_decode(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    length: Tensor | None = None,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """Dense causal attention of the queries ending a KV cache on MoBA's split-K decode kernels (moba::dense_decode).
+
+    Dense attention equals MoBA with every earlier chunk selected, so a dense layer's decode step can run MoBA's decode
+    kernels with that selection and no gate (:func:`moba_compile.kernels.dense_decode_triton`): split-K over the
+    keys, so that a small batch still spreads a long cache over the whole GPU, and graph-safe on a static cache (the
+    length read on the device, grids and allocations fixed by the shapes: CUDA-graph capture and replay). Exact: the
+    result is softmax attention over the row's keys up to its position (fp32 accumulation), the same as SDPA's up to
+    rounding. This is what the policy's ``dense_decode = "split_k"`` runs for the dense layers of a decode step.
+
+    Row ``b`` holds ``n = length[b]`` keys (``length=None``: all ``slots`` keys, a dynamic cache) and its ``Lq``
+    queries sit at positions ``n - Lq .. n - 1``: query ``p`` attends to keys ``0 .. p``, intersected with
+    ``attn_mask``; slots at or after ``n`` are never attended. ``Lq == 1`` with supported inputs (CUDA, or CPU under
+    ``TRITON_INTERPRET=1`` with ``impl="triton"``; fp16/bf16/fp32; head dims 64 or 128) runs the Triton kernels;
+    anything else (CPU under ``"auto"``, other head dims, fp64, several query rows) runs the reference
+    (:func:`moba_compile.reference.dense_static_decode_forward`), also graph-safe but ``O(Lq * slots)`` per head.
+    Counted in :data:`CALLS` as ``dense_decode:triton`` / ``dense_decode:reference``.
+
+    Inference only: no gradient is defined (it raises if one would be needed).
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key: ``[B, Hkv, slots, D]``; value: ``[B, Hkv, slots, Dv]``: one floating dtype and
+            device, ``Hq % Hkv == 0`` (GQA/MQA: key/value are never repeated), ``Lq <= slots``.
+        length: None, or an integer tensor ``[B]``, ``[1]`` or ``[]`` on the query's device: the keys each row holds
+            (e.g. :func:`static_length_from_mask` of a static cache's step mask), ``Lq <= length <= slots`` (clamped
+            to that range on the device: it cannot be checked without a host sync).
+        scale: softmax scale (None: ``1 / sqrt(D)``, SDPA's default).
+        attn_mask: optional boolean mask broadcastable to ``[B, Hq, Lq, slots]`` (True = may attend; e.g. the mask
+            transformers builds for a static cache's step, with its padding).
+        impl: ``"auto"`` (the kernels on CUDA where they take the inputs, else the reference), ``"triton"`` (raises
+            where the kernels cannot run) or ``"reference"``.
+
+    Returns:
+        ``[B, Hq, Lq, Dv]`` contiguous in the query's dtype; a row with no attended key gives zeros.
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices, ``scale``, ``length`` or ``impl`` (naming the argument).
+        RuntimeError: ``impl="triton"`` cannot run the call (the reason is given), or a gradient would be needed.
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 64, 16)
+        >>> out = dense_decode(q, k, k, length=torch.tensor([30]))
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :30], k[:, :, :30], enable_gqa=True)
+        >>> torch.allclose(out, ref, atol=1e-6)
+        True
+    """
+    check_moba_inputs(query, key, value, 1, 1, scale, attn_mask)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise RuntimeError(
+            "dense_decode is inference-only (a decode step over a KV cache): run it under torch.no_grad() or "
+            "torch.inference_mode()"
+        )
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if length is not None:
+        length = _static_length(length, query.shape[0], query.device)
+    if impl == "triton" and not torch.compiler.is_compiling():  # raise early; traced, the op's body raises
+        why = _no_dense_decode_kernel(impl, query, key, value, attn_mask)
+        if why is not None:
+            raise RuntimeError(f"impl='triton' cannot run this dense decode step: {why}")
+    out, _ = torch.ops.moba.dense_decode(query, key, value, length, attn_mask, _scale(query, scale), impl)
     return out

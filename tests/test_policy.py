@@ -16,7 +16,9 @@ import moba_compile.policy as policy_mod
 from moba_compile.policy import DEFAULT_POLICY, Decision, Policy, PolicyError, Rule, load_policy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
-TOP_KEYS = "chunk_size, decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version"
+TOP_KEYS = (
+    "chunk_size, decode, dense_decode, dense_last, dense_sdpa, min_seq_len, num_layers, routing, rules, topk, version"
+)
 RULE_KEYS = "chunk_size, layers, mode, module, routing, topk"
 
 
@@ -120,6 +122,7 @@ num_layers = 16
 min_seq_len = 128
 decode = "dense"
 dense_sdpa = "flash_when_causal"
+dense_decode = "split_k"
 routing = "group"
 
 [[rules]]
@@ -141,6 +144,7 @@ JSON_DATA = {
     "min_seq_len": 128,
     "decode": "dense",
     "dense_sdpa": "flash_when_causal",
+    "dense_decode": "split_k",
     "routing": "group",
     "rules": [
         {"layers": [0, -1], "mode": "dense"},
@@ -311,6 +315,10 @@ LAYER_INDEX = "an integer layer index from -2147483647 to 2147483647 (negative c
         ("dense_sdpa", "flash", "'as_is', 'flash_when_causal'"),
         ("dense_sdpa", True, "'as_is', 'flash_when_causal'"),
         ("dense_sdpa", None, "'as_is', 'flash_when_causal'"),
+        ("dense_decode", "splitk", "'sdpa', 'split_k'"),
+        ("dense_decode", "SDPA", "'sdpa', 'split_k'"),
+        ("dense_decode", True, "'sdpa', 'split_k'"),
+        ("dense_decode", None, "'sdpa', 'split_k'"),
         ("rules", "dense", "a list of tables ([[rules]] in TOML)"),
         ("rules", {"layers": [0]}, "a list of tables ([[rules]] in TOML)"),
         ("rules", 3, "a list of tables ([[rules]] in TOML)"),
@@ -332,6 +340,7 @@ def test_top_level_bad_values(key: str, value: object, allowed: str) -> None:
         ({"min_seq_len": -5}, "min_seq_len"),
         ({"decode": "x"}, "decode"),
         ({"dense_sdpa": "x"}, "dense_sdpa"),
+        ({"dense_decode": "x"}, "dense_decode"),
         ({"rules": "x"}, "rules"),
     ],
 )
@@ -395,6 +404,9 @@ def test_valid_edge_values() -> None:
     assert load_policy({"decode": "dense"}).decode == "dense"
     assert load_policy({"dense_sdpa": "flash_when_causal"}).dense_sdpa == "flash_when_causal"
     assert DEFAULT_POLICY.dense_sdpa == "as_is"  # spec section 3: a site left dense keeps its SDPA call bit for bit
+    assert load_policy({"dense_decode": "split_k"}).dense_decode == "split_k"
+    assert load_policy({"dense_decode": "sdpa"}) == DEFAULT_POLICY  # "sdpa" is the default: nothing changes
+    assert DEFAULT_POLICY.dense_decode == "sdpa"  # opt-in: a dense decode step keeps its SDPA call unless asked
     assert load_policy({"rules": ()}).rules == ()
 
 
@@ -713,6 +725,7 @@ def test_to_dict_round_trip() -> None:
         "min_seq_len": 0,
         "decode": "moba",
         "dense_sdpa": "as_is",
+        "dense_decode": "sdpa",
         "routing": "head",
         "rules": [],
     }
@@ -925,6 +938,7 @@ def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
             "min_seq_len": 100,
             "decode": "dense",
             "dense_sdpa": "flash_when_causal",
+            "dense_decode": "split_k",
             "rules": [{"layers": [1], "topk": 5}],
         }
     )
@@ -938,6 +952,7 @@ def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
         "min_seq_len": 100,
         "decode": "dense",
         "dense_sdpa": "flash_when_causal",
+        "dense_decode": "split_k",
         "routing": "head",
         "rules": [],
     }
@@ -988,3 +1003,12 @@ def test_dense_sdpa_bad_value_in_a_file_names_the_file_key_and_value(tmp_path: P
     assert error_of(path) == f"{path}: dense_sdpa = 'flash' is not valid; allowed: 'as_is', 'flash_when_causal'"
     path = write(tmp_path, "p.json", json.dumps({"dense_sdpa": 1}))
     assert error_of(path) == f"{path}: dense_sdpa = 1 is not valid; allowed: 'as_is', 'flash_when_causal'"
+
+
+def test_dense_decode_bad_value_in_a_file_names_the_file_key_and_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.toml", 'version = 1\ndense_decode = "splitk"\n')
+    assert error_of(path) == f"{path}: dense_decode = 'splitk' is not valid; allowed: 'sdpa', 'split_k'"
+    path = write(tmp_path, "p.json", json.dumps({"dense_decode": 1}))
+    assert error_of(path) == f"{path}: dense_decode = 1 is not valid; allowed: 'sdpa', 'split_k'"
+    path = write(tmp_path, "p.toml", 'version = 1\ndense_decode = "split_k"\n')
+    assert load_policy(path).dense_decode == "split_k"

@@ -460,7 +460,8 @@ class MobaAttention:
             if blocker is None and attention_mask is None and kwargs.get("cu_seq_lens_q") is not None:
                 # Dense by policy, packed documents given by their boundaries only: SDPA would attend across them.
                 return self._dense_documents(decided, dense_args, kwargs["cu_seq_lens_q"])
-            return self._dense_call(decided, *dense_args)
+            # Dense by the policy (nothing about the call rules MoBA out): dense_decode = "split_k" may serve it.
+            return self._dense_call(decided, *dense_args, by_policy=blocker is None)
         assert decided.chunk_size is not None and decided.topk is not None  # a MoBA decision has both
         device_type = query.device.type
         if torch.is_autocast_enabled(device_type):
@@ -629,12 +630,32 @@ class MobaAttention:
         dropout: float,
         scaling: float | None,
         kwargs: dict[str, Any],
+        *,
+        by_policy: bool = False,
     ) -> tuple[Tensor, Any]:
-        """Record the site as dense (``decided``) and run the layer's own dense attention on the inputs as given."""
-        self._record(module, layer, decode, decided, [])
+        """Record the site as dense (``decided``) and run the layer's own dense attention on the inputs as given.
+
+        ``by_policy``: the site is dense by the policy alone (no blocker); a one-query decode step of such a site
+        runs ``moba::dense_decode`` instead of SDPA under the policy's ``dense_decode = "split_k"``.
+        """
         state = static_means(key)
         if state is not None and not torch.compiler.is_compiling():
             state.ready.clear()  # this step's keys were not averaged: the next MoBA step refills the means
+        if by_policy and self._split_k_serves(decode, query, key, value, attention_mask, dropout):
+            # Lq == 1 (_split_k_serves): dense attention of the last position, which a boolean mask gives per row. From
+            # transformers' mask, one past the last slot the query may see is the row's length on a static cache's
+            # buffer (its empty slots are then never read, unlike SDPA's masked read of every slot) and the key
+            # count on a dynamic cache; read on the device (ops.static_length_from_mask), so the step stays
+            # graph-safe. No mask (a dynamic cache without padding): every key is the sequence.
+            length = None if attention_mask is None else ops.static_length_from_mask(attention_mask, query.shape[0])
+            out = ops.dense_decode(
+                query, key, value, length=length, scale=scaling, attn_mask=attention_mask, impl=self.impl
+            )
+            how = "all keys" if attention_mask is None else "length read from the mask on the device"
+            split_k = replace(decided, reason=f"{decided.reason}; {reason('dense_split_k', how=how)}")
+            self._record(module, layer, decode, split_k, [])
+            return out.transpose(1, 2).contiguous(), None
+        self._record(module, layer, decode, decided, [])
         # Eager decode only: the backend flags cannot be read inside a Dynamo graph (fullgraph=True would fail), and a
         # compiled step runs on a static cache, whose fixed key length never makes cuDNN rebuild a graph.
         skip_cudnn = (
@@ -642,6 +663,26 @@ class MobaAttention:
         )
         with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+    def _split_k_serves(
+        self, decode: bool, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float
+    ) -> bool:
+        """Whether ``moba::dense_decode`` serves this dense step exactly under the policy's ``dense_decode``.
+
+        A one-query decode step, no dropout, no mask or a boolean 4-D one (what ``static_length_from_mask`` reads:
+        transformers' ``[B, 1, 1, Lk]``), one dtype for query, key and value and no
+        autocast (SDPA would cast; the op takes its inputs as they are). The op itself runs the split-K kernels
+        where they take the inputs and its graph-safe reference elsewhere, so nothing else needs checking here.
+        """
+        return (
+            self.policy.dense_decode == "split_k"
+            and decode
+            and query.shape[2] == 1
+            and not dropout
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4))
+            and query.dtype == key.dtype == value.dtype
+            and not torch.is_autocast_enabled(query.device.type)
+        )
 
 
 _PACKED_NOTE = "packed documents (cu_seq_lens_q): MoBA per document"

@@ -8,7 +8,9 @@ Public API (used by :mod:`moba_compile.ops`):
   default, bitwise reproducible with ``deterministic=True`` or under ``torch.use_deterministic_algorithms``).
 - :func:`moba_decode_triton`, :func:`decode_unsupported_reason`, :func:`decode_select_chunks_triton`: the decode
   path (module ``.decode``); :func:`moba_decode_static_triton`: its static-cache form (length on the device), with
-  :func:`update_static_means_triton` (the means of the chunks a static-cache step completed).
+  :func:`update_static_means_triton` (the means of the chunks a static-cache step completed);
+  :func:`dense_decode_triton`, :func:`dense_decode_unsupported_reason`: dense causal decode on the same split-K
+  kernels, every earlier chunk selected, no gate.
 - :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks;
   :func:`launch_chunk_means`: the one means launch (prefill gate, decode, ``moba_compile.ops.chunk_means``).
 
@@ -25,6 +27,8 @@ __all__ = [
     "chunk_means_triton",
     "decode_select_chunks_triton",
     "decode_unsupported_reason",
+    "dense_decode_triton",
+    "dense_decode_unsupported_reason",
     "flip_selection",
     "interpreting",
     "launch_chunk_means",
@@ -46,6 +50,8 @@ _LAZY = {
     "update_static_means_triton": "decode",
     "decode_unsupported_reason": "decode",
     "decode_select_chunks_triton": "decode",
+    "dense_decode_triton": "decode",
+    "dense_decode_unsupported_reason": "decode",
     "chunk_means_triton": "gating",
     "launch_chunk_means": "gating",
     "select_chunks_triton": "gating",

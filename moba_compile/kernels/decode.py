@@ -46,6 +46,7 @@ from .jit import kernel_jit
 from .launch import device_capability, empty, tuned_for
 from .support import (
     MAX_CHUNK,
+    MIN_CHUNK,
     bounded_params,
     check_routing,
     dot_precision,
@@ -58,7 +59,11 @@ from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores
 
 __all__ = [
     "DECODE_HEAD_DIMS",
+    "DENSE_DECODE_CHUNK",
     "decode_chunk_means",
+    "dense_decode_chunk",
+    "dense_decode_triton",
+    "dense_decode_unsupported_reason",
     "decode_select_chunks_triton",
     "decode_unsupported_reason",
     "moba_decode_static_triton",
@@ -262,6 +267,7 @@ def _decode_attn_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DEV_LEN: tl.constexpr,
+    SHARED: tl.constexpr,
 ):
     prb = tl.program_id(0).to(tl.int64)
     w = tl.program_id(1)
@@ -277,33 +283,47 @@ def _decode_attn_kernel(
     g = rb * ROWS + offs_g
     row_ok = (offs_g < ROWS) & (g < G)
     head0 = b * Hkv * G + hkv * G  # flat (batch, query head) index of the group's first head
-    n_sel = ROWS * KM1
-    is_own = w >= n_sel
-    is_sel = w < n_sel
-    # Selected entry w = (local row gl, slot j) of this row block; the last work item is the own chunk.
-    km1d = tl.maximum(KM1, 1)
-    w_sel = tl.minimum(w, tl.maximum(n_sel - 1, 0))
-    gl = w_sel // km1d
-    j = w_sel % km1d
-    c_sel = tl.load(sel_ptr + (head0 + rb * ROWS + gl) * KM1 + j, mask=is_sel & (rb * ROWS + gl < G), other=-1)
-    offs_j = tl.arange(0, TOPP)
-    n_cols = tl.where(is_sel, KM1, 0)  # (and-ing a scalar bool into a tile mask breaks the interpreter)
-    tile = tl.load(
-        sel_ptr + (head0 + g)[:, None] * KM1 + offs_j[None, :],
-        mask=row_ok[:, None] & (offs_j < n_cols)[None, :],
-        other=-1,
-    )
-    # Rows of the row block that chose chunk c_sel, and where they keep it. A row lists a chunk at most once.
-    hit = (tile == c_sel) & (c_sel >= 0)
-    chose = tl.max(hit.to(tl.int32), axis=1) > 0
-    first = tl.min(tl.where(chose, offs_g, BLOCK_G), axis=0)
-    active = tl.where(is_own, row_ok, chose)
-    slot = tl.where(is_own, KM1, tl.sum(tl.where(hit, offs_j[None, :], 0), axis=1))
+    if SHARED:
+        # Every row of the row block holds the same selection (dense decode: every earlier chunk): one work item per
+        # slot, read from the block's first row, runs the chunk for all rows. The per-row search below would give the
+        # same result, but from ROWS * KM1 work items of which all but KM1 exit at once.
+        n_sel = KM1
+        is_own = w >= n_sel
+        is_sel = w < n_sel
+        w_sel = tl.minimum(w, tl.maximum(n_sel - 1, 0))
+        c_sel = tl.load(sel_ptr + (head0 + rb * ROWS) * KM1 + w_sel, mask=is_sel, other=-1)
+        runs = c_sel >= 0
+        active = row_ok
+        slot = tl.zeros([BLOCK_G], dtype=tl.int32) + tl.where(is_own, KM1, w)
+    else:
+        n_sel = ROWS * KM1
+        is_own = w >= n_sel
+        is_sel = w < n_sel
+        # Selected entry w = (local row gl, slot j) of this row block; the last work item is the own chunk.
+        km1d = tl.maximum(KM1, 1)
+        w_sel = tl.minimum(w, tl.maximum(n_sel - 1, 0))
+        gl = w_sel // km1d
+        j = w_sel % km1d
+        c_sel = tl.load(sel_ptr + (head0 + rb * ROWS + gl) * KM1 + j, mask=is_sel & (rb * ROWS + gl < G), other=-1)
+        offs_j = tl.arange(0, TOPP)
+        n_cols = tl.where(is_sel, KM1, 0)  # (and-ing a scalar bool into a tile mask breaks the interpreter)
+        tile = tl.load(
+            sel_ptr + (head0 + g)[:, None] * KM1 + offs_j[None, :],
+            mask=row_ok[:, None] & (offs_j < n_cols)[None, :],
+            other=-1,
+        )
+        # Rows of the row block that chose chunk c_sel, and where they keep it. A row lists a chunk at most once.
+        hit = (tile == c_sel) & (c_sel >= 0)
+        chose = tl.max(hit.to(tl.int32), axis=1) > 0
+        first = tl.min(tl.where(chose, offs_g, BLOCK_G), axis=0)
+        active = tl.where(is_own, row_ok, chose)
+        slot = tl.where(is_own, KM1, tl.sum(tl.where(hit, offs_j[None, :], 0), axis=1))
+        # Only the first row that chose the chunk runs it (for every row that chose it); the others exit below.
+        runs = (c_sel >= 0) & (first == gl)
     c = tl.where(is_own, own_chunk, c_sel)
     lo = c * C + s * PIECE
     hi = tl.minimum(tl.minimum(lo + PIECE, c * C + C), Lk)
-    # Only the first row that chose the chunk runs it (for every row that chose it); the others exit here.
-    go = (is_own | ((c_sel >= 0) & (first == gl))) & (lo < hi)
+    go = (is_own | runs) & (lo < hi)
     if go:
         head = hkv * G + g
         offs_d = tl.arange(0, HEAD_D)
@@ -919,6 +939,154 @@ def moba_decode_static_triton(
     return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, length, routing)
 
 
+# Dense decode's internal chunk: only the unit of its work grid (a work item per chunk, cut into pieces by _attn_plan),
+# never a MoBA parameter. Parallelism comes from both: at 32K keys the 8 chunks are cut into pieces of >= 512 keys until
+# the grid has ~8 programs per SM; at 1M the 256 chunks alone give B * Hkv * 256 work items. The chunk bounds the rest:
+# the selection (slots / C int32 per row) and the combine's partial cells (slots / piece per row, Dv fp32 each: ~0.4%
+# of the bf16 key/value bytes at 1M keys, pieces of 2048, 8 query heads per key head) stay small, and a static buffer
+# holding n of its slots runs (slots - n) / piece programs that exit before reading a key. A smaller chunk adds cells
+# and slots for no parallelism the pieces do not give already. Interpreted: 64, so that tests at ~100 keys cross chunk
+# boundaries.
+DENSE_DECODE_CHUNK = 4096
+_DENSE_DECODE_CHUNK_INTERPRETED = 64
+# CUDA's limit on the grid's second dimension (the attention kernel's work items: one per chunk, plus the own chunk).
+_MAX_GRID_Y = 65535
+
+
+def dense_decode_chunk(slots: int) -> int:
+    """The internal chunk of :func:`dense_decode_triton` for a cache of ``slots`` keys (a multiple of 16).
+
+    Example:
+        >>> dense_decode_chunk(100) in (64, 112), dense_decode_chunk(1 << 20) in (64, 4096)
+        (True, True)
+    """
+    chunk = _DENSE_DECODE_CHUNK_INTERPRETED if interpreting() else DENSE_DECODE_CHUNK
+    return min(chunk, max(MIN_CHUNK, -(-slots // 16) * 16))
+
+
+def dense_decode_unsupported_reason(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, chunk_size: int | None = None
+) -> str | None:
+    """Why :func:`dense_decode_triton` cannot run these inputs, or ``None`` when it can (metadata only).
+
+    The limits of :func:`decode_unsupported_reason` (one query row, head dims in :data:`DECODE_HEAD_DIMS`,
+    fp16/bf16/fp32, CUDA or the interpreter, a boolean mask), plus the internal chunk: ``chunk_size`` (None: the
+    default, :func:`dense_decode_chunk`) a multiple of 16 in ``[16, 8192]`` giving at most 65535 chunks.
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 1, 96), torch.randn(1, 2, 40, 96)
+        >>> dense_decode_unsupported_reason(q, k, k, None)
+        'head dim 96 not in (64, 128)'
+    """
+    reason = decode_unsupported_reason(query, key, value, MIN_CHUNK, 1, attn_mask)
+    if reason is not None:
+        return reason
+    lk = key.shape[2]
+    if chunk_size is None:
+        chunk_size = dense_decode_chunk(lk)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size % 16:
+        return f"chunk_size {chunk_size!r} is not a multiple of 16"
+    if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+        return f"chunk_size {chunk_size} not in [{MIN_CHUNK}, {MAX_CHUNK}]"
+    if (lk - 1) // chunk_size + 1 > _MAX_GRID_Y:
+        return f"Lk={lk} is more than {_MAX_GRID_Y} chunks of {chunk_size} keys (the kernel's grid limit)"
+    return None
+
+
+def dense_decode_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    scale: float,
+    attn_mask: Tensor | None = None,
+    length: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Dense causal attention of one decode query per (batch, head) on MoBA's split-K decode kernels, no gate.
+
+    Dense attention of the query at position ``n - 1`` over keys ``0 .. n - 1`` is MoBA with every chunk before the
+    query's own selected, so this runs :func:`moba_decode_static_triton`'s attention and combine kernels with that
+    selection, built on the device from ``length`` (no chunk means, no gate): ``key.shape[2] / chunk_size`` work items
+    per (batch, key head), each cut into pieces, so that ``B = 1`` at 32K-1M keys still fills the GPU, where SDPA's
+    decode runs one program per (batch, head) over the whole sequence. GQA/MQA: query head ``h`` reads key head
+    ``h // (Hq // Hkv)``; a group's query heads are the rows of one program, so its keys/values are read once.
+    Graph-safe: launch grids, kernel arguments and allocations depend on shapes only, ``length`` is read on the
+    device, nothing synchronises with the host (CUDA-graph capture and replay while ``length`` grows).
+
+    Args:
+        query: ``[B, Hq, 1, D]``; key: ``[B, Hkv, slots, D]``; value: ``[B, Hkv, slots, Dv]``: one dtype (fp16, bf16
+            or fp32), any strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``); ``D, Dv`` in
+            :data:`DECODE_HEAD_DIMS`; ``Hq % Hkv == 0``.
+        scale: softmax scale (``1 / sqrt(D)`` for SDPA's default).
+        attn_mask: optional boolean mask broadcastable to ``[B, Hq, 1, slots]`` (True = may attend), e.g.
+            transformers' static-cache mask or a ``[B, 1, 1, slots]`` padding mask, intersected with the causal
+            range.
+        length: None (every one of the ``slots`` keys is the sequence: a dynamic cache), or contiguous int64 ``[B]``
+            on the query's device: row ``b`` holds ``length[b]`` keys, its query at position ``length[b] - 1``
+            (values outside ``[1, slots]`` are clamped on the device; they cannot be checked without a host sync).
+        chunk_size: the internal chunk (None: :func:`dense_decode_chunk`); any valid value gives the same attention.
+
+    Returns:
+        ``(out [B, Hq, 1, Dv] contiguous in the query's dtype, lse [B, Hq, 1] fp32)``: the attention and the natural
+        log-sum-exp of the scaled scores over the attended keys; a row with no attended key gets ``out = 0`` and
+        ``lse = -inf`` (as :func:`moba_decode_static_triton`).
+
+    Raises:
+        ValueError: unsupported inputs (:func:`dense_decode_unsupported_reason`), or ``length`` not int64 ``[B]`` on
+            the query's device.
+
+    Example:
+        >>> q = torch.randn(1, 4, 1, 64, dtype=torch.float16)
+        >>> k = v = torch.randn(1, 2, 128, 64, dtype=torch.float16)
+        >>> out, lse = dense_decode_triton(q, k, v, 0.125, length=torch.tensor([70]))  # doctest: +SKIP
+        >>> out.shape, lse.shape  # doctest: +SKIP
+        (torch.Size([1, 4, 1, 64]), torch.Size([1, 4, 1]))
+    """
+    reason = dense_decode_unsupported_reason(query, key, value, attn_mask, chunk_size)
+    if (
+        reason is None
+        and length is not None
+        and not (
+            isinstance(length, Tensor)
+            and length.dtype == torch.int64
+            and tuple(length.shape) == (query.shape[0],)
+            and length.device == query.device
+            and length.is_contiguous()
+        )
+    ):
+        reason = f"length must be None or a contiguous int64 [B={query.shape[0]}] tensor on {query.device}"
+    if reason is not None:
+        raise ValueError(f"dense split-K decode cannot run: {reason}")
+    b, hq = query.shape[0], query.shape[1]
+    slots, dv = key.shape[2], value.shape[3]
+    chunk = dense_decode_chunk(slots) if chunk_size is None else chunk_size
+    out = empty(b, hq, 1, dv, dtype=query.dtype, device=query.device)
+    lse = empty(b, hq, 1, dtype=torch.float32, device=query.device)
+    if b == 0 or hq == 0:
+        return out, lse
+    sel = _dense_selection(b, hq, slots, chunk, length, query.device)
+    _launch_split_k(query, key, value, sel, out, lse, chunk, scale, attn_mask, length, shared=True)
+    return out, lse
+
+
+def _dense_selection(b: int, hq: int, slots: int, chunk: int, length: Tensor | None, device: torch.device) -> Tensor:
+    """``int32 [B, Hq, (slots - 1) // chunk]``: every chunk strictly before the row's own, in the gate's layout.
+
+    The gate writes a row's chosen chunks first and ``-1`` in the slots it could not fill (fewer earlier chunks than
+    slots: a static cache's shorter rows), and the attention and combine kernels skip ``-1`` slots; slot ``j`` holds
+    chunk ``j`` here. Torch ops on the device, fixed shapes: no host read of ``length``.
+    """
+    km1 = (slots - 1) // chunk
+    idx = torch.arange(km1, dtype=torch.int32, device=device)
+    if length is None:  # every row holds all slots: all km1 earlier chunks
+        return idx.expand(b, hq, km1).contiguous()
+    # The kernels clamp the length to [1, slots] (_device_length): the same clamp, so both agree on the own chunk.
+    n_prev = (length.clamp(1, slots) - 1) // chunk  # int64 [B]
+    sel = torch.where(idx[None, :] < n_prev[:, None], idx[None, :], -1).to(torch.int32)
+    return sel[:, None, :].expand(b, hq, km1).contiguous()
+
+
 def update_static_means_triton(means: Tensor, key: Tensor, length: Tensor, new_tokens: int, chunk_size: int) -> None:
     """Average, in place, the chunks a step completed in a static cache, found from the device length (graph-safe).
 
@@ -994,7 +1162,7 @@ def _launch_decode(
 ) -> tuple[Tensor, Tensor]:
     """Gate + split-K attention + combine (validated inputs). ``length`` (int64 ``[B]``): a static cache's per-row
     key counts, read on the device; ``key.shape[2]`` is then the buffer's slot count and the grids depend on it only."""
-    b, hq, _, d = query.shape
+    b, hq = query.shape[0], query.shape[1]
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
     chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     dev = query.device
@@ -1002,13 +1170,8 @@ def _launch_decode(
     lse = empty(b, hq, 1, dtype=torch.float32, device=dev)
     if b == 0 or hq == 0:
         return out, lse
-    dev_len = length is not None
-    lengths = length if dev_len else query  # never read without DEV_LEN
-    group = hq // hkv
-    rows, gb, block_g = _rows(group)
     # With a device length: the buffer's last chunk as the bound; the kernels read each row's own chunk.
     own_chunk = (lk - 1) // chunk_size
-    own_len = lk - own_chunk * chunk_size
     km1 = min(topk - 1, own_chunk)
     if km1 > 0:
         if means is None:
@@ -1016,7 +1179,39 @@ def _launch_decode(
         sel = _launch_gate(query, means, hkv, own_chunk, km1, chunk_size, length, routing)
     else:
         sel = empty(b, hq, 0, dtype=torch.int32, device=dev)
-    work_items = rows * km1 + 1
+    _launch_split_k(query, key, value, sel, out, lse, chunk_size, scale, attn_mask, length, shared=False)
+    return out, lse
+
+
+def _launch_split_k(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    sel: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    chunk_size: int,
+    scale: float,
+    attn_mask: Tensor | None,
+    length: Tensor | None,
+    *,
+    shared: bool,
+) -> None:
+    """Split-K attention over the selected chunks (``sel int32 [B, Hq, km1]``, ``-1`` = unused slot) and each row's
+    own chunk, then the combine, into ``out``/``lse``. ``shared``: every query head of a group holds the same
+    selection (dense decode), so one work item per slot serves the whole row block."""
+    b, hq, _, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    dev = query.device
+    km1 = sel.shape[2]
+    dev_len = length is not None
+    lengths = length if dev_len else query  # never read without DEV_LEN
+    group = hq // hkv
+    rows, gb, block_g = _rows(group)
+    # With a device length: the buffer's last chunk as the bound; the kernels read each row's own chunk.
+    own_chunk = (lk - 1) // chunk_size
+    own_len = lk - own_chunk * chunk_size
+    work_items = (km1 if shared else rows * km1) + 1
     plan = _attn_plan(b * hkv * gb * work_items, chunk_size, d, dv, query.dtype, dev)
     ks = km1 + 1
     # Every (row, slot, piece) cell a combine reads is written by exactly one program; the others are never read.
@@ -1039,9 +1234,9 @@ def _launch_decode(
         query, key, value, mask, sel, po, plse, lengths,
         group, hkv, rows, gb, lk, chunk_size, km1, ks, plan.n_pieces, plan.piece, own_chunk, scale * _LOG2E,
         sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smn,
-        HEAD_D=d, HEAD_DV=dv, BLOCK_G=block_g, BLOCK_N=plan.block_n, TOPP=max(2, next_pow2(km1)),
+        HEAD_D=d, HEAD_DV=dv, BLOCK_G=block_g, BLOCK_N=plan.block_n, TOPP=2 if shared else max(2, next_pow2(km1)),
         HAS_MASK=attn_mask is not None, MASK_HEADS=smh != 0, UPCAST=upcast, DOT_PREC=dot_precision(query.dtype),
-        DEV_LEN=dev_len, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        DEV_LEN=dev_len, SHARED=shared, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )  # fmt: skip
     n_f = ks * plan.n_pieces
     block_f = min(64 if dv <= 128 else 32, next_pow2(n_f))
@@ -1049,4 +1244,3 @@ def _launch_decode(
         po, plse, sel, out, lse, lengths, hq, chunk_size, lk, km1, ks, plan.n_pieces, plan.piece, own_len,
         HEAD_DV=dv, BLOCK_F=max(block_f, 2), DEV_LEN=dev_len, num_warps=4,
     )  # fmt: skip
-    return out, lse
