@@ -458,14 +458,18 @@ def compile_check(arch: int = 90) -> list[dict[str, Any]]:
                     plan = dk._attn_plan(8 * (group * km1 + 1), 4096, d, d, tdtype, cpu)
                     consts = {"HEAD_D": d, "HEAD_DV": d, "BLOCK_G": block_g, "BLOCK_N": plan.block_n,
                               "TOPP": max(2, dk.next_pow2(km1)), "HAS_MASK": has_mask, "MASK_HEADS": mask_heads,
-                              "UPCAST": False, "DOT_PREC": dk.dot_precision(tdtype), "DEV_LEN": dev_len, "sqd": 1,
-                              "skd": 1, "svd": 1}  # fmt: skip
+                              "UPCAST": False, "DOT_PREC": dk.dot_precision(tdtype), "DEV_LEN": dev_len,
+                              "SHARED": False, "sqd": 1, "skd": 1, "svd": 1}  # fmt: skip
                     ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": "*u8",
                             "po_ptr": "*fp32", "plse_ptr": "*fp32", "len_ptr": "*i64"}  # fmt: skip
                     tag = ("headmask" if mask_heads else "mask") if has_mask else "nomask"
                     tag += "-static" if dev_len else ""
                     name = f"attn-{dtype}-D{d}-G{group}-K{km1 + 1}-{tag}"
                     variants.append((name, dk._decode_attn_kernel, ptrs, consts, plan.num_warps, plan.num_stages))
+                    if not mask_heads:  # dense decode (moba::dense_decode): one work item per chunk for the group
+                        shared = {**consts, "SHARED": True}
+                        variants.append((f"dense_{name}", dk._decode_attn_kernel, ptrs, shared, plan.num_warps,
+                                         plan.num_stages))  # fmt: skip
     for dv in (64, 128):
         for dev_len in (False, True):
             variants.append((f"combine-Dv{dv}" + ("-static" if dev_len else ""), dk._decode_combine_kernel,
