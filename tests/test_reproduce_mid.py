@@ -24,6 +24,7 @@ from examples.reproduce.cli import sweep
 from examples.reproduce.config import RunConfig
 from examples.reproduce.experiments import MID_SEEDS, experiments, runs_by_name
 from examples.reproduce.plots import write_plots, write_table
+from examples.reproduce.train import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 MID = experiments(mid=True)
@@ -168,6 +169,16 @@ def test_sweep_only_refuses_unknown_runs(tmp_path: Path) -> None:
         sweep(list(MID.values()), tmp_path, resume=False, only=["full-8k-m1", "nope"])
 
 
+def test_sweep_skips_runs_complete_in_the_results_tree(tmp_path: Path) -> None:
+    """A run complete in the results tree (an earlier call's) is not trained again; one of another config is refused."""
+    cfg = RUNS["full-8k-m1"]
+    logs = sweep(list(MID.values()), tmp_path, resume=False, only=[cfg.name], done={cfg.name: _fake_log(cfg, 2.0)})
+    assert logs[cfg.name]["final"]["val_loss"] == 2.0 and not (tmp_path / "runs").exists()
+    stale = _fake_log(dataclasses.replace(cfg, lr=1.0), 2.0)
+    with pytest.raises(RunError, match="another configuration"):
+        sweep(list(MID.values()), tmp_path, resume=False, only=[cfg.name], done={cfg.name: stale})
+
+
 def _fake_log(cfg: RunConfig, value: float, *, completed: bool = True, steps: int | None = None) -> dict[str, Any]:
     """A log with the fields plot, table, pack and unpack read (no training)."""
     done = cfg.steps if steps is None else steps
@@ -304,3 +315,21 @@ def test_call_command_lines_stay_short() -> None:
     for call in plan_calls(list(RUNS.values()), MACHINE):
         line = callplan.call_command(call, out="/tmp/reproduce-mid", archive_dir="$OUT", results="x/y")
         assert len(line) < 500 and "$OUT/mid-call" in line and "'" not in line
+
+
+def test_the_docs_show_the_plan_the_code_makes() -> None:
+    """docs/reproduction.md's tables of mid runs and calls are those of ``list --mid`` at the default assumptions."""
+    doc = (ROOT / "docs" / "reproduction.md").read_text(encoding="utf-8")
+    section = doc[doc.index("## Mid scale (runs that fit one GPU call)") : doc.index("## Commands")]
+    calls = plan_calls(list(RUNS.values()), MACHINE)
+    assert f"**{len(calls)} calls" in section and f"{len(RUNS)} runs" in section
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    for call in calls:
+        row = rows[str(call.index)]
+        assert sorted(row.count(f"`{name}`") for name in call.runs) == [1] * len(call.runs)
+        assert f"| {call.seconds:.0f} s |" in row
+    for name, cfg in RUNS.items():
+        if name.endswith("-seed1"):
+            continue
+        row = next(line for key, line in rows.items() if key.startswith(f"`{name}`"))
+        assert f"| {cfg.steps} |" in row and f"| {ESTIMATES[name].seconds / 60:.1f} |" in row

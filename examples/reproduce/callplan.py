@@ -8,10 +8,10 @@ call's runs come back as one archive of their logs (:mod:`examples.reproduce.arc
 **The estimate** of a run's wall time, on one GPU, is an assumption to replace with measurements (each log records
 the wall time of every record; the ``max_memory_gib`` of its sessions):
 
-- ``startup_s`` per run (process start, corpus, model, compilation: the quick-scale runs on an H100 logged 2-32 s
-  before their first record with the ``aot_eager`` compiler the mid scale uses; 30 s assumed);
-- per optimizer step, the step's *charged* FLOPs at ``tflops`` (60 TFLOP/s per process alone on an H200: the brief's
-  conservative assumption; three concurrent processes on one H100 measured 87 TFLOP/s together), but never less than
+- ``startup_s`` per run (process start, corpus, model, compilation: the quick-scale runs on an H100 logged 3-34 s up
+  to their first record, its 10 steps included, with the ``aot_eager`` compiler the mid scale uses; 30 s assumed);
+- per optimizer step, the step's *charged* FLOPs at ``tflops`` (60 TFLOP/s per process alone on an H200: a conservative
+  assumption; three concurrent processes on one H100 measured 87 TFLOP/s together), but never less than
   ``step_floor_s`` (0.1 s: the smallest quick-scale models took 110-160 ms per step whatever their FLOPs, a floor of
   launches, Python and data);
 - validation: a forward pass (a third of the dense and attention FLOPs, plus the gate) over ``eval_batches``
@@ -20,9 +20,10 @@ the wall time of every record; the ``max_memory_gib`` of its sessions):
 *Charged* FLOPs are the repository's count (:mod:`examples.reproduce.flops`) with one change: a MoBA layer's attention
 is charged ``moba_charge`` (2.0) times the FLOPs **full** attention would cost in that layer, not its attended pairs.
 The quick-scale H100 runs show why: every MoBA run took longer than its full-attention partner (1.1-1.9x the wall
-time, although it counts 40-60% of the FLOPs), so counted MoBA FLOPs run at a far lower rate than full attention's;
-the kernel benchmarks have improved since (MoBA's fwd+bwd 0.88x of dense SDPA's time at 8K C512 K3, 0.65x at 32K C2048
-K3 on an H200), so 2.0 is an upper bound that keeps a MoBA run from overrunning its call. Lower it after measuring.
+time, although it counts a third to a half of the FLOPs), so counted MoBA FLOPs ran at a fifth to two fifths of full
+attention's rate. The kernel benchmarks have improved since (MoBA's fwd+bwd 0.88x of dense SDPA's time at 8K C512 K3,
+0.65x at 32K C2048 K3 on an H200), so 2.0 is an upper bound that keeps a MoBA run from overrunning its call. Lower it
+after measuring.
 
 **Grouping** (:func:`plan_calls`): runs go into *lanes* (the runs one process trains one after the other in a call)
 whose estimated total stays under ``lane_budget_s`` (7 minutes: the call's 10 leave 3 for starting the processes,

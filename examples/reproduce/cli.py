@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only", action="append", default=[], metavar="RUN[,RUN...]", help="train only these runs of the experiments"
     )
+    p.add_argument("--results", type=Path, default=None, help="skip the runs complete in this results tree")
 
     p = sub.add_parser(
         "call", help="one GPU call of the plan: its lanes side by side, then pack", parents=[common, plan]
@@ -220,6 +221,7 @@ def sweep(
     overrides: Sequence[str] = (),
     progress: bool = True,
     only: Sequence[str] = (),
+    done: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the distinct runs of the selected experiments, one after the other.
 
@@ -228,13 +230,15 @@ def sweep(
         resume: continue unfinished runs from their checkpoints (else they restart).
         restart: retrain completed runs too. overrides: ``KEY=VALUE`` applied to every run. progress: tqdm bars.
         only: train only these runs (empty: all), in the experiments' order.
+        done: logs of runs complete elsewhere (a results tree, :func:`examples.reproduce.archive.completed_runs`):
+            skipped like the runs complete in ``out``.
 
     Returns:
         ``{run name: log}``.
 
     Raises:
-        RunError: a completed run in ``out`` has another configuration (use ``--restart`` or another ``--out``), or a
-            run failed (see :func:`examples.reproduce.train.train`).
+        RunError: a completed run in ``out`` or ``done`` has another configuration (use ``--restart`` or another
+            ``--out``), or a run failed (see :func:`examples.reproduce.train.train`).
         ValueError: a name of ``only`` is not a run of the selected experiments.
     """
     logs = {}
@@ -248,9 +252,14 @@ def sweep(
         cfg = apply_overrides(cfg, list(overrides))
         run_dir = out / "runs" / cfg.name
         existing = read_log(run_dir)
+        if done and cfg.name in done and not (existing is not None and existing.get("completed")):
+            existing = done[cfg.name]  # complete in the results tree: a run of an earlier call
         if existing is not None and existing.get("completed") and not restart:
             if existing["identity"] != cfg.identity():
-                raise RunError(f"{run_dir} holds a completed run with another configuration; --restart or --out")
+                raise RunError(
+                    f"{cfg.name}: {run_dir} or the results tree holds a completed run with another configuration; "
+                    "--restart or --out"
+                )
             print(f"[{i + 1}/{len(runs)}] {cfg.name}: done, skipped", flush=True)
             logs[cfg.name] = existing
             continue
@@ -439,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides=overrides,
                 progress=progress,
                 only=[name for item in args.only for name in item.split(",") if name],
+                done=completed_runs(args.results),
             )
         elif command == "resume-check":
             cfg = apply_overrides(_find_run(registry, args.run), overrides)
