@@ -333,3 +333,30 @@ def test_the_docs_show_the_plan_the_code_makes() -> None:
             continue
         row = next(line for key, line in rows.items() if key.startswith(f"`{name}`"))
         assert f"| {cfg.steps} |" in row and f"| {ESTIMATES[name].seconds / 60:.1f} |" in row
+
+
+def test_call_refuses_a_missing_call_and_missing_gpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``call`` on a machine without the GPUs of the call stops before training (a lane would fall back to the CPU)."""
+    import torch
+
+    from examples.reproduce.cli import main
+
+    archive = str(tmp_path / "a.tar.gz")
+    assert main(["--mid", "--out", str(tmp_path), "call", "99", "--archive", archive]) == 1
+    assert "the plan has calls 1.." in capsys.readouterr().err
+    if torch.cuda.device_count() < 2:
+        assert main(["--mid", "--out", str(tmp_path), "call", "1", "--archive", archive]) == 1
+        assert "needs 2 GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "a.tar.gz").exists() and not (tmp_path / "runs").exists()
+
+
+def test_pack_and_unpack_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.reproduce.cli import main
+
+    _write_log(tmp_path / "out", _fake_log(RUNS["full-8k-m1"], 2.0))
+    archive = tmp_path / "mid-call3.tar.gz"
+    assert main(["--out", str(tmp_path / "out"), "pack", str(archive)]) == 0
+    assert main(["--out", str(tmp_path / "tree"), "unpack", str(archive), str(archive)]) == 0
+    out = capsys.readouterr().out
+    assert "1 added" in out and "1 kept existing" in out
+    assert set(completed_runs(tmp_path / "tree")) == {"full-8k-m1"}

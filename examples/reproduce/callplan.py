@@ -391,6 +391,14 @@ def format_plan(
     return "\n".join(lines)
 
 
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the process group a lane started (its own session); a group already gone is not an error."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the lane exited between the poll and the signal
+        pass
+
+
 def run_call(
     call: Call,
     out: Path,
@@ -460,16 +468,15 @@ def run_call(
         if not running:
             break
         if now > deadline_s:
-            for i in running:
+            live = [(i, proc) for i, proc in enumerate(procs) if proc is not None and i in running]
+            for i, proc in live:
                 stopped.append(lanes[i]["lane"])
-                os.killpg(procs[i].pid, signal.SIGTERM)  # type: ignore[union-attr]
-            for i in running:
-                proc = procs[i]
-                assert proc is not None
+                _signal_group(proc, signal.SIGTERM)
+            for i, proc in live:
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _signal_group(proc, signal.SIGKILL)
                     proc.wait()
                 finished[i] = time.monotonic() - start
             break
