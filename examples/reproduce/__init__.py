@@ -11,6 +11,7 @@ Run from the repository root::
     python -m examples.reproduce list                    # the experiments, their runs and planned compute
     python -m examples.reproduce sweep scaling --resume  # one experiment's runs, in sequence (GPU)
     python -m examples.reproduce plot                    # charts (PNG) and a markdown table from the JSON logs
+    python -m examples.reproduce list --mid              # runs that fit one GPU call, grouped into calls
 
 See ``docs/reproduction.md``.
 """

@@ -5,16 +5,23 @@ Commands:
 - ``list [EXPERIMENT ...]``: the experiments' runs with model size, context, steps, tokens, epochs of the corpus, and
   planned compute (computed, not measured).
 - ``train RUN [--resume] [--stop-after N] [--set KEY=VALUE ...]``: train one run of the registry.
-- ``sweep EXPERIMENT ... | all [--resume] [--restart]``: train an experiment's runs in sequence. Completed runs with
-  the same configuration are skipped; unfinished ones continue from their checkpoint with ``--resume`` (else restart).
+- ``sweep EXPERIMENT ... | all [--resume] [--restart] [--only RUN,...]``: train an experiment's runs in sequence.
+  Completed runs with the same configuration are skipped; unfinished ones continue from their checkpoint with
+  ``--resume`` (else restart). ``--only`` trains only the named runs of those experiments.
 - ``resume-check RUN [--stop-after N]``: train a copy of a completed run, interrupted, then resumed; check that its
   losses equal the uninterrupted run's.
 - ``plot``: charts (PNG) and ``results.md`` from the logs.
+- ``call N --archive FILE [--results DIR]``: the GPU machine's call ``N`` of the plan ``list --mid`` prints: its
+  lanes side by side (one ``sweep --only`` process per lane, each on its GPU), stopped at a deadline before the
+  machine's limit, then the logs packed into one archive; runs complete in ``DIR`` are skipped.
+- ``pack FILE``: the logs of ``--out`` (``runs/*/log.json``, ``calls/*``; no checkpoint) into one ``.tar.gz``.
+- ``unpack FILE ...``: archives of ``pack`` merged into the results tree ``--out``.
 - ``all``: ``sweep all``, then (smoke scale) ``resume-check`` on the hybrid switching run, then ``plot``.
 
 ``--smoke`` selects the tiny configurations (default output ``runs/reproduce-smoke``) and, without a command, runs
-``all``: the whole pipeline on the CPU in under a minute. Without it, runs are GPU-sized (default output
-``runs/reproduce``).
+``all``: the whole pipeline on the CPU in under a minute. ``--quick`` and ``--mid`` select the reduced GPU scales
+(``runs/reproduce-quick``, ``runs/reproduce-mid``; the mid scale's runs each fit one call of the GPU machine). Without
+any, runs are GPU-sized (default output ``runs/reproduce``).
 """
 
 from __future__ import annotations
@@ -29,12 +36,28 @@ from typing import Any
 
 import torch
 
+from .archive import completed_runs, pack, unpack
+from .callplan import Machine, format_plan, plan_calls, run_call
 from .config import RunConfig, apply_overrides
 from .experiments import EXPERIMENT_NAMES, Experiment, experiments, runs_by_name
 from .jsonio import write_json
 from .train import RunError, moba_call_count, planned, read_log, train
 
-__all__ = ["SMOKE_BANNER", "build_parser", "list_runs", "main", "resume_check", "run_pipeline", "run_plots", "sweep"]
+__all__ = [
+    "MID_RESULTS",
+    "SMOKE_BANNER",
+    "build_parser",
+    "list_runs",
+    "main",
+    "resume_check",
+    "run_pipeline",
+    "run_plots",
+    "sweep",
+]
+
+#: Where the mid scale's results tree lives in the repository: ``unpack`` merges each call's archive there, ``call
+#: --results`` skips the runs complete there, ``plot`` draws from it.
+MID_RESULTS = "benchmarks/results/reproduce-mid"
 
 SMOKE_BANNER = "CPU smoke test of the pipeline (tiny models, 8 steps): not a result"
 
@@ -52,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproduce the MoBA paper's charts at small scale with moba-compile.",
     )
     _common_options(parser, argparse.SUPPRESS)
-    parser.set_defaults(smoke=False, quick=False, out=None, no_progress=False)
+    parser.set_defaults(smoke=False, quick=False, mid=False, out=None, no_progress=False)
     # The same options after the command (python -m examples.reproduce sweep scaling --smoke); SUPPRESS keeps a value
     # given before the command when they are absent after it.
     common = argparse.ArgumentParser(add_help=False)
@@ -62,7 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=text, parents=[common])
 
-    p = add("list", "show the runs and their planned compute")
+    # The estimate's assumptions (examples/reproduce/callplan.py): the plan of calls that list --mid prints and the
+    # one call N runs must be computed with the same values, so both commands take them.
+    plan = argparse.ArgumentParser(add_help=False)
+    defaults = Machine()
+    plan.add_argument("--tflops", type=float, default=defaults.tflops, help="counted TFLOP/s per process alone")
+    plan.add_argument(
+        "--shared-tflops", type=float, default=defaults.shared_tflops, help="TFLOP/s per process, two on one GPU"
+    )
+    plan.add_argument(
+        "--moba-charge", type=float, default=defaults.moba_charge, help="MoBA attention charged as N x full attention"
+    )
+    plan.add_argument("--procs-per-gpu", type=int, choices=(1, 2), default=defaults.procs_per_gpu)
+    plan.add_argument("--results", type=Path, default=None, help=f"results tree of completed runs (mid: {MID_RESULTS})")
+
+    p = sub.add_parser("list", help="show the runs and their planned compute", parents=[common, plan])
     p.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help=f"any of {', '.join(EXPERIMENT_NAMES)}")
 
     p = add("train", "train one run")
@@ -76,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
     p.add_argument("--restart", action="store_true", help="retrain completed runs too")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--only", action="append", default=[], metavar="RUN[,RUN...]", help="train only these runs of the experiments"
+    )
+    p.add_argument("--results", type=Path, default=None, help="skip the runs complete in this results tree")
+
+    p = sub.add_parser(
+        "call", help="one GPU call of the plan: its lanes side by side, then pack", parents=[common, plan]
+    )
+    p.add_argument("index", type=int, help="the call's number in 'list --mid'")
+    p.add_argument("--archive", type=Path, required=True, help="the .tar.gz to write the call's logs into")
+    p.add_argument(
+        "--deadline", type=float, default=defaults.deadline_s, help="stop lanes still running after this many seconds"
+    )
+
+    p = add("pack", "the logs of --out (no checkpoints) into one .tar.gz")
+    p.add_argument("archive", type=Path)
+
+    p = add("unpack", "merge archives of 'pack' into the results tree --out")
+    p.add_argument("archives", type=Path, nargs="+", metavar="ARCHIVE")
 
     p = add("resume-check", "interrupt and resume a copy of a completed run; compare the losses")
     p.add_argument("run", help="run name")
@@ -97,7 +153,12 @@ def _common_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--quick", action="store_true", default=default, help="reduced GPU configurations: one session's device time"
     )
-    parser.add_argument("--out", type=Path, default=default, help="output directory (runs/reproduce[-smoke|-quick])")
+    parser.add_argument(
+        "--mid", action="store_true", default=default, help="GPU configurations whose every run fits one GPU call"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=default, help="output directory (runs/reproduce[-smoke|-quick|-mid])"
+    )
     parser.add_argument("--no-progress", action="store_true", default=default, help="no tqdm progress bars")
 
 
@@ -159,6 +220,8 @@ def sweep(
     restart: bool = False,
     overrides: Sequence[str] = (),
     progress: bool = True,
+    only: Sequence[str] = (),
+    done: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the distinct runs of the selected experiments, one after the other.
 
@@ -166,23 +229,37 @@ def sweep(
         selected: the experiments. out: output directory (runs in ``out/runs/<name>``).
         resume: continue unfinished runs from their checkpoints (else they restart).
         restart: retrain completed runs too. overrides: ``KEY=VALUE`` applied to every run. progress: tqdm bars.
+        only: train only these runs (empty: all), in the experiments' order.
+        done: logs of runs complete elsewhere (a results tree, :func:`examples.reproduce.archive.completed_runs`):
+            skipped like the runs complete in ``out``.
 
     Returns:
         ``{run name: log}``.
 
     Raises:
-        RunError: a completed run in ``out`` has another configuration (use ``--restart`` or another ``--out``), or a
-            run failed (see :func:`examples.reproduce.train.train`).
+        RunError: a completed run in ``out`` or ``done`` has another configuration (use ``--restart`` or another
+            ``--out``), or a run failed (see :func:`examples.reproduce.train.train`).
+        ValueError: a name of ``only`` is not a run of the selected experiments.
     """
     logs = {}
     runs = runs_by_name(list(selected))
+    if only:
+        unknown = [name for name in only if name not in runs]
+        if unknown:
+            raise ValueError(f"--only: {', '.join(unknown)} not among the selected experiments' runs")
+        runs = {name: cfg for name, cfg in runs.items() if name in set(only)}
     for i, cfg in enumerate(runs.values()):
         cfg = apply_overrides(cfg, list(overrides))
         run_dir = out / "runs" / cfg.name
         existing = read_log(run_dir)
+        if done and cfg.name in done and not (existing is not None and existing.get("completed")):
+            existing = done[cfg.name]  # complete in the results tree: a run of an earlier call
         if existing is not None and existing.get("completed") and not restart:
             if existing["identity"] != cfg.identity():
-                raise RunError(f"{run_dir} holds a completed run with another configuration; --restart or --out")
+                raise RunError(
+                    f"{cfg.name}: {run_dir} or the results tree holds a completed run with another configuration; "
+                    "--restart or --out"
+                )
             print(f"[{i + 1}/{len(runs)}] {cfg.name}: done, skipped", flush=True)
             logs[cfg.name] = existing
             continue
@@ -258,19 +335,28 @@ def run_plots(out: Path, selected: Sequence[Experiment], smoke: bool) -> tuple[l
     return pngs, table
 
 
-def run_pipeline(out: Path, *, smoke: bool, resume: bool, overrides: Sequence[str], progress: bool) -> dict[str, Any]:
+def run_pipeline(
+    out: Path,
+    *,
+    smoke: bool,
+    resume: bool,
+    overrides: Sequence[str],
+    progress: bool,
+    quick: bool = False,
+    mid: bool = False,
+) -> dict[str, Any]:
     """``all``: sweep every experiment, check resuming (smoke scale), plot; print and return a summary.
 
     Args:
         out: output directory. smoke: tiny configurations. resume: continue unfinished runs.
-        overrides: ``KEY=VALUE`` for every run. progress: tqdm bars.
+        overrides: ``KEY=VALUE`` for every run. progress: tqdm bars. quick, mid: the reduced GPU scales.
 
     Returns:
         ``{"runs", "moba_calls", "resume_check", "plots", "table", "seconds"}``, also written to ``out/summary.json``.
     """
     start = time.perf_counter()
     calls = moba_call_count()
-    registry = experiments(smoke)
+    registry = experiments(smoke, quick=quick, mid=mid)
     selected = list(registry.values())
     logs = sweep(selected, out, resume=resume, overrides=overrides, progress=progress)
     check = None
@@ -309,20 +395,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 2
-    if args.smoke and args.quick:
-        parser.error("--smoke and --quick pick different scales; give one")
-    scale = "-smoke" if args.smoke else "-quick" if args.quick else ""
+    given = [flag for flag in ("smoke", "quick", "mid") if getattr(args, flag)]
+    if len(given) > 1:
+        parser.error(f"{' and '.join('--' + flag for flag in given)} pick different scales; give one")
+    scale = "-smoke" if args.smoke else "-quick" if args.quick else "-mid" if args.mid else ""
     out: Path = args.out or Path("runs") / f"reproduce{scale}"
     if args.smoke:
         # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they contend (measured here:
         # 3-5x more wall time per smoke run with 2 threads).
         torch.set_num_threads(1)
     progress = not args.no_progress
-    registry = experiments(args.smoke, quick=args.quick)
+    registry = experiments(args.smoke, quick=args.quick, mid=args.mid)
     overrides = list(getattr(args, "overrides", []) or [])
     try:
         if command == "list":
             list_runs(_select(registry, args.experiments), args.smoke)
+            if args.mid:
+                runs = list(runs_by_name(list(registry.values())).values())
+                results = str(args.results or MID_RESULTS)
+                done = completed_runs(results)
+                print()
+                print(
+                    format_plan(
+                        runs, _machine(args), done=done, command={"results": results, "extra": _plan_extra(args)}
+                    )
+                )
+        elif command == "call":
+            return _call(args, registry, out)
+        elif command == "pack":
+            members = pack(out, args.archive)
+            print(f"{args.archive}: {len(members)} files ({args.archive.stat().st_size:,} bytes) from {out}")
+        elif command == "unpack":
+            for archive in args.archives:
+                actions = unpack(archive, out)
+                counts: dict[str, int] = {}
+                for action in actions.values():
+                    counts[action] = counts.get(action, 0) + 1
+                print(f"{archive} -> {out}: " + ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
         elif command == "train":
             cfg = apply_overrides(_find_run(registry, args.run), overrides)
             log = train(cfg, out / "runs" / cfg.name, resume=args.resume, stop_after=args.stop_after, progress=progress)
@@ -338,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 restart=args.restart,
                 overrides=overrides,
                 progress=progress,
+                only=[name for item in args.only for name in item.split(",") if name],
+                done=completed_runs(args.results),
             )
         elif command == "resume-check":
             cfg = apply_overrides(_find_run(registry, args.run), overrides)
@@ -348,9 +459,74 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(str(p) for p in [*pngs, table]))
         else:
             run_pipeline(
-                out, smoke=args.smoke, resume=getattr(args, "resume", False), overrides=overrides, progress=progress
+                out,
+                smoke=args.smoke,
+                resume=getattr(args, "resume", False),
+                overrides=overrides,
+                progress=progress,
+                quick=args.quick,
+                mid=args.mid,
             )
     except (RunError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _machine(args: argparse.Namespace) -> Machine:
+    """The :class:`Machine` of the plan options (``--tflops`` ...; ``--deadline`` for ``call``)."""
+    defaults = Machine()
+    return Machine(
+        tflops=args.tflops,
+        shared_tflops=args.shared_tflops,
+        moba_charge=args.moba_charge,
+        procs_per_gpu=args.procs_per_gpu,
+        deadline_s=getattr(args, "deadline", defaults.deadline_s),
+    )
+
+
+def _plan_extra(args: argparse.Namespace) -> list[str]:
+    """The plan options that differ from the defaults, to repeat on each printed ``call`` command line."""
+    defaults = Machine()
+    extra = []
+    for flag, key in (
+        ("--tflops", "tflops"),
+        ("--shared-tflops", "shared_tflops"),
+        ("--moba-charge", "moba_charge"),
+        ("--procs-per-gpu", "procs_per_gpu"),
+    ):
+        if getattr(args, key) != getattr(defaults, key):
+            extra += [flag, f"{getattr(args, key):g}"]
+    return extra
+
+
+def _call(args: argparse.Namespace, registry: dict[str, Experiment], out: Path) -> int:
+    """``call N``: run call ``N`` of the plan (skipping runs complete in ``--results``), then pack its logs.
+
+    Returns:
+        0 when every lane finished and exited 0, else 1 (the archive is written either way).
+
+    Raises:
+        ValueError: no such call, a run complete in ``--results`` with another configuration, too few GPUs, or
+            nothing to pack.
+    """
+    runs = runs_by_name(list(registry.values()))
+    machine = _machine(args)
+    calls = plan_calls(list(runs.values()), machine)
+    if not 1 <= args.index <= len(calls):
+        raise ValueError(f"call {args.index}: the plan has calls 1..{len(calls)}")
+    call = calls[args.index - 1]
+    done = completed_runs(args.results)
+    for name in call.runs:
+        if name in done and done[name]["identity"] != runs[name].identity():
+            raise ValueError(f"{name}: {args.results} holds a completed run of another configuration")
+    needed = max(lane.gpu for lane in call.lanes) + 1
+    if torch.cuda.device_count() < needed:
+        # Without this check a lane on a missing GPU would train on the CPU (device "auto") for hours.
+        raise ValueError(f"call {args.index} needs {needed} GPUs, {torch.cuda.device_count()} visible")
+    scale = ["--mid"] if args.mid else ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
+    summary = run_call(call, out, scale_args=scale, skip=set(done), deadline_s=machine.deadline_s)
+    members = pack(out, args.archive, runs=call.runs)
+    print(f"{args.archive}: {len(members)} files; stopped lanes: {', '.join(summary['stopped']) or 'none'}")
+    ok = not summary["stopped"] and all(lane["returncode"] in (0, None) for lane in summary["lanes"])
+    return 0 if ok else 1

@@ -21,6 +21,14 @@ of three concurrent sweeps): sizes ``q1``..``q3`` (2 layers x 128, 4 x 256, 6 x 
 model runs eagerly, which saves minutes of Inductor compilation per run at these lengths). (a) at ``q1``..``q3``,
 (b) at ``q1``..``q2``, (c) and (d) at ``q2`` (4 layers: (d) keeps the last 1 or 2 of 4 dense).
 
+Mid scale (``--mid``; every run fits one call of the GPU machine, which keeps nothing between calls: see
+:mod:`examples.reproduce.callplan` for the time estimates and the grouping into calls): sizes ``m1``..``m4`` (3 layers
+x 192, 4 x 256, 5 x 320, 6 x 384; head dim 64), 131,072 tokens per step, ``aot_eager``. (a) at ``m1``..``m4`` with
+256 / 512 / 768 / 576 steps at 8K (24 / 21 / 16 / 7 tokens per parameter: the smaller sizes near compute-optimal, the
+largest as many steps as fit), (b) at ``m1``..``m3`` with 256 steps at 32K, (c) and (d) at ``m2`` (4 layers: (d) keeps
+the last 1 or 2 of 4 dense), and every (a) and (b) pair again with seed 1 (runs named ``...-seed1``), which also gives
+(c) and (d) a second seed of their shared full and MoBA runs.
+
 Runs shared between experiments have one name and are trained once. The smoke scale keeps every experiment's structure
 with 1-2 layer models, contexts 128/256, 8 steps, and the ``aot_eager`` compiler.
 """
@@ -33,7 +41,7 @@ from typing import Any
 
 from .config import RunConfig
 
-__all__ = ["EXPERIMENT_NAMES", "Experiment", "ExperimentRun", "experiments", "runs_by_name"]
+__all__ = ["EXPERIMENT_NAMES", "MID_SEEDS", "Experiment", "ExperimentRun", "experiments", "runs_by_name"]
 
 EXPERIMENT_NAMES = ("scaling", "trailing", "granularity", "hybrid")
 
@@ -85,6 +93,18 @@ _QUICK_SIZES = {
 }
 _QUICK_STEPS = 200
 
+# Mid scale: head dim 64; steps sized by examples/reproduce/callplan.py's estimate so that every run fits one GPU call.
+_MID_SIZES = {
+    "m1": _Size("m1", 3, 192, 3, 3e-3),
+    "m2": _Size("m2", 4, 256, 4, 2e-3),
+    "m3": _Size("m3", 5, 320, 5, 1.75e-3),
+    "m4": _Size("m4", 6, 384, 6, 1.5e-3),
+}
+_MID_STEPS_8K = {"m1": 256, "m2": 512, "m3": 768, "m4": 576}  # 16 x 8K = 131,072 tokens per step
+_MID_STEPS_32K = {"m1": 256, "m2": 256, "m3": 256}  # 4 x 32K = 131,072 tokens per step
+#: The seeds of the mid scale's (a) and (b) pairs: seed 0 (unsuffixed names) and a second seed for the seed spread.
+MID_SEEDS = (0, 1)
+
 _SMOKE_SIZES = {
     "t1": _Size("t1", 1, 32, 2, 1e-2),
     "t2": _Size("t2", 2, 64, 4, 1e-2),
@@ -115,6 +135,13 @@ def _quick_run(name: str, size: _Size, context: int, batch: int, **kw: Any) -> R
     steps = _QUICK_STEPS
     schedule = dict(warmup_steps=steps // 10, eval_every=steps // 4, ckpt_every=steps // 2)
     return _run(name, size, context, batch, steps, eval_batches=4, log_every=10, compiler="aot_eager", **schedule, **kw)
+
+
+def _mid_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw: Any) -> RunConfig:
+    # One checkpoint, at the end: nothing written on the GPU machine survives its call, so intermediate checkpoints
+    # would only cost time (a run that does not finish inside its call is lost either way).
+    schedule = dict(warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 8), ckpt_every=steps)
+    return _run(name, size, context, batch, steps, eval_batches=4, log_every=16, compiler="aot_eager", **schedule, **kw)
 
 
 def _smoke_run(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
@@ -151,22 +178,26 @@ METRICS = {
 }
 
 
-def experiments(smoke: bool = False, quick: bool = False) -> dict[str, Experiment]:
-    """The four experiments, at GPU scale, quick (one GPU session) scale, or smoke scale.
+def experiments(smoke: bool = False, quick: bool = False, mid: bool = False) -> dict[str, Experiment]:
+    """The four experiments, at GPU scale, mid (one GPU call per run) scale, quick (one GPU session) scale, or smoke.
 
     Args:
         smoke: tiny CPU configurations (whole pipeline in under a minute) instead of the GPU ones.
         quick: the reduced GPU configurations of the module docstring (200 steps, sizes ``q1``..``q3``).
+        mid: the configurations of the module docstring whose every run fits one GPU call (sizes ``m1``..``m4``, a
+            second seed of the (a) and (b) pairs).
 
     Returns:
-        ``{name: Experiment}`` for the names of :data:`EXPERIMENT_NAMES`, in that order.
+        ``{name: Experiment}`` for the names of :data:`EXPERIMENT_NAMES`, in that order. At the mid scale the seed-1
+        runs of (a) and (b) follow the seed-0 runs, with the same series and labels (the charts average them).
 
     Raises:
-        ValueError: both ``smoke`` and ``quick``.
+        ValueError: more than one of ``smoke``, ``quick`` and ``mid``.
     """
-    if smoke and quick:
-        raise ValueError("pick one scale: smoke or quick, not both")
+    if smoke + quick + mid > 1:
+        raise ValueError("pick one scale: smoke, quick or mid, not several")
     groups: dict[str, list[ExperimentRun]] = {name: [] for name in EXPERIMENT_NAMES}
+    seeds: tuple[int, ...] = (0,)
     if smoke:
         short, long = 128, 256
         sizes = _SMOKE_SIZES
@@ -189,6 +220,20 @@ def experiments(smoke: bool = False, quick: bool = False) -> dict[str, Experimen
 
         tag_short, tag_long = "8k", "32k"
         hybrid_dense, hybrid_switch = (1, 2), (0.10, 0.25)
+    elif mid:
+        short, long = 8192, 32768
+        sizes = _MID_SIZES
+        scaling_sizes, trailing_sizes, gran_size, hybrid_size = ["m1", "m2", "m3", "m4"], ["m1", "m2", "m3"], "m2", "m2"
+        chunk_short, chunk_long = 512, 2048
+        seeds = MID_SEEDS
+
+        def make(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
+            if context == short:
+                return _mid_run(name, size, context, 16, _MID_STEPS_8K[size.key], **kw)
+            return _mid_run(name, size, context, 4, _MID_STEPS_32K[size.key], **kw)
+
+        tag_short, tag_long = "8k", "32k"
+        hybrid_dense, hybrid_switch = (1, 2), (0.10, 0.25)
     else:
         short, long = 8192, 32768
         sizes = _GPU_SIZES
@@ -203,24 +248,28 @@ def experiments(smoke: bool = False, quick: bool = False) -> dict[str, Experimen
         tag_short, tag_long = "8k", "32k"
         hybrid_dense, hybrid_switch = (1, 2), (0.10, 0.25)
 
-    def pair(context: int, tag: str, chunk: int, key: str) -> tuple[RunConfig, RunConfig]:
+    def pair(context: int, tag: str, chunk: int, key: str, seed: int = 0) -> tuple[RunConfig, RunConfig]:
         size = sizes[key]
-        full = make(f"full-{tag}-{key}", size, context, attention="full")
-        moba = make(f"moba-{tag}-{key}", size, context, attention="moba", chunk_size=chunk, topk=3)
+        # Seed 0 keeps the unsuffixed names of the existing scales; other seeds are new runs with a "-seedN" suffix.
+        suffix = f"-seed{seed}" if seed else ""
+        full = make(f"full-{tag}-{key}{suffix}", size, context, attention="full", seed=seed)
+        moba = make(f"moba-{tag}-{key}{suffix}", size, context, attention="moba", chunk_size=chunk, topk=3, seed=seed)
         return full, moba
 
-    for key in scaling_sizes:
-        full, moba = pair(short, tag_short, chunk_short, key)
-        groups["scaling"] += [
-            ExperimentRun(full, "Full attention", _size_label(sizes[key])),
-            ExperimentRun(moba, f"MoBA (chunk {chunk_short}, top-3)", _size_label(sizes[key])),
-        ]
-    for key in trailing_sizes:
-        full, moba = pair(long, tag_long, chunk_long, key)
-        groups["trailing"] += [
-            ExperimentRun(full, "Full attention", _size_label(sizes[key])),
-            ExperimentRun(moba, f"MoBA (chunk {chunk_long}, top-3)", _size_label(sizes[key])),
-        ]
+    for seed in seeds:
+        for key in scaling_sizes:
+            full, moba = pair(short, tag_short, chunk_short, key, seed)
+            groups["scaling"] += [
+                ExperimentRun(full, "Full attention", _size_label(sizes[key])),
+                ExperimentRun(moba, f"MoBA (chunk {chunk_short}, top-3)", _size_label(sizes[key])),
+            ]
+    for seed in seeds:
+        for key in trailing_sizes:
+            full, moba = pair(long, tag_long, chunk_long, key, seed)
+            groups["trailing"] += [
+                ExperimentRun(full, "Full attention", _size_label(sizes[key])),
+                ExperimentRun(moba, f"MoBA (chunk {chunk_long}, top-3)", _size_label(sizes[key])),
+            ]
 
     full, _ = pair(short, tag_short, chunk_short, gran_size)
     groups["granularity"].append(ExperimentRun(full, "Full attention", "full"))

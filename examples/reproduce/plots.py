@@ -125,10 +125,19 @@ def _fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, flo
     return math.exp(my - b * mx), b
 
 
+def _seed_groups(exp: Experiment, series: str, logs: dict[str, dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """``{label: [(compute, final metric) per completed seed]}`` of one series (runs differing only by seed)."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for er in (r for r in exp.runs if r.series == series):
+        final = _final(logs.get(er.run.name), exp.metric)
+        if final is not None:
+            groups.setdefault(er.label, []).append((logs[er.run.name]["final"]["pflop_s_days"], final))
+    return groups
+
+
 def _plot_compute(ax: Any, exp: Experiment, logs: dict[str, dict[str, Any]]) -> None:
     colors = _colors(_series(exp))
     for series in _series(exp):
-        finals: list[tuple[float, float, str]] = []
         for er in (r for r in exp.runs if r.series == series):
             log = logs.get(er.run.name)
             if log is None:
@@ -136,12 +145,23 @@ def _plot_compute(ax: Any, exp: Experiment, logs: dict[str, dict[str, Any]]) -> 
             xs, ys = _eval_points(log, exp.metric, "compute")
             if xs:
                 ax.plot(xs, ys, color=colors[series], alpha=0.35, linewidth=1)
-            final = _final(log, exp.metric)
-            if final is not None:
-                finals.append((log["final"]["pflop_s_days"], final, er.label))
-        finals.sort()
+        # One point per size: the mean over its seeds, the error bar their range (none with one seed).
+        finals: list[tuple[float, float, str]] = []
+        spreads: list[float] = []
+        for label, points in sorted(_seed_groups(exp, series, logs).items(), key=lambda kv: min(kv[1])):
+            ys = [p[1] for p in points]
+            finals.append((sum(p[0] for p in points) / len(points), sum(ys) / len(ys), label))
+            spreads.append((max(ys) - min(ys)) / 2)
         if finals:
-            ax.plot([f[0] for f in finals], [f[1] for f in finals], "o-", color=colors[series], label=series)
+            ax.errorbar(
+                [f[0] for f in finals],
+                [f[1] for f in finals],
+                yerr=spreads if any(spreads) else None,
+                fmt="o-",
+                capsize=3,
+                color=colors[series],
+                label=series,
+            )
             for x, y, label in finals:
                 ax.annotate(label.split(" ")[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         fit = _fit_power_law([f[0] for f in finals], [f[1] for f in finals])
@@ -303,9 +323,46 @@ def _reference(exp: Experiment, er: ExperimentRun) -> ExperimentRun | None:
     if er.run.attention == "full":
         return None
     same = [r for r in fulls if r.label == er.label]
-    if same:
-        return same[0]
+    same_seed = [r for r in same if r.run.seed == er.run.seed]
+    if same_seed or same:
+        return (same_seed or same)[0]
     return fulls[0] if len(fulls) == 1 else None
+
+
+def _seed_table(exp: Experiment, logs: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines comparing MoBA with full attention over seeds, where some size has two or more seeds done.
+
+    Per size: the mean Δ (MoBA - full) over the seeds both have, the seed spread (the largest range of either method's
+    final metric over its seeds), and whether |mean Δ| is at least 3x that spread (the issue's rule for when a
+    difference is resolved). Nothing when no size has a second seed.
+    """
+    series = _series(exp)
+    if len(series) < 2 or exp.name not in ("scaling", "trailing"):
+        return []
+    by_series = {name: _seed_groups(exp, name, logs) for name in series}
+    full_name = next((name for name in series if name.startswith("Full")), series[0])
+    rows = []
+    for moba_name in (name for name in series if name != full_name):
+        for label, moba_points in by_series[moba_name].items():
+            full_points = by_series[full_name].get(label, [])
+            if len(moba_points) < 2 or len(full_points) < 2:
+                continue
+            fulls = [p[1] for p in full_points]
+            mobas = [p[1] for p in moba_points]
+            delta = sum(mobas) / len(mobas) - sum(fulls) / len(fulls)
+            spread = max(max(fulls) - min(fulls), max(mobas) - min(mobas))
+            resolved = "yes" if abs(delta) >= 3 * spread else "no"
+            rows.append(f"| {label} | {moba_name} | {len(mobas)} | {delta:+.4f} | {spread:.4f} | {resolved} |")
+    if not rows:
+        return []
+    return [
+        "Over seeds (mean Δ; spread: the largest range of either method's final value over its seeds):",
+        "",
+        "| size | method | seeds | mean Δ vs full | seed spread | abs(Δ) >= 3x spread |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def write_table(
@@ -380,9 +437,11 @@ def write_table(
             )
         lines += [
             "",
-            f"Δ vs full: difference of the {exp.metric.replace('_', ' ')} to the matching full-attention run.",
+            f"Δ vs full: difference of the {exp.metric.replace('_', ' ')} to the matching full-attention run (same "
+            "seed).",
             "",
         ]
+        lines += _seed_table(exp, logs)
     path = out / "results.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -4,7 +4,8 @@ Files of a run, in its directory:
 
 - ``log.json``: the configuration, corpus and model metadata, the per-phase layer plans and FLOPs per step, the sites
   the backend reported, one record per logged step (step, tokens, LR, loss, validation loss, trailing validation loss,
-  cumulative FLOPs and PFLOP/s-days, wall time), ``completed`` and ``final``. Rewritten after every record.
+  cumulative FLOPs and PFLOP/s-days, wall time), the sessions (steps, MoBA op executions, peak device memory),
+  ``completed`` and ``final``. Rewritten after every record.
 - ``checkpoint.pt``: model, optimizer, RNG states, the log so far and the loss accumulators, written atomically every
   ``ckpt_every`` steps, at an interruption (``stop_after``) and at the end. ``resume=True`` continues from it; since the
   batches are a pure function of ``(seed, step)`` and nothing else draws random numbers, a resumed run reproduces the
@@ -388,11 +389,15 @@ def train(
     interval = torch.tensor(carry, dtype=torch.float64, device=device)
 
     def session(done: int) -> dict[str, Any]:
+        # The peak memory of this process on the device: what the plan of GPU calls (callplan.py) only estimates, and
+        # needs measured before it puts two runs on one GPU with less margin.
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return {
             "start_step": start,
             "end_step": done,
             "moba_steps": moba_steps,
             "moba_calls": moba_call_count() - calls_before,
+            "max_memory_gib": peak,
         }
 
     def checkpoint(done: int, snapshot: dict[str, Any]) -> None:
