@@ -412,10 +412,11 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
 _DIV16 = {"sqb", "sqh", "skb", "skh", "skn", "svb", "svh", "svn", "smb", "smc", "C", "PIECE"}
 
 
-def compile_check(arch: int = 90) -> list[dict[str, Any]]:
+def compile_check(arch: int = 90, prefix: str | None = None) -> list[dict[str, Any]]:
     """Compile every decode kernel at the launchers' CUDA configurations for ``sm_<arch>``.
 
     Runs on a machine without a GPU (Triton's bundled compiler and ptxas); must not run under TRITON_INTERPRET.
+    ``prefix`` keeps only the variants whose name starts with it (e.g. ``"dense_"``, the dense decode's kernels).
     Returns one record per variant: name, config, shared memory, registers, spill bytes (``None`` without ptxas).
     """
     require_compiled_kernels()
@@ -483,6 +484,8 @@ def compile_check(arch: int = 90) -> list[dict[str, Any]]:
         variants.append((f"static_scatter-D{d}", dk._static_scatter_means_kernel,
                          {"fresh_ptr": "*fp32", "len_ptr": "*i64", "means_ptr": "*fp32"},
                          {"HEAD_D": d, "smd": 1}, 1, 1))  # fmt: skip
+    if prefix is not None:
+        variants = [v for v in variants if v[0].startswith(prefix)]
     return compile_variants(variants, arch, _DIV16, error_chars=400)
 
 

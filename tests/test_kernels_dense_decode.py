@@ -243,3 +243,17 @@ def test_split_k_runs_the_kernel_through_the_hf_path():
     assert ops.CALLS["dense_decode:triton"] == 2 * 3 and ops.CALLS["dense_decode:reference"] == 0
     decode = {s.layer: s for s in attention.report().sites if s.form == "kv-cache"}
     assert all(decode[i].decision == "dense" and "dense_decode = 'split_k'" in decode[i].reason for i in (0, 1))
+
+
+def test_dense_decode_kernel_compiles_for_h100_without_spills() -> None:
+    # No GPU here: compile the split-K attention kernel's SHARED branch (one work item per chunk for a GQA group) at
+    # the launcher's CUDA configurations for sm_90a with Triton's compiler and ptxas: it must compile, spill-free, on
+    # whichever Triton is installed (3.6 on the GPU machine, 3.9 in CI).
+    from kernel_cases import compile_check_records
+
+    code = (
+        "import json; from benchmarks.decode import compile_check; print(json.dumps(compile_check(prefix='dense_')))"
+    )
+    records = compile_check_records(["-c", code])
+    assert len(records) == 20 and all(r["ok"] for r in records.values()), records
+    assert all(r["spill_bytes"] == 0 for r in records.values()), records
