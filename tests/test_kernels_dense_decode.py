@@ -251,9 +251,7 @@ def test_dense_decode_kernel_compiles_for_h100_without_spills() -> None:
     # whichever Triton is installed (3.6 on the GPU machine, 3.9 in CI).
     from kernel_cases import compile_check_records
 
-    code = (
-        "import json; from benchmarks.decode import compile_check; print(json.dumps(compile_check(prefix='dense_')))"
-    )
+    code = "import json; from benchmarks.decode import compile_check; print(json.dumps(compile_check(prefix='dense_')))"
     records = compile_check_records(["-c", code])
     assert len(records) == 20 and all(r["ok"] for r in records.values()), records
     assert all(r["spill_bytes"] == 0 for r in records.values()), records
