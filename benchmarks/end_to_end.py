@@ -402,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plot-out", type=Path, default=None, help="the PNG's path (default: --out/end_to_end-plot.png)"
     )
+    parser.add_argument(
+        "--split-k",
+        action="store_true",
+        help="also time the MoBA model's captured decode step with dense_decode = 'split_k' (its dense layers on "
+        "MoBA's split-K decode kernels)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the JSON's name, for runs split across processes")
     parser.add_argument(
         "--profile-prefill",
@@ -451,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     model = build(config, dtype, device)
     attention = moba_compile.hf.register(policy, name="moba")
     variants = {"moba": ("moba", moba_compile.hf.MobaCache), "dense": ("sdpa", DynamicCache)}
+    graph_variants = [("moba", "moba"), ("dense", "sdpa")]
+    if args.split_k:
+        # The same MoBA model with its dense layers' decode steps on MoBA's split-K kernels (exactly dense attention).
+        moba_compile.hf.register({**policy, "dense_decode": "split_k"}, name="moba_splitk")
+        graph_variants.append(("moba_splitk", "moba_splitk"))
     rows = []
     gen = torch.Generator().manual_seed(0)
     meta = _versions()
@@ -538,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         attention.skip_cudnn_in_decode = True
         row["speedup"] = row["moba_tok_s"] / row["dense_tok_s"]
         if not args.no_graph:
-            for name, impl in (("moba", "moba"), ("dense", "sdpa")):
+            for name, impl in graph_variants:
                 model.set_attn_implementation(impl)
                 torch._dynamo.reset()  # each model compiles its own step
                 try:
@@ -559,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{name}_graph_tok_s"] = None
                     row.setdefault("errors", {})[f"{name}_graph"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 rate = meta["read_gbps"] * 1e9  # bytes per second
-                byt = step_bytes(config, params, policy, n, args.batch, name == "moba")
+                byt = step_bytes(config, params, policy, n, args.batch, name.startswith("moba"))
                 row[f"{name}_graph_bytes"] = byt
                 row[f"{name}_graph_bound_ms"] = byt / rate * 1e3
                 tok_s = row[f"{name}_graph_tok_s"]
@@ -569,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{name}_graph_ratio_to_bound"] = step_ms / row[f"{name}_graph_bound_ms"]
             if row.get("moba_graph_tok_s") and row.get("dense_graph_tok_s"):
                 row["graph_speedup"] = row["moba_graph_tok_s"] / row["dense_graph_tok_s"]
+            if row.get("moba_splitk_graph_tok_s") and row.get("dense_graph_tok_s"):
+                row["splitk_graph_speedup"] = row["moba_splitk_graph_tok_s"] / row["dense_graph_tok_s"]
         rows.append(row)
         if not args.smoke:
             save(rows)
@@ -582,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"moba {row['moba_graph_tok_s']:.1f} tok/s "
                 f"({row['moba_graph_ratio_to_bound']:.2f}x its read bound), dense {row['dense_graph_tok_s']:.1f} "
                 f"tok/s ({row['dense_graph_ratio_to_bound']:.2f}x), {row['graph_speedup']:.2f}x"
+            )
+        if "splitk_graph_speedup" in row:
+            print(
+                f"  moba with dense_decode = 'split_k': {row['moba_splitk_graph_tok_s']:.1f} tok/s "
+                f"({row['moba_splitk_graph_ratio_to_bound']:.2f}x its read bound), "
+                f"{row['splitk_graph_speedup']:.2f}x dense"
             )
         for field, err in row.get("errors", {}).items():
             print(f"  {field}: {err}")

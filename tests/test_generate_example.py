@@ -88,10 +88,12 @@ def test_end_to_end_benchmark_smoke_and_dry_run():
     plan = run("-m", "benchmarks.end_to_end", "--dry-run").stdout
     assert "B parameters" in plan and "524288 tokens" in plan
     out = run(
-        "-m", "benchmarks.end_to_end", "--smoke", "--repeats", "1", "--decode-steps", "2", "--profile-prefill", "256"
+        "-m", "benchmarks.end_to_end", "--smoke", "--repeats", "1", "--decode-steps", "2", "--profile-prefill", "256",
+        "--split-k",
     ).stdout
     assert "prefill     512" in out and "decode    1024" in out and "not saved" in out
     assert "prefill profile moba 256" in out and "prefill profile dense 256" in out
+    assert "moba with dense_decode = 'split_k'" in out  # the dense layers on the split-K kernels, same run
     # Both models also on their fastest decode path: a static cache and the step compiled once (issue 16).
     assert "static cache, compiled step" in out and "its read bound" in out
 
