@@ -88,7 +88,15 @@ def test_end_to_end_benchmark_smoke_and_dry_run():
     plan = run("-m", "benchmarks.end_to_end", "--dry-run").stdout
     assert "B parameters" in plan and "524288 tokens" in plan
     out = run(
-        "-m", "benchmarks.end_to_end", "--smoke", "--repeats", "1", "--decode-steps", "2", "--profile-prefill", "256",
+        "-m",
+        "benchmarks.end_to_end",
+        "--smoke",
+        "--repeats",
+        "1",
+        "--decode-steps",
+        "2",
+        "--profile-prefill",
+        "256",
         "--split-k",
     ).stdout
     assert "prefill     512" in out and "decode    1024" in out and "not saved" in out
