@@ -506,6 +506,25 @@ def moba_attention_jvp(
         return _cat_row_blocks(t_outs, t_lses, query, shapes.head_dim_v, acc)
 
 
+def _is_length(length: object, batch: int, device: torch.device) -> bool:
+    """Whether ``length`` is a static cache's per-row key count: an integer tensor ``[batch]`` or ``[]`` on ``device``
+    (the one check the static-cache references share)."""
+    return (
+        isinstance(length, Tensor)
+        and not length.dtype.is_floating_point
+        and not length.dtype.is_complex
+        and length.dtype != torch.bool
+        and length.dim() <= 1
+        and (length.dim() == 0 or length.shape[0] == batch)
+        and length.device == device
+    )
+
+
+def _described_length(length: object) -> str:
+    """``dtype shape`` of a rejected ``length`` (its type name when it is no tensor), for the error message."""
+    return f"{getattr(length, 'dtype', type(length).__name__)} {tuple(getattr(length, 'shape', ()))}"
+
+
 def moba_static_decode_forward(
     query: Tensor,
     key: Tensor,
@@ -556,18 +575,9 @@ def moba_static_decode_forward(
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
     b, hq, lq, slots, hkv = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k, shapes.heads_kv
     check_routing(routing)
-    if (
-        not isinstance(length, Tensor)
-        or length.dtype.is_floating_point
-        or length.dtype.is_complex
-        or length.dtype == torch.bool
-        or length.dim() > 1
-        or (length.dim() == 1 and length.shape[0] != b)
-        or length.device != query.device
-    ):
+    if not _is_length(length, b, query.device):
         raise ValueError(
-            f"length must be an integer tensor [B={b}] or [] on {query.device}, got "
-            f"{getattr(length, 'dtype', type(length).__name__)} {tuple(getattr(length, 'shape', ()))}"
+            f"length must be an integer tensor [B={b}] or [] on {query.device}, got {_described_length(length)}"
         )
     # The chunk parameters of the full buffer: a chunk's keys and the top-k count do not depend on the length.
     chunk_size, topk = bounded_params(slots, chunk_size, topk)
@@ -656,18 +666,9 @@ def dense_static_decode_forward(
     """
     shapes = check_moba_inputs(query, key, value, 1, 1, scale, attn_mask)
     b, hq, lq, slots, hkv = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k, shapes.heads_kv
-    if length is not None and (
-        not isinstance(length, Tensor)
-        or length.dtype.is_floating_point
-        or length.dtype.is_complex
-        or length.dtype == torch.bool
-        or length.dim() > 1
-        or (length.dim() == 1 and length.shape[0] != b)
-        or length.device != query.device
-    ):
+    if length is not None and not _is_length(length, b, query.device):
         raise ValueError(
-            f"length must be None or an integer tensor [B={b}] or [] on {query.device}, got "
-            f"{getattr(length, 'dtype', type(length).__name__)} {tuple(getattr(length, 'shape', ()))}"
+            f"length must be None or an integer tensor [B={b}] or [] on {query.device}, got {_described_length(length)}"
         )
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
     acc = _acc_dtype(query.dtype)

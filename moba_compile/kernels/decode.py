@@ -876,6 +876,18 @@ def moba_decode_triton(
     return _launch_decode(query, key, value, chunk_size, topk, scale, attn_mask, means, None, routing)
 
 
+def _is_device_length(length: object, query: Tensor) -> bool:
+    """Whether ``length`` is what the kernels read as per-row key counts: contiguous int64 ``[B]`` on the query's
+    device (the one check both static-cache entry points make)."""
+    return (
+        isinstance(length, Tensor)
+        and length.dtype == torch.int64
+        and tuple(length.shape) == (query.shape[0],)
+        and length.device == query.device
+        and length.is_contiguous()
+    )
+
+
 def moba_decode_static_triton(
     query: Tensor,
     key: Tensor,
@@ -926,13 +938,7 @@ def moba_decode_static_triton(
     """
     check_routing(routing)
     reason = decode_unsupported_reason(query, key, value, chunk_size, topk, attn_mask, means)
-    if reason is None and not (
-        isinstance(length, Tensor)
-        and length.dtype == torch.int64
-        and tuple(length.shape) == (query.shape[0],)
-        and length.device == query.device
-        and length.is_contiguous()
-    ):
+    if reason is None and not _is_device_length(length, query):
         reason = f"length must be a contiguous int64 [B={query.shape[0]}] tensor on {query.device}"
     if reason is not None:
         raise ValueError(f"MoBA static-cache decode cannot run: {reason}")
@@ -1044,17 +1050,7 @@ def dense_decode_triton(
         (torch.Size([1, 4, 1, 64]), torch.Size([1, 4, 1]))
     """
     reason = dense_decode_unsupported_reason(query, key, value, attn_mask, chunk_size)
-    if (
-        reason is None
-        and length is not None
-        and not (
-            isinstance(length, Tensor)
-            and length.dtype == torch.int64
-            and tuple(length.shape) == (query.shape[0],)
-            and length.device == query.device
-            and length.is_contiguous()
-        )
-    ):
+    if reason is None and length is not None and not _is_device_length(length, query):
         reason = f"length must be None or a contiguous int64 [B={query.shape[0]}] tensor on {query.device}"
     if reason is not None:
         raise ValueError(f"dense split-K decode cannot run: {reason}")
