@@ -385,8 +385,10 @@ def train(
         The log (also in ``run_dir/log.json``).
 
     Raises:
-        RunError: resuming with another configuration or corpus; the backend decided other layers than planned; or a
-            MoBA phase ran without a single real execution of the MoBA op (``moba_compile.ops.CALLS`` did not grow).
+        RunError: resuming with another configuration or corpus; the backend decided other layers than planned; a
+            MoBA phase (or a 0-step MoBA evaluation) ran without a single real execution of the MoBA op
+            (``moba_compile.ops.CALLS`` did not grow); or ``init_from`` names a run without a final checkpoint next
+            to ``run_dir``, or of another model shape or corpus (:func:`load_source_weights`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
