@@ -1,4 +1,5 @@
-"""The four experiments as named run configurations, at GPU scale and at smoke (CPU, tiny) scale.
+"""The experiments as named run configurations: the paper's four at every scale, and (e) the conversion of a trained
+dense model at the mid and smoke scales.
 
 GPU scale (one H100; sizes chosen for minutes per run, planned compute printed by ``python -m examples.reproduce
 list``; nothing here has been run on a GPU yet):
