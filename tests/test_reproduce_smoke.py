@@ -1,8 +1,10 @@
 """The small-scale reproduction pipeline (examples/reproduce) end to end, at smoke scale on the CPU.
 
-One subprocess runs ``python -m examples.reproduce --smoke`` (all four experiments through the ``moba`` backend with the
+One subprocess runs ``python -m examples.reproduce --smoke`` (all five experiments through the ``moba`` backend with the
 ``aot_eager`` compiler, a resume check, the charts and the table) into a temporary directory; the tests then read what
-it wrote. A few in-process checks cover the FLOP accounting against the real MoBA gate.
+it wrote. A few in-process checks cover the FLOP accounting against the real MoBA gate. The conversion experiment's
+runs start from a trained run's weights, so the checks of runs trained from scratch leave them out and
+``test_conversion_*`` check them instead.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from examples.reproduce.flops import causal_pairs, moba_pairs
 from moba_compile import reference
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = runs_by_name(list(experiments(smoke=True).values()))
+ALL_RUNS = runs_by_name(list(experiments(smoke=True).values()))
+#: The runs trained from scratch (every run but the conversion's converted ones).
+RUNS = {name: cfg for name, cfg in ALL_RUNS.items() if cfg.init_from is None}
+CONVERTED = {name: cfg for name, cfg in ALL_RUNS.items() if cfg.init_from is not None}
 LOSS_FIELDS = ("loss", "loss_avg")
 UNIFORM = math.log(256)  # the loss of predicting every byte uniformly
 
@@ -85,10 +90,10 @@ def test_moba_runs_went_through_the_moba_op(smoke_out: Path, name: str) -> None:
     ]
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", list(ALL_RUNS))
 def test_checkpoints_exist(smoke_out: Path, name: str) -> None:
     ckpt = torch.load(smoke_out / "runs" / name / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == RUNS[name].steps
+    assert ckpt["step"] == ALL_RUNS[name].steps
     assert set(ckpt) >= {"model", "optimizer", "rng_cpu", "log"}
 
 
@@ -110,12 +115,12 @@ def test_resume_reproduces_the_uninterrupted_run(smoke_out: Path) -> None:
 
 
 def test_plots_and_table_written(smoke_out: Path) -> None:
-    for name in ("scaling", "trailing", "granularity", "hybrid"):
+    for name in ("scaling", "trailing", "granularity", "hybrid", "conversion"):
         png = smoke_out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     table = (smoke_out / "results.md").read_text()
     assert "not a result" in table
-    for name in RUNS:
+    for name in ALL_RUNS:
         assert f"| {name} |" in table
     summary = json.loads((smoke_out / "summary.json").read_text())
     assert summary["moba_calls"] > 0 and summary["smoke"] is True
@@ -165,3 +170,53 @@ def test_quick_and_smoke_flags_are_exclusive_on_the_command_line() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert res.returncode == 2 and "--smoke and --quick" in res.stderr
+
+
+def test_conversion_runs_start_from_the_source_and_log_like_trained_runs(smoke_out: Path) -> None:
+    """The smoke conversion end to end: 0-step and continued runs from the trained dense run, their records, sites."""
+    exp = experiments(smoke=True)["conversion"]
+    source = exp.runs[0].run
+    assert source.init_from is None and source.attention == "full" and source.name in RUNS
+    src = _log(smoke_out, source.name)
+    assert set(CONVERTED) == {er.run.name for er in exp.runs[1:]} and len(CONVERTED) == 8
+    for name, cfg in CONVERTED.items():
+        log = _log(smoke_out, name)
+        assert cfg.init_from == source.name and log["completed"] and log["final"]["step"] == cfg.steps
+        assert log["init_from"] == {
+            "run": source.name,
+            "step": source.steps,
+            "val_loss": src["final"]["val_loss"],
+            "val_trailing_loss": src["final"]["val_trailing_loss"],
+        }
+        evals = [r for r in log["records"] if r["val_loss"] is not None]
+        assert evals and evals[-1]["step"] == cfg.steps
+        for rec in evals:
+            assert math.isfinite(rec["val_loss"]) and math.isfinite(rec["val_trailing_loss"])
+            assert rec["val_loss"] < UNIFORM  # a trained model's loss, not a fresh initialisation's
+        decisions = {s["decision"] for phase in log["sites"].values() for s in phase}
+        if cfg.attention == "moba":
+            assert log["moba_calls"] > 0 and decisions == {"moba"}
+        else:
+            assert log["moba_calls"] == 0 and decisions == {"dense"}
+        if cfg.steps == 0:
+            # Evaluate only: one record at step 0, no training loss, no training compute.
+            [rec] = log["records"]
+            assert rec["step"] == 0 and rec["loss"] is None and rec["flops"]["total"] == 0
+        else:
+            assert log["final"]["flops"]["total"] > 0 and cfg.steps < source.steps
+            assert cfg.lr == source.lr * source.min_lr_ratio  # continued from where the source's schedule ended
+
+
+def test_conversion_dense_baseline_reproduces_the_source(smoke_out: Path) -> None:
+    """The 0-step dense run evaluates the source's weights through the same path: the source's final losses exactly."""
+    exp = experiments(smoke=True)["conversion"]
+    source = exp.runs[0].run
+    [baseline] = [er.run for er in exp.runs if er.run.init_from and er.run.attention == "full" and er.run.steps == 0]
+    src, base = _log(smoke_out, source.name), _log(smoke_out, baseline.name)
+    assert base["final"]["val_loss"] == src["final"]["val_loss"]
+    assert base["final"]["val_trailing_loss"] == src["final"]["val_trailing_loss"]
+    table = (smoke_out / "results.md").read_text()
+    section = table[table.index("(e) Converting") :]
+    assert "reproduces the source's final validation loss" in section and "(difference +0.00e+00)" in section
+    top = next(er.run for er in exp.runs if er.run.attention == "moba" and er.run.steps == 0)
+    assert f"| {top.name} | MoBA C={top.chunk_size} k={top.topk}, from {source.name} |" in section

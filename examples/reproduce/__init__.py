@@ -3,7 +3,9 @@
 Small GPT-style byte-level causal LMs are trained from scratch on the bytes of the Python standard library's source
 files, with MoBA (through ``torch.compile(model, backend="moba", options={"policy": ...})``) and with full attention,
 and the paper's four charts are redrawn from the runs' JSON logs: (a) scaling of the LM loss with training compute,
-(b) the trailing-token loss at long context, (c) block granularity at 75% sparsity, (d) hybrid MoBA/full recipes.
+(b) the trailing-token loss at long context, (c) block granularity at 75% sparsity, (d) hybrid MoBA/full recipes;
+and (e) a trained full-attention model converted to MoBA, as is and after a short continued training (mid and smoke
+scales).
 
 Run from the repository root::
 

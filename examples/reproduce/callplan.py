@@ -32,7 +32,10 @@ lanes side by side when both lanes' runs fit in memory (estimated by :func:`memo
 their estimate at ``shared_tflops`` (35 TFLOP/s per process, 70 per GPU: between the 60 assumed for one process and
 the 87 measured for three on one H100) still fits. Small models leave the GPU partly idle (the step floor above), so
 two of them side by side finish sooner than one after the other; large models would only take longer, so they run
-alone. Best-fit decreasing, largest runs first, so the first call also measures the largest runs.
+alone. Best-fit decreasing, largest runs first, so the first call also measures the largest runs. A run that starts
+from another run's final checkpoint (``init_from``: the conversion experiment) is placed with it as one unit, after it
+in the same lane, since that checkpoint exists only inside the call that trained the source (:func:`check_dependencies`
+refuses any other placement).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, layer_plan, phase_at, switch_step
+from .config import RunConfig, eval_phase, layer_plan, switch_step
 from .flops import step_flops
 from .jsonio import write_json
 from .train import planned
@@ -61,11 +64,14 @@ __all__ = [
     "Machine",
     "RunEstimate",
     "call_command",
+    "check_dependencies",
+    "dependency_groups",
     "estimate",
     "format_plan",
     "memory_gib",
     "plan_calls",
     "run_call",
+    "runs_to_skip",
 ]
 
 #: Bytes of saved activations per token, per layer, per unit of model width: a rough upper estimate for training
@@ -215,7 +221,7 @@ def estimate(cfg: RunConfig, machine: Machine | None = None) -> RunEstimate:
     sw = switch_step(cfg)
     steps = {"full": cfg.steps} if cfg.attention == "full" else {"moba": sw, "full": cfg.steps - sw}
     evals = sorted({*range(cfg.eval_every, cfg.steps + 1, cfg.eval_every), cfg.steps})
-    eval_phases = [phase_at(cfg, done - 1) for done in evals]
+    eval_phases = [eval_phase(cfg, done) for done in evals]
     charged = sum(costs[p][0] * n for p, n in steps.items()) + sum(costs[p][1] for p in eval_phases)
     counted_eval = sum(costs[p][2] for p in eval_phases)
 
@@ -241,53 +247,134 @@ class _Gpu:
     lanes: list[Lane]
 
 
+def dependency_groups(runs: Sequence[RunConfig]) -> list[list[str]]:
+    """The runs as groups that must share a lane: a run with ``init_from`` joins the group of the run it starts from.
+
+    A converted run needs its source's final checkpoint, which exists only on the GPU machine, inside the call that
+    trained the source (a checkpoint never comes back from a call), so a source and everything converted from it
+    (transitively) are one group, trained by one process in order.
+
+    Args:
+        runs: the runs (distinct names).
+
+    Returns:
+        One list of run names per group, each source before the runs that start from it (else in the order of
+        ``runs``); groups in the order of their first run. A run without dependencies is a group of one.
+
+    Raises:
+        ValueError: a run starts from a run that is not among ``runs``, or ``init_from`` forms a cycle.
+    """
+    by_name = {cfg.name: cfg for cfg in runs}
+    missing = [f"{cfg.name} (from {cfg.init_from})" for cfg in runs if cfg.init_from and cfg.init_from not in by_name]
+    if missing:
+        raise ValueError(f"runs starting from a run the plan does not train: {', '.join(missing)}")
+
+    def chain(name: str) -> list[str]:
+        # The run, its source, the source's source... up to a run without init_from.
+        seen = [name]
+        while (parent := by_name[seen[-1]].init_from) is not None:
+            if parent in seen:
+                raise ValueError(f"init_from forms a cycle: {' -> '.join([*seen, parent])}")
+            seen.append(parent)
+        return seen
+
+    order = {cfg.name: i for i, cfg in enumerate(runs)}
+    groups: dict[str, list[str]] = {}
+    depth: dict[str, int] = {}
+    for cfg in runs:
+        path = chain(cfg.name)
+        depth[cfg.name] = len(path) - 1
+        groups.setdefault(path[-1], []).append(cfg.name)
+    out = [sorted(members, key=lambda n: (depth[n], order[n])) for members in groups.values()]
+    return sorted(out, key=lambda members: min(order[n] for n in members))
+
+
+def check_dependencies(calls: Sequence[Call], runs: Sequence[RunConfig]) -> None:
+    """Fail loudly when a plan puts a run that starts from another run's checkpoint anywhere but after it, in its lane.
+
+    Args:
+        calls: a plan (from :func:`plan_calls` or built by hand). runs: the runs' configurations.
+
+    Raises:
+        ValueError: a run with ``init_from`` whose source is not planned, or is in another call, another lane, or
+            later in the same lane (its checkpoint would not exist when the run starts).
+    """
+    where = {
+        name: (call.index, lane.tag, pos) for call in calls for lane in call.lanes for pos, name in enumerate(lane.runs)
+    }
+    problems = []
+    for cfg in runs:
+        if cfg.init_from is None or cfg.name not in where:
+            continue
+        mine, theirs = where[cfg.name], where.get(cfg.init_from)
+        if theirs is None:
+            problems.append(f"{cfg.name} starts from {cfg.init_from}, which no call trains")
+        elif mine[:2] != theirs[:2] or theirs[2] > mine[2]:
+            problems.append(
+                f"{cfg.name} (call {mine[0]} {mine[1]}, position {mine[2] + 1}) starts from {cfg.init_from} (call "
+                f"{theirs[0]} {theirs[1]}, position {theirs[2] + 1}), whose final checkpoint exists only in the "
+                "call and lane that train it, until the call ends: it must come after it in the same lane"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def plan_calls(
     runs: Sequence[RunConfig], machine: Machine | None = None, estimates: dict[str, RunEstimate] | None = None
 ) -> list[Call]:
     """Group runs into calls: lanes under the budget, one or two lanes per GPU, ``machine.gpus`` GPUs per call.
 
     The grouping depends only on the runs and the machine, so the same arguments always give the same calls (``call
-    N`` on the GPU machine recomputes it). Best-fit decreasing by estimated time alone: a run goes into the lane it
-    fills most (at the lane's rate: alone or shared), else into a new GPU, shared when it fits there (memory and time),
-    alone otherwise. A shared GPU left with one lane becomes an alone one. GPUs fill calls in order.
+    N`` on the GPU machine recomputes it). Runs that depend on each other (``init_from``, see
+    :func:`dependency_groups`) are placed as one unit, in order, in one lane; every other run is a unit of its own.
+    Best-fit decreasing by estimated time alone: a unit goes into the lane it fills most (at the lane's rate: alone or
+    shared), else into a new GPU, shared when it fits there (memory and time), alone otherwise. A shared GPU left with
+    one lane becomes an alone one. GPUs fill calls in order.
 
     Args:
         runs: the runs (distinct names). machine: limits and assumptions. estimates: precomputed estimates by name.
 
     Returns:
-        The calls, numbered from 1.
+        The calls, numbered from 1 (checked by :func:`check_dependencies`).
 
     Raises:
-        ValueError: a run whose estimate alone exceeds ``machine.lane_budget_s`` (it can never finish in one call).
+        ValueError: a run, or a group of dependent runs, whose estimate alone exceeds ``machine.lane_budget_s`` (it
+            can never finish in one call); or a dependency the plan cannot satisfy (see :func:`dependency_groups`).
     """
     machine = machine or Machine()
     est = estimates or {cfg.name: estimate(cfg, machine) for cfg in runs}
     budget = machine.lane_budget_s
-    too_big = [f"{cfg.name} ({est[cfg.name].seconds:.0f} s)" for cfg in runs if est[cfg.name].seconds > budget]
+    units = dependency_groups(runs)
+    too_big = [
+        f"{' + '.join(unit)} ({sum(est[n].seconds for n in unit):.0f} s)"
+        for unit in units
+        if sum(est[n].seconds for n in unit) > budget
+    ]
     if too_big:
         raise ValueError(f"runs over the {machine.lane_budget_s:.0f} s lane budget: {', '.join(too_big)}")
     share_memory = machine.gpu_memory_gib / 2
     gpus: list[_Gpu] = []
-    for cfg in sorted(runs, key=lambda c: (-est[c.name].seconds, c.name)):
-        e = est[cfg.name]
-        can_share = machine.procs_per_gpu == 2 and e.memory_gib <= share_memory
+    for unit in sorted(units, key=lambda u: (-sum(est[n].seconds for n in u), u[0])):
+        alone = sum(est[n].seconds for n in unit)
+        shared = sum(est[n].seconds_shared for n in unit)
+        can_share = machine.procs_per_gpu == 2 and max(est[n].memory_gib for n in unit) <= share_memory
         best: tuple[float, Lane] | None = None
         for gpu in gpus:
             if gpu.shared and not can_share:
                 continue
-            t = e.seconds_shared if gpu.shared else e.seconds
+            t = shared if gpu.shared else alone
             for lane in gpu.lanes:
                 room = machine.lane_budget_s - lane.seconds - t
                 if room >= 0 and (best is None or room < best[0]):
                     best = (room, lane)
         if best is not None:
-            best[1].runs.append(cfg.name)
-            best[1].seconds += e.seconds_shared if best[1].shared else e.seconds
+            best[1].runs.extend(unit)
+            best[1].seconds += shared if best[1].shared else alone
             continue
-        if can_share and e.seconds_shared <= machine.lane_budget_s:
-            gpu = _Gpu(True, [Lane(0, 0, True, [cfg.name], e.seconds_shared), Lane(0, 1, True)])
+        if can_share and shared <= machine.lane_budget_s:
+            gpu = _Gpu(True, [Lane(0, 0, True, list(unit), shared), Lane(0, 1, True)])
         else:
-            gpu = _Gpu(False, [Lane(0, 0, False, [cfg.name], e.seconds)])
+            gpu = _Gpu(False, [Lane(0, 0, False, list(unit), alone)])
         gpus.append(gpu)
     for gpu in gpus:
         if gpu.shared and not gpu.lanes[1].runs:
@@ -300,7 +387,31 @@ def plan_calls(
         for g, gpu in enumerate(gpus[i : i + machine.gpus]):
             lanes += [dataclasses.replace(lane, gpu=g) for lane in gpu.lanes]
         calls.append(Call(len(calls) + 1, lanes))
+    check_dependencies(calls, runs)
     return calls
+
+
+def runs_to_skip(call: Call, runs: Sequence[RunConfig], done: Collection[str]) -> set[str]:
+    """The runs of a call to leave out because they are complete in the results tree, keeping needed sources.
+
+    A source complete in the results tree (an earlier call's) is trained again when a run of this call that starts
+    from it is not complete: its checkpoint did not survive that earlier call.
+
+    Args:
+        call: the call. runs: the runs' configurations (at least the call's). done: names complete elsewhere.
+
+    Returns:
+        The names to skip.
+    """
+    by_name = {cfg.name: cfg for cfg in runs}
+    skip = {name for name in call.runs if name in done}
+    pending = [name for name in call.runs if name not in skip]
+    while pending:
+        source = by_name[pending.pop()].init_from
+        if source is not None and source in skip:
+            skip.discard(source)
+            pending.append(source)  # its own source, if any, is needed too
+    return skip
 
 
 def call_command(call: Call, *, out: str, archive_dir: str, results: str | None, extra: Sequence[str] = ()) -> str:

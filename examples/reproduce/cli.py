@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .archive import completed_runs, pack, unpack
-from .callplan import Machine, format_plan, plan_calls, run_call
+from .callplan import Machine, format_plan, plan_calls, run_call, runs_to_skip
 from .config import RunConfig, apply_overrides
 from .experiments import EXPERIMENT_NAMES, Experiment, experiments, runs_by_name
 from .jsonio import write_json
@@ -204,11 +204,13 @@ def list_runs(selected: Sequence[Experiment], smoke: bool) -> None:
             cfg = er.run
             plan = planned(cfg)
             flops = plan["flops"]
+            # An evaluate-only run (a converted model, 0 steps) trains nothing: no attention share to print.
+            share = f"{flops['attention'] / flops['total']:>5.0%}" if flops["total"] else f"{'-':>5}"
             print(
                 f"  {cfg.name:<34} {f'{cfg.n_layers}L x {cfg.d_model}':<13} {plan['params_matmul'] / 1e6:>6.2f}M "
                 f"{cfg.context:>6} {cfg.batch_size:>5} {cfg.steps:>5} {plan['tokens']:>12,} "
                 f"{plan['tokens'] / corpus.train.numel():>6.2f} {to_pflop_s_days(flops['total']):>9.2e} "
-                f"{flops['attention'] / flops['total']:>5.0%}  {describe_attention(cfg.to_dict())}"
+                f"{share}  {describe_attention(cfg.to_dict())}"
             )
 
 
@@ -236,9 +238,13 @@ def sweep(
     Returns:
         ``{run name: log}``.
 
+    A run complete only in ``done`` is trained again when a run to train starts from it (``init_from``): its checkpoint
+    is not in ``out``.
+
     Raises:
         RunError: a completed run in ``out`` or ``done`` has another configuration (use ``--restart`` or another
-            ``--out``), or a run failed (see :func:`examples.reproduce.train.train`).
+            ``--out``), or a run failed (see :func:`examples.reproduce.train.train`; a run whose ``init_from`` has no
+            final checkpoint in ``out``).
         ValueError: a name of ``only`` is not a run of the selected experiments.
     """
     logs = {}
@@ -248,12 +254,27 @@ def sweep(
         if unknown:
             raise ValueError(f"--only: {', '.join(unknown)} not among the selected experiments' runs")
         runs = {name: cfg for name, cfg in runs.items() if name in set(only)}
-    for i, cfg in enumerate(runs.values()):
-        cfg = apply_overrides(cfg, list(overrides))
-        run_dir = out / "runs" / cfg.name
-        existing = read_log(run_dir)
+    configs = [apply_overrides(cfg, list(overrides)) for cfg in runs.values()]
+    existing_logs: dict[str, dict[str, Any] | None] = {}
+    from_done: set[str] = set()
+    for cfg in configs:
+        existing = read_log(out / "runs" / cfg.name)
         if done and cfg.name in done and not (existing is not None and existing.get("completed")):
             existing = done[cfg.name]  # complete in the results tree: a run of an earlier call
+            from_done.add(cfg.name)
+        existing_logs[cfg.name] = existing
+    # A source complete only in the results tree has no checkpoint here (none comes back from a call): when a run that
+    # starts from it is still to train, the source trains again first (it comes earlier in the experiments' order).
+    pending = [c for c in configs if restart or not (existing_logs[c.name] or {}).get("completed")]
+    while pending:
+        source = pending.pop().init_from
+        if source in from_done:
+            from_done.discard(source)
+            existing_logs[source] = None
+            pending += [c for c in configs if c.name == source]
+    for i, cfg in enumerate(configs):
+        run_dir = out / "runs" / cfg.name
+        existing = existing_logs[cfg.name]
         if existing is not None and existing.get("completed") and not restart:
             if existing["identity"] != cfg.identity():
                 raise RunError(
@@ -525,7 +546,9 @@ def _call(args: argparse.Namespace, registry: dict[str, Experiment], out: Path) 
         # Without this check a lane on a missing GPU would train on the CPU (device "auto") for hours.
         raise ValueError(f"call {args.index} needs {needed} GPUs, {torch.cuda.device_count()} visible")
     scale = ["--mid"] if args.mid else ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
-    summary = run_call(call, out, scale_args=scale, skip=set(done), deadline_s=machine.deadline_s)
+    # Complete runs are skipped, except a source whose converted runs still need its checkpoint in this call.
+    skip = runs_to_skip(call, list(runs.values()), done)
+    summary = run_call(call, out, scale_args=scale, skip=skip, deadline_s=machine.deadline_s)
     members = pack(out, args.archive, runs=call.runs)
     print(f"{args.archive}: {len(members)} files; stopped lanes: {', '.join(summary['stopped']) or 'none'}")
     ok = not summary["stopped"] and all(lane["returncode"] in (0, None) for lane in summary["lanes"])

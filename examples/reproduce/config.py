@@ -11,6 +11,10 @@ A run trains with one of two attention phases per step:
 
 ``attention = "full"`` trains every step in the full phase. ``attention = "moba"`` trains in the MoBA phase, except the
 last ``switch_to_full_frac`` of the steps, which run the full phase (the paper's two-stage hybrid).
+
+A run with ``init_from = "<run>"`` starts from that run's final weights instead of a fresh initialisation (a trained
+model converted to another attention): weights only, with a fresh optimizer and learning-rate schedule. ``steps = 0``
+is allowed there and means evaluate only: one validation record at step 0, read like a trained run's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "RunConfig",
     "apply_overrides",
     "dense_policy",
+    "eval_phase",
     "layer_plan",
     "moba_policy",
     "phase_at",
@@ -67,12 +72,15 @@ class RunConfig:
         log_every: a log record every this many steps. ckpt_every: a checkpoint every this many steps (and at the end).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         amp: bfloat16 autocast on CUDA (ignored on the CPU, which trains in float32).
+        init_from: the name of a run (in the same output directory) whose final checkpoint gives the initial weights;
+            None: a fresh initialisation from ``seed``. With it, ``steps`` may be 0 (evaluate only).
         notes: free-form metadata, not part of the run's identity.
 
     Raises:
         ValueError: on construction, for an unknown ``attention``/``full_backend``/``compiler``, a width not divisible
             into even head dims, a batch not divisible into micro-batches, a switch fraction outside [0, 1) or on a
-            full-attention run, a context not a multiple of 16, or a count below 1.
+            full-attention run, a context not a multiple of 16, a count below 1 (``steps`` may be 0 with
+            ``init_from``), or ``init_from`` naming the run itself.
     """
 
     name: str
@@ -106,6 +114,7 @@ class RunConfig:
     ckpt_every: int = 100
     device: str = "auto"
     amp: bool = True
+    init_from: str | None = None
     notes: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,7 +134,11 @@ class RunConfig:
             raise ValueError(f"{self.name}: switch_to_full_frac only applies to attention='moba'")
         if self.context % 16:
             raise ValueError(f"{self.name}: context {self.context} must be a multiple of 16 (trailing 1/16)")
-        for key in ("steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "context", "batch_size"):
+        if self.init_from is not None and self.init_from == self.name:
+            raise ValueError(f"{self.name}: init_from names the run itself")
+        if self.steps < (0 if self.init_from is not None else 1):
+            raise ValueError(f"{self.name}: steps must be >= 1 (0, evaluate only, needs init_from)")
+        for key in ("eval_every", "eval_batches", "log_every", "ckpt_every", "context", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{self.name}: {key} must be >= 1")
 
@@ -156,7 +169,8 @@ class RunConfig:
         """The fields that determine the results: :meth:`to_dict` without ``name``, ``notes`` and bookkeeping.
 
         Two configs with equal identity train identical models (on the same corpus and hardware). Used to refuse
-        resuming a run whose configuration changed, and to check a reused run.
+        resuming a run whose configuration changed, and to check a reused run. ``init_from`` is left out when unset,
+        so the identities of logs written before the field existed still match.
 
         Returns:
             A dict.
@@ -164,6 +178,8 @@ class RunConfig:
         out = self.to_dict()
         for key in ("name", "notes", "log_every", "ckpt_every", "device"):
             out.pop(key)
+        if out["init_from"] is None:
+            out.pop("init_from")
         return out
 
 
@@ -200,6 +216,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = float(raw)
         elif key == "policy":
             value = None if raw in ("", "none", "None") else os.path.abspath(raw)
+        elif key == "init_from":
+            value = None if raw in ("", "none", "None") else raw
         else:
             value = raw
         changes[key] = value
@@ -262,6 +280,21 @@ def phase_at(cfg: RunConfig, step: int) -> str:
         ``"full"`` from :func:`switch_step` on, ``"moba"`` before.
     """
     return "full" if step >= switch_step(cfg) else "moba"
+
+
+def eval_phase(cfg: RunConfig, done: int) -> str:
+    """The attention phase a validation after ``done`` steps runs in: that of the last step, or at step 0 the first.
+
+    Args:
+        cfg: the run. done: steps completed (0 for an evaluate-only run).
+
+    Returns:
+        ``phase_at(cfg, done - 1)``; for ``done == 0``, ``"moba"`` for MoBA runs and ``"full"`` for full ones (a
+        0-step MoBA run has ``switch_step`` 0, but evaluates the converted model with MoBA).
+    """
+    if done == 0:
+        return "moba" if cfg.attention == "moba" else "full"
+    return phase_at(cfg, done - 1)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The four experiments as named run configurations, at GPU scale and at smoke (CPU, tiny) scale.
+"""The experiments as named run configurations: the paper's four at every scale, and (e) the conversion of a trained
+dense model at the mid and smoke scales.
 
 GPU scale (one H100; sizes chosen for minutes per run, planned compute printed by ``python -m examples.reproduce
 list``; nothing here has been run on a GPU yet):
@@ -29,8 +30,21 @@ largest as many steps as fit), (b) at ``m1``..``m3`` with 256 steps at 32K, (c) 
 the last 1 or 2 of 4 dense), and every (a) and (b) pair again with seed 1 (runs named ``...-seed1``), which also gives
 (c) and (d) a second seed of their shared full and MoBA runs.
 
+Conversion (mid and smoke scales only: ``conversion``; the question of a user converting a trained model): the dense
+run ``full-8k-m2`` is switched to MoBA, chunk 512 with top-k of its 16 blocks in :data:`MID_CONVERSION_TOPK`, and
+evaluated as it is (0 steps) and after a short continued training with MoBA (10% of the source's steps, from the
+source's final learning rate), against the source evaluated through the same path (0 steps, full attention: it must
+reproduce the source's final validation loss) and the source continued as long with full attention (so that the
+continued MoBA runs are compared with as much extra training). The runs start from the source's final checkpoint
+(``RunConfig.init_from``), which exists only on the GPU machine during the call that trained it, so the plan puts them
+in the source's lane after it (:func:`examples.reproduce.callplan.plan_calls`). Why ``m2`` at 8K: the largest
+full-attention run whose lane, with its eight conversion runs, fits one call's budget (``m3`` and ``m4`` do not), and
+at 8K it is trained near compute-optimal (21 tokens per parameter) where the 32K runs of its size get half that; the
+trailing loss (last 512 of 8K tokens) is measured where MoBA's sparsity is highest, 3 of 16 blocks at top-3, as at 32K.
+
 Runs shared between experiments have one name and are trained once. The smoke scale keeps every experiment's structure
-with 1-2 layer models, contexts 128/256, 8 steps, and the ``aot_eager`` compiler.
+with 1-2 layer models, contexts 128/256, 8 steps, and the ``aot_eager`` compiler (its conversion: ``full-128-t2``, top
+1/2/4 of 8 blocks, 2 continued steps).
 """
 
 from __future__ import annotations
@@ -41,9 +55,19 @@ from typing import Any
 
 from .config import RunConfig
 
-__all__ = ["EXPERIMENT_NAMES", "MID_SEEDS", "Experiment", "ExperimentRun", "experiments", "runs_by_name"]
+__all__ = [
+    "EXPERIMENT_NAMES",
+    "MID_CONVERSION_TOPK",
+    "MID_SEEDS",
+    "Experiment",
+    "ExperimentRun",
+    "conversion_runs",
+    "experiments",
+    "runs_by_name",
+]
 
-EXPERIMENT_NAMES = ("scaling", "trailing", "granularity", "hybrid")
+#: Every experiment name; ``conversion`` exists at the mid and smoke scales only (see :func:`experiments`).
+EXPERIMENT_NAMES = ("scaling", "trailing", "granularity", "hybrid", "conversion")
 
 
 @dataclass(frozen=True)
@@ -102,6 +126,11 @@ _MID_SIZES = {
 }
 _MID_STEPS_8K = {"m1": 256, "m2": 512, "m3": 768, "m4": 576}  # 16 x 8K = 131,072 tokens per step
 _MID_STEPS_32K = {"m1": 256, "m2": 256, "m3": 256}  # 4 x 32K = 131,072 tokens per step
+#: The MoBA top-k (of 16 blocks of 512 at 8K) the mid scale's conversion switches the dense model to: 87.5%, 81% and
+#: 62.5% of the blocks skipped at the last position; top-3 is the setting the MoBA runs of (a) train with from scratch.
+MID_CONVERSION_TOPK = (2, 3, 6)
+#: Continued training of a converted run, as a fraction of the source's steps (the brief's ~10%).
+CONVERSION_STEPS_FRAC = 0.1
 #: The seeds of the mid scale's (a) and (b) pairs: seed 0 (unsuffixed names) and a second seed for the seed spread.
 MID_SEEDS = (0, 1)
 
@@ -153,6 +182,58 @@ def _size_label(size: _Size) -> str:
     return f"{size.key} ({size.n_layers}L x {size.d_model})"
 
 
+def conversion_runs(
+    source: RunConfig, tag: str, chunk: int, topks: tuple[int, ...], steps: int, eval_every: int
+) -> list[ExperimentRun]:
+    """The runs converting a trained full-attention run to MoBA, each starting from its final weights (``init_from``).
+
+    For each top-k: MoBA evaluated as converted (0 steps) and after ``steps`` of continued MoBA training; plus the
+    source itself evaluated through the same path (0 steps, full attention: the baseline, which must reproduce the
+    source's final validation loss) and continued ``steps`` with full attention (the baseline of the continued runs).
+    Continued training starts a fresh AdamW at the source's final learning rate (``lr * min_lr_ratio``): re-warming to
+    the source's peak would first undo part of its training, which the comparison would then measure.
+
+    Args:
+        source: the trained full-attention run. tag: the run names' size tag (``"8k-m2"``). chunk: MoBA chunk size.
+        topks: the MoBA top-k values. steps: continued steps. eval_every: validation interval of the continued runs.
+
+    Returns:
+        The baseline, then per top-k the 0-step and continued runs, then the continued dense run; ``x`` is the
+        fraction of blocks skipped at the last position (0 for dense), ``label`` the top-k over the block count.
+
+    Raises:
+        ValueError: a source that is not a full-attention run, or a top-k not below the number of blocks.
+    """
+    if source.attention != "full":
+        raise ValueError(f"{source.name}: a conversion starts from a full-attention run")
+    blocks = source.context // chunk
+    if not all(1 <= k < blocks for k in topks):
+        raise ValueError(f"top-k {topks} must be in 1..{blocks - 1} ({blocks} blocks of {chunk} at {source.context})")
+
+    def convert(name: str, n: int, **kw: Any) -> RunConfig:
+        schedule = dict(warmup_steps=max(1, n // 10), eval_every=eval_every if n else 1, ckpt_every=max(1, n))
+        return dataclasses.replace(
+            source,
+            name=name,
+            init_from=source.name,
+            steps=n,
+            lr=source.lr * source.min_lr_ratio,
+            notes={"converted_from": source.name},
+            **schedule,
+            **kw,
+        )
+
+    out = [ExperimentRun(convert(f"conv-{tag}-dense-0", 0), "Dense (source), 0 steps", "dense", 0.0)]
+    for k in topks:
+        moba = dict(attention="moba", chunk_size=chunk, topk=k, dense_last=0, policy=None)
+        label, skipped = f"top-{k}/{blocks}", 1 - k / blocks
+        out.append(ExperimentRun(convert(f"conv-{tag}-top{k}-0", 0, **moba), "MoBA, 0 steps", label, skipped))
+        series = f"MoBA, {steps} steps"
+        out.append(ExperimentRun(convert(f"conv-{tag}-top{k}-{steps}", steps, **moba), series, label, skipped))
+    out.append(ExperimentRun(convert(f"conv-{tag}-dense-{steps}", steps), f"Dense, {steps} steps", "dense", 0.0))
+    return out
+
+
 CLAIMS = {
     "scaling": "LM loss vs training compute: MoBA and full attention stay within ~1e-3 (8K context, chunk 512, top-3).",
     "trailing": "Trailing LM loss (last 2K of 32K tokens) vs compute: MoBA slightly above full attention, the gap "
@@ -161,6 +242,8 @@ CLAIMS = {
     "settings match or beat full attention.",
     "hybrid": "MoBA for most of training then full attention, and keeping the last layers dense, recover the "
     "trailing-token loss.",
+    "conversion": "A model trained with full attention can be switched to MoBA: continued training with MoBA "
+    "(the paper's long-context continual pre-training) keeps its loss near full attention's.",
 }
 
 TITLES = {
@@ -168,6 +251,7 @@ TITLES = {
     "trailing": "(b) Trailing LM loss (last 1/16 of the context) vs training compute",
     "granularity": "(c) Block granularity at 75% sparsity",
     "hybrid": "(d) Hybrid MoBA / full attention",
+    "conversion": "(e) Converting a trained full-attention model to MoBA",
 }
 
 METRICS = {
@@ -175,6 +259,7 @@ METRICS = {
     "trailing": "val_trailing_loss",
     "granularity": "val_loss",
     "hybrid": "val_trailing_loss",
+    "conversion": "val_trailing_loss",
 }
 
 
@@ -188,8 +273,10 @@ def experiments(smoke: bool = False, quick: bool = False, mid: bool = False) -> 
             second seed of the (a) and (b) pairs).
 
     Returns:
-        ``{name: Experiment}`` for the names of :data:`EXPERIMENT_NAMES`, in that order. At the mid scale the seed-1
-        runs of (a) and (b) follow the seed-0 runs, with the same series and labels (the charts average them).
+        ``{name: Experiment}`` for the names of :data:`EXPERIMENT_NAMES`, in that order; ``conversion`` only at the
+        mid and smoke scales (the GPU scale was planned before it, and the quick scale's results are history). At the
+        mid scale the seed-1 runs of (a) and (b) follow the seed-0 runs, with the same series and labels (the charts
+        average them).
 
     Raises:
         ValueError: more than one of ``smoke``, ``quick`` and ``mid``.
@@ -298,10 +385,18 @@ def experiments(smoke: bool = False, quick: bool = False, mid: bool = False) -> 
         run = dataclasses.replace(moba, name=f"{moba.name}-switch{pct}", switch_to_full_frac=frac)
         groups["hybrid"].append(ExperimentRun(run, f"MoBA, full for the last {pct}%", f"full last {pct}%"))
 
-    return {
-        name: Experiment(name, TITLES[name], CLAIMS[name], METRICS[name], tuple(groups[name]))
-        for name in EXPERIMENT_NAMES
-    }
+    names = list(EXPERIMENT_NAMES)
+    if smoke or mid:
+        # The source is the seed-0 dense run of (a) at the size named in the module docstring, shared by name.
+        key, topks = ("t2", (1, 2, 4)) if smoke else ("m2", MID_CONVERSION_TOPK)
+        source, _ = pair(short, tag_short, chunk_short, key)
+        steps = 2 if smoke else round(source.steps * CONVERSION_STEPS_FRAC)
+        eval_every = 1 if smoke else max(1, steps // 8)
+        groups["conversion"].append(ExperimentRun(source, "Dense (source), trained", "source", 0.0))
+        groups["conversion"] += conversion_runs(source, f"{tag_short}-{key}", chunk_short, topks, steps, eval_every)
+    else:
+        names.remove("conversion")
+    return {name: Experiment(name, TITLES[name], CLAIMS[name], METRICS[name], tuple(groups[name])) for name in names}
 
 
 def runs_by_name(selected: list[Experiment]) -> dict[str, RunConfig]:

@@ -8,9 +8,13 @@ One chart per experiment, in ``<out>/plots/<experiment>.png``:
 - ``granularity``: final validation and trailing validation loss against the number of blocks (log-2 axis, labels
   ``top-k/blocks``), full attention as a dashed line;
 - ``hybrid``: trailing validation loss against training tokens (log-log) per run, and the final values side by side.
+- ``conversion``: final validation and trailing validation loss of the converted runs against the fraction of blocks
+  MoBA skips at the last position, as converted (0 steps) and after continued training, the dense source (dashed) and
+  the dense model continued as long (dotted) as lines.
 
 ``<out>/results.md`` holds one table per experiment: configuration, compute, final losses, the difference to the
-matching full-attention run, wall time and device. Runs without a log or not finished are listed as such.
+matching full-attention run, wall time and device (for ``conversion``: sparsity, steps, losses and their differences
+to the dense source and to the dense model continued as long). Runs without a log or not finished are listed as such.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def describe_attention(config: dict[str, Any]) -> str:
         The description.
     """
     if config["attention"] == "full":
-        return "full" + (" (torch.compile)" if config["full_backend"] == "torch" else "")
+        return "full" + (" (torch.compile)" if config["full_backend"] == "torch" else "") + _converted(config)
     if config["policy"] is not None:
         text = f"MoBA policy {config['policy'] if isinstance(config['policy'], str) else 'dict'}"
     else:
@@ -85,7 +89,13 @@ def describe_attention(config: dict[str, Any]) -> str:
             text += f", last {config['dense_last']} dense"
     if config["switch_to_full_frac"]:
         text += f", full last {round(config['switch_to_full_frac'] * 100)}%"
-    return text
+    return text + _converted(config)
+
+
+def _converted(config: dict[str, Any]) -> str:
+    """``", from <run>"`` for a run that starts from another run's weights (logs older than the field lack it)."""
+    source = config.get("init_from")
+    return f", from {source}" if source else ""
 
 
 def _eval_points(log: dict[str, Any], metric: str, x_key: str) -> tuple[list[float], list[float]]:
@@ -230,6 +240,37 @@ def _plot_hybrid(axes: Sequence[Any], exp: Experiment, logs: dict[str, dict[str,
     bar_ax.set_xlabel(f"final {_METRIC_LABELS[exp.metric]}")
 
 
+def _conversion_role(er: ExperimentRun) -> str:
+    """``"source"`` (the trained run), ``"dense0"``, ``"dense"`` (continued), ``"moba0"`` or ``"moba"`` (continued)."""
+    cfg = er.run
+    if cfg.init_from is None:
+        return "source"
+    return ("moba" if cfg.attention == "moba" else "dense") + ("0" if cfg.steps == 0 else "")
+
+
+def _plot_conversion(axes: Sequence[Any], exp: Experiment, logs: dict[str, dict[str, Any]]) -> None:
+    for ax, metric in zip(axes, ("val_loss", "val_trailing_loss")):
+        series: dict[str, list[tuple[float, float, str]]] = {}
+        for er in exp.runs:
+            final = _final(logs.get(er.run.name), metric)
+            role = _conversion_role(er)
+            if final is None or role == "source":  # the source's own value is the 0-step dense run's
+                continue
+            if role.startswith("dense"):
+                style = "--" if role == "dense0" else ":"
+                ax.axhline(final, linestyle=style, color="black", linewidth=1, label=er.series)
+            else:
+                series.setdefault(er.series, []).append((er.x or 0.0, final, er.label))
+        colors = _colors(list(series))
+        for name, points in series.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colors[name], label=name)
+            for x, y, label in points:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("fraction of blocks MoBA skips at the last position")
+        ax.set_ylabel(_METRIC_LABELS[metric])
+
+
 def _compute_x_ticks(ax: Any) -> None:
     """Decade labels only on the log compute axis: minor labels (2x10^-6 ...) overlap when runs span 1-2 decades."""
     from matplotlib.ticker import NullFormatter
@@ -279,6 +320,9 @@ def plot_experiment(exp: Experiment, logs: dict[str, dict[str, Any]], path: Path
     elif exp.name == "granularity":
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         _plot_granularity(axes, exp, logs)
+    elif exp.name == "conversion":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        _plot_conversion(axes, exp, logs)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
         _plot_hybrid(axes, exp, logs)
@@ -365,6 +409,66 @@ def _seed_table(exp: Experiment, logs: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def _conversion_table(exp: Experiment, logs: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of the conversion experiment: per run its sparsity, steps, losses, and differences.
+
+    Δ vs dense: to the source evaluated through the same path (the 0-step dense run). Δ vs dense continued: a
+    continued MoBA run against the dense model continued as many steps (the extra training alone also moves the loss).
+    A line under the table says whether the 0-step dense run reproduced the source's own final validation loss.
+    """
+    roles = {er.run.name: _conversion_role(er) for er in exp.runs}
+    by_role: dict[str, ExperimentRun] = {}
+    for er in exp.runs:
+        by_role.setdefault(roles[er.run.name], er)  # one source, one 0-step and one continued dense run
+    continued = by_role.get("dense")
+
+    def final(er: ExperimentRun | None, metric: str) -> float | None:
+        return None if er is None else _final(logs.get(er.run.name), metric)
+
+    def delta(er: ExperimentRun, ref: ExperimentRun | None, metric: str) -> str:
+        mine, theirs = final(er, metric), final(ref, metric)
+        return "-" if mine is None or theirs is None or er is ref else f"{mine - theirs:+.4f}"
+
+    lines = [
+        "| run | attention | blocks attended (skipped) | steps | compute (PFLOP/s-days) | val loss | "
+        "trailing val loss | Δ val vs dense | Δ trailing vs dense | Δ val vs dense continued | "
+        "Δ trailing vs dense continued |",
+        "|" + "---|" * 11,
+    ]
+    for er in exp.runs:
+        cfg, log = er.run, logs.get(er.run.name)
+        role = roles[cfg.name]
+        sparsity = "all" if role in ("source", "dense0", "dense") else f"{er.label} ({er.x:.1%})"
+        if log is None or not log.get("completed"):
+            done = log["records"][-1]["step"] if log and log["records"] else 0
+            lines.append(
+                f"| {cfg.name} | {describe_attention(cfg.to_dict())} | {sparsity} | {done}/{cfg.steps} "
+                f"({'not run' if log is None else 'incomplete'}) | - | - | - | - | - | - | - |"
+            )
+            continue
+        base = by_role.get("dense0")
+        vs_continued = role == "moba"
+        lines.append(
+            f"| {cfg.name} | {describe_attention(log['config'])} | {sparsity} | {cfg.steps} | "
+            f"{log['final']['pflop_s_days']:.3g} | {_fmt(final(er, 'val_loss'))} | "
+            f"{_fmt(final(er, 'val_trailing_loss'))} | {delta(er, base, 'val_loss') if role != 'source' else '-'} | "
+            f"{delta(er, base, 'val_trailing_loss') if role != 'source' else '-'} | "
+            f"{delta(er, continued, 'val_loss') if vs_continued else '-'} | "
+            f"{delta(er, continued, 'val_trailing_loss') if vs_continued else '-'} |"
+        )
+    lines.append("")
+    src, base = by_role.get("source"), by_role.get("dense0")
+    a, b = final(src, "val_loss"), final(base, "val_loss")
+    if src is not None and a is not None and b is not None:
+        lines += [
+            f"The 0-step dense run reproduces the source's final validation loss: {b:.6f} vs {a:.6f} "
+            f"(difference {b - a:+.2e}). Compute: each run's own; the continued runs add to the source's "
+            f"{logs[src.run.name]['final']['pflop_s_days']:.3g} PFLOP/s-days.",
+            "",
+        ]
+    return lines
+
+
 def write_table(
     out_dir: str | os.PathLike[str],
     experiments: Sequence[Experiment],
@@ -393,6 +497,9 @@ def write_table(
         chart = [p for p in plots if p.stem == exp.name]
         if chart:
             lines += [f"![{exp.name}]({os.path.relpath(chart[0], out)})", ""]
+        if exp.name == "conversion":
+            lines += _conversion_table(exp, logs)
+            continue
         lines.append(
             "| run | attention | model | context | steps | tokens | compute (PFLOP/s-days) | attention share | "
             "val loss | trailing val loss | Δ vs full | wall (s) | device |"
@@ -415,7 +522,7 @@ def write_table(
             done = log["records"][-1]["step"] if log["records"] else 0
             last = log["final"] if log.get("completed") else (log["records"][-1] if log["records"] else None)
             flops = last["flops"] if last else None
-            share = None if not flops else flops["attention"] / flops["total"]
+            share = None if not flops or not flops["total"] else flops["attention"] / flops["total"]
             delta = "-"
             ref = _reference(exp, er)
             if ref is not None and log.get("completed"):

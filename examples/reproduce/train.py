@@ -10,6 +10,10 @@ Files of a run, in its directory:
   ``ckpt_every`` steps, at an interruption (``stop_after``) and at the end. ``resume=True`` continues from it; since the
   batches are a pure function of ``(seed, step)`` and nothing else draws random numbers, a resumed run reproduces the
   uninterrupted one (bit for bit on the CPU; on GPUs up to the nondeterminism of their kernels).
+
+A run with ``init_from`` (a converted model) loads the weights of the named run's final ``checkpoint.pt`` from the
+sibling directory ``<run_dir>/../<init_from>`` before its first step; its optimizer and schedule start fresh. With
+``steps = 0`` it only evaluates: one record at step 0 with the validation losses (no training loss), then ``final``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from moba_compile.backend import collect_reports
 from moba_compile.report import Report
 
 from . import corpus as corpus_mod
-from .config import RunConfig, dense_policy, layer_plan, moba_policy, phase_at, switch_step
+from .config import RunConfig, dense_policy, eval_phase, layer_plan, moba_policy, phase_at, switch_step
 from .flops import step_flops, to_pflop_s_days
 from .jsonio import read_json, write_json
 from .model import GPT, matmul_params
@@ -46,6 +50,7 @@ __all__ = [
     "RunError",
     "compile_phase",
     "evaluate",
+    "load_source_weights",
     "lr_at",
     "moba_call_count",
     "planned",
@@ -222,14 +227,17 @@ def _plans(cfg: RunConfig, params: int) -> dict[str, dict[str, Any]]:
 
 
 def _cumulative_flops(log: dict[str, Any], done: int) -> dict[str, int]:
-    """FLOPs of the first ``done`` steps: the MoBA phase's per-step count before the switch, the full phase's after."""
+    """FLOPs of the first ``done`` steps: the MoBA phase's per-step count before the switch, the full phase's after.
+
+    Every key of the per-step counts is present, 0 for ``done == 0`` (an evaluate-only run), so readers need no case.
+    """
     sw = log["switch_step"]
-    total: dict[str, int] = {}
+    total: dict[str, int] = {key: 0 for phase in log["phases"].values() for key in phase["flops_per_step"]}
     for phase, steps in (("moba", min(done, sw)), ("full", max(0, done - sw))):
         if steps == 0:
             continue
         for key, value in log["phases"][phase]["flops_per_step"].items():
-            total[key] = total.get(key, 0) + value * steps
+            total[key] += value * steps
     return total
 
 
@@ -282,6 +290,60 @@ def _new_log(cfg: RunConfig, corpus: corpus_mod.Corpus, model: GPT, device: torc
     }
 
 
+def load_source_weights(cfg: RunConfig, model: GPT, run_dir: Path, corpus: corpus_mod.Corpus) -> dict[str, Any]:
+    """Load the final weights of ``cfg.init_from`` (``<run_dir>/../<init_from>/checkpoint.pt``) into ``model``.
+
+    Only a completed run's checkpoint is accepted: an intermediate one would convert a half-trained model without
+    saying so. The optimizer state is not loaded (a converted run starts a fresh optimizer and schedule).
+
+    Args:
+        cfg: the converted run (``init_from`` set). model: its freshly built model. run_dir: its directory.
+        corpus: the corpus it trains on (must be the source's: the dense baseline compares on the same split).
+
+    Returns:
+        ``{"run", "step", "val_loss", "val_trailing_loss"}`` of the source's final record, for the log.
+
+    Raises:
+        RunError: the source has no checkpoint, or only an unfinished one; it was trained on another corpus; or its
+            model's shape differs from ``cfg``'s. Each message names both runs.
+    """
+    source = cfg.init_from
+    assert source is not None
+    path = run_dir.parent / source / CKPT_NAME
+    if not path.exists():
+        raise RunError(
+            f"{cfg.name}: init_from={source!r}, but {path} does not exist: run {source} must finish in this output "
+            "directory first (its checkpoint is never packed, so it must train in the same call, earlier in the lane)"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    log = ckpt["log"]
+    if not log.get("completed") or ckpt["step"] != log["config"]["steps"]:
+        raise RunError(
+            f"{cfg.name}: init_from={source!r}, but {path} is not a final checkpoint (step {ckpt['step']} of "
+            f"{log['config']['steps']}): finish {source} first"
+        )
+    if log["corpus"]["sha256"] != corpus.sha256:
+        raise RunError(f"{cfg.name}: init_from={source!r} was trained on another corpus (sha256 differs)")
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
+    if mine != theirs:
+        src = log["config"]
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise RunError(
+            f"{cfg.name} ({cfg.n_layers}L x {cfg.d_model}, {cfg.n_heads} heads, mlp x{cfg.mlp_ratio}) cannot start "
+            f"from {source} ({src['n_layers']}L x {src['d_model']}, {src['n_heads']} heads, mlp x{src['mlp_ratio']}): "
+            f"the model shapes differ ({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})"
+        )
+    model.load_state_dict(ckpt["model"])
+    final = log["final"]
+    return {
+        "run": source,
+        "step": ckpt["step"],
+        "val_loss": final["val_loss"],
+        "val_trailing_loss": final["val_trailing_loss"],
+    }
+
+
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -323,8 +385,10 @@ def train(
         The log (also in ``run_dir/log.json``).
 
     Raises:
-        RunError: resuming with another configuration or corpus; the backend decided other layers than planned; or a
-            MoBA phase ran without a single real execution of the MoBA op (``moba_compile.ops.CALLS`` did not grow).
+        RunError: resuming with another configuration or corpus; the backend decided other layers than planned; a
+            MoBA phase (or a 0-step MoBA evaluation) ran without a single real execution of the MoBA op
+            (``moba_compile.ops.CALLS`` did not grow); or ``init_from`` names a run without a final checkpoint next
+            to ``run_dir``, or of another model shape or corpus (:func:`load_source_weights`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,6 +435,8 @@ def train(
         for stale in (ckpt_path, log_path):
             stale.unlink(missing_ok=True)
         log = _new_log(cfg, corpus, model, device)
+        if cfg.init_from is not None:
+            log["init_from"] = load_source_weights(cfg, model, run_dir, corpus)
         write_json(log_path, log)
 
     val = corpus_mod.val_batches(corpus, cfg.eval_batches, cfg.micro, cfg.context)
@@ -416,6 +482,35 @@ def train(
         )
 
     with collect_reports() as reports, _progress(cfg, start, progress) as bar:
+        if cfg.steps == 0:
+            # Evaluate only (a converted model as it is): the record a trained run writes at its last evaluation, at
+            # step 0, so plot and results read it like any other run.
+            phase = eval_phase(cfg, 0)
+            fn = compile_phase(model, cfg, phase)
+            calls_eval = moba_call_count()
+            val_loss, val_trailing = evaluate(fn, val, device, cfg)
+            if sparse and moba_call_count() == calls_eval:
+                raise RunError(f"{cfg.name}: the MoBA evaluation never executed the moba op (Dynamo fell back?)")
+            sites = _site_dicts(reports)
+            _check_sites(cfg, phase, sites)
+            log["sites"].setdefault(phase, sites)
+            flops = _cumulative_flops(log, 0)
+            log["records"].append(
+                {
+                    "step": 0,
+                    "tokens": 0,
+                    "phase": phase,
+                    "lr": None,
+                    "loss": None,
+                    "loss_avg": None,
+                    "val_loss": val_loss,
+                    "val_trailing_loss": val_trailing,
+                    "flops": flops,
+                    "pflop_s_days": 0.0,
+                    "wall_s": wall_offset + time.perf_counter() - session_start,
+                }
+            )
+            write_json(log_path, log)
         for step in range(start, end):
             wanted = phase_at(cfg, step)
             if wanted != phase:
