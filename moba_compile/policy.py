@@ -66,7 +66,8 @@ MODES: tuple[Mode, ...] = get_args(Mode)
 DenseSdpa = Literal["as_is", "flash_when_causal"]
 #: The values of :data:`DenseSdpa`, in the order messages list them.
 DENSE_SDPA: tuple[DenseSdpa, ...] = get_args(DenseSdpa)
-#: How the dense layers of a one-query decode step run on the Hugging Face path (the policy's ``dense_decode``):
+#: How the dense layers of a one-query decode step run (the policy's ``dense_decode``; the Hugging Face path, and the
+#: compile backend's static-cache steps):
 #: ``"sdpa"`` (the default) runs the layer's own SDPA call; ``"split_k"`` runs MoBA's split-K decode kernels with every
 #: earlier chunk selected and no gate (``moba::dense_decode``): the same attention, split over the keys so that a small
 #: batch fills the GPU, graph-safe on a static cache.
@@ -446,8 +447,9 @@ class Policy:
             (the compile backend runs flash attention at dense sites whose boolean mask is exactly causal at run
             time; numerics change within the flash kernel's rounding): see :data:`DenseSdpa`.
         dense_decode: ``"sdpa"`` (default: the dense layers of a decode step run their SDPA call) or ``"split_k"``
-            (on the Hugging Face path, a one-query decode step of a layer dense by the policy runs MoBA's split-K
-            decode kernels with every earlier chunk selected: exact dense attention, graph-safe on a static cache):
+            (on the Hugging Face path, and for static-cache steps on the compile backend, a one-query decode step of a
+            layer dense by the policy runs MoBA's split-K decode kernels with every earlier chunk selected: exact
+            dense attention, graph-safe on a static cache):
             see :data:`DenseDecode`.
         rules: Ordered rules.
         source: Where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` for one built in code), for

@@ -87,3 +87,31 @@ def test_sites_whose_topk_covers_every_chunk_are_flagged_effectively_dense():
     assert "covers all 16 keys" in covering.sites[0].reason
     sparse = explain(model, ids, policy={"chunk_size": 4, "topk": 2, "dense_last": 1})
     assert [(s.decision, s.effectively_dense) for s in sparse.sites] == [("moba", False), ("dense", False)]
+
+
+def test_dense_decode_split_k_runs_the_dense_layer_of_a_static_step_on_moba_dense_decode():
+    # dense_decode = "split_k" on the compile backend, as on the Hugging Face path: the policy's dense layer of a
+    # static-cache decode step runs moba::dense_decode (length from the mask on the device), equal to the same step
+    # with its SDPA call; the report says so. The MoBA layer still runs moba::static_decode.
+    cfg, model = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 37))
+    step = torch.randint(0, 64, (1, 1))
+    policy = {"chunk_size": 8, "topk": 2, "dense_last": 1}
+
+    def static():
+        return _prefilled(cfg, model, ids, transformers.StaticCache(config=cfg, max_cache_len=48))
+
+    results = {}
+    for mode in ("sdpa", "split_k"):
+        torch._dynamo.reset()
+        before = ops.CALLS.copy()
+        compiled = torch.compile(model, backend="moba", options={"policy": {**policy, "dense_decode": mode}})
+        with torch.no_grad():
+            results[mode] = compiled(step, **static()).logits
+        ran = ops.CALLS["dense_decode:reference"] - before["dense_decode:reference"]
+        assert ran == (1 if mode == "split_k" else 0), (mode, ran)
+        assert ops.CALLS["static_decode:reference"] - before["static_decode:reference"] == 1
+    torch.testing.assert_close(results["split_k"], results["sdpa"])
+    report = explain(model, step, **static(), policy={**policy, "dense_decode": "split_k"})
+    dense = [s for s in report.sites if s.decision == "dense"]
+    assert len(dense) == 1 and "dense_decode = 'split_k'" in dense[0].reason, report.sites

@@ -359,6 +359,7 @@ def rewrite_sdpa(
     replaced: dict[fx.Node, fx.Node] = {}  # converted SDPA node -> its replacement (a later site may consume it)
     converted: dict[fx.Node, tuple[str, str | None]] = {}  # converted SDPA node -> (impl note, mask tag)
     dense_converted: dict[fx.Node, str] = {}  # dense SDPA node run by moba::dense_attention -> its mask tag
+    split_k_converted: set[fx.Node] = set()  # dense static-cache decode steps run by moba::dense_decode
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     records: list[SiteRecord] = []
     kept_dense: list[str] = []  # why the policy kept a convertible site dense
@@ -384,6 +385,19 @@ def rewrite_sdpa(
             decided = decided.dense(reason("static_min_seq_len", min_seq_len=policy.min_seq_len))
         if decided.mode == "dense":
             record = decided.record(unit.module, layer, graph=graph_id)
+            if policy.dense_decode == "split_k" and site.blocker is None and site.static_cache:
+                # A one-query step over a static cache's buffer, dense (not by anything about the call): the policy
+                # asks for MoBA's split-K decode kernels with every earlier chunk, as on the Hugging Face path.
+                if site.node not in split_k_converted:
+                    _convert_static_dense_step(site, impl, replaced)
+                    split_k_converted.add(site.node)
+                if site.owner is not None:
+                    touched[id(site.owner)] = site.owner
+                how = "length read from the mask on the device"
+                records.append(replace(record, reason=f"{record.reason}; {reason('dense_split_k', how=how)}"))
+                if decided.by_policy:
+                    kept_dense.append(decided.reason)
+                continue
             if policy.dense_sdpa == "flash_when_causal" and site.blocker is None and site.attn_mask is not None:
                 # A site the pass could have converted, kept dense: the policy asks for flash where its mask allows.
                 why_not = None if site.node in dense_converted else _dense_flash_blocker(site, exported)
@@ -552,6 +566,29 @@ def _convert_static_step(
     chosen, why = resolve_impl(impl, q, k, v, chunk_size, topk, None)
     note = chosen if why in ("Triton kernels", f"impl={impl!r} requested") else f"{chosen} ({why})"
     return f"{note}, static_decode"
+
+
+def _convert_static_dense_step(site: SdpaSite, impl: str, replaced: dict[fx.Node, fx.Node]) -> None:
+    """Replace a dense one-query SDPA call over a static KV cache's buffer by ``moba::dense_decode`` (the policy's
+    ``dense_decode = "split_k"``; Dynamo graphs only): dense attention over the row's keys, the length read from the
+    step's boolean mask on the device, the mask (padding) applied, so the step stays graph-safe and exact."""
+    node = site.node
+    graph = node.graph
+    args = (site.query, site.key, site.value, site.attn_mask)
+    query, key, value, attn_mask = (replaced.get(a, a) if isinstance(a, fx.Node) else a for a in args)
+    with graph.inserting_before(node):
+        if site.autocast_dtype is not None:
+            query, key, value = (
+                _cast(graph, t, site.autocast_dtype, False) if _meta(t).dtype != site.autocast_dtype else t
+                for t in (query, key, value)
+            )
+        length = graph.call_function(_static_step_length, (attn_mask,))
+        out = graph.call_function(
+            ops.dense_decode,
+            (query, key, value),
+            {"length": length, "scale": site.scale, "attn_mask": attn_mask, "impl": impl},
+        )
+    _replace_site(site, out, (out,), replaced)
 
 
 def _mask_check(
