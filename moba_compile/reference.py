@@ -244,6 +244,23 @@ def _cat_row_blocks(
     return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
 
 
+def _attend_allowed(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention of a row block over the keys ``allowed`` marks: ``q`` ``[B, Hq, rows, D]``, ``k``/``v``
+    ``[B, Hkv, Lk, D/Dv]`` (in the accumulation dtype), ``allowed`` bool ``[B, Hq, rows, Lk]``. Returns ``out``
+    ``[B, Hq, rows, Dv]`` and the natural ``lse`` ``[B, Hq, rows]``; a row with no allowed key gets ``out = 0`` and
+    ``lse = -inf``. The one softmax of every reference forward (MoBA, static-cache MoBA, static-cache dense)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    s = (_fold_heads(q, hkv) @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~_fold_heads(allowed, hkv), -math.inf)
+    row_max = s.amax(dim=-1, keepdim=True).detach()  # a constant shift: it cancels, also in the gradient
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(s - row_max)  # exp(-inf) = 0 on masked keys, also in the gradient
+    denom = p.sum(dim=-1, keepdim=True)
+    out = (p @ v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    lse = (row_max + torch.log(denom)).squeeze(-1)
+    return _unfold_heads(out, hq), _unfold_heads(lse.unsqueeze(-1), hq).squeeze(-1)
+
+
 def moba_attention_forward(
     query: Tensor,
     key: Tensor,
@@ -300,17 +317,9 @@ def moba_attention_forward(
         with torch.no_grad():
             sel = _select_block(q_blk, means, pos, chunk_size, topk, routing)
             allowed = _allowed_block(sel, pos, shapes.len_k, chunk_size, _mask_rows(attn_mask, full, r0, r1))
-        allowed = _fold_heads(allowed, shapes.heads_kv)
-        s = (_fold_heads(q_blk.to(acc), shapes.heads_kv) @ k32.transpose(-1, -2)) * scale
-        s = s.masked_fill(~allowed, -math.inf)
-        row_max = s.amax(dim=-1, keepdim=True).detach()
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p = torch.exp(s - row_max)  # exp(-inf) = 0 on masked keys, also in the gradient
-        denom = p.sum(dim=-1, keepdim=True)
-        out = (p @ v32) / torch.where(denom > 0, denom, torch.ones_like(denom))
-        lse = (row_max + torch.log(denom)).squeeze(-1)
-        outs.append(_unfold_heads(out, shapes.heads_q))
-        lses.append(_unfold_heads(lse.unsqueeze(-1), shapes.heads_q).squeeze(-1))
+        out, lse = _attend_allowed(q_blk.to(acc), k32, v32, allowed, scale)
+        outs.append(out)
+        lses.append(lse)
     return _cat_row_blocks(outs, lses, query, shapes.head_dim_v, acc)
 
 
@@ -573,7 +582,7 @@ def moba_static_decode_forward(
         True
     """
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
-    b, hq, lq, slots, hkv = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k, shapes.heads_kv
+    b, hq, lq, slots = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k
     check_routing(routing)
     if not _is_length(length, b, query.device):
         raise ValueError(
@@ -612,17 +621,9 @@ def moba_static_decode_forward(
             mask_blk = _mask_rows(attn_mask, (b, hq, lq, slots), r0, r1)
             if mask_blk is not None:
                 allowed = allowed & mask_blk
-        allowed = _fold_heads(allowed, hkv)
-        s = (_fold_heads(q_blk.to(acc), hkv) @ k32.transpose(-1, -2)) * scale
-        s = s.masked_fill(~allowed, -math.inf)
-        row_max = s.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p = torch.exp(s - row_max)
-        denom = p.sum(dim=-1, keepdim=True)
-        out = (p @ v32) / torch.where(denom > 0, denom, torch.ones_like(denom))
-        lse = (row_max + torch.log(denom)).squeeze(-1)
-        outs.append(_unfold_heads(out, hq))
-        lses.append(_unfold_heads(lse.unsqueeze(-1), hq).squeeze(-1))
+        out, lse = _attend_allowed(q_blk.to(acc), k32, v32, allowed, scale)
+        outs.append(out)
+        lses.append(lse)
     return _cat_row_blocks(outs, lses, query, shapes.head_dim_v, acc)
 
 
@@ -665,7 +666,7 @@ def dense_static_decode_forward(
         True
     """
     shapes = check_moba_inputs(query, key, value, 1, 1, scale, attn_mask)
-    b, hq, lq, slots, hkv = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k, shapes.heads_kv
+    b, hq, lq, slots = shapes.batch, shapes.heads_q, shapes.len_q, shapes.len_k
     if length is not None and not _is_length(length, b, query.device):
         raise ValueError(
             f"length must be None or an integer tensor [B={b}] or [] on {query.device}, got {_described_length(length)}"
@@ -686,17 +687,9 @@ def dense_static_decode_forward(
             mask_blk = _mask_rows(attn_mask, (b, hq, lq, slots), r0, r1)
             if mask_blk is not None:
                 allowed = allowed & mask_blk
-        allowed = _fold_heads(allowed, hkv)
-        s = (_fold_heads(query[:, :, r0:r1].to(acc), hkv) @ k32.transpose(-1, -2)) * scale
-        s = s.masked_fill(~allowed, -math.inf)
-        row_max = s.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        p = torch.exp(s - row_max)
-        denom = p.sum(dim=-1, keepdim=True)
-        out = (p @ v32) / torch.where(denom > 0, denom, torch.ones_like(denom))
-        lse = (row_max + torch.log(denom)).squeeze(-1)
-        outs.append(_unfold_heads(out, hq))
-        lses.append(_unfold_heads(lse.unsqueeze(-1), hq).squeeze(-1))
+        out, lse = _attend_allowed(query[:, :, r0:r1].to(acc), k32, v32, allowed, scale)
+        outs.append(out)
+        lses.append(lse)
     return _cat_row_blocks(outs, lses, query, shapes.head_dim_v, acc)
 
 
