@@ -578,7 +578,7 @@ def moba_static_decode_forward(
         >>> q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 32, 8)
         >>> out, _ = moba_static_decode_forward(q, k, k, torch.tensor([20]), chunk_size=4, topk=2)
         >>> ref, _ = moba_attention_forward(q, k[:, :, :20], k[:, :, :20], chunk_size=4, topk=2)
-        >>> torch.allclose(out, ref)
+        >>> torch.allclose(out, ref, atol=1e-6)  # 32 slots vs 20 keys: matmuls of other shapes, fp32 rounding
         True
     """
     shapes = check_moba_inputs(query, key, value, chunk_size, topk, scale, attn_mask)
