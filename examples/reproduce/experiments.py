@@ -1,5 +1,5 @@
 """The experiments as named run configurations: the paper's four at every scale, and (e) the conversion of a trained
-dense model at the mid and smoke scales.
+dense model at the mid, large and smoke scales.
 
 GPU scale (one H100; sizes chosen for minutes per run, planned compute printed by ``python -m examples.reproduce
 list``; nothing here has been run on a GPU yet):
@@ -30,17 +30,26 @@ largest as many steps as fit), (b) at ``m1``..``m3`` with 256 steps at 32K, (c) 
 the last 1 or 2 of 4 dense), and every (a) and (b) pair again with seed 1 (runs named ``...-seed1``), which also gives
 (c) and (d) a second seed of their shared full and MoBA runs.
 
-Conversion (mid and smoke scales only: ``conversion``; the question of a user converting a trained model): the dense
-run ``full-8k-m2`` is switched to MoBA, chunk 512 with top-k of its 16 blocks in :data:`MID_CONVERSION_TOPK`, and
-evaluated as it is (0 steps) and after a short continued training with MoBA (10% of the source's steps, from the
-source's final learning rate), against the source evaluated through the same path (0 steps, full attention: it must
-reproduce the source's final validation loss) and the source continued as long with full attention (so that the
-continued MoBA runs are compared with as much extra training). The runs start from the source's final checkpoint
-(``RunConfig.init_from``), which exists only on the GPU machine during the call that trained it, so the plan puts them
-in the source's lane after it (:func:`examples.reproduce.callplan.plan_calls`). Why ``m2`` at 8K: the largest
-full-attention run whose lane, with its eight conversion runs, fits one call's budget (``m3`` and ``m4`` do not), and
-at 8K it is trained near compute-optimal (21 tokens per parameter) where the 32K runs of its size get half that; the
-trailing loss (last 512 of 8K tokens) is measured where MoBA's sparsity is highest, 3 of 16 blocks at top-3, as at 32K.
+Large scale (``--large``; the next one, planned with the estimate fitted to the mid runs, see
+:mod:`examples.reproduce.calibrate`): sizes ``l1``..``l4`` (2 layers x 128, 3 x 192, 4 x 256, 5 x 320; head dim 64),
+the ``stdlib+site-packages`` corpus (:data:`LARGE_CORPUS`), 4 validations of :data:`LARGE_EVAL_BATCHES` micro-batches.
+(a) at ``l1``..``l4`` with 128 / 208 / 400 / 592 steps at 8K (39 / 20 / 16 / 12 tokens per parameter), (b) at
+``l1``..``l3`` with 160 steps at 32K, (c), (d) and (e) at ``l3``; three seeds (:data:`LARGE_SEEDS`) of every (a) and
+(b) pair and of (c)'s coarsest and finest settings (:data:`LARGE_GRANULARITY_SEEDED`) with the full run they compare
+with. 63 runs in 4 calls of the 2-GPU machine, two per command.
+
+Conversion (mid, large and smoke scales only: ``conversion``; the question of a user converting a trained model): the
+dense run ``full-8k-m2`` (at the large scale ``full-8k-l3``, the same shape) is switched to MoBA, chunk 512 with top-k
+of its 16 blocks in :data:`MID_CONVERSION_TOPK`, and evaluated as it is (0 steps) and after a short continued training
+with MoBA (10% of the source's steps, from the source's final learning rate), against the source evaluated through the
+same path (0 steps, full attention: it must reproduce the source's final validation loss) and the source continued as
+long with full attention (so that the continued MoBA runs are compared with as much extra training). The runs start from
+the source's final checkpoint (``RunConfig.init_from``), which exists only on the GPU machine during the call that
+trained it, so the plan puts them in the source's lane after it (:func:`examples.reproduce.callplan.plan_calls`). Why
+``m2`` at 8K: the largest full-attention run whose lane, with its eight conversion runs, fits one call's budget (``m3``
+and ``m4`` do not), and at 8K it is trained near compute-optimal (21 tokens per parameter) where the 32K runs of its
+size get half that; the trailing loss (last 512 of 8K tokens) is measured where MoBA's sparsity is highest, 3 of 16
+blocks at top-3, as at 32K.
 
 Runs shared between experiments have one name and are trained once. The smoke scale keeps every experiment's structure
 with 1-2 layer models, contexts 128/256, 8 steps, and the ``aot_eager`` compiler (its conversion: ``full-128-t2``, top
