@@ -440,6 +440,7 @@ def test_the_site_packages_corpus_on_a_temp_tree(tmp_path: Path) -> None:
         },
     )
     site2 = _tree(tmp_path / "site2", {"dup.py": "second\n", "zeta.py": "z = 26\n"})
+    (site2 / "gone.py").symlink_to(site2 / "missing.py")  # a dangling link: skipped, not an error
     files, skipped = site_files([site1, site2])
     assert [key for key, _ in files] == [
         f"{SITE_PREFIX}{k}" for k in ("dup.py", "pkg/__init__.py", "pkg/mod.py", "zeta.py")

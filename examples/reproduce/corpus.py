@@ -199,19 +199,24 @@ def package_versions(roots: Sequence[str | os.PathLike[str]]) -> dict[str, str]:
 
 
 def _py_files(base: Path) -> list[tuple[str, Path]]:
-    """``(relative POSIX path, path)`` of the ``.py`` files under ``base``, skipping :data:`_SKIP_DIRS`, unsorted."""
+    """``(relative POSIX path, path)`` of the ``.py`` files under ``base``, skipping :data:`_SKIP_DIRS`, unsorted.
+
+    Directories are not followed through symbolic links, and an entry that is no readable file (a dangling link, which
+    an installed package may leave) is skipped rather than failing the whole corpus.
+    """
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
         for name in filenames:
-            if name.endswith(".py"):
-                path = Path(dirpath) / name
+            path = Path(dirpath) / name
+            if name.endswith(".py") and path.is_file():
                 found.append((path.relative_to(base).as_posix(), path))
     return found
 
 
 def _is_val(relative: str, val_permille: int) -> bool:
-    return zlib.crc32(relative.encode("utf-8")) % 1000 < val_permille
+    # surrogateescape: a file name that is not UTF-8 (os.walk decodes it so) still hashes, to its original bytes.
+    return zlib.crc32(relative.encode("utf-8", "surrogateescape")) % 1000 < val_permille
 
 
 @functools.lru_cache(maxsize=4)
