@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from examples.reproduce.callplan import (
+    MID_MACHINE,
     Call,
     Lane,
-    Machine,
     check_dependencies,
     dependency_groups,
     estimate,
@@ -32,7 +32,7 @@ from examples.reproduce.train import RunError, read_log, train
 
 MID = experiments(mid=True)
 RUNS = runs_by_name(list(MID.values()))
-MACHINE = Machine()
+MACHINE = MID_MACHINE
 CONV = MID["conversion"]
 SOURCE = CONV.runs[0].run
 CONVERTED = [er.run for er in CONV.runs[1:]]

@@ -19,7 +19,7 @@ import pytest
 
 from examples.reproduce import callplan
 from examples.reproduce.archive import ARCHIVE_LIMIT_BYTES, completed_runs, pack, unpack
-from examples.reproduce.callplan import Call, Lane, Machine, estimate, plan_calls, run_call
+from examples.reproduce.callplan import MID_MACHINE, Call, Lane, estimate, plan_calls, run_call
 from examples.reproduce.cli import sweep
 from examples.reproduce.config import RunConfig
 from examples.reproduce.experiments import MID_SEEDS, experiments, runs_by_name
@@ -29,7 +29,7 @@ from examples.reproduce.train import RunError
 ROOT = Path(__file__).resolve().parents[1]
 MID = experiments(mid=True)
 RUNS = runs_by_name(list(MID.values()))
-MACHINE = Machine()
+MACHINE = MID_MACHINE
 ESTIMATES = {name: estimate(cfg, MACHINE) for name, cfg in RUNS.items()}
 
 
@@ -324,7 +324,7 @@ def test_call_command_lines_stay_short() -> None:
 def test_the_docs_show_the_plan_the_code_makes() -> None:
     """docs/reproduction.md's tables of mid runs and calls are those of ``list --mid`` at the default assumptions."""
     doc = (ROOT / "docs" / "reproduction.md").read_text(encoding="utf-8")
-    section = doc[doc.index("## Mid scale (runs that fit one GPU call)") : doc.index("## Commands")]
+    section = doc[doc.index("## Mid scale (runs that fit one GPU call)") : doc.index("## Large scale (next)")]
     calls = plan_calls(list(RUNS.values()), MACHINE)
     assert f"**{len(calls)} calls" in section and f"{len(RUNS)} runs" in section
     rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}

@@ -1,41 +1,41 @@
-"""Time estimates for runs and their grouping into calls of the GPU machine (the mid scale's plan).
+"""Time estimates for runs and their grouping into calls of the GPU machine (the mid and large scales' plans).
 
 The GPU machine this project borrows keeps nothing between calls: one command runs at most 10 minutes, at most 8
-files of 16 MiB come back from it, and a session has 30 device minutes. A run that does not finish inside one call is
-lost (its checkpoint, with the optimizer, is far over 16 MiB), so every run of the mid scale must fit one call, and a
+files of 16 MiB come back from it, and a session has 30 device minutes. A run that does not finish inside one command
+is lost (its checkpoint, with the optimizer, is far over 16 MiB), so every run of these scales must fit one call, and a
 call's runs come back as one archive of their logs (:mod:`examples.reproduce.archive`).
 
-**The estimate** of a run's wall time, on one GPU, is an assumption to replace with measurements (each log records
-the wall time of every record; the ``max_memory_gib`` of its sessions):
+**The estimate** of a run's wall time, on one GPU (:class:`Machine`; two step models):
 
-- ``startup_s`` per run (process start, corpus, model, compilation: the quick-scale runs on an H100 logged 3-34 s up
-  to their first record, its 10 steps included, with the ``aot_eager`` compiler the mid scale uses; 30 s assumed);
-- per optimizer step, the step's *charged* FLOPs at ``tflops`` (60 TFLOP/s per process alone on an H200: a conservative
-  assumption; three concurrent processes on one H100 measured 87 TFLOP/s together), but never less than
-  ``step_floor_s`` (0.1 s: the smallest quick-scale models took 110-160 ms per step whatever their FLOPs, a floor of
-  launches, Python and data);
-- validation: a forward pass (a third of the dense and attention FLOPs, plus the gate) over ``eval_batches``
-  micro-batches, at every ``eval_every`` steps and at the end.
+- ``step_model = "sum"`` (the default, fitted to the 45 mid-scale runs on the 2x H200 machine by
+  :mod:`examples.reproduce.calibrate`; its numbers and residuals are in docs/reproduction.md): a training step takes
+  ``step_floor_s`` (launches, Python, data: eager kernels of small models are launch-bound) plus ``moba_layer_s`` per
+  MoBA layer (a fixed cost of its kernels; fitted 0: the gate's charge explains it) plus its *charged* FLOPs at
+  ``tflops``; a validation pass over one step's worth of sequences takes a third of that (forward only). Two processes
+  on one GPU each run at ``shared_tflops / tflops`` of their speed alone, launches included (measured: about 2.2x
+  slower each, as if the GPU time-sliced between them; sharing gains nothing, so ``procs_per_gpu`` is 1).
+- ``step_model = "max"`` (the assumption the mid scale was planned with, :data:`MID_MACHINE`, kept so that its call
+  numbers still name the runs they ran): a step takes its charged FLOPs at ``tflops`` (``shared_tflops`` with two
+  processes on the GPU), but never less than ``step_floor_s``; validation its forward FLOPs at the same rate.
 
-*Charged* FLOPs are the repository's count (:mod:`examples.reproduce.flops`) with one change: a MoBA layer's attention
-is charged ``moba_charge`` (2.0) times the FLOPs **full** attention would cost in that layer, not its attended pairs.
-The quick-scale H100 runs show why: every MoBA run took longer than its full-attention partner (1.1-1.9x the wall
-time, although it counts a third to a half of the FLOPs), so counted MoBA FLOPs ran at a fifth to two fifths of full
-attention's rate. The kernel benchmarks have improved since (MoBA's fwd+bwd 0.88x of dense SDPA's time at 8K C512 K3,
-0.65x at 32K C2048 K3 on an H200), so 2.0 is an upper bound that keeps a MoBA run from overrunning its call. Lower it
-after measuring.
+Each run adds ``startup_s`` (model, compilation of its graphs, checkpoint), each lane ``lane_startup_s`` (the process:
+Python, torch and the corpus), each call ``setup_s`` (starting it, packing the logs).
+
+*Charged* FLOPs are the repository's count (:mod:`examples.reproduce.flops`) with two changes: a MoBA layer's attention
+is charged ``moba_charge`` times the FLOPs **full** attention would cost in that layer, not its attended pairs (its
+cost follows the kernels' work more than the pairs it attends; fitted: 1.22), and the gate's counted FLOPs
+``gate_charge`` times (its scores and top-k are memory- and launch-bound; fitted: 1696, which is what makes 128 chunks
+of 64 cost 0.13 s per step where 16 chunks of 512 cost 0.08).
 
 **Grouping** (:func:`plan_calls`): runs go into *lanes* (the runs one process trains one after the other in a call)
-whose estimated total stays under ``lane_budget_s`` (7 minutes: the call's 10 leave 3 for starting the processes,
-packing the logs, and an assumed rate that was too high); a call has ``gpus`` GPUs, each running one lane, or two
-lanes side by side when both lanes' runs fit in memory (estimated by :func:`memory_gib`, up to half the GPU each) and
-their estimate at ``shared_tflops`` (35 TFLOP/s per process, 70 per GPU: between the 60 assumed for one process and
-the 87 measured for three on one H100) still fits. Small models leave the GPU partly idle (the step floor above), so
-two of them side by side finish sooner than one after the other; large models would only take longer, so they run
-alone. Best-fit decreasing, largest runs first, so the first call also measures the largest runs. A run that starts
-from another run's final checkpoint (``init_from``: the conversion experiment) is placed with it as one unit, after it
-in the same lane, since that checkpoint exists only inside the call that trained the source (:func:`check_dependencies`
-refuses any other placement).
+whose estimated total stays under ``lane_budget_s``; a call has ``gpus`` GPUs, each running one lane, or two lanes side
+by side when ``procs_per_gpu`` is 2 and both lanes' runs fit in memory (estimated by :func:`memory_gib`, up to half the
+GPU each) and their estimate at the shared rate still fits. Best-fit decreasing, largest runs first, so the first call
+also measures the largest runs. A run that starts from another run's final checkpoint (``init_from``: the conversion
+experiment) is placed with it as one unit, after it in the same lane, since that checkpoint exists only inside the call
+that trained the source (:func:`check_dependencies` refuses any other placement). Several calls can run one after the
+other in one command (``calls A-B``, :func:`command_groups`): each starts only when its estimate fits the time left
+before the command's deadline.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -59,18 +60,27 @@ from .jsonio import write_json
 from .train import planned
 
 __all__ = [
+    "LARGE_CORPUS_READ_S",
+    "LARGE_MACHINE",
+    "MID_MACHINE",
+    "STEP_MODELS",
     "Call",
     "Lane",
     "Machine",
     "RunEstimate",
     "call_command",
+    "call_range",
     "check_dependencies",
+    "command_groups",
     "dependency_groups",
     "estimate",
     "format_plan",
+    "lane_order",
     "memory_gib",
+    "parse_call_range",
     "plan_calls",
     "run_call",
+    "run_calls",
     "runs_to_skip",
 ]
 
@@ -80,41 +90,153 @@ __all__ = [
 ACTIVATION_BYTES = 100
 
 
+#: The step models of :class:`Machine` (see the module docstring).
+STEP_MODELS = ("sum", "max")
+
+
 @dataclass(frozen=True)
 class Machine:
-    """The GPU machine's limits and the throughput assumptions of the estimate (see the module docstring).
+    """The GPU machine's limits and the throughput model of the estimate (see the module docstring).
+
+    The defaults are the 2x H200 machine's, the throughput fitted to the mid-scale runs made there
+    (``python -m examples.reproduce calibrate benchmarks/results/reproduce-mid`` prints the fit and its residuals).
 
     Attributes:
         call_limit_s: the longest one command may run (the machine stops it then).
-        lane_budget_s: the most estimated seconds of runs one process may be given in a call.
-        deadline_s: when ``call`` stops lanes still running and packs what is there (before ``call_limit_s``).
+        lane_budget_s: the most estimated seconds one process (a lane) may be given in a call.
+        deadline_s: when a command stops lanes still running and packs what is there (before ``call_limit_s``); the
+            default ``--deadline`` of ``call`` and ``calls``.
         gpus: GPUs per call. gpu_memory_gib: memory of one GPU. procs_per_gpu: at most this many lanes per GPU.
-        tflops: counted-FLOP rate of one process alone on a GPU. shared_tflops: per process, two on one GPU.
+        tflops: charged-FLOP rate of one process alone on a GPU. shared_tflops: per process, two on one GPU.
         moba_charge: a MoBA layer's attention is charged this many times full attention's FLOPs in that layer.
-        startup_s: per run, before its first step. step_floor_s: no step is estimated faster than this.
-        setup_s: per call, on top of its longest lane: starting the command and packing the logs.
+        gate_charge: the MoBA gate's counted FLOPs (a score per query and earlier chunk) are charged this many times
+            (the scores and their top-k run far below the matmuls' rate: fine chunks make them costly).
+        moba_layer_s: fixed seconds per MoBA layer and training step (``"sum"`` model only).
+        startup_s: per run, besides its steps and validations. lane_startup_s: per lane (its process).
+        step_floor_s: ``"sum"``: the fixed seconds of every step; ``"max"``: no step is estimated faster.
+        setup_s: per call, on top of its longest lane (``"max"`` plans: starting the command and packing the logs).
+        command_setup_s: per command of consecutive calls (``calls A-B``): starting it, reading the corpus once,
+            packing the logs.
+        step_model: ``"sum"`` or ``"max"`` (:data:`STEP_MODELS`).
+
+    Raises:
+        ValueError: on construction, for limits out of order (``0 < lane_budget_s < call_limit_s``, ``0 < deadline_s
+            < call_limit_s``), no GPU, ``procs_per_gpu`` not 1 or 2, a rate or charge not positive, a negative time,
+            or an unknown ``step_model``.
     """
 
     call_limit_s: float = 600.0
-    lane_budget_s: float = 420.0
+    lane_budget_s: float = 240.0
     deadline_s: float = 540.0
     gpus: int = 2
     gpu_memory_gib: float = 139.0
-    procs_per_gpu: int = 2
-    tflops: float = 60.0
-    shared_tflops: float = 35.0
-    moba_charge: float = 2.0
-    startup_s: float = 30.0
-    step_floor_s: float = 0.1
-    setup_s: float = 30.0
+    procs_per_gpu: int = 1
+    tflops: float = 552.2
+    shared_tflops: float = 249.5
+    moba_charge: float = 1.224
+    gate_charge: float = 1696.0
+    moba_layer_s: float = 0.0
+    startup_s: float = 4.693
+    lane_startup_s: float = 11.62
+    step_floor_s: float = 0.05021
+    setup_s: float = 5.0
+    command_setup_s: float = 10.0
+    step_model: str = "sum"
 
     def __post_init__(self) -> None:
-        if not 0 < self.lane_budget_s <= self.deadline_s < self.call_limit_s:
-            raise ValueError("need 0 < lane_budget_s <= deadline_s < call_limit_s")
+        if not 0 < self.lane_budget_s < self.call_limit_s or not 0 < self.deadline_s < self.call_limit_s:
+            raise ValueError(
+                f"need 0 < lane_budget_s ({self.lane_budget_s:g}) < call_limit_s ({self.call_limit_s:g}) and "
+                f"0 < deadline_s ({self.deadline_s:g}) < call_limit_s"
+            )
         if self.gpus < 1 or self.procs_per_gpu not in (1, 2):
             raise ValueError("gpus must be >= 1 and procs_per_gpu 1 or 2")
-        if min(self.tflops, self.shared_tflops, self.moba_charge) <= 0:
-            raise ValueError("rates and moba_charge must be positive")
+        if min(self.tflops, self.shared_tflops, self.moba_charge, self.gate_charge) <= 0:
+            raise ValueError("rates, moba_charge and gate_charge must be positive")
+        times = (self.moba_layer_s, self.startup_s, self.lane_startup_s, self.step_floor_s, self.setup_s)
+        if min(*times, self.command_setup_s) < 0:
+            raise ValueError("times must not be negative")
+        if self.step_model not in STEP_MODELS:
+            raise ValueError(f"step_model {self.step_model!r}: allowed {', '.join(STEP_MODELS)}")
+
+    def step_seconds(self, charged_flops: float, moba_layers: int, *, shared: bool = False) -> float:
+        """Estimated seconds of one training step.
+
+        Args:
+            charged_flops: the step's charged FLOPs (MoBA layers at ``moba_charge``). moba_layers: MoBA layers in the
+                step's phase. shared: another process trains on the same GPU.
+
+        Returns:
+            ``"sum"``: ``(step_floor_s + moba_layer_s * moba_layers + charged / tflops)``, times ``tflops /
+            shared_tflops`` when shared; ``"max"``: ``max(step_floor_s, charged / rate)`` at ``tflops`` or
+            ``shared_tflops``.
+        """
+        if self.step_model == "max":
+            rate = (self.shared_tflops if shared else self.tflops) * 1e12
+            return max(self.step_floor_s, charged_flops / rate)
+        alone = self.step_floor_s + self.moba_layer_s * moba_layers + charged_flops / (self.tflops * 1e12)
+        return alone * (self.tflops / self.shared_tflops if shared else 1.0)
+
+    def eval_seconds(
+        self,
+        charged_step_flops: float,
+        charged_eval_flops: float,
+        moba_layers: int,
+        share: float,
+        *,
+        shared: bool = False,
+    ) -> float:
+        """Estimated seconds of one validation pass.
+
+        Args:
+            charged_step_flops: the charged FLOPs of a training step of the phase. charged_eval_flops: those of the
+                pass (forward only). moba_layers: the phase's MoBA layers. share: the pass's sequences over a step's
+                (``eval_batches * micro / batch_size``). shared: another process trains on the same GPU.
+
+        Returns:
+            ``"sum"``: a third of a step (forward only) times ``share``; ``"max"``: ``charged_eval_flops`` at the
+            rate, with no floor (the mid plan's assumption).
+        """
+        if self.step_model == "max":
+            return charged_eval_flops / ((self.shared_tflops if shared else self.tflops) * 1e12)
+        return self.step_seconds(charged_step_flops, moba_layers, shared=shared) / 3 * share
+
+
+#: The assumptions the mid scale was planned and run with (before any measurement): 60 TFLOP/s alone, 35 shared, MoBA
+#: charged 2x, 30 s start-up per run, steps no faster than 0.1 s, 420 s lanes, two lanes per GPU when they fit. Kept
+#: as they were so that ``list --mid`` and ``call N --mid`` still give the calls that ran (the results' ``calls/``).
+MID_MACHINE = Machine(
+    lane_budget_s=420.0,
+    procs_per_gpu=2,
+    tflops=60.0,
+    shared_tflops=35.0,
+    moba_charge=2.0,
+    gate_charge=1.0,
+    moba_layer_s=0.0,
+    startup_s=30.0,
+    lane_startup_s=0.0,
+    step_floor_s=0.1,
+    setup_s=30.0,
+    step_model="max",
+)
+
+
+#: Seconds each lane of the large scale is assumed to spend reading its larger corpus (the stdlib and the installed
+#: packages' sources, some 10^8 bytes, from the page cache once ``calls`` has read it before the lanes start): not
+#: measured yet; the ``corpus`` entry of a ``calls`` summary records the first read.
+LARGE_CORPUS_READ_S = 10.0
+
+#: The large scale's machine: the fitted defaults; lanes of at most 235 s, so that two calls fit one command (each call
+#: starts only when its estimate fits the time left: a slow first call moves the second to the next command instead of
+#: losing runs to the deadline); commands stopped at 520 s (with packing, inside 9 minutes); 25 s
+#: per command (its start, the first read of the corpus, packing) and 5 s per call (starting its lanes).
+LARGE_MACHINE = Machine(
+    lane_budget_s=235.0,
+    deadline_s=520.0,
+    lane_startup_s=Machine.lane_startup_s + LARGE_CORPUS_READ_S,
+    setup_s=5.0,
+    command_setup_s=25.0,
+)
 
 
 @dataclass(frozen=True)
@@ -139,7 +261,10 @@ class RunEstimate:
 
 @dataclass
 class Lane:
-    """The runs one process trains in sequence in a call, on GPU ``gpu`` (slot 0 or 1 of that GPU)."""
+    """The runs one process trains in sequence in a call, on GPU ``gpu`` (slot 0 or 1 of that GPU).
+
+    ``seconds`` is the lane's estimate: its process's ``lane_startup_s`` plus its runs' estimates.
+    """
 
     gpu: int
     slot: int
@@ -188,20 +313,22 @@ def memory_gib(cfg: RunConfig, params_total: int) -> float:
     return (activations + logits + 16 * params_total) / 2**30
 
 
-def _phase_cost(cfg: RunConfig, params: int, phase: str, charge: float) -> tuple[float, float, float]:
-    """``(charged FLOPs per step, charged FLOPs per validation pass, counted FLOPs per validation pass)``."""
+def _phase_cost(
+    cfg: RunConfig, params: int, phase: str, charge: float, gate_charge: float
+) -> tuple[float, float, int, float, float]:
+    """``(charged FLOPs per step, charged and counted FLOPs per validation pass, MoBA layers, validation share)``."""
     plan = layer_plan(cfg, phase)
     f = step_flops(cfg, plan, params)
     per_layer_full = f["attention_full_equivalent"] / len(plan)
     n_moba = sum(layer.mode == "moba" for layer in plan)
     charged_attention = per_layer_full * ((len(plan) - n_moba) + charge * n_moba)
-    step = f["dense"] + charged_attention + f["gate"]
+    step = f["dense"] + charged_attention + gate_charge * f["gate"]
     # Validation: the forward pass only (a third of 2 + 4 for the matmuls, of 4D + 8D per attended pair; the gate
     # has no backward anyway), over eval_batches micro-batches instead of a step's batch_size sequences.
     share = cfg.eval_batches * cfg.micro / cfg.batch_size
-    charged_eval = ((f["dense"] + charged_attention) / 3 + f["gate"]) * share
+    charged_eval = ((f["dense"] + charged_attention) / 3 + gate_charge * f["gate"]) * share
     counted_eval = ((f["dense"] + f["attention"]) / 3 + f["gate"]) * share
-    return step, charged_eval, counted_eval
+    return step, charged_eval, n_moba, counted_eval, share
 
 
 def estimate(cfg: RunConfig, machine: Machine | None = None) -> RunEstimate:
@@ -211,32 +338,32 @@ def estimate(cfg: RunConfig, machine: Machine | None = None) -> RunEstimate:
         cfg: the run. machine: limits and assumptions (default :class:`Machine`).
 
     Returns:
-        The estimate.
+        The estimate (``seconds`` include the run's ``startup_s``, not its lane's ``lane_startup_s``).
     """
     machine = machine or Machine()
     plan = planned(cfg)
     params = plan["params_matmul"]
     phases = ["full"] if cfg.attention == "full" else ["moba", "full"]
-    costs = {phase: _phase_cost(cfg, params, phase, machine.moba_charge) for phase in phases}
+    costs = {phase: _phase_cost(cfg, params, phase, machine.moba_charge, machine.gate_charge) for phase in phases}
     sw = switch_step(cfg)
     steps = {"full": cfg.steps} if cfg.attention == "full" else {"moba": sw, "full": cfg.steps - sw}
     evals = sorted({*range(cfg.eval_every, cfg.steps + 1, cfg.eval_every), cfg.steps})
     eval_phases = [eval_phase(cfg, done) for done in evals]
     charged = sum(costs[p][0] * n for p, n in steps.items()) + sum(costs[p][1] for p in eval_phases)
-    counted_eval = sum(costs[p][2] for p in eval_phases)
+    counted_eval = sum(costs[p][3] for p in eval_phases)
 
-    def seconds(rate_tflops: float) -> float:
-        rate = rate_tflops * 1e12
-        train = sum(n * max(machine.step_floor_s, costs[p][0] / rate) for p, n in steps.items())
-        return machine.startup_s + train + sum(costs[p][1] for p in eval_phases) / rate
+    def seconds(shared: bool) -> float:
+        train = sum(n * machine.step_seconds(costs[p][0], costs[p][2], shared=shared) for p, n in steps.items())
+        valid = sum(machine.eval_seconds(*costs[p][:3], costs[p][4], shared=shared) for p in eval_phases)
+        return machine.startup_s + train + valid
 
     return RunEstimate(
         name=cfg.name,
         flops=float(plan["flops"]["total"]),
         eval_flops=counted_eval,
         charged_flops=charged,
-        seconds=seconds(machine.tflops),
-        seconds_shared=seconds(machine.shared_tflops),
+        seconds=seconds(False),
+        seconds_shared=seconds(True),
         memory_gib=memory_gib(cfg, plan["params_total"]),
     )
 
@@ -344,11 +471,12 @@ def plan_calls(
     machine = machine or Machine()
     est = estimates or {cfg.name: estimate(cfg, machine) for cfg in runs}
     budget = machine.lane_budget_s
+    first = machine.lane_startup_s  # every lane starts with its process
     units = dependency_groups(runs)
     too_big = [
-        f"{' + '.join(unit)} ({sum(est[n].seconds for n in unit):.0f} s)"
+        f"{' + '.join(unit)} ({first + sum(est[n].seconds for n in unit):.0f} s with the lane's start-up)"
         for unit in units
-        if sum(est[n].seconds for n in unit) > budget
+        if first + sum(est[n].seconds for n in unit) > budget
     ]
     if too_big:
         raise ValueError(f"runs over the {machine.lane_budget_s:.0f} s lane budget: {', '.join(too_big)}")
@@ -371,16 +499,16 @@ def plan_calls(
             best[1].runs.extend(unit)
             best[1].seconds += shared if best[1].shared else alone
             continue
-        if can_share and shared <= machine.lane_budget_s:
-            gpu = _Gpu(True, [Lane(0, 0, True, list(unit), shared), Lane(0, 1, True)])
+        if can_share and first + shared <= machine.lane_budget_s:
+            gpu = _Gpu(True, [Lane(0, 0, True, list(unit), first + shared), Lane(0, 1, True, [], first)])
         else:
-            gpu = _Gpu(False, [Lane(0, 0, False, list(unit), alone)])
+            gpu = _Gpu(False, [Lane(0, 0, False, list(unit), first + alone)])
         gpus.append(gpu)
     for gpu in gpus:
         if gpu.shared and not gpu.lanes[1].runs:
             lane = gpu.lanes[0]
             gpu.shared = False
-            gpu.lanes = [Lane(0, 0, False, lane.runs, sum(est[n].seconds for n in lane.runs))]
+            gpu.lanes = [Lane(0, 0, False, lane.runs, first + sum(est[n].seconds for n in lane.runs))]
     calls = []
     for i in range(0, len(gpus), machine.gpus):
         lanes = []
@@ -414,19 +542,95 @@ def runs_to_skip(call: Call, runs: Sequence[RunConfig], done: Collection[str]) -
     return skip
 
 
-def call_command(call: Call, *, out: str, archive_dir: str, results: str | None, extra: Sequence[str] = ()) -> str:
-    """The shell command of one call on the GPU machine (``python -m examples.reproduce --mid call N ...``).
+def command_groups(calls: Sequence[Call], machine: Machine | None = None) -> list[list[Call]]:
+    """Consecutive calls grouped into commands of the GPU machine (``calls A-B``), each within the deadline.
+
+    A command takes calls in order while ``command_setup_s`` plus their estimates (each call's longest lane plus
+    ``setup_s``) stay within ``machine.deadline_s``; a call alone over it still gets a command of its own (``calls``
+    then reports it as not started).
 
     Args:
-        call: the call. out: where the runs train there (checkpoints stay there). archive_dir: where the archive of
-            the logs goes (``$OUT`` on the GPU machine, whose files come back). results: a results tree in the
-            working tree whose completed runs the call skips (None: none). extra: further options (``--tflops ...``).
+        calls: the plan's calls, in order. machine: limits and assumptions.
+
+    Returns:
+        The groups, in order; every call in exactly one.
+    """
+    machine = machine or Machine()
+    groups: list[list[Call]] = []
+    used = 0.0
+    for call in calls:
+        need = call.seconds + machine.setup_s
+        if groups and used + need <= machine.deadline_s:
+            groups[-1].append(call)
+            used += need
+        else:
+            groups.append([call])
+            used = machine.command_setup_s + need
+    return groups
+
+
+def call_range(calls: Sequence[Call]) -> str:
+    """The ``calls`` argument naming consecutive calls: ``"3"`` or ``"1-2"``.
+
+    Args:
+        calls: consecutive calls (at least one).
+
+    Returns:
+        The range text.
+    """
+    first, last = calls[0].index, calls[-1].index
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def parse_call_range(text: str, count: int) -> list[int]:
+    """The call numbers of ``calls A-B`` (or ``calls N``), checked against the plan's ``count`` calls.
+
+    Args:
+        text: ``"N"`` or ``"A-B"`` with ``A <= B``. count: calls in the plan.
+
+    Returns:
+        ``[A, ..., B]``.
+
+    Raises:
+        ValueError: malformed, empty, or outside ``1..count``.
+    """
+    first, sep, last = text.partition("-")
+    try:
+        a, b = int(first), int(last) if sep else int(first)
+    except ValueError:
+        raise ValueError(f"calls {text!r}: expected N or A-B (call numbers of 'list')") from None
+    if not 1 <= a <= b <= count:
+        raise ValueError(f"calls {text}: the plan has calls 1..{count}, and A-B needs A <= B")
+    return list(range(a, b + 1))
+
+
+def call_command(
+    call: Call | Sequence[Call],
+    *,
+    out: str,
+    archive_dir: str,
+    results: str | None,
+    extra: Sequence[str] = (),
+    scale: str = "mid",
+) -> str:
+    """The shell command of one call (``call N``), or of consecutive calls in one command (``calls A-B``).
+
+    Args:
+        call: the call, or consecutive calls (a list: ``calls A-B``, one deadline for all). out: where the runs
+            train there (checkpoints stay there). archive_dir: where the archive of the logs goes (``$OUT`` on the GPU
+            machine, whose files come back). results: a results tree in the working tree whose completed runs the call
+            skips (None: none). extra: further options (``--tflops ...``). scale: the scale flag's name (``mid``,
+            ``large``).
 
     Returns:
         The command line.
     """
-    parts = ["python", "-m", "examples.reproduce", "--mid", "--out", out, "--no-progress", "call", str(call.index)]
-    parts += ["--archive", f"{archive_dir}/mid-call{call.index}.tar.gz"]
+    parts = ["python", "-m", "examples.reproduce", f"--{scale}", "--out", out, "--no-progress"]
+    if isinstance(call, Call):
+        parts += ["call", str(call.index), "--archive", f"{archive_dir}/{scale}-call{call.index}.tar.gz"]
+    else:
+        span = call_range(call)
+        parts += ["calls", span, "--archive", f"{archive_dir}/{scale}-calls{span}.tar.gz"]
     if results:
         parts += ["--results", results]
     parts += list(extra)
@@ -439,17 +643,19 @@ def format_plan(
     machine: Machine | None = None,
     *,
     done: Collection[str] = (),
-    command: dict[str, str] | None = None,
+    command: dict[str, Any] | None = None,
+    scale: str = "mid",
 ) -> str:
     """The plan as text: per-run compute and estimates, the calls with their lanes, totals, and the commands.
 
     Args:
         runs: the runs. machine: limits and assumptions. done: runs already complete (marked, still planned, so call
-            numbers never move). command: ``call_command`` keyword arguments ``out``, ``archive_dir``, ``results``
-            (default: ``/tmp/reproduce-mid``, ``$OUT``, none).
+            numbers never move). command: ``call_command`` keyword arguments ``out``, ``archive_dir``, ``results``,
+            ``extra`` (default: ``/tmp/reproduce-<scale>``, ``$OUT``, none, none). scale: ``mid`` (one command per
+            call, as that plan ran) or ``large`` (``calls A-B``: consecutive calls per command, :func:`command_groups`).
 
     Returns:
-        The text ``list --mid`` prints.
+        The text ``list --mid`` or ``list --large`` prints.
 
     Raises:
         ValueError: a run over the lane budget (see :func:`plan_calls`).
@@ -457,14 +663,26 @@ def format_plan(
     machine = machine or Machine()
     est = {cfg.name: estimate(cfg, machine) for cfg in runs}
     calls = plan_calls(runs, machine, est)
-    opts = {"out": "/tmp/reproduce-mid", "archive_dir": "$OUT", "results": None, **(command or {})}
+    opts = {"out": f"/tmp/reproduce-{scale}", "archive_dir": "$OUT", "results": None, **(command or {})}
+    if machine.step_model == "max":
+        assumed = (
+            f"  assumed: {machine.tflops:g} TFLOP/s per process alone, {machine.shared_tflops:g} per process with two "
+            f"on a GPU, MoBA layers charged {machine.moba_charge:g}x full attention's FLOPs, {machine.startup_s:g} s "
+            f"start-up per run, steps no faster than {machine.step_floor_s:g} s"
+        )
+    else:
+        assumed = (
+            f"  model: a step takes {machine.step_floor_s:g} s + {machine.moba_layer_s:g} s per MoBA layer + its "
+            f"charged FLOPs at {machine.tflops:g} TFLOP/s (MoBA attention charged {machine.moba_charge:g}x full's); "
+            f"two processes on a GPU run at {machine.shared_tflops:g}/{machine.tflops:g} of that speed each; "
+            f"{machine.startup_s:g} s per run, {machine.lane_startup_s:g} s per lane"
+        )
     lines = [
-        "Mid-scale plan: every run fits one GPU call (estimates, not measurements; see examples/reproduce/callplan.py)",
-        f"  assumed: {machine.tflops:g} TFLOP/s per process alone, {machine.shared_tflops:g} per process with two on a "
-        f"GPU, MoBA layers charged {machine.moba_charge:g}x full attention's FLOPs, {machine.startup_s:g} s start-up "
-        f"per run, steps no faster than {machine.step_floor_s:g} s",
-        f"  limits: {machine.call_limit_s:g} s per call, lanes up to {machine.lane_budget_s:g} s, stop and pack at "
-        f"{machine.deadline_s:g} s; {machine.gpus} GPUs of {machine.gpu_memory_gib:g} GiB per call",
+        f"{scale.capitalize()}-scale plan: every run fits one GPU call (estimates; see examples/reproduce/callplan.py)",
+        assumed,
+        f"  limits: {machine.call_limit_s:g} s per command, lanes up to {machine.lane_budget_s:g} s, stop and pack at "
+        f"{machine.deadline_s:g} s; {machine.gpus} GPUs of {machine.gpu_memory_gib:g} GiB per call, "
+        f"{machine.procs_per_gpu} lane(s) per GPU",
         "",
         f"  {'run':<30} {'counted FLOPs':>13} {'eval':>8} {'charged':>9} {'est. s':>7} {'shared s':>8} {'mem GiB':>7}"
         "  call/lane",
@@ -487,19 +705,53 @@ def format_plan(
         f"validation; largest run estimate {max(e.seconds for e in est.values()):.0f} s alone",
         "",
     ]
-    for call in calls:
-        lines.append(f"  call {call.index}: estimated {call.seconds:.0f} s of runs + {machine.setup_s:g} s setup")
-        for lane in call.lanes:
-            share = " (shares the GPU)" if lane.shared else ""
-            lines.append(f"    {lane.tag}{share}: {', '.join(lane.runs)}  [{lane.seconds:.0f} s]")
-        lines.append(f"    $ {call_command(call, **opts)}")
-    sessions = math.ceil(len(calls) / 2)
-    lines += [
-        "",
-        f"  {len(calls)} calls, {device_s / 60:.1f} estimated device minutes of commands (plus each session's machine "
-        f"start-up); at two calls per 30-minute session: {sessions} sessions",
-    ]
+    groups = [[call] for call in calls] if scale == "mid" else command_groups(calls, machine)
+    for group in groups:
+        for call in group:
+            lines.append(f"  call {call.index}: estimated {call.seconds:.0f} s of runs + {machine.setup_s:g} s setup")
+            for lane in call.lanes:
+                share = " (shares the GPU)" if lane.shared else ""
+                lines.append(f"    {lane.tag}{share}: {', '.join(lane.runs)}  [{lane.seconds:.0f} s]")
+        if scale == "mid":
+            lines.append(f"    $ {call_command(group[0], scale=scale, **opts)}")
+        else:
+            span = machine.command_setup_s + sum(call.seconds + machine.setup_s for call in group)
+            lines.append(f"  command: calls {call_range(group)}, estimated {span:.0f} s")
+            lines.append(f"    $ {call_command(group, scale=scale, **opts)}")
+    if scale == "mid":
+        sessions = math.ceil(len(calls) / 2)
+        lines += [
+            "",
+            f"  {len(calls)} calls, {device_s / 60:.1f} estimated device minutes of commands (plus each session's "
+            f"machine start-up); at two calls per 30-minute session: {sessions} sessions",
+        ]
+    else:
+        device_s += machine.command_setup_s * len(groups)
+        lines += [
+            "",
+            f"  {len(calls)} calls in {len(groups)} commands, {device_s / 60:.1f} estimated device minutes of commands "
+            "(plus the session's machine start-up)",
+        ]
     return "\n".join(lines)
+
+
+#: A run's start line in a sweep's console output: ``[3/9] full-8k-m2`` (``... : done, skipped`` when it was not run).
+_RUN_LINE = re.compile(r"^\[\d+/\d+\] (\S+?)(: done, skipped)?$", re.MULTILINE)
+
+
+def lane_order(console: str) -> list[str]:
+    """The runs a lane's process trained, in the order it trained them, from its console output.
+
+    ``sweep --only`` trains in the experiments' order, which need not be the order of the lane's list; the start
+    times of the runs (for :mod:`examples.reproduce.calibrate`) follow from this order and their logs' wall times.
+
+    Args:
+        console: the lane's console log (``calls/call<N>-<lane>.log``).
+
+    Returns:
+        The names of the runs started (runs skipped as done are left out).
+    """
+    return [m.group(1) for m in _RUN_LINE.finditer(console) if not m.group(2)]
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -517,7 +769,7 @@ def run_call(
     scale_args: Sequence[str],
     skip: Collection[str] = (),
     deadline_s: float = 540.0,
-    poll_s: float = 5.0,
+    poll_s: float = 1.0,
 ) -> dict[str, Any]:
     """Run one call's lanes side by side, one ``sweep --only`` process per lane, and stop them at the deadline.
 
@@ -533,8 +785,9 @@ def run_call(
         poll_s: how often to check the lanes.
 
     Returns:
-        The summary: per lane its tag, runs, skipped runs, exit status (None when stopped), and seconds; and the
-        call's ``seconds`` and ``stopped`` lanes.
+        The summary: per lane its tag, runs, skipped runs, exit status (None when stopped), seconds, and ``order``
+        (the runs in the order its process started them, :func:`lane_order`); and the call's ``seconds`` and
+        ``stopped`` lanes.
     """
     logs_dir = out / "calls"
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -597,6 +850,66 @@ def run_call(
         if proc is not None:
             entry["returncode"] = None if entry["lane"] in stopped else proc.returncode
             entry["seconds"] = finished[i]
+            console = logs_dir / f"call{call.index}-{entry['lane']}.log"
+            entry["order"] = lane_order(console.read_text(encoding="utf-8", errors="replace"))
     summary = {"call": call.index, "seconds": elapsed, "deadline_s": deadline_s, "stopped": stopped, "lanes": lanes}
     write_json(logs_dir / f"call{call.index}.json", summary)
+    return summary
+
+
+def run_calls(
+    calls: Sequence[Call],
+    out: Path,
+    *,
+    runs: Sequence[RunConfig],
+    done: dict[str, dict[str, Any]],
+    scale_args: Sequence[str],
+    deadline_s: float,
+    reserve_s: float = 0.0,
+    start: float | None = None,
+    poll_s: float = 1.0,
+) -> dict[str, Any]:
+    """Run calls one after the other in one command, one deadline for all (``calls A-B``; ``call N`` is one call).
+
+    Before each call the time left is ``deadline_s`` minus the time since ``start`` minus ``reserve_s`` (kept for
+    stopping lanes and packing); a call whose estimate (its longest lane) exceeds it is not started, and the next
+    calls are still tried (a smaller one may fit). A started call gets the time left as its deadline
+    (:func:`run_call`). Runs complete in ``done`` are skipped (:func:`runs_to_skip`).
+
+    Args:
+        calls: the calls, in order. out: the output directory. runs: the plan's configurations. done: logs of runs
+            complete in the results tree. scale_args: the scale option. deadline_s: seconds from ``start``.
+        reserve_s: see above. start: ``time.monotonic()`` when the command started (default: now). poll_s: how
+            often each call checks its lanes.
+
+    Returns:
+        ``{"calls", "deadline_s", "started", "not_started", "stopped", "ok", "seconds"}``: the call numbers asked
+        for, those started, per call not started its estimate and the time that was left, the lanes stopped at
+        their deadline (``"call N gpu0"``), whether every call started and every lane exited 0, and the seconds
+        since ``start``.
+    """
+    start = time.monotonic() if start is None else start
+    summary: dict[str, Any] = {
+        "calls": [call.index for call in calls],
+        "deadline_s": deadline_s,
+        "started": [],
+        "not_started": [],
+        "stopped": [],
+        "ok": True,
+    }
+    for call in calls:
+        left = deadline_s - (time.monotonic() - start) - reserve_s
+        if call.seconds > left:
+            print(f"call {call.index}: not started, estimated {call.seconds:.0f} s, {left:.0f} s left", flush=True)
+            summary["not_started"].append({"call": call.index, "estimate_s": call.seconds, "left_s": left})
+            summary["ok"] = False
+            continue
+        # Complete runs are skipped, except a source whose converted runs still need its checkpoint in this call.
+        skip = runs_to_skip(call, runs, done)
+        result = run_call(call, out, scale_args=scale_args, skip=skip, deadline_s=left, poll_s=poll_s)
+        summary["started"].append(call.index)
+        summary["stopped"] += [f"call {call.index} {lane}" for lane in result["stopped"]]
+        if result["stopped"] or any(lane["returncode"] not in (0, None) for lane in result["lanes"]):
+            summary["ok"] = False
+    summary["seconds"] = time.monotonic() - start
     return summary

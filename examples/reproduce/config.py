@@ -27,6 +27,8 @@ from typing import Any
 
 from moba_compile import load_policy
 
+from .corpus import CORPORA
+
 __all__ = [
     "ATTENTIONS",
     "COMPILERS",
@@ -58,6 +60,8 @@ class RunConfig:
         context: tokens per training sequence. batch_size: sequences per optimizer step. micro_batch: sequences per
             forward pass (gradient accumulation); 0 means ``batch_size``.
         val_permille: files per thousand held out for validation (see :mod:`examples.reproduce.corpus`).
+        corpus: which corpus: ``"stdlib"`` (the Python standard library's sources) or ``"stdlib+site-packages"`` (also
+            the installed packages' sources; see :mod:`examples.reproduce.corpus`).
         steps: optimizer steps. lr: peak learning rate (AdamW, betas 0.9/0.95). min_lr_ratio: final LR / peak (cosine
             decay after a linear warmup of ``warmup_steps``). weight_decay: on matrices only. grad_clip: max grad norm.
         seed: seeds the initialisation and the data order (MoBA and full runs with one seed see identical batches).
@@ -77,9 +81,9 @@ class RunConfig:
         notes: free-form metadata, not part of the run's identity.
 
     Raises:
-        ValueError: on construction, for an unknown ``attention``/``full_backend``/``compiler``, a width not divisible
-            into even head dims, a batch not divisible into micro-batches, a switch fraction outside [0, 1) or on a
-            full-attention run, a context not a multiple of 16, a count below 1 (``steps`` may be 0 with
+        ValueError: on construction, for an unknown ``attention``/``full_backend``/``compiler``/``corpus``, a width not
+            divisible into even head dims, a batch not divisible into micro-batches, a switch fraction outside [0, 1)
+            or on a full-attention run, a context not a multiple of 16, a count below 1 (``steps`` may be 0 with
             ``init_from``), or ``init_from`` naming the run itself.
     """
 
@@ -92,6 +96,7 @@ class RunConfig:
     batch_size: int = 16
     micro_batch: int = 0
     val_permille: int = 50
+    corpus: str = "stdlib"
     steps: int = 512
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -124,6 +129,8 @@ class RunConfig:
             raise ValueError(f"{self.name}: full_backend={self.full_backend!r}; allowed: {', '.join(FULL_BACKENDS)}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"{self.name}: compiler={self.compiler!r}; allowed: {', '.join(COMPILERS)}")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"{self.name}: corpus={self.corpus!r}; allowed: {', '.join(CORPORA)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"{self.name}: d_model {self.d_model} / n_heads {self.n_heads} must be an even integer")
         if self.batch_size % self.micro:
@@ -170,7 +177,8 @@ class RunConfig:
 
         Two configs with equal identity train identical models (on the same corpus and hardware). Used to refuse
         resuming a run whose configuration changed, and to check a reused run. ``init_from`` is left out when unset,
-        so the identities of logs written before the field existed still match.
+        and ``corpus`` when it is the default ``"stdlib"``, so the identities of logs written before these fields
+        existed still match.
 
         Returns:
             A dict.
@@ -180,6 +188,8 @@ class RunConfig:
             out.pop(key)
         if out["init_from"] is None:
             out.pop("init_from")
+        if out["corpus"] == "stdlib":
+            out.pop("corpus")
         return out
 
 

@@ -1,5 +1,5 @@
 """The experiments as named run configurations: the paper's four at every scale, and (e) the conversion of a trained
-dense model at the mid and smoke scales.
+dense model at the mid, large and smoke scales.
 
 GPU scale (one H100; sizes chosen for minutes per run, planned compute printed by ``python -m examples.reproduce
 list``; nothing here has been run on a GPU yet):
@@ -30,17 +30,26 @@ largest as many steps as fit), (b) at ``m1``..``m3`` with 256 steps at 32K, (c) 
 the last 1 or 2 of 4 dense), and every (a) and (b) pair again with seed 1 (runs named ``...-seed1``), which also gives
 (c) and (d) a second seed of their shared full and MoBA runs.
 
-Conversion (mid and smoke scales only: ``conversion``; the question of a user converting a trained model): the dense
-run ``full-8k-m2`` is switched to MoBA, chunk 512 with top-k of its 16 blocks in :data:`MID_CONVERSION_TOPK`, and
-evaluated as it is (0 steps) and after a short continued training with MoBA (10% of the source's steps, from the
-source's final learning rate), against the source evaluated through the same path (0 steps, full attention: it must
-reproduce the source's final validation loss) and the source continued as long with full attention (so that the
-continued MoBA runs are compared with as much extra training). The runs start from the source's final checkpoint
-(``RunConfig.init_from``), which exists only on the GPU machine during the call that trained it, so the plan puts them
-in the source's lane after it (:func:`examples.reproduce.callplan.plan_calls`). Why ``m2`` at 8K: the largest
-full-attention run whose lane, with its eight conversion runs, fits one call's budget (``m3`` and ``m4`` do not), and
-at 8K it is trained near compute-optimal (21 tokens per parameter) where the 32K runs of its size get half that; the
-trailing loss (last 512 of 8K tokens) is measured where MoBA's sparsity is highest, 3 of 16 blocks at top-3, as at 32K.
+Large scale (``--large``; the next one, planned with the estimate fitted to the mid runs, see
+:mod:`examples.reproduce.calibrate`): sizes ``l1``..``l4`` (2 layers x 128, 3 x 192, 4 x 256, 5 x 320; head dim 64),
+the ``stdlib+site-packages`` corpus (:data:`LARGE_CORPUS`), 4 validations of :data:`LARGE_EVAL_BATCHES` micro-batches.
+(a) at ``l1``..``l4`` with 128 / 208 / 400 / 592 steps at 8K (39 / 20 / 16 / 12 tokens per parameter), (b) at
+``l1``..``l3`` with 160 steps at 32K, (c), (d) and (e) at ``l3``; three seeds (:data:`LARGE_SEEDS`) of every (a) and
+(b) pair and of (c)'s coarsest and finest settings (:data:`LARGE_GRANULARITY_SEEDED`) with the full run they compare
+with. 63 runs in 4 calls of the 2-GPU machine, two per command.
+
+Conversion (mid, large and smoke scales only: ``conversion``; the question of a user converting a trained model): the
+dense run ``full-8k-m2`` (at the large scale ``full-8k-l3``, the same shape) is switched to MoBA, chunk 512 with top-k
+of its 16 blocks in :data:`MID_CONVERSION_TOPK`, and evaluated as it is (0 steps) and after a short continued training
+with MoBA (10% of the source's steps, from the source's final learning rate), against the source evaluated through the
+same path (0 steps, full attention: it must reproduce the source's final validation loss) and the source continued as
+long with full attention (so that the continued MoBA runs are compared with as much extra training). The runs start from
+the source's final checkpoint (``RunConfig.init_from``), which exists only on the GPU machine during the call that
+trained it, so the plan puts them in the source's lane after it (:func:`examples.reproduce.callplan.plan_calls`). Why
+``m2`` at 8K: the largest full-attention run whose lane, with its eight conversion runs, fits one call's budget (``m3``
+and ``m4`` do not), and at 8K it is trained near compute-optimal (21 tokens per parameter) where the 32K runs of its
+size get half that; the trailing loss (last 512 of 8K tokens) is measured where MoBA's sparsity is highest, 3 of 16
+blocks at top-3, as at 32K.
 
 Runs shared between experiments have one name and are trained once. The smoke scale keeps every experiment's structure
 with 1-2 layer models, contexts 128/256, 8 steps, and the ``aot_eager`` compiler (its conversion: ``full-128-t2``, top
@@ -134,6 +143,29 @@ CONVERSION_STEPS_FRAC = 0.1
 #: The seeds of the mid scale's (a) and (b) pairs: seed 0 (unsuffixed names) and a second seed for the seed spread.
 MID_SEEDS = (0, 1)
 
+# Large scale: the next reproduction scale, sized by the estimate fitted to the mid runs (callplan.Machine) to about 20
+# device minutes of the 2-GPU machine. Sizes from 2 x 128 (the quick scale's q1) to 5 x 320 (the mid scale's m3),
+# learning rates as there; every 8K run near or above 20 tokens per parameter. The larger corpus (stdlib and the
+# installed packages' sources) keeps every run under one epoch.
+_LARGE_SIZES = {
+    "l1": _Size("l1", 2, 128, 2, 3e-3),
+    "l2": _Size("l2", 3, 192, 3, 3e-3),
+    "l3": _Size("l3", 4, 256, 4, 2e-3),
+    "l4": _Size("l4", 5, 320, 5, 1.75e-3),
+}
+_LARGE_STEPS_8K = {"l1": 128, "l2": 208, "l3": 400, "l4": 592}  # 16 x 8K = 131,072 tokens per step
+_LARGE_STEPS_32K = {"l1": 160, "l2": 160, "l3": 160}  # 4 x 32K = 131,072 tokens per step
+#: The seeds of the large scale's (a) and (b) pairs and of (c)'s coarsest and finest settings.
+LARGE_SEEDS = (0, 1, 2)
+#: The corpus of the large scale's runs (:mod:`examples.reproduce.corpus`).
+LARGE_CORPUS = "stdlib+site-packages"
+#: Validation micro-batches of the large scale: 16 x 16 x 8K or 16 x 4 x 32K = 2.1M tokens per evaluation (the mid
+#: scale's 4 micro-batches held 0.5M), so that the noise of the validation sample is small against the seed spread.
+LARGE_EVAL_BATCHES = 12
+#: The number of blocks (of 8K) of (c)'s settings trained with every seed of :data:`LARGE_SEEDS`: the coarsest and
+#: the finest (the others with seed 0 only).
+LARGE_GRANULARITY_SEEDED = (8, 128)
+
 _SMOKE_SIZES = {
     "t1": _Size("t1", 1, 32, 2, 1e-2),
     "t2": _Size("t2", 2, 64, 4, 1e-2),
@@ -171,6 +203,25 @@ def _mid_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw:
     # would only cost time (a run that does not finish inside its call is lost either way).
     schedule = dict(warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 8), ckpt_every=steps)
     return _run(name, size, context, batch, steps, eval_batches=4, log_every=16, compiler="aot_eager", **schedule, **kw)
+
+
+def _large_run(name: str, size: _Size, context: int, batch: int, steps: int, **kw: Any) -> RunConfig:
+    # As the mid scale (one checkpoint at the end: none survives a call), with the larger corpus, four validations of
+    # LARGE_EVAL_BATCHES micro-batches (the last three show whether the validation loss still falls).
+    schedule = dict(warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 4), ckpt_every=steps)
+    return _run(
+        name,
+        size,
+        context,
+        batch,
+        steps,
+        corpus=LARGE_CORPUS,
+        eval_batches=LARGE_EVAL_BATCHES,
+        log_every=16,
+        compiler="aot_eager",
+        **schedule,
+        **kw,
+    )
 
 
 def _smoke_run(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
@@ -263,28 +314,33 @@ METRICS = {
 }
 
 
-def experiments(smoke: bool = False, quick: bool = False, mid: bool = False) -> dict[str, Experiment]:
-    """The four experiments, at GPU scale, mid (one GPU call per run) scale, quick (one GPU session) scale, or smoke.
+def experiments(
+    smoke: bool = False, quick: bool = False, mid: bool = False, large: bool = False
+) -> dict[str, Experiment]:
+    """The experiments at GPU, mid, large, quick or smoke scale.
 
     Args:
         smoke: tiny CPU configurations (whole pipeline in under a minute) instead of the GPU ones.
         quick: the reduced GPU configurations of the module docstring (200 steps, sizes ``q1``..``q3``).
         mid: the configurations of the module docstring whose every run fits one GPU call (sizes ``m1``..``m4``, a
             second seed of the (a) and (b) pairs).
+        large: the next scale (sizes ``l1``..``l4``, the larger corpus, three seeds of the (a) and (b) pairs and of
+            (c)'s coarsest and finest settings; see the module docstring).
 
     Returns:
         ``{name: Experiment}`` for the names of :data:`EXPERIMENT_NAMES`, in that order; ``conversion`` only at the
-        mid and smoke scales (the GPU scale was planned before it, and the quick scale's results are history). At the
-        mid scale the seed-1 runs of (a) and (b) follow the seed-0 runs, with the same series and labels (the charts
-        average them).
+        mid, large and smoke scales (the GPU scale was planned before it, and the quick scale's results are history).
+        At the mid and large scales the other seeds' runs of (a) and (b) follow the seed-0 runs, with the same series
+        and labels (the charts average them); likewise (c)'s seeded settings at the large scale.
 
     Raises:
-        ValueError: more than one of ``smoke``, ``quick`` and ``mid``.
+        ValueError: more than one of ``smoke``, ``quick``, ``mid`` and ``large``.
     """
-    if smoke + quick + mid > 1:
-        raise ValueError("pick one scale: smoke, quick or mid, not several")
+    if smoke + quick + mid + large > 1:
+        raise ValueError("pick one scale: smoke, quick, mid or large, not several")
     groups: dict[str, list[ExperimentRun]] = {name: [] for name in EXPERIMENT_NAMES}
     seeds: tuple[int, ...] = (0,)
+    gran_seeded: tuple[int, ...] = ()
     if smoke:
         short, long = 128, 256
         sizes = _SMOKE_SIZES
@@ -318,6 +374,20 @@ def experiments(smoke: bool = False, quick: bool = False, mid: bool = False) -> 
             if context == short:
                 return _mid_run(name, size, context, 16, _MID_STEPS_8K[size.key], **kw)
             return _mid_run(name, size, context, 4, _MID_STEPS_32K[size.key], **kw)
+
+        tag_short, tag_long = "8k", "32k"
+        hybrid_dense, hybrid_switch = (1, 2), (0.10, 0.25)
+    elif large:
+        short, long = 8192, 32768
+        sizes = _LARGE_SIZES
+        scaling_sizes, trailing_sizes, gran_size, hybrid_size = ["l1", "l2", "l3", "l4"], ["l1", "l2", "l3"], "l3", "l3"
+        chunk_short, chunk_long = 512, 2048
+        seeds, gran_seeded = LARGE_SEEDS, LARGE_GRANULARITY_SEEDED
+
+        def make(name: str, size: _Size, context: int, **kw: Any) -> RunConfig:
+            if context == short:
+                return _large_run(name, size, context, 16, _LARGE_STEPS_8K[size.key], **kw)
+            return _large_run(name, size, context, 4, _LARGE_STEPS_32K[size.key], **kw)
 
         tag_short, tag_long = "8k", "32k"
         hybrid_dense, hybrid_switch = (1, 2), (0.10, 0.25)
@@ -358,19 +428,26 @@ def experiments(smoke: bool = False, quick: bool = False, mid: bool = False) -> 
                 ExperimentRun(moba, f"MoBA (chunk {chunk_long}, top-3)", _size_label(sizes[key])),
             ]
 
-    full, _ = pair(short, tag_short, chunk_short, gran_size)
-    groups["granularity"].append(ExperimentRun(full, "Full attention", "full"))
-    for blocks in (8, 16, 32, 64, 128):
-        topk, chunk = blocks // 4, short // blocks
-        run = make(
-            f"moba-{tag_short}-{gran_size}-blocks{blocks}-top{topk}",
-            sizes[gran_size],
-            short,
-            attention="moba",
-            chunk_size=chunk,
-            topk=topk,
-        )
-        groups["granularity"].append(ExperimentRun(run, "MoBA, 75% sparsity", f"{topk}/{blocks}", float(blocks)))
+    # Seed 0 of every setting, then (large scale) the other seeds of the full run (shared with (a)) and of the
+    # settings in gran_seeded: the seed spread of (c) is measured at its own coarsest and finest settings.
+    for seed in seeds if gran_seeded else (0,):
+        suffix = f"-seed{seed}" if seed else ""
+        full, _ = pair(short, tag_short, chunk_short, gran_size, seed)
+        groups["granularity"].append(ExperimentRun(full, "Full attention", "full"))
+        for blocks in (8, 16, 32, 64, 128):
+            if seed and blocks not in gran_seeded:
+                continue
+            topk, chunk = blocks // 4, short // blocks
+            run = make(
+                f"moba-{tag_short}-{gran_size}-blocks{blocks}-top{topk}{suffix}",
+                sizes[gran_size],
+                short,
+                attention="moba",
+                chunk_size=chunk,
+                topk=topk,
+                seed=seed,
+            )
+            groups["granularity"].append(ExperimentRun(run, "MoBA, 75% sparsity", f"{topk}/{blocks}", float(blocks)))
 
     full, moba = pair(long, tag_long, chunk_long, hybrid_size)
     groups["hybrid"] += [
@@ -386,9 +463,9 @@ def experiments(smoke: bool = False, quick: bool = False, mid: bool = False) -> 
         groups["hybrid"].append(ExperimentRun(run, f"MoBA, full for the last {pct}%", f"full last {pct}%"))
 
     names = list(EXPERIMENT_NAMES)
-    if smoke or mid:
+    if smoke or mid or large:
         # The source is the seed-0 dense run of (a) at the size named in the module docstring, shared by name.
-        key, topks = ("t2", (1, 2, 4)) if smoke else ("m2", MID_CONVERSION_TOPK)
+        key, topks = ("t2", (1, 2, 4)) if smoke else ("l3" if large else "m2", MID_CONVERSION_TOPK)
         source, _ = pair(short, tag_short, chunk_short, key)
         steps = 2 if smoke else round(source.steps * CONVERSION_STEPS_FRAC)
         eval_every = 1 if smoke else max(1, steps // 8)

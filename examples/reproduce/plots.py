@@ -190,20 +190,34 @@ def _plot_compute(ax: Any, exp: Experiment, logs: dict[str, dict[str, Any]]) -> 
 
 
 def _plot_granularity(axes: Sequence[Any], exp: Experiment, logs: dict[str, dict[str, Any]]) -> None:
+    # Several seeds of a setting (the large scale's coarsest and finest, and its full run) are drawn as their mean
+    # with their range as an error bar; full attention as a line at its mean.
     for ax, metric in zip(axes, ("val_loss", "val_trailing_loss")):
-        points = []
+        by_label: dict[str, tuple[float | None, list[float]]] = {}
         for er in exp.runs:
             final = _final(logs.get(er.run.name), metric)
-            if final is None:
-                continue
-            if er.x is None:
-                ax.axhline(final, linestyle="--", color="black", linewidth=1, label=er.series)
+            if final is not None:
+                by_label.setdefault(er.label, (er.x, []))[1].append(final)
+        points = []
+        for label, (x, values) in by_label.items():
+            mean = sum(values) / len(values)
+            if x is None:
+                ax.axhline(mean, linestyle="--", color="black", linewidth=1, label=exp.runs[0].series)
             else:
-                points.append((er.x, final, er.label))
+                points.append((x, mean, label, (max(values) - min(values)) / 2))
         points.sort()
         ax.set_xscale("log", base=2)
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="tab:blue", label=exp.runs[-1].series)
+            spreads = [p[3] for p in points]
+            ax.errorbar(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                yerr=spreads if any(spreads) else None,
+                fmt="o-",
+                capsize=3,
+                color="tab:blue",
+                label=exp.runs[-1].series,
+            )
             ax.set_xticks([p[0] for p in points], [p[2] for p in points])
         ax.minorticks_off()
         ax.set_xlabel("MoBA top-k / number of blocks")
@@ -370,7 +384,10 @@ def _reference(exp: Experiment, er: ExperimentRun) -> ExperimentRun | None:
     same_seed = [r for r in same if r.run.seed == er.run.seed]
     if same_seed or same:
         return (same_seed or same)[0]
-    return fulls[0] if len(fulls) == 1 else None
+    if len(fulls) == 1:
+        return fulls[0]
+    # One full run per seed (the large scale's granularity experiment): the one of the run's seed.
+    return next((r for r in fulls if r.run.seed == er.run.seed), None)
 
 
 def _seed_table(exp: Experiment, logs: dict[str, dict[str, Any]]) -> list[str]:
@@ -404,6 +421,44 @@ def _seed_table(exp: Experiment, logs: dict[str, dict[str, Any]]) -> list[str]:
         "",
         "| size | method | seeds | mean Δ vs full | seed spread | abs(Δ) >= 3x spread |",
         "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _granularity_seed_table(exp: Experiment, logs: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines of the granularity settings run with several seeds: their mean against full attention's.
+
+    Per setting with two or more seeds done (and full attention with two or more): the mean of the metric, its range,
+    the mean Δ to full attention's mean, the spread (the larger range of the two) and whether |Δ| >= 3x the spread.
+    Nothing when no setting has a second seed.
+    """
+    finals: dict[str, list[float]] = {}
+    for er in exp.runs:
+        final = _final(logs.get(er.run.name), exp.metric)
+        if final is not None:
+            finals.setdefault(er.label, []).append(final)
+    fulls = next((finals.get(er.label, []) for er in exp.runs if er.run.attention == "full"), [])
+    if len(fulls) < 2:
+        return []
+    full_mean, full_range = sum(fulls) / len(fulls), max(fulls) - min(fulls)
+    rows = []
+    for label, values in finals.items():
+        if len(values) < 2 or values is fulls:
+            continue
+        mean, spread = sum(values) / len(values), max(max(values) - min(values), full_range)
+        resolved = "yes" if abs(mean - full_mean) >= 3 * spread else "no"
+        rows.append(
+            f"| {label} | {len(values)} | {mean:.4f} | {max(values) - min(values):.4f} | {mean - full_mean:+.4f} | "
+            f"{spread:.4f} | {resolved} |"
+        )
+    if not rows:
+        return []
+    return [
+        f"Over seeds (full attention: {len(fulls)} seeds, mean {full_mean:.4f}, range {full_range:.4f}):",
+        "",
+        "| setting | seeds | mean | range | mean Δ vs full | spread | abs(Δ) >= 3x spread |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
@@ -549,6 +604,8 @@ def write_table(
             "",
         ]
         lines += _seed_table(exp, logs)
+        if exp.name == "granularity":
+            lines += _granularity_seed_table(exp, logs)
     path = out / "results.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

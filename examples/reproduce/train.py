@@ -396,7 +396,7 @@ def train(
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left outside autocast
-    corpus = corpus_mod.load_corpus(cfg.val_permille)
+    corpus = corpus_mod.load_corpus(cfg.val_permille, kind=cfg.corpus)
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg)
@@ -442,6 +442,9 @@ def train(
     val = corpus_mod.val_batches(corpus, cfg.eval_batches, cfg.micro, cfg.context)
     accum = cfg.batch_size // cfg.micro
     end = cfg.steps if stop_after is None else min(cfg.steps, max(stop_after, start))
+    if device.type == "cuda":
+        # Per run, not per process: a lane's process trains several runs, and each session reports its own peak.
+        torch.cuda.reset_peak_memory_stats(device)
     session_start = time.perf_counter()
     calls_before = moba_call_count()
     moba_steps = 0  # steps of this session whose plan has at least one MoBA layer
@@ -455,8 +458,9 @@ def train(
     interval = torch.tensor(carry, dtype=torch.float64, device=device)
 
     def session(done: int) -> dict[str, Any]:
-        # The peak memory of this process on the device: what the plan of GPU calls (callplan.py) only estimates, and
-        # needs measured before it puts two runs on one GPU with less margin.
+        # The peak memory of this session on the device (reset at its start): what the plan of GPU calls
+        # (callplan.py) only estimates, and needs measured before it puts two runs on one GPU with less margin. Logs
+        # written before the reset existed hold the process's peak over the earlier runs of its lane too.
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return {
             "start_step": start,
