@@ -477,13 +477,17 @@ def compile_check(arch: int = 90, prefix: str | None = None) -> list[dict[str, A
                              {"po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32",
                               "len_ptr": "*i64"},
                              {"HEAD_DV": dv, "BLOCK_F": 64, "DEV_LEN": dev_len}, 4, 1))  # fmt: skip
-    for d in (64, 128):  # the static cache's means update: gather the completed chunks, write their means back
-        variants.append((f"static_gather-D{d}", dk._static_gather_chunks_kernel,
-                         {"k_ptr": "*bf16", "len_ptr": "*i64", "out_ptr": "*bf16"},
-                         {"HEAD_D": d, "BLOCK_N": 64, "skd": 1}, 4, 1))  # fmt: skip
-        variants.append((f"static_scatter-D{d}", dk._static_scatter_means_kernel,
-                         {"fresh_ptr": "*fp32", "len_ptr": "*i64", "means_ptr": "*fp32"},
-                         {"HEAD_D": d, "smd": 1}, 1, 1))  # fmt: skip
+    for d in (64, 128):  # the static cache's means update: the completed chunks averaged in place, one launch
+        variants.append((f"static_means-D{d}", dk._static_step_means_kernel,
+                         {"k_ptr": "*bf16", "len_ptr": "*i64", "means_ptr": "*fp32"},
+                         {"HEAD_D": d, "BLOCK_N": 64, "skd": 1, "smd": 1}, dk.MEANS_NUM_WARPS,
+                         dk.MEANS_NUM_STAGES))  # fmt: skip
+    for final in (True, False):  # a static cache's length from the step's mask (one block, or blocks + merge)
+        variants.append((f"static_length-{'final' if final else 'blocks'}", dk._static_length_kernel,
+                         {"mask_ptr": "*u8", "part_ptr": "*i64" if final else "*i32", "out_ptr": "*i64"},
+                         {"BLOCK": dk._LENGTH_BLOCK, "FINAL": final, "smn": 1}, 4, 1))  # fmt: skip
+    variants.append(("static_length_merge", dk._static_length_merge_kernel, {"part_ptr": "*i32", "out_ptr": "*i64"},
+                     {"BLOCK": dk._LENGTH_MERGE_BLOCK}, 4, 1))  # fmt: skip
     if prefix is not None:
         variants = [v for v in variants if v[0].startswith(prefix)]
     return compile_variants(variants, arch, _DIV16, error_chars=400)

@@ -15,6 +15,12 @@ graph-safe static-cache op). The graph rows also give the time a step must take 
 it needs (``graph_bound_ms``, at the rate of a read-only probe measured in the same run; MoBA layers counted with
 every selected chunk read once per query head, an upper bound on their bytes).
 
+The graph rows compare MoBA with two dense baselines of the same model: dense SDPA (``dense_graph_*``; on a static
+cache transformers hands it a boolean mask over the whole buffer) and the fastest exact dense decode the library has
+(``dense_splitk_graph_*``): an all-dense policy whose decode steps run ``moba::dense_decode``'s split-K kernels, the
+path the policy's dense layers take by default (``dense_decode = "split_k"``). ``*_dense_decode`` fields say which
+path the dense layers' decode steps ran (from the attention's report: ``split_k``, or ``sdpa`` and why).
+
 Decode contexts are filled with random keys and values through ``Cache.update`` (:func:`fill_cache`), not by a
 prefill: a step's cost does not depend on how its cache was filled, and the dense prefills that would fill it cost
 minutes each at 512K-1M (batch included). ``--profile-prefill N`` profiles one prefill of each model at ``N`` tokens
@@ -192,6 +198,27 @@ def time_graph_decode(
     return rate, {"steps": profile_steps, **per_step}
 
 
+def dense_decode_path(attention) -> str:
+    """Which path the one-query decode steps of the dense layers ran, from a ``moba_compile.hf`` attention's report:
+    ``"split_k"``, ``"sdpa (<why>)"`` (the split-K kernels did not take the step, or the policy's ``"sdpa"``), several
+    of them comma-separated, or ``"none"`` (no dense decode step recorded)."""
+    from moba_compile.decisions import REASONS
+
+    split_k = REASONS["dense_split_k"].split("{")[0]
+    fallback = REASONS["dense_split_k_not"].split("{")[0]
+    paths = set()
+    for site in attention.report().sites:
+        if site.decision != "dense" or site.form != "kv-cache":
+            continue
+        if split_k in site.reason:
+            paths.add("split_k")
+        elif fallback in site.reason:
+            paths.add(f"sdpa ({site.reason.split(fallback, 1)[1].split('): ')[0]})")
+        elif REASONS["dense_decode_sdpa"] in site.reason:
+            paths.add("sdpa (dense_decode = 'sdpa')")
+    return ", ".join(sorted(paths)) or "none"
+
+
 def step_bytes(config: dict, params: int, policy: dict, context: int, batch: int, moba: bool) -> float:
     """Bytes one decode step must read at ``context`` keys: the weights (bf16), and per layer its KV cache (dense) or,
     for a MoBA layer, the chunk means plus ``topk`` chunks per query head (no GQA sharing: an upper bound)."""
@@ -329,7 +356,8 @@ def _versions() -> dict:
 
 def plot(paths: list[Path], out: Path) -> Path | None:
     """Draw the prefill rows (seconds against tokens, log-log) and the graph-captured decode rows (tokens/s per
-    context and batch) of the result files ``paths`` into one PNG at ``out``; None when matplotlib is missing.
+    context and batch: MoBA, dense SDPA and, where measured, the split-K dense decode) of the result files ``paths``
+    into one PNG at ``out``; None when matplotlib is missing.
 
     Only measured rows are drawn; a row whose graph decode failed is left out (its error stays in its JSON).
 
@@ -364,8 +392,12 @@ def plot(paths: list[Path], out: Path) -> Path | None:
     if decode:
         labels = [f"{r['context'] // 1024}K b{r['batch']}" for r in decode]
         x = range(len(decode))
-        right.bar([i - 0.2 for i in x], [r["moba_graph_tok_s"] for r in decode], 0.4, label="MoBA")
-        right.bar([i + 0.2 for i in x], [r["dense_graph_tok_s"] for r in decode], 0.4, label="dense SDPA")
+        right.bar([i - 0.27 for i in x], [r["moba_graph_tok_s"] for r in decode], 0.27, label="MoBA")
+        right.bar([i for i in x], [r["dense_graph_tok_s"] for r in decode], 0.27, label="dense SDPA")
+        # The best dense baseline (split-K dense decode), where the row measured it (rows before issue 16 did not).
+        best = [(i, r["dense_splitk_graph_tok_s"]) for i, r in zip(x, decode) if r.get("dense_splitk_graph_tok_s")]
+        if best:
+            right.bar([i + 0.27 for i, _ in best], [t for _, t in best], 0.27, label="dense split-K")
         right.set_xticks(list(x), labels)
         right.set(ylabel="tokens/s", title="decode, static cache + CUDA graphs")
         right.legend()
@@ -405,8 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split-k",
         action="store_true",
-        help="also time the MoBA model's captured decode step with dense_decode = 'split_k' (its dense layers on "
-        "MoBA's split-K decode kernels)",
+        help="also time the MoBA model's captured decode step with dense_decode = 'split_k' set explicitly (the "
+        "default since issue 16, so the same path as 'moba'; kept for the fields of earlier runs)",
+    )
+    parser.add_argument(
+        "--sdpa-dense-decode",
+        action="store_true",
+        help="also time the MoBA model's captured decode step with dense_decode = 'sdpa' (its dense layers on SDPA's "
+        "masked call: the default before issue 16)",
     )
     parser.add_argument("--tag", default="", help="suffix of the JSON's name, for runs split across processes")
     parser.add_argument(
@@ -457,11 +495,23 @@ def main(argv: list[str] | None = None) -> int:
     model = build(config, dtype, device)
     attention = moba_compile.hf.register(policy, name="moba")
     variants = {"moba": ("moba", moba_compile.hf.MobaCache), "dense": ("sdpa", DynamicCache)}
-    graph_variants = [("moba", "moba"), ("dense", "sdpa")]
+    # The best dense baseline: every layer dense by the policy, so every decode step runs moba::dense_decode's
+    # split-K kernels (exact dense attention) where they take it; "dense" is the same model on transformers' SDPA.
+    attentions = {
+        "moba": attention,
+        "dense_splitk": moba_compile.hf.register(
+            {**policy, "dense_last": config["num_hidden_layers"], "dense_decode": "split_k"}, name="dense_splitk"
+        ),
+    }
+    graph_variants = [("moba", "moba"), ("dense", "sdpa"), ("dense_splitk", "dense_splitk")]
     if args.split_k:
-        # The same MoBA model with its dense layers' decode steps on MoBA's split-K kernels (exactly dense attention).
-        moba_compile.hf.register({**policy, "dense_decode": "split_k"}, name="moba_splitk")
+        # The same MoBA model with dense_decode = 'split_k' set explicitly (the default: the fields of earlier runs).
+        attentions["moba_splitk"] = moba_compile.hf.register({**policy, "dense_decode": "split_k"}, name="moba_splitk")
         graph_variants.append(("moba_splitk", "moba_splitk"))
+    if args.sdpa_dense_decode:
+        # The same MoBA model with its dense layers' decode steps on SDPA's masked call (the default before issue 16).
+        attentions["moba_sdpa"] = moba_compile.hf.register({**policy, "dense_decode": "sdpa"}, name="moba_sdpa")
+        graph_variants.append(("moba_sdpa", "moba_sdpa"))
     rows = []
     gen = torch.Generator().manual_seed(0)
     meta = _versions()
@@ -540,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
 
         for name, (impl, cache) in variants.items():
             model.set_attn_implementation(impl)
+            attention.reset_report()
             row[f"{name}_tok_s"] = time_decode(model, token, filled(cache), args.decode_steps)
+        row["moba_dense_decode"] = dense_decode_path(attention)  # the eager dynamic-cache row's dense layers
         # The MoBA model's dense layers through cuDNN's SDPA as well (the library leaves cuDNN out of dense decode
         # layers by default, see moba_compile.hf): the effect of that choice, measured in the same run.
         attention.skip_cudnn_in_decode = False
@@ -552,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, impl in graph_variants:
                 model.set_attn_implementation(impl)
                 torch._dynamo.reset()  # each model compiles its own step
+                if name in attentions:
+                    attentions[name].reset_report()
                 try:
                     row[f"{name}_graph_tok_s"], prof = time_graph_decode(
                         model, token, n, args.decode_steps, config, args.profile_decode
@@ -569,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # noqa: BLE001 - recorded, never papered over
                     row[f"{name}_graph_tok_s"] = None
                     row.setdefault("errors", {})[f"{name}_graph"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                if name in attentions:
+                    row[f"{name}_graph_dense_decode"] = dense_decode_path(attentions[name])
                 rate = meta["read_gbps"] * 1e9  # bytes per second
                 byt = step_bytes(config, params, policy, n, args.batch, name.startswith("moba"))
                 row[f"{name}_graph_bytes"] = byt
@@ -582,6 +638,13 @@ def main(argv: list[str] | None = None) -> int:
                 row["graph_speedup"] = row["moba_graph_tok_s"] / row["dense_graph_tok_s"]
             if row.get("moba_splitk_graph_tok_s") and row.get("dense_graph_tok_s"):
                 row["splitk_graph_speedup"] = row["moba_splitk_graph_tok_s"] / row["dense_graph_tok_s"]
+            if row.get("moba_sdpa_graph_tok_s") and row.get("dense_graph_tok_s"):
+                row["sdpa_dense_decode_graph_speedup"] = row["moba_sdpa_graph_tok_s"] / row["dense_graph_tok_s"]
+            if row.get("moba_graph_tok_s") and row.get("dense_splitk_graph_tok_s"):
+                # MoBA against the fastest exact dense decode of the same model (issue 16: dense on its fastest path).
+                row["graph_speedup_vs_best_dense"] = row["moba_graph_tok_s"] / row["dense_splitk_graph_tok_s"]
+            if row.get("dense_splitk_graph_tok_s") and row.get("dense_graph_tok_s"):
+                row["best_dense_vs_sdpa"] = row["dense_splitk_graph_tok_s"] / row["dense_graph_tok_s"]
         rows.append(row)
         if not args.smoke:
             save(rows)
@@ -595,6 +658,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"moba {row['moba_graph_tok_s']:.1f} tok/s "
                 f"({row['moba_graph_ratio_to_bound']:.2f}x its read bound), dense {row['dense_graph_tok_s']:.1f} "
                 f"tok/s ({row['dense_graph_ratio_to_bound']:.2f}x), {row['graph_speedup']:.2f}x"
+            )
+        if "graph_speedup_vs_best_dense" in row:
+            print(
+                f"  best dense (all layers dense, dense_decode = 'split_k': {row['dense_splitk_graph_dense_decode']}): "
+                f"{row['dense_splitk_graph_tok_s']:.1f} tok/s ({row['dense_splitk_graph_ratio_to_bound']:.2f}x its "
+                f"read bound, {row['best_dense_vs_sdpa']:.2f}x dense SDPA); moba "
+                f"{row['graph_speedup_vs_best_dense']:.2f}x best dense"
+            )
+        if "moba_graph_dense_decode" in row:
+            print(f"  moba's dense layers decoded with: {row['moba_graph_dense_decode']}")
+        if "sdpa_dense_decode_graph_speedup" in row:
+            print(
+                f"  moba with dense_decode = 'sdpa': {row['moba_sdpa_graph_tok_s']:.1f} tok/s "
+                f"({row['moba_sdpa_graph_ratio_to_bound']:.2f}x its read bound), "
+                f"{row['sdpa_dense_decode_graph_speedup']:.2f}x dense"
             )
         if "splitk_graph_speedup" in row:
             print(

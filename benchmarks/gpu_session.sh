@@ -42,7 +42,7 @@ for spec in "$@"; do
 print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"' ;;
     tests)  # the interpreted CPU suites, with the kernel launchers compiled on the GPU; ARGS replace the file list
       [[ ${#extra[@]} -eq 0 ]] && extra=(tests/test_kernels_forward.py tests/test_kernels_backward.py \
-        tests/test_kernels_decode.py)
+        tests/test_kernels_decode.py tests/test_kernels_dense_decode.py tests/test_kernels_static_decode.py)
       stage tests "${TESTS_LIMIT:-240}" env MOBA_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -rfE \
         -n "${TEST_WORKERS:-8}" -k "not compile_for_h100 and not compile_check" "${extra[@]}" ;;
     gputests)

@@ -79,11 +79,14 @@ REASONS: dict[str, str] = {
         "key/value when the mask is exactly causal, checked at run time; else this masked SDPA call"
     ),
     "dense_flash_not": "dense_sdpa = 'flash_when_causal' does not apply ({why}): SDPA as is",
-    # A dense decode step of the Hugging Face path under the policy's dense_decode = "split_k" (moba::dense_decode).
+    # A one-query decode step of a layer dense by the policy, under its dense_decode: "split_k" (the default) runs
+    # moba::dense_decode where the split-K kernels take the step, else keeps SDPA with the reason; "sdpa" keeps SDPA.
     "dense_split_k": (
         "dense_decode = 'split_k': one-query decode step on MoBA's split-K decode kernels with every earlier chunk "
         "(moba::dense_decode, exact dense attention; {how})"
     ),
+    "dense_split_k_not": "dense_decode = 'split_k' cannot run this step ({why}): SDPA as is",
+    "dense_decode_sdpa": "dense_decode = 'sdpa': this decode step's SDPA call as is",
     "static_min_seq_len": (
         "static KV cache buffer under the compile backend with min_seq_len {min_seq_len}: the length is known only on "
         "the device, so the threshold cannot be applied"

@@ -25,7 +25,10 @@ Ops (all functional but ``moba::update_static_chunk_means_``, which fills a stat
 - ``moba::dense_decode(query, key, value, length, attn_mask, scale, impl) -> (out, lse)``: dense causal attention of
   a decode step on MoBA's split-K decode kernels (every earlier chunk selected, no gate), graph-safe on a static cache
   (``length`` a device tensor or None); inference only (:func:`dense_decode`, the policy's ``dense_decode =
-  "split_k"``). Defined in :mod:`moba_compile.static_decode_ops`, re-exported here.
+  "split_k"``, the default). Defined in :mod:`moba_compile.static_decode_ops`, re-exported here.
+- ``moba::static_length(mask, impl) -> Tensor``: each batch row's length on a static cache, read from the step's
+  boolean mask on the device (:func:`static_length_from_mask`; a Triton read split over the slots on CUDA). Defined
+  in :mod:`moba_compile.static_decode_ops`, re-exported here.
 - ``moba::packed_attention`` (and its backward and forward-mode ops): packed documents given by ``cu_seqlens``, each
   MoBA on its own (:func:`packed_attention`). Defined in :mod:`moba_compile.packed_ops`, re-exported here.
 
@@ -97,6 +100,7 @@ __all__ = [
     "resolve_impl",
     "static_chunk_means_buffer",
     "dense_decode",
+    "split_k_unsupported_reason",
     "static_decode",
     "static_length_from_mask",
     "update_static_chunk_means_",
@@ -700,6 +704,7 @@ from .packed_ops import (  # noqa: E402
 )
 from .static_decode_ops import (  # noqa: E402
     dense_decode,
+    split_k_unsupported_reason,
     static_chunk_means_buffer,
     static_decode,
     static_length_from_mask,

@@ -68,9 +68,10 @@ DenseSdpa = Literal["as_is", "flash_when_causal"]
 DENSE_SDPA: tuple[DenseSdpa, ...] = get_args(DenseSdpa)
 #: How the dense layers of a one-query decode step run (the policy's ``dense_decode``; the Hugging Face path, and the
 #: compile backend's static-cache steps):
-#: ``"sdpa"`` (the default) runs the layer's own SDPA call; ``"split_k"`` runs MoBA's split-K decode kernels with every
-#: earlier chunk selected and no gate (``moba::dense_decode``): the same attention, split over the keys so that a small
-#: batch fills the GPU, graph-safe on a static cache.
+#: ``"split_k"`` (the default) runs MoBA's split-K decode kernels with every earlier chunk selected and no gate
+#: (``moba::dense_decode``) where they take the step's inputs (CUDA, head dims 64/128, fp16/bf16/fp32): the same
+#: attention, split over the keys so that a small batch fills the GPU, graph-safe on a static cache; elsewhere the
+#: layer's SDPA call, the report saying why. ``"sdpa"`` (the opt-out) always runs the layer's own SDPA call.
 DenseDecode = Literal["sdpa", "split_k"]
 #: The values of :data:`DenseDecode`, in the order messages list them.
 DENSE_DECODE: tuple[DenseDecode, ...] = get_args(DenseDecode)
@@ -446,11 +447,11 @@ class Policy:
         dense_sdpa: ``"as_is"`` (default: dense sites keep their SDPA call bit for bit) or ``"flash_when_causal"``
             (the compile backend runs flash attention at dense sites whose boolean mask is exactly causal at run
             time; numerics change within the flash kernel's rounding): see :data:`DenseSdpa`.
-        dense_decode: ``"sdpa"`` (default: the dense layers of a decode step run their SDPA call) or ``"split_k"``
-            (on the Hugging Face path, and for static-cache steps on the compile backend, a one-query decode step of a
-            layer dense by the policy runs MoBA's split-K decode kernels with every earlier chunk selected: exact
-            dense attention, graph-safe on a static cache):
-            see :data:`DenseDecode`.
+        dense_decode: ``"split_k"`` (default: on the Hugging Face path, and for static-cache steps on the compile
+            backend, a one-query decode step of a layer dense by the policy runs MoBA's split-K decode kernels with
+            every earlier chunk selected where they take its inputs: exact dense attention, graph-safe on a static
+            cache; elsewhere its SDPA call, with the reason in the report) or ``"sdpa"`` (the dense layers of a
+            decode step always run their SDPA call): see :data:`DenseDecode`.
         rules: Ordered rules.
         source: Where the policy came from (file path, ``"<dict>"``, ``"<Policy>"`` for one built in code), for
             messages; ``"<default>"`` marks the automatic policy (:data:`DEFAULT_POLICY`, see :attr:`automatic`).
@@ -475,7 +476,7 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     source: str = field(default="<Policy>", compare=False)
     routing: Routing = "head"
-    dense_decode: DenseDecode = "sdpa"
+    dense_decode: DenseDecode = "split_k"
 
     def __post_init__(self) -> None:
         where = "<Policy>" if self.source == _AUTOMATIC_SOURCE else str(self.source)
@@ -661,7 +662,7 @@ class Policy:
         Example:
             >>> policy = Policy(chunk_size=512, topk=3, dense_last=1)
             >>> policy.for_site("layers.0.attn", 0, 4).to_dict()
-            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'dense_decode': 'sdpa', 'routing': 'head', 'rules': []}
+            {'version': 1, 'chunk_size': 512, 'topk': 3, 'dense_last': 0, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'dense_decode': 'split_k', 'routing': 'head', 'rules': []}
             >>> policy.for_site("layers.3.attn", 3, 4).decide("attn", None, None).mode
             'dense'
         """  # noqa: E501
@@ -787,7 +788,7 @@ class Policy:
 
         Example:
             >>> DEFAULT_POLICY.to_dict()
-            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'dense_decode': 'sdpa', 'routing': 'head', 'rules': []}
+            {'version': 1, 'chunk_size': 4096, 'topk': 12, 'dense_last': 3, 'min_seq_len': 0, 'decode': 'moba', 'dense_sdpa': 'as_is', 'dense_decode': 'split_k', 'routing': 'head', 'rules': []}
         """  # noqa: E501
         out: dict[str, Any] = {
             "version": self.version,

@@ -1,6 +1,7 @@
 """The static-cache decode ops: ``moba::static_decode`` and ``moba::update_static_chunk_means_`` (the one mutating
-op), graph-safe decode over a static KV cache whose length is a device tensor (issue 16; ``docs/generation.md``), and
-``moba::dense_decode``: a dense layer's decode step on the same split-K kernels (the policy's ``dense_decode``).
+op), graph-safe decode over a static KV cache whose length is a device tensor (issue 16; ``docs/generation.md``),
+``moba::static_length`` (that length, read from the step's mask on the device), and ``moba::dense_decode``: a dense
+layer's decode step on the same split-K kernels (the policy's ``dense_decode``).
 
 Split from :mod:`moba_compile.ops`, which re-exports the public names.
 """
@@ -16,6 +17,7 @@ from .validation import bounded_params, check_moba_inputs, check_moba_params, ch
 
 __all__ = [
     "dense_decode",
+    "split_k_unsupported_reason",
     "static_chunk_means_buffer",
     "static_decode",
     "static_length_from_mask",
@@ -108,8 +110,9 @@ def _update_static_means_op(
     chosen = _static_means_impl(impl, key, chunk_size)
     CALLS[f"update_static_chunk_means:{chosen}"] += 1
     if chosen == "triton" and chunk_means.dtype == torch.float32:
-        # Three fixed launches (gather the chunks, the one means kernel, write the completed rows): in a captured
-        # decode step the generic path below would be a dozen small kernels per layer.
+        # One fixed launch whose programs average only the chunks the step completed, in place (the others exit at
+        # once): in a captured decode step the generic path below would be a dozen small kernels per layer, and would
+        # read a chunk's keys at every step.
         kernels.update_static_means_triton(chunk_means, key, length, new_tokens, chunk_size)
         return
     dev = key.device
@@ -175,23 +178,74 @@ def _check_means_buffer(chunk_means: object, key: Tensor, chunk_size: int) -> No
         )
 
 
-def static_length_from_mask(mask: Tensor, batch: int) -> Tensor:
+def _no_length_kernel(impl: str, mask: Tensor) -> str | None:
+    """Why the Triton length kernel does not read this mask under ``impl``, or None when it does."""
+    if impl == "reference":
+        return "impl='reference' requested"
+    if not kernels.triton_available():
+        return "triton is not installed"
+    if impl == "auto" and mask.device.type != "cuda":
+        # The interpreter (TRITON_INTERPRET=1) is for testing the kernels, far too slow to pick automatically.
+        return f"{mask.device.type.upper()} tensors"
+    return kernels.static_length_unsupported_reason(mask)
+
+
+def _length_reference(mask: Tensor) -> Tensor:
+    """``[B or 1]`` int64: one past the last slot the mask's last query row allows in any head (``slots`` if none)."""
+    last = mask[:, :, -1, :].any(dim=1)  # [B or 1, slots]: the last query row, any head
+    slots = last.shape[-1]
+    # argmax returns the first maximum: on the reversed row, the last allowed slot (0 on a row allowing nothing).
+    return slots - last.flip(-1).to(torch.uint8).argmax(dim=-1)
+
+
+@torch.library.custom_op("moba::static_length", mutates_args=())
+def _static_length_op(mask: Tensor, impl: str) -> Tensor:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    why = _no_length_kernel(impl, mask)
+    if why is not None and impl == "triton":
+        raise RuntimeError(f"impl='triton' cannot read this mask's length: {why}")
+    if why is None:
+        CALLS["static_length:triton"] += 1
+        return kernels.static_length_triton(mask)
+    CALLS["static_length:reference"] += 1
+    return _length_reference(mask).contiguous()
+
+
+@_static_length_op.register_fake
+def _static_length_fake(mask, impl):
+    return mask.new_empty((mask.shape[0],), dtype=torch.int64)
+
+
+def static_length_from_mask(mask: Tensor, batch: int, *, impl: str = "auto") -> Tensor:
     """The keys each batch row of a static KV cache holds, read from the step's boolean mask on the device.
 
     A static cache's step masks every slot after its queries' positions (and padding before them), so one past the
     last slot its last query may see is the row's length. No host read, fixed shapes: usable inside a captured step,
-    as the ``length`` of :func:`static_decode` and :func:`update_static_chunk_means_`.
+    as the ``length`` of :func:`static_decode`, :func:`update_static_chunk_means_` and :func:`dense_decode`.
+
+    Runs as ``moba::static_length``: on CUDA a Triton read of the last query row split over blocks of slots (a few
+    microseconds at 512K slots; :func:`moba_compile.kernels.static_length_triton`), elsewhere the reference (``any``
+    over the heads, ``flip``, ``argmax``). Both give the same result. One opaque op, so that a compiled step does not
+    fuse the reduction over the whole slot axis into the mask's construction (on the H200 that fused kernel took
+    ~100 us per layer at 512K slots). Counted in ``ops.CALLS`` as ``static_length:triton`` /
+    ``static_length:reference``.
 
     Args:
-        mask: boolean ``[B or 1, H or 1, Lq, slots]`` (True = may attend), e.g. the mask transformers builds for a
-            static cache's step. A row that allows nothing gives ``slots`` (its queries then attend to nothing).
-        batch: ``B``, the batch the result is expanded to.
+        mask: boolean ``[B or 1, H or 1, Lq, slots]`` (True = may attend), any strides, e.g. the mask transformers
+            builds for a static cache's step; ``Lq >= 1``, ``slots >= 1``. A row that allows nothing gives ``slots``
+            (its queries then attend to nothing).
+        batch: ``B``, the batch the result is expanded to (the mask's batch is 1 or ``B``).
+        impl: ``"auto"`` (the kernel on CUDA, the reference elsewhere), ``"triton"`` (also on CPU tensors under
+            ``TRITON_INTERPRET=1``; raises where the kernel cannot run) or ``"reference"``.
 
     Returns:
         int64 ``[B]`` on the mask's device.
 
     Raises:
-        ValueError: ``mask`` is not a 4-D boolean tensor.
+        ValueError: ``mask`` is not a 4-D boolean tensor with a query row and a slot, its batch is neither 1 nor
+            ``batch``, or an unknown ``impl``.
+        RuntimeError: ``impl="triton"`` cannot run (the reason is given).
 
     Example:
         >>> mask = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
@@ -202,10 +256,17 @@ def static_length_from_mask(mask: Tensor, batch: int) -> Tensor:
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
         raise ValueError(f"mask must be a 4-D boolean tensor [B, H, Lq, slots], got {getattr(mask, 'shape', mask)!r}")
-    last = mask[:, :, -1, :].any(dim=1)  # [B or 1, slots]: the last query row, any head
-    slots = last.shape[-1]
-    # argmax returns the first maximum: on the reversed row, the last allowed slot.
-    return (slots - last.flip(-1).to(torch.uint8).argmax(dim=-1)).expand(batch)
+    if mask.shape[2] == 0 or mask.shape[3] == 0:
+        raise ValueError(f"mask must have a query row and a slot, got shape {list(mask.shape)}")
+    if mask.shape[0] not in (1, batch):
+        raise ValueError(f"mask's batch {mask.shape[0]} is neither 1 nor the batch {batch}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if impl == "triton" and not torch.compiler.is_compiling():  # raise early; traced, the op's body raises
+        why = _no_length_kernel(impl, mask)
+        if why is not None:
+            raise RuntimeError(f"impl='triton' cannot read this mask's length: {why}")
+    return torch.ops.moba.static_length(mask, impl).expand(batch)
 
 
 def static_chunk_means_buffer(key: Tensor, chunk_size: int) -> Tensor:
@@ -245,9 +306,11 @@ def update_static_chunk_means_(
     length - 1`` and before :func:`static_decode`. It writes row ``c`` of ``chunk_means`` for every chunk ``c`` whose
     last key is among the new ones, and leaves the other rows alone; so rows ``c < length // C`` hold the means of the
     chunks as they are, provided every write to the cache went through such a step (a reset cache is refilled from
-    position 0, which rewrites every chunk as it completes again). Graph-safe: the work is the same at every length
-    (``new_tokens // C + 1`` chunks are gathered and averaged, the rows that did not complete are rewritten with their
-    old value), no host synchronisation, fixed shapes: it can run under CUDA-graph capture.
+    position 0, which rewrites every chunk as it completes again). Graph-safe: the launches are the same at every
+    length (``new_tokens // C + 1`` candidate chunks per row, found from ``length`` on the device), no host
+    synchronisation, fixed shapes: it can run under CUDA-graph capture. On the Triton path a candidate the step did not
+    complete costs nothing but its program's launch, so a decode step that completes no chunk (all but one in ``C``)
+    reads no key; the reference path gathers and averages every candidate and writes back only the completed rows.
 
     The means come from the computation :func:`chunk_means` would use for these keys (the one Triton means kernel on
     CUDA, which the prefill gate uses too; the reference's on CPU), so a decode step scores chunks bitwise as its own
@@ -384,6 +447,31 @@ def _no_dense_decode_kernel(impl: str, query: Tensor, key: Tensor, value: Tensor
         # The interpreter (TRITON_INTERPRET=1) is for testing the kernels, far too slow to pick automatically.
         return f"{query.device.type.upper()} tensors"
     return kernels.dense_decode_unsupported_reason(query, key, value, mask)
+
+
+def split_k_unsupported_reason(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, *, impl: str = "auto"
+) -> str | None:
+    """Why :func:`dense_decode` would not run its split-K Triton kernels on this call under ``impl``, or None.
+
+    What the policy's ``dense_decode = "split_k"`` asks before it replaces a dense layer's decode step by
+    :func:`dense_decode` (the Hugging Face path at each call, the compile pass on the site's fake tensors): where the
+    kernels cannot serve, the step keeps its SDPA call and the report gives this reason. Metadata only.
+
+    Args:
+        query, key, value, attn_mask: the step's inputs (real or fake tensors), as for :func:`dense_decode`.
+        impl: ``"auto"`` (the kernels on CUDA only), ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``)
+            or ``"reference"`` (never the kernels).
+
+    Returns:
+        The reason (``"CPU tensors"``, ``"head dim 96 not in (64, 128)"``, ...), or None.
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 40, 64)
+        >>> split_k_unsupported_reason(q, k, k)
+        'CPU tensors'
+    """
+    return _no_dense_decode_kernel(impl, query, key, value, attn_mask)
 
 
 @torch.library.custom_op("moba::dense_decode", mutates_args=())

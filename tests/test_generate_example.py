@@ -98,10 +98,16 @@ def test_end_to_end_benchmark_smoke_and_dry_run():
         "--profile-prefill",
         "256",
         "--split-k",
+        "--sdpa-dense-decode",
     ).stdout
     assert "prefill     512" in out and "decode    1024" in out and "not saved" in out
     assert "prefill profile moba 256" in out and "prefill profile dense 256" in out
-    assert "moba with dense_decode = 'split_k'" in out  # the dense layers on the split-K kernels, same run
+    assert "moba with dense_decode = 'split_k'" in out  # set explicitly: the default's path, same run
+    assert "moba with dense_decode = 'sdpa'" in out  # the opt-out (the default before issue 16), same run
+    # The best dense baseline (an all-dense policy on moba::dense_decode) beside dense SDPA, and which path the dense
+    # layers' decode steps ran: on the CPU the split-K kernels take no step, so SDPA, and the reason.
+    assert "best dense (all layers dense, dense_decode = 'split_k': sdpa (CPU tensors))" in out
+    assert "moba's dense layers decoded with: sdpa (CPU tensors)" in out
     # Both models also on their fastest decode path: a static cache and the step compiled once (issue 16).
     assert "static cache, compiled step" in out and "its read bound" in out
 

@@ -1,7 +1,12 @@
 """Dense decode on MoBA's split-K decode kernels (``dense_decode_triton``, ``moba::dense_decode``), interpreted.
 
 Runs under the Triton interpreter (``TRITON_INTERPRET=1``) on small CPU shapes, with the launchers' buffers poisoned
-(conftest), so a partial cell the combine reads but no program wrote fails the test.
+(conftest), so a partial cell the combine reads but no program wrote fails the test. With ``MOBA_TEST_DEVICE=cuda``
+(and ``TRITON_INTERPRET=0``, on a GPU machine) every call that runs the kernels takes its inputs to the GPU
+(``kernel_cases.on_test_device``, or the device directly for the op in a graph and the model through transformers),
+so the same suite checks the compiled kernels; inputs, oracles and budgets stay those of the CPU run. (Interpreted, the
+internal chunk is 64 keys; compiled, 4096, so the compiled run has one chunk per row: the many-chunk cases are the
+interpreted ones and ``tests/gpu/test_cuda_dense_decode.py``.)
 
 Oracle and tolerances:
 
@@ -23,14 +28,22 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402, F401  (a missing triton must fail the tests, not skip them)
+from kernel_cases import TEST_DEVICE, on_test_device  # noqa: E402
 
 from moba_compile import ops, reference  # noqa: E402
+from moba_compile.kernels import support as ksupport  # noqa: E402
 from moba_compile.kernels.decode import (  # noqa: E402
+    DENSE_DECODE_CHUNK,
     _dense_selection,
     dense_decode_chunk,
     dense_decode_triton,
     dense_decode_unsupported_reason,
 )
+
+# MOBA_TEST_DEVICE=cuda: the launcher and the op's kernel path run compiled on the GPU; identity on the CPU. The reason
+# checks and the selection read metadata or run torch ops, and stay on the CPU (where the interpreted limits apply).
+dense_decode_triton = on_test_device(dense_decode_triton)
+ops_dense_decode = on_test_device(ops.dense_decode)
 
 D = 64
 SCALE = 1 / math.sqrt(D)
@@ -131,7 +144,9 @@ def test_selection_is_every_earlier_chunk_in_the_gates_layout():
     assert _dense_selection(1, 1, 200, 64, None, torch.device("cpu")).tolist() == [[[0, 1, 2]]]
 
 
-def test_unsupported_reasons():
+def test_unsupported_reasons(monkeypatch: pytest.MonkeyPatch):
+    # Metadata checks of CPU tensors, judged as under the CPU run (the interpreter on), also with MOBA_TEST_DEVICE=cuda.
+    monkeypatch.setattr(ksupport, "interpreting", lambda: True)
     q, k, v = inputs(1, 4, 2, 40, torch.float32)
     assert dense_decode_unsupported_reason(q, k, v, None) is None
     assert dense_decode_unsupported_reason(q.double(), k.double(), v.double(), None) is not None
@@ -139,7 +154,9 @@ def test_unsupported_reasons():
     assert dense_decode_unsupported_reason(wide[:, :, :1], wide, wide, None) == "head dim 96 not in (64, 128)"
     assert "Lq == 1" in dense_decode_unsupported_reason(torch.cat([q, q], 2), k, v, None)
     assert "multiple of 16" in dense_decode_unsupported_reason(q, k, v, None, chunk_size=24)
-    assert dense_decode_chunk(40) == 48 and dense_decode_chunk(1 << 20) == 64  # interpreted: chunks of 64 at most
+    assert dense_decode_chunk(40) == 48  # a short buffer: one chunk, a multiple of 16
+    # Interpreted: chunks of 64 keys at most (tests cross chunks); compiled: DENSE_DECODE_CHUNK.
+    assert dense_decode_chunk(1 << 20) == (64 if TEST_DEVICE.type == "cpu" else DENSE_DECODE_CHUNK)
     with pytest.raises(ValueError, match="length must be None or a contiguous int64"):
         dense_decode_triton(q, k, v, SCALE, length=torch.tensor([3], dtype=torch.int32))
 
@@ -150,7 +167,7 @@ def test_op_runs_the_kernel_and_counts_it():
     q, k, v = inputs(2, 4, 2, 100, torch.float32, seed=4)
     ops.CALLS.clear()
     with torch.no_grad():
-        out = ops.dense_decode(q, k, v, length=lengths, impl="triton")
+        out = ops_dense_decode(q, k, v, length=lengths, impl="triton")
         ref = ops.dense_decode(q, k, v, length=lengths, impl="reference")
         auto = ops.dense_decode(q, k, v, length=lengths)  # CPU tensors: the reference, never the interpreter
     assert ops.CALLS["dense_decode:triton"] == 1 and ops.CALLS["dense_decode:reference"] == 2
@@ -170,7 +187,7 @@ def test_op_reference_fallback_and_errors():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :12], k[:, :, :12], enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="impl='triton' cannot run this dense decode step: head dim 8"):
-        ops.dense_decode(q, k, k, impl="triton")
+        ops_dense_decode(q, k, k, impl="triton")
     with pytest.raises(RuntimeError, match="inference-only"):
         ops.dense_decode(q.requires_grad_(), k, k)
     with pytest.raises(ValueError, match="impl must be one of"):
@@ -197,6 +214,8 @@ def test_compiled_static_step_replays_with_a_growing_length():
     result each time (no recompile, no host read of the length)."""
     q, k, v = inputs(2, 4, 2, 96, torch.float32, seed=5)
     length = torch.tensor([1, 40])
+    on_device = [t.to(TEST_DEVICE) for t in (q, k, v)]
+    device_length = length.to(TEST_DEVICE)
 
     def step(q, k, v, length):
         return ops.dense_decode(q, k, v, length=length, impl="triton")
@@ -206,11 +225,11 @@ def test_compiled_static_step_replays_with_a_growing_length():
     with torch.no_grad():
         for _ in range(3):
             ops.CALLS.clear()
-            out = compiled(q, k, v, length)
+            out = compiled(*on_device, device_length).cpu()
             assert ops.CALLS["dense_decode:triton"] == 1
-            want, _ = oracle(q, k, v, length.tolist(), None)
+            want, _ = oracle(q, k, v, device_length.tolist(), None)
             torch.testing.assert_close(out.double(), want, atol=1e-6, rtol=0)
-            length += 31  # in place, as a static cache's counter
+            device_length += 31  # in place, as a static cache's counter
 
 
 def test_split_k_runs_the_kernel_through_the_hf_path():
@@ -223,17 +242,18 @@ def test_split_k_runs_the_kernel_through_the_hf_path():
     import moba_compile.hf
 
     attention = moba_compile.hf.register({"dense_last": 2, "dense_decode": "split_k"}, name="dd_kernel", impl="triton")
-    moba_compile.hf.register({"dense_last": 2}, name="dd_kernel_sdpa", impl="triton")
+    moba_compile.hf.register({"dense_last": 2, "dense_decode": "sdpa"}, name="dd_kernel_sdpa", impl="triton")
     config = transformers.LlamaConfig(**{**TINY_LLAMA, **TOKEN_IDS, "num_hidden_layers": 2, "head_dim": 64})
 
     def build(attn: str) -> torch.nn.Module:
         torch.manual_seed(0)
-        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval().to(TEST_DEVICE)
 
     ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(9))
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
     ids[0, :7] = 0
+    ids, mask = ids.to(TEST_DEVICE), mask.to(TEST_DEVICE)
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         want = build("dd_kernel_sdpa").generate(ids, **kw)

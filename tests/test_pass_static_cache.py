@@ -89,18 +89,56 @@ def test_sites_whose_topk_covers_every_chunk_are_flagged_effectively_dense():
     assert [(s.decision, s.effectively_dense) for s in sparse.sites] == [("moba", False), ("dense", False)]
 
 
-def test_dense_decode_split_k_runs_the_dense_layer_of_a_static_step_on_moba_dense_decode():
-    # dense_decode = "split_k" on the compile backend, as on the Hugging Face path: the policy's dense layer of a
-    # static-cache decode step runs moba::dense_decode (length from the mask on the device), equal to the same step
-    # with its SDPA call; the report says so. The MoBA layer still runs moba::static_decode.
+def _static_step(cfg, model, ids):
+    def static():  # a new static cache per call (it keeps state)
+        return _prefilled(cfg, model, ids, transformers.StaticCache(config=cfg, max_cache_len=48))
+
+    return static
+
+
+def test_dense_decode_split_k_runs_the_dense_layer_of_a_static_step_on_moba_dense_decode(monkeypatch):
+    # dense_decode = "split_k" (the default) on the compile backend, as on the Hugging Face path: the policy's dense
+    # layer of a static-cache decode step runs moba::dense_decode (length from the mask on the device), equal to the
+    # same step with its SDPA call; the report says so. The MoBA layer still runs moba::static_decode. On the CPU the
+    # split-K kernels do not take the step (impl "auto"), so the pass is told they do: the op then runs its graph-safe
+    # reference, which is what this checks the wiring with.
+    monkeypatch.setattr(ops, "split_k_unsupported_reason", lambda *args, **kwargs: None)
     cfg, model = _tiny_llama()
     ids = torch.randint(0, 64, (1, 37))
     step = torch.randint(0, 64, (1, 1))
     policy = {"chunk_size": 8, "topk": 2, "dense_last": 1}
+    static = _static_step(cfg, model, ids)
+    results = {}
+    for mode in ("sdpa", "split_k", None):  # None: the default
+        torch._dynamo.reset()
+        before = ops.CALLS.copy()
+        chosen = policy if mode is None else {**policy, "dense_decode": mode}
+        compiled = torch.compile(model, backend="moba", options={"policy": chosen})
+        with torch.no_grad():
+            results[mode] = compiled(step, **static()).logits
+        ran = ops.CALLS["dense_decode:reference"] - before["dense_decode:reference"]
+        assert ran == (0 if mode == "sdpa" else 1), (mode, ran)
+        assert ops.CALLS["static_decode:reference"] - before["static_decode:reference"] == 1
+        # One length read per step, shared by the MoBA layer and the dense one (one mask node for both).
+        assert ops.CALLS["static_length:reference"] - before["static_length:reference"] == 1
+    torch.testing.assert_close(results["split_k"], results["sdpa"])
+    torch.testing.assert_close(results[None], results["sdpa"])
+    report = explain(model, step, **static(), policy=policy)
+    dense = [s for s in report.sites if s.decision == "dense"]
+    assert len(dense) == 1 and "dense_decode = 'split_k': one-query decode step" in dense[0].reason, report.sites
+    report = explain(model, step, **static(), policy={**policy, "dense_decode": "sdpa"})
+    dense = [s for s in report.sites if s.decision == "dense"]
+    assert len(dense) == 1 and dense[0].reason.endswith("dense_decode = 'sdpa': this decode step's SDPA call as is")
 
-    def static():
-        return _prefilled(cfg, model, ids, transformers.StaticCache(config=cfg, max_cache_len=48))
 
+def test_dense_decode_split_k_keeps_sdpa_where_the_kernels_do_not_take_the_step():
+    # The default dense_decode = "split_k" on CPU tensors (impl "auto": the kernels run on CUDA only): the dense layer
+    # keeps its SDPA call, bit for bit, and the report says why.
+    cfg, model = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 37))
+    step = torch.randint(0, 64, (1, 1))
+    policy = {"chunk_size": 8, "topk": 2, "dense_last": 1}
+    static = _static_step(cfg, model, ids)
     results = {}
     for mode in ("sdpa", "split_k"):
         torch._dynamo.reset()
@@ -108,10 +146,9 @@ def test_dense_decode_split_k_runs_the_dense_layer_of_a_static_step_on_moba_dens
         compiled = torch.compile(model, backend="moba", options={"policy": {**policy, "dense_decode": mode}})
         with torch.no_grad():
             results[mode] = compiled(step, **static()).logits
-        ran = ops.CALLS["dense_decode:reference"] - before["dense_decode:reference"]
-        assert ran == (1 if mode == "split_k" else 0), (mode, ran)
-        assert ops.CALLS["static_decode:reference"] - before["static_decode:reference"] == 1
-    torch.testing.assert_close(results["split_k"], results["sdpa"])
-    report = explain(model, step, **static(), policy={**policy, "dense_decode": "split_k"})
+        assert ops.CALLS["dense_decode:reference"] == before["dense_decode:reference"], mode
+    assert torch.equal(results["split_k"], results["sdpa"])
+    report = explain(model, step, **static(), policy=policy)
     dense = [s for s in report.sites if s.decision == "dense"]
-    assert len(dense) == 1 and "dense_decode = 'split_k'" in dense[0].reason, report.sites
+    assert len(dense) == 1, report.sites
+    assert dense[0].reason.endswith("dense_decode = 'split_k' cannot run this step (CPU tensors): SDPA as is")

@@ -122,7 +122,7 @@ num_layers = 16
 min_seq_len = 128
 decode = "dense"
 dense_sdpa = "flash_when_causal"
-dense_decode = "split_k"
+dense_decode = "sdpa"
 routing = "group"
 
 [[rules]]
@@ -144,7 +144,7 @@ JSON_DATA = {
     "min_seq_len": 128,
     "decode": "dense",
     "dense_sdpa": "flash_when_causal",
-    "dense_decode": "split_k",
+    "dense_decode": "sdpa",
     "routing": "group",
     "rules": [
         {"layers": [0, -1], "mode": "dense"},
@@ -404,9 +404,10 @@ def test_valid_edge_values() -> None:
     assert load_policy({"decode": "dense"}).decode == "dense"
     assert load_policy({"dense_sdpa": "flash_when_causal"}).dense_sdpa == "flash_when_causal"
     assert DEFAULT_POLICY.dense_sdpa == "as_is"  # spec section 3: a site left dense keeps its SDPA call bit for bit
-    assert load_policy({"dense_decode": "split_k"}).dense_decode == "split_k"
-    assert load_policy({"dense_decode": "sdpa"}) == DEFAULT_POLICY  # "sdpa" is the default: nothing changes
-    assert DEFAULT_POLICY.dense_decode == "sdpa"  # opt-in: a dense decode step keeps its SDPA call unless asked
+    assert load_policy({"dense_decode": "sdpa"}).dense_decode == "sdpa"  # the opt-out
+    assert load_policy({"dense_decode": "split_k"}) == DEFAULT_POLICY  # "split_k" is the default: nothing changes
+    # Measured faster on the H200 (issue 16): a dense decode step runs the split-K kernels where they take it.
+    assert DEFAULT_POLICY.dense_decode == "split_k"
     assert load_policy({"rules": ()}).rules == ()
 
 
@@ -725,7 +726,7 @@ def test_to_dict_round_trip() -> None:
         "min_seq_len": 0,
         "decode": "moba",
         "dense_sdpa": "as_is",
-        "dense_decode": "sdpa",
+        "dense_decode": "split_k",
         "routing": "head",
         "rules": [],
     }
@@ -938,7 +939,7 @@ def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
             "min_seq_len": 100,
             "decode": "dense",
             "dense_sdpa": "flash_when_causal",
-            "dense_decode": "split_k",
+            "dense_decode": "sdpa",
             "rules": [{"layers": [1], "topk": 5}],
         }
     )
@@ -952,7 +953,7 @@ def test_for_site_of_a_moba_site_is_the_decision_without_rules_or_dense_last():
         "min_seq_len": 100,
         "decode": "dense",
         "dense_sdpa": "flash_when_causal",
-        "dense_decode": "split_k",
+        "dense_decode": "sdpa",
         "routing": "head",
         "rules": [],
     }
@@ -1010,5 +1011,5 @@ def test_dense_decode_bad_value_in_a_file_names_the_file_key_and_value(tmp_path:
     assert error_of(path) == f"{path}: dense_decode = 'splitk' is not valid; allowed: 'sdpa', 'split_k'"
     path = write(tmp_path, "p.json", json.dumps({"dense_decode": 1}))
     assert error_of(path) == f"{path}: dense_decode = 1 is not valid; allowed: 'sdpa', 'split_k'"
-    path = write(tmp_path, "p.toml", 'version = 1\ndense_decode = "split_k"\n')
-    assert load_policy(path).dense_decode == "split_k"
+    path = write(tmp_path, "p.toml", 'version = 1\ndense_decode = "sdpa"\n')
+    assert load_policy(path).dense_decode == "sdpa"

@@ -60,9 +60,10 @@ def test_reference_equals_moba_on_the_real_keys(lengths, lq):
 
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_update_means_across_chunk_boundaries_equals_chunk_means(chunk):
-    """A prefill of 13 keys, then one key per step up to the buffer's end (70 slots, chunk 16 or 64: not a multiple;
-    64 keys are copied in two pieces interpreted), with the same length tensor incremented in place: the buffer's
-    complete rows are bitwise ops.chunk_means of the keys, on both paths; rows not yet complete are left alone."""
+    """A prefill of 13 keys, then one key per step up to the buffer's end (70 slots, chunk 16 or 64: not a multiple),
+    with the same length tensor incremented in place: the buffer's complete rows are bitwise ops.chunk_means of the
+    keys, on both paths (the Triton one averages a completed chunk in place, in 4 or 1 blocks of 16 keys interpreted);
+    rows not yet complete are left alone."""
     slots = 70
     _, k, _ = _qkv(2, 2, 2, 1, slots, 16, torch.float32, seed=3)
     for impl in ("reference", "triton"):

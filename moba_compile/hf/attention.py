@@ -571,7 +571,7 @@ class MobaAttention:
             state.fill(key, real, chunk_size, self.impl)  # eager: the keys before and of this step, O(real) once
         means = state.buffers[chunk_size]
         # transformers' static-cache masks allow each query the non-padding slots up to its own position.
-        length = ops.static_length_from_mask(attention_mask, query.shape[0])
+        length = ops.static_length_from_mask(attention_mask, query.shape[0], impl=self.impl)
         ops.update_static_chunk_means_(
             means, key, length, new_tokens=query.shape[2], chunk_size=chunk_size, impl=self.impl
         )
@@ -636,25 +636,33 @@ class MobaAttention:
         """Record the site as dense (``decided``) and run the layer's own dense attention on the inputs as given.
 
         ``by_policy``: the site is dense by the policy alone (no blocker); a one-query decode step of such a site
-        runs ``moba::dense_decode`` instead of SDPA under the policy's ``dense_decode = "split_k"``.
+        runs ``moba::dense_decode`` instead of SDPA under the policy's ``dense_decode = "split_k"`` (the default)
+        where the split-K kernels take its inputs (:meth:`_split_k_blocker`), and the report says which ran.
         """
         state = static_means(key)
         if state is not None and not torch.compiler.is_compiling():
             state.ready.clear()  # this step's keys were not averaged: the next MoBA step refills the means
-        if by_policy and self._split_k_serves(decode, query, key, value, attention_mask, dropout):
-            # Lq == 1 (_split_k_serves): dense attention of the last position, which a boolean mask gives per row. From
-            # transformers' mask, one past the last slot the query may see is the row's length on a static cache's
-            # buffer (its empty slots are then never read, unlike SDPA's masked read of every slot) and the key
-            # count on a dynamic cache; read on the device (ops.static_length_from_mask), so the step stays
-            # graph-safe. No mask (a dynamic cache without padding): every key is the sequence.
-            length = None if attention_mask is None else ops.static_length_from_mask(attention_mask, query.shape[0])
-            out = ops.dense_decode(
-                query, key, value, length=length, scale=scaling, attn_mask=attention_mask, impl=self.impl
-            )
-            how = "all keys" if attention_mask is None else "length read from the mask on the device"
-            split_k = replace(decided, reason=f"{decided.reason}; {reason('dense_split_k', how=how)}")
-            self._record(module, layer, decode, split_k, [])
-            return out.transpose(1, 2).contiguous(), None
+        if by_policy and decode and query.shape[2] == 1:
+            # A one-query decode step of a layer dense by the policy: the policy's dense_decode says how it runs, and
+            # the report says which path ran.
+            why_not = self._split_k_blocker(query, key, value, attention_mask, dropout)
+            if why_not is None:
+                # Dense attention of the last position, which a boolean mask gives per row. From transformers' mask,
+                # one past the last slot the query may see is the row's length on a static cache's buffer (its empty
+                # slots are then never read, unlike SDPA's masked read of every slot) and the key count on a dynamic
+                # cache; read on the device (ops.static_length_from_mask), so the step stays graph-safe. No mask (a
+                # dynamic cache without padding): every key is the sequence.
+                length = None
+                if attention_mask is not None:
+                    length = ops.static_length_from_mask(attention_mask, query.shape[0], impl=self.impl)
+                out = ops.dense_decode(
+                    query, key, value, length=length, scale=scaling, attn_mask=attention_mask, impl=self.impl
+                )
+                how = "all keys" if attention_mask is None else "length read from the mask on the device"
+                split_k = replace(decided, reason=f"{decided.reason}; {reason('dense_split_k', how=how)}")
+                self._record(module, layer, decode, split_k, [])
+                return out.transpose(1, 2).contiguous(), None
+            decided = replace(decided, reason=f"{decided.reason}; {why_not}")
         self._record(module, layer, decode, decided, [])
         # Eager decode only: the backend flags cannot be read inside a Dynamo graph (fullgraph=True would fail), and a
         # compiled step runs on a static cache, whose fixed key length never makes cuDNN rebuild a graph.
@@ -664,25 +672,31 @@ class MobaAttention:
         with _without_cudnn_sdpa() if skip_cudnn else contextlib.nullcontext():
             return _dense(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
-    def _split_k_serves(
-        self, decode: bool, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float
-    ) -> bool:
-        """Whether ``moba::dense_decode`` serves this dense step exactly under the policy's ``dense_decode``.
+    def _split_k_blocker(
+        self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float
+    ) -> str | None:
+        """None when ``moba::dense_decode``'s split-K kernels serve this one-query dense step under the policy's
+        ``dense_decode``; else the report's note on why the step keeps its SDPA call.
 
-        A one-query decode step, no dropout, no mask or a boolean 4-D one (what ``static_length_from_mask`` reads:
-        transformers' ``[B, 1, 1, Lk]``), one dtype for query, key and value and no
-        autocast (SDPA would cast; the op takes its inputs as they are). The op itself runs the split-K kernels
-        where they take the inputs and its graph-safe reference elsewhere, so nothing else needs checking here.
+        Served: ``dense_decode = "split_k"`` (the default), no dropout, no mask or a boolean 4-D one (what
+        ``static_length_from_mask`` reads: transformers' ``[B, 1, 1, Lk]``), one dtype for query, key and value, no
+        autocast (SDPA would cast; the op takes its inputs as they are), and inputs the kernels take under the
+        attention's ``impl`` (:func:`moba_compile.ops.split_k_unsupported_reason`: CUDA, head dims 64/128,
+        fp16/bf16/fp32). Every check reads metadata only, so a compiled step decides it once, at trace time.
         """
-        return (
-            self.policy.dense_decode == "split_k"
-            and decode
-            and query.shape[2] == 1
-            and not dropout
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4))
-            and query.dtype == key.dtype == value.dtype
-            and not torch.is_autocast_enabled(query.device.type)
-        )
+        if self.policy.dense_decode == "sdpa":
+            return reason("dense_decode_sdpa")
+        if dropout:
+            why = f"dropout {dropout}"
+        elif mask is not None and (mask.dtype != torch.bool or mask.dim() != 4):
+            why = f"a {str(mask.dtype).removeprefix('torch.')} mask of {mask.dim()} dims, not a 4-D boolean one"
+        elif not query.dtype == key.dtype == value.dtype:
+            why = f"query, key and value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})"
+        elif torch.is_autocast_enabled(query.device.type):
+            why = "autocast is on"
+        else:
+            why = ops.split_k_unsupported_reason(query, key, value, mask, impl=self.impl)
+        return None if why is None else reason("dense_split_k_not", why=why)
 
 
 _PACKED_NOTE = "packed documents (cu_seq_lens_q): MoBA per document"

@@ -8,7 +8,8 @@ Public API (used by :mod:`moba_compile.ops`):
   default, bitwise reproducible with ``deterministic=True`` or under ``torch.use_deterministic_algorithms``).
 - :func:`moba_decode_triton`, :func:`decode_unsupported_reason`, :func:`decode_select_chunks_triton`: the decode
   path (module ``.decode``); :func:`moba_decode_static_triton`: its static-cache form (length on the device), with
-  :func:`update_static_means_triton` (the means of the chunks a static-cache step completed);
+  :func:`update_static_means_triton` (the means of the chunks a static-cache step completed) and
+  :func:`static_length_triton` / :func:`static_length_unsupported_reason` (each row's length from the step's mask);
   :func:`dense_decode_triton`, :func:`dense_decode_unsupported_reason`: dense causal decode on the same split-K
   kernels, every earlier chunk selected, no gate.
 - :func:`chunk_means_triton`, :func:`select_chunks_triton`, :func:`flip_selection`: the gate's building blocks;
@@ -37,6 +38,8 @@ __all__ = [
     "moba_decode_triton",
     "moba_forward_triton",
     "select_chunks_triton",
+    "static_length_triton",
+    "static_length_unsupported_reason",
     "triton_available",
     "triton_unsupported_reason",
     "update_static_means_triton",
@@ -48,6 +51,8 @@ _LAZY = {
     "moba_decode_triton": "decode",
     "moba_decode_static_triton": "decode",
     "update_static_means_triton": "decode",
+    "static_length_triton": "decode",
+    "static_length_unsupported_reason": "decode",
     "decode_unsupported_reason": "decode",
     "decode_select_chunks_triton": "decode",
     "dense_decode_triton": "decode",

@@ -41,7 +41,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gating import _chunk_means_kernel, launch_chunk_means
+from .gating import (
+    MEANS_NUM_STAGES,
+    MEANS_NUM_WARPS,
+    _chunk_mean,
+    _chunk_means_kernel,
+    launch_chunk_means,
+    means_block_n,
+)
 from .jit import kernel_jit
 from .launch import device_capability, empty, tuned_for
 from .support import (
@@ -68,6 +75,8 @@ __all__ = [
     "decode_unsupported_reason",
     "moba_decode_static_triton",
     "moba_decode_triton",
+    "static_length_triton",
+    "static_length_unsupported_reason",
     "update_static_means_triton",
 ]
 
@@ -453,7 +462,7 @@ def _decode_combine_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Static cache: the chunks a step completed, found on the device (gather to a scratch, scatter the means back)
+# Static cache: the chunks a step completed, found on the device and averaged in place
 # --------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD):
@@ -470,72 +479,88 @@ def _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD):
 
 
 @kernel_jit
-def _static_gather_chunks_kernel(
+def _static_step_means_kernel(
     k_ptr,
     len_ptr,
-    out_ptr,
+    means_ptr,
     Hkv,
-    slots,
+    Lk,
     new_tokens,
     C,
-    N_UPD,
+    N,
     skb,
     skh,
     skn,
     skd,
-    PIECE,
-    HEAD_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    i = tl.program_id(0)
-    plane = tl.program_id(1).to(tl.int64)
-    piece = tl.program_id(2)
-    b = plane // Hkv
-    h = plane % Hkv
-    c, completed = _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD)
-    # Most decode steps complete no chunk: then nothing is copied (the scratch row is garbage, its mean is computed
-    # and never written back), so such a step costs the means kernel's read of the scratch, not a copy as well.
-    if completed:
-        offs_d = tl.arange(0, HEAD_D).to(tl.int64)
-        src = k_ptr + b * skb + h * skh
-        dst = out_ptr + (plane * N_UPD + i) * C * HEAD_D  # contiguous [B, Hkv, N_UPD * C, D]
-        lo = piece * PIECE
-        hi = tl.minimum(lo + PIECE, C)
-        for n0 in range(lo, hi, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            keep = rows < hi
-            pos = (c * C + rows).to(tl.int64)
-            blk = tl.load(src + pos[:, None] * skn + offs_d[None, :] * skd, mask=keep[:, None], other=0.0)
-            tl.store(dst + rows.to(tl.int64)[:, None] * HEAD_D + offs_d[None, :], blk, mask=keep[:, None])
-
-
-@kernel_jit
-def _static_scatter_means_kernel(
-    fresh_ptr,
-    len_ptr,
-    means_ptr,
-    Hkv,
-    slots,
-    new_tokens,
-    C,
-    N_UPD,
     smb,
     smh,
     smc,
     smd,
     HEAD_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    # One program per (update slot, batch x key head): N = new_tokens // C + 1 slots cover every chunk the step can
+    # complete. Most decode steps complete none: then every program exits after reading one length, so such a step
+    # costs a launch, not a chunk's read. A completed chunk is averaged in place from the cache's buffer by the one
+    # means computation (_chunk_mean, as the prefill gate's kernel), and its row written; other rows are not touched.
     i = tl.program_id(0)
     plane = tl.program_id(1).to(tl.int64)
     b = plane // Hkv
     h = plane % Hkv
-    c, completed = _static_step_chunk(len_ptr, b, i, new_tokens, slots, C, N_UPD)
-    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
-    row = tl.load(fresh_ptr + (plane * N_UPD + i) * HEAD_D + offs_d)
-    # Rows the step did not complete keep their value: no write at all. (A scalar bool and-ed into a tile mask breaks
-    # the interpreter; a column bound does the same.)
-    ok = offs_d < tl.where(completed, HEAD_D, 0)
-    tl.store(means_ptr + b * smb + h * smh + c.to(tl.int64) * smc + offs_d * smd, row, mask=ok)
+    c, completed = _static_step_chunk(len_ptr, b, i, new_tokens, Lk, C, N)
+    if completed:
+        row = c.to(tl.int64)
+        mean = _chunk_mean(k_ptr + b * skb + h * skh, row * C, Lk, C, skn, skd, HEAD_D, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+        tl.store(means_ptr + b * smb + h * smh + row * smc + offs_d * smd, mean)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Static cache: each row's length from the step's boolean mask, on the device
+# --------------------------------------------------------------------------------------------------------------------
+@kernel_jit
+def _static_length_kernel(
+    mask_ptr,
+    part_ptr,
+    out_ptr,
+    H,
+    Lk,
+    N,
+    smb,
+    smh,
+    smn,
+    BLOCK: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    # One program per (mask batch row, block of BLOCK slots) of the mask's last query row: one past the last slot that
+    # any head allows in the block (0: none). FINAL (one block covers every slot): the row's length itself.
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    in_row = offs < Lk
+    seen = tl.zeros([BLOCK], dtype=tl.int32)
+    base = mask_ptr + b * smb
+    for h in range(0, H):
+        allowed = tl.load(base + h * smh + offs.to(tl.int64) * smn, mask=in_row, other=0)
+        seen = tl.maximum(seen, allowed.to(tl.int32))
+    last = tl.max(tl.where(seen != 0, offs + 1, 0), axis=0)
+    if FINAL:
+        tl.store(out_ptr + b, tl.where(last == 0, Lk, last).to(tl.int64))
+    else:
+        tl.store(part_ptr + b * N + blk, last)
+
+
+@kernel_jit
+def _static_length_merge_kernel(part_ptr, out_ptr, Lk, N, BLOCK: tl.constexpr):
+    # One program per mask batch row: the largest of its N block results; none (0) means the row allows nothing, whose
+    # length is then every slot (what the reference's argmax over an all-False row gives).
+    b = tl.program_id(0).to(tl.int64)
+    best = tl.zeros([BLOCK], dtype=tl.int32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        best = tl.maximum(best, tl.load(part_ptr + b * N + offs, mask=offs < N, other=0))
+    last = tl.max(best, axis=0)
+    tl.store(out_ptr + b, tl.where(last == 0, Lk, last).to(tl.int64))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1086,11 +1111,13 @@ def _dense_selection(b: int, hq: int, slots: int, chunk: int, length: Tensor | N
 def update_static_means_triton(means: Tensor, key: Tensor, length: Tensor, new_tokens: int, chunk_size: int) -> None:
     """Average, in place, the chunks a step completed in a static cache, found from the device length (graph-safe).
 
-    Three launches of fixed grids, no host synchronisation: the chunks the step completed are copied to a scratch
-    buffer (``new_tokens // C + 1`` slots, found from ``length`` on the device; a slot whose chunk did not complete is
-    not copied), averaged by the one means kernel
-    (:func:`.gating.launch_chunk_means`, so every row is bitwise the mean the prefill gate and ``decode_chunk_means``
-    compute), and the rows of the chunks the step completed are written to ``means``; the others are not touched.
+    One launch of a fixed grid, no host synchronisation: ``new_tokens // C + 1`` update slots per (batch, key head),
+    covering every chunk the step's keys can complete (found from ``length`` on the device). A program whose chunk the
+    step did not complete exits after reading the length, so the decode steps that complete no chunk (all but one in
+    ``C``) cost a launch and no key read; a completed chunk is averaged from the cache's buffer in place by the one
+    means computation (``gating._chunk_mean``, the prefill gate's: every row is bitwise the mean the prefill gate,
+    :func:`decode_chunk_means` and ``moba_compile.ops.chunk_means`` compute) and its row of ``means`` written; the
+    other rows are not touched.
 
     Args:
         means: fp32 ``[B, Hkv, slots // C, D]``, updated in place. key: ``[B, Hkv, slots, D]`` (the cache's buffer,
@@ -1128,20 +1155,88 @@ def update_static_means_triton(means: Tensor, key: Tensor, length: Tensor, new_t
     n_upd = min(new_tokens // chunk_size + 1, slots // chunk_size)
     if n_upd == 0 or b * hkv == 0:
         return
-    scratch = empty(b, hkv, n_upd * chunk_size, d, dtype=key.dtype, device=key.device)
-    block_n = min(16 if interpreting() else 64, next_pow2(chunk_size))
-    # Pieces of 512 keys (one program each) so that a chunk of 4096 keys is copied by 8 programs per (batch, head),
-    # not one: at batch 1 with 4 key heads a single program per plane would copy 1 MiB at one SM's bandwidth.
-    piece = max(block_n, 32 if interpreting() else 512)
-    grid = (n_upd, b * hkv)
-    _static_gather_chunks_kernel[(*grid, -(-chunk_size // piece))](
-        key, length, scratch, hkv, slots, new_tokens, chunk_size, n_upd, *key.stride(), piece, HEAD_D=d,
-        BLOCK_N=block_n, num_warps=4,
+    # The launch configuration of the prefill gate's means kernel (launch_chunk_means): the same summation order.
+    _static_step_means_kernel[(n_upd, b * hkv)](
+        key, length, means, hkv, slots, new_tokens, chunk_size, n_upd, *key.stride(), *means.stride(), HEAD_D=d,
+        BLOCK_N=means_block_n(chunk_size), num_warps=MEANS_NUM_WARPS, num_stages=MEANS_NUM_STAGES,
     )  # fmt: skip
-    fresh = launch_chunk_means(scratch, chunk_size, n_upd)  # [B, Hkv, n_upd, D], contiguous
-    _static_scatter_means_kernel[grid](
-        fresh, length, means, hkv, slots, new_tokens, chunk_size, n_upd, *means.stride(), HEAD_D=d, num_warps=1
+
+
+# Slots of the mask's last row per program of the length kernel: 4 KiB of a boolean mask, so that a 512K-slot static
+# cache's row is read by 128 programs (the H200 has 132 SMs) and each program's loads stay small. Interpreted: 32, so
+# that tests at ~100 slots cross blocks. The merge reads the per-block results in tiles of _LENGTH_MERGE_BLOCK.
+_LENGTH_BLOCK = 4096
+_LENGTH_BLOCK_INTERPRETED = 32
+_LENGTH_MERGE_BLOCK = 1024
+_LENGTH_MERGE_BLOCK_INTERPRETED = 4
+
+
+def static_length_unsupported_reason(mask: Tensor) -> str | None:
+    """Why :func:`static_length_triton` cannot read this mask, or ``None`` when it can (metadata only).
+
+    Example:
+        >>> static_length_unsupported_reason(torch.ones(1, 1, 1, 8, dtype=torch.bool, device="meta"))
+        'meta tensors'
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        return "the mask is not a 4-D boolean tensor"
+    if mask.device.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+    elif mask.device.type != "cuda":
+        return f"{mask.device.type} tensors"
+    if mask.shape[2] == 0 or mask.shape[3] == 0:
+        return f"the mask has no query row or no slot (shape {list(mask.shape)})"
+    if mask.shape[3] >= 2**31 - 1:
+        return f"{mask.shape[3]} slots: the kernel's slot positions are int32"
+    return None
+
+
+def static_length_triton(mask: Tensor) -> Tensor:
+    """The keys each batch row of a static KV cache holds, from the step's boolean mask: a graph-safe Triton read.
+
+    One past the last slot that the mask's last query row allows in any head, per mask batch row; ``slots`` for a row
+    that allows nothing (as ``moba_compile.ops.static_length_from_mask``'s reference, ``mask[:, :, -1].any(1)``,
+    flipped, ``argmax``). The last row is read in blocks of slots, one program each (a 512K-slot row by 128 programs),
+    and a second launch takes the largest result per row (one launch when one block covers the row): fixed grids set
+    by the shape, no host synchronisation, no atomics (the result does not depend on the order programs run in), so it
+    can be captured in a CUDA graph.
+
+    Args:
+        mask: boolean ``[B, H, Lq, slots]`` (True = may attend), any strides (broadcast dims included), on CUDA (or
+            CPU under ``TRITON_INTERPRET=1``); ``Lq >= 1``, ``slots >= 1``.
+
+    Returns:
+        int64 ``[B]`` (the mask's batch size), contiguous, on the mask's device.
+
+    Raises:
+        ValueError: the reason of :func:`static_length_unsupported_reason`.
+
+    Example:
+        >>> mask = torch.zeros(2, 1, 1, 100, dtype=torch.bool)
+        >>> mask[0, ..., :40] = True
+        >>> static_length_triton(mask).tolist()  # doctest: +SKIP
+        [40, 100]
+    """
+    reason = static_length_unsupported_reason(mask)
+    if reason is not None:
+        raise ValueError(f"static length kernel cannot run: {reason}")
+    b, h, _, slots = mask.shape
+    out = empty(b, dtype=torch.int64, device=mask.device)
+    if b == 0:
+        return out
+    rows = mask.view(torch.uint8)[:, :, -1, :]  # [B, H, slots]: the last query row, one byte per slot
+    block = min(_LENGTH_BLOCK_INTERPRETED if interpreting() else _LENGTH_BLOCK, next_pow2(slots))
+    n_blocks = -(-slots // block)
+    final = n_blocks == 1
+    part = out if final else empty(b, n_blocks, dtype=torch.int32, device=mask.device)  # never read when final
+    _static_length_kernel[(b, n_blocks)](
+        rows, part, out, h, slots, n_blocks, *rows.stride(), BLOCK=block, FINAL=final, num_warps=4
     )
+    if not final:
+        merge = min(_LENGTH_MERGE_BLOCK_INTERPRETED if interpreting() else _LENGTH_MERGE_BLOCK, next_pow2(n_blocks))
+        _static_length_merge_kernel[(b,)](part, out, slots, n_blocks, BLOCK=merge, num_warps=4)
+    return out
 
 
 def _launch_decode(

@@ -29,6 +29,8 @@ from .support import bounded_params, check_routing, interpreting, next_pow2, spe
 from .tiles import SENTINEL, chunk_indices, merge_top, pack_scores, query_major_program
 
 __all__ = [
+    "MEANS_NUM_STAGES",
+    "MEANS_NUM_WARPS",
     "FlipResult",
     "SlotFlip",
     "chunk_means_triton",
@@ -36,6 +38,7 @@ __all__ = [
     "flip_slot_major",
     "flip_selection",
     "launch_chunk_means",
+    "means_block_n",
     "select_chunks_triton",
 ]
 
@@ -43,6 +46,28 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 # Chunk means
 # --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_mean(base, start, Lk, C, skn, skd, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 ``[HEAD_D]`` mean of the keys ``[start, min(start + C, Lk))`` at ``base`` (one (batch, key head) plane):
+    the one means computation of every Triton path (the prefill gate's :func:`launch_chunk_means` and a static
+    cache's step update, ``decode.update_static_means_triton``), so a chunk's mean is bitwise the same number
+    whichever kernel computed it.
+
+    A ``[BLOCK_N, D]`` accumulator summed once at the end: the same data gives bitwise the same mean in every chunk,
+    which keeps exact gate ties (duplicated chunks) exact; the division is IEEE round-to-nearest (``div_rn``).
+    """
+    offs_d = tl.arange(0, HEAD_D).to(tl.int64)
+    acc = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        in_chunk = n0 + tl.arange(0, BLOCK_N)
+        offs_n = start + in_chunk.to(tl.int64)
+        keep = (in_chunk < C) & (offs_n < Lk)  # a block may overhang the chunk when BLOCK_N does not divide C
+        k = tl.load(base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=keep[:, None], other=0.0)
+        acc += k.to(tl.float32)
+    count = tl.minimum(Lk - start, C).to(tl.float32)
+    return tl.math.div_rn(tl.sum(acc, axis=0), count + tl.zeros([HEAD_D], dtype=tl.float32))
+
+
 @kernel_jit
 def _chunk_means_kernel(
     k_ptr,
@@ -63,20 +88,28 @@ def _chunk_means_kernel(
     b = plane // Hkv
     h = plane % Hkv
     offs_d = tl.arange(0, HEAD_D).to(tl.int64)
-    base = k_ptr + b * skb + h * skh
-    start = c * C
-    # A [BLOCK_N, D] accumulator summed once at the end: the same data gives bitwise the same mean in every chunk,
-    # which keeps exact gate ties (duplicated chunks) exact.
-    acc = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-    for n0 in range(0, C, BLOCK_N):
-        in_chunk = n0 + tl.arange(0, BLOCK_N)
-        offs_n = start + in_chunk.to(tl.int64)
-        keep = (in_chunk < C) & (offs_n < Lk)  # a block may overhang the chunk when BLOCK_N does not divide C
-        k = tl.load(base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=keep[:, None], other=0.0)
-        acc += k.to(tl.float32)
-    count = tl.minimum(Lk - start, C).to(tl.float32)
-    mean = tl.math.div_rn(tl.sum(acc, axis=0), count + tl.zeros([HEAD_D], dtype=tl.float32))
+    mean = _chunk_mean(k_ptr + b * skb + h * skh, c * C, Lk, C, skn, skd, HEAD_D, BLOCK_N)
     tl.store(means_ptr + (plane * N + c) * HEAD_D + offs_d, mean)
+
+
+# Launch configuration of the one means computation: every launcher of _chunk_mean uses these, so that the summation
+# order (blocks of means_block_n(C) keys, 4 warps) is the same whichever kernel averages a chunk.
+MEANS_NUM_WARPS = 4
+MEANS_NUM_STAGES = 2
+
+
+def means_block_n(chunk_size: int) -> int:
+    """Keys per block of the means computation for chunks of ``chunk_size`` keys.
+
+    The largest power of two dividing ``C`` (capped at 64; 16 interpreted) avoids overhanging blocks; odd chunk sizes
+    still work (masked). It depends on ``C`` only (not on ``Lk`` or the caller), which keeps every caller's summation
+    order the same.
+
+    Example:
+        >>> means_block_n(4096) in (16, 64), means_block_n(24)
+        (True, 8)
+    """
+    return min(16 if interpreting() else 64, chunk_size & -chunk_size)
 
 
 def chunk_means_triton(key: Tensor, chunk_size: int) -> Tensor:
@@ -131,12 +164,10 @@ def launch_chunk_means(key: Tensor, chunk_size: int, n_chunks: int) -> Tensor:
     means = empty(b, hkv, n_chunks, d, dtype=torch.float32, device=key.device)
     if means.numel() == 0:
         return means
-    # The largest power of two dividing C (capped) avoids overhanging blocks; odd chunk sizes still work (masked).
-    # It depends on C only (not on Lk or the caller), which keeps every caller's summation order the same.
-    block_n = min(16 if interpreting() else 64, chunk_size & -chunk_size)
     _chunk_means_kernel[(n_chunks, b * hkv)](
-        key, means, hkv, lk, n_chunks, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=block_n, num_warps=4, num_stages=2
-    )
+        key, means, hkv, lk, n_chunks, chunk_size, *key.stride(), HEAD_D=d, BLOCK_N=means_block_n(chunk_size),
+        num_warps=MEANS_NUM_WARPS, num_stages=MEANS_NUM_STAGES,
+    )  # fmt: skip
     return means
 
 

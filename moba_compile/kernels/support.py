@@ -40,9 +40,18 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache
+def _find_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether ``import triton`` can succeed (checked without importing it; answered once per process, since every
     kernel call asks and ``find_spec`` costs microseconds a decode step's host time cannot spare).
+
+    A constant to torch.compile (``assume_constant_result``): code that Dynamo traces (the Hugging Face attention
+    function deciding whether a dense decode step can run the split-K kernels) may ask it; Dynamo cannot trace
+    ``find_spec`` itself.
 
     Returns:
         ``True`` when a ``triton`` package is importable.
@@ -51,7 +60,7 @@ def triton_available() -> bool:
         >>> isinstance(triton_available(), bool)
         True
     """
-    return importlib.util.find_spec("triton") is not None
+    return _find_triton()
 
 
 def require_triton() -> None:
@@ -70,8 +79,10 @@ def require_triton() -> None:
         )
 
 
+@torch.compiler.assume_constant_result
 def interpreting() -> bool:
-    """Whether Triton runs in interpreter mode (``TRITON_INTERPRET`` set to a true value).
+    """Whether Triton runs in interpreter mode (``TRITON_INTERPRET`` set to a true value); a constant to torch.compile
+    (read when a graph is traced), as :func:`triton_available`.
 
     Returns:
         ``True`` when kernels execute on the CPU through the Triton interpreter.

@@ -360,6 +360,7 @@ def rewrite_sdpa(
     converted: dict[fx.Node, tuple[str, str | None]] = {}  # converted SDPA node -> (impl note, mask tag)
     dense_converted: dict[fx.Node, str] = {}  # dense SDPA node run by moba::dense_attention -> its mask tag
     split_k_converted: set[fx.Node] = set()  # dense static-cache decode steps run by moba::dense_decode
+    step_lengths: dict[tuple[fx.Node, str], fx.Node] = {}  # a static cache's step mask -> its moba::static_length
     touched: dict[int, fx.GraphModule] = {id(gm): gm}
     records: list[SiteRecord] = []
     kept_dense: list[str] = []  # why the policy kept a convertible site dense
@@ -385,19 +386,23 @@ def rewrite_sdpa(
             decided = decided.dense(reason("static_min_seq_len", min_seq_len=policy.min_seq_len))
         if decided.mode == "dense":
             record = decided.record(unit.module, layer, graph=graph_id)
-            if policy.dense_decode == "split_k" and site.blocker is None and site.static_cache:
-                # A one-query step over a static cache's buffer, dense (not by anything about the call): the policy
-                # asks for MoBA's split-K decode kernels with every earlier chunk, as on the Hugging Face path.
-                if site.node not in split_k_converted:
-                    _convert_static_dense_step(site, impl, replaced)
-                    split_k_converted.add(site.node)
-                if site.owner is not None:
-                    touched[id(site.owner)] = site.owner
-                how = "length read from the mask on the device"
-                records.append(replace(record, reason=f"{record.reason}; {reason('dense_split_k', how=how)}"))
-                if decided.by_policy:
-                    kept_dense.append(decided.reason)
-                continue
+            if site.blocker is None and site.static_cache:
+                # A one-query step over a static cache's buffer, dense (not by anything about the call): the policy's
+                # dense_decode (default "split_k") runs it on MoBA's split-K decode kernels with every earlier chunk,
+                # as on the Hugging Face path, where they take its inputs; the report says which path runs.
+                why_not = _split_k_blocker(site, policy, impl)
+                if why_not is None:
+                    if site.node not in split_k_converted:
+                        _convert_static_dense_step(site, impl, replaced, step_lengths)
+                        split_k_converted.add(site.node)
+                    if site.owner is not None:
+                        touched[id(site.owner)] = site.owner
+                    how = "length read from the mask on the device"
+                    records.append(replace(record, reason=f"{record.reason}; {reason('dense_split_k', how=how)}"))
+                    if decided.by_policy:
+                        kept_dense.append(decided.reason)
+                    continue
+                record = replace(record, reason=f"{record.reason}; {why_not}")
             if policy.dense_sdpa == "flash_when_causal" and site.blocker is None and site.attn_mask is not None:
                 # A site the pass could have converted, kept dense: the policy asks for flash where its mask allows.
                 why_not = None if site.node in dense_converted else _dense_flash_blocker(site, exported)
@@ -418,7 +423,7 @@ def rewrite_sdpa(
         if site.node not in converted:  # a shared subgraph's call is converted once for all its callers
             converted[site.node] = _convert(
                 site, decided.chunk_size, decided.topk, policy, impl, mask_checks, replaced, graph_id, exported,
-                routing=decided.routing or "head",
+                routing=decided.routing or "head", step_lengths=step_lengths,
             )  # fmt: skip
         impl_note, tag = converted[site.node]
         if site.owner is not None:
@@ -511,9 +516,43 @@ def _replace_site(
         _drop_if_dead(replaced.get(site.raw_value, site.raw_value), graph)
 
 
-def _static_step_length(mask: Tensor) -> Tensor:
+def _static_step_length(mask: Tensor, impl: str = "auto") -> Tensor:
     """The keys each batch row of a static cache holds, from the step's boolean mask (``[B or 1]``, on the device)."""
-    return ops.static_length_from_mask(mask, mask.shape[0])
+    return ops.static_length_from_mask(mask, mask.shape[0], impl=impl)
+
+
+def _step_length(
+    site: SdpaSite, attn_mask: fx.Node, impl: str, step_lengths: dict[tuple[fx.Node, str], fx.Node]
+) -> fx.Node:
+    """The graph's one length node of a static cache's step mask: inserted before the site when no earlier site of the
+    graph made it (transformers shares the mask node across layers, so every layer's step reads it once between
+    them; Inductor cannot merge the per-layer copies across the cache updates between the layers)."""
+    length = step_lengths.get((attn_mask, impl))
+    if length is None:
+        with site.node.graph.inserting_before(site.node):
+            length = site.node.graph.call_function(_static_step_length, (attn_mask, impl))
+        step_lengths[(attn_mask, impl)] = length
+    return length
+
+
+def _split_k_blocker(site: SdpaSite, policy: Policy, impl: str) -> str | None:
+    """None when the policy's ``dense_decode`` runs this dense static-cache step (one query, a boolean mask) on
+    ``moba::dense_decode``'s split-K kernels; else the report's note on why it keeps its SDPA call. Decided on the
+    site's fake tensors (the dtype an enclosing autocast gives SDPA), as the Hugging Face path decides on its inputs."""
+    if policy.dense_decode == "sdpa":
+        return reason("dense_decode_sdpa")
+    q, k, v, mask = (_meta(n) for n in (site.query, site.key, site.value, site.attn_mask))
+    if not all(isinstance(t, Tensor) for t in (q, k, v, mask)):
+        why: str | None = "the step's inputs carry no example values"
+    elif not all(isinstance(n, int) for n in (*q.shape, *k.shape, *v.shape, *mask.shape)):
+        why = "symbolic shapes"
+    else:
+        if site.autocast_dtype is not None:
+            # SDPA casts its inputs to the autocast dtype (the rewrite casts them too): judge tensors of that dtype
+            # (fake tensors: the cast runs in their own fake mode, no data).
+            q, k, v = (t if t.dtype == site.autocast_dtype else t.to(site.autocast_dtype) for t in (q, k, v))
+        why = ops.split_k_unsupported_reason(q, k, v, mask, impl=impl)
+    return None if why is None else reason("dense_split_k_not", why=why)
 
 
 def _convert_static_step(
@@ -527,6 +566,7 @@ def _convert_static_step(
     topk: int,
     impl: str,
     replaced: dict[fx.Node, fx.Node],
+    step_lengths: dict[tuple[fx.Node, str], fx.Node],
     routing: str = "head",
 ) -> str:
     """Replace a one-query SDPA call over a static KV cache's buffer by ``moba::static_decode`` (Dynamo graphs only).
@@ -545,7 +585,7 @@ def _convert_static_step(
                 _cast(graph, t, site.autocast_dtype, False) if _meta(t).dtype != site.autocast_dtype else t
                 for t in (query, key, value)
             )
-        length = graph.call_function(_static_step_length, (attn_mask,))
+        length = _step_length(site, attn_mask, impl, step_lengths)
         means = graph.call_function(torch.ops.moba.chunk_means.default, (key_in, chunk_size, impl))
         out = graph.call_function(
             ops.static_decode,
@@ -568,7 +608,12 @@ def _convert_static_step(
     return f"{note}, static_decode"
 
 
-def _convert_static_dense_step(site: SdpaSite, impl: str, replaced: dict[fx.Node, fx.Node]) -> None:
+def _convert_static_dense_step(
+    site: SdpaSite,
+    impl: str,
+    replaced: dict[fx.Node, fx.Node],
+    step_lengths: dict[tuple[fx.Node, str], fx.Node],
+) -> None:
     """Replace a dense one-query SDPA call over a static KV cache's buffer by ``moba::dense_decode`` (the policy's
     ``dense_decode = "split_k"``; Dynamo graphs only): dense attention over the row's keys, the length read from the
     step's boolean mask on the device, the mask (padding) applied, so the step stays graph-safe and exact."""
@@ -582,7 +627,7 @@ def _convert_static_dense_step(site: SdpaSite, impl: str, replaced: dict[fx.Node
                 _cast(graph, t, site.autocast_dtype, False) if _meta(t).dtype != site.autocast_dtype else t
                 for t in (query, key, value)
             )
-        length = graph.call_function(_static_step_length, (attn_mask,))
+        length = _step_length(site, attn_mask, impl, step_lengths)
         out = graph.call_function(
             ops.dense_decode,
             (query, key, value),
@@ -694,6 +739,7 @@ def _convert(
     graph_id: int,
     exported: bool = False,
     routing: str = "head",
+    step_lengths: dict[tuple[fx.Node, str], fx.Node] | None = None,
 ) -> tuple[str, str | None]:
     """Replace the site's SDPA call by ``moba::attention`` (and a shared mask check), with the decision's gate
     ``routing``; return the impl the report shows and the mask check's tag (None without a mask). In an exported
@@ -711,8 +757,9 @@ def _convert(
     query, key, value, attn_mask, scale = (current(a) for a in args)
     impl_note = _impl_note(impl, site, chunk_size, topk)
     if site.static_cache:
+        lengths = {} if step_lengths is None else step_lengths
         note = _convert_static_step(
-            site, query, key, value, attn_mask, scale, chunk_size, topk, impl, replaced, routing
+            site, query, key, value, attn_mask, scale, chunk_size, topk, impl, replaced, lengths, routing
         )
         return note, None
     mask_kind = None

@@ -5,7 +5,10 @@
 - The step captured once in a CUDA graph and replayed while the device length grows in place (across the internal
   chunk's boundaries): each replay equals the same step run eagerly (bitwise) and SDPA over the real keys.
 - A tiny Llama's greedy tokens over a StaticCache with the decode step compiled ``mode="reduce-overhead"`` are the same
-  with ``dense_decode = "split_k"`` as with ``"sdpa"``, and the split-K op ran on the Triton kernels.
+  with ``dense_decode = "split_k"`` (the default) as with ``"sdpa"`` (the opt-out), the split-K op ran on the Triton
+  kernels, and the report says which path each dense decode step took.
+- The best-dense baseline of ``benchmarks.end_to_end`` (every layer dense, decode on the split-K kernels) gives the
+  tokens of dense SDPA in a captured step.
 
 Collected only where CUDA is available (``tests/conftest.py``); run with ``TRITON_INTERPRET=0``.
 """
@@ -119,8 +122,8 @@ def _tiny_llama() -> torch.nn.Module:
 @pytest.mark.parametrize("padded", [False, True])
 def test_llama_graph_decode_split_k_equals_sdpa_tokens(padded) -> None:
     policy = {"chunk_size": 64, "topk": 3, "dense_last": 1}
-    moba_compile.hf.register(policy, name="moba_dd_sdpa_cuda")
-    moba_compile.hf.register({**policy, "dense_decode": "split_k"}, name="moba_dd_splitk_cuda")
+    moba_compile.hf.register({**policy, "dense_decode": "sdpa"}, name="moba_dd_sdpa_cuda")
+    split_k = moba_compile.hf.register(policy, name="moba_dd_splitk_cuda")  # the default: dense_decode = "split_k"
     model = _tiny_llama()
     ids = torch.randint(0, 128, (2, 700), generator=torch.Generator().manual_seed(0)).to(CUDA)
     mask = torch.ones_like(ids)
@@ -142,3 +145,30 @@ def test_llama_graph_decode_split_k_equals_sdpa_tokens(padded) -> None:
         # Eager steps count calls; captured replays do not, so only "some" for split_k and "none" for sdpa.
         assert (ran > 0) == (impl == "moba_dd_splitk_cuda"), (impl, ran)
     assert torch.equal(tokens["moba_dd_sdpa_cuda"], tokens["moba_dd_splitk_cuda"])
+    dense_steps = [s for s in split_k.report().sites if s.layer == 2 and s.form == "kv-cache"]
+    assert dense_steps and all("dense_decode = 'split_k': one-query decode step" in s.reason for s in dense_steps)
+
+
+def test_best_dense_baseline_equals_dense_sdpa_tokens() -> None:
+    """benchmarks.end_to_end's best-dense row: an all-dense policy (dense_decode = "split_k") in a captured step gives
+    the greedy tokens of the same model on transformers' SDPA, and every decode step ran the split-K kernels."""
+    from benchmarks.end_to_end import dense_decode_path
+
+    attention = moba_compile.hf.register({"dense_last": 3}, name="all_dense_splitk_cuda")
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 500), generator=torch.Generator().manual_seed(3)).to(CUDA)
+    mask = torch.ones_like(ids)
+    mask[0, :31] = 0
+    config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
+    tokens = {}
+    for impl in ("sdpa", "all_dense_splitk_cuda"):
+        model.set_attn_implementation(impl)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=mask, max_new_tokens=16, do_sample=False, cache_implementation="static",
+                compile_config=config,
+            )  # fmt: skip
+        tokens[impl] = out[:, ids.shape[1] :]
+    assert torch.equal(tokens["sdpa"], tokens["all_dense_splitk_cuda"])
+    assert dense_decode_path(attention) == "split_k"

@@ -4,6 +4,9 @@
   and replayed while the device length grows in place, across chunk boundaries, with every future slot of the buffers
   holding data that must never be read: each replay equals the same step run eagerly (bitwise) and MoBA over the
   row's real keys (the reference, to bf16 rounding).
+- The means the captured update keeps are bitwise the prefill gate's (one summation for both kernels), and the step's
+  length read from the mask (``moba::static_length``, the compiled kernel) equals the reference at 512K and 1M slots,
+  captured and replayed over a mask rewritten in place.
 - ``generate(cache_implementation="static", compile_config=CompileConfig(...))`` (Inductor, mode="reduce-overhead":
   CUDA graphs) on a tiny Llama with ``attn_implementation="moba"`` gives the tokens of the eager MoBA generate over a
   dynamic cache, also for a left-padded batch; the MoBA decode steps ran the static op's Triton kernel.
@@ -78,6 +81,44 @@ def test_captured_decode_step_replays_with_growing_lengths() -> None:
                 )
                 torch.testing.assert_close(replayed[row : row + 1].double(), ref, atol=2e-2, rtol=0)
     assert int(length.min()) > 1100 + 512  # the rows crossed chunk boundaries during the replays
+    # The means the captured update kept (averaged in place, only on the steps that completed a chunk) are bitwise the
+    # prefill gate's means of the same keys: the compiled step kernel and the prefill kernel share one summation.
+    for row in range(b):
+        n = int(length[row])
+        want = ops.chunk_means(key[row : row + 1, :, :n], chunk, impl="triton")[0]
+        assert torch.equal(means[row, :, : n // chunk], want), row
+
+
+@pytest.mark.parametrize("slots", [524_288 + 100, 1 << 20])
+def test_static_length_kernel_in_a_graph_at_long_buffers(slots: int) -> None:
+    """moba::static_length on the compiled kernel (blocks of 4096 slots and a merge) at 512K and 1M slots, captured
+    once and replayed while the mask is rewritten in place: each replay equals the reference (any/flip/argmax), for
+    left-padded rows, a full row, a row allowing only its first slot and a row allowing nothing."""
+    b = 4
+    mask = torch.zeros(b, 1, 1, slots, dtype=torch.bool, device=CUDA)
+
+    def fill(n: int) -> None:
+        mask.zero_()
+        mask[0, ..., min(17, n - 1) : n] = True  # left padding
+        mask[1, ..., : min(n + 4095, slots)] = True
+        mask[2, ..., 0] = True
+        # row 3 allows nothing: its length is every slot
+
+    fill(5)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        ops.static_length_from_mask(mask, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.static_length_from_mask(mask, b)
+    for n in (5, 4096, 4097, 300_001, slots - 1, slots):
+        fill(n)
+        graph.replay()
+        want = ops.static_length_from_mask(mask, b, impl="reference")
+        assert torch.equal(captured, want), (n, captured.tolist(), want.tolist())
+        assert captured.tolist() == [n, min(n + 4095, slots), 1, slots]
 
 
 def tiny_llama() -> torch.nn.Module:
