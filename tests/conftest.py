@@ -13,6 +13,28 @@ import os
 # CPU tensors) pass in any order. impl="auto" still picks the reference on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _threads_per_xdist_worker() -> int | None:
+    """The CPUs each pytest-xdist worker may use (``None`` outside xdist): the machine's CPUs divided among workers.
+
+    Every worker's torch (and OpenMP) otherwise starts one thread per CPU, so ``-n 2`` on two cores runs four busy
+    threads, and more while a test's subprocess (a torchrun with two ranks) runs beside the other worker. OpenMP
+    threads spin while they wait for each other, so oversubscribed they mostly wait: on CI's two cores two concurrent
+    ``benchmarks.end_to_end --smoke`` runs took 37-47 s with two threads each and 22-26 s with one.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(workers)))
+
+
+# Set before torch is imported (its thread pool reads it once), and inherited by the processes tests start (examples,
+# benchmarks, torchrun ranks). A value the caller set is kept.
+_THREADS = _threads_per_xdist_worker() if "OMP_NUM_THREADS" not in os.environ else None
+if _THREADS is not None:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
 import math  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 
@@ -21,6 +43,9 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from moba_compile.kernels import launch as kernel_launch  # noqa: E402
+
+if _THREADS is not None:  # in case a plugin imported torch before this file: its pool is sized already
+    torch.set_num_threads(_THREADS)
 
 # tests/gpu holds checks that need a CUDA GPU (compiled kernels at large shapes, whole models on CUDA); on a machine
 # without one there is nothing of them to run, so they are not collected (run them with TRITON_INTERPRET=0 on a GPU).
