@@ -13,6 +13,28 @@ import os
 # CPU tensors) pass in any order. impl="auto" still picks the reference on CPU tensors.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _threads_per_xdist_worker() -> int | None:
+    """The CPUs each pytest-xdist worker may use (``None`` outside xdist): the machine's CPUs divided among workers.
+
+    Every worker's torch (and OpenMP) otherwise starts one thread per CPU, so ``-n 2`` on two cores runs four busy
+    threads, and more while a test's subprocess (a torchrun with two ranks) runs beside the other worker. OpenMP
+    threads spin while they wait for each other, so oversubscribed they mostly wait: on CI's two cores two concurrent
+    ``benchmarks.end_to_end --smoke`` runs took 37-47 s with two threads each and 22-26 s with one.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(workers)))
+
+
+# Set before torch is imported (its thread pool reads it once), and inherited by the processes tests start (examples,
+# benchmarks, torchrun ranks). A value the caller set is kept.
+_THREADS = _threads_per_xdist_worker() if "OMP_NUM_THREADS" not in os.environ else None
+if _THREADS is not None:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
 import math  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 
@@ -22,9 +44,61 @@ from torch import Tensor  # noqa: E402
 
 from moba_compile.kernels import launch as kernel_launch  # noqa: E402
 
+if _THREADS is not None:  # in case a plugin imported torch before this file: its pool is sized already
+    torch.set_num_threads(_THREADS)
+
 # tests/gpu holds checks that need a CUDA GPU (compiled kernels at large shapes, whole models on CUDA); on a machine
 # without one there is nothing of them to run, so they are not collected (run them with TRITON_INTERPRET=0 on a GPU).
 collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
+
+# The files that take longest on CI's two cores (the whole-suite run of .ci/run, measured with --durations; a cold
+# Inductor cache adds most to the Inductor-compiling ones), longest first; every other file follows in collection order.
+# `--dist loadfile` gives each file to one worker, from a queue that pytest-xdist orders by number of tests by default:
+# that put the few-test, long files (subprocess runs of the examples and benchmarks, torchrun) at the end, so one of
+# them often ran alone after the other worker had finished. Longest first, the short files fill in at the end instead.
+# Only the order of whole files changes (tests within a file run in their order), and only under pytest-xdist.
+_LONGEST_FILES_FIRST = (
+    "test_train_examples.py",
+    "test_generate_example.py",
+    "test_kernels_backward.py",
+    "test_pass_dense_flash.py",
+    "test_hf.py",
+    "test_benchmarks.py",
+    "test_reproduce_smoke.py",
+    "test_kernels_forward.py",
+    "test_backend.py",
+    "test_hf_models.py",
+    "test_routing_group.py",
+    "test_context_parallel.py",
+    "test_packed_train.py",
+    "test_packed.py",
+    "test_export_example.py",
+    "test_pass_regions.py",
+    "test_cli_examples.py",
+    "test_pass_static_cache.py",
+    "test_hf_dense_decode.py",
+    "test_static_decode.py",
+    "test_kernels_decode.py",
+    "test_export.py",
+    "test_op_autodiff.py",
+    "test_reproduce_mid.py",
+    "test_hf_exactness.py",
+    "test_hf_static_cache.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Keep the queue in collection order (pytest_collection_modifyitems below) instead of xdist's by-count order.
+    if getattr(config.option, "dist", "no") == "loadfile" and hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # a plain run keeps pytest's order
+        return
+    rank = {name: i for i, name in enumerate(_LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order and the rest's kept
+
 
 # Modules whose kernels run with poisoned buffers (kernel_launch.POISON_BUFFERS): the kernel and op tests.
 _POISONED_MODULES = ("test_kernels_", "test_op_", "test_ops")

@@ -66,20 +66,40 @@ def test_generate_example_static_cache_compiled_decode_step():
     assert "moba decode" in proc.stderr
 
 
-def test_generate_example_compile_needs_the_static_cache():
-    proc = launch("examples/generate.py", "--compile", "--prompt-len", "16", "--new-tokens", "2")
-    assert proc.returncode == 2 and "--compile needs --cache static" in proc.stderr
+def generate_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``examples/generate.py ARGS`` in this process: ``(exit status, stdout, stderr)``, for the refusals. An argparse
+    refusal exits with status 2 exactly as the script's process does; a returned status is what ``raise
+    SystemExit(main())`` makes the script's, which test_generate_example_bad_policy_is_one_line_and_exit_status_2 also
+    checks in a subprocess once."""
+    from examples import generate
+
+    capsys.readouterr()
+    try:
+        code = generate.main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_example_compile_needs_the_static_cache(capsys):
+    code, _, err = generate_main(capsys, "--compile", "--prompt-len", "16", "--new-tokens", "2")
+    assert code == 2 and "--compile needs --cache static" in err
 
 
 @pytest.mark.parametrize("problem", ["unknown-key", "missing-file"])
-def test_generate_example_bad_policy_is_one_line_and_exit_status_2(tmp_path, problem):
+def test_generate_example_bad_policy_is_one_line_and_exit_status_2(tmp_path, capsys, problem):
     path = tmp_path / "policy.toml"
-    if problem == "unknown-key":
+    args = ("--policy", str(path), "--prompt-len", "16", "--new-tokens", "2")
+    if problem == "unknown-key":  # the script's own process: its exit status, no traceback
         path.write_text("version = 1\nchunk_sizes = 512\n")
-    proc = launch("examples/generate.py", "--policy", str(path), "--prompt-len", "16", "--new-tokens", "2")
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
-    [line] = proc.stderr.strip().splitlines()
+        proc = launch("examples/generate.py", *args)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = generate_main(capsys, *args)
+    assert code == 2
+    assert "Traceback" not in err and out == ""
+    [line] = err.strip().splitlines()
     assert line.startswith(f"error: {path}: ")
     assert ("unknown key 'chunk_sizes'" if problem == "unknown-key" else "not found") in line
 
@@ -128,15 +148,15 @@ def test_decode_benchmark_bound_is_the_read_only_probe(tmp_path):
         assert row["moba_static_ms"] > 0
 
 
-def test_generate_example_chunked_prefill_on_a_static_cache():
+def test_generate_example_chunked_prefill_on_a_static_cache(capsys):
     proc = launch(
         "examples/generate.py", "--cache", "static", "--prefill-chunk", "8", "--prompt-len", "20", "--new-tokens", "3",
         "--no-progress",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "generated tokens agreeing: 100%" in proc.stdout
-    bad = launch("examples/generate.py", "--prefill-chunk", "0", "--prompt-len", "16", "--new-tokens", "2")
-    assert bad.returncode == 2 and "--prefill-chunk must be >= 1, got 0" in bad.stderr
+    code, _, err = generate_main(capsys, "--prefill-chunk", "0", "--prompt-len", "16", "--new-tokens", "2")
+    assert code == 2 and "--prefill-chunk must be >= 1, got 0" in err
 
 
 def test_end_to_end_fill_cache_gives_every_cache_type_its_length():

@@ -7,9 +7,14 @@ call lands in a new class: decode steps 1, 2 and 16 after a prefill each compile
 compiled what a 48K warm-up had not. Those arguments are listed here and passed as plain runtime ints, so a kernel
 compiles once per (dtype, head dim, block configuration). They only bound loops and masks, where a divisibility hint
 buys nothing; strides along head dims (multiples of ``D >= 16``) keep their specialisation.
+
+Under the interpreter (``TRITON_INTERPRET=1``) importing this module also installs the interpreter's fast paths
+(:func:`moba_compile.kernels.support.speed_up_interpreter`), before any kernel can run.
 """
 
 import triton
+
+from .support import interpreting, speed_up_interpreter
 
 __all__ = ["LENGTH_ARGS", "kernel_jit"]
 
@@ -41,3 +46,6 @@ LENGTH_ARGS = (
 )
 
 kernel_jit = triton.jit(do_not_specialize=LENGTH_ARGS)
+
+if interpreting():
+    speed_up_interpreter()

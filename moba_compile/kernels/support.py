@@ -262,13 +262,19 @@ def triton_unsupported_reason(
 
 
 def speed_up_interpreter() -> None:
-    """Give the Triton interpreter a numpy fast path for integer XOR reductions (idempotent; no-op if unavailable).
+    """Give the Triton interpreter two fast paths that change no result (idempotent; no-op if unavailable).
 
-    ``tl.sort``, ``tl.topk`` and ``tl.bitonic_merge`` swap elements through ``xor_sum`` over size-2 axes, which the
-    interpreter (triton 3.9) evaluates one element at a time in Python: a [64, 16] top-k then takes ~0.1 s per
-    program. ``np.bitwise_xor.reduce`` gives the identical result, so the kernels keep the exact code path the GPU
-    runs while interpreted tests stay fast. Only reductions whose combine function is Triton's own ``_xor_combine``
-    along one axis are redirected; everything else goes to the interpreter unchanged.
+    1. Integer XOR reductions: ``tl.sort``, ``tl.topk`` and ``tl.bitonic_merge`` swap elements through ``xor_sum``
+       over size-2 axes, which the interpreter (triton 3.9) evaluates one element at a time in Python: a [64, 16] top-k
+       then takes ~0.1 s per program. ``np.bitwise_xor.reduce`` gives the identical result, so the kernels keep the
+       exact code path the GPU runs while interpreted tests stay fast. Only reductions whose combine function is
+       Triton's own ``_xor_combine`` along one axis are redirected; everything else goes to the interpreter unchanged.
+    2. Device-function calls: the interpreter re-patches ``triton.language`` on every call of a ``@triton.jit``
+       helper from a kernel (``_patch_lang``), and each patch scans every member of ``tl``, ``tl.core``, ``tl.math``
+       and ``tl.tensor`` with ``inspect.getmembers`` for Triton builtins to wrap. Inside a launch they are already
+       wrapped, so the scan finds nothing to do, yet it took ~20% of an interpreted forward + backward. The names of a
+       namespace's builtins are found once (a Python module or class gains no builtins at run time) and each later
+       patch checks only those names: the same members are wrapped in the same cases, without the scan.
 
     Example:
         >>> speed_up_interpreter()
@@ -279,6 +285,11 @@ def speed_up_interpreter() -> None:
         from triton.runtime import interpreter
     except ImportError:
         return
+    _fast_xor_reduce(np, tl, interpreter)
+    _fast_builtin_patch(tl, interpreter)
+
+
+def _fast_xor_reduce(np, tl, interpreter) -> None:  # noqa: ANN001 - interpreter internals
     ops = getattr(interpreter, "ReduceOps", None)
     xor_combine = getattr(getattr(tl, "standard", None), "_xor_combine", None)
     if ops is None or xor_combine is None or getattr(ops, "_moba_fast_xor", False):
@@ -294,3 +305,29 @@ def speed_up_interpreter() -> None:
 
     ops.apply_impl = apply_impl
     ops._moba_fast_xor = True
+
+
+def _fast_builtin_patch(tl, interpreter) -> None:  # noqa: ANN001 - interpreter internals
+    slow = getattr(interpreter, "_patch_builtin", None)
+    patch_attr = getattr(interpreter, "_patch_attr", None)
+    is_builtin = getattr(getattr(tl, "core", None), "is_builtin", None)
+    if slow is None or patch_attr is None or is_builtin is None or getattr(slow, "_moba_fast", False):
+        return
+    import inspect
+
+    builtin_names: dict[object, list[str]] = {}  # namespace (module or class) -> names of its Triton builtins
+
+    def patch_builtin(pkg, builder, scope):  # noqa: ANN001, ANN202 - interpreter internals
+        names = builtin_names.get(pkg)
+        if names is None:
+            names = [name for name, member in inspect.getmembers(pkg) if is_builtin(member)]
+            if not names:  # already wrapped (or none): scan again next time rather than remember "none"
+                return
+            builtin_names[pkg] = names
+        for name in names:
+            member = getattr(pkg, name)
+            if is_builtin(member):  # not wrapped yet by an enclosing launch
+                patch_attr(pkg, name, member, builder, scope)
+
+    patch_builtin._moba_fast = True
+    interpreter._patch_builtin = patch_builtin
