@@ -177,10 +177,19 @@ def results_path(out_dir: Path, kind: str, env: dict[str, Any]) -> Path:
 # ----------------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile check (no GPU needed)
 # ----------------------------------------------------------------------------------------------------------------------
-def ptxas() -> str | None:
-    """Triton's bundled ``ptxas`` (the newer ``ptxas-blackwell`` first: it reads the PTX version Triton emits)."""
+def ptxas(arch: int = 90) -> str | None:
+    """The ``ptxas`` Triton itself uses for ``sm_<arch>`` (``TRITON_PTXAS_PATH`` and friends honoured, so the PTX
+    version Triton emits is one this ``ptxas`` reads); Triton's bundled binaries when that lookup is unavailable."""
     import triton
 
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+        if path and Path(path).exists():
+            return str(path)
+    except Exception:  # noqa: BLE001 - older/newer Triton layouts: fall back to the bundled binaries below
+        pass
     bin_dir = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin"
     for name in ("ptxas-blackwell", "ptxas"):
         if (bin_dir / name).exists():
@@ -220,7 +229,7 @@ def aot_compile(
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     info: dict[str, Any] = {"shared_bytes": kernel.metadata.shared, "registers": None, "spill_bytes": None}
-    exe = ptxas()
+    exe = ptxas(arch)
     if exe is not None:
         with tempfile.TemporaryDirectory() as tmp:
             ptx = Path(tmp) / "k.ptx"
@@ -230,6 +239,9 @@ def aot_compile(
                 capture_output=True,
                 text=True,
             )
+        if res.returncode != 0:
+            # A ptxas that cannot read the PTX must fail the check loudly, not leave registers/spills unknown.
+            raise RuntimeError(f"{exe} failed on sm_{arch}a (exit {res.returncode}): {res.stderr[-2000:]}")
         regs = re.search(r"Used (\d+) registers", res.stderr)
         spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr)
         info["registers"] = int(regs.group(1)) if regs else None
