@@ -29,6 +29,9 @@ SHAPES = {
     "32K-C2048-K3": (1, 32, 32768, 2048, 3),
     "FM-8K-C128-K8": (2, 16, 8192, 128, 8),
     "64K-C4096-K12-H8": (1, 8, 65536, 4096, 12),
+    # Long chunk lists: the spec shape where the backward is slower than dense (Nsight: the dK/dV kernel's spills).
+    "128K-C4096-K12": (1, 32, 131072, 4096, 12),
+    "FM-64K-C128-K8": (2, 16, 65536, 128, 8),
 }
 CONFIGS = [
     "32,64,8,2",

@@ -635,10 +635,16 @@ def _sm90_bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mas
         # (atomics), 73.6 -> 40.2 ms at 32K C2048 K3 (no atomics); 4 warps, 16-32 rows or 256 keys were slower.
         # With a user mask the [keys, rows] mask tile spills at 64 keys (56 B), not at 32 (179): that case keeps
         # 32 x 32 (not re-timed).
-        # Deterministic dQ kernels: the forward's 128 x 64 (x 32 with a mask) tiles, 226-246 registers, no spill.
+        # Re-timed on the H200 (2026-11-30, tune_backward-nvidia-h200-20261130-stages*.json, six shapes from 8K C512
+        # K3 to 128K C4096 K12 and FlashMoBA's C128 K8): a third pipeline stage for dK/dV saved 2-8% everywhere (the
+        # gathered query rows arrive one more tile ahead; 128K C4096 K12: 993 -> 915 ms with atomics), and the
+        # deterministic dQ kernels run best on 64 x 64 tiles over 4 warps (two programs per SM) at all but the two
+        # longest-list shapes, where they trail the best tiles by 1.2% and 0.5% (e.g. FlashMoBA 64K: 38.5 -> 34.7 ms,
+        # 128K C4096 K12: 903 -> 886 ms).
+        # With a mask: the forward's 128 x 32 dQ tiles (226-232 registers, no spill), not re-timed.
         if has_mask:
             return _BwdConfig(32, 32, 8, 2, 128, 32, 8, 2)
-        return _BwdConfig(64, 128, 8, 2, 128, 64, 8, 2)
+        return _BwdConfig(64, 128, 8, 3, 64, 64, 4, 2)
     # D = 256: small tiles, one stage (221 registers for dK/dV at 32 x 32; a mask needs 16-key blocks). Not tuned.
     bn = 16 if has_mask else 32
     return _BwdConfig(32, bn, 8, 1, 32, bn, 8, 1)
