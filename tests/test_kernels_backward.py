@@ -361,10 +361,13 @@ def test_input_validation() -> None:
     assert dq.shape == empty.shape and torch.all(dk == 0) and torch.all(dv == 0)
 
 
-# The unmasked dK/dV kernel's 64 x 128 tiles spill (about 1.3 KB with the dQ atomics, 0.6 KB without, triton 3.9) and
-# were still 1.3-2x faster on an H100 than the spill-free 32 x 64 (benchmarks/results/tune_backward-*.json): a bounded
-# spill is accepted there, and nowhere else.
-_SPILL_BUDGET = {"bwd_dkdv-nomask-atomic_dq": 2048, "bwd_dkdv-nomask-det": 2048}
+# The unmasked dK/dV kernel's 64 x 128 tiles spill and were still 1.3-2x faster on an H100 than the spill-free 32 x 64
+# (benchmarks/results/tune_backward-*.json). With the third pipeline stage chosen on the H200 (2-8% faster at six
+# shapes, tune_backward-nvidia-h200-20261130-stages*.json) they spill 1656 / 1176 B (atomic dQ / deterministic) under
+# triton 3.9 and 2628 / 2444 B under triton 3.6. The deterministic sparse dQ kernel's 64 x 64 tiles over 4 warps,
+# also chosen by that timing (made with triton 3.6), spill 192 B under triton 3.6 and nothing under 3.9. These
+# bounded spills are accepted there, and nowhere else.
+_SPILL_BUDGET = {"bwd_dkdv-nomask-atomic_dq": 3072, "bwd_dkdv-nomask-det": 3072, "bwd_sparse_dq-nomask": 256}
 
 
 def test_backward_kernels_compile_for_h100_within_spill_budget() -> None:
