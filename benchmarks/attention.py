@@ -146,13 +146,16 @@ def estimate_memory(cfg: BenchConfig) -> dict[str, float]:
     entries = b * h * n * km1
     index = entries * 4 * 3  # the slot-major selection, ranks, lists (int32)
     residual = b * h * n * d * 2 if km1 > 0 else 0  # bf16 residual of the running output
+    # The selection and ranks are freed before the residual is allocated: the peak is the larger of the flip (all
+    # three index arrays) and the attention passes (residual plus the lists).
+    peak_extra = max(index, residual + entries * 4)
     n_blocks = -(-n // c)
     flex_mask = 4 * b * h * n_blocks * n_blocks * 4  # partial + full kv indices and their q-major transposes (int32)
     # Backward (default mode): dq/dk/dv, the fp32 dQ buffer, fp32 Delta and log2 LSE, the recomputed gate and flip.
     backward = inputs + b * h * n * d * 4 + 2 * b * h * n * 4 + index  # (both routings store a selection per head)
     return {
         "inputs_gib": inputs / GiB,
-        "moba_extra_gib": (out + index + residual) / GiB,
+        "moba_extra_gib": (out + peak_extra) / GiB,
         "moba_backward_extra_gib": backward / GiB,
         "flex_block_mask_gib": flex_mask / GiB,
     }

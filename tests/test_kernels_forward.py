@@ -242,6 +242,40 @@ def test_forward_scratch_is_bounded_by_the_output(monkeypatch: pytest.MonkeyPatc
     assert len(floats) == 3 and max(floats) == out_numel, sizes
 
 
+def test_residual_is_allocated_after_the_selection_is_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The forward's peak: the gate's selection and the flip's ranks (int32, one per entry) must be gone when the bf16
+    # residual of the running output (the output's size) is allocated, so the two never add up; the flip's lists
+    # (also one int32 per entry) live on through the attention passes.
+    import weakref
+
+    case = kernel_case(1, 60, 4, 2, 16, 4, torch.bfloat16, lk=90)
+    out_numel = case.b * case.hq * case.lq * case.d
+    n_entries = min(case.k - 1, (case.lk - 1) // case.c) * case.b * case.hq * case.lq
+    made: list[tuple[int, torch.dtype, weakref.ref]] = []
+    at_residual: list[list[bool]] = []
+
+    def spy_for(module):
+        real = module.empty
+
+        def spy(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+            t = real(*shape, dtype=dtype, device=device)
+            if dtype == torch.bfloat16 and t.numel() == out_numel and module is kernel_forward:
+                at_residual.append([r() is not None for n, dt, r in made if dt == torch.int32 and n == n_entries])
+            made.append((t.numel(), dtype, weakref.ref(t)))
+            return t
+
+        return spy
+
+    for module in (kernel_forward, kernel_gating):
+        monkeypatch.setattr(module, "empty", spy_for(module))
+    q, k, v, _ = make_inputs(case, seed=5)
+    check_forward(q, k, v, case.c, case.k)
+    # bf16 output plus its bf16 residual: the residual is the second bf16 buffer of the output's size.
+    assert len(at_residual) == 2, at_residual
+    alive = at_residual[1]
+    assert len(alive) == 3 and sum(alive) == 1, alive  # selection, ranks, lists: only the lists are alive
+
+
 def test_flip_by_slot_groups_rows_by_slot_then_chunk() -> None:
     b, hq, hkv, lq, n, km1 = 2, 4, 2, 37, 6, 3
     torch.manual_seed(0)

@@ -471,19 +471,25 @@ def moba_forward_triton(
     strides = (*query.stride(), *key.stride(), *value.stride(), *mask.strides)
     # The residual of the running output: only where there is something to merge and the output dtype rounds.
     has_lo = km1 > 0 and query.dtype != torch.float32
-    lo = empty(b, hq, lq, dv, dtype=torch.bfloat16, device=dev) if has_lo else out
     with on_device(dev):
+        by_slot = None
+        block_m_sp = 0
+        if km1 > 0:
+            # Gate and flip before the residual exists: the selection and the flip's ranks (8 bytes per entry) are
+            # freed before the residual (the output's size in bf16) is allocated, so the two never add up. The own
+            # pass does not need the selection, and it still merges first.
+            means = chunk_means_triton(key, chunk_size)
+            sel = _launch_gate(query, means, chunk_size, km1, lk, slot_major=True, routing=routing)
+            block_m_sp = list_tile_rows(sp_block_m, g * lq, (lk - 1) // chunk_size)  # one slot's entries per plane
+            by_slot = flip_slot_major(sel, hkv, n_chunks, block_m_sp)
+            del sel, means  # the flip's lists replace the selection
+        lo = empty(b, hq, lq, dv, dtype=torch.bfloat16, device=dev) if has_lo else out
         _own_fwd_kernel[(triton.cdiv(lq, cfg.block_m), b * hq)](
             query, key, value, mask.arg, out, lo, lse, hq, g, lq, lk, chunk_size, qk_scale, *strides,
             BLOCK_M=cfg.block_m, HAS_LO=has_lo, **own,
         )  # fmt: skip
-        if km1 == 0:
+        if by_slot is None:
             return out, lse
-        means = chunk_means_triton(key, chunk_size)
-        sel = _launch_gate(query, means, chunk_size, km1, lk, slot_major=True, routing=routing)
-        block_m_sp = list_tile_rows(sp_block_m, g * lq, (lk - 1) // chunk_size)  # one slot's entries per plane
-        by_slot = flip_slot_major(sel, hkv, n_chunks, block_m_sp)
-        del sel  # the flip's lists replace it
         flip = by_slot.flip
         # One launch per slot, in slot order: every row is in at most one tile of a launch, so its state is updated
         # by one program at a time, and the merge order (own chunk, then slots 0 .. K'-2) is fixed.
