@@ -594,7 +594,8 @@ def _backward_variants(d: int) -> list[tuple[str, Any, dict[str, str], dict[str,
                 "skd": 1, "svd": 1, "sdod": 1}  # fmt: skip
         for atomic in (True, False):
             consts = {**base, "BLOCK_M": cfg.kv_block_m, "BLOCK_N": cfg.kv_block_n, "HAS_LIST": True,
-                      "ATOMIC_DQ": atomic}  # fmt: skip
+                      "ATOMIC_DQ": atomic, "STAT_DUP": bw.stat_dup(cfg.kv_block_m, cfg.kv_warps),
+                      "OFFS32": True}  # fmt: skip
             name = f"bwd_dkdv-{tag}-{'atomic_dq' if atomic else 'det'}"
             ptrs = {**io, "dq_ptr": "*fp32"}
             out.append((name, bw._bwd_dkdv_kernel, ptrs, consts, cfg.kv_warps, cfg.kv_stages))

@@ -197,7 +197,7 @@ def ptxas(arch: int = 90) -> str | None:
     return None
 
 
-def aot_compile(
+def triton_compile(
     fn: Any,
     ptr_types: dict[str, str],
     consts: dict[str, Any],
@@ -205,13 +205,10 @@ def aot_compile(
     stages: int,
     arch: int,
     div16: Iterable[str],
-) -> dict:
-    """Compile one kernel variant for ``sm_<arch>`` as a launch would (pointers and the integer arguments named in
-    ``div16`` flagged divisible by 16, unit strides specialised to 1 through ``consts``) and read registers/spills
-    from ``ptxas -v``."""
-    import subprocess
-    import tempfile
-
+) -> Any:
+    """Compile one kernel variant for ``sm_<arch>`` as a launch would: pointers and the integer arguments named in
+    ``div16`` flagged divisible by 16, unit strides specialised to 1 through ``consts``. Returns Triton's compiled
+    kernel (``.asm`` holds its ``ptx`` and the ``cubin`` a launch would load, built by Triton's own ``ptxas``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -227,7 +224,23 @@ def aot_compile(
             sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n][0] == "*" or n in div16}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def aot_compile(
+    fn: Any,
+    ptr_types: dict[str, str],
+    consts: dict[str, Any],
+    warps: int,
+    stages: int,
+    arch: int,
+    div16: Iterable[str],
+) -> dict:
+    """Compile one kernel variant with :func:`triton_compile` and read registers/spills from ``ptxas -v``."""
+    import subprocess
+    import tempfile
+
+    kernel = triton_compile(fn, ptr_types, consts, warps, stages, arch, div16)
     info: dict[str, Any] = {"shared_bytes": kernel.metadata.shared, "registers": None, "spill_bytes": None}
     exe = ptxas(arch)
     if exe is not None:

@@ -122,20 +122,46 @@ def _bwd_preprocess_kernel(
 # Key-major dK/dV (+ dQ atomics in the default mode)
 # --------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _offset(x, OFFS32: tl.constexpr):
+    """``x`` as a row offset: int32 when ``OFFS32`` (the launcher proved every in-group offset fits), else int64."""
+    if OFFS32:
+        return x
+    else:
+        return x.to(tl.int64)
+
+
+@triton.jit
+def _row_stat(rows, row_ok, other, NEUTRAL: tl.constexpr, DUP: tl.constexpr):
+    """``tl.load(rows, mask=row_ok, other=other)`` for a tile's per-row statistic (lse2 or Delta), loaded as a
+    ``[BLOCK_M, DUP]`` tile whose column 0 holds it (the other columns are masked off) and summed over the columns with
+    the exact neutral ``NEUTRAL``: ``x + (-0.0)`` is ``x`` for every float, -0.0 and infinities included.
+
+    Why (Triton 3.6, the GPU machines' version): the statistic feeds the ``[BLOCK_N, BLOCK_M]`` MMA accumulator, whose
+    column slice repeats each value in 64 threads (16 per thread at 64 x 128 over 8 warps). A load of fewer elements
+    than the program has threads is rematerialised in its consumer's layout, so every thread gathered its 16 values
+    with their own address arithmetic and predicates (up to about 200 instructions per statistic and tile). A load of at
+    least as many elements as threads keeps its compact layout (one value per thread) and reaches the MMA layout
+    through shared memory. The ``DUP`` columns are contiguous addresses so that they lie in one warp (the reduction is
+    two shuffles, no barrier). The launcher sets ``DUP = num_warps * 32 // BLOCK_M`` (see :func:`stat_dup`).
+    """
+    if DUP == 1:
+        return tl.load(rows, mask=row_ok, other=other)
+    cols = tl.arange(0, DUP)
+    first = (cols == 0)[None, :]
+    tile = tl.load(rows[:, None] + cols[None, :], mask=row_ok[:, None] & first, other=other)
+    return tl.sum(tl.where(first, tile, NEUTRAL), 1)
+
+
+@triton.jit
 def _dkdv_tile(
     dk,
     dv,
     k,
     v,
-    q_ptr,
-    do_ptr,
-    lse2_ptr,
-    delta_ptr,
-    mask_ptr,
-    dq_ptr,
     q_rows,
     do_rows,
-    stat_rows,
+    lse2_rows,
+    delta_rows,
     mask_rows,
     dq_rows,
     row_ok,
@@ -154,20 +180,23 @@ def _dkdv_tile(
     ATOMIC_DQ: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    STAT_DUP: tl.constexpr,
 ):
-    """One tile of ``BLOCK_M`` query rows (given by their 64-bit row offsets) against the program's key block.
+    """One tile of ``BLOCK_M`` query rows (given by one pointer per row into q, dO, lse2, Delta, the mask and dQ)
+    against the program's key block.
 
     Works transposed (keys x rows), as the dK/dV accumulators are key-major. ``CAUSAL`` masks keys after each row's
     position (own-chunk diagonal tiles); rows outside the problem arrive with ``row_ok`` False and get ``lse2 = +inf``,
-    hence ``P = 0``.
+    hence ``P = 0``. The row pointers are built by the caller from 64-bit per-head or per-plane bases; here each costs
+    one add per element of the tile's load layout.
     """
-    lo_ty = q_ptr.dtype.element_ty
+    lo_ty = q_rows.dtype.element_ty
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
-    q = tl.load(q_ptr + q_rows[:, None] + (offs_d * sqd)[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + do_rows[:, None] + (offs_dv * sdod)[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(lse2_ptr + stat_rows, mask=row_ok, other=_POS_INF)
-    delta = tl.load(delta_ptr + stat_rows, mask=row_ok, other=0.0)
+    q = tl.load(q_rows[:, None] + (offs_d * sqd)[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_rows[:, None] + (offs_dv * sdod)[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = _row_stat(lse2_rows, row_ok, _POS_INF, -0.0, STAT_DUP)
+    delta = _row_stat(delta_rows, row_ok, 0.0, -0.0, STAT_DUP)
     if UPCAST:  # interpreter: its bf16 tl.dot is wrong; the upcast is exact
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -176,9 +205,7 @@ def _dkdv_tile(
     if CAUSAL:
         p_t = tl.where(offs_n[:, None] <= pos[None, :], p_t, 0.0)
     if HAS_MASK:
-        allowed = tl.load(
-            mask_ptr + mask_rows[None, :] + (offs_n * smn)[:, None], mask=key_ok[:, None] & row_ok[None, :], other=0
-        )
+        allowed = tl.load(mask_rows[None, :] + (offs_n * smn)[:, None], mask=key_ok[:, None] & row_ok[None, :], other=0)
         p_t = tl.where(allowed != 0, p_t, 0.0)
     # P and dS are rounded to the input dtype before their MMAs, as in FlashAttention (and the forward's P @ V).
     p_lo = _round_to(p_t, lo_ty, UPCAST)
@@ -189,7 +216,7 @@ def _dkdv_tile(
     dk += tl.dot(ds_lo, q, input_precision=DOT_PREC)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PREC) * scale
-        tl.atomic_add(dq_ptr + dq_rows[:, None] + offs_d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+        tl.atomic_add(dq_rows[:, None] + offs_d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -239,6 +266,8 @@ def _bwd_dkdv_kernel(
     smh,
     smm,
     smn,
+    lq_magic,
+    lq_shift,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -248,6 +277,8 @@ def _bwd_dkdv_kernel(
     ATOMIC_DQ: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    STAT_DUP: tl.constexpr = 1,
+    OFFS32: tl.constexpr = False,
 ):
     kb = tl.program_id(0)
     plane = tl.program_id(1).to(tl.int64)
@@ -279,54 +310,79 @@ def _bwd_dkdv_kernel(
     diag_end = tl.minimum(n0 + BLOCK_N, c_end)
     n_diag = (tl.maximum(diag_end - p_lo, 0) + BLOCK_M - 1) // BLOCK_M
     full_lo = p_lo + n_diag * BLOCK_M
+    # Row pointers: one 64-bit base per head (a) or per (batch, key head) plane (b), plus in-plane row offsets.
+    # - Delta, lse2 (and the dQ buffer, times D) are contiguous [B, Hq, Lq(, D)] (the launcher allocates them), so a
+    #   row's statistics sit at the int32 offset g * Lq + i from the plane's base: the entry id itself, below
+    #   G * Lq <= 2^31 - 1 (the launcher's G * Lq * max(K - 1, 1) < 2^31 check).
+    # - Offsets into q, dO, the mask and dQ scale by strides: int32 when OFFS32 (the launcher checked that the largest
+    #   one of the head group, (G - 1) * s_head + (Lq - 1) * s_row, and G * Lq * D for dQ, are below 2^31), else
+    #   int64. Rows past the chunk's end get i = 0 (masked anyway), so i < Lq as well.
+    stat_plane = (b * Hq + hkv * G) * Lq
     for g in range(0, G):
         hq = hkv * G + g
-        q_head = b * sqb + hq * sqh
-        do_head = b * sdob + hq * sdoh
-        stat_head = (b * Hq + hq) * Lq
-        m_head = b * smb + hq * smh
+        q_head = q_ptr + (b * sqb + hq * sqh)
+        do_head = do_ptr + (b * sdob + hq * sdoh)
+        lse2_head = lse2_ptr + (stat_plane + g * Lq)
+        delta_head = delta_ptr + (stat_plane + g * Lq)
+        m_head = mask_ptr + (b * smb + hq * smh)
+        dq_head = dq_ptr + (stat_plane + g * Lq) * HEAD_D
         for m0 in range(p_lo, full_lo, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
-            i = (pos - off).to(tl.int64)
+            # (the select also hides the rows' contiguity from Triton 3.6's layout choice: the statistics' tile then
+            # reduces inside a warp, without shared memory and barriers)
+            i = tl.where(pos < c_end, pos - off, 0)
+            iw = _offset(i, OFFS32)
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
-                q_head + i * sqm, do_head + i * sdom, stat_head + i, m_head + i * smm, (stat_head + i) * HEAD_D,
+                dk, dv, k, v, q_head + iw * sqm, do_head + iw * sdom, lse2_head + i, delta_head + i,
+                m_head + iw * smm, dq_head + iw * HEAD_D,
                 pos < c_end, pos, offs_n, key_ok, sqd, sdod, smn, qk_scale, scale,
-                HEAD_D, HEAD_DV, True, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
+                HEAD_D, HEAD_DV, True, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC, STAT_DUP,
             )  # fmt: skip
         for m0 in range(full_lo, c_end, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
-            i = (pos - off).to(tl.int64)
+            i = tl.where(pos < c_end, pos - off, 0)
+            iw = _offset(i, OFFS32)
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
-                q_head + i * sqm, do_head + i * sdom, stat_head + i, m_head + i * smm, (stat_head + i) * HEAD_D,
+                dk, dv, k, v, q_head + iw * sqm, do_head + iw * sdom, lse2_head + i, delta_head + i,
+                m_head + iw * smm, dq_head + iw * HEAD_D,
                 pos < c_end, pos, offs_n, key_ok, sqd, sdod, smn, qk_scale, scale,
-                HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
+                HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC, STAT_DUP,
             )  # fmt: skip
 
     # (b) The rows (any head of the group) that chose chunk c, gathered from its lists, one per slot. Their chunk is
-    # complete and lies before them: no causal or bounds mask on the keys. Entry ids are g * Lq + i, decoded in 32-bit
-    # arithmetic (a 64-bit division is a long subroutine per element).
+    # complete and lies before them: no causal or bounds mask on the keys. Entry ids are e = g * Lq + i: the
+    # statistics' (and, times D, dQ's) in-plane offset as they stand; q, dO and the mask (any strides) need the head
+    # and the row, g = e // Lq by a multiply-high with the launcher's magic number for Lq (exact for every e < 2^32,
+    # see _udiv_magic; a general division is about ten instructions per element, a 64-bit one a subroutine).
     if HAS_LIST:
+        q_plane = q_ptr + (b * sqb + (hkv * G) * sqh)
+        do_plane = do_ptr + (b * sdob + (hkv * G) * sdoh)
+        lse2_plane = lse2_ptr + stat_plane
+        delta_plane = delta_ptr + stat_plane
+        m_plane = mask_ptr + (b * smb + (hkv * G) * smh)
+        dq_plane = dq_ptr + stat_plane * HEAD_D
+        magic = lq_magic.to(tl.uint32, bitcast=True)
+        shift = lq_shift.to(tl.uint32)
         for j in range(0, KM1):
             seg = ((j * B + b) * Hkv + hkv) * N + c
             start = tl.load(seg_start_ptr + seg)
             count = tl.load(counts_ptr + seg)
+            seg_lists = lists_ptr + start
             for r0 in range(0, count, BLOCK_M):
                 offs_m = r0 + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < count
-                local = tl.load(lists_ptr + start + offs_m, mask=row_ok, other=0)
+                e = tl.load(seg_lists + offs_m, mask=row_ok, other=0)
                 # (names differ from the own-chunk loop's: Triton wants one type per loop-carried name)
-                g_l = local // Lq
-                row = (local - g_l * Lq).to(tl.int64)
-                head = hkv * G + g_l.to(tl.int64)
-                stat = (b * Hq + head) * Lq + row
+                eu = e.to(tl.uint32, bitcast=True)
+                g_l = ((tl.umulhi(eu, magic) + eu) >> shift).to(tl.int32, bitcast=True)
+                gw = _offset(g_l, OFFS32)
+                rw = _offset(e - g_l * Lq, OFFS32)
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, mask_ptr, dq_ptr,
-                    b * sqb + head * sqh + row * sqm, b * sdob + head * sdoh + row * sdom, stat,
-                    b * smb + head * smh + row * smm, stat * HEAD_D, row_ok, offs_m, offs_n, key_ok, sqd, sdod, smn,
-                    qk_scale, scale,
-                    HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC,
+                    dk, dv, k, v, q_plane + (gw * sqh + rw * sqm), do_plane + (gw * sdoh + rw * sdom),
+                    lse2_plane + e, delta_plane + e, m_plane + (gw * smh + rw * smm),
+                    dq_plane + _offset(e, OFFS32) * HEAD_D,
+                    row_ok, offs_m, offs_n, key_ok, sqd, sdod, smn, qk_scale, scale,
+                    HEAD_D, HEAD_DV, False, HAS_MASK, ATOMIC_DQ, UPCAST, DOT_PREC, STAT_DUP,
                 )  # fmt: skip
 
     # dK/dV are contiguous [B, Hkv, Lk, D]: written once, in the key/value dtype.
@@ -650,6 +706,43 @@ def _sm90_bwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mas
     return _BwdConfig(32, bn, 8, 1, 32, bn, 8, 1)
 
 
+def _udiv_magic(d: int) -> tuple[int, int]:
+    """``(magic, shift)`` such that ``e // d == (umulhi(e, magic) + e) >> shift`` for every ``0 <= e < 2**32``
+    (``magic`` read as uint32; returned as the int32 with the same bits, so the kernel argument stays ``i32``).
+
+    Round-up multiplier (Granlund and Montgomery, "Division by invariant integers using multiplication", 1994, thm.
+    4.2, N = 32): ``l = ceil(log2 d)``, ``m = ceil(2^(32+l) / d)``; then ``0 <= m*d - 2^(32+l) < d <= 2^l``, which makes
+    ``floor(e*m / 2^(32+l)) = floor(e / d)`` for every ``e < 2^32``. ``m`` lies in ``[2^32, 2^33)``, so ``m - 2^32``
+    fits 32 bits and ``e*m / 2^32 = umulhi(e, m - 2^32) + e``; the sum stays below ``2^32`` for the kernel's
+    ``e < 2^31``.
+
+    Example:
+        >>> _udiv_magic(1), _udiv_magic(7)
+        ((0, 0), (613566757, 3))
+    """
+    if not 1 <= d < 2**31:
+        raise ValueError(f"divisor {d} outside [1, 2^31)")
+    shift = (d - 1).bit_length()
+    magic = -(-(1 << (32 + shift)) // d) - (1 << 32)
+    return magic - (1 << 32) if magic >= 1 << 31 else magic, shift
+
+
+def _offsets_fit_int32(p: "_BwdProblem", g: int) -> bool:
+    """Whether every in-group row offset the dK/dV kernel forms from a 64-bit base fits int32 (its ``OFFS32``): into q
+    and dO, ``(G - 1) * s_head + (Lq - 1) * s_row``, likewise the mask's, and ``G * Lq * D`` into the dQ buffer."""
+    lq, d = p.query.shape[2], p.query.shape[3]
+    spans = [(g - 1) * t.stride(1) + (lq - 1) * t.stride(2) for t in (p.query, p.grad_out)]
+    _, smh, smm, _ = p.mask.strides
+    spans += [(g - 1) * smh + (lq - 1) * smm, g * lq * d]
+    return max(spans) < 2**31
+
+
+def stat_dup(block_m: int, num_warps: int) -> int:
+    """The dK/dV kernel's ``STAT_DUP``: copies per row in its statistics loads, so that a load has at least as many
+    elements as the program has threads (see ``_row_stat``)."""
+    return max(1, num_warps * 32 // block_m)
+
+
 # From this chunk size on the atomic-free dQ path is the default even when determinism is not asked for: on an H100 it
 # was 12-16% faster than dQ atomics at C2048 K3 (32K) and C4096 K12 (64K), and 33% slower at C128 K8 (8K), where a
 # flip list's tiles are short and its extra S/dP recomputation is not paid back (tune_backward-*.json).
@@ -871,7 +964,9 @@ def _dkdv(
         flip.seg_start if flip is not None else dummy_i64,
         flip.counts if flip is not None else dummy_i32,
         b, hq, hkv, hq // hkv, lq, lk, p.n_chunks, p.chunk_size, max(p.km1, 1), p.qk_scale, p.scale, *strides,
+        *_udiv_magic(lq),
         BLOCK_M=cfg.kv_block_m, BLOCK_N=kv_block_n, HAS_LIST=flip is not None, ATOMIC_DQ=dq_acc is not None,
+        STAT_DUP=stat_dup(cfg.kv_block_m, cfg.kv_warps), OFFS32=_offsets_fit_int32(p, hq // hkv),
         num_warps=cfg.kv_warps, num_stages=cfg.kv_stages, **p.common(),
     )  # fmt: skip
 

@@ -43,6 +43,8 @@ LENGTH_ARGS = (
     "s_row",  # the gate's slot-major selection [K-1, B, Hq, Lq]: its slot stride is B * Hq * Lq
     "s_slot",
     "new_tokens",  # a static cache's update: the prompt's length in prefill, 1 in decode
+    "lq_magic",  # the dK/dV kernel's multiply-high divisor for Lq, and its shift
+    "lq_shift",
 )
 
 kernel_jit = triton.jit(do_not_specialize=LENGTH_ARGS)
