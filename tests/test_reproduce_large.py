@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reproduce_logs import fake_log, write_log
 
 from examples.reproduce import cli
 from examples.reproduce.calibrate import calibrate, design, format_calibration, machine_flags
@@ -485,42 +486,11 @@ def test_the_corpus_is_part_of_a_runs_identity_only_when_not_the_default() -> No
 # --- charts and tables with seeded granularity settings -------------------------------------------------------------
 
 
-def _fake_log(cfg: RunConfig, value: float) -> dict[str, Any]:
-    record = {
-        "step": cfg.steps,
-        "tokens": cfg.steps * cfg.tokens_per_step,
-        "phase": "full",
-        "lr": cfg.lr,
-        "loss": value,
-        "loss_avg": value,
-        "val_loss": value,
-        "val_trailing_loss": value + 0.1,
-        "flops": {"dense": 1, "attention": 1, "attention_full_equivalent": 2, "gate": 0, "total": 2},
-        "pflop_s_days": 1e-6,
-        "wall_s": 10.0,
-    }
-    final = {k: record[k] for k in ("step", "tokens", "loss", "loss_avg", "val_loss", "val_trailing_loss", "flops")}
-    return {
-        "name": cfg.name,
-        "config": cfg.to_dict(),
-        "identity": cfg.identity(),
-        "model": {"params_matmul": 1000},
-        "device": "cuda",
-        "device_name": "NVIDIA H200",
-        "records": [record],
-        "sessions": [],
-        "completed": True,
-        "final": {**final, "pflop_s_days": 1e-6, "wall_s": 10.0},
-    }
-
-
 def test_granularity_table_and_chart_average_the_seeds(tmp_path: Path) -> None:
     values = {"full": 2.0, "2/8": 1.9, "4/16": 1.95, "8/32": 1.96, "16/64": 1.97, "32/128": 2.1}
     for er in LARGE["granularity"].runs:
         value = values[er.label] + 0.01 * er.run.seed
-        path = tmp_path / "runs" / er.run.name / "log.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_fake_log(er.run, value)))
+        write_log(tmp_path, fake_log(er.run, value))
     table = write_table(tmp_path, [LARGE["granularity"]]).read_text()
     # Each seeded MoBA run against the full run of its own seed.
     assert "| moba-8k-l3-blocks8-top2-seed2 |" in table and "| -0.1000 |" in table
