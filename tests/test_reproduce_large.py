@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +137,13 @@ def test_large_plan_fits_two_commands_of_the_2_gpu_machine() -> None:
     assert lane.runs[0] == "full-8k-l3" and {er.run.name for er in LARGE["conversion"].runs} <= set(lane.runs)
 
 
-def test_large_plan_prints_its_commands() -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "examples.reproduce", "list", "--large", "--results", "/nonexistent"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr
-    text = res.stdout
+def test_large_plan_prints_its_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    # In this process (``python -m examples.reproduce`` is ``sys.exit(cli.main())``; the module is started as a
+    # process by test_calls_runs_what_fits_the_deadline_and_reports_the_rest's lanes).
+    capsys.readouterr()
+    code = cli.main(["list", "--large", "--results", "/nonexistent"])
+    text, err = capsys.readouterr()
+    assert code == 0, err
     assert "corpus stdlib+site-packages:" in text and "epochs" in text
     for name in RUNS:
         assert f"  {name} " in text
@@ -369,11 +364,13 @@ def test_calls_runs_what_fits_the_deadline_and_reports_the_rest(tmp_path: Path) 
     (its estimate does not fit), and the next one that fits still runs."""
     smoke = runs_by_name(list(experiments(smoke=True).values()))
     out = tmp_path / "out"
+    # Lanes polled every 0.2 s (the default 1 s only adds waiting after each lane's exit).
+    common: dict[str, Any] = dict(
+        runs=list(smoke.values()), done={}, scale_args=["--smoke"], deadline_s=300, reserve_s=5, poll_s=0.2
+    )
     first = Call(1, [Lane(0, 0, False, ["full-128-t1"], 1.0)])
     second = Call(2, [Lane(0, 0, False, ["moba-128-t1"], 1.0)])
-    summary = run_calls(
-        [first, second], out, runs=list(smoke.values()), done={}, scale_args=["--smoke"], deadline_s=300, reserve_s=5
-    )
+    summary = run_calls([first, second], out, **common)
     assert summary["started"] == [1, 2] and summary["not_started"] == [] and summary["ok"]
     for name in ("full-128-t1", "moba-128-t1"):
         assert json.loads((out / "runs" / name / "log.json").read_text())["completed"]
@@ -381,9 +378,7 @@ def test_calls_runs_what_fits_the_deadline_and_reports_the_rest(tmp_path: Path) 
 
     too_long = Call(3, [Lane(0, 0, False, ["full-128-t2"], 10_000.0)])
     fits = Call(4, [Lane(0, 0, False, ["moba-128-t2"], 1.0)])
-    summary = run_calls(
-        [too_long, fits], out, runs=list(smoke.values()), done={}, scale_args=["--smoke"], deadline_s=300, reserve_s=5
-    )
+    summary = run_calls([too_long, fits], out, **common)
     assert summary["started"] == [4] and [c["call"] for c in summary["not_started"]] == [3] and not summary["ok"]
     assert not (out / "runs" / "full-128-t2").exists()
     assert json.loads((out / "runs" / "moba-128-t2" / "log.json").read_text())["completed"]
