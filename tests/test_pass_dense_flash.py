@@ -206,11 +206,22 @@ def test_report_shows_which_dense_site_takes_flash_and_which_ran(case, ran):
     assert "dense_sdpa" not in as_is.dense_sites[0].reason and as_is.dense_sites[0].mask_tag is None
 
 
-def _decode(model, policy, steps_masks):
+@pytest.fixture(scope="module")
+def decode_models():
+    """The tiny Llama compiled once per policy (flash_when_causal, and as_is as the reference), shared by both mask
+    cases: their steps have the same shapes and differ only in the masks' values, which the compiled op reads at run
+    time (the branch it takes is counted per call), so the second case runs the first one's graphs."""
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="moba", options={"policy": policy, "compiler": "aot_eager"})
+    model = _llama().eval()
+    return {
+        name: torch.compile(model, backend="moba", options={"policy": policy, "compiler": "aot_eager"})
+        for name, policy in (("flash", ALL_DENSE), ("as_is", {**ALL_DENSE, "dense_sdpa": "as_is"}))
+    }
+
+
+def _decode(compiled, steps_masks):
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(4))
-    cache = transformers.DynamicCache(config=model.config)
+    cache = transformers.DynamicCache(config=compiled.config)
     logits = []
     with torch.no_grad():
         out = compiled(ids, past_key_values=cache, use_cache=True)
@@ -223,7 +234,7 @@ def _decode(model, policy, steps_masks):
 
 
 @pytest.mark.parametrize(("case", "branch"), [("causal", "flash"), ("padding", "masked")])
-def test_compiled_decode_steps_equal_the_masked_sdpa_run(case, branch):
+def test_compiled_decode_steps_equal_the_masked_sdpa_run(case, branch, decode_models):
     # Each decode step hands SDPA a [B, 1, 1, Lk] mask: all True (exactly causal for one query: flash without a mask)
     # or with a padded key (masked SDPA as before).
     masks = []
@@ -232,9 +243,8 @@ def test_compiled_decode_steps_equal_the_masked_sdpa_run(case, branch):
         if case == "padding":
             mask[1, ..., 0] = False
         masks.append(mask)
-    model = _llama().eval()
-    logits, calls = _decode(model, ALL_DENSE, masks)
-    expected, reference_calls = _decode(model, {**ALL_DENSE, "dense_sdpa": "as_is"}, masks)
+    logits, calls = _decode(decode_models["flash"], masks)
+    expected, reference_calls = _decode(decode_models["as_is"], masks)
     layers = TINY_LLAMA["num_hidden_layers"]
     assert calls == {f"dense_attention:{branch}": layers * len(masks)}
     assert reference_calls == {}

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from reproduce_logs import fake_log, write_log
 
 from examples.reproduce import cli
 from examples.reproduce.calibrate import calibrate, design, format_calibration, machine_flags
@@ -138,16 +137,13 @@ def test_large_plan_fits_two_commands_of_the_2_gpu_machine() -> None:
     assert lane.runs[0] == "full-8k-l3" and {er.run.name for er in LARGE["conversion"].runs} <= set(lane.runs)
 
 
-def test_large_plan_prints_its_commands() -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "examples.reproduce", "list", "--large", "--results", "/nonexistent"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr
-    text = res.stdout
+def test_large_plan_prints_its_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    # In this process (``python -m examples.reproduce`` is ``sys.exit(cli.main())``; the module is started as a
+    # process by test_calls_runs_what_fits_the_deadline_and_reports_the_rest's lanes).
+    capsys.readouterr()
+    code = cli.main(["list", "--large", "--results", "/nonexistent"])
+    text, err = capsys.readouterr()
+    assert code == 0, err
     assert "corpus stdlib+site-packages:" in text and "epochs" in text
     for name in RUNS:
         assert f"  {name} " in text
@@ -368,11 +364,13 @@ def test_calls_runs_what_fits_the_deadline_and_reports_the_rest(tmp_path: Path) 
     (its estimate does not fit), and the next one that fits still runs."""
     smoke = runs_by_name(list(experiments(smoke=True).values()))
     out = tmp_path / "out"
+    # Lanes polled every 0.2 s (the default 1 s only adds waiting after each lane's exit).
+    common: dict[str, Any] = dict(
+        runs=list(smoke.values()), done={}, scale_args=["--smoke"], deadline_s=300, reserve_s=5, poll_s=0.2
+    )
     first = Call(1, [Lane(0, 0, False, ["full-128-t1"], 1.0)])
     second = Call(2, [Lane(0, 0, False, ["moba-128-t1"], 1.0)])
-    summary = run_calls(
-        [first, second], out, runs=list(smoke.values()), done={}, scale_args=["--smoke"], deadline_s=300, reserve_s=5
-    )
+    summary = run_calls([first, second], out, **common)
     assert summary["started"] == [1, 2] and summary["not_started"] == [] and summary["ok"]
     for name in ("full-128-t1", "moba-128-t1"):
         assert json.loads((out / "runs" / name / "log.json").read_text())["completed"]
@@ -380,9 +378,7 @@ def test_calls_runs_what_fits_the_deadline_and_reports_the_rest(tmp_path: Path) 
 
     too_long = Call(3, [Lane(0, 0, False, ["full-128-t2"], 10_000.0)])
     fits = Call(4, [Lane(0, 0, False, ["moba-128-t2"], 1.0)])
-    summary = run_calls(
-        [too_long, fits], out, runs=list(smoke.values()), done={}, scale_args=["--smoke"], deadline_s=300, reserve_s=5
-    )
+    summary = run_calls([too_long, fits], out, **common)
     assert summary["started"] == [4] and [c["call"] for c in summary["not_started"]] == [3] and not summary["ok"]
     assert not (out / "runs" / "full-128-t2").exists()
     assert json.loads((out / "runs" / "moba-128-t2" / "log.json").read_text())["completed"]
@@ -485,42 +481,11 @@ def test_the_corpus_is_part_of_a_runs_identity_only_when_not_the_default() -> No
 # --- charts and tables with seeded granularity settings -------------------------------------------------------------
 
 
-def _fake_log(cfg: RunConfig, value: float) -> dict[str, Any]:
-    record = {
-        "step": cfg.steps,
-        "tokens": cfg.steps * cfg.tokens_per_step,
-        "phase": "full",
-        "lr": cfg.lr,
-        "loss": value,
-        "loss_avg": value,
-        "val_loss": value,
-        "val_trailing_loss": value + 0.1,
-        "flops": {"dense": 1, "attention": 1, "attention_full_equivalent": 2, "gate": 0, "total": 2},
-        "pflop_s_days": 1e-6,
-        "wall_s": 10.0,
-    }
-    final = {k: record[k] for k in ("step", "tokens", "loss", "loss_avg", "val_loss", "val_trailing_loss", "flops")}
-    return {
-        "name": cfg.name,
-        "config": cfg.to_dict(),
-        "identity": cfg.identity(),
-        "model": {"params_matmul": 1000},
-        "device": "cuda",
-        "device_name": "NVIDIA H200",
-        "records": [record],
-        "sessions": [],
-        "completed": True,
-        "final": {**final, "pflop_s_days": 1e-6, "wall_s": 10.0},
-    }
-
-
 def test_granularity_table_and_chart_average_the_seeds(tmp_path: Path) -> None:
     values = {"full": 2.0, "2/8": 1.9, "4/16": 1.95, "8/32": 1.96, "16/64": 1.97, "32/128": 2.1}
     for er in LARGE["granularity"].runs:
         value = values[er.label] + 0.01 * er.run.seed
-        path = tmp_path / "runs" / er.run.name / "log.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_fake_log(er.run, value)))
+        write_log(tmp_path, fake_log(er.run, value))
     table = write_table(tmp_path, [LARGE["granularity"]]).read_text()
     # Each seeded MoBA run against the full run of its own seed.
     assert "| moba-8k-l3-blocks8-top2-seed2 |" in table and "| -0.1000 |" in table

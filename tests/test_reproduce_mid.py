@@ -11,15 +11,14 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import pytest
+from reproduce_logs import fake_log, write_log
 
 from examples.reproduce import callplan
 from examples.reproduce.archive import ARCHIVE_LIMIT_BYTES, completed_runs, pack, unpack
 from examples.reproduce.callplan import MID_MACHINE, Call, Lane, estimate, plan_calls, run_call
 from examples.reproduce.cli import sweep
-from examples.reproduce.config import RunConfig
 from examples.reproduce.experiments import MID_SEEDS, experiments, runs_by_name
 from examples.reproduce.plots import write_plots, write_table
 from examples.reproduce.train import RunError
@@ -168,55 +167,18 @@ def test_sweep_only_refuses_unknown_runs(tmp_path: Path) -> None:
 def test_sweep_skips_runs_complete_in_the_results_tree(tmp_path: Path) -> None:
     """A run complete in the results tree (an earlier call's) is not trained again; one of another config is refused."""
     cfg = RUNS["full-8k-m1"]
-    logs = sweep(list(MID.values()), tmp_path, resume=False, only=[cfg.name], done={cfg.name: _fake_log(cfg, 2.0)})
+    logs = sweep(list(MID.values()), tmp_path, resume=False, only=[cfg.name], done={cfg.name: fake_log(cfg, 2.0)})
     assert logs[cfg.name]["final"]["val_loss"] == 2.0 and not (tmp_path / "runs").exists()
-    stale = _fake_log(dataclasses.replace(cfg, lr=1.0), 2.0)
+    stale = fake_log(dataclasses.replace(cfg, lr=1.0), 2.0)
     with pytest.raises(RunError, match="another configuration"):
         sweep(list(MID.values()), tmp_path, resume=False, only=[cfg.name], done={cfg.name: stale})
-
-
-def _fake_log(cfg: RunConfig, value: float, *, completed: bool = True, steps: int | None = None) -> dict[str, Any]:
-    """A log with the fields plot, table, pack and unpack read (no training)."""
-    done = cfg.steps if steps is None else steps
-    record = {
-        "step": done,
-        "tokens": done * cfg.tokens_per_step,
-        "phase": "full",
-        "lr": cfg.lr,
-        "loss": value,
-        "loss_avg": value,
-        "val_loss": value,
-        "val_trailing_loss": value + 0.1,
-        "flops": {"dense": 1, "attention": 1, "attention_full_equivalent": 2, "gate": 0, "total": 2},
-        "pflop_s_days": 1e-6 * cfg.n_layers,
-        "wall_s": 10.0,
-    }
-    final = {k: record[k] for k in ("step", "tokens", "loss", "loss_avg", "val_loss", "val_trailing_loss", "flops")}
-    return {
-        "name": cfg.name,
-        "config": cfg.to_dict(),
-        "identity": cfg.identity(),
-        "model": {"params_matmul": 1000},
-        "device": "cuda",
-        "device_name": "NVIDIA H200",
-        "records": [record],
-        "sessions": [],
-        "completed": completed,
-        "final": {**final, "pflop_s_days": record["pflop_s_days"], "wall_s": 10.0} if completed else None,
-    }
-
-
-def _write_log(out: Path, log: dict[str, Any]) -> None:
-    path = out / "runs" / log["name"] / "log.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(log, indent=1) + "\n")
 
 
 def test_pack_unpack_round_trips_the_logs_and_leaves_checkpoints(tmp_path: Path) -> None:
     out, tree = tmp_path / "out", tmp_path / "tree"
     done, unfinished = RUNS["full-8k-m1"], RUNS["moba-8k-m1"]
-    _write_log(out, _fake_log(done, 2.0))
-    _write_log(out, _fake_log(unfinished, 2.1, completed=False, steps=64))
+    write_log(out, fake_log(done, 2.0))
+    write_log(out, fake_log(unfinished, 2.1, completed=False, steps=64))
     (out / "runs" / done.name / "checkpoint.pt").write_bytes(b"\0" * 4096)
     (out / "calls").mkdir()
     (out / "calls" / "call1-gpu0.log").write_text("[1/1] full-8k-m1\n")
@@ -243,14 +205,14 @@ def test_pack_unpack_round_trips_the_logs_and_leaves_checkpoints(tmp_path: Path)
     # A second archive (a later call): its complete run replaces the unfinished copy; an unfinished copy of a run
     # complete in the tree does not replace it; a completed run of another configuration is refused.
     later = tmp_path / "later"
-    _write_log(later, _fake_log(unfinished, 2.05))
-    _write_log(later, _fake_log(done, 9.0, completed=False, steps=16))
+    write_log(later, fake_log(unfinished, 2.05))
+    write_log(later, fake_log(done, 9.0, completed=False, steps=16))
     pack(later, tmp_path / "mid-call2.tar.gz")
     unpack(tmp_path / "mid-call2.tar.gz", tree)
     assert set(completed_runs(tree)) == {done.name, unfinished.name}
     assert completed_runs(tree)[done.name]["final"]["val_loss"] == 2.0
     other = tmp_path / "other"
-    _write_log(other, _fake_log(dataclasses.replace(done, lr=1.0), 1.0))
+    write_log(other, fake_log(dataclasses.replace(done, lr=1.0), 1.0))
     pack(other, tmp_path / "other.tar.gz")
     with pytest.raises(ValueError, match="other configurations"):
         unpack(tmp_path / "other.tar.gz", tree)
@@ -279,7 +241,7 @@ def test_plot_and_table_average_the_seeds(tmp_path: Path) -> None:
     values = {"full": {0: 2.00, 1: 2.02}, "moba": {0: 1.90, 1: 1.91}}
     for er in MID["scaling"].runs:
         if er.label.startswith("m1") or er.label.startswith("m2"):
-            _write_log(tmp_path, _fake_log(er.run, values[er.run.attention][er.run.seed]))
+            write_log(tmp_path, fake_log(er.run, values[er.run.attention][er.run.seed]))
     table = write_table(tmp_path, [MID["scaling"]]).read_text()
     # Δ of a seed-1 MoBA run is against the seed-1 full run.
     assert "| moba-8k-m1-seed1 |" in table and "-0.1100 |" in table and "-0.1000 |" in table
@@ -349,7 +311,7 @@ def test_call_refuses_a_missing_call_and_missing_gpus(tmp_path: Path, capsys: py
 def test_pack_and_unpack_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from examples.reproduce.cli import main
 
-    _write_log(tmp_path / "out", _fake_log(RUNS["full-8k-m1"], 2.0))
+    write_log(tmp_path / "out", fake_log(RUNS["full-8k-m1"], 2.0))
     archive = tmp_path / "mid-call3.tar.gz"
     assert main(["--out", str(tmp_path / "out"), "pack", str(archive)]) == 0
     assert main(["--out", str(tmp_path / "tree"), "unpack", str(archive), str(archive)]) == 0
