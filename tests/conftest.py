@@ -51,39 +51,54 @@ if _THREADS is not None:  # in case a plugin imported torch before this file: it
 # without one there is nothing of them to run, so they are not collected (run them with TRITON_INTERPRET=0 on a GPU).
 collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
 
-# The files that take longest on CI's two cores (the whole-suite run of .ci/run, measured with --durations; a cold
-# Inductor cache adds most to the Inductor-compiling ones), longest first; every other file follows in collection order.
+# The files that take longest on two cores with cold Inductor and Triton caches (the whole-suite run of .ci/run, timed
+# with --durations), longest first; every other file (each under ~4 s) follows in collection order.
 # `--dist loadfile` gives each file to one worker, from a queue that pytest-xdist orders by number of tests by default:
 # that put the few-test, long files (subprocess runs of the examples and benchmarks, torchrun) at the end, so one of
-# them often ran alone after the other worker had finished. Longest first, the short files fill in at the end instead.
-# Only the order of whole files changes (tests within a file run in their order), and only under pytest-xdist.
+# them often ran alone after the other worker had finished. Longest first, the short files fill in at the end instead;
+# a long file missing here (test_reproduce_large.py was, at ~30 s) can still end a run alone, so a new long file
+# belongs in this list. Only the order of whole files changes (tests within a file run in their order), and only under
+# pytest-xdist.
 _LONGEST_FILES_FIRST = (
     "test_train_examples.py",
     "test_generate_example.py",
     "test_kernels_backward.py",
     "test_pass_dense_flash.py",
     "test_hf.py",
-    "test_benchmarks.py",
-    "test_reproduce_smoke.py",
-    "test_kernels_forward.py",
-    "test_backend.py",
-    "test_hf_models.py",
-    "test_routing_group.py",
-    "test_context_parallel.py",
-    "test_packed_train.py",
-    "test_packed.py",
-    "test_export_example.py",
-    "test_pass_regions.py",
+    "test_kernels_compile.py",
     "test_cli_examples.py",
+    "test_pass_regions.py",
+    "test_backend.py",
     "test_pass_static_cache.py",
-    "test_hf_dense_decode.py",
-    "test_static_decode.py",
+    "test_hf_models.py",
+    "test_reproduce_smoke.py",
+    "test_context_parallel.py",
+    "test_benchmarks.py",
+    "test_reproduce_large.py",
+    "test_kernels_forward.py",
+    "test_export_example.py",
+    "test_kernels_dense_decode.py",
+    "test_packed.py",
+    "test_packed_train.py",
+    "test_routing_group.py",
     "test_kernels_decode.py",
+    "test_pass_layers.py",
     "test_export.py",
-    "test_op_autodiff.py",
-    "test_reproduce_mid.py",
-    "test_hf_exactness.py",
     "test_hf_static_cache.py",
+    "test_pass_modes.py",
+    "test_packed_hf.py",
+    "test_hf_dense_decode.py",
+    "test_reproduce_mid.py",
+    "test_pass_identity.py",
+    "test_static_decode.py",
+    "test_kernels_static_decode.py",
+    "test_ops.py",
+    "test_reproduce_convert.py",
+    "test_packed_bench.py",
+    "test_op_inference_mode.py",
+    "test_pass_torch_modules.py",
+    "test_pass_warnings.py",
+    "test_hf_exactness.py",
 )
 
 
