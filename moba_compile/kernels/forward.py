@@ -3,8 +3,8 @@
 Order of launches (all on the query's device, no host synchronisation on CUDA):
 
 1. ``_own_fwd_kernel``, query-major: causal attention to each row's own chunk (the block diagonal) with an online
-   softmax; writes the row's state: normalised ``out`` (output dtype), its bf16 rounding residual ``lo`` (when there is
-   anything to merge) and ``lse``;
+   softmax; writes the row's state: normalised ``out`` (output dtype), its rounding residual ``lo`` (when there is
+   anything to merge: int8 in steps of 1/256 of ``out``'s ulp by default, bf16 under ``residual="bf16"``) and ``lse``;
 2. chunk means + fused gate (:mod:`.gating`), only when some row has an earlier chunk and ``topk > 1``;
 3. index flip by slot (:func:`.gating.flip_slot_major`, on the gate's slot-major output): per (slot, batch, key
    head, chunk) lists of the (head, row) entries whose slot-``j`` choice the chunk is;
@@ -173,39 +173,45 @@ def widen_output(hi, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _residual_step_bits(hi_f, MANT: tl.constexpr, E_LO: tl.constexpr):
-    """fp32 bits of the decode step ``2^(max(e, E_LO - 127) - MANT - 8)``, ``e`` the exponent of ``hi_f`` (fp32)."""
-    e_bits = hi_f.to(tl.int32, bitcast=True) & 0x7F800000  # the exponent field, in place: no shift
-    return tl.maximum(e_bits, E_LO << 23) - ((MANT + 8) << 23)
+def _residual_step_bits(hi, MANT: tl.constexpr, E_LO: tl.constexpr):
+    """fp32 bits of the step ``2^(max(e, E_LO - 127) - MANT - 8)``, ``e`` the exponent of ``hi`` (bf16 or fp16).
+
+    Read from hi's own 16 bits: its exponent field (the 15 - MANT bits above the mantissa, bias 2^(14 - MANT) - 1),
+    clamped below, moved to fp32's place and rebiased: an int16 load's bits, a mask, a max, a shift and an add. (The
+    same exponent read from hi's fp32 bits cost the masked key-major kernels 56-88 B of spills under Triton 3.9.)
+    """
+    bias = (1 << (14 - MANT)) - 1
+    e = (hi.to(tl.int16, bitcast=True) & (((1 << (15 - MANT)) - 1) << MANT)).to(tl.int32)
+    e = tl.maximum(e, (E_LO - 127 + bias) << MANT)
+    return (e << (23 - MANT)) + ((127 - bias - MANT - 8) << 23)
 
 
 @triton.jit
-def decode_residual(hi_f, q, MANT: tl.constexpr, E_LO: tl.constexpr):
-    """``hi + q * step`` in fp32: the running output from its rounded part ``hi`` (given as fp32, ``hi_f``) and its
-    int8 residual ``q``."""
-    step = _residual_step_bits(hi_f, MANT, E_LO).to(tl.float32, bitcast=True)
-    return hi_f + q.to(tl.float32) * step
+def decode_residual(hi, q, MANT: tl.constexpr, E_LO: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``hi + q * step`` in fp32: the running output from its rounded part ``hi`` (the output dtype) and its int8
+    residual ``q``."""
+    step = _residual_step_bits(hi, MANT, E_LO).to(tl.float32, bitcast=True)
+    return widen_output(hi, INTERPRETED) + q.to(tl.float32) * step
 
 
 @triton.jit
-def encode_residual(o, hi_f, MANT: tl.constexpr, E_LO: tl.constexpr):
-    """The int8 residual of ``o`` (fp32) over ``hi`` (``o`` rounded to the output dtype, given as fp32, ``hi_f``):
-    ``round((o - hi) / step)``."""
-    inv_step = ((254 << 23) - _residual_step_bits(hi_f, MANT, E_LO)).to(tl.float32, bitcast=True)  # 1 / step, exact
-    x = tl.minimum(tl.maximum((o - hi_f) * inv_step, -127.0), 127.0)
+def encode_residual(o, hi, MANT: tl.constexpr, E_LO: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The int8 residual of ``o`` (fp32) over ``hi`` (``o`` rounded to the output dtype): ``round((o - hi) / step)``,
+    clamped to [-127, 127]."""
+    inv_step = ((254 << 23) - _residual_step_bits(hi, MANT, E_LO)).to(tl.float32, bitcast=True)  # 1 / step, exact
+    x = tl.minimum(tl.maximum((o - widen_output(hi, INTERPRETED)) * inv_step, -127.0), 127.0)
     # Round to nearest (even) by the magic addition: the low byte of the sum's bits is round(x) as a two's complement
     # byte (the constant's low 23 bits are 0x400000, so |round(x)| <= 127 never borrows past them).
     return (x + _MAGIC_RINT).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
-def _residual_of(o, hi_f, lo_ptr, LO_MANT: tl.constexpr, LO_E_LO: tl.constexpr):
-    """What ``lo`` stores for the fp32 output ``o`` rounded to ``hi`` (``hi_f``, as fp32): the int8 code, or
-    ``o - hi`` in lo's dtype."""
+def _residual_of(o, hi, lo_ptr, LO_MANT: tl.constexpr, LO_E_LO: tl.constexpr, INTERPRETED: tl.constexpr):
+    """What ``lo`` stores for the fp32 output ``o`` rounded to ``hi``: the int8 code, or ``o - hi`` in lo's dtype."""
     if LO_MANT > 0:
-        return encode_residual(o, hi_f, LO_MANT, LO_E_LO)
+        return encode_residual(o, hi, LO_MANT, LO_E_LO, INTERPRETED)
     else:
-        return (o - hi_f).to(lo_ptr.dtype.element_ty)
+        return (o - widen_output(hi, INTERPRETED)).to(lo_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -241,11 +247,11 @@ def _merge_into_state(
     o_ptrs = out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
     if HAS_LO:
         lo_ptrs = lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
-        o_s = widen_output(tl.load(o_ptrs, mask=row_ok[:, None], other=0.0), INTERPRETED)
+        hi_s = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
         if LO_MANT > 0:
-            o_s = decode_residual(o_s, tl.load(lo_ptrs, mask=row_ok[:, None], other=0), LO_MANT, LO_E_LO)
+            o_s = decode_residual(hi_s, tl.load(lo_ptrs, mask=row_ok[:, None], other=0), LO_MANT, LO_E_LO, INTERPRETED)
         else:
-            o_s += tl.load(lo_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            o_s = widen_output(hi_s, INTERPRETED) + tl.load(lo_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     else:
         o_s = widen_output(tl.load(o_ptrs, mask=row_ok[:, None], other=0.0), INTERPRETED)
     lse2_s = tl.load(lse_ptr + rows, mask=row_ok, other=_NEG_INF) * _LOG2E_C
@@ -259,7 +265,7 @@ def _merge_into_state(
     hi = round_to_output(o, out_ptr, INTERPRETED)
     tl.store(o_ptrs, hi, mask=row_ok[:, None])
     if HAS_LO:
-        lo = _residual_of(o, widen_output(hi, INTERPRETED), lo_ptr, LO_MANT, LO_E_LO)
+        lo = _residual_of(o, hi, lo_ptr, LO_MANT, LO_E_LO, INTERPRETED)
         tl.store(lo_ptrs, lo, mask=row_ok[:, None])
     tl.store(lse_ptr + rows, tl.where(tot > 0.0, (m_use + tl.math.log2(tot_safe)) * _LN2, _NEG_INF), mask=row_ok)
 
@@ -430,7 +436,7 @@ def _own_fwd_kernel(
     hi = round_to_output(out, out_ptr, UPCAST)
     tl.store(out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], hi, mask=row_ok[:, None])
     if HAS_LO:
-        lo = _residual_of(out, widen_output(hi, UPCAST), lo_ptr, LO_MANT, LO_E_LO)
+        lo = _residual_of(out, hi, lo_ptr, LO_MANT, LO_E_LO, UPCAST)
         tl.store(lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], lo, mask=row_ok[:, None])
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
