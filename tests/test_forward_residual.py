@@ -8,10 +8,10 @@ The bound the encode/decode test asserts, derived: ``o - hi`` is exact in fp32 a
 ``2^(e - MANT - 1)``, i.e. at most 128 steps of ``2^(e - MANT - 8)``. Rounding to the nearest step costs half a step;
 a residual of exactly half an ulp (``|q| = 128``) is clamped to 127 and costs one step. The decode ``hi + q * step`` is
 exact in fp32 (at most MANT + 9 significant bits). So ``|decode - o| <= step``, and ``<= step / 2`` wherever
-``|q| < 127``; with ``e`` clamped below (fp16: at its smallest normal exponent, -14, where its subnormals' ulp is;
+``|q| < 127``. ``e`` is clamped below (fp16: at its smallest normal exponent, -14, where its subnormals' ulp is;
 bf16: at -111, where the step stays a normal fp32 number), so zeros and tiny values keep an absolute error of at most
-2^-24-ish for fp16 (its subnormal ulp / 256) and 2^-126 for bf16. The test checks it element by element in float64,
-and checks the codes themselves against a float64 model of the formula.
+one step there: 2^-32 for fp16 (its subnormal ulp / 256) and 2^-126 for bf16. The test checks it element by element in
+float64, and checks the codes themselves against a float64 model of the formula.
 """
 
 import os
