@@ -9,6 +9,8 @@ Usage (a CUDA GPU is needed for real numbers)::
     python -m benchmarks.attention --compile-check    # compile every kernel for sm_90 (no GPU): registers, spills
     python -m benchmarks.attention --suite spec --kv-heads 8 --routing both   # GQA (32 query heads, 8 key heads):
                                                       # head vs group routing, each shape twice in the same run
+    python -m benchmarks.attention --residual both    # the forward's int8 (default) and bf16 residual, each shape
+                                                      # twice in the same run
     python -m benchmarks.attention --smoke            # tiny shapes on CPU through the Triton interpreter: checks the
                                                       # script end to end; its timings mean nothing, nothing is saved
 
@@ -62,7 +64,8 @@ from benchmarks.common import (
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark shape: prefill (``Lq == Lk``), causal, bf16; MHA unless ``kv_heads`` is set (GQA/MQA: ``heads``
-    query heads share ``kv_heads`` key/value heads); ``routing`` is the gate's (``"head"`` or ``"group"``)."""
+    query heads share ``kv_heads`` key/value heads); ``routing`` is the gate's (``"head"`` or ``"group"``);
+    ``residual`` how the forward stores its running output's residual (``"int8"`` or ``"bf16"``)."""
 
     suite: str
     batch: int
@@ -73,6 +76,7 @@ class BenchConfig:
     topk: int
     kv_heads: int | None = None
     routing: str = "head"
+    residual: str = "int8"
 
     @property
     def heads_kv(self) -> int:
@@ -89,6 +93,8 @@ class BenchConfig:
             name += f"-Hkv{self.kv_heads}"
         if self.routing != "head":
             name += f"-{self.routing}"
+        if self.residual != "int8":  # the default residual keeps the names; results before it had a bf16 one
+            name += f"-res_{self.residual}"
         return name
 
 
@@ -137,15 +143,17 @@ def expected_moba_pairs(cfg: BenchConfig) -> int:
 
 
 def estimate_memory(cfg: BenchConfig) -> dict[str, float]:
-    """Rough GiB needed by the MoBA forward (inputs, output, its bf16 residual, gate/flip arrays) and Flex's block
-    mask."""
+    """Rough GiB needed by the MoBA forward (inputs, output, the residual of its running output, gate/flip arrays) and
+    Flex's block mask; ``moba_extra_pct``: the forward's scratch peak (beyond ``out`` and ``lse``) in percent of q, k,
+    v and out."""
     b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
     km1 = min(k - 1, (n - 1) // c)
     inputs = (h + 2 * cfg.heads_kv) * b * n * d * 2
     out = b * h * n * d * 2 + b * h * n * 4
     entries = b * h * n * km1
     index = entries * 4 * 3  # the slot-major selection, ranks, lists (int32)
-    residual = b * h * n * d * 2 if km1 > 0 else 0  # bf16 residual of the running output
+    per_element = {"int8": 1, "bf16": 2}[cfg.residual]
+    residual = b * h * n * d * per_element if km1 > 0 else 0  # the residual of the running output
     # The selection and ranks are freed before the residual is allocated: the peak is the larger of the flip (all
     # three index arrays) and the attention passes (residual plus the lists).
     peak_extra = max(index, residual + entries * 4)
@@ -156,6 +164,7 @@ def estimate_memory(cfg: BenchConfig) -> dict[str, float]:
     return {
         "inputs_gib": inputs / GiB,
         "moba_extra_gib": (out + peak_extra) / GiB,
+        "moba_extra_pct": 100 * peak_extra / (inputs + b * h * n * d * 2),
         "moba_backward_extra_gib": backward / GiB,
         "flex_block_mask_gib": flex_mask / GiB,
     }
@@ -261,7 +270,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
     from moba_compile.kernels import flip_selection, moba_backward_triton, moba_forward_triton, select_chunks_triton
 
     b, h, n, d, c, k = cfg.batch, cfg.heads, cfg.seq_len, cfg.head_dim, cfg.chunk_size, cfg.topk
-    hkv, routing = cfg.heads_kv, cfg.routing
+    hkv, routing, residual = cfg.heads_kv, cfg.routing, cfg.residual
     gqa = hkv != h
     dtype = torch.bfloat16
     row: dict[str, Any] = {**asdict(cfg), "name": cfg.name, "dtype": "bfloat16", "errors": {}}
@@ -296,7 +305,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
         row["flip_ms"] = None
 
     # Forward.
-    fwd = lambda: moba_forward_triton(q, key, val, c, k, scale, routing=routing)  # noqa: E731
+    fwd = lambda: moba_forward_triton(q, key, val, c, k, scale, routing=routing, residual=residual)  # noqa: E731
     record("forward_ms", lambda: time_ms(fwd, device, args.warmup, args.rep))
     record("forward_peak_gib", lambda: peak_gib(fwd, device))
 
@@ -330,7 +339,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
             return time_ms(bwd, device, args.warmup, args.rep)
 
         def fwd_bwd() -> Any:
-            out, lse = moba_forward_triton(q, key, val, c, k, scale, routing=routing)
+            out, lse = fwd()
             # The library's default mode (deterministic=None): dQ atomics below chunk 1024, slot partials from there on.
             return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, **bwd_kw)
 
@@ -633,13 +642,18 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
     flip_ptrs = {"seg_start_ptr": "*i64"}
     variants.append(("flip_count", gt._flip_count_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
     variants.append(("flip_scatter", gt._flip_scatter_kernel, flip_ptrs, {"BLOCK": 1024}, 4, 1))
-    io = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "lo_ptr": "*bf16",
+    io = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "lo_ptr": "*i8",
           "out_ptr": "*bf16", "lse_ptr": "*fp32", "seg_start_ptr": "*i64"}  # fmt: skip
-    for has_mask in (False, True):
+    bf16 = torch.bfloat16
+    int8_lo = {"LO_MANT": fw.residual_mantissa_bits(bf16), "LO_E_LO": fw.residual_exponent_floor(bf16)}
+    # The default (int8) residual under the plain names; the bf16 residual (residual="bf16") unmasked, "-bf16_lo".
+    for has_mask, residual in ((False, "int8"), (True, "int8"), (False, "bf16")):
         cfg = fw._fwd_config(d, d, torch.bfloat16, has_mask)
         consts = {"HEAD_D": d, "HEAD_DV": d, "HAS_MASK": has_mask, "HAS_LO": True, "UPCAST": False,
                   "DOT_PREC": "tf32", "sqd": 1, "skd": 1, "svd": 1}  # fmt: skip
-        tag = "mask" if has_mask else "nomask"
+        consts.update(int8_lo if residual == "int8" else {"LO_MANT": 0, "LO_E_LO": 0})
+        ptrs = io if residual == "int8" else {**io, "lo_ptr": "*bf16"}
+        tag = ("mask" if has_mask else "nomask") + ("" if residual == "int8" else "-bf16_lo")
         short = fw._fwd_config(d, d, torch.bfloat16, has_mask, chunk_size=512)  # chunks below 1024: own tiles
         tiles = {
             "key_major": cfg.sparse(),
@@ -649,7 +663,7 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
         kernels = {"key_major": fw._sparse_fwd_kernel, "key_major_short": fw._sparse_fwd_kernel}
         for kname, (bm, bn, warps, stages) in tiles.items():
             kern = kernels.get(kname, fw._own_fwd_kernel)
-            variants.append((f"{kname}-{tag}", kern, io, {**consts, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages))
+            variants.append((f"{kname}-{tag}", kern, ptrs, {**consts, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages))
     variants += _backward_variants(d)
     if prefix is not None:
         variants = [v for v in variants if v[0].startswith(prefix)]
@@ -693,6 +707,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the gate's routing; 'both' runs every shape with head then group routing in the same run",
     )
     p.add_argument(
+        "--residual",
+        choices=("int8", "bf16", "both"),
+        default="int8",
+        help="how the forward stores its running output's residual (int8: the default, 1 byte per output element; "
+        "bf16: 2); 'both' runs every shape with int8 then bf16 in the same run",
+    )
+    p.add_argument(
         "--kv-heads",
         type=int,
         default=None,
@@ -712,7 +733,19 @@ def select_configs(args: argparse.Namespace) -> list[BenchConfig]:
         if args.suite in ("all", "flashmoba"):
             configs += FLASHMOBA_CONFIGS
     configs = [c for c in configs if args.min_len <= c.seq_len <= args.max_len]
-    return with_routing(configs, getattr(args, "routing", "head"), getattr(args, "kv_heads", None))
+    configs = with_routing(configs, getattr(args, "routing", "head"), getattr(args, "kv_heads", None))
+    return with_residual(configs, getattr(args, "residual", "int8"))
+
+
+def with_residual(configs: list[BenchConfig], residual: str) -> list[BenchConfig]:
+    """``configs`` with the forward's ``residual`` (``"both"``: each shape with int8, then bf16, side by side).
+
+    Example:
+        >>> [c.name for c in with_residual(SMOKE_CONFIGS[:1], "both")]
+        ['smoke-B1-H2-N128-D64-C32-K2', 'smoke-B1-H2-N128-D64-C32-K2-res_bf16']
+    """
+    residuals = ("int8", "bf16") if residual == "both" else (residual,)
+    return [dataclasses.replace(cfg, residual=r) for cfg in configs for r in residuals]
 
 
 def with_routing(configs: list[BenchConfig], routing: str, kv_heads: int | None) -> list[BenchConfig]:
@@ -737,16 +770,16 @@ def with_routing(configs: list[BenchConfig], routing: str, kv_heads: int | None)
 
 
 def dry_run(configs: list[BenchConfig]) -> None:
-    print(f"{'config':<44} {'chunks':>6} {'dense TFLOP':>11} {'MoBA TFLOP':>10} {'density':>8} {'inputs GiB':>10} "
-          f"{'MoBA+ GiB':>9} {'bwd+ GiB':>8} {'flex mask GiB':>13}")  # fmt: skip
+    print(f"{'config':<52} {'chunks':>6} {'dense TFLOP':>11} {'MoBA TFLOP':>10} {'density':>8} {'inputs GiB':>10} "
+          f"{'MoBA+ GiB':>9} {'fwd+ %':>6} {'bwd+ GiB':>8} {'flex mask GiB':>13}")  # fmt: skip
     for cfg in configs:
         dense = 4 * cfg.head_dim * cfg.batch * cfg.heads * dense_causal_pairs(cfg.seq_len, cfg.seq_len)
         useful = 4 * cfg.head_dim * expected_moba_pairs(cfg)
         mem = estimate_memory(cfg)
         print(
-            f"{cfg.name:<44} {-(-cfg.seq_len // cfg.chunk_size):>6} {dense / 1e12:>11.2f} {useful / 1e12:>10.2f} "
+            f"{cfg.name:<52} {-(-cfg.seq_len // cfg.chunk_size):>6} {dense / 1e12:>11.2f} {useful / 1e12:>10.2f} "
             f"{useful / dense:>8.3f} {mem['inputs_gib']:>10.2f} {mem['moba_extra_gib']:>9.2f} "
-            f"{mem['moba_backward_extra_gib']:>8.2f} {mem['flex_block_mask_gib']:>13.2f}"
+            f"{mem['moba_extra_pct']:>6.1f} {mem['moba_backward_extra_gib']:>8.2f} {mem['flex_block_mask_gib']:>13.2f}"
         )
     print(
         "dry run: nothing measured. MoBA TFLOP (forward) assumes each row selects min(K-1, own chunk) earlier chunks;"
@@ -754,7 +787,9 @@ def dry_run(configs: list[BenchConfig]) -> None:
     print(
         "fwd+bwd work is 3.5x the forward's. bwd+ GiB: the backward's allocations (grads, fp32 dQ, gate/flip arrays);"
     )
-    print("MoBA+ GiB: the forward's output, its bf16 residual and the int32 gate/flip arrays.")
+    print("MoBA+ GiB: the forward's output and LSE, plus its scratch peak: the larger of the flip's int32 arrays")
+    print("and the residual of the running output (int8, or bf16 under --residual bf16) plus the flip's lists;")
+    print("fwd+ %: that scratch peak in percent of q, k, v and out (issue 15's target: <= 25%).")
 
 
 def main(argv: list[str] | None = None) -> int:

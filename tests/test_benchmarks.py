@@ -27,6 +27,21 @@ def test_length_window_selects_the_long_flashmoba_configurations() -> None:
     assert rows == ["flashmoba-B2-H16-N128K-D128-C128-K8", "flashmoba-B2-H16-N256K-D128-C128-K8"]
 
 
+def test_dry_run_memory_model_of_both_residuals() -> None:
+    # Issue 15's target, in the model (not a measurement): the int8 residual keeps the forward's scratch peak within
+    # 25% of q, k, v and out at every spec shape (MHA); the bf16 one (--residual bf16) was 26-29%.
+    plan = run("-m", "benchmarks.attention", "--dry-run", "--suite", "spec", "--residual", "both")
+    assert "fwd+ %" in plan
+    # Columns: name, chunks, dense TFLOP, MoBA TFLOP, density, inputs GiB, MoBA+ GiB, fwd+ %, ...
+    pct = {line.split()[0]: float(line.split()[7]) for line in plan.splitlines() if line.startswith("spec-")}
+    assert len(pct) == 8
+    for name, value in pct.items():
+        if name.endswith("-res_bf16"):
+            assert value > pct[name.removesuffix("-res_bf16")] + 10, (name, value)
+        else:
+            assert value <= 25, (name, value)
+
+
 def test_backward_columns_skipped_above_the_length_limit_with_the_reason(tmp_path: Path) -> None:
     run("-m", "benchmarks.attention", "--smoke", "--out-dir", str(tmp_path), "--backward-max-len", "128", "--no-flex")
     (result,) = tmp_path.glob("attention-*.json")
@@ -35,6 +50,7 @@ def test_backward_columns_skipped_above_the_length_limit_with_the_reason(tmp_pat
     assert rows[192]["backward_ms"] is None and rows[192]["fwd_bwd_ms"] is None
     assert rows[192]["errors"]["dense_backward_ms"] == "skipped: N=192 > --backward-max-len 128"
     assert rows[192]["forward_ms"] is not None  # the forward columns are still measured
+    assert {r["residual"] for r in rows.values()} == {"int8"}  # the forward's residual, recorded in every row
 
 
 def test_forward_tiling_strings_set_both_kernels_or_each() -> None:

@@ -29,12 +29,16 @@ def test_kernels_compile_for_h100_without_spills(attention_records: dict[str, di
     # docs/kernels.md claims) does not spill.
     records = attention_records
     names = ("key_major-nomask", "key_major_short-nomask", "gate-bf16-K3", "gate-bf16-K8", "gate-bf16-K64")
+    # The key-major kernels with the default int8 residual of the running output, and with the bf16 one.
+    names += ("key_major-nomask-bf16_lo", "key_major_short-nomask-bf16_lo")
     for name in names:
         assert records[name]["spill_bytes"] == 0, records[name]
-    # The own-chunk kernel holds the running state it opens (output, bf16 residual, LSE) at 255 registers: Triton 3.9's
-    # ptxas fits it, Triton 3.6's (the H200 machine's, where docs/benchmarks.md was measured) spills 24 bytes. A few
-    # words per thread, once per tile; more would mean the state no longer fits.
-    assert records["own_chunk-nomask"]["spill_bytes"] <= 32, records["own_chunk-nomask"]
+    # The own-chunk kernel holds the running state it opens (output, residual, LSE) at up to 255 registers. With the
+    # int8 residual neither Triton 3.6's ptxas (the H200 machine's, where docs/benchmarks.md was measured) nor 3.9's
+    # spills; with the bf16 residual 3.6's spills 24 bytes (3.9's fits it). A few words per thread, once per tile;
+    # more would mean the state no longer fits.
+    for name in ("own_chunk-nomask", "own_chunk-nomask-bf16_lo"):
+        assert records[name]["spill_bytes"] <= 32, records[name]
 
 
 # The unmasked dK/dV kernel's 64 x 128 tiles spill and were still 1.3-2x faster on an H100 than the spill-free 32 x 64

@@ -63,10 +63,12 @@ def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
     return prefill_inputs(case, seed)
 
 
-def check_forward(q, k, v, chunk_size: int, topk: int, mask=None, scale: float | None = None, routing: str = "head"):
+def check_forward(
+    q, k, v, chunk_size: int, topk: int, mask=None, scale: float | None = None, routing: str = "head", **kwargs
+):
     """Run the kernel and compare (out, lse) with the float64 reference under the data-derived budget above."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = moba_forward_triton(q, k, v, chunk_size, topk, scale, mask, routing=routing)
+    out, lse = moba_forward_triton(q, k, v, chunk_size, topk, scale, mask, routing=routing, **kwargs)
     assert out.dtype == q.dtype and out.is_contiguous() and out.shape == (*q.shape[:3], v.shape[-1])
     assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == q.shape[:3]
     kw = dict(chunk_size=chunk_size, topk=topk, scale=scale, attn_mask=mask, routing=routing)
@@ -230,21 +232,23 @@ def test_flip_lists_every_selection_once() -> None:
 
 
 def test_forward_scratch_is_bounded_by_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No (K-1)-fold buffer: every floating buffer the forward allocates is at most the output's size (the output, the
-    # LSE, the bf16 residual of the running output); the index arrays are int32. Chunked prefill with a mask, K=4.
+    # No (K-1)-fold buffer: every buffer the forward allocates is at most the output's size (the output, the LSE, the
+    # int8 residual of the running output); the index arrays are int32. Chunked prefill with a mask, K=4.
     case = kernel_case(1, 60, 4, 2, 16, 4, torch.bfloat16, lk=90, mask="random_b1_empty")
     sizes = record_allocations(monkeypatch, kernel_forward)
     q, k, v, mask = make_inputs(case, seed=11)
     check_forward(q, k, v, case.c, case.k, mask)
     out_numel = case.b * case.hq * case.lq * case.d
     floats = [n for n, dt in sizes if dt.is_floating_point]
-    assert len(floats) == 3 and max(floats) == out_numel, sizes
+    assert len(floats) == 2 and max(floats) == out_numel, sizes  # out, lse
+    assert [n for n, dt in sizes if dt == torch.int8] == [out_numel], sizes  # the residual: one byte per element
 
 
-def test_residual_is_allocated_after_the_selection_is_freed(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The forward's peak: the gate's selection and the flip's ranks (int32, one per entry) must be gone when the bf16
-    # residual of the running output (the output's size) is allocated, so the two never add up; the flip's lists
-    # (also one int32 per entry) live on through the attention passes.
+@pytest.mark.parametrize("residual", ["int8", "bf16"])
+def test_residual_is_allocated_after_the_selection_is_freed(monkeypatch: pytest.MonkeyPatch, residual: str) -> None:
+    # The forward's peak: the gate's selection and the flip's ranks (int32, one per entry) must be gone when the
+    # residual of the running output (the output's shape; int8 by default, bf16 under residual="bf16") is allocated,
+    # so the two never add up; the flip's lists (also one int32 per entry) live on through the attention passes.
     import weakref
 
     case = kernel_case(1, 60, 4, 2, 16, 4, torch.bfloat16, lk=90)
@@ -252,13 +256,14 @@ def test_residual_is_allocated_after_the_selection_is_freed(monkeypatch: pytest.
     n_entries = min(case.k - 1, (case.lk - 1) // case.c) * case.b * case.hq * case.lq
     made: list[tuple[int, torch.dtype, weakref.ref]] = []
     at_residual: list[list[bool]] = []
+    lo_dtype = {"int8": torch.int8, "bf16": torch.bfloat16}[residual]
 
     def spy_for(module):
         real = module.empty
 
         def spy(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
             t = real(*shape, dtype=dtype, device=device)
-            if dtype == torch.bfloat16 and t.numel() == out_numel and module is kernel_forward:
+            if dtype == lo_dtype and t.numel() == out_numel and module is kernel_forward:
                 at_residual.append([r() is not None for n, dt, r in made if dt == torch.int32 and n == n_entries])
             made.append((t.numel(), dtype, weakref.ref(t)))
             return t
@@ -268,10 +273,11 @@ def test_residual_is_allocated_after_the_selection_is_freed(monkeypatch: pytest.
     for module in (kernel_forward, kernel_gating):
         monkeypatch.setattr(module, "empty", spy_for(module))
     q, k, v, _ = make_inputs(case, seed=5)
-    check_forward(q, k, v, case.c, case.k)
-    # bf16 output plus its bf16 residual: the residual is the second bf16 buffer of the output's size.
-    assert len(at_residual) == 2, at_residual
-    alive = at_residual[1]
+    check_forward(q, k, v, case.c, case.k, residual=residual)
+    # The residual is the one int8 buffer of the output's size; the bf16 one is the second bf16 buffer of that size
+    # (the bf16 output comes first).
+    assert len(at_residual) == (1 if residual == "int8" else 2), at_residual
+    alive = at_residual[-1]
     assert len(alive) == 3 and sum(alive) == 1, alive  # selection, ranks, lists: only the lists are alive
 
 

@@ -3,8 +3,8 @@
 Order of launches (all on the query's device, no host synchronisation on CUDA):
 
 1. ``_own_fwd_kernel``, query-major: causal attention to each row's own chunk (the block diagonal) with an online
-   softmax; writes the row's state: normalised ``out`` (output dtype), its bf16 rounding residual ``lo`` (when there is
-   anything to merge) and ``lse``;
+   softmax; writes the row's state: normalised ``out`` (output dtype), its rounding residual ``lo`` (when there is
+   anything to merge: int8 in steps of 1/256 of ``out``'s ulp by default, bf16 under ``residual="bf16"``) and ``lse``;
 2. chunk means + fused gate (:mod:`.gating`), only when some row has an earlier chunk and ``topk > 1``;
 3. index flip by slot (:func:`.gating.flip_slot_major`, on the gate's slot-major output): per (slot, batch, key
    head, chunk) lists of the (head, row) entries whose slot-``j`` choice the chunk is;
@@ -39,7 +39,9 @@ from .support import (
 )
 from .tiles import key_major_tile, own_chunk_rows, own_chunk_span, slot_tile
 
-__all__ = ["moba_forward_triton"]
+__all__ = ["RESIDUALS", "moba_forward_triton"]
+
+RESIDUALS = ("int8", "bf16")  # how the running output's rounding residual is stored (``moba_forward_triton``)
 
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
@@ -115,27 +117,143 @@ def _attend_block(
     return acc, l_i, m_new
 
 
+# The 8-bit residual of the running output (``residual="int8"``). ``hi`` is the output rounded to its dtype (MANT
+# explicit mantissa bits: 7 for bf16, 10 for fp16) and ``e`` its exponent; the residual ``o - hi`` is at most half an
+# ulp of ``hi``, 2^(e - MANT - 1), and is stored as ``q = round((o - hi) * 2^(MANT + 8 - e))`` in [-127, 127]: steps
+# of 1/256 of ``hi``'s ulp. Decoding, ``hi + q * 2^(e - MANT - 8)``, is exact in fp32 (``hi`` has MANT + 1 significant
+# bits, the step is 8 bits below its last one: at most 19 bits), so it gives ``o`` to within one step: ``|q|`` reaches
+# 128 only for a residual of exactly half an ulp, clamped to 127; elsewhere rounding costs half a step. The
+# exponent is clamped below to ``E_LO`` (an fp32 exponent field): that keeps both powers of two normal fp32 numbers
+# (``E_LO >= MANT + 9``) and, for fp16, gives subnormal outputs the step of the smallest normal exponent, their real
+# ulp. Below it (bf16 outputs under 2^-111 and zeros) the step is 2^(E_LO - 127 - MANT - 8): an absolute error of at
+# most 2^-126. The powers of two are built from their exponent bits, never with exp2/log2.
+_MAGIC_RINT = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + this has round(x) in its low mantissa bits for |x| < 2^22
+
+
+def residual_exponent_floor(dtype: torch.dtype) -> int:
+    """``E_LO`` of the int8 residual for output ``dtype``: the smallest fp32 exponent field the step is taken from."""
+    mant = residual_mantissa_bits(dtype)
+    emin_field = 127 - 14 if dtype == torch.float16 else 1  # fp16's smallest normal is 2^-14; bf16 shares fp32's range
+    return max(mant + 9, emin_field)
+
+
+def residual_mantissa_bits(dtype: torch.dtype) -> int:
+    """Explicit mantissa bits of the output ``dtype`` (bf16: 7, fp16: 10): ``MANT`` of the int8 residual."""
+    if dtype == torch.bfloat16:
+        return 7
+    if dtype == torch.float16:
+        return 10
+    raise ValueError(f"no int8 residual for {dtype}: only bf16 and fp16 outputs round")
+
+
+@triton.jit
+def round_to_output(o, out_ptr, INTERPRETED: tl.constexpr):
+    """``o`` (fp32) rounded to nearest even in ``out_ptr``'s element type, as the GPU's conversion does.
+
+    The Triton interpreter truncates fp32 -> bf16 (up to a whole ulp off, where the compiled cast is within half of
+    one, which the residual's range relies on) and mishandles subnormals: interpreted, bf16 is rounded here on the
+    fp32 bits (the usual ``+ 0x7FFF + lsb`` on the 16 bits dropped; finite values) and its upper half taken as is.
+    """
+    if INTERPRETED and out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = o.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return o.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def widen_output(hi, INTERPRETED: tl.constexpr):
+    """``hi`` (the output dtype) as fp32; interpreted, bf16 by its bits (the interpreter's cast mishandles
+    subnormals)."""
+    if INTERPRETED and hi.dtype == tl.bfloat16:
+        return (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return hi.to(tl.float32)
+
+
+@triton.jit
+def _residual_step_bits(hi, MANT: tl.constexpr, E_LO: tl.constexpr):
+    """fp32 bits of the step ``2^(max(e, E_LO - 127) - MANT - 8)``, ``e`` the exponent of ``hi`` (bf16 or fp16).
+
+    Read from hi's own 16 bits: its exponent field (the 15 - MANT bits above the mantissa, bias 2^(14 - MANT) - 1),
+    clamped below, moved to fp32's place and rebiased: an int16 load's bits, a mask, a max, a shift and an add. (The
+    same exponent read from hi's fp32 bits cost the masked key-major kernels 56-88 B of spills under Triton 3.9.)
+    """
+    bias = (1 << (14 - MANT)) - 1
+    e = (hi.to(tl.int16, bitcast=True) & (((1 << (15 - MANT)) - 1) << MANT)).to(tl.int32)
+    e = tl.maximum(e, (E_LO - 127 + bias) << MANT)
+    return (e << (23 - MANT)) + ((127 - bias - MANT - 8) << 23)
+
+
+@triton.jit
+def decode_residual(hi, q, MANT: tl.constexpr, E_LO: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``hi + q * step`` in fp32: the running output from its rounded part ``hi`` (the output dtype) and its int8
+    residual ``q``."""
+    step = _residual_step_bits(hi, MANT, E_LO).to(tl.float32, bitcast=True)
+    return widen_output(hi, INTERPRETED) + q.to(tl.float32) * step
+
+
+@triton.jit
+def encode_residual(o, hi, MANT: tl.constexpr, E_LO: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The int8 residual of ``o`` (fp32) over ``hi`` (``o`` rounded to the output dtype): ``round((o - hi) / step)``,
+    clamped to [-127, 127]."""
+    inv_step = ((254 << 23) - _residual_step_bits(hi, MANT, E_LO)).to(tl.float32, bitcast=True)  # 1 / step, exact
+    x = tl.minimum(tl.maximum((o - widen_output(hi, INTERPRETED)) * inv_step, -127.0), 127.0)
+    # Round to nearest (even) by the magic addition: the low byte of the sum's bits is round(x) as a two's complement
+    # byte (the constant's low 23 bits are 0x400000, so |round(x)| <= 127 never borrows past them).
+    return (x + _MAGIC_RINT).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def _residual_of(o, hi, lo_ptr, LO_MANT: tl.constexpr, LO_E_LO: tl.constexpr, INTERPRETED: tl.constexpr):
+    """What ``lo`` stores for the fp32 output ``o`` rounded to ``hi``: the int8 code, or ``o - hi`` in lo's dtype."""
+    if LO_MANT > 0:
+        return encode_residual(o, hi, LO_MANT, LO_E_LO, INTERPRETED)
+    else:
+        return (o - widen_output(hi, INTERPRETED)).to(lo_ptr.dtype.element_ty)
+
+
 @triton.jit
 def _merge_into_state(
-    out_ptr, lo_ptr, lse_ptr, rows, row_ok, acc, l_i, m_i, HEAD_DV: tl.constexpr, HAS_LO: tl.constexpr
+    out_ptr,
+    lo_ptr,
+    lse_ptr,
+    rows,
+    row_ok,
+    acc,
+    l_i,
+    m_i,
+    HEAD_DV: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    LO_MANT: tl.constexpr,
+    LO_E_LO: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     """Fold a partial result (``acc / l_i``, log2 LSE ``m_i + log2(l_i)``) into the rows' running state.
 
-    The state is the normalised output so far, kept as ``out`` (the output dtype) plus ``lo`` (bf16, the rounding
-    residual ``o - out``, when ``HAS_LO``), and its natural-log LSE ``lse``: an exact log-sum-exp merge, since the
-    key sets of the own chunk and the chosen chunks are disjoint. ``out + lo`` carries about 16 significant bits (19
-    for fp16), so the K'-1 merges cost no more than fp32 partials did, and ``out`` after the last merge is the output
-    rounded once. A side with no key (``LSE = -inf``) gets weight 0; two such sides keep ``out = 0``, ``lse = -inf``.
+    The state is the normalised output so far, kept as ``out`` (the output dtype) plus ``lo``, the rounding residual
+    ``o - out`` (when ``HAS_LO``), and its natural-log LSE ``lse``. ``lo`` is int8 in steps of 1/256 of ``out``'s ulp
+    when ``LO_MANT > 0`` (:func:`encode_residual`; ``out + lo`` then carries about 15 significant bits for bf16, 18 for
+    fp16), else bf16 (about 16, 19 for fp16). The merge is an exact log-sum-exp merge, since the key sets of the own
+    chunk and the chosen chunks are disjoint. Either residual keeps the K'-1 merges' rounding well below the output's
+    own, and ``out`` after the last merge is the output rounded once. A side with no key (``LSE = -inf``) gets weight
+    0; two such sides keep ``out = 0``, ``lse = -inf``.
     """
     offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
     has = l_i > 0.0
     o_p = acc / tl.where(has, l_i, 1.0)[:, None]
     lse2_p = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), _NEG_INF)
     o_ptrs = out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
-    o_s = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     if HAS_LO:
         lo_ptrs = lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
-        o_s += tl.load(lo_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        hi_s = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+        if LO_MANT > 0:
+            o_s = decode_residual(hi_s, tl.load(lo_ptrs, mask=row_ok[:, None], other=0), LO_MANT, LO_E_LO, INTERPRETED)
+        else:
+            o_s = widen_output(hi_s, INTERPRETED) + tl.load(lo_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        o_s = widen_output(tl.load(o_ptrs, mask=row_ok[:, None], other=0.0), INTERPRETED)
     lse2_s = tl.load(lse_ptr + rows, mask=row_ok, other=_NEG_INF) * _LOG2E_C
     m = tl.maximum(lse2_s, lse2_p)
     m_use = tl.where(m == _NEG_INF, 0.0, m)
@@ -144,10 +262,11 @@ def _merge_into_state(
     tot = w_s + w_p
     tot_safe = tl.where(tot > 0.0, tot, 1.0)
     o = (o_s * (w_s / tot_safe)[:, None]) + (o_p * (w_p / tot_safe)[:, None])
-    hi = o.to(out_ptr.dtype.element_ty)
+    hi = round_to_output(o, out_ptr, INTERPRETED)
     tl.store(o_ptrs, hi, mask=row_ok[:, None])
     if HAS_LO:
-        tl.store(lo_ptrs, (o - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=row_ok[:, None])
+        lo = _residual_of(o, hi, lo_ptr, LO_MANT, LO_E_LO, INTERPRETED)
+        tl.store(lo_ptrs, lo, mask=row_ok[:, None])
     tl.store(lse_ptr + rows, tl.where(tot > 0.0, (m_use + tl.math.log2(tot_safe)) * _LN2, _NEG_INF), mask=row_ok)
 
 
@@ -198,6 +317,8 @@ def _sparse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_LO: tl.constexpr,
+    LO_MANT: tl.constexpr,
+    LO_E_LO: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -229,7 +350,8 @@ def _sparse_fwd_kernel(
             HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
         )  # fmt: skip
     # Each row appears once per slot: this program alone updates these rows' state in this launch.
-    _merge_into_state(out_ptr, lo_ptr, lse_ptr, (b * Hq + hq) * Lq + i, row_ok, acc, l_i, m_i, HEAD_DV, HAS_LO)
+    rows = (b * Hq + hq) * Lq + i
+    _merge_into_state(out_ptr, lo_ptr, lse_ptr, rows, row_ok, acc, l_i, m_i, HEAD_DV, HAS_LO, LO_MANT, LO_E_LO, UPCAST)
 
 
 @kernel_jit
@@ -269,6 +391,8 @@ def _own_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_LO: tl.constexpr,
+    LO_MANT: tl.constexpr,
+    LO_E_LO: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -309,10 +433,10 @@ def _own_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * _LN2, _NEG_INF)
     rows = (b * Hq + hq) * Lq + offs_m64
-    hi = out.to(out_ptr.dtype.element_ty)
+    hi = round_to_output(out, out_ptr, UPCAST)
     tl.store(out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], hi, mask=row_ok[:, None])
     if HAS_LO:
-        lo = (out - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty)
+        lo = _residual_of(out, hi, lo_ptr, LO_MANT, LO_E_LO, UPCAST)
         tl.store(lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], lo, mask=row_ok[:, None])
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
@@ -403,6 +527,7 @@ def moba_forward_triton(
     attn_mask: Tensor | None = None,
     *,
     routing: str = "head",
+    residual: str = "int8",
 ) -> tuple[Tensor, Tensor]:
     """MoBA attention forward with the Triton kernels: ``(out, lse)`` exactly as ``reference.moba_attention_forward``.
 
@@ -422,18 +547,23 @@ def moba_forward_triton(
             the gate ignores it.
         routing: ``"head"`` (the default: one top-k per query head) or ``"group"`` (one per key head and row, from
             the group-summed scores, given to every query head of the group; the attention kernels are the same).
+        residual: how the running output's rounding residual is stored between the merges (bf16/fp16 outputs with
+            ``K' > 1``; fp32 keeps none): ``"int8"`` (the default: one byte per output element, in steps of 1/256 of
+            the output's ulp, about 15 significant bits for bf16 and 18 for fp16 in ``out + lo``) or ``"bf16"`` (two
+            bytes, about 16 and 19 bits). Both keep the merges' rounding well below the output's own.
 
     Returns:
         ``(out, lse)``: ``out [B, Hq, Lq, Dv]`` contiguous in the query's dtype; ``lse [B, Hq, Lq]`` contiguous fp32,
         the natural log-sum-exp of the scaled scores over the attended keys. Rows with no attended key (all masked)
-        give ``out = 0`` and ``lse = -inf``. Extra memory: a bf16 residual the size of ``out`` (when ``K' > 1`` and the
-        dtype is not fp32), plus about 12 bytes of int32 index arrays per (row, head, slot), ``K' = min(K,
-        ceil(Lk / C))``.
+        give ``out = 0`` and ``lse = -inf``. Extra memory: the residual, of ``out``'s shape in int8 (``"int8"``) or bf16
+        (when ``K' > 1`` and the dtype is not fp32), allocated once the gate's selection and the flip's ranks are freed,
+        plus the flip's int32 lists (4 bytes per (row, head, slot)); the flip itself peaks at about 12 bytes of int32
+        index arrays per (row, head, slot), ``K' = min(K, ceil(Lk / C))``.
 
     Raises:
         RuntimeError: Triton is not installed.
         ValueError: :func:`triton_unsupported_reason` gives a reason (the message contains it); an unknown
-            ``routing``.
+            ``routing`` or ``residual``.
 
     Example:
         >>> q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -444,6 +574,8 @@ def moba_forward_triton(
     """
     require_triton()
     check_routing(routing)
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     reason = triton_unsupported_reason(query, key, value, chunk_size, topk, attn_mask)
     if reason is not None:
         raise ValueError(f"moba_forward_triton cannot run this call: {reason}")
@@ -457,36 +589,40 @@ def moba_forward_triton(
         return out.zero_(), lse
     cfg = _fwd_config(d, dv, query.dtype, attn_mask is not None, chunk_size, device_capability(dev))
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * _LOG2E
+    km1 = min(topk - 1, (lk - 1) // chunk_size)
+    # The residual of the running output: only where there is something to merge and the output dtype rounds.
+    has_lo = km1 > 0 and query.dtype != torch.float32
+    int8_lo = has_lo and residual == "int8"
     shared = dict(HEAD_D=d, HEAD_DV=dv, UPCAST=interpreting(), DOT_PREC=dot_precision(query.dtype))
-    shared.update(HAS_MASK=attn_mask is not None)
+    shared.update(HAS_MASK=attn_mask is not None, HAS_LO=has_lo, LO_MANT=0, LO_E_LO=0)
+    if int8_lo:
+        shared.update(LO_MANT=residual_mantissa_bits(query.dtype), LO_E_LO=residual_exponent_floor(query.dtype))
     sp_block_m, sp_block_n, sp_warps, sp_stages = cfg.sparse()
     whole = chunk_size & -chunk_size  # key blocks no longer than this tile every chunk exactly
     own = dict(shared, BLOCK_N=min(cfg.block_n, whole), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     sparse = dict(shared, BLOCK_N=min(sp_block_n, whole), num_warps=sp_warps, num_stages=sp_stages)
     mask = MaskArgs.build(attn_mask, (b, hq, lq, lk), query)
-    km1 = min(topk - 1, (lk - 1) // chunk_size)
     hkv = key.shape[1]
     g = hq // hkv
     n_chunks = -(-lk // chunk_size)
     strides = (*query.stride(), *key.stride(), *value.stride(), *mask.strides)
-    # The residual of the running output: only where there is something to merge and the output dtype rounds.
-    has_lo = km1 > 0 and query.dtype != torch.float32
     with on_device(dev):
         by_slot = None
         block_m_sp = 0
         if km1 > 0:
             # Gate and flip before the residual exists: the selection and the flip's ranks (8 bytes per entry) are
-            # freed before the residual (the output's size in bf16) is allocated, so the two never add up. The own
-            # pass does not need the selection, and it still merges first.
+            # freed before the residual (the output's shape, int8 or bf16) is allocated, so the two never add up. The
+            # own pass does not need the selection, and it still merges first.
             means = chunk_means_triton(key, chunk_size)
             sel = _launch_gate(query, means, chunk_size, km1, lk, slot_major=True, routing=routing)
             block_m_sp = list_tile_rows(sp_block_m, g * lq, (lk - 1) // chunk_size)  # one slot's entries per plane
             by_slot = flip_slot_major(sel, hkv, n_chunks, block_m_sp)
             del sel, means  # the flip's lists replace the selection
-        lo = empty(b, hq, lq, dv, dtype=torch.bfloat16, device=dev) if has_lo else out
+        lo_dtype = torch.int8 if int8_lo else torch.bfloat16
+        lo = empty(b, hq, lq, dv, dtype=lo_dtype, device=dev) if has_lo else out
         _own_fwd_kernel[(triton.cdiv(lq, cfg.block_m), b * hq)](
             query, key, value, mask.arg, out, lo, lse, hq, g, lq, lk, chunk_size, qk_scale, *strides,
-            BLOCK_M=cfg.block_m, HAS_LO=has_lo, **own,
+            BLOCK_M=cfg.block_m, **own,
         )  # fmt: skip
         if by_slot is None:
             return out, lse
@@ -500,6 +636,6 @@ def moba_forward_triton(
                 query, key, value, mask.arg, out, lo, lse,
                 flip.lists, flip.seg_start, flip.counts, flip.tile_seg, flip.tile_row0, by_slot.slot_tiles, j,
                 b, hq, hkv, g, lq, lk, n_chunks, chunk_size, qk_scale, *strides,
-                BLOCK_M=block_m_sp, HAS_LO=has_lo, **sparse,
+                BLOCK_M=block_m_sp, **sparse,
             )  # fmt: skip
     return out, lse
