@@ -219,10 +219,11 @@ def _extract(git_dir: Path, commit: str, paths: tuple[str, ...], dest: Path) -> 
 
 
 def tree_digest(root: Path) -> str:
-    """A digest of every file under ``root`` (paths and contents): the build script's reuse stamp."""
+    """A digest of every file under ``root`` (paths and contents; not the digest file itself): the build script's
+    reuse stamp."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != "MOBA_COMPILE_DIGEST.txt":
             h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
 
