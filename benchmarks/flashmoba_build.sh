@@ -46,6 +46,33 @@ export FLASH_MOBA_SKIP_CUDA_BUILD=FALSE
 export MAX_JOBS=${MAX_JOBS:-16}
 export NVCC_THREADS=${NVCC_THREADS:-2}
 
+# varlen_sort.cu includes ATen/cuda/CUDAContext.h, which includes cuBLAS/cuSPARSE/cuSOLVER headers. A toolkit that
+# has nvcc but not those libraries (as on the machine this was compile-checked on) still has them in the pip packages
+# a CUDA torch depends on (site-packages/nvidia/*/include): add those to CPATH, after the toolkit's own.
+extra_inc=$("$PY" - <<'EOF'
+import glob
+import os
+
+from torch.utils.cpp_extension import CUDA_HOME
+
+if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+    try:
+        import nvidia
+
+        found = set()
+        for base in nvidia.__path__:
+            for header in ("cublas_v2.h", "cusparse.h", "cusolverDn.h"):
+                found |= {os.path.dirname(h) for h in glob.glob(os.path.join(base, "*", "include", header))}
+        print(":".join(sorted(found)))
+    except ImportError:
+        pass
+EOF
+)
+if [ -n "$extra_inc" ]; then
+  export CPATH="${CPATH:+$CPATH:}$extra_inc"
+  echo "flashmoba_build: the CUDA toolkit has no cublas_v2.h; headers from pip packages: $extra_inc"
+fi
+
 echo "flashmoba_build: building $SRC ($digest) with MAX_JOBS=$MAX_JOBS NVCC_THREADS=$NVCC_THREADS" \
   "FLASH_MOBA_CUDA_ARCHS=$FLASH_MOBA_CUDA_ARCHS; log: $BUILD/build.log"
 start=$(date +%s)
@@ -54,7 +81,8 @@ rc=$?
 secs=$(( $(date +%s) - start ))
 if [ $rc -ne 0 ] || ! compgen -G "$BUILD/lib/flash_moba_cuda*.so" >/dev/null; then
   echo "flashmoba_build: FAILED after ${secs}s (exit $rc); compiler errors:" >&2
-  grep -n -E 'error|Error|undefined' "$BUILD/build.log" | head -40 >&2
+  grep -n -E '(error|Error)( #[0-9]+-D)?:|undefined (reference|symbol)|cannot find|No such file|Killed' "$BUILD/build.log" |
+    head -40 >&2
   echo "flashmoba_build: last lines of $BUILD/build.log:" >&2
   tail -n 40 "$BUILD/build.log" >&2
   exit 1
