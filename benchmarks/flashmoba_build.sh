@@ -11,7 +11,7 @@
 # benchmarks/flashmoba.py finds it there. Exits non-zero, with the compiler's errors and the log's tail, on failure.
 #
 # Environment: PYTHON (default python3), MAX_JOBS (16), NVCC_THREADS (2), FLASH_MOBA_CUDA_ARCHS (90),
-# FLASHMOBA_BUILD (the build folder, default .flashmoba/build).
+# FLASH_MOBA_CXX_STD (c++17, or c++20 where torch's headers demand it), FLASHMOBA_BUILD (default .flashmoba/build).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +43,13 @@ export FLASH_MOBA_CUDA_ARCHS=${FLASH_MOBA_CUDA_ARCHS:-90}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export FLASH_MOBA_FORCE_BUILD=TRUE     # never look for a prebuilt wheel (no network there anyway)
 export FLASH_MOBA_SKIP_CUDA_BUILD=FALSE
+# Upstream compiles as C++17; torch 2.14's headers refuse anything below C++20 (2.11-2.13 accept C++17).
+if [ -z "${FLASH_MOBA_CXX_STD:-}" ]; then
+  FLASH_MOBA_CXX_STD=$("$PY" -c 'import os, torch
+h = open(os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")).read()
+print("c++20" if "C++20 or later" in h else "c++17")')
+fi
+export FLASH_MOBA_CXX_STD
 export MAX_JOBS=${MAX_JOBS:-16}
 export NVCC_THREADS=${NVCC_THREADS:-2}
 
@@ -74,7 +81,7 @@ if [ -n "$extra_inc" ]; then
 fi
 
 echo "flashmoba_build: building $SRC ($digest) with MAX_JOBS=$MAX_JOBS NVCC_THREADS=$NVCC_THREADS" \
-  "FLASH_MOBA_CUDA_ARCHS=$FLASH_MOBA_CUDA_ARCHS; log: $BUILD/build.log"
+  "FLASH_MOBA_CUDA_ARCHS=$FLASH_MOBA_CUDA_ARCHS -std=$FLASH_MOBA_CXX_STD; log: $BUILD/build.log"
 start=$(date +%s)
 (cd "$SRC" && "$PY" setup.py build_ext --build-temp "$BUILD/temp" --build-lib "$BUILD/lib") >"$BUILD/build.log" 2>&1
 rc=$?

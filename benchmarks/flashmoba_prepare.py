@@ -13,7 +13,8 @@ What the narrowing does (upstream builds every head dim, fp16 and bf16, causal a
 kernel translation units):
 
 * ``setup.py``'s source list becomes the 7 files below (one forward, one backward and one top-k kernel file, the
-  variable-length sort, the two API files and the binding);
+  variable-length sort, the two API files and the binding); its C++ standard comes from ``FLASH_MOBA_CXX_STD``
+  (default c++17, upstream's; torch 2.14's headers require C++20);
 * the ``FP16_SWITCH``/``HEADDIM_SWITCH``/``TOPK_SWITCH`` macros of both static-switch headers dispatch only bf16, head
   dim 97..128 and top-k <= 16, and raise a ``TORCH_CHECK`` error for anything else;
 * the two API files' ``BOOL_SWITCH(params.is_causal, ...)`` becomes a causal-only switch that raises for non-causal
@@ -130,6 +131,13 @@ EDITS = (
         "except ImportError:  # wheel >= 0.46 without the alias\n"
         "    from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel",
         why="import bdist_wheel from setuptools where wheel no longer has it",
+    ),
+    Edit(
+        "setup.py",
+        r'"-std=c\+\+17"',
+        '"-std=" + os.environ.get("FLASH_MOBA_CXX_STD", "c++17")',
+        count=2,
+        why="C++ standard from FLASH_MOBA_CXX_STD (flashmoba_build.sh: c++20 where torch's headers need it, 2.14+)",
     ),
     Edit(
         "csrc/flash_moba/src/flash_moba_static_switch.h",

@@ -156,6 +156,7 @@ def _fake_tree(root: Path) -> None:
     listed = "".join(f'        "{s}",\n' for s in sources)
     (root / "setup.py").write_text(
         "from wheel.bdist_wheel import bdist_wheel as _bdist_wheel\n"
+        'nvcc_flags = ["-O3", "-std=c++17"]\ncxx_flags = ["-O3", "-std=c++17"]\n'
         f"ext = dict(\n    sources=[\n{listed}    ],\n    extra_compile_args={{}},\n)\n"
     )
     fp16 = _macro("FP16_SWITCH", "COND, ...", ["COND", "!COND"])
@@ -176,7 +177,8 @@ def test_prepare_narrows_switches_and_sources(tmp_path: Path) -> None:
     assert len(done) == len(prep.EDITS)
     setup = (tmp_path / "setup.py").read_text()
     assert all(f'"{s}"' in setup for s in prep.KEPT_SOURCES) and "hdim64_fp16" not in setup
-    assert "except ImportError" in setup
+    assert "except ImportError" in setup and "c++17" not in setup.replace('"c++17")', "")  # only as the default
+    assert setup.count('os.environ.get("FLASH_MOBA_CXX_STD", "c++17")') == 2
     for header in ("csrc/flash_moba/src/flash_moba_static_switch.h", "csrc/flash_topk/src/flash_topk_static_switch.h"):
         text = (tmp_path / header).read_text()
         assert "HEADDIM <= 64" not in text and "!COND" not in text and "kHeadDim = 128" in text
