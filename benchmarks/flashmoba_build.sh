@@ -53,6 +53,12 @@ export FLASH_MOBA_CXX_STD
 export MAX_JOBS=${MAX_JOBS:-16}
 export NVCC_THREADS=${NVCC_THREADS:-2}
 
+# torch builds in parallel only through ninja (without it: one unit after another, about 11 minutes of compiling).
+if ! command -v ninja >/dev/null; then
+  ninja_dir=$("$PY" -c 'import ninja; print(ninja.BIN_DIR)' 2>/dev/null) && export PATH="$ninja_dir:$PATH"
+  command -v ninja >/dev/null || echo "flashmoba_build: WARNING: no ninja on PATH: the units compile one by one" >&2
+fi
+
 # varlen_sort.cu includes ATen/cuda/CUDAContext.h, which includes cuBLAS/cuSPARSE/cuSOLVER headers. A toolkit that
 # has nvcc but not those libraries (as on the machine this was compile-checked on) still has them in the pip packages
 # a CUDA torch depends on (site-packages/nvidia/*/include): add those to CPATH, after the toolkit's own.

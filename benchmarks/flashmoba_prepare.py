@@ -14,7 +14,8 @@ kernel translation units):
 
 * ``setup.py``'s source list becomes the 7 files below (one forward, one backward and one top-k kernel file, the
   variable-length sort, the two API files and the binding); its C++ standard comes from ``FLASH_MOBA_CXX_STD``
-  (default c++17, upstream's; torch 2.14's headers require C++20);
+  (default c++17, upstream's; torch 2.14's headers require C++20); its ``setup_requires`` is emptied (setuptools
+  fetched missing ones from PyPI into ``.eggs`` here; the GPU machine has no network);
 * the ``FP16_SWITCH``/``HEADDIM_SWITCH``/``TOPK_SWITCH`` macros of both static-switch headers dispatch only bf16, head
   dim 97..128 and top-k <= 16, and raise a ``TORCH_CHECK`` error for anything else;
 * the two API files' ``BOOL_SWITCH(params.is_causal, ...)`` becomes a causal-only switch that raises for non-causal
@@ -131,6 +132,12 @@ EDITS = (
         "except ImportError:  # wheel >= 0.46 without the alias\n"
         "    from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel",
         why="import bdist_wheel from setuptools where wheel no longer has it",
+    ),
+    Edit(
+        "setup.py",
+        r"setup_requires=\[[^\]]*\],",
+        "setup_requires=[],  # narrowed: never fetch packaging/psutil/ninja eggs (no network on the GPU machine)",
+        why="no setup_requires download: a machine without network must build with what it has",
     ),
     Edit(
         "setup.py",

@@ -158,6 +158,7 @@ def _fake_tree(root: Path) -> None:
         "from wheel.bdist_wheel import bdist_wheel as _bdist_wheel\n"
         'nvcc_flags = ["-O3", "-std=c++17"]\ncxx_flags = ["-O3", "-std=c++17"]\n'
         f"ext = dict(\n    sources=[\n{listed}    ],\n    extra_compile_args={{}},\n)\n"
+        'setup(\n    setup_requires=[\n        "packaging",\n        "ninja",\n    ],\n)\n'
     )
     fp16 = _macro("FP16_SWITCH", "COND, ...", ["COND", "!COND"])
     hdim = _macro("HEADDIM_SWITCH", "HEADDIM, ...", ["HEADDIM <= 64", "HEADDIM <= 128"])
@@ -179,6 +180,7 @@ def test_prepare_narrows_switches_and_sources(tmp_path: Path) -> None:
     assert all(f'"{s}"' in setup for s in prep.KEPT_SOURCES) and "hdim64_fp16" not in setup
     assert "except ImportError" in setup and "c++17" not in setup.replace('"c++17")', "")  # only as the default
     assert setup.count('os.environ.get("FLASH_MOBA_CXX_STD", "c++17")') == 2
+    assert "setup_requires=[]," in setup and '"ninja"' not in setup
     for header in ("csrc/flash_moba/src/flash_moba_static_switch.h", "csrc/flash_topk/src/flash_topk_static_switch.h"):
         text = (tmp_path / header).read_text()
         assert "HEADDIM <= 64" not in text and "!COND" not in text and "kHeadDim = 128" in text
