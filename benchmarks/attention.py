@@ -392,6 +392,17 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
             )
             record("flex_peak_gib", lambda: peak_gib(flex_call, device))
 
+    # FlashMoBA (--flashmoba; optional and benchmark-only, benchmarks/flashmoba.py) on the same tensors, same run.
+    if getattr(args, "flashmoba", False):
+        from benchmarks import flashmoba
+
+        skip_bwd = f"skipped: N={n} > --backward-max-len {args.backward_max_len}" if n > args.backward_max_len else None
+        flashmoba.record_columns(
+            row, record, q, key, val, chunk_size=c, topk=k, scale=scale, routing=routing,
+            time_ms=lambda fn: time_ms(fn, device, args.warmup, args.rep), peak_gib=lambda fn: peak_gib(fn, device),
+            backward=skip_bwd, check_len=n <= args.check_max_len, our_sel=sel,
+        )  # fmt: skip
+
     # Work accounting from the actual selection.
     row["dense_pairs"] = b * h * dense_causal_pairs(n, n)
     row["useful_pairs"] = moba_pairs(sel, n, n, c) if sel is not None else None
@@ -513,6 +524,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['name']:<44} " + " ".join(cells))
     print("training: fwd+bwd of the MoBA launchers vs dense SDPA autograd; ideal f+b = 3.5 x useful forward FLOPs at")
     print("this run's dense SDPA fwd+bwd FLOP rate; peak = GiB allocated above the inputs during one fwd+bwd")
+    from benchmarks import flashmoba
+
+    flashmoba.print_table(rows)  # only rows measured with --flashmoba
 
 
 def write_results(rows: list[dict[str, Any]], env: dict[str, Any], path: Path, *, with_plot: bool = True) -> Path:
@@ -683,6 +697,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, default=0, help="skip configurations shorter than this")
     p.add_argument("--flex-max-len", type=int, default=131072, help="run FlexAttention only up to this length")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    p.add_argument(
+        "--flashmoba",
+        action="store_true",
+        help="also time FlashMoBA on the same tensors (optional, benchmark-only: benchmarks/flashmoba_build.sh)",
+    )
     p.add_argument(
         "--backward-max-len", type=int, default=1 << 20, help="measure backward and training columns up to this length"
     )

@@ -87,8 +87,9 @@ def test_environment_records_the_commit_measured(monkeypatch: pytest.MonkeyPatch
 def test_routing_both_measures_head_and_group_at_each_gqa_shape(tmp_path: Path) -> None:
     # One run, the first smoke shape twice (head then group routing) over one key head: the rows the comparison
     # needs (one shape keeps the interpreted run short on CI's two cores).
-    run("-m", "benchmarks.attention", "--smoke", "--out-dir", str(tmp_path), "--routing", "both", "--kv-heads", "1",
-        "--no-flex", "--warmup", "1", "--rep", "1", "--max-len", "128")  # fmt: skip
+    # --flashmoba rides along: without CUDA (or a FlashMoBA build) its columns are None with the reason, no crash.
+    out = run("-m", "benchmarks.attention", "--smoke", "--out-dir", str(tmp_path), "--routing", "both", "--kv-heads",
+              "1", "--no-flex", "--warmup", "1", "--rep", "1", "--max-len", "128", "--flashmoba")  # fmt: skip
     (result,) = tmp_path.glob("attention-*.json")
     rows = json.loads(result.read_text())["rows"]
     assert [(r["seq_len"], r["routing"], r["kv_heads"]) for r in rows] == [(128, "head", 1), (128, "group", 1)]
@@ -98,6 +99,9 @@ def test_routing_both_measures_head_and_group_at_each_gqa_shape(tmp_path: Path) 
     ]
     for r in rows:  # measured, and checked against the reference with the same routing
         assert r["forward_ms"] is not None and r["check"]["gate_rows_equal_fraction"] == 1.0, r["errors"]
+        assert r["flashmoba_fwd_ms"] is None and r["flashmoba_check"] is None
+        assert r["errors"]["flashmoba_fwd_bwd_ms"] == "no CUDA device (FlashMoBA is CUDA-only)"
+    assert "FM fwd" in out  # the FlashMoBA table is printed
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on a POSIX system")
