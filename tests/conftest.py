@@ -76,6 +76,7 @@ _LONGEST_FILES_FIRST = (
     "test_benchmarks.py",
     "test_reproduce_large.py",
     "test_kernels_forward.py",
+    "test_forward_residual.py",
     "test_export_example.py",
     "test_kernels_dense_decode.py",
     "test_packed.py",
