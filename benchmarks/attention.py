@@ -53,6 +53,7 @@ from benchmarks.common import (
     compile_variants,
     environment,
     field_recorder,
+    fmt_or_dash,
     print_compile_records,
     release,
     require_compiled_kernels,
@@ -475,10 +476,6 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
 # ----------------------------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------------------------
-def _fmt(x: Any, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'config':<44} {'gate':>8} {'flip':>8} {'fwd':>9} {'dense':>9} {'flex':>9} {'ideal':>9} {'fwd/ideal':>9} "
@@ -488,15 +485,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("-" * len(head))
     for r in rows:
         cells = [
-            _fmt(r.get("gating_ms"), ".3f").rjust(8),
-            _fmt(r.get("flip_ms"), ".3f").rjust(8),
-            _fmt(r.get("forward_ms"), ".3f").rjust(9),
-            _fmt(r.get("dense_ms"), ".3f").rjust(9),
-            _fmt(r.get("flex_ms"), ".3f").rjust(9),
-            _fmt(r.get("ideal_ms"), ".3f").rjust(9),
-            _fmt(r.get("ratio_to_ideal")).rjust(9),
-            _fmt(r.get("useful_tflops"), ".1f").rjust(8),
-            _fmt(r.get("forward_peak_gib")).rjust(8),
+            fmt_or_dash(r.get("gating_ms"), ".3f").rjust(8),
+            fmt_or_dash(r.get("flip_ms"), ".3f").rjust(8),
+            fmt_or_dash(r.get("forward_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("dense_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("flex_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("ideal_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("ratio_to_ideal"), ".2f").rjust(9),
+            fmt_or_dash(r.get("useful_tflops"), ".1f").rjust(8),
+            fmt_or_dash(r.get("forward_peak_gib"), ".2f").rjust(8),
         ]
         print(f"{r['name']:<44} " + " ".join(cells))
         for field, err in r.get("errors", {}).items():
@@ -511,15 +508,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("-" * len(head))
     for r in rows:
         cells = [
-            _fmt(r.get("backward_ms"), ".3f").rjust(9),
-            _fmt(r.get("backward_deterministic_ms"), ".3f").rjust(9),
-            _fmt(r.get("dense_backward_ms"), ".3f").rjust(9),
-            _fmt(r.get("fwd_bwd_ms"), ".3f").rjust(9),
-            _fmt(r.get("dense_fwd_bwd_ms"), ".3f").rjust(9),
-            _fmt(r.get("ideal_fwd_bwd_ms"), ".3f").rjust(9),
-            _fmt(r.get("fwd_bwd_ratio_to_ideal")).rjust(9),
-            _fmt(r.get("fwd_bwd_peak_gib")).rjust(8),
-            _fmt(r.get("dense_fwd_bwd_peak_gib")).rjust(8),
+            fmt_or_dash(r.get("backward_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("backward_deterministic_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("dense_backward_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("fwd_bwd_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("dense_fwd_bwd_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("ideal_fwd_bwd_ms"), ".3f").rjust(9),
+            fmt_or_dash(r.get("fwd_bwd_ratio_to_ideal"), ".2f").rjust(9),
+            fmt_or_dash(r.get("fwd_bwd_peak_gib"), ".2f").rjust(8),
+            fmt_or_dash(r.get("dense_fwd_bwd_peak_gib"), ".2f").rjust(8),
         ]
         print(f"{r['name']:<44} " + " ".join(cells))
     print("training: fwd+bwd of the MoBA launchers vs dense SDPA autograd; ideal f+b = 3.5 x useful forward FLOPs at")

@@ -30,6 +30,11 @@ Variant = tuple[str, Any, dict[str, str], dict[str, Any], int, int]
 # ----------------------------------------------------------------------------------------------------------------------
 # Timing and device
 # ----------------------------------------------------------------------------------------------------------------------
+def fmt_or_dash(x: Any, spec: str = ".3f") -> str:
+    """One table cell: ``x`` formatted with ``spec``, or ``-`` where the field was not measured (``None``)."""
+    return "-" if x is None else format(x, spec)
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, rep: int) -> float:
     """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on CUDA; a wall-clock median on the CPU (smoke).
 

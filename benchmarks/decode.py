@@ -60,6 +60,7 @@ from benchmarks.common import (
     compile_variants,
     environment,
     field_recorder,
+    fmt_or_dash,
     print_compile_records,
     release,
     require_compiled_kernels,
@@ -317,10 +318,6 @@ def run_config(cfg: DecodeConfig, args: argparse.Namespace, device: torch.device
 # --------------------------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------------------------
-def _fmt(x: Any, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The results as a fixed-width table on stdout."""
     head = (
@@ -332,16 +329,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("-" * len(head))
     for r in rows:
         cells = [
-            _fmt(r.get("moba_ms")).rjust(8),
-            _fmt(r.get("moba_static_ms")).rjust(8),
-            _fmt(r.get("moba_static_graph_ms")).rjust(8),
-            _fmt(r.get("gate_ms")).rjust(7),
-            _fmt(r.get("moba_no_means_ms")).rjust(8),
-            _fmt(r.get("dense_best_ms")).rjust(8),
-            _fmt(r.get("bound_ms")).rjust(7),
-            _fmt(r.get("ratio_to_bound"), ".2f").rjust(8),
-            _fmt(r.get("speedup_vs_dense"), ".2f").rjust(10),
-            _fmt(r["moba_bytes"] / 1e6 if r.get("moba_bytes") else None, ".1f").rjust(8),
+            fmt_or_dash(r.get("moba_ms")).rjust(8),
+            fmt_or_dash(r.get("moba_static_ms")).rjust(8),
+            fmt_or_dash(r.get("moba_static_graph_ms")).rjust(8),
+            fmt_or_dash(r.get("gate_ms")).rjust(7),
+            fmt_or_dash(r.get("moba_no_means_ms")).rjust(8),
+            fmt_or_dash(r.get("dense_best_ms")).rjust(8),
+            fmt_or_dash(r.get("bound_ms")).rjust(7),
+            fmt_or_dash(r.get("ratio_to_bound"), ".2f").rjust(8),
+            fmt_or_dash(r.get("speedup_vs_dense"), ".2f").rjust(10),
+            fmt_or_dash(r["moba_bytes"] / 1e6 if r.get("moba_bytes") else None, ".1f").rjust(8),
             str(r.get("selected_chunks_union", "-")).rjust(7),
         ]
         print(f"{r['name']:<40} " + " ".join(cells))

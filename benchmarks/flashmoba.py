@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import fmt_or_dash
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = REPO_ROOT / ".flashmoba" / "flash-moba"  # the prepared source (the Python package flash_moba)
 BUILD_LIB = Path(os.environ.get("FLASHMOBA_BUILD", REPO_ROOT / ".flashmoba" / "build")) / "lib"  # flash_moba_cuda
@@ -331,9 +333,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
 
-    def f(x: Any, spec: str = ".3f") -> str:
-        return "-" if x is None else format(x, spec)
-
     head = (
         f"{'config':<44} {'FM fwd':>9} {'fwd':>9} {'dense':>9} {'FM f+b':>9} {'f+b':>9} {'dense f+b':>9} "
         f"{'FM pkGiB':>8} {'pkGiB':>8} {'FM err':>8} {'FM errO':>8} {'gate=':>6}"
@@ -344,17 +343,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         chk = r.get("flashmoba_check") or {}
         cells = [
-            f(r.get("flashmoba_fwd_ms")).rjust(9),
-            f(r.get("forward_ms")).rjust(9),
-            f(r.get("dense_ms")).rjust(9),
-            f(r.get("flashmoba_fwd_bwd_ms")).rjust(9),
-            f(r.get("fwd_bwd_ms")).rjust(9),
-            f(r.get("dense_fwd_bwd_ms")).rjust(9),
-            f(r.get("flashmoba_fwd_bwd_peak_gib"), ".2f").rjust(8),
-            f(r.get("fwd_bwd_peak_gib"), ".2f").rjust(8),
-            f(chk.get("max_abs_err_vs_reference"), ".1e").rjust(8),
-            f(chk.get("max_abs_err_vs_own_selection"), ".1e").rjust(8),
-            f(chk.get("gate_rows_equal_fraction"), ".3f").rjust(6),
+            fmt_or_dash(r.get("flashmoba_fwd_ms")).rjust(9),
+            fmt_or_dash(r.get("forward_ms")).rjust(9),
+            fmt_or_dash(r.get("dense_ms")).rjust(9),
+            fmt_or_dash(r.get("flashmoba_fwd_bwd_ms")).rjust(9),
+            fmt_or_dash(r.get("fwd_bwd_ms")).rjust(9),
+            fmt_or_dash(r.get("dense_fwd_bwd_ms")).rjust(9),
+            fmt_or_dash(r.get("flashmoba_fwd_bwd_peak_gib"), ".2f").rjust(8),
+            fmt_or_dash(r.get("fwd_bwd_peak_gib"), ".2f").rjust(8),
+            fmt_or_dash(chk.get("max_abs_err_vs_reference"), ".1e").rjust(8),
+            fmt_or_dash(chk.get("max_abs_err_vs_own_selection"), ".1e").rjust(8),
+            fmt_or_dash(chk.get("gate_rows_equal_fraction"), ".3f").rjust(6),
         ]
         print(f"{r['name']:<44} " + " ".join(cells))
     print("FM = FlashMoBA (mit-han-lab/flash-moba, benchmarks/flashmoba_build.sh) on the same tensors, same run;")
