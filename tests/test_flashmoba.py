@@ -232,3 +232,23 @@ def test_prepare_extracts_from_git_mirrors(tmp_path: Path) -> None:
     assert not (tree / "tests").exists() and (tree / "flash_moba/__init__.py").is_file()
     assert "FLASHMOBA_CAUSAL_ONLY_SWITCH" in (tree / "csrc/flash_topk/flash_topk_api.cpp").read_text()
     assert (tree / "MOBA_COMPILE_DIGEST.txt").read_text().strip() == prep.tree_digest(tree)
+
+
+def test_error_localisation_counts_rows_by_chunk_and_position(capsys: pytest.CaptureFixture[str]) -> None:
+    # benchmarks.flashmoba_errors: per-row max errors, then the rows above the threshold binned by chunk index and by
+    # position within the chunk (8 bins). Two bad rows planted in chunk 2 (positions 0 and 9) and one in chunk 3.
+    from benchmarks import flashmoba_errors
+
+    exact = torch.zeros(1, 2, 64, 4, dtype=torch.float64)
+    out = exact.clone()
+    out[0, 0, 32, 1] = 0.5  # chunk 2, position 0
+    out[0, 1, 41, 3] = -0.2  # chunk 2, position 9
+    out[0, 1, 48, 0] = 0.07  # chunk 3, position 0
+    out[0, 0, 5, 2] = 0.01  # below the threshold
+    err = flashmoba_errors.row_errors(out, exact)
+    assert err.shape == (1, 2, 64) and err[0, 0, 32] == 0.5 and err[0, 1, 41] == pytest.approx(0.2)
+    flashmoba_errors.describe("planted", err, chunk_size=16, threshold=0.05)
+    text = capsys.readouterr().out
+    assert "rows above 0.05: 3 of 128" in text
+    assert "by chunk index (first 16): [0, 0, 2, 1]" in text and "total chunks with bad rows: 2" in text
+    assert "8 bins of 2: [2, 0, 0, 0, 1, 0, 0, 0]" in text

@@ -313,9 +313,21 @@ def test_row_offsets_fit_int32_only_where_they_do() -> None:
     assert not fits(2**17, 32, 1, blhd=False, mask=(0, 0, 2**17 * 2**17, 1))
 
 
+def assert_same_gradients(got: tuple, expect: tuple, *, atomic_dq: bool) -> None:
+    """``(dq, dk, dv)`` bitwise equal, except an atomic-mode dQ on a GPU: its fp32 atomic adds land in a different
+    order each run, so it is compared to bf16/fp16 rounding (interpreted, programs run in order: bitwise there too)."""
+    for name, a, b in zip(("dq", "dk", "dv"), got, expect):
+        if name == "dq" and atomic_dq and a.is_cuda:
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+        else:
+            assert torch.equal(a, b), f"{name} differs"
+
+
 def test_int64_row_offsets_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     # The dK/dV kernel's OFFS32=False variant (int64 row offsets, taken where int32 could overflow) on a small case
-    # (GQA, [B, L, H, D]-strided query, a mask, both modes): bitwise the int32 variant's gradients.
+    # (GQA, [B, L, H, D]-strided query, a mask, both modes): bitwise the int32 variant's gradients, except the atomic
+    # mode's dQ on a GPU, whose fp32 atomic adds land in a different order each run (interpreted, programs run in
+    # order and it is bitwise too); its dK/dV have one writer per tile and stay bitwise.
     case = kernel_case(1, 80, 4, 2, 16, 3, torch.bfloat16, lk=96, mask="random_b1_empty")
     q, k, v, do, mask = make_inputs(case, seed=5)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
@@ -327,8 +339,7 @@ def test_int64_row_offsets_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -
         with monkeypatch.context() as patch:
             patch.setattr(kernel_backward, "_offsets_fit_int32", lambda *a: False)
             wide = moba_backward_triton(*args, attn_mask=mask, deterministic=det)
-        for a, b in zip(narrow, wide):
-            assert torch.equal(a, b)
+        assert_same_gradients(narrow, wide, atomic_dq=not det)
 
 
 def test_unchosen_chunks_get_exact_zeros() -> None:
@@ -401,8 +412,7 @@ def test_through_the_op() -> None:
     assert ops.CALLS["attention_backward:triton"] == before + 1
     # The op ran exactly the launcher pair that check_backward checks against the reference; same results.
     expect = check_backward(q, k, v, do, case.c, case.k, mask, deterministic=False)
-    for leaf, e in zip(leaves, expect):
-        assert torch.equal(leaf.grad.cpu(), e)
+    assert_same_gradients(tuple(leaf.grad for leaf in leaves), tuple(e.to(dev) for e in expect), atomic_dq=True)
 
 
 def test_input_validation() -> None:
