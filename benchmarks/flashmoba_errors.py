@@ -4,7 +4,9 @@
 error of 0.17 against float64 attention over FlashMoBA's own chosen chunks (the output's largest magnitude: 3.6; bf16
 rounding of such values is ~1.6e-2). This script localises that error on the same inputs: the distribution of per-row
 errors, and the bad rows by chunk index (few earlier chunks or many), position within the chunk, and how many chunks
-the row chose; our own kernel's error against our float64 reference is printed on the same footing.
+the row chose; our own kernel's error against our float64 reference is printed on the same footing. Then it calls
+FlashMoBA's gate and forward again (``--repeats``) and counts the rows whose chosen chunks or outputs change between
+calls: a non-deterministic gate would explain rows that are not attention over the chunks a separate call reports.
 
 Run (GPU, after ``bash benchmarks/flashmoba_build.sh``)::
 
@@ -26,6 +28,14 @@ from moba_compile.kernels.forward import moba_forward_triton
 def row_errors(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Largest absolute error per row, ``[B, H, L]``, of ``out`` against ``exact`` (both ``[B, H, L, D]``)."""
     return (out.double() - exact.double()).abs().amax(-1)
+
+
+def differing_rows(a: torch.Tensor, b: torch.Tensor, chunk_size: int) -> tuple[int, list[int]]:
+    """Rows ``[B, H, L]`` where ``a`` and ``b`` (``[B, H, L, X]``: chosen-chunk masks or outputs) differ anywhere, as
+    (how many, the sorted chunk indices of those rows)."""
+    rows = (a != b).any(-1)
+    chunks = (rows.nonzero()[:, 2] // chunk_size).unique().tolist()
+    return int(rows.sum()), chunks
 
 
 def describe(name: str, err: torch.Tensor, chunk_size: int, threshold: float) -> None:
@@ -52,6 +62,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=4, help="calls of FlashMoBA's gate and forward to compare")
     args = parser.parse_args()
     reason = flashmoba.available()
     if reason is not None:
@@ -83,6 +94,15 @@ def main() -> None:
     describe("ours vs float64 reference (our gate)", row_errors(ours, exact), args.chunk, args.threshold)
     # The floor any bf16 output has: the exact answer rounded to bf16.
     print(f"  bf16 rounding of the exact answer alone: max {row_errors(own.to(torch.bfloat16), own).max():.2e}")
+    # Is FlashMoBA's gate deterministic? Reading its top-k kernel (flash_topk_kernel.h, the prefetch of the next tile
+    # of chunk means issued after the GEMM with no barrier between them) suggests a shared-memory race that only
+    # query chunks past the first tile of 32 means can meet: repeated calls then choose differently on a few rows.
+    for i in range(1, args.repeats):
+        n, chunks = differing_rows(flashmoba.selection(x, args.chunk, args.topk), chosen, args.chunk)
+        print(f"  top-k call {i + 1} vs call 1: {n} rows choose differently; their chunks {chunks}")
+        out_again = flashmoba.from_varlen(flashmoba.forward_fn(x, args.chunk, args.topk)(), x.batch)
+        n, chunks = differing_rows(out_again, out_fm, args.chunk)
+        print(f"  forward call {i + 1} vs call 1: {n} rows differ bitwise; their chunks {chunks}")
 
 
 if __name__ == "__main__":

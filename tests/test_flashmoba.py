@@ -252,3 +252,14 @@ def test_error_localisation_counts_rows_by_chunk_and_position(capsys: pytest.Cap
     assert "rows above 0.05: 3 of 128" in text
     assert "by chunk index (first 16): [0, 0, 2, 1]" in text and "total chunks with bad rows: 2" in text
     assert "8 bins of 2: [2, 0, 0, 0, 1, 0, 0, 0]" in text
+
+
+def test_differing_rows_names_their_chunks() -> None:
+    from benchmarks import flashmoba_errors
+
+    a = torch.zeros(1, 2, 64, 5, dtype=torch.bool)
+    b = a.clone()
+    b[0, 1, 40, 3] = True  # chunk 2 of 16-row chunks
+    b[0, 0, 63, 0] = True  # chunk 3
+    assert flashmoba_errors.differing_rows(a, b, 16) == (2, [2, 3])
+    assert flashmoba_errors.differing_rows(a, a, 16) == (0, [])
