@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -353,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     path = save()
     if rank == 0:
         print("smoke run: numbers are not benchmark results and are not saved" if smoke else f"wrote {path}")
+    # Teardown as in examples/train_distributed.py: drop what still refers to the process group (the model, the mesh),
+    # wait for every rank, then destroy it. With them alive, rank 0 once aborted at exit on CI-like load ("terminate
+    # called without an active exception", SIGABRT) after printing its row.
+    del model, mesh
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

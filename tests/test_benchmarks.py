@@ -42,17 +42,6 @@ def test_dry_run_memory_model_of_both_residuals() -> None:
             assert value <= 25, (name, value)
 
 
-def test_backward_columns_skipped_above_the_length_limit_with_the_reason(tmp_path: Path) -> None:
-    run("-m", "benchmarks.attention", "--smoke", "--out-dir", str(tmp_path), "--backward-max-len", "128", "--no-flex")
-    (result,) = tmp_path.glob("attention-*.json")
-    rows = {r["seq_len"]: r for r in json.loads(result.read_text())["rows"]}
-    assert rows[128]["backward_ms"] is not None and "backward_ms" not in rows[128]["errors"]
-    assert rows[192]["backward_ms"] is None and rows[192]["fwd_bwd_ms"] is None
-    assert rows[192]["errors"]["dense_backward_ms"] == "skipped: N=192 > --backward-max-len 128"
-    assert rows[192]["forward_ms"] is not None  # the forward columns are still measured
-    assert {r["residual"] for r in rows.values()} == {"int8"}  # the forward's residual, recorded in every row
-
-
 def test_forward_tiling_strings_set_both_kernels_or_each() -> None:
     from benchmarks.tune_forward import parse_tiling
 
@@ -84,23 +73,35 @@ def test_environment_records_the_commit_measured(monkeypatch: pytest.MonkeyPatch
     assert common.git_state() == {"commit": None, "dirty": None}
 
 
-def test_routing_both_measures_head_and_group_at_each_gqa_shape(tmp_path: Path) -> None:
-    # One run, the first smoke shape twice (head then group routing) over one key head: the rows the comparison
-    # needs (one shape keeps the interpreted run short on CI's two cores).
-    # --flashmoba rides along: without CUDA (or a FlashMoBA build) its columns are None with the reason, no crash.
+def test_smoke_routing_both_and_the_backward_length_limit(tmp_path: Path) -> None:
+    # One interpreted run serves three checks (each smoke run costs ~25 s on CI's two cores):
+    # * --routing both: each smoke shape twice (head, then group routing) over one key head, measured and checked
+    #   against the reference with the same routing;
+    # * --backward-max-len 128: the 128-token rows get backward columns, the 192-token rows have None with the reason,
+    #   their forward columns still measured; every row records the forward's residual;
+    # * --flashmoba rides along: without CUDA (or a FlashMoBA build) its columns are None with the reason, no crash.
     out = run("-m", "benchmarks.attention", "--smoke", "--out-dir", str(tmp_path), "--routing", "both", "--kv-heads",
-              "1", "--no-flex", "--warmup", "1", "--rep", "1", "--max-len", "128", "--flashmoba")  # fmt: skip
+              "1", "--no-flex", "--warmup", "1", "--rep", "1", "--backward-max-len", "128", "--flashmoba")  # fmt: skip
     (result,) = tmp_path.glob("attention-*.json")
     rows = json.loads(result.read_text())["rows"]
-    assert [(r["seq_len"], r["routing"], r["kv_heads"]) for r in rows] == [(128, "head", 1), (128, "group", 1)]
+    assert [(r["seq_len"], r["routing"], r["kv_heads"]) for r in rows] == [
+        (128, "head", 1), (128, "group", 1), (192, "head", 1), (192, "group", 1)
+    ]  # fmt: skip
     assert [r["name"] for r in rows][:2] == [
         "smoke-B1-H2-N128-D64-C32-K2-Hkv1",
         "smoke-B1-H2-N128-D64-C32-K2-Hkv1-group",
     ]
     for r in rows:  # measured, and checked against the reference with the same routing
         assert r["forward_ms"] is not None and r["check"]["gate_rows_equal_fraction"] == 1.0, r["errors"]
+        assert r["residual"] == "int8"  # the forward's residual, recorded in every row
         assert r["flashmoba_fwd_ms"] is None and r["flashmoba_check"] is None
         assert r["errors"]["flashmoba_fwd_bwd_ms"] == "no CUDA device (FlashMoBA is CUDA-only)"
+        if r["seq_len"] == 128:
+            assert r["backward_ms"] is not None and "backward_ms" not in r["errors"], r["errors"]
+        else:  # the forward is still checked against the reference (it once failed on the missing backward input)
+            assert r["backward_ms"] is None and r["fwd_bwd_ms"] is None
+            assert "max_abs_dq_err_vs_reference" not in r["check"]
+            assert r["errors"]["dense_backward_ms"] == "skipped: N=192 > --backward-max-len 128"
     assert "FM fwd" in out  # the FlashMoBA table is printed
 
 
