@@ -55,6 +55,8 @@ def describe(name: str, err: torch.Tensor, chunk_size: int, threshold: float) ->
 
 
 def main() -> None:
+    """Run the diagnostic on CUDA (B2 H16 L8K C128 K8 by default) and print its findings; exits with the reason when
+    FlashMoBA is not built or there is no CUDA device."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=2)
@@ -97,12 +99,12 @@ def main() -> None:
     # Is FlashMoBA's gate deterministic? Reading its top-k kernel (flash_topk_kernel.h, the prefetch of the next tile
     # of chunk means issued after the GEMM with no barrier between them) suggests a shared-memory race that only
     # query chunks past the first tile of 32 means can meet: repeated calls then choose differently on a few rows.
-    for i in range(1, args.repeats):
+    for call in range(2, args.repeats + 1):
         n, chunks = differing_rows(flashmoba.selection(x, args.chunk, args.topk), chosen, args.chunk)
-        print(f"  top-k call {i + 1} vs call 1: {n} rows choose differently; their chunks {chunks}")
+        print(f"  top-k call {call} vs call 1: {n} rows choose differently; their chunks {chunks}")
         out_again = flashmoba.from_varlen(flashmoba.forward_fn(x, args.chunk, args.topk)(), x.batch)
         n, chunks = differing_rows(out_again, out_fm, args.chunk)
-        print(f"  forward call {i + 1} vs call 1: {n} rows differ bitwise; their chunks {chunks}")
+        print(f"  forward call {call} vs call 1: {n} rows differ bitwise; their chunks {chunks}")
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ def test_ddp_matches_saved_single_run(
     assert _agreement(out) <= 1e-4, out
 
     # A reference that disagrees makes the run fail: main's comparison on rank 0, in this process, with the
-    # distributed training replaced by the losses the real DDP run above agreed on (a second 2-rank run would
-    # only repeat that training; the comparison and the exit status are what this checks).
+    # distributed training replaced by the saved single-run losses (which the real DDP run above matched); a second
+    # 2-rank run would only repeat that training, and the comparison and exit status are what this checks.
     from examples import train_distributed  # the repository root is on sys.path (pyproject.toml)
 
     losses = json.loads(Path(saved).read_text(encoding="utf-8"))["losses"]
