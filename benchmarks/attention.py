@@ -546,7 +546,9 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], path: Path, *
 
 
 def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
-    """Times per configuration: FlashMoBA sweep (log-log over N) and the spec table (bars). Needs matplotlib."""
+    """Times per configuration: the FlashMoBA-setting sweep (log-log over N; FlashMoBA's own times dashed where the run
+    measured them with ``--flashmoba``) and the spec table (bars), each panel only where there are rows. Needs
+    matplotlib; without it, says so and draws nothing."""
     try:
         import matplotlib
 
@@ -557,34 +559,42 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> None:
         return
     series = ("forward_ms", "gating_ms", "dense_ms", "flex_ms", "ideal_ms", "fwd_bwd_ms", "dense_fwd_bwd_ms",
               "ideal_fwd_bwd_ms")  # fmt: skip
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     sweep = [r for r in rows if r["suite"] == "flashmoba"]
-    ax = axes[0]
-    for field in series:
-        pts = [(r["seq_len"], r[field]) for r in sweep if r.get(field)]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=field.removesuffix("_ms"))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("ms")
-    ax.set_title("FlashMoBA setting: B=2, H=16, D=128, C=128, K=8")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
     table = [r for r in rows if r["suite"] != "flashmoba"]
-    ax = axes[1]
-    width = 0.8 / len(series)
-    for i, field in enumerate(series):
-        xs = [j + i * width for j, r in enumerate(table) if r.get(field)]
-        ys = [r[field] for r in table if r.get(field)]
-        ax.bar(xs, ys, width=width, label=field.removesuffix("_ms"))
-    ax.set_xticks([j + 0.4 for j in range(len(table))])
-    ax.set_xticklabels([f"N={r['seq_len'] // 1024}K\nC={r['chunk_size']} K={r['topk']}" for r in table], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms")
-    ax.set_title("spec table: B=1, H=32, D=128")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    panels = [(kind, selected) for kind, selected in (("sweep", sweep), ("table", table)) if selected]
+    if not panels:
+        return
+    widths = [6.5 if kind == "sweep" else max(6.5, 1.2 * len(selected)) for kind, selected in panels]  # inches
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 5), squeeze=False, width_ratios=widths)
+    for ax, (kind, selected) in zip(axes[0], panels, strict=True):
+        if kind == "sweep":
+            for field in (*series, "flashmoba_fwd_ms", "flashmoba_fwd_bwd_ms"):
+                pts = [(r["seq_len"], r[field]) for r in selected if r.get(field)]
+                if pts:
+                    style = "--" if field.startswith("flashmoba") else "-"
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", label=field.removesuffix("_ms"))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length")
+            ax.set_title("FlashMoBA setting: B=2, H=16, D=128, C=128, K=8")
+        else:
+            width = 0.8 / len(series)
+            for i, field in enumerate(series):
+                xs = [j + i * width for j, r in enumerate(selected) if r.get(field)]
+                ys = [r[field] for r in selected if r.get(field)]
+                if xs:
+                    ax.bar(xs, ys, width=width, label=field.removesuffix("_ms"))
+            ax.set_xticks([j + 0.4 for j in range(len(selected))])
+            labels = [
+                f"N={r['seq_len'] // 1024}K\nC={r['chunk_size']} K={r['topk']}"
+                + ("" if r.get("residual", "int8") == "int8" else f"\n{r['residual']} residual")
+                for r in selected
+            ]
+            ax.set_xticklabels(labels, fontsize=8)
+            ax.set_title("spec table: B=1, H=32, D=128")
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"MoBA forward and fwd+bwd, bf16 - {env.get('gpu') or env.get('device')} - torch {env['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -717,7 +727,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU via TRITON_INTERPRET=1; writes only to --out-dir"
     )
-    p.add_argument("--table-from", type=Path, default=None, help="print the tables and draw the PNG of a results JSON")
+    p.add_argument("--table-from", type=Path, nargs="+", default=None,
+                   help="print the tables and draw the PNG of results JSON files (their rows merged in order; the PNG "
+                        "beside the first)")  # fmt: skip
     p.add_argument(
         "--routing",
         choices=("head", "group", "both"),
@@ -813,10 +825,11 @@ def dry_run(configs: list[BenchConfig]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code."""
     args = parse_args(argv)
-    if args.table_from is not None:  # no measurement: the tables and plot of a committed run
-        payload = json.loads(args.table_from.read_text())
-        print_table(payload["rows"])
-        plot(payload["rows"], payload["environment"], args.table_from.with_suffix(".png"))
+    if args.table_from is not None:  # no measurement: the tables and plot of committed runs, rows merged in order
+        payloads = [json.loads(path.read_text()) for path in args.table_from]
+        rows = [row for payload in payloads for row in payload["rows"]]
+        print_table(rows)
+        plot(rows, payloads[0]["environment"], args.table_from[0].with_suffix(".png"))
         return 0
     configs = select_configs(args)
     if args.dry_run:
