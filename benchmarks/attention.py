@@ -341,7 +341,7 @@ def run_config(cfg: BenchConfig, args: argparse.Namespace, device: torch.device,
 
         def fwd_bwd() -> Any:
             out, lse = fwd()
-            # The library's default mode (deterministic=None): dQ atomics below chunk 1024, slot partials from there on.
+            # The library's default mode (deterministic=None): dQ atomics unless torch's deterministic switch is on.
             return moba_backward_triton(d_out, q, key, val, out, lse, c, k, scale, **bwd_kw)
 
         record("backward_ms", lambda: measure_backward(False))

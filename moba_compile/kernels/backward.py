@@ -743,10 +743,6 @@ def stat_dup(block_m: int, num_warps: int) -> int:
     return max(1, num_warps * 32 // block_m)
 
 
-# From this chunk size on the atomic-free dQ path is the default even when determinism is not asked for: on an H100 it
-# was 12-16% faster than dQ atomics at C2048 K3 (32K) and C4096 K12 (64K), and 33% slower at C128 K8 (8K), where a
-# flip list's tiles are short and its extra S/dP recomputation is not paid back (tune_backward-*.json).
-PARTIALS_FROM_CHUNK = 1024
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -774,7 +770,7 @@ def moba_backward_triton(
     no key (``lse = -inf``) contribute nothing; keys no query attended (e.g. chunks nobody chose) get exact zeros.
     GQA/MQA: dK/dV are summed over the query heads of each group on chip; key/value are never repeated.
 
-    Atomics: with ``deterministic=False`` (the default below chunk 1024) ``dQ`` is accumulated with fp32
+    Atomics: with ``deterministic=False`` (the default) ``dQ`` is accumulated with fp32
     ``tl.atomic_add`` into an fp32 ``[B, Hq, Lq, D]`` buffer (then cast), so its low bits may vary run to run; the order
     of the rows in the index flip's lists (counted with integer atomics) also changes the fp32 summation order of dK/dV.
     dK/dV themselves are never accumulated with atomics: each key block is written once by one program. In
@@ -794,8 +790,10 @@ def moba_backward_triton(
         scale: the forward's softmax scale; ``None`` means ``1 / sqrt(D)``.
         attn_mask: the forward's optional boolean mask, broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend).
         deterministic: ``True`` for bitwise reproducible results (no float atomics); ``False`` for dQ by atomics;
-            ``None``: deterministic when ``torch.are_deterministic_algorithms_enabled()`` or when ``chunk_size >=``
-            :data:`PARTIALS_FROM_CHUNK` (1024), where the atomic-free path is also the faster one.
+            ``None``: deterministic exactly when ``torch.are_deterministic_algorithms_enabled()``. (Until 2026-12-01
+            ``None`` also meant deterministic from chunk 1024 on, where that path was the faster one on an H100; after
+            the dK/dV rework dQ atomics measured faster on the H200 at every spec shape: 19.3 vs 20.3 ms at 32K C2048
+            K3, 598 vs 625 ms at 128K C4096 K12, 283 vs 287 ms at 128K C8192 K3; docs/benchmarks.md.)
         routing: the forward's routing, ``"head"`` or ``"group"`` (the selection is recomputed with it).
 
     Returns:
@@ -826,7 +824,7 @@ def moba_backward_triton(
     chunk_size, topk = bounded_params(lk, chunk_size, topk)  # the same call; what the check above judged
     _check_grad_inputs(grad_out, out, lse, query, dv_dim)
     if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled() or chunk_size >= PARTIALS_FROM_CHUNK
+        deterministic = torch.are_deterministic_algorithms_enabled()
     dev = query.device
     dk = empty(b, hkv, lk, d, dtype=key.dtype, device=dev)
     dv = empty(b, hkv, lk, dv_dim, dtype=value.dtype, device=dev)
