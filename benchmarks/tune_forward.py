@@ -8,8 +8,9 @@ in the same run for scale. Results go to one JSON file.
     python -m benchmarks.tune_forward --out-dir /tmp/out
     python -m benchmarks.tune_forward --shapes 8K-C512-K3 --configs 128,64,8,3/64,64,4,3
 
-A configuration is ``block_m,block_n,warps,stages[,sp_block_m,sp_block_n,sp_warps,sp_stages]`` (the fields of
-``forward._FwdConfig``): four values set both kernels' tiles, eight set the own-chunk then the key-major kernel's.
+A configuration is ``block_m,block_n,warps,stages[,sp_block_m,sp_block_n,sp_warps,sp_stages[,sp_prefetch]]`` (the
+fields of ``forward._FwdConfig``): four values set both kernels' tiles, eight set the own-chunk then the key-major
+kernel's, a ninth (0/1) has the key-major kernel load the rows' running state before its key loop.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ CONFIGS = [
 
 
 def parse_tiling(text: str) -> Any:
-    """A ``forward._FwdConfig`` from ``"m,n,w,s"`` (both kernels) or ``"m,n,w,s,m,n,w,s"`` (own chunk, key-major)."""
+    """A ``forward._FwdConfig`` from ``"m,n,w,s"`` (both kernels), ``"m,n,w,s,m,n,w,s"`` (own chunk, key-major) or
+    the same with a ninth value, ``sp_prefetch``."""
     from moba_compile.kernels import forward
 
     values = [int(x) for x in text.split(",")]
-    if len(values) not in (4, 8):
-        raise SystemExit(f"--configs: {text!r} needs 4 or 8 comma-separated ints")
+    if len(values) not in (4, 8, 9):
+        raise SystemExit(f"--configs: {text!r} needs 4, 8 or 9 comma-separated ints")
     return forward._FwdConfig(*values)  # absent key-major fields are 0: the own-chunk kernel's tiles
 
 

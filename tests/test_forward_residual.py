@@ -18,6 +18,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -184,3 +185,38 @@ def test_fp32_keeps_no_residual(monkeypatch: pytest.MonkeyPatch) -> None:
         sizes = record_allocations(monkeypatch, kernel_forward)
         moba_forward_triton(q, k, v, 16, 3, 0.25, residual=residual)
         assert [dt for _, dt in sizes] == [torch.float32, torch.float32], sizes  # out and lse only
+
+
+@pytest.mark.parametrize(
+    "dtype, residual, mask",
+    [
+        (torch.bfloat16, "int8", None),
+        (torch.float16, "bf16", "random_b1_empty"),
+        (torch.float32, "int8", "random_b1_empty"),  # no residual: the state is `out` itself
+    ],
+    ids=["bf16-int8", "fp16-bf16-mask", "fp32-mask"],
+)
+def test_prefetched_state_changes_no_bit(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, residual: str, mask
+) -> None:
+    # PREFETCH_STATE only moves the key-major kernel's state loads before its key loop: the same values meet the same
+    # arithmetic, so out and lse must be bitwise those of the loads after the loop (GQA, a chunked prefill, K = 4 so
+    # that each row's state goes through three merges; with a user mask and rows without any key).
+    from moba_compile.kernels import forward as kernel_forward
+
+    case = kernel_case(1, 40, 4, 2, 16, 4, dtype, lk=90, d=32, mask=mask)
+    q, k, v, m = prefill_inputs(case, 4)
+    real = kernel_forward._fwd_config
+    results = []
+    for prefetch in (0, 1):
+        cfg = real(32, 32, dtype, m is not None, 16)
+
+        def patched(*args, _cfg=cfg, _p=prefetch, **kwargs):
+            return kernel_forward._FwdConfig(*dataclasses.astuple(_cfg)[:8], sp_prefetch=_p)
+
+        monkeypatch.setattr(kernel_forward, "_fwd_config", patched)
+        results.append(moba_forward_triton(q, k, v, 16, 4, 0.25, m, residual=residual))
+    (out0, lse0), (out1, lse1) = results
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+    if m is not None:
+        assert torch.isinf(lse0).any() and (lse0 > -math.inf).any()  # both kinds of rows were there

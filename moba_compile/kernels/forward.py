@@ -215,6 +215,20 @@ def _residual_of(o, hi, lo_ptr, LO_MANT: tl.constexpr, LO_E_LO: tl.constexpr, IN
 
 
 @triton.jit
+def _load_state(out_ptr, lo_ptr, lse_ptr, rows, row_ok, HEAD_DV: tl.constexpr, HAS_LO: tl.constexpr):
+    """The rows' running state as stored: ``(out, lo, lse)`` tiles, ``lo`` raw (int8 steps or bf16; ``out`` itself
+    when there is no residual, unused then). Masked rows read ``out = lo = 0`` and ``lse = -inf``."""
+    offs_dv = tl.arange(0, HEAD_DV).to(tl.int64)
+    hi_s = tl.load(out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+    if HAS_LO:
+        lo_s = tl.load(lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :], mask=row_ok[:, None], other=0)
+    else:
+        lo_s = hi_s
+    lse_s = tl.load(lse_ptr + rows, mask=row_ok, other=_NEG_INF)
+    return hi_s, lo_s, lse_s
+
+
+@triton.jit
 def _merge_into_state(
     out_ptr,
     lo_ptr,
@@ -224,13 +238,17 @@ def _merge_into_state(
     acc,
     l_i,
     m_i,
+    hi_s,
+    lo_s,
+    lse_s,
     HEAD_DV: tl.constexpr,
     HAS_LO: tl.constexpr,
     LO_MANT: tl.constexpr,
     LO_E_LO: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    """Fold a partial result (``acc / l_i``, log2 LSE ``m_i + log2(l_i)``) into the rows' running state.
+    """Fold a partial result (``acc / l_i``, log2 LSE ``m_i + log2(l_i)``) into the rows' running state, given as
+    loaded by :func:`_load_state` (``hi_s``, ``lo_s``, ``lse_s``), and store the new state.
 
     The state is the normalised output so far, kept as ``out`` (the output dtype) plus ``lo``, the rounding residual
     ``o - out`` (when ``HAS_LO``), and its natural-log LSE ``lse``. ``lo`` is int8 in steps of 1/256 of ``out``'s ulp
@@ -247,14 +265,13 @@ def _merge_into_state(
     o_ptrs = out_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
     if HAS_LO:
         lo_ptrs = lo_ptr + rows[:, None] * HEAD_DV + offs_dv[None, :]
-        hi_s = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
         if LO_MANT > 0:
-            o_s = decode_residual(hi_s, tl.load(lo_ptrs, mask=row_ok[:, None], other=0), LO_MANT, LO_E_LO, INTERPRETED)
+            o_s = decode_residual(hi_s, lo_s, LO_MANT, LO_E_LO, INTERPRETED)
         else:
-            o_s = widen_output(hi_s, INTERPRETED) + tl.load(lo_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            o_s = widen_output(hi_s, INTERPRETED) + lo_s.to(tl.float32)
     else:
-        o_s = widen_output(tl.load(o_ptrs, mask=row_ok[:, None], other=0.0), INTERPRETED)
-    lse2_s = tl.load(lse_ptr + rows, mask=row_ok, other=_NEG_INF) * _LOG2E_C
+        o_s = widen_output(hi_s, INTERPRETED)
+    lse2_s = lse_s * _LOG2E_C
     m = tl.maximum(lse2_s, lse2_p)
     m_use = tl.where(m == _NEG_INF, 0.0, m)
     w_s = tl.math.exp2(lse2_s - m_use)
@@ -321,6 +338,7 @@ def _sparse_fwd_kernel(
     LO_E_LO: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PREFETCH_STATE: tl.constexpr = False,
 ):
     t, live = slot_tile(slot_tiles_ptr, j)
     if not live:  # past slot j's last tile (the grid is a static bound)
@@ -340,6 +358,11 @@ def _sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
+    rows = (b * Hq + hq) * Lq + i
+    if PREFETCH_STATE:
+        # The state's loads go out before the key loop, so their latency hides behind it instead of following it (a
+        # tile of a short chunk has only a step or two of keys); costs the raw state's registers across the loop.
+        hi_s, lo_s, lse_s = _load_state(out_ptr, lo_ptr, lse_ptr, rows, row_ok, HEAD_DV, HAS_LO)
     lo = (c * C).to(tl.int32)
     # An earlier chunk is always complete (the last chunk is nobody's earlier chunk) and lies before every row's
     # position: no bounds or causal masks, only the user's mask.
@@ -350,8 +373,12 @@ def _sparse_fwd_kernel(
             HEAD_D, HEAD_DV, BLOCK_N, False, HAS_MASK, UPCAST, DOT_PREC,
         )  # fmt: skip
     # Each row appears once per slot: this program alone updates these rows' state in this launch.
-    rows = (b * Hq + hq) * Lq + i
-    _merge_into_state(out_ptr, lo_ptr, lse_ptr, rows, row_ok, acc, l_i, m_i, HEAD_DV, HAS_LO, LO_MANT, LO_E_LO, UPCAST)
+    if not PREFETCH_STATE:
+        hi_s, lo_s, lse_s = _load_state(out_ptr, lo_ptr, lse_ptr, rows, row_ok, HEAD_DV, HAS_LO)
+    _merge_into_state(
+        out_ptr, lo_ptr, lse_ptr, rows, row_ok, acc, l_i, m_i, hi_s, lo_s, lse_s,
+        HEAD_DV, HAS_LO, LO_MANT, LO_E_LO, UPCAST,
+    )  # fmt: skip
 
 
 @kernel_jit
@@ -445,7 +472,8 @@ def _own_fwd_kernel(
 class _FwdConfig:
     """Launch tiles of the own-chunk kernel (``block_m`` rows x ``block_n`` keys, warps, stages) and of the key-major
     kernel (``sp_*``; 0 = the own-chunk kernel's value). ``sp_block_m`` is an upper bound: short lists get smaller
-    tiles (:func:`list_tile_rows`)."""
+    tiles (:func:`list_tile_rows`). ``sp_prefetch`` = 1 loads the rows' running state before the key loop instead of
+    after it (``PREFETCH_STATE``)."""
 
     block_m: int
     block_n: int
@@ -455,6 +483,7 @@ class _FwdConfig:
     sp_block_n: int = 0
     sp_warps: int = 0
     sp_stages: int = 0
+    sp_prefetch: int = 0
 
     def sparse(self) -> tuple[int, int, int, int]:
         """The key-major kernel's ``(block_m, block_n, num_warps, num_stages)``."""
@@ -600,7 +629,10 @@ def moba_forward_triton(
     sp_block_m, sp_block_n, sp_warps, sp_stages = cfg.sparse()
     whole = chunk_size & -chunk_size  # key blocks no longer than this tile every chunk exactly
     own = dict(shared, BLOCK_N=min(cfg.block_n, whole), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    sparse = dict(shared, BLOCK_N=min(sp_block_n, whole), num_warps=sp_warps, num_stages=sp_stages)
+    sparse = dict(
+        shared, BLOCK_N=min(sp_block_n, whole), num_warps=sp_warps, num_stages=sp_stages,
+        PREFETCH_STATE=bool(cfg.sp_prefetch),
+    )  # fmt: skip
     mask = MaskArgs.build(attn_mask, (b, hq, lq, lk), query)
     hkv = key.shape[1]
     g = hq // hkv
