@@ -679,14 +679,16 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
         tag = ("mask" if has_mask else "nomask") + ("" if residual == "int8" else "-bf16_lo")
         short = fw._fwd_config(d, d, torch.bfloat16, has_mask, chunk_size=512)  # chunks below 1024: own tiles
         tiles = {
-            "key_major": cfg.sparse(),
-            "key_major_short": short.sparse(),
-            "own_chunk": (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages),
+            "key_major": (cfg.sparse(), {"PREFETCH_STATE": bool(cfg.sp_prefetch)}),
+            "key_major_short": (short.sparse(), {"PREFETCH_STATE": bool(short.sp_prefetch)}),
+            "own_chunk": ((cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages), {}),
+            "own_chunk_short": ((short.block_m, short.block_n, short.num_warps, short.num_stages), {}),
         }
         kernels = {"key_major": fw._sparse_fwd_kernel, "key_major_short": fw._sparse_fwd_kernel}
-        for kname, (bm, bn, warps, stages) in tiles.items():
+        for kname, ((bm, bn, warps, stages), extra) in tiles.items():
             kern = kernels.get(kname, fw._own_fwd_kernel)
-            variants.append((f"{kname}-{tag}", kern, ptrs, {**consts, "BLOCK_M": bm, "BLOCK_N": bn}, warps, stages))
+            kconsts = {**consts, **extra, "BLOCK_M": bm, "BLOCK_N": bn}
+            variants.append((f"{kname}-{tag}", kern, ptrs, kconsts, warps, stages))
     variants += _backward_variants(d)
     if prefix is not None:
         variants = [v for v in variants if v[0].startswith(prefix)]

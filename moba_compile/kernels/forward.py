@@ -18,7 +18,7 @@ natural log. Rows with no attended key get ``out = 0`` and ``lse = -inf``.
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -510,10 +510,14 @@ def _fwd_config(
     cfg = _sm90_fwd_config(head_dim, head_dim_v, dtype, has_mask, chunk_size)
     if tuned_for(capability):
         return cfg
-    # Not timed off sm_90: keep the register-checked tiles (255 registers per thread on every architecture since
-    # Volta), but give the key-major kernel the own-chunk kernel's tiles (the 128-row sparse tile plus 3 stages of K/V
-    # needs ~128 KB of shared memory; sm_86/89 have ~100 KB) and cap the pipeline at 2 stages.
-    return replace(cfg, num_stages=min(cfg.num_stages, 2), sp_block_m=0, sp_block_n=0, sp_warps=0, sp_stages=0)
+    # Not timed off sm_90: both kernels on the 64-row tiles over 4 warps (register-checked: 255 registers per thread
+    # on every architecture since Volta; the 128-row tiles plus 3 stages of K/V need ~128 KB of shared memory, and
+    # sm_86/89 have ~100 KB), the pipeline capped at 2 stages, the state loaded after the key loop (the prefetch's
+    # registers were only timed on sm_90).
+    block_m, warps = cfg.block_m, cfg.num_warps
+    if dtype != torch.float32 and 64 < max(head_dim, head_dim_v) <= 128:
+        block_m, warps = 64, 4  # a [64, 128] fp32 accumulator over 4 warps, as timed on the H100 before 2026-12-01
+    return _FwdConfig(block_m, cfg.block_n, warps, min(cfg.num_stages, 2))
 
 
 def _sm90_fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mask: bool, chunk_size: int) -> _FwdConfig:
@@ -537,10 +541,19 @@ def _sm90_fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mas
         # 1024 (-12% at 8K C512, -11% at C128) and 128-row tiles over 8 warps for longer lists (-4% at C2048, -3% at
         # C4096). 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) + Q. With a user mask the 64-bit mask
         # addresses spill at BLOCK_N=64, not at 32.
-        block_n = 32 if has_mask else 64
+        # Re-timed on the H200 after the forward lost its partials (2026-12-01, tune_forward-nvidia-h200-20261201.json,
+        # 16 tilings x 5 shapes): the own-chunk kernel, now without the merge, runs 15-20% faster on 128 rows over 8
+        # warps at chunks >= 2048 (32K C2048: 1.77 -> 1.51 ms; 64K C4096 K12 H8: 1.65 -> 1.32) and 11% slower at C128,
+        # and loading the state before the key loop (sp_prefetch) takes 2-8% off the key-major kernel (FlashMoBA's
+        # C128 K8 at 8K: 1.556 -> 1.439 ms; 8K C512: 0.609 -> 0.591; 32K C2048: 5.46 -> 5.33). The masked tiles
+        # were not re-timed and keep the state loads after the loop.
+        if has_mask:
+            if 0 < chunk_size < 1024:
+                return _FwdConfig(64, 32, 4, 3)
+            return _FwdConfig(64, 32, 4, 3, 128, 32, 8, 3)
         if 0 < chunk_size < 1024:
-            return _FwdConfig(64, block_n, 4, 3)
-        return _FwdConfig(64, block_n, 4, 3, 128, block_n, 8, 3)
+            return _FwdConfig(64, 64, 4, 3, sp_prefetch=1)
+        return _FwdConfig(128, 64, 8, 3, 128, 64, 8, 3, sp_prefetch=1)
     # D=256: 64 rows keep the [64, 256] accumulator at 64 registers/thread; BLOCK_N=32 keeps the key-major kernel
     # spill-free (the own-chunk kernel still spills ~180 B: D=256 is not a tuned target).
     return _FwdConfig(64, 32, 8, 2)
