@@ -28,11 +28,20 @@ def test_kernels_compile_for_h100_without_spills(attention_records: dict[str, di
     # Every kernel compiles (the command exits 1 otherwise), and the D=128 bf16 fast path (the configs
     # docs/kernels.md claims) does not spill.
     records = attention_records
-    names = ("key_major-nomask", "key_major_short-nomask", "gate-bf16-K3", "gate-bf16-K8", "gate-bf16-K64")
-    # The key-major kernels with the default int8 residual of the running output, and with the bf16 one.
-    names += ("key_major-nomask-bf16_lo", "key_major_short-nomask-bf16_lo")
-    for name in names:
+    for name in ("gate-bf16-K3", "gate-bf16-K8", "gate-bf16-K64", "own_chunk_short-nomask"):
         assert records[name]["spill_bytes"] == 0, records[name]
+    # The key-major kernels (default int8 residual of the running output, and the bf16 one) load the rows' state
+    # before their key loop (PREFETCH_STATE) and hold it across the loop: Triton 3.6's ptxas then spills 8 / 24 B (int8
+    # residual, 128- / 64-row tiles) and 56 / 48 B (bf16 residual); 3.9's 0-8 B. Timed on the H200 the prefetch is
+    # still 2-8% faster (tune_forward-nvidia-h200-20261201.json). A few words per thread, once per tile; more would mean
+    # the state no longer fits beside the accumulator.
+    for name in (
+        "key_major-nomask",
+        "key_major_short-nomask",
+        "key_major-nomask-bf16_lo",
+        "key_major_short-nomask-bf16_lo",
+    ):
+        assert records[name]["spill_bytes"] <= 64, records[name]
     # The own-chunk kernel holds the running state it opens (output, residual, LSE) at up to 255 registers. With the
     # int8 residual neither Triton 3.6's ptxas (the H200 machine's, where docs/benchmarks.md was measured) nor 3.9's
     # spills; with the bf16 residual 3.6's spills 24 bytes (3.9's fits it). A few words per thread, once per tile;
