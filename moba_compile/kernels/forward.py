@@ -541,18 +541,20 @@ def _sm90_fwd_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, has_mas
         # 1024 (-12% at 8K C512, -11% at C128) and 128-row tiles over 8 warps for longer lists (-4% at C2048, -3% at
         # C4096). 3 stages of K+V tiles (2 x 64 x 128 x 2 B = 32 KB each) + Q. With a user mask the 64-bit mask
         # addresses spill at BLOCK_N=64, not at 32.
-        # Re-timed on the H200 after the forward lost its partials (2026-12-01, tune_forward-nvidia-h200-20261201.json,
+        # Re-timed on the H200 after the forward lost its partials (2026-12-01, tune_forward-nvidia-h200-20261201*.json,
         # 16 tilings x 5 shapes): the own-chunk kernel, now without the merge, runs 15-20% faster on 128 rows over 8
         # warps at chunks >= 2048 (32K C2048: 1.77 -> 1.51 ms; 64K C4096 K12 H8: 1.65 -> 1.32) and 11% slower at C128,
         # and loading the state before the key loop (sp_prefetch) takes 2-8% off the key-major kernel (FlashMoBA's
-        # C128 K8 at 8K: 1.556 -> 1.439 ms; 8K C512: 0.609 -> 0.591; 32K C2048: 5.46 -> 5.33). The masked tiles
-        # were not re-timed and keep the state loads after the loop.
+        # C128 K8 at 8K: 1.556 -> 1.439 ms; 8K C512: 0.609 -> 0.591; 32K C2048: 5.46 -> 5.33). With the prefetch, short
+        # chunks (< 1024) run the key-major kernel best on 32-key steps with 4 stages (tune_forward-nvidia-h200-
+        # 20261201-short.json: FlashMoBA's C128 K8 1.442 -> 1.410 ms at 8K, 5.89 -> 5.72 at 32K; 8K C512 0.589 ->
+        # 0.578). The masked tiles were not re-timed and keep the state loads after the loop.
         if has_mask:
             if 0 < chunk_size < 1024:
                 return _FwdConfig(64, 32, 4, 3)
             return _FwdConfig(64, 32, 4, 3, 128, 32, 8, 3)
         if 0 < chunk_size < 1024:
-            return _FwdConfig(64, 64, 4, 3, sp_prefetch=1)
+            return _FwdConfig(64, 64, 4, 3, 64, 32, 4, 4, sp_prefetch=1)
         return _FwdConfig(128, 64, 8, 3, 128, 64, 8, 3, sp_prefetch=1)
     # D=256: 64 rows keep the [64, 256] accumulator at 64 registers/thread; BLOCK_N=32 keeps the key-major kernel
     # spill-free (the own-chunk kernel still spills ~180 B: D=256 is not a tuned target).
