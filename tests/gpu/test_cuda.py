@@ -166,20 +166,21 @@ def test_decode_large(lk, c, k, hq, hkv, mask) -> None:
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     d=st.sampled_from([64, 128]),
     masked=st.booleans(),
+    routing=st.sampled_from(["head", "group"]),
     seed=st.integers(0, 2**16),
 )
-def test_hypothesis_shapes_cuda(b, hkv, group, chunk, lk, lq_frac, topk, dtype, d, masked, seed) -> None:
+def test_hypothesis_shapes_cuda(b, hkv, group, chunk, lk, lq_frac, topk, dtype, d, masked, routing, seed) -> None:
     lq = max(1, round(lq_frac * lk))
     q, key, v, do, mask = inputs(b, hkv * group, hkv, lq, lk, d, dtype, seed, mask="random" if masked else None)
     for t in (q, key, v):
         t.requires_grad_()
-    out = moba_compile.moba_attention(q, key, v, chunk_size=chunk, topk=topk, attn_mask=mask)
+    out = moba_compile.moba_attention(q, key, v, chunk_size=chunk, topk=topk, attn_mask=mask, routing=routing)
     out.backward(do)
     leaves = [t.detach().double().requires_grad_() for t in (q, key, v)]
-    out64 = reference.moba_attention(*leaves, chunk_size=chunk, topk=topk, attn_mask=mask)
+    out64 = reference.moba_attention(*leaves, chunk_size=chunk, topk=topk, attn_mask=mask, routing=routing)
     out64.backward(do.double())
     low = [t.detach().requires_grad_() for t in (q, key, v)]
-    out_lp = reference.moba_attention(*low, chunk_size=chunk, topk=topk, attn_mask=mask)
+    out_lp = reference.moba_attention(*low, chunk_size=chunk, topk=topk, attn_mask=mask, routing=routing)
     out_lp.backward(do)
     check_close("out", out, out_lp, out64, dtype)
     for name, got, r64, rlp in zip(("dq", "dk", "dv"), (q, key, v), leaves, low):
