@@ -653,8 +653,8 @@ def compile_check(arch: int = 90, head_dim: int = 128, prefix: str | None = None
     variants.append(("chunk_means", gt._chunk_means_kernel, {"k_ptr": "*bf16", "means_ptr": "*fp32"},
                      {"HEAD_D": d, "BLOCK_N": 64, "skd": 1}, 4, 2))  # fmt: skip
     for km1 in (2, 7, 63):
-        g = gt._gate_config(d, 1024, km1)
         for dtype, split, prec in (("bf16", True, "tf32"), ("fp16", False, "tf32x3")):
+            g = gt._gate_config(d, 1024, km1, dtype == "bf16")
             for group in (False, True):  # head routing, and group routing (spec 6: one top-k per key head)
                 consts = {"HEAD_D": d, "BLOCK_M": g.block_m, "BLOCK_C": g.block_c, "TOP": g.top, "SPLIT_BF16": split,
                           "UPCAST": False, "DOT_PREC": prec, "GROUP": group, "sqd": 1}  # fmt: skip

@@ -308,17 +308,27 @@ class _GateConfig:
     num_stages: int
 
 
-def _gate_config(head_dim: int, n_chunks: int, km1: int) -> _GateConfig:
+def _gate_config(head_dim: int, n_chunks: int, km1: int, bf16: bool = True) -> _GateConfig:
     top = max(2, next_pow2(km1))  # tl.topk / bitonic_merge want powers of two; 1 degenerates to a plain max
     if interpreting():
         return _GateConfig(64, max(16, top, min(32, next_pow2(n_chunks))), top, 4, 1)
-    # H100: a 64-row tile keeps the bf16 query tile (16 KB at D=128) and the [64, BLOCK_C] fp32 score/int64 key tiles
-    # in registers over 4 warps; BLOCK_C = 64 chunks per step amortises the top-k merge (its cost grows with log^2 of
-    # TOP, not of BLOCK_C), but is cut to the chunk count so short sequences do not sort padding. Two stages overlap
-    # the next mean tile's load (L2-resident: the means are tiny) with the current dot + top-k.
-    block_m = 64 if head_dim <= 128 else 32
+    # H100 (before 2026-12-01): a 64-row tile kept the bf16 query tile (16 KB at D=128) and the [64, BLOCK_C] fp32
+    # score/int64 key tiles in registers over 4 warps, with BLOCK_C = 64 chunks per step; the step is cut to the chunk
+    # count so short sequences do not sort padding. Two stages overlap the next mean tile's load (L2-resident: the
+    # means are tiny) with the current dot + top-k. D = 256 keeps 32 rows over 4 warps (not re-timed).
+    # Timed on the H200 (2026-12-01, benchmarks.tune_gate, 13 tilings x 5 shapes, tune_gate-nvidia-h200-20261201.json;
+    # selections bitwise equal across tilings): 128 rows over 8 warps with 32 means per step is the fastest or within
+    # 7% of it everywhere: 34% / 25% / 18% less time than 64 x 64 over 4 warps at FlashMoBA's C128 K8 (8K / 32K /
+    # 128K: 0.138 -> 0.091, 1.14 -> 0.86, 14.0 -> 11.5 ms) and 53-55% less at 32K C2048 K3 and 128K C4096 K12. Both
+    # the wider row tile (each mean block loaded once for twice the rows) and the narrower step (a smaller block
+    # top-k between merges) help; 256 threads keep the [128, 32] score and int64 key tiles at 107-127 registers.
+    # Only bf16 queries at D = 128 with head routing were timed (D = 64 and group routing take the same tiles
+    # untimed); the fp16/fp32 gate (tf32x3 dots) would need up to 224 KB of shared memory there, and keeps its former
+    # tiles.
+    if head_dim <= 128 and bf16:
+        return _GateConfig(128, max(16, top, min(32, next_pow2(n_chunks))), top, 8, 2)
     block_c = max(16, top, min(64, next_pow2(n_chunks)))
-    return _GateConfig(block_m, block_c, top, 4, 2)
+    return _GateConfig(64 if head_dim <= 128 else 32, block_c, top, 4, 2)
 
 
 def _gate_dot_precision(dtype: torch.dtype) -> str:
@@ -347,7 +357,7 @@ def _launch_gate(
     s_row, s_slot = (1, b * hq * lq) if slot_major else (km1, 1)
     if sel.numel() == 0:
         return sel
-    cfg = _gate_config(d, n, km1)
+    cfg = _gate_config(d, n, km1, query.dtype == torch.bfloat16)
     if interpreting():
         speed_up_interpreter()
     group = routing == "group" and hq != hkv  # with Hq == Hkv the two routings are the same computation
