@@ -9,7 +9,9 @@ reported, not picked). Dense causal SDPA's forward is timed in the same run for 
     python -m benchmarks.tune_gate --shapes FM-8K-C128-K8 --configs 64,64,4,2/128,64,8,2
 
 A configuration is ``block_m,block_c,warps,stages`` (the fields of ``gating._GateConfig`` but ``top``, which the
-launcher derives from ``K``).
+launcher derives from ``K``). As in the launcher, ``block_c`` is cut to the chunk count (rounded up to a power of two,
+at least 16 and ``top``); each row records the tiles that ran (``effective``). The first H200 run (2026-12-01) did not
+cut it: its rows for the spec shapes (16-32 chunks) scored padding, and none of them is the launcher's tiling there.
 """
 
 from __future__ import annotations
@@ -45,15 +47,17 @@ CONFIGS = [
 ]
 
 
-def parse_gate_config(text: str, top: int) -> Any:
-    """A ``gating._GateConfig`` from ``"block_m,block_c,warps,stages"`` and the launcher's ``top``."""
+def parse_gate_config(text: str, top: int, n_chunks: int) -> Any:
+    """A ``gating._GateConfig`` from ``"block_m,block_c,warps,stages"``, the launcher's ``top`` and the chunk count
+    (``block_c`` cut to it as the launcher cuts its own)."""
     from moba_compile.kernels import gating
 
     values = [int(x) for x in text.split(",")]
     if len(values) != 4:
         raise SystemExit(f"--configs: {text!r} needs 4 comma-separated ints")
     block_m, block_c, warps, stages = values
-    return gating._GateConfig(block_m, max(block_c, top), top, warps, stages)
+    block_c = max(16, top, min(block_c, gating.next_pow2(n_chunks)))
+    return gating._GateConfig(block_m, block_c, top, warps, stages)
 
 
 def sweep_shape(shape: str, configs: list[str], device: torch.device, rep: int) -> dict[str, Any]:
@@ -71,10 +75,13 @@ def sweep_shape(shape: str, configs: list[str], device: torch.device, rep: int) 
     top = gating._gate_config(128, means.shape[2], km1).top
     ref = None
     for text in configs:
-        cfg = parse_gate_config(text, top)
+        cfg = parse_gate_config(text, top, means.shape[2])
         original = gating._gate_config
         gating._gate_config = lambda *a, _cfg=cfg, **kw: _cfg
-        row: dict[str, Any] = {"config": text}
+        row: dict[str, Any] = {
+            "config": text,
+            "effective": f"{cfg.block_m},{cfg.block_c},{cfg.num_warps},{cfg.num_stages}",
+        }
         try:
 
             def run() -> Any:
@@ -91,7 +98,7 @@ def sweep_shape(shape: str, configs: list[str], device: torch.device, rep: int) 
             gating._gate_config = original
         entry["rows"].append(row)
         print(
-            f"{shape} {text:>12}: gate={row.get('gate_ms', float('nan')):.4g} ms "
+            f"{shape} {text:>12} ({row['effective']}): gate={row.get('gate_ms', float('nan')):.4g} ms "
             f"equal={row.get('rows_equal_fraction', float('nan')):.6f} {row.get('error', '')}",
             flush=True,
         )

@@ -52,6 +52,27 @@ def test_forward_tiling_strings_set_both_kernels_or_each() -> None:
     assert (each.block_m, each.num_warps) == (64, 4) and each.sparse() == (128, 128, 8, 2)
 
 
+def test_forward_tiling_string_with_the_state_prefetch() -> None:
+    from benchmarks.tune_forward import parse_tiling
+
+    cfg = parse_tiling("64,64,4,3,64,32,4,4,1")
+    assert cfg.sparse() == (64, 32, 4, 4) and cfg.sp_prefetch == 1
+    assert parse_tiling("64,64,4,3").sp_prefetch == 0
+    with pytest.raises(SystemExit, match="4, 8 or 9"):
+        parse_tiling("64,64,4")
+
+
+def test_gate_tiling_strings_cut_the_step_to_the_chunk_count() -> None:
+    # As the launcher does: a 64-wide step over 16 chunks would score padding, so it runs 16 wide.
+    from benchmarks.tune_gate import parse_gate_config
+
+    assert (parse_gate_config("64,64,4,2", 2, 16).block_c, parse_gate_config("64,64,4,2", 2, 1024).block_c) == (16, 64)
+    cfg = parse_gate_config("128,32,8,2", 16, 1024)
+    assert (cfg.block_m, cfg.block_c, cfg.top, cfg.num_warps, cfg.num_stages) == (128, 32, 16, 8, 2)
+    with pytest.raises(SystemExit, match="4 comma-separated"):
+        parse_gate_config("128,32,8", 8, 64)
+
+
 def test_environment_records_the_commit_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import shutil
 

@@ -317,11 +317,13 @@ def _gate_config(head_dim: int, n_chunks: int, km1: int, bf16: bool = True) -> _
     # count so short sequences do not sort padding. Two stages overlap the next mean tile's load (L2-resident: the
     # means are tiny) with the current dot + top-k. D = 256 keeps 32 rows over 4 warps (not re-timed).
     # Timed on the H200 (2026-12-01, benchmarks.tune_gate, 13 tilings x 5 shapes, tune_gate-nvidia-h200-20261201.json;
-    # selections bitwise equal across tilings): 128 rows over 8 warps with 32 means per step is the fastest or within
-    # 7% of it everywhere: 34% / 25% / 18% less time than 64 x 64 over 4 warps at FlashMoBA's C128 K8 (8K / 32K /
-    # 128K: 0.138 -> 0.091, 1.14 -> 0.86, 14.0 -> 11.5 ms) and 53-55% less at 32K C2048 K3 and 128K C4096 K12. Both
-    # the wider row tile (each mean block loaded once for twice the rows) and the narrower step (a smaller block
-    # top-k between merges) help; 256 threads keep the [128, 32] score and int64 key tiles at 107-127 registers.
+    # selections bitwise equal across tilings): at FlashMoBA's C128 K8 (64-1024 chunks, where the step is not cut)
+    # 128 rows over 8 warps with 32 means per step took 34% / 25% / 18% less time than the former 64 x 64 over 4 warps
+    # (8K / 32K / 128K: 0.138 -> 0.091, 1.14 -> 0.86, 14.0 -> 11.5 ms a call), and it is the best or within 5% of the
+    # best there. The wider row tile loads each mean block once for twice the rows; the narrower step makes a smaller
+    # block top-k between merges; 256 threads keep the [128, 32] score and int64 key tiles at 79-192 registers. At the
+    # spec shapes (16-32 chunks: the step is cut to the chunk count either way) the harness's per-kernel breakdown
+    # moved by -1% to -11% (attention-nvidia-h200-20261201-s21-spec.json against -s20-spec-residuals.json).
     # Only bf16 queries at D = 128 with head routing were timed (D = 64 and group routing take the same tiles
     # untimed); the fp16/fp32 gate (tf32x3 dots) would need up to 224 KB of shared memory there, and keeps its former
     # tiles.
