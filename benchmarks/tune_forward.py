@@ -23,13 +23,16 @@ import torch
 from benchmarks.attention import kernel_breakdown
 from benchmarks.common import run_tiling_sweep, time_ms
 
-# (name, B, H, L, chunk, topk)
+# (name, B, H, L, chunk, topk[, mask]); mask "pad": a Hugging Face-style left-padding key mask (the first eighth of
+# the keys masked for every query), which sends the launcher to its masked tiles.
 SHAPES = {
     "8K-C512-K3": (1, 32, 8192, 512, 3),
     "32K-C2048-K3": (1, 32, 32768, 2048, 3),
     "FM-8K-C128-K8": (2, 16, 8192, 128, 8),
     "FM-32K-C128-K8": (2, 16, 32768, 128, 8),
     "64K-C4096-K12-H8": (1, 8, 65536, 4096, 12),
+    "8K-C512-K3-pad": (1, 32, 8192, 512, 3, "pad"),
+    "32K-C2048-K3-pad": (1, 32, 32768, 2048, 3, "pad"),
 }
 CONFIGS = [
     "128,64,8,3",
@@ -58,15 +61,23 @@ def parse_tiling(text: str) -> Any:
     return forward._FwdConfig(*values)  # absent key-major fields are 0: the own-chunk kernel's tiles
 
 
+def padding_mask(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """``[B, 1, 1, L]`` boolean key mask with the first ``L // 8`` keys masked (True = may attend), as a left-padded
+    Hugging Face batch gives; the causal part stays the launcher's own."""
+    return (torch.arange(length, device=device) >= length // 8).expand(batch, 1, 1, length)
+
+
 def sweep_shape(shape: str, configs: list[str], device: torch.device, rep: int) -> dict[str, Any]:
     """Every configuration on one shape, timed and checked against the first configuration's output."""
     from moba_compile.kernels import forward
 
-    b, h, n, chunk, topk = SHAPES[shape]
+    b, h, n, chunk, topk, *rest = SHAPES[shape]
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(b, h, n, 128, device=device, generator=g, dtype=torch.bfloat16) for _ in range(3))
     scale = 1 / math.sqrt(128)
-    entry: dict[str, Any] = {"B": b, "H": h, "L": n, "chunk": chunk, "topk": topk, "rows": []}
+    mask = padding_mask(b, n, device) if rest == ["pad"] else None
+    entry: dict[str, Any] = {"B": b, "H": h, "L": n, "chunk": chunk, "topk": topk, "mask": rest[0] if rest else None}
+    entry["rows"] = []
     dense = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     entry["dense_forward_ms"] = time_ms(dense, device, 25, rep)
     ref = None
@@ -78,12 +89,14 @@ def sweep_shape(shape: str, configs: list[str], device: torch.device, rep: int) 
         try:
 
             def run() -> Any:
-                return forward.moba_forward_triton(q, k, v, chunk, topk, scale)
+                return forward.moba_forward_triton(q, k, v, chunk, topk, scale, mask)
 
             out, lse = run()
             ref = (out, lse) if ref is None else ref
             row["out_rel_diff"] = ((out.float() - ref[0].float()).abs().max() / ref[0].float().abs().max()).item()
-            row["lse_max_diff"] = (lse - ref[1]).abs().max().item()
+            live = torch.isfinite(ref[1])  # rows with no allowed key (masked padding) have lse = -inf on both sides
+            row["lse_max_diff"] = (lse[live] - ref[1][live]).abs().max().item() if live.any() else 0.0
+            row["empty_rows_equal"] = bool(torch.equal(torch.isinf(lse), ~live))
             row["forward_ms"] = time_ms(run, device, 25, rep)
             row["kernels_ms"] = kernel_breakdown(run, device)
         except Exception as exc:  # a configuration that does not compile (shared memory, registers) is data too

@@ -62,6 +62,17 @@ def test_forward_tiling_string_with_the_state_prefetch() -> None:
         parse_tiling("64,64,4")
 
 
+def test_padding_mask_shapes_send_the_forward_to_its_masked_tiles() -> None:
+    import torch
+
+    from benchmarks.tune_forward import SHAPES, padding_mask
+
+    mask = padding_mask(2, 64, torch.device("cpu"))
+    assert mask.shape == (2, 1, 1, 64) and mask.dtype == torch.bool
+    assert not mask[..., :8].any() and mask[..., 8:].all()
+    assert [name for name, shape in SHAPES.items() if shape[5:] == ("pad",)] == ["8K-C512-K3-pad", "32K-C2048-K3-pad"]
+
+
 def test_gate_tiling_strings_cut_the_step_to_the_chunk_count() -> None:
     # As the launcher does: a 64-wide step over 16 chunks would score padding, so it runs 16 wide.
     from benchmarks.tune_gate import parse_gate_config
